@@ -1,0 +1,113 @@
+"""Build the compiled kernels of sparsembed.
+
+The extension list is every ``.pyx`` under ``sparsembed/``. OpenMP is probed by
+compiling and linking a tiny program; set ``SPARSEMBED_NO_OPENMP=1`` to force the
+serial fallback, ``SPARSEMBED_BOUNDSCHECK=1`` to turn Cython's bounds checks back on
+for debugging.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+OPENMP_PROBE = textwrap.dedent(
+    """
+    #include <omp.h>
+    #include <stdio.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        printf("%d", n > 0);
+        return 0;
+    }
+    """
+)
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _openmp_flags(compiler):
+    """Return (compile_args, link_args) for OpenMP, or None when it does not work."""
+    if _env_flag("SPARSEMBED_NO_OPENMP"):
+        print("sparsembed: SPARSEMBED_NO_OPENMP is set, building without OpenMP")
+        return None
+    if sys.platform == "win32":
+        candidates = [(["/openmp"], [])]
+    elif sys.platform == "darwin":
+        candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
+    else:
+        candidates = [(["-fopenmp"], ["-fopenmp"])]
+    tmp = tempfile.mkdtemp()
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(OPENMP_PROBE)
+        for cflags, lflags in candidates:
+            try:
+                objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
+                exe = os.path.join(tmp, "probe")
+                compiler.link_executable(objs, exe, extra_postargs=lflags)
+                out = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+                if out.returncode == 0 and out.stdout.strip() == "1":
+                    return cflags, lflags
+            except Exception:  # noqa: BLE001 - any failure means "no OpenMP"
+                continue
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("sparsembed: WARNING: the compiler cannot build OpenMP code, building serial kernels")
+    return None
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        flags = _openmp_flags(self.compiler)
+        for ext in self.extensions:
+            if self.compiler.compiler_type == "msvc":
+                ext.extra_compile_args += ["/O2"]
+            else:
+                ext.extra_compile_args += ["-O3"]
+            if flags is not None:
+                ext.extra_compile_args += flags[0]
+                ext.extra_link_args += flags[1]
+        super().build_extensions()
+
+
+def extensions():
+    exts = []
+    for path in sorted(glob.glob(os.path.join("sparsembed", "**", "*.pyx"), recursive=True)):
+        module = os.path.splitext(path)[0].replace(os.sep, ".")
+        exts.append(
+            Extension(
+                module,
+                [path],
+                include_dirs=[numpy.get_include()],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            )
+        )
+    checks = _env_flag("SPARSEMBED_BOUNDSCHECK")
+    return cythonize(
+        exts,
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": checks,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": checks,
+            "cpow": True,
+        },
+    )
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

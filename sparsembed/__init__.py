@@ -1,0 +1,60 @@
+"""sparsembed: sparse, trainable embedding tables for numpy and scipy.
+
+``Embedding`` and ``EmbeddingBag`` layers, their stateless ``functional`` forms, and
+sparse-aware optimizers, with Cython/OpenMP kernels for every hot loop.
+"""
+
+from sparsembed import functional, init
+from sparsembed._threads import _warn_once_without_openmp, get_num_threads, set_num_threads
+from sparsembed._version import __version__
+from sparsembed.embedding import Embedding
+
+__all__ = [
+    "Embedding",
+    "functional",
+    "init",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
+    "__version__",
+]
+
+
+def show_config(print_out=False):
+    """What this build of sparsembed can do.
+
+    Parameters
+    ----------
+    print_out : bool, default False
+        Also print the report.
+
+    Returns
+    -------
+    dict
+        ``version``, ``openmp`` (compiled with OpenMP), ``max_threads`` (what OpenMP
+        would use), ``num_threads`` (what the kernels use now), ``cupy`` (CuPy
+        importable), ``numpy`` and ``scipy`` versions.
+    """
+    import importlib.util
+
+    import numpy
+    import scipy
+
+    from sparsembed._kernels._openmp_helpers import openmp_enabled, openmp_max_threads
+
+    config = {
+        "version": __version__,
+        "openmp": openmp_enabled(),
+        "max_threads": openmp_max_threads(),
+        "num_threads": get_num_threads(),
+        "cupy": importlib.util.find_spec("cupy") is not None,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+    }
+    if print_out:
+        for key, value in config.items():
+            print(f"{key:>12}: {value}")
+    return config
+
+
+_warn_once_without_openmp()

@@ -1,0 +1,115 @@
+"""The CPU backend: each operation on already-validated arrays, calling the kernels.
+
+The CuPy backend (``sparsembed._cuda``) offers the same functions with the same
+signatures; :func:`sparsembed._backend.get_backend` picks one from the device.
+"""
+
+import numpy as np
+
+from sparsembed import _rowsparse
+from sparsembed._kernels import _backward, _lookup, _plan
+from sparsembed._threads import get_num_threads
+from sparsembed._validation import (  # noqa: F401 - part of the backend interface
+    as_grad_output,
+    as_index_array,
+    check_index_range,
+    check_weight,
+    check_writable,
+)
+
+xp = np
+name = "cpu"
+
+
+class RowPlan:
+    """A batch's ids sorted once (stably) and reused by renorm, counts and backward.
+
+    Attributes
+    ----------
+    perm : ndarray of shape (m,), int64
+        Positions in the flat batch, grouped by id, input order within each id;
+        entries equal to the skipped row (padding) are left out.
+    rows : ndarray of shape (n_rows,), int64
+        Sorted distinct ids (the skipped row excluded).
+    starts : ndarray of shape (n_rows + 1,), int64
+        ``perm[starts[u]:starts[u + 1]]`` are the positions of ``rows[u]``.
+    skipped : bool
+        Whether the skipped row occurred in the batch.
+    """
+
+    __slots__ = ("perm", "rows", "starts", "skipped", "n")
+
+    def __init__(self, perm, rows, starts, skipped, n):
+        self.perm, self.rows, self.starts, self.skipped, self.n = perm, rows, starts, skipped, n
+
+    @property
+    def counts(self):
+        return np.diff(self.starts)
+
+
+def asarray(a, dtype=None):
+    return np.asarray(a, dtype=dtype)
+
+
+def to_numpy(a):
+    return np.asarray(a)
+
+
+def plan_rows(flat, num_rows, skip_row=None):
+    """Sort the validated ids ``flat`` into a :class:`RowPlan`."""
+    n = flat.shape[0]
+    keys = np.empty(n, dtype=np.int64)
+    perm = np.empty(n, dtype=np.int64)
+    skip = -1 if skip_row is None else int(skip_row)
+    m = _plan.argsort_rows(flat, skip, max(int(num_rows), 1), keys, perm, get_num_threads())
+    rows = np.empty(m, dtype=np.int64)
+    starts = np.empty(m + 1, dtype=np.int64)
+    n_rows = _plan.segments(keys[:m], rows, starts)
+    return RowPlan(perm[:m], rows[:n_rows], starts[: n_rows + 1], m < n, n)
+
+
+def gather(weight, flat):
+    """``weight[flat]`` as a new (n, dim) array."""
+    out = np.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype)
+    _lookup.gather(weight, flat, out, get_num_threads())
+    return out
+
+
+def renorm_rows_(weight, rows, max_norm, norm_type):
+    """Rescale, in place, the distinct ``rows`` whose norm exceeds ``max_norm``."""
+    _lookup.renorm_rows(weight, rows, max_norm, norm_type, get_num_threads())
+
+
+def dense_grad(grad2d, plan, num_rows, scale_grad_by_freq):
+    """Dense (num_rows, dim) gradient: each planned row gets its sum of grad rows."""
+    out = np.zeros((num_rows, grad2d.shape[1]), dtype=grad2d.dtype)
+    _backward.dense_backward(grad2d, plan.perm, plan.rows, plan.starts,
+                             scale_grad_by_freq, out, get_num_threads())
+    return out
+
+
+def row_grad(grad2d, plan, scale_grad_by_freq):
+    """(n_rows, dim) per-row sums, one per distinct planned id, in ``plan.rows`` order."""
+    out = np.empty((plan.rows.shape[0], grad2d.shape[1]), dtype=grad2d.dtype)
+    _backward.row_sums(grad2d, plan.perm, plan.starts, scale_grad_by_freq, out,
+                       get_num_threads())
+    return out
+
+
+def sparse_grad(grad2d, plan, num_rows, scale_grad_by_freq):
+    """Canonical row-sparse csr_array gradient of shape (num_rows, dim)."""
+    return _rowsparse.from_rows(plan.rows, row_grad(grad2d, plan, scale_grad_by_freq), num_rows)
+
+
+def add_grad(a, b):
+    """``a + b`` for two gradients of the same kind (dense ndarray or row-sparse csr)."""
+    if isinstance(a, np.ndarray):
+        if isinstance(b, np.ndarray):
+            return a + b
+        a = a.copy()
+        rows, vals = _rowsparse.row_values(b)
+        a[rows] += vals
+        return a
+    if isinstance(b, np.ndarray):
+        return add_grad(b, a)
+    return _rowsparse.add(a, b)

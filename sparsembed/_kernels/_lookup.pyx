@@ -1,0 +1,135 @@
+"""Forward kernels: index validation, row gather and max-norm renormalisation."""
+
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.math cimport fabs, pow, sqrt, INFINITY
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+from sparsembed._kernels._types cimport index_t
+
+
+def first_out_of_range(
+    const index_t[::1] idx,   # IN (n,)
+    int64_t upper,            # IN valid ids are 0 <= i < upper
+    int n_threads,
+):
+    """Position of the first entry outside ``[0, upper)``, or -1 when all are valid.
+
+    Each thread scans one contiguous chunk and keeps its own first hit; the smallest
+    chunk with a hit wins, so the answer is the same for every thread count.
+    """
+    cdef int64_t n = idx.shape[0]
+    cdef int64_t n_chunks = 64
+    cdef int64_t chunk = (n + n_chunks - 1) // n_chunks
+    cdef int64_t c, i, lo, hi, found = -1
+    cdef int64_t* first = NULL
+    if n == 0:
+        return -1
+    first = <int64_t*> malloc(n_chunks * sizeof(int64_t))
+    if first == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for c in prange(n_chunks, schedule="static", num_threads=n_threads):
+                first[c] = -1
+                lo = c * chunk
+                hi = lo + chunk
+                if hi > n:
+                    hi = n
+                i = lo
+                while i < hi:
+                    if idx[i] < 0 or idx[i] >= upper:
+                        first[c] = i
+                        break
+                    i = i + 1
+            for c in range(n_chunks):
+                if first[c] >= 0:
+                    found = first[c]
+                    break
+    finally:
+        free(first)
+    return found
+
+
+def gather(
+    const floating[:, ::1] weight,  # IN (num_embeddings, dim)
+    const index_t[::1] idx,         # IN (n,) validated ids
+    floating[:, ::1] out,           # OUT (n, dim)
+    int n_threads,
+):
+    """``out[i, :] = weight[idx[i], :]``."""
+    cdef int64_t n = idx.shape[0]
+    cdef size_t row_bytes = weight.shape[1] * sizeof(floating)
+    cdef int64_t i
+    if n == 0 or row_bytes == 0:
+        return
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=n_threads):
+            memcpy(&out[i, 0], &weight[idx[i], 0], row_bytes)
+
+
+cdef inline double _row_norm(const floating* row, int64_t dim, double p) noexcept nogil:
+    cdef int64_t j
+    cdef double acc = 0.0, a
+    if p == 2.0:
+        for j in range(dim):
+            acc += <double> row[j] * <double> row[j]
+        return sqrt(acc)
+    if p == 1.0:
+        for j in range(dim):
+            acc += fabs(<double> row[j])
+        return acc
+    if p == INFINITY:
+        for j in range(dim):
+            a = fabs(<double> row[j])
+            if a > acc:
+                acc = a
+        return acc
+    if p == -INFINITY:
+        acc = INFINITY
+        for j in range(dim):
+            a = fabs(<double> row[j])
+            if a < acc:
+                acc = a
+        return acc
+    if p == 0.0:
+        for j in range(dim):
+            if row[j] != 0:
+                acc += 1.0
+        return acc
+    for j in range(dim):
+        acc += pow(fabs(<double> row[j]), p)
+    return pow(acc, 1.0 / p)
+
+
+def renorm_rows(
+    floating[:, ::1] weight,   # IN/OUT (num_embeddings, dim), rows rescaled in place
+    const int64_t[::1] rows,   # IN (n_rows,) distinct row ids
+    double max_norm,
+    double norm_type,
+    int n_threads,
+):
+    """torch's ``embedding_renorm_`` on distinct rows: a row whose norm exceeds
+    ``max_norm`` is scaled by ``max_norm / (norm + 1e-7)``.
+
+    Rows are distinct, so each is touched by one thread: race-free and identical
+    for every thread count.
+    """
+    cdef int64_t n = rows.shape[0]
+    cdef int64_t dim = weight.shape[1]
+    cdef int64_t k, j, r
+    cdef double norm
+    cdef floating scale
+    if n == 0 or dim == 0:
+        return
+    with nogil:
+        for k in prange(n, schedule="static", num_threads=n_threads):
+            r = rows[k]
+            norm = _row_norm(&weight[r, 0], dim, norm_type)
+            if norm > max_norm:
+                # torch multiplies in the table's dtype
+                scale = <floating> (max_norm / (norm + 1e-7))
+                for j in range(dim):
+                    weight[r, j] = weight[r, j] * scale

@@ -1,0 +1,58 @@
+"""Thread count used by the compiled kernels."""
+
+import warnings
+
+from sparsembed._kernels._openmp_helpers import openmp_enabled, openmp_max_threads
+
+_num_threads = None  # None: follow OpenMP's default (OMP_NUM_THREADS, else all cores)
+_warned_no_openmp = False
+
+
+def _warn_once_without_openmp():
+    global _warned_no_openmp
+    if not openmp_enabled() and not _warned_no_openmp:
+        _warned_no_openmp = True
+        warnings.warn(
+            "sparsembed was built without OpenMP: kernels run on one thread. "
+            "Rebuild with an OpenMP-capable compiler for parallel kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def get_num_threads():
+    """Number of threads the kernels use.
+
+    Returns
+    -------
+    int
+        The value given to :func:`set_num_threads`, or OpenMP's default
+        (``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS``); always 1 when
+        the package was built without OpenMP.
+    """
+    if not openmp_enabled():
+        return 1
+    if _num_threads is None:
+        return max(1, openmp_max_threads())
+    return _num_threads
+
+
+def set_num_threads(n):
+    """Set the number of threads the kernels use.
+
+    Parameters
+    ----------
+    n : int or None
+        A positive thread count, or None to go back to OpenMP's default.
+        Results do not depend on this number: every kernel is deterministic.
+    """
+    global _num_threads
+    if n is None:
+        _num_threads = None
+        return
+    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+        raise TypeError(f"n must be a positive int or None, got {n!r}")
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be a positive int or None, got {n}")
+    _num_threads = n

@@ -1,0 +1,115 @@
+"""Checks at the Python boundary, with messages that name the bad value.
+
+Everything here runs before any kernel writes, so a failed call leaves every
+array as it was.
+"""
+
+import numbers
+import operator
+
+import numpy as np
+
+from sparsembed._kernels import _lookup
+from sparsembed._threads import get_num_threads
+
+
+def as_index_array(input, name="input"):
+    """Return ``input`` as a C-contiguous int32 or int64 ndarray (same shape).
+
+    int32 and int64 pass through (copied only when not C-contiguous); other integer
+    dtypes are converted once. An empty Python list or tuple counts as int64.
+    bool, floating, complex and object arrays raise TypeError.
+    """
+    if isinstance(input, (list, tuple)) and len(input) == 0:
+        return np.zeros(0, dtype=np.int64)
+    arr = np.asarray(input)
+    kind = arr.dtype.kind
+    if kind not in "iu":
+        raise TypeError(
+            f"{name} must be an array of integers, got dtype {arr.dtype}"
+            + (" (bool is not an index type)" if kind == "b" else "")
+        )
+    if arr.dtype in (np.int32, np.int64):
+        return np.ascontiguousarray(arr)
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        pos = int(np.argmax(arr > np.iinfo(np.int64).max))
+        value = int(arr.reshape(-1)[pos])
+        raise IndexError(f"{name}: index {value} at position {pos} is out of range")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_index_range(flat, num_embeddings, name="input"):
+    """Raise IndexError naming the first id of ``flat`` outside ``[0, num_embeddings)``."""
+    pos = _lookup.first_out_of_range(flat, num_embeddings, get_num_threads())
+    if pos >= 0:
+        value = int(flat[pos])
+        raise IndexError(
+            f"{name}: index {value} at position {pos} is out of range for "
+            f"{num_embeddings} embeddings (valid: 0..{num_embeddings - 1})"
+        )
+
+
+def check_size(value, name):
+    """A non-negative int (numpy ints accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    value = operator.index(value)
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}")
+    return value
+
+
+def normalize_padding_idx(padding_idx, num_embeddings):
+    """torch's rule: ``padding_idx`` in ``[-n, n)``; negative values count from the end."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+        raise ValueError(f"padding_idx must be an int or None, got {padding_idx!r}")
+    padding_idx = int(padding_idx)
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(
+            f"padding_idx {padding_idx} must be within [-{num_embeddings}, {num_embeddings})"
+        )
+    return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+
+
+def check_max_norm(max_norm, norm_type):
+    """``max_norm`` None or > 0 (torch silently zeroes or flips rows otherwise)."""
+    if not isinstance(norm_type, numbers.Real) or isinstance(norm_type, bool) or np.isnan(norm_type):
+        raise ValueError(f"norm_type must be a real number, got {norm_type!r}")
+    if max_norm is None:
+        return None, float(norm_type)
+    if not isinstance(max_norm, numbers.Real) or isinstance(max_norm, bool):
+        raise ValueError(f"max_norm must be a positive number or None, got {max_norm!r}")
+    if not max_norm > 0 or np.isnan(max_norm):
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    return float(max_norm), float(norm_type)
+
+
+def check_weight(weight, name="weight"):
+    """A 2-D float32/float64 ndarray (C-contiguity is the caller's business)."""
+    if not isinstance(weight, np.ndarray):
+        raise TypeError(f"{name} must be a numpy ndarray, got {type(weight).__name__}")
+    if weight.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
+    if weight.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got dtype {weight.dtype}")
+    return weight
+
+
+def check_writable(weight, name="weight"):
+    if not weight.flags.writeable:
+        raise ValueError(f"{name} is read-only, but max_norm renormalises it in place")
+
+
+def as_grad_output(grad_output, expected_shape, dtype):
+    """``grad_output`` as a C-contiguous array of ``dtype`` with the expected shape."""
+    g = np.asarray(grad_output)
+    if g.dtype.kind not in "fiu":
+        raise TypeError(f"grad_output must be a real array, got dtype {g.dtype}")
+    if g.shape != tuple(expected_shape):
+        raise ValueError(
+            f"grad_output has shape {g.shape}, expected {tuple(expected_shape)} "
+            "(the shape of the forward's output)"
+        )
+    return np.ascontiguousarray(g, dtype=dtype)

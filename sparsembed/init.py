@@ -1,0 +1,102 @@
+"""Initializers (torch.nn.init's names), filling an array in place and returning it.
+
+Every function takes ``random_state``: None, an int seed, a
+``numpy.random.Generator`` or a ``numpy.random.RandomState``. Values are drawn in
+float64 and cast to the array's dtype.
+"""
+
+import math
+
+import numpy as np
+from scipy import special
+
+__all__ = ["normal_", "uniform_", "zeros_", "xavier_uniform_", "xavier_normal_",
+           "trunc_normal_"]
+
+
+def _rng(random_state):
+    if isinstance(random_state, (np.random.Generator, np.random.RandomState)):
+        return random_state
+    return np.random.default_rng(random_state)
+
+
+def _uniform(rng, low, high, shape):
+    return rng.uniform(low, high, size=shape)
+
+
+def _normal(rng, mean, std, shape):
+    return rng.normal(mean, std, size=shape)
+
+
+def _fill(array, values):
+    if hasattr(array, "__cuda_array_interface__"):
+        import cupy
+
+        array[...] = cupy.asarray(values, dtype=array.dtype)
+    else:
+        array[...] = values
+    return array
+
+
+def _fans(array):
+    if array.ndim < 2:
+        raise ValueError(
+            f"fan in and fan out need an array with at least 2 dimensions, got shape {array.shape}"
+        )
+    receptive = int(np.prod(array.shape[2:])) if array.ndim > 2 else 1
+    return array.shape[1] * receptive, array.shape[0] * receptive
+
+
+def normal_(array, mean=0.0, std=1.0, random_state=None):
+    """Fill ``array`` with N(mean, std**2) draws."""
+    if std < 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    return _fill(array, _normal(_rng(random_state), mean, std, array.shape))
+
+
+def uniform_(array, a=0.0, b=1.0, random_state=None):
+    """Fill ``array`` with U(a, b) draws."""
+    if b < a:
+        raise ValueError(f"uniform_ needs a <= b, got a={a}, b={b}")
+    return _fill(array, _uniform(_rng(random_state), a, b, array.shape))
+
+
+def zeros_(array):
+    """Fill ``array`` with zeros."""
+    array[...] = 0
+    return array
+
+
+def xavier_uniform_(array, gain=1.0, random_state=None):
+    """Glorot uniform: U(-a, a) with ``a = gain * sqrt(6 / (fan_in + fan_out))``.
+
+    For a (num_embeddings, dim) table fan_in = dim and fan_out = num_embeddings
+    (torch's convention for 2-D tensors).
+    """
+    fan_in, fan_out = _fans(array)
+    bound = gain * math.sqrt(6.0 / max(fan_in + fan_out, 1))
+    return _fill(array, _uniform(_rng(random_state), -bound, bound, array.shape))
+
+
+def xavier_normal_(array, gain=1.0, random_state=None):
+    """Glorot normal: N(0, std**2) with ``std = gain * sqrt(2 / (fan_in + fan_out))``."""
+    fan_in, fan_out = _fans(array)
+    std = gain * math.sqrt(2.0 / max(fan_in + fan_out, 1))
+    return _fill(array, _normal(_rng(random_state), 0.0, std, array.shape))
+
+
+def trunc_normal_(array, mean=0.0, std=1.0, a=-2.0, b=2.0, random_state=None):
+    """N(mean, std**2) truncated to ``[a, b]`` (absolute bounds, as torch's).
+
+    Drawn by inverting the normal CDF on a uniform sample of ``[cdf(a), cdf(b)]``,
+    the method torch uses.
+    """
+    if not a < b:
+        raise ValueError(f"trunc_normal_ needs a < b, got a={a}, b={b}")
+    if std <= 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    lo = special.ndtr((a - mean) / std)
+    hi = special.ndtr((b - mean) / std)
+    u = _uniform(_rng(random_state), lo, hi, array.shape)
+    values = np.clip(mean + std * special.ndtri(u), a, b)
+    return _fill(array, values)
