@@ -8,7 +8,7 @@ import numpy as np
 
 from sparsembed import _rowsparse
 from sparsembed._kernels import _backward, _lookup, _plan
-from sparsembed._threads import get_num_threads
+from sparsembed._threads import get_num_threads, threads_for  # noqa: F401
 from sparsembed._validation import (  # noqa: F401 - part of the backend interface
     as_grad_output,
     as_index_array,
@@ -58,10 +58,18 @@ def to_numpy(a):
 def plan_rows(flat, num_rows, skip_row=None):
     """Sort the validated ids ``flat`` into a :class:`RowPlan`."""
     n = flat.shape[0]
+    num_rows = max(int(num_rows), 1)
+    skip = -1 if skip_row is None else int(skip_row)
+    T = threads_for(4 * n)
+    if num_rows <= 1 << 32 and n < 1 << 32:
+        perm = np.empty(n, dtype=np.int64)
+        rows = np.empty(n, dtype=np.int64)
+        starts = np.empty(n + 1, dtype=np.int64)
+        m, n_rows = _plan.build_plan(flat, skip, num_rows, perm, rows, starts, T)
+        return RowPlan(perm[:m], rows[:n_rows], starts[: n_rows + 1], m < n, n)
     keys = np.empty(n, dtype=np.int64)
     perm = np.empty(n, dtype=np.int64)
-    skip = -1 if skip_row is None else int(skip_row)
-    m = _plan.argsort_rows(flat, skip, max(int(num_rows), 1), keys, perm, get_num_threads())
+    m = _plan.argsort_rows(flat, skip, num_rows, keys, perm, T)
     rows = np.empty(m, dtype=np.int64)
     starts = np.empty(m + 1, dtype=np.int64)
     n_rows = _plan.segments(keys[:m], rows, starts)
@@ -71,20 +79,21 @@ def plan_rows(flat, num_rows, skip_row=None):
 def gather(weight, flat):
     """``weight[flat]`` as a new (n, dim) array."""
     out = np.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype)
-    _lookup.gather(weight, flat, out, get_num_threads())
+    _lookup.gather(weight, flat, out, threads_for(out.size))
     return out
 
 
 def renorm_rows_(weight, rows, max_norm, norm_type):
     """Rescale, in place, the distinct ``rows`` whose norm exceeds ``max_norm``."""
-    _lookup.renorm_rows(weight, rows, max_norm, norm_type, get_num_threads())
+    _lookup.renorm_rows(weight, rows, max_norm, norm_type,
+                        threads_for(rows.shape[0] * weight.shape[1]))
 
 
 def dense_grad(grad2d, plan, num_rows, scale_grad_by_freq):
     """Dense (num_rows, dim) gradient: each planned row gets its sum of grad rows."""
     out = np.zeros((num_rows, grad2d.shape[1]), dtype=grad2d.dtype)
     _backward.dense_backward(grad2d, plan.perm, plan.rows, plan.starts,
-                             scale_grad_by_freq, out, get_num_threads())
+                             scale_grad_by_freq, out, threads_for(grad2d.size))
     return out
 
 
@@ -92,7 +101,7 @@ def row_grad(grad2d, plan, scale_grad_by_freq):
     """(n_rows, dim) per-row sums, one per distinct planned id, in ``plan.rows`` order."""
     out = np.empty((plan.rows.shape[0], grad2d.shape[1]), dtype=grad2d.dtype)
     _backward.row_sums(grad2d, plan.perm, plan.starts, scale_grad_by_freq, out,
-                       get_num_threads())
+                       threads_for(grad2d.size))
     return out
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sparsembed._kernels import _backward
-from sparsembed._threads import get_num_threads
+from sparsembed._threads import threads_for
 
 
 def _index_dtype(num_rows, nnz):
@@ -35,7 +35,7 @@ def from_rows(rows, data, num_rows):
     indptr = np.empty(num_rows + 1, dtype=idx_dtype)
     indices = np.empty(n_rows * dim, dtype=idx_dtype)
     _backward.fill_row_csr(np.ascontiguousarray(rows, dtype=np.int64), num_rows, indptr,
-                           indices, dim, get_num_threads())
+                           indices, dim, threads_for(num_rows + n_rows * dim))
     out = sp.csr_array((data.reshape(-1), indices, indptr), shape=(num_rows, dim), copy=False)
     out.has_sorted_indices = True
     out.has_canonical_format = True

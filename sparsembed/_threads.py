@@ -56,3 +56,20 @@ def set_num_threads(n):
     if n < 1:
         raise ValueError(f"n must be a positive int or None, got {n}")
     _num_threads = n
+
+
+# Below about this many element operations a parallel region costs more than it
+# saves (and on a busy machine a second thread may not even get a core in time).
+PARALLEL_GRAIN = 1 << 16
+
+
+def threads_for(work, grain=PARALLEL_GRAIN):
+    """Threads worth using for ``work`` element operations: one for small jobs, at
+    most :func:`get_num_threads`, and at least ``grain`` operations per thread.
+
+    The kernels are deterministic, so this changes speed only, never results.
+    """
+    n = get_num_threads()
+    if n <= 1 or work < 2 * grain:
+        return 1
+    return int(min(n, work // grain))

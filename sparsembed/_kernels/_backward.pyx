@@ -10,31 +10,87 @@ from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 
+from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
 from sparsembed._kernels._types cimport index_t
 
 
-cdef inline void _sum_segment(
+cdef inline int64_t _lower_bound(const int64_t* a, int64_t n, int64_t x) noexcept nogil:
+    """First i in [0, n) with a[i] >= x (n when none)."""
+    cdef int64_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef void _sum_segments(
     const floating* grad,      # (n, dim) row-major
     int64_t dim,
     const int64_t* perm,
-    int64_t lo,
-    int64_t hi,
+    const int64_t* starts,     # (n_rows + 1,)
+    const int64_t* rows,       # (n_rows,) destination rows, or NULL: row u -> out[u]
+    int64_t u_lo,
+    int64_t u_hi,
     bint scale_by_count,
-    floating* out,             # (dim,)
+    floating* out,
 ) noexcept nogil:
-    cdef int64_t k, j
+    """Sum segments ``u_lo..u_hi - 1``, each in input order, into their output rows.
+
+    The grad rows are read in plan order, i.e. at random: the row ``ahead`` plan
+    positions further on is prefetched while the current one is added.
+    """
+    cdef size_t row_bytes = dim * sizeof(floating)
+    cdef int64_t ahead = prefetch_distance(row_bytes)
+    cdef int64_t k_end = starts[u_hi]
+    cdef int64_t u, k, j, lo, hi
     cdef const floating* src
+    cdef floating* dst
     cdef floating inv
-    # the first occurrence is copied, not added to zeros: no zero-fill needed
-    memcpy(out, grad + perm[lo] * dim, dim * sizeof(floating))
-    for k in range(lo + 1, hi):
-        src = grad + perm[k] * dim
-        for j in range(dim):
-            out[j] += src[j]
-    if scale_by_count and hi - lo > 1:
-        inv = <floating> (hi - lo)
-        for j in range(dim):
-            out[j] /= inv
+    for u in range(u_lo, u_hi):
+        lo = starts[u]
+        hi = starts[u + 1]
+        dst = out + (rows[u] if rows != NULL else u) * dim
+        if lo + ahead < k_end:
+            prefetch_row(grad + perm[lo + ahead] * dim, row_bytes)
+        # the first occurrence is copied, not added to zeros: no zero-fill needed
+        memcpy(dst, grad + perm[lo] * dim, row_bytes)
+        for k in range(lo + 1, hi):
+            if k + ahead < k_end:
+                prefetch_row(grad + perm[k + ahead] * dim, row_bytes)
+            src = grad + perm[k] * dim
+            for j in range(dim):
+                dst[j] += src[j]
+        if scale_by_count and hi - lo > 1:
+            inv = <floating> (hi - lo)
+            for j in range(dim):
+                dst[j] /= inv
+
+
+cdef void _sum_all(
+    const floating* grad, int64_t dim, const int64_t* perm, const int64_t* starts,
+    const int64_t* rows, int64_t n_rows, bint scale_by_count, floating* out,
+    int n_threads,
+) noexcept nogil:
+    """Split the segments into one block per thread with about the same number of
+    grad rows each (a Zipf batch has a few very long segments), then sum each block.
+    Each row is still summed by one thread in input order: the result does not
+    depend on the thread count."""
+    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef int64_t m = starts[n_rows]
+    cdef int64_t t, u_lo, u_hi
+    if T > n_rows:
+        T = n_rows
+    if T <= 1:
+        _sum_segments(grad, dim, perm, starts, rows, 0, n_rows, scale_by_count, out)
+        return
+    for t in prange(T, schedule="static", num_threads=T):
+        u_lo = 0 if t == 0 else _lower_bound(starts, n_rows, (m * t) // T)
+        u_hi = n_rows if t == T - 1 else _lower_bound(starts, n_rows, (m * (t + 1)) // T)
+        if u_lo < u_hi:
+            _sum_segments(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out)
 
 
 def dense_backward(
@@ -49,13 +105,11 @@ def dense_backward(
     """``out[rows[u]] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count)."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = grad.shape[1]
-    cdef int64_t u
     if n_rows == 0 or dim == 0:
         return
     with nogil:
-        for u in prange(n_rows, schedule="static", num_threads=n_threads):
-            _sum_segment(&grad[0, 0], dim, &perm[0], starts[u], starts[u + 1],
-                         scale_by_count, &out[rows[u], 0])
+        _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
+                 scale_by_count, &out[0, 0], n_threads)
 
 
 def row_sums(
@@ -69,13 +123,11 @@ def row_sums(
     """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count)."""
     cdef int64_t n_rows = out.shape[0]
     cdef int64_t dim = grad.shape[1]
-    cdef int64_t u
     if n_rows == 0 or dim == 0:
         return
     with nogil:
-        for u in prange(n_rows, schedule="static", num_threads=n_threads):
-            _sum_segment(&grad[0, 0], dim, &perm[0], starts[u], starts[u + 1],
-                         scale_by_count, &out[u, 0])
+        _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], NULL, n_rows,
+                 scale_by_count, &out[0, 0], n_threads)
 
 
 def fill_row_csr(

@@ -7,6 +7,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
+from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
 from sparsembed._kernels._types cimport index_t
 
 
@@ -27,6 +28,8 @@ def first_out_of_range(
     cdef int64_t* first = NULL
     if n == 0:
         return -1
+    if n < 65536:
+        n_threads = 1   # not worth a parallel region
     first = <int64_t*> malloc(n_chunks * sizeof(int64_t))
     if first == NULL:
         raise MemoryError()
@@ -53,21 +56,47 @@ def first_out_of_range(
     return found
 
 
+cdef void _gather_chunk(
+    const floating* weight,   # (num_embeddings, dim)
+    const index_t* idx,
+    int64_t lo,
+    int64_t hi,
+    int64_t dim,
+    floating* out,            # (n, dim)
+) noexcept nogil:
+    cdef size_t row_bytes = dim * sizeof(floating)
+    cdef int64_t i, ahead = prefetch_distance(row_bytes)
+    cdef int64_t pf_end = hi - ahead
+    # rows are read in random order: ask for row i + ahead while copying row i
+    for i in range(lo, hi):
+        if i < pf_end:
+            prefetch_row(weight + idx[i + ahead] * dim, row_bytes)
+        memcpy(out + i * dim, weight + idx[i] * dim, row_bytes)
+
+
 def gather(
     const floating[:, ::1] weight,  # IN (num_embeddings, dim)
     const index_t[::1] idx,         # IN (n,) validated ids
     floating[:, ::1] out,           # OUT (n, dim)
     int n_threads,
 ):
-    """``out[i, :] = weight[idx[i], :]``."""
+    """``out[i, :] = weight[idx[i], :]``.
+
+    Each thread copies one contiguous block of ``out`` and prefetches the table rows
+    a few ids ahead, so that the random reads overlap.
+    """
     cdef int64_t n = idx.shape[0]
-    cdef size_t row_bytes = weight.shape[1] * sizeof(floating)
-    cdef int64_t i
-    if n == 0 or row_bytes == 0:
+    cdef int64_t dim = weight.shape[1]
+    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef int64_t t
+    if n == 0 or dim == 0:
         return
+    if T > n:
+        T = n
     with nogil:
-        for i in prange(n, schedule="static", num_threads=n_threads):
-            memcpy(&out[i, 0], &weight[idx[i], 0], row_bytes)
+        for t in prange(T, schedule="static", num_threads=T):
+            _gather_chunk(&weight[0, 0], &idx[0], (n * t) // T, (n * (t + 1)) // T, dim,
+                          &out[0, 0])
 
 
 cdef inline double _row_norm(const floating* row, int64_t dim, double p) noexcept nogil:

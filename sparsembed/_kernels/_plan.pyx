@@ -7,7 +7,7 @@ occurrences stay in input order: later per-row sums run in a fixed order.
 """
 
 from cython.parallel cimport prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
@@ -140,3 +140,230 @@ def segments(
                 u += 1
         starts_out[u] = m
     return u
+
+
+# --------------------------------------------------------------------------------------
+# The fast plan: ids and positions fit in 32 bits (num_rows <= 2**32, n < 2**32).
+#
+# Small key range (num_rows <= n): one counting sort -- per-thread histograms of the
+# ids, a prefix sum that also yields the distinct rows and their segment starts, and
+# one stable scatter. Large key range: LSD radix sort on uint32 (key, position) pairs
+# with balanced digits of at most 13 bits (two passes up to 2**26 rows), then one
+# pass that widens the positions to int64 and finds the segments. Every pass splits
+# its input into the same T contiguous chunks, so the result (a stable sort) does not
+# depend on T.
+
+cdef enum:
+    MAX_DIGIT_BITS = 13
+
+
+cdef inline int64_t _lower_bound(const int64_t* a, int64_t n, int64_t x) noexcept nogil:
+    """First i in [0, n) with a[i] >= x (n when none)."""
+    cdef int64_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def build_plan(
+    const index_t[::1] idx,      # IN (n,) validated ids in [0, num_rows)
+    int64_t skip_row,            # IN an id to leave out (padding), or -1
+    int64_t num_rows,            # IN exclusive upper bound of the ids, <= 2**32
+    int64_t[::1] perm_out,       # OUT (n,) positions grouped by id, first m valid
+    int64_t[::1] rows_out,       # OUT (n,) sorted distinct ids, first n_rows valid
+    int64_t[::1] starts_out,     # OUT (n + 1,) segment bounds, first n_rows + 1 valid
+    int n_threads,
+):
+    """Stable sort of the ids other than ``skip_row`` and its segments.
+
+    Returns ``(m, n_rows)``: ``perm_out[:m]`` lists the positions grouped by id (input
+    order within an id), ``rows_out[:n_rows]`` the distinct ids and
+    ``perm_out[starts_out[u]:starts_out[u + 1]]`` the positions of ``rows_out[u]``.
+    """
+    cdef int64_t n = idx.shape[0]
+    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef int64_t m, n_rows
+    if n == 0:
+        starts_out[0] = 0
+        return 0, 0
+    if num_rows > (<int64_t> 1 << 32) or n >= (<int64_t> 1 << 32):
+        raise ValueError("build_plan needs ids and positions that fit in 32 bits")
+    if T > n:
+        T = n
+    if num_rows <= n or num_rows <= 4096:
+        m, n_rows = _counting_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T)
+    else:
+        m, n_rows = _radix_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T)
+    return m, n_rows
+
+
+cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
+                    int64_t[::1] perm_out, int64_t[::1] rows_out,
+                    int64_t[::1] starts_out, int64_t T):
+    cdef int64_t n = idx.shape[0]
+    cdef int64_t t, i, b, lo, hi, k, u = 0, running = 0, c
+    cdef uint32_t* hist = <uint32_t*> calloc(T * R, sizeof(uint32_t))
+    cdef uint32_t* h
+    if hist == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for t in prange(T, schedule="static", num_threads=T):
+                lo = _chunk_lo(n, T, t)
+                hi = _chunk_lo(n, T, t + 1)
+                h = hist + t * R
+                for i in range(lo, hi):
+                    h[idx[i]] += 1
+            if 0 <= skip_row < R:
+                for t in range(T):
+                    hist[t * R + skip_row] = 0
+            # prefix over (id, chunk): chunk t's first slot for id b, and the segments
+            for b in range(R):
+                c = running
+                for t in range(T):
+                    k = hist[t * R + b]
+                    hist[t * R + b] = <uint32_t> running
+                    running = running + k
+                if running != c:
+                    rows_out[u] = b
+                    starts_out[u] = c
+                    u = u + 1
+            starts_out[u] = running
+            for t in prange(T, schedule="static", num_threads=T):
+                lo = _chunk_lo(n, T, t)
+                hi = _chunk_lo(n, T, t + 1)
+                h = hist + t * R
+                for i in range(lo, hi):
+                    k = idx[i]
+                    if k != skip_row:
+                        perm_out[h[k]] = i
+                        h[k] += 1
+    finally:
+        free(hist)
+    return running, u
+
+
+cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
+                 int64_t[::1] perm_out, int64_t[::1] rows_out,
+                 int64_t[::1] starts_out, int64_t T):
+    cdef int64_t n = idx.shape[0]
+    cdef int64_t t, i, b, lo, hi, m, running, d, pos, k, u
+    cdef int64_t n_bits = 0, n_pass, digit_bits, n_buckets, p, shift
+    cdef uint32_t mask
+    cdef uint32_t* hist = NULL
+    cdef uint32_t* h
+    cdef uint32_t* buf = NULL
+    cdef uint32_t* src_k
+    cdef uint32_t* src_p
+    cdef uint32_t* dst_k
+    cdef uint32_t* dst_p
+    cdef uint32_t* swap
+    cdef int64_t* counts = NULL
+    while (R - 1) >> n_bits:
+        n_bits += 1
+    n_pass = (n_bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
+    digit_bits = (n_bits + n_pass - 1) // n_pass
+    n_buckets = (<int64_t> 1) << digit_bits
+    mask = <uint32_t> (n_buckets - 1)
+
+    hist = <uint32_t*> malloc(T * n_buckets * sizeof(uint32_t))
+    buf = <uint32_t*> malloc(4 * n * sizeof(uint32_t))
+    counts = <int64_t*> calloc(T + 1, sizeof(int64_t))
+    if hist == NULL or buf == NULL or counts == NULL:
+        free(hist); free(buf); free(counts)
+        raise MemoryError()
+    src_k = buf
+    src_p = buf + n
+    dst_k = buf + 2 * n
+    dst_p = buf + 3 * n
+    try:
+        with nogil:
+            # pass 0 reads the ids themselves, leaving skip_row out
+            memset(hist, 0, T * n_buckets * sizeof(uint32_t))
+            for t in prange(T, schedule="static", num_threads=T):
+                lo = _chunk_lo(n, T, t)
+                hi = _chunk_lo(n, T, t + 1)
+                h = hist + t * n_buckets
+                for i in range(lo, hi):
+                    if idx[i] != skip_row:
+                        h[<uint32_t> idx[i] & mask] += 1
+            running = 0
+            for b in range(n_buckets):
+                for t in range(T):
+                    d = hist[t * n_buckets + b]
+                    hist[t * n_buckets + b] = <uint32_t> running
+                    running = running + d
+            m = running
+            for t in prange(T, schedule="static", num_threads=T):
+                lo = _chunk_lo(n, T, t)
+                hi = _chunk_lo(n, T, t + 1)
+                h = hist + t * n_buckets
+                for i in range(lo, hi):
+                    k = idx[i]
+                    if k != skip_row:
+                        pos = h[<uint32_t> k & mask]
+                        h[<uint32_t> k & mask] = <uint32_t> (pos + 1)
+                        dst_k[pos] = <uint32_t> k
+                        dst_p[pos] = <uint32_t> i
+            swap = src_k; src_k = dst_k; dst_k = swap
+            swap = src_p; src_p = dst_p; dst_p = swap
+
+            for p in range(1, n_pass):
+                shift = p * digit_bits
+                memset(hist, 0, T * n_buckets * sizeof(uint32_t))
+                for t in prange(T, schedule="static", num_threads=T):
+                    lo = _chunk_lo(m, T, t)
+                    hi = _chunk_lo(m, T, t + 1)
+                    h = hist + t * n_buckets
+                    for i in range(lo, hi):
+                        h[(src_k[i] >> shift) & mask] += 1
+                running = 0
+                for b in range(n_buckets):
+                    for t in range(T):
+                        d = hist[t * n_buckets + b]
+                        hist[t * n_buckets + b] = <uint32_t> running
+                        running = running + d
+                for t in prange(T, schedule="static", num_threads=T):
+                    lo = _chunk_lo(m, T, t)
+                    hi = _chunk_lo(m, T, t + 1)
+                    h = hist + t * n_buckets
+                    for i in range(lo, hi):
+                        d = (src_k[i] >> shift) & mask
+                        pos = h[d]
+                        h[d] = <uint32_t> (pos + 1)
+                        dst_k[pos] = src_k[i]
+                        dst_p[pos] = src_p[i]
+                swap = src_k; src_k = dst_k; dst_k = swap
+                swap = src_p; src_p = dst_p; dst_p = swap
+
+            # widen the positions and find the segments: count run starts per chunk,
+            # then write them at the chunk's offset
+            for t in prange(T, schedule="static", num_threads=T):
+                lo = _chunk_lo(m, T, t)
+                hi = _chunk_lo(m, T, t + 1)
+                u = 0
+                for i in range(lo, hi):
+                    perm_out[i] = src_p[i]
+                    if i == 0 or src_k[i] != src_k[i - 1]:
+                        u = u + 1
+                counts[t + 1] = u
+            for t in range(T):
+                counts[t + 1] += counts[t]
+            for t in prange(T, schedule="static", num_threads=T):
+                lo = _chunk_lo(m, T, t)
+                hi = _chunk_lo(m, T, t + 1)
+                u = counts[t]
+                for i in range(lo, hi):
+                    if i == 0 or src_k[i] != src_k[i - 1]:
+                        rows_out[u] = src_k[i]
+                        starts_out[u] = i
+                        u = u + 1
+            u = counts[T]
+            starts_out[u] = m
+    finally:
+        free(hist); free(buf); free(counts)
+    return m, u

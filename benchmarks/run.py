@@ -1,0 +1,623 @@
+"""sparsembed benchmark suite: sparsembed vs torch CPU vs numpy vs the bandwidth bound.
+
+Every workload is timed side by side in one process, with the same thread count for
+sparsembed and torch (``--threads``, default 2), as the median of ``--repeat`` runs
+(default 5) after one warm-up. The candidates of a workload are timed round-robin
+(run r of every candidate, then run r + 1 ...) so that noise from a shared machine
+hits all of them alike. Each sparsembed time is reported as a ratio to each peer
+(lower is better):
+
+- ``torch``: torch 2.13 CPU doing the same thing (``torch.nn.functional``,
+  ``torch.ops.aten.embedding_dense_backward``, autograd with ``sparse=True`` and
+  ``coalesce()``, ``torch.optim``);
+- ``numpy``: the plain numpy way (``np.take``, ``np.add.at``, ``np.unique``), one
+  thread, as numpy is;
+- ``bound``: ``np.copyto`` between two preallocated arrays the size of the
+  operation's output -- the memory-bandwidth floor of anything that writes that
+  output.
+
+Usage::
+
+    python benchmarks/run.py                  # full suite, writes results/latest.{json,png}
+    python benchmarks/run.py --quick          # D=64 workloads only, < 2 minutes
+    python benchmarks/run.py --smoke          # tiny sizes, 1 repeat (used by the tests)
+    python benchmarks/run.py --json out.json --threads 2 --repeat 5
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+import sparsembed as se
+from sparsembed import functional as SF
+
+try:  # torch is a peer, not a requirement
+    import torch
+    import torch.nn.functional as TF
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --------------------------------------------------------------------------------------
+# sizes
+
+
+def config(mode):
+    if mode == "smoke":
+        return dict(V=1000, B=512, dims=(8,), bag=8, repeat=1,
+                    scale_B=[2 ** 6, 2 ** 8], scale_V=[10 ** 2, 10 ** 3], scale_D=8,
+                    mem_V=[10 ** 3, 10 ** 4], mem_B=256)
+    if mode == "quick":
+        return dict(V=1_000_000, B=262_144, dims=(64,), bag=32, repeat=5,
+                    scale_B=None, scale_V=None, scale_D=64,
+                    mem_V=[10 ** 4, 10 ** 6], mem_B=65_536)
+    return dict(V=1_000_000, B=262_144, dims=(64, 256), bag=32, repeat=5,
+                scale_B=[2 ** k for k in range(12, 21)],
+                scale_V=[10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7], scale_D=64,
+                mem_V=[10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7], mem_B=65_536)
+
+
+def make_ids(rng, dist, V, B):
+    """``B`` ids in ``[0, V)``: uniform, or Zipf(1.2) ranks (truncated at ``V``) mapped
+    through a random permutation, so popular rows are scattered over the table."""
+    if dist == "uniform":
+        return rng.integers(0, V, B, dtype=np.int64)
+    w = np.arange(1, V + 1, dtype=np.float64) ** -1.2
+    cdf = np.cumsum(w)
+    cdf /= cdf[-1]
+    ranks = np.minimum(np.searchsorted(cdf, rng.random(B)), V - 1)
+    return rng.permutation(V)[ranks].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# timing
+
+
+def time_round_robin(cases, repeat, warmup=1):
+    """Median seconds of each callable in ``cases`` (dict name -> f), timed round-robin.
+
+    The result of a call is released after the clock stops, so freeing it is not timed.
+    """
+    times = {name: [] for name in cases}
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(warmup):
+            for f in cases.values():
+                res = f()
+                del res
+        for _ in range(repeat):
+            for name, f in cases.items():
+                t0 = time.perf_counter()
+                res = f()
+                t1 = time.perf_counter()
+                del res
+                times[name].append(t1 - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def set_threads(n):
+    se.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------
+# workloads: each returns {candidate: callable}; "sparsembed" is the one compared
+
+
+def _bound(shape, dtype):
+    src = np.ones(shape, dtype=dtype)
+    dst = np.zeros(shape, dtype=dtype)
+    return lambda: np.copyto(dst, src)
+
+
+def wl_forward(W, idx, g):
+    Wt, it = torch.from_numpy(W) if torch else None, torch.from_numpy(idx) if torch else None
+    cases = {
+        "sparsembed": lambda: SF.embedding(idx, W),
+        "numpy": lambda: np.take(W, idx, axis=0),
+        "bound": _bound((idx.size, W.shape[1]), W.dtype),
+    }
+    if torch is not None:
+        cases["torch"] = lambda: TF.embedding(it, Wt)
+    return cases
+
+
+def wl_dense_backward(W, idx, g):
+    V, D = W.shape
+    cases = {"sparsembed": lambda: SF.embedding_backward(g, idx, V)}
+
+    def np_addat():
+        out = np.zeros((V, D), dtype=g.dtype)
+        np.add.at(out, idx, g)
+        return out
+
+    cases["numpy"] = np_addat
+    cases["bound"] = _bound((V, D), W.dtype)
+    if torch is not None:
+        gt, it = torch.from_numpy(g), torch.from_numpy(idx)
+        cases["torch"] = lambda: torch.ops.aten.embedding_dense_backward(gt, it, V, -1, False)
+    return cases
+
+
+def wl_sparse_fwd_bwd(W, idx, g):
+    V, D = W.shape
+    emb = se.Embedding(V, D, sparse=True, weight=W)
+
+    def se_step():
+        emb.zero_grad()
+        emb(idx)
+        return emb.backward(g)
+
+    def np_step():
+        out = np.take(W, idx, axis=0)
+        rows, inv = np.unique(idx, return_inverse=True)
+        vals = np.zeros((rows.size, D), dtype=g.dtype)
+        np.add.at(vals, inv, g)
+        return out, rows, vals
+
+    cases = {"sparsembed": se_step, "numpy": np_step,
+             "bound": _bound((idx.size, D), W.dtype)}
+    if torch is not None:
+        wt = torch.nn.Parameter(torch.from_numpy(W))
+        it, gt = torch.from_numpy(idx), torch.from_numpy(g)
+
+        def torch_step():
+            wt.grad = None
+            TF.embedding(it, wt, sparse=True).backward(gt)
+            return wt.grad.coalesce()
+
+        cases["torch"] = torch_step
+    return cases
+
+
+def _has_optim():
+    return hasattr(se, "optim")
+
+
+def _train_cases(W, idx, g, opt_name):
+    """forward + sparse backward + optimizer step; plus the fused path."""
+    V, D = W.shape
+    kwargs = {"SparseAdam": dict(lr=1e-3), "Adagrad": dict(lr=1e-2)}[opt_name]
+    emb = se.Embedding(V, D, sparse=True, weight=W.copy())
+    opt = getattr(se.optim, opt_name)([emb], **kwargs)
+    emb_f = se.Embedding(V, D, sparse=True, weight=W.copy())
+    opt_f = getattr(se.optim, opt_name)([emb_f], **kwargs)
+
+    def se_step():
+        emb.zero_grad()
+        emb(idx)
+        emb.backward(g)
+        opt.step()
+
+    def se_fused():
+        emb_f(idx)
+        emb_f.backward(g, optimizer=opt_f)
+
+    cases = {"sparsembed": se_step, "fused": se_fused}
+    if torch is not None:
+        wt = torch.nn.Parameter(torch.from_numpy(W.copy()))
+        topt = getattr(torch.optim, opt_name)([wt], **kwargs)
+        it, gt = torch.from_numpy(idx), torch.from_numpy(g)
+
+        def torch_step():
+            topt.zero_grad()
+            TF.embedding(it, wt, sparse=True).backward(gt)
+            topt.step()
+
+        cases["torch"] = torch_step
+    return cases
+
+
+def wl_step_sparseadam(W, idx, g):
+    return _train_cases(W, idx, g, "SparseAdam")
+
+
+def wl_step_adagrad(W, idx, g):
+    return _train_cases(W, idx, g, "Adagrad")
+
+
+def _has_bag():
+    return hasattr(se, "EmbeddingBag") and hasattr(SF, "embedding_bag")
+
+
+def _bag_inputs(idx, bag):
+    n_bags = idx.size // bag
+    return np.ascontiguousarray(idx[: n_bags * bag].reshape(n_bags, bag))
+
+
+def wl_bag_forward(W, idx, g, bag=32):
+    ids = _bag_inputs(idx, bag)
+    D = W.shape[1]
+    cases = {
+        "sparsembed": lambda: SF.embedding_bag(ids, W, mode="sum"),
+        "numpy": lambda: np.take(W, ids, axis=0).sum(axis=1),
+        "bound": _bound((ids.size, D), W.dtype),  # the rows it must read, as one copy
+    }
+    if torch is not None:
+        Wt, it = torch.from_numpy(W), torch.from_numpy(ids)
+        cases["torch"] = lambda: TF.embedding_bag(it, Wt, mode="sum")
+    return cases
+
+
+def wl_bag_backward(W, idx, g, bag=32):
+    """Sparse (row-sparse csr / coalesced) gradient of a sum bag."""
+    ids = _bag_inputs(idx, bag)
+    V, D = W.shape
+    go = np.ascontiguousarray(g[: ids.shape[0]])
+    cases = {
+        "sparsembed": lambda: SF.embedding_bag_backward(go, ids, W, mode="sum", sparse=True)[0],
+        "bound": _bound((ids.size, D), W.dtype),
+    }
+
+    def np_bwd():
+        rows, inv = np.unique(ids, return_inverse=True)
+        vals = np.zeros((rows.size, D), dtype=go.dtype)
+        np.add.at(vals, inv.reshape(-1), np.repeat(go, ids.shape[1], axis=0))
+        return rows, vals
+
+    cases["numpy"] = np_bwd
+    if torch is not None:
+        wt = torch.nn.Parameter(torch.from_numpy(W))
+        it, gt = torch.from_numpy(ids), torch.from_numpy(go)
+
+        def torch_bwd():
+            wt.grad = None
+            TF.embedding_bag(it, wt, mode="sum", sparse=True).backward(gt)
+            return wt.grad.coalesce()
+
+        cases["torch"] = torch_bwd
+    return cases
+
+
+def workloads():
+    wls = [("forward", wl_forward), ("dense_backward", wl_dense_backward),
+           ("sparse_fwd_bwd", wl_sparse_fwd_bwd)]
+    if _has_optim():
+        wls += [("step_sparseadam", wl_step_sparseadam), ("step_adagrad", wl_step_adagrad)]
+    if _has_bag():
+        wls += [("bag_sum_forward", wl_bag_forward), ("bag_sum_backward", wl_bag_backward)]
+    return wls
+
+
+# --------------------------------------------------------------------------------------
+# the parts
+
+
+def ratios(times):
+    se_t = times["sparsembed"]
+    out = {f"vs_{k}": se_t / v for k, v in times.items() if k != "sparsembed" and v > 0}
+    if "fused" in times and "torch" in times:
+        out["fused_vs_torch"] = times["fused"] / times["torch"]
+    return out
+
+
+def run_main(cfg, threads, repeat, log):
+    rng = np.random.default_rng(0)
+    V, B = cfg["V"], cfg["B"]
+    results = []
+    set_threads(threads)
+    for D in cfg["dims"]:
+        W = rng.standard_normal((V, D), dtype=np.float32)
+        for dist in ("uniform", "zipf"):
+            idx = make_ids(rng, dist, V, B)
+            g = rng.standard_normal((B, D), dtype=np.float32)
+            for name, wl in workloads():
+                kw = {"bag": cfg["bag"]} if name.startswith("bag") else {}
+                cases = wl(W, idx, g, **kw)
+                times = time_round_robin(cases, repeat)
+                del cases
+                gc.collect()
+                row = dict(workload=name, V=V, D=D, B=B, dist=dist, threads=threads,
+                           times_ms={k: v * 1e3 for k, v in times.items()},
+                           ratios=ratios(times))
+                results.append(row)
+                log(_fmt_row(row))
+        del W
+        gc.collect()
+    return results
+
+
+def _fmt_row(row):
+    t = row["times_ms"]
+    r = row["ratios"]
+    rs = "  ".join(f"{k}={v:.3f}" for k, v in r.items())
+    ts = "  ".join(f"{k}={v:.1f}ms" for k, v in t.items())
+    return f"{row['workload']:<18} D={row['D']:<4} {row['dist']:<8} {ts} | {rs}"
+
+
+def run_scaling(cfg, threads, repeat, log):
+    """Time vs batch size and vs vocabulary size (D fixed), sparsembed and torch."""
+    if cfg["scale_B"] is None:
+        return {}
+    rng = np.random.default_rng(1)
+    D = cfg["scale_D"]
+    out = {"D": D, "threads": threads, "vs_B": [], "vs_V": []}
+    set_threads(threads)
+    V = cfg["V"]
+    W = rng.standard_normal((V, D), dtype=np.float32)
+    for B in cfg["scale_B"]:
+        idx = make_ids(rng, "uniform", V, B)
+        g = rng.standard_normal((B, D), dtype=np.float32)
+        for name, wl in (("forward", wl_forward), ("sparse_fwd_bwd", wl_sparse_fwd_bwd)):
+            cases = {k: v for k, v in wl(W, idx, g).items() if k in ("sparsembed", "torch")}
+            times = time_round_robin(cases, repeat)
+            out["vs_B"].append(dict(workload=name, V=V, B=B,
+                                    times_ms={k: v * 1e3 for k, v in times.items()}))
+            log(f"scaling B={B:<8} {name:<15} " + "  ".join(
+                f"{k}={v * 1e3:.2f}ms" for k, v in times.items()))
+    del W
+    B = cfg["scale_B"][len(cfg["scale_B"]) * 2 // 3]
+    for V in cfg["scale_V"]:
+        W = rng.standard_normal((V, D), dtype=np.float32)
+        idx = make_ids(rng, "uniform", V, B)
+        g = rng.standard_normal((B, D), dtype=np.float32)
+        for name, wl in (("forward", wl_forward), ("sparse_fwd_bwd", wl_sparse_fwd_bwd)):
+            cases = {k: v for k, v in wl(W, idx, g).items() if k in ("sparsembed", "torch")}
+            times = time_round_robin(cases, repeat)
+            out["vs_V"].append(dict(workload=name, V=V, B=B,
+                                    times_ms={k: v * 1e3 for k, v in times.items()}))
+            log(f"scaling V={V:<9} {name:<15} " + "  ".join(
+                f"{k}={v * 1e3:.2f}ms" for k, v in times.items()))
+        del W
+        gc.collect()
+    return out
+
+
+def run_threads(cfg, repeat, log):
+    """sparsembed with 1 thread vs 2 threads on the same data (torch alongside)."""
+    rng = np.random.default_rng(2)
+    V, B, D = cfg["V"], cfg["B"], cfg["dims"][0]
+    W = rng.standard_normal((V, D), dtype=np.float32)
+    idx = make_ids(rng, "uniform", V, B)
+    g = rng.standard_normal((B, D), dtype=np.float32)
+    emb = se.Embedding(V, D, sparse=True, weight=W)
+    emb(idx)
+    ops = {
+        "forward": lambda: SF.embedding(idx, W),
+        "dense_backward": lambda: SF.embedding_backward(g, idx, V),
+        "sparse_backward": lambda: SF.embedding_backward(g, idx, V, sparse=True),
+    }
+    if _has_optim():
+        for opt_name, kw in (("SparseAdam", dict(lr=1e-3)), ("Adagrad", dict(lr=1e-2))):
+            e = se.Embedding(V, D, sparse=True, weight=W.copy())
+            e(idx)
+            e.backward(g)
+            grad = e.grad
+            o = getattr(se.optim, opt_name)([e], **kw)
+
+            def step(e=e, o=o, grad=grad):
+                e.grad = grad
+                o.step()
+
+            ops[f"{opt_name.lower()}_step"] = step
+
+            ef = se.Embedding(V, D, sparse=True, weight=W.copy())
+            of = getattr(se.optim, opt_name)([ef], **kw)
+            ef(idx)
+            ops[f"{opt_name.lower()}_fused"] = (
+                lambda ef=ef, of=of: ef.backward(g, optimizer=of))
+    out = []
+    for name, f in ops.items():
+        per = {}
+        # alternate thread counts run by run
+        for n in (1, 2):
+            per[n] = []
+        f()
+        for _ in range(repeat):
+            for n in (1, 2):
+                se.set_num_threads(n)
+                t0 = time.perf_counter()
+                res = f()
+                t1 = time.perf_counter()
+                del res
+                per[n].append(t1 - t0)
+        t1m, t2m = float(np.median(per[1])), float(np.median(per[2]))
+        out.append(dict(op=name, V=V, D=D, B=B, t1_ms=t1m * 1e3, t2_ms=t2m * 1e3,
+                        speedup=t1m / t2m))
+        log(f"threads {name:<18} 1t={t1m * 1e3:.1f}ms 2t={t2m * 1e3:.1f}ms "
+            f"speedup={t1m / t2m:.2f}x")
+    se.set_num_threads(2)
+    return out
+
+
+def _peak_tracemalloc(f):
+    gc.collect()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    try:
+        res = f()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del res
+    return peak
+
+
+def _peak_rss_delta(f):
+    """Peak RSS growth during ``f`` (Linux: reset the high-water mark first), or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+
+    def rss(field):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    base = rss("VmRSS:")
+    res = f()
+    peak = rss("VmHWM:")
+    del res
+    return None if base is None or peak is None else peak - base
+
+
+def run_memory(cfg, log):
+    """Peak memory of one sparse backward, and of one fused step, at a fixed batch
+    (fixed number of unique rows) as the table grows: it follows the unique rows, not V
+    (the only O(V) part is the csr ``indptr``, 4 bytes per table row)."""
+    rng = np.random.default_rng(3)
+    D, B = cfg["scale_D"], cfg["mem_B"]
+    out = []
+    base_ids = rng.integers(0, min(cfg["mem_V"]), B, dtype=np.int64)
+    g = rng.standard_normal((B, D), dtype=np.float32)
+    for V in cfg["mem_V"]:
+        idx = (base_ids * (V // min(cfg["mem_V"]))).astype(np.int64)  # same uniques, spread
+        W = np.zeros((V, D), dtype=np.float32)  # lazily zeroed: costs no RSS until touched
+        emb = se.Embedding(V, D, sparse=True, weight=W)
+        emb(idx)
+        rec = dict(V=V, B=B, D=D, unique=int(np.unique(idx).size))
+        f = lambda: SF.embedding_backward(g, idx, V, sparse=True)  # noqa: E731
+        f()
+        rec["sparse_backward_tracemalloc"] = _peak_tracemalloc(f)
+        rec["sparse_backward_rss"] = _peak_rss_delta(f)
+        if _has_optim():
+            opt = se.optim.SparseAdam([emb], lr=1e-3)
+            emb.backward(g, optimizer=opt)  # creates the optimizer state of these rows
+            fused = lambda: emb.backward(g, optimizer=opt)  # noqa: E731
+            rec["fused_step_tracemalloc"] = _peak_tracemalloc(fused)
+            rec["fused_step_rss"] = _peak_rss_delta(fused)
+        rec["dense_grad_bytes"] = V * D * 4
+        out.append(rec)
+        log("memory " + "  ".join(f"{k}={v}" for k, v in rec.items()))
+        del W, emb
+        gc.collect()
+    return out
+
+
+def machine_info():
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "sparsembed": se.__version__, "openmp": se.show_config()["openmp"],
+            "platform": platform.platform(), "cpus": os.cpu_count()}
+    if torch is not None:
+        info["torch"] = torch.__version__
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in lscpu.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket",
+                               "L2 cache", "L3 cache"):
+                info[key.strip()] = val.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = result.get("scaling") or {}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, key, xlabel in ((axes[0], "vs_B", "batch size B (V = 1e6)"),
+                            (axes[1], "vs_V", "table rows V")):
+        pts = sc.get(key, [])
+        for wl, style in (("forward", "-"), ("sparse_fwd_bwd", "--")):
+            rows = [p for p in pts if p["workload"] == wl]
+            if not rows:
+                continue
+            xs = [p["B" if key == "vs_B" else "V"] for p in rows]
+            for cand, color in (("sparsembed", "C0"), ("torch", "C3")):
+                ys = [p["times_ms"].get(cand) for p in rows]
+                if all(y is not None for y in ys):
+                    ax.plot(xs, ys, style, marker="o", color=color, label=f"{cand} {wl}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("median time (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    th = result.get("threads") or []
+    if th:
+        names = [t["op"] for t in th]
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, [t["t1_ms"] for t in th], 0.4, label="1 thread")
+        ax.bar(x + 0.2, [t["t2_ms"] for t in th], 0.4, label="2 threads")
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("median time (ms)")
+        ax.legend(fontsize=8)
+        ax.set_title("sparsembed, 1 vs 2 threads")
+    axes[0].set_title(f"time vs batch size (D = {sc.get('D', '')})")
+    axes[1].set_title("time vs table size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="D = 64 workloads only (< 2 min)")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat (for tests)")
+    p.add_argument("--json", default=None, help="write the results here "
+                   "(default: benchmarks/results/latest.json for a full run)")
+    p.add_argument("--plot", default=None, help="write the PNG plot here "
+                   "(default: benchmarks/results/scaling.png for a full run)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=None, help="runs per candidate (default 5)")
+    p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    args = p.parse_args(argv)
+
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    cfg = config(mode_name)
+    repeat = args.repeat if args.repeat is not None else cfg["repeat"]
+    if mode_name != "smoke" and repeat < 5:
+        print("note: fewer than 5 runs per candidate", file=sys.stderr)
+    json_path = args.json
+    plot_path = args.plot
+    if mode_name == "full":
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        json_path = json_path or os.path.join(HERE, "results", "latest.json")
+        plot_path = plot_path or os.path.join(HERE, "results", "scaling.png")
+
+    def log(msg):
+        print(msg, flush=True)
+
+    t_start = time.perf_counter()
+    result = {"mode": mode_name, "threads": None, "repeat": repeat, "machine": machine_info(),
+              "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    log(f"sparsembed benchmarks ({mode_name}), {args.threads} threads, median of {repeat}")
+    result["main"] = run_main(cfg, args.threads, repeat, log)
+    result["threads"] = run_threads(cfg, repeat, log) if args.threads >= 2 or args.smoke else []
+    result["scaling"] = {} if args.no_scaling else run_scaling(cfg, args.threads, repeat, log)
+    result["memory"] = [] if args.no_memory else run_memory(cfg, log)
+    result["n_threads"] = args.threads
+    result["seconds"] = time.perf_counter() - t_start
+    log(f"done in {result['seconds']:.1f} s")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=1)
+        log(f"wrote {json_path}")
+    if plot_path and (result["scaling"] or result["threads"]):
+        try:
+            plot(result, plot_path)
+            log(f"wrote {plot_path}")
+        except ImportError:
+            log("matplotlib is not installed: no plot (pip install matplotlib)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The fast paths of the core kernels (issue 6): the 32-bit row plan (counting and
+radix sorts), work-balanced row sums, prefetching gather, against numpy."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+import sparsembed as se
+from sparsembed import _cpu
+from sparsembed._kernels import _backward, _lookup, _plan
+
+
+def _expected_plan(ids, skip):
+    order = np.argsort(ids, kind="stable")
+    order = order[ids[order] != skip]
+    rows, first = np.unique(ids[order], return_index=True)
+    return order, rows, np.append(first, order.size)
+
+
+def _zipf_ids(rng, n, V, dtype):
+    ranks = np.minimum(rng.zipf(1.3, n) - 1, V - 1)
+    return rng.permutation(V)[ranks].astype(dtype)
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("num_rows", [1, 2, 100, 4096, 5000, 70_000, 3_000_000, 2 ** 31 - 1])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+def test_build_plan_is_a_stable_sort_with_segments(rng, idx_dtype, num_rows, n_threads, dist):
+    # n = 3001 puts 100 and 5000 on the counting path, the larger ones on the radix path
+    n = 3001
+    if dist == "uniform":
+        ids = rng.integers(0, num_rows, size=n).astype(idx_dtype)
+    else:
+        ids = _zipf_ids(rng, n, min(num_rows, 10 ** 7), idx_dtype)
+    for skip in (-1, int(ids[3]), num_rows + 5):
+        perm = np.full(n, -7, dtype=np.int64)
+        rows = np.full(n, -7, dtype=np.int64)
+        starts = np.full(n + 1, -7, dtype=np.int64)
+        m, u = _plan.build_plan(ids, skip, num_rows, perm, rows, starts, n_threads)
+        order, exp_rows, exp_starts = _expected_plan(ids, skip)
+        assert m == order.size
+        assert u == exp_rows.size
+        assert_array_equal(perm[:m], order)
+        assert_array_equal(rows[:u], exp_rows)
+        assert_array_equal(starts[: u + 1], exp_starts)
+
+
+def test_build_plan_large_batch_matches_numpy(rng):
+    # long enough for every thread to own a real chunk, on both sort paths
+    for V in (50_000, 1_000_000):
+        ids = rng.integers(0, V, size=200_003)
+        perm = np.empty(ids.size, dtype=np.int64)
+        rows = np.empty(ids.size, dtype=np.int64)
+        starts = np.empty(ids.size + 1, dtype=np.int64)
+        m, u = _plan.build_plan(ids, 17, V, perm, rows, starts, 2)
+        order, exp_rows, exp_starts = _expected_plan(ids, 17)
+        assert_array_equal(perm[:m], order)
+        assert_array_equal(rows[:u], exp_rows)
+        assert_array_equal(starts[: u + 1], exp_starts)
+
+
+def test_build_plan_edge_cases():
+    out = np.empty(0, dtype=np.int64)
+    starts = np.empty(1, dtype=np.int64)
+    assert _plan.build_plan(out, -1, 10, out, out, starts, 2) == (0, 0)
+    assert starts[0] == 0
+    # every id is the skipped one
+    ids = np.full(10, 3, dtype=np.int64)
+    perm, rows, starts = np.empty(10, np.int64), np.empty(10, np.int64), np.empty(11, np.int64)
+    for V in (5, 10 ** 6):
+        assert _plan.build_plan(ids, 3, V, perm, rows, starts, 2) == (0, 0)
+        assert starts[0] == 0
+    with pytest.raises(ValueError, match="32 bits"):
+        _plan.build_plan(ids, -1, 2 ** 33, perm, rows, starts, 2)
+
+
+def test_plan_rows_paths_agree(rng):
+    # the 32-bit plan and the int64 fallback give the same RowPlan
+    ids = rng.integers(0, 5000, size=2000)
+    fast = _cpu.plan_rows(ids, 5000, skip_row=int(ids[0]))
+    keys = np.empty(ids.size, np.int64)
+    perm = np.empty(ids.size, np.int64)
+    m = _plan.argsort_rows(ids, int(ids[0]), 5000, keys, perm, 2)
+    assert_array_equal(fast.perm, perm[:m])
+    assert fast.skipped
+
+
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+def test_row_sums_balanced_partition_is_thread_independent(rng, dtype, dist, threads):
+    # Zipf: one segment holds a large share of the batch; the per-thread blocks are
+    # cut by grad rows, not by segments, and must not change a single bit
+    V, n, dim = 3000, 20_000, 5
+    ids = rng.integers(0, V, size=n) if dist == "uniform" else _zipf_ids(rng, n, V, np.int64)
+    grad = rng.standard_normal((n, dim)).astype(dtype)
+    plan = _cpu.plan_rows(ids, V)
+    results = {}
+    for T in (1, 2, 3, 7):
+        sums = np.empty((plan.rows.size, dim), dtype=dtype)
+        _backward.row_sums(grad, plan.perm, plan.starts, False, sums, T)
+        dense = np.zeros((V, dim), dtype=dtype)
+        _backward.dense_backward(grad, plan.perm, plan.rows, plan.starts, True, dense, T)
+        results[T] = (sums, dense)
+    ref = np.zeros((V, dim), dtype=np.float64)
+    np.add.at(ref, ids, grad.astype(np.float64))
+    rtol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(results[1][0], ref[plan.rows], rtol=rtol, atol=rtol)
+    counts = np.bincount(ids, minlength=V)[:, None]
+    np.testing.assert_allclose(results[1][1], ref / np.maximum(counts, 1), rtol=rtol, atol=rtol)
+    for T in (2, 3, 7):
+        assert_array_equal(results[T][0], results[1][0])
+        assert_array_equal(results[T][1], results[1][1])
+
+
+@pytest.mark.parametrize("dim", [1, 3, 16, 64, 300])
+def test_gather_prefetch_tail_and_row_sizes(rng, dtype, dim):
+    # every prefetch distance (4..32 rows) and the last rows of each chunk
+    weight = rng.standard_normal((97, dim)).astype(dtype)
+    for n in (1, 5, 33, 200):
+        ids = rng.integers(0, 97, size=n)
+        for T in (1, 2, 3):
+            out = np.empty((n, dim), dtype=dtype)
+            _lookup.gather(weight, ids, out, T)
+            assert_array_equal(out, weight[ids])
+
+
+def test_threads_for():
+    from sparsembed._threads import PARALLEL_GRAIN, threads_for
+
+    if not se.show_config()["openmp"]:
+        pytest.skip("a serial build always uses one thread")
+    previous = se._threads._num_threads
+    try:
+        se.set_num_threads(4)
+        assert threads_for(0) == 1
+        assert threads_for(PARALLEL_GRAIN) == 1
+        assert threads_for(2 * PARALLEL_GRAIN) == 2
+        assert threads_for(100 * PARALLEL_GRAIN) == 4
+        se.set_num_threads(1)
+        assert threads_for(100 * PARALLEL_GRAIN) == 1
+    finally:
+        se._threads._num_threads = previous
