@@ -7,7 +7,7 @@ signatures; :func:`sparsembed._backend.get_backend` picks one from the device.
 import numpy as np
 
 from sparsembed import _rowsparse
-from sparsembed._kernels import _backward, _lookup, _plan
+from sparsembed._kernels import _backward, _lookup, _plan, _pool
 from sparsembed._threads import get_num_threads, threads_for  # noqa: F401
 from sparsembed._validation import (  # noqa: F401 - part of the backend interface
     as_grad_output,
@@ -62,10 +62,12 @@ def plan_rows(flat, num_rows, skip_row=None):
     skip = -1 if skip_row is None else int(skip_row)
     T = threads_for(4 * n)
     if num_rows <= 1 << 32 and n < 1 << 32:
-        perm = np.empty(n, dtype=np.int64)
-        rows = np.empty(n, dtype=np.int64)
-        starts = np.empty(n + 1, dtype=np.int64)
-        m, n_rows = _plan.build_plan(flat, skip, num_rows, perm, rows, starts, T)
+        perm = _pool.empty((n,), np.int64)
+        rows = _pool.empty((n,), np.int64)
+        starts = _pool.empty((n + 1,), np.int64)
+        scratch = _pool.empty((4 * n,), np.uint32) if num_rows > max(n, 4096) else None
+        m, n_rows = _plan.build_plan(flat, skip, num_rows, perm, rows, starts, T, scratch)
+        del scratch
         return RowPlan(perm[:m], rows[:n_rows], starts[: n_rows + 1], m < n, n)
     keys = np.empty(n, dtype=np.int64)
     perm = np.empty(n, dtype=np.int64)
@@ -78,7 +80,7 @@ def plan_rows(flat, num_rows, skip_row=None):
 
 def gather(weight, flat):
     """``weight[flat]`` as a new (n, dim) array."""
-    out = np.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype)
+    out = _pool.empty((flat.shape[0], weight.shape[1]), weight.dtype)
     _lookup.gather(weight, flat, out, threads_for(out.size))
     return out
 
@@ -91,15 +93,18 @@ def renorm_rows_(weight, rows, max_norm, norm_type):
 
 def dense_grad(grad2d, plan, num_rows, scale_grad_by_freq):
     """Dense (num_rows, dim) gradient: each planned row gets its sum of grad rows."""
-    out = np.zeros((num_rows, grad2d.shape[1]), dtype=grad2d.dtype)
-    _backward.dense_backward(grad2d, plan.perm, plan.rows, plan.starts,
-                             scale_grad_by_freq, out, threads_for(grad2d.size))
+    # every row is written (zeros where no id points), so reused memory needs no
+    # zero-fill first and a fresh block is faulted in by the threads in parallel
+    out = _pool.empty((num_rows, grad2d.shape[1]), grad2d.dtype)
+    _backward.dense_backward_fill(grad2d, plan.perm, plan.rows, plan.starts,
+                                  scale_grad_by_freq, out,
+                                  threads_for(grad2d.size + out.size // 8))
     return out
 
 
 def row_grad(grad2d, plan, scale_grad_by_freq):
     """(n_rows, dim) per-row sums, one per distinct planned id, in ``plan.rows`` order."""
-    out = np.empty((plan.rows.shape[0], grad2d.shape[1]), dtype=grad2d.dtype)
+    out = _pool.empty((plan.rows.shape[0], grad2d.shape[1]), grad2d.dtype)
     _backward.row_sums(grad2d, plan.perm, plan.starts, scale_grad_by_freq, out,
                        threads_for(grad2d.size))
     return out

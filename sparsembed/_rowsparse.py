@@ -9,7 +9,7 @@ order. scipy's own ``+`` drops explicit zeros, so accumulation goes through
 import numpy as np
 import scipy.sparse as sp
 
-from sparsembed._kernels import _backward
+from sparsembed._kernels import _backward, _pool
 from sparsembed._threads import threads_for
 
 
@@ -32,8 +32,8 @@ def from_rows(rows, data, num_rows):
     """
     n_rows, dim = data.shape
     idx_dtype = _index_dtype(num_rows, n_rows * dim)
-    indptr = np.empty(num_rows + 1, dtype=idx_dtype)
-    indices = np.empty(n_rows * dim, dtype=idx_dtype)
+    indptr = _pool.empty((num_rows + 1,), idx_dtype)
+    indices = _pool.empty((n_rows * dim,), idx_dtype)
     _backward.fill_row_csr(np.ascontiguousarray(rows, dtype=np.int64), num_rows, indptr,
                            indices, dim, threads_for(num_rows + n_rows * dim))
     out = sp.csr_array((data.reshape(-1), indices, indptr), shape=(num_rows, dim), copy=False)

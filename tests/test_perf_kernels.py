@@ -140,3 +140,82 @@ def test_threads_for():
         assert threads_for(100 * PARALLEL_GRAIN) == 1
     finally:
         se._threads._num_threads = previous
+
+
+# --------------------------------------------------------------------------------------
+# the output-buffer cache
+
+
+def test_pool_reuses_released_buffers_and_arrays_behave():
+    import copy
+    import pickle
+
+    from sparsembed._kernels import _pool
+
+    _pool.clear()
+    a = _pool.empty((1000, 300), np.float32)
+    assert a.shape == (1000, 300) and a.dtype == np.float32
+    assert a.flags.c_contiguous and a.flags.writeable and a.flags.aligned
+    a[:] = 3.0
+    addr = a.__array_interface__["data"][0]
+    assert pickle.loads(pickle.dumps(a)).sum() == a.sum()
+    assert copy.deepcopy(a).sum() == a.sum()
+    v = a[10:20]
+    del a
+    assert _pool.stats()["idle_buffers"] == 0  # the view keeps the buffer alive
+    del v
+    assert _pool.stats()["idle_buffers"] == 1
+    b = _pool.empty((1000, 299), np.float32)  # a similar size reuses it
+    assert b.__array_interface__["data"][0] == addr
+    assert _pool.stats()["idle_buffers"] == 0
+    del b
+    small = _pool.empty((3, 4), np.float64)  # small arrays are plain numpy arrays
+    assert small.base is None
+    _pool.clear()
+    assert _pool.stats()["idle_bytes"] == 0
+
+
+def test_pool_limit_and_off_switch():
+    from sparsembed._kernels import _pool
+
+    old = _pool.set_limit(3 << 20)
+    try:
+        _pool.clear()
+        arrays = [_pool.empty((1 << 18,), np.float32) for _ in range(3)]  # 1 MiB each
+        del arrays
+        assert _pool.stats()["idle_bytes"] <= 3 << 20
+        _pool.set_limit(0)
+        assert _pool.stats()["idle_buffers"] == 0
+        a = _pool.empty((1 << 20,), np.float32)
+        assert a.base is None  # off: numpy's own allocation
+    finally:
+        _pool.set_limit(old)
+        _pool.clear()
+
+
+def test_dense_grad_in_reused_dirty_memory_is_zero_elsewhere(rng, dtype, threads):
+    # a released gradient leaves garbage behind; the next dense gradient reuses the
+    # memory and must still be exactly zero on every row no id touches
+    from sparsembed import functional as F
+    from sparsembed._kernels import _pool
+
+    _pool.clear()
+    V, dim = 20_000, 16
+    junk = _pool.empty((V, dim), dtype)
+    junk[:] = np.nan
+    del junk
+    for ids in (rng.integers(0, V, size=3000), np.array([V - 1, 0, 5]), np.array([], int),
+                np.array([7, 7, 7])):
+        grad = rng.standard_normal((ids.size, dim)).astype(dtype)
+        for T in (1, 2):
+            threads(T)
+            out = F.embedding_backward(grad, ids, V, padding_idx=5)
+            expected = np.zeros((V, dim), dtype=np.float64)
+            np.add.at(expected, ids, grad.astype(np.float64))
+            expected[5] = 0
+            rtol = 1e-5 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol)
+            assert not np.isnan(out).any()
+            out[:] = np.nan  # dirty it again for the next round
+            del out
+    _pool.clear()

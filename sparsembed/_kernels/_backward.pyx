@@ -8,7 +8,7 @@ thread count and no atomics are needed.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
 from sparsembed._kernels._types cimport index_t
@@ -36,8 +36,14 @@ cdef void _sum_segments(
     int64_t u_hi,
     bint scale_by_count,
     floating* out,
+    int64_t zero_upto,         # >= 0: also zero the rows no segment writes (see below)
 ) noexcept nogil:
     """Sum segments ``u_lo..u_hi - 1``, each in input order, into their output rows.
+
+    With ``zero_upto >= 0`` (dense output in reused, unzeroed memory) the rows between
+    ``rows[u - 1]`` and ``rows[u]`` are zeroed before row ``rows[u]`` is written, and
+    the last block also zeroes ``rows[-1] + 1 .. zero_upto - 1``: one pass writes
+    every row of the table once.
 
     The grad rows are read in plan order, i.e. at random: the row ``ahead`` plan
     positions further on is prefetched while the current one is added.
@@ -49,10 +55,15 @@ cdef void _sum_segments(
     cdef const floating* src
     cdef floating* dst
     cdef floating inv
+    cdef int64_t prev
     for u in range(u_lo, u_hi):
         lo = starts[u]
         hi = starts[u + 1]
         dst = out + (rows[u] if rows != NULL else u) * dim
+        if zero_upto >= 0:
+            prev = rows[u - 1] + 1 if u > 0 else 0
+            if rows[u] > prev:
+                memset(out + prev * dim, 0, (rows[u] - prev) * row_bytes)
         if lo + ahead < k_end:
             prefetch_row(grad + perm[lo + ahead] * dim, row_bytes)
         # the first occurrence is copied, not added to zeros: no zero-fill needed
@@ -69,10 +80,18 @@ cdef void _sum_segments(
                 dst[j] /= inv
 
 
+
+cdef void _zero_tail(floating* out, int64_t dim, const int64_t* rows, int64_t n_rows,
+                     int64_t zero_upto) noexcept nogil:
+    cdef int64_t first = rows[n_rows - 1] + 1 if n_rows > 0 else 0
+    if zero_upto > first:
+        memset(out + first * dim, 0, (zero_upto - first) * dim * sizeof(floating))
+
+
 cdef void _sum_all(
     const floating* grad, int64_t dim, const int64_t* perm, const int64_t* starts,
     const int64_t* rows, int64_t n_rows, bint scale_by_count, floating* out,
-    int n_threads,
+    int64_t zero_upto, int n_threads,
 ) noexcept nogil:
     """Split the segments into one block per thread with about the same number of
     grad rows each (a Zipf batch has a few very long segments), then sum each block.
@@ -84,13 +103,19 @@ cdef void _sum_all(
     if T > n_rows:
         T = n_rows
     if T <= 1:
-        _sum_segments(grad, dim, perm, starts, rows, 0, n_rows, scale_by_count, out)
+        _sum_segments(grad, dim, perm, starts, rows, 0, n_rows, scale_by_count, out,
+                      zero_upto)
+        if zero_upto >= 0:
+            _zero_tail(out, dim, rows, n_rows, zero_upto)
         return
     for t in prange(T, schedule="static", num_threads=T):
         u_lo = 0 if t == 0 else _lower_bound(starts, n_rows, (m * t) // T)
         u_hi = n_rows if t == T - 1 else _lower_bound(starts, n_rows, (m * (t + 1)) // T)
         if u_lo < u_hi:
-            _sum_segments(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out)
+            _sum_segments(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out,
+                          zero_upto)
+        if t == T - 1 and zero_upto >= 0:
+            _zero_tail(out, dim, rows, n_rows, zero_upto)
 
 
 def dense_backward(
@@ -109,7 +134,31 @@ def dense_backward(
         return
     with nogil:
         _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
-                 scale_by_count, &out[0, 0], n_threads)
+                 scale_by_count, &out[0, 0], -1, n_threads)
+
+
+def dense_backward_fill(
+    const floating[:, ::1] grad,     # IN (n, dim) grad_output rows
+    const int64_t[::1] perm,         # IN (m,) plan permutation
+    const int64_t[::1] rows,         # IN (U,) distinct rows
+    const int64_t[::1] starts,       # IN (U + 1,) segment bounds into perm
+    bint scale_by_count,
+    floating[:, ::1] out,            # OUT (num_embeddings, dim), any content
+    int n_threads,
+):
+    """:func:`dense_backward` into an uninitialised ``out``: the rows no id touches
+    are zeroed in the same pass, so ``out`` need not be zero-filled first."""
+    cdef int64_t n_rows = rows.shape[0]
+    cdef int64_t dim = grad.shape[1]
+    cdef int64_t num_rows = out.shape[0]
+    if num_rows == 0 or dim == 0:
+        return
+    with nogil:
+        if n_rows == 0:
+            memset(&out[0, 0], 0, num_rows * dim * sizeof(floating))
+        else:
+            _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
+                     scale_by_count, &out[0, 0], num_rows, n_threads)
 
 
 def row_sums(
@@ -127,7 +176,7 @@ def row_sums(
         return
     with nogil:
         _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], NULL, n_rows,
-                 scale_by_count, &out[0, 0], n_threads)
+                 scale_by_count, &out[0, 0], -1, n_threads)
 
 
 def fill_row_csr(

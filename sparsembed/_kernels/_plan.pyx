@@ -177,6 +177,7 @@ def build_plan(
     int64_t[::1] rows_out,       # OUT (n,) sorted distinct ids, first n_rows valid
     int64_t[::1] starts_out,     # OUT (n + 1,) segment bounds, first n_rows + 1 valid
     int n_threads,
+    uint32_t[::1] scratch=None,  # IN/OUT optional work space of >= 4 * n entries
 ):
     """Stable sort of the ids other than ``skip_row`` and its segments.
 
@@ -197,7 +198,10 @@ def build_plan(
     if num_rows <= n or num_rows <= 4096:
         m, n_rows = _counting_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T)
     else:
-        m, n_rows = _radix_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T)
+        if scratch is not None and scratch.shape[0] < 4 * n:
+            raise ValueError("scratch must hold 4 * n entries")
+        m, n_rows = _radix_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T,
+                                NULL if scratch is None else &scratch[0])
     return m, n_rows
 
 
@@ -249,7 +253,7 @@ cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
 
 cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                  int64_t[::1] perm_out, int64_t[::1] rows_out,
-                 int64_t[::1] starts_out, int64_t T):
+                 int64_t[::1] starts_out, int64_t T, uint32_t* scratch):
     cdef int64_t n = idx.shape[0]
     cdef int64_t t, i, b, lo, hi, m, running, d, pos, k, u
     cdef int64_t n_bits = 0, n_pass, digit_bits, n_buckets, p, shift
@@ -271,10 +275,12 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     mask = <uint32_t> (n_buckets - 1)
 
     hist = <uint32_t*> malloc(T * n_buckets * sizeof(uint32_t))
-    buf = <uint32_t*> malloc(4 * n * sizeof(uint32_t))
+    buf = scratch if scratch != NULL else <uint32_t*> malloc(4 * n * sizeof(uint32_t))
     counts = <int64_t*> calloc(T + 1, sizeof(int64_t))
     if hist == NULL or buf == NULL or counts == NULL:
-        free(hist); free(buf); free(counts)
+        free(hist); free(counts)
+        if scratch == NULL:
+            free(buf)
         raise MemoryError()
     src_k = buf
     src_p = buf + n
@@ -365,5 +371,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
             u = counts[T]
             starts_out[u] = m
     finally:
-        free(hist); free(buf); free(counts)
+        free(hist); free(counts)
+        if scratch == NULL:
+            free(buf)
     return m, u

@@ -1,0 +1,212 @@
+"""A small cache of large output buffers, reused across calls.
+
+A new multi-megabyte numpy array costs a page fault and a kernel zero-fill per page
+the first time each page is written; for the lookup's output or a gradient that is
+often more than the kernel's own work (it dominates on virtual machines). Training
+loops allocate the same sizes every step, so sparsembed hands its large outputs out
+of this cache: when such an array (and every view of it) is garbage, its memory goes
+back to the cache instead of to the OS, and the next output of a similar size reuses
+it without faults. Arrays from the cache are ordinary writable, C-contiguous numpy
+arrays (``base`` is a private buffer object; they do not own their data, so
+``ndarray.resize`` refuses them, as it does any view).
+
+The cache holds at most ``limit`` bytes of idle buffers (default 1 GiB, environment
+variable ``SPARSEMBED_POOL_BYTES``; 0 turns it off), oldest evicted first. All of this
+runs under the GIL.
+"""
+
+import os
+
+import numpy as np
+
+from cpython.buffer cimport PyBUF_FORMAT
+from libc.stdint cimport int64_t
+
+cdef extern from *:
+    """
+    #include <stdlib.h>
+    #if defined(__linux__)
+        #include <sys/mman.h>
+    #endif
+    #if defined(_WIN32)
+        #include <malloc.h>
+    #endif
+    /* 2 MiB-aligned for large blocks (transparent huge pages where the OS has them) */
+    static void* sparsembed_block_alloc(size_t n) {
+        void* p = NULL;
+    #if defined(_WIN32)
+        p = _aligned_malloc(n, 64);
+    #else
+        size_t align = n >= ((size_t)4 << 20) ? ((size_t)2 << 20) : 64;
+        if (posix_memalign(&p, align, n) != 0) return NULL;
+        #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        if (n >= ((size_t)4 << 20)) madvise(p, n, MADV_HUGEPAGE);
+        #endif
+    #endif
+        return p;
+    }
+    static void sparsembed_block_free(void* p) {
+    #if defined(_WIN32)
+        _aligned_free(p);
+    #else
+        free(p);
+    #endif
+    }
+    """
+    void* block_alloc "sparsembed_block_alloc"(size_t n) nogil
+    void block_free "sparsembed_block_free"(void* p) nogil
+
+cdef enum:
+    MAX_IDLE = 16
+
+# outputs below this size come from numpy's allocator as usual
+MIN_BYTES = 1 << 20
+
+cdef void* _idle_ptr[MAX_IDLE]
+cdef size_t _idle_size[MAX_IDLE]
+cdef int _n_idle = 0
+cdef size_t _idle_total = 0
+cdef size_t _limit = 1 << 30
+cdef size_t _align_big = 2 << 20
+
+
+def _limit_from_env():
+    raw = os.environ.get("SPARSEMBED_POOL_BYTES", "").strip()
+    if not raw:
+        return 1 << 30
+    try:
+        value = int(float(raw))
+    except ValueError:
+        return 1 << 30
+    return max(value, 0)
+
+
+_limit = _limit_from_env()
+
+
+cdef void _drop_idle(int i) noexcept:
+    global _n_idle, _idle_total
+    cdef int j
+    block_free(_idle_ptr[i])
+    _idle_total -= _idle_size[i]
+    for j in range(i, _n_idle - 1):
+        _idle_ptr[j] = _idle_ptr[j + 1]
+        _idle_size[j] = _idle_size[j + 1]
+    _n_idle -= 1
+
+
+cdef void _release(void* ptr, size_t size) noexcept:
+    global _n_idle, _idle_total
+    if ptr == NULL:
+        return
+    if size > _limit:
+        block_free(ptr)
+        return
+    while _n_idle > 0 and (_n_idle == MAX_IDLE or _idle_total + size > _limit):
+        _drop_idle(0)
+    _idle_ptr[_n_idle] = ptr
+    _idle_size[_n_idle] = size
+    _n_idle += 1
+    _idle_total += size
+
+
+cdef void* _acquire(size_t nbytes, size_t* size_out) noexcept:
+    """A block of at least nbytes: the smallest idle one that is not much larger,
+    else a new one (rounded up so that similar sizes can share it later)."""
+    global _n_idle, _idle_total
+    cdef int i, best = -1
+    cdef size_t slack = nbytes // 4 + _align_big
+    cdef void* p
+    for i in range(_n_idle):
+        if nbytes <= _idle_size[i] <= nbytes + slack:
+            if best < 0 or _idle_size[i] < _idle_size[best]:
+                best = i
+    if best >= 0:
+        p = _idle_ptr[best]
+        size_out[0] = _idle_size[best]
+        _idle_total -= _idle_size[best]
+        for i in range(best, _n_idle - 1):
+            _idle_ptr[i] = _idle_ptr[i + 1]
+            _idle_size[i] = _idle_size[i + 1]
+        _n_idle -= 1
+        return p
+    size_out[0] = (nbytes + _align_big - 1) // _align_big * _align_big
+    p = block_alloc(size_out[0])
+    if p == NULL and _n_idle > 0:
+        while _n_idle > 0:
+            _drop_idle(0)
+        p = block_alloc(size_out[0])
+    return p
+
+
+cdef class _Block:
+    """Owner of one cached buffer; exposes ``nbytes`` of it as a writable buffer."""
+    cdef void* ptr
+    cdef size_t size
+    cdef Py_ssize_t nbytes
+    cdef Py_ssize_t itemsize
+
+    def __dealloc__(self):
+        _release(self.ptr, self.size)
+        self.ptr = NULL
+
+    def __getbuffer__(self, Py_buffer* buffer, int flags):
+        buffer.buf = self.ptr
+        buffer.obj = self
+        buffer.len = self.nbytes
+        buffer.readonly = 0
+        buffer.itemsize = 1
+        if flags & PyBUF_FORMAT:
+            buffer.format = "B"
+        else:
+            buffer.format = NULL
+        buffer.ndim = 1
+        buffer.shape = &self.nbytes
+        buffer.strides = &self.itemsize
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* buffer):
+        pass
+
+
+def empty(shape, dtype):
+    """``numpy.empty(shape, dtype)``, from the cache when it is large."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    cdef int64_t count = 1
+    for s in shape:
+        count *= s
+    cdef size_t nbytes = count * dtype.itemsize
+    if nbytes < MIN_BYTES or _limit == 0:
+        return np.empty(shape, dtype=dtype)
+    cdef _Block block = _Block.__new__(_Block)
+    cdef size_t size = 0
+    block.ptr = _acquire(nbytes, &size)
+    if block.ptr == NULL:
+        raise MemoryError(f"cannot allocate {nbytes} bytes")
+    block.size = size
+    block.nbytes = nbytes
+    block.itemsize = 1
+    return np.frombuffer(block, dtype=dtype, count=count).reshape(shape)
+
+
+def set_limit(limit_bytes):
+    """Set the most bytes of idle buffers kept (0: no cache); returns the old limit."""
+    global _limit
+    old = _limit
+    _limit = max(int(limit_bytes), 0)
+    while _n_idle > 0 and _idle_total > _limit:
+        _drop_idle(0)
+    return old
+
+
+def clear():
+    """Give every idle buffer back to the OS."""
+    while _n_idle > 0:
+        _drop_idle(0)
+
+
+def stats():
+    """``{'idle_buffers', 'idle_bytes', 'limit'}``."""
+    return {"idle_buffers": _n_idle, "idle_bytes": _idle_total, "limit": _limit}

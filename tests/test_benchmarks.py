@@ -1,0 +1,37 @@
+"""The benchmark runner works end to end at tiny sizes (no timing assertions)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+RUNNER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "run.py")
+
+
+@pytest.mark.skipif(not os.path.exists(RUNNER), reason="benchmarks/ not in this checkout")
+def test_runner_smoke_writes_valid_json(tmp_path):
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    args = [sys.executable, RUNNER, "--smoke", "--json", str(out), "--plot", str(plot)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "smoke"
+    assert result["n_threads"] == 2
+    names = {row["workload"] for row in result["main"]}
+    assert {"forward", "dense_backward", "sparse_fwd_bwd"} <= names
+    for row in result["main"]:
+        assert row["times_ms"]["sparsembed"] > 0
+        assert row["dist"] in ("uniform", "zipf")
+        # every peer that ran has a ratio
+        peers = set(row["times_ms"]) - {"sparsembed", "fused"}
+        assert {f"vs_{p}" for p in peers} <= set(row["ratios"])
+    assert result["threads"] and all(t["t1_ms"] > 0 and t["t2_ms"] > 0 for t in result["threads"])
+    assert result["scaling"]["vs_B"] and result["scaling"]["vs_V"]
+    assert result["memory"] and all(m["sparse_backward_tracemalloc"] > 0 for m in result["memory"])
+    assert "Model name" in result["machine"] or "cpus" in result["machine"]
+    pytest.importorskip("matplotlib")
+    assert plot.exists() and plot.stat().st_size > 1000
