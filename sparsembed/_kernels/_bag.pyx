@@ -23,12 +23,40 @@ cdef enum:
     MODE_MAX = 2
 
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+        #define SPARSEMBED_PREFETCH(p) __builtin_prefetch((p), 0, 1)
+    #else
+        #define SPARSEMBED_PREFETCH(p) ((void) 0)
+    #endif
+    """
+    void SPARSEMBED_PREFETCH(const void* p) noexcept nogil
+
+
+cdef enum:
+    PREFETCH_AHEAD = 4   # entries: the row of entry e + 4 is fetched while e is added
+
+
+cdef inline void _prefetch_row(
+    const floating* weight, int64_t dim, const index_t* idx, int64_t e, int64_t hi,
+) noexcept nogil:
+    cdef int64_t j
+    if e < hi:
+        # one hint per 64-byte line of the row
+        j = 0
+        while j < dim:
+            SPARSEMBED_PREFETCH(weight + idx[e] * dim + j)
+            j = j + 64 // sizeof(floating)
+
+
 cdef inline void _pool_bag(
     const floating* weight,     # (num_embeddings, dim)
     int64_t dim,
     const index_t* idx,
     int64_t lo,
     int64_t hi,
+    int64_t n,                  # entries in idx (rows past the bag are prefetched too)
     int64_t pad,
     int mode,
     const floating* psw,        # (n,) or NULL
@@ -40,12 +68,15 @@ cdef inline void _pool_bag(
     cdef const floating* w
     cdef floating s
     memset(out, 0, dim * sizeof(floating))
-    for e in range(lo, hi):
-        r = idx[e]
-        if r == pad:
-            continue
-        w = weight + r * dim
-        if mode == MODE_MAX:
+    for e in range(lo, min(lo + PREFETCH_AHEAD, hi)):
+        _prefetch_row(weight, dim, idx, e, n)
+    if mode == MODE_MAX:
+        for e in range(lo, hi):
+            _prefetch_row(weight, dim, idx, e + PREFETCH_AHEAD, n)
+            r = idx[e]
+            if r == pad:
+                continue
+            w = weight + r * dim
             if c == 0:
                 memcpy(out, w, dim * sizeof(floating))
                 for j in range(dim):
@@ -56,22 +87,36 @@ cdef inline void _pool_bag(
                     if w[j] > out[j]:
                         out[j] = w[j]
                         argmax[j] = e
-        elif psw != NULL:
+            c = c + 1
+        if c == 0:
+            for j in range(dim):
+                argmax[j] = -1
+    elif psw != NULL:
+        for e in range(lo, hi):
+            _prefetch_row(weight, dim, idx, e + PREFETCH_AHEAD, n)
+            r = idx[e]
+            if r == pad:
+                continue
+            w = weight + r * dim
             s = psw[e]
             for j in range(dim):
                 out[j] += s * w[j]
-        else:
+            c = c + 1
+    else:
+        for e in range(lo, hi):
+            _prefetch_row(weight, dim, idx, e + PREFETCH_AHEAD, n)
+            r = idx[e]
+            if r == pad:
+                continue
+            w = weight + r * dim
             for j in range(dim):
                 out[j] += w[j]
-        c = c + 1
+            c = c + 1
     count[0] = c
     if mode == MODE_MEAN and c > 1:
         s = <floating> c
         for j in range(dim):
             out[j] /= s
-    if mode == MODE_MAX and c == 0:
-        for j in range(dim):
-            argmax[j] = -1
 
 
 def bag_forward(
@@ -93,6 +138,7 @@ def bag_forward(
     """
     cdef int64_t n_bags = starts.shape[0] - 1
     cdef int64_t dim = weight.shape[1]
+    cdef int64_t n_idx = starts[n_bags] if n_bags >= 0 else 0
     cdef int64_t b
     cdef const floating* w = NULL
     cdef const floating* ps = NULL
@@ -111,7 +157,7 @@ def bag_forward(
             if dim == 0:
                 counts[b] = 0
                 continue
-            _pool_bag(w, dim, ix, starts[b], starts[b + 1], pad, mode, ps,
+            _pool_bag(w, dim, ix, starts[b], starts[b + 1], n_idx, pad, mode, ps,
                       &out[b, 0], &argmax[b, 0] if mode == MODE_MAX else NULL,
                       &counts[b])
 
