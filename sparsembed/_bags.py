@@ -135,7 +135,7 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         csr = input.tocsr()
         if csr.ndim != 2:
             raise ValueError(f"a sparse input must be 2-D, got shape {csr.shape}")
-        flat = V.as_index_array(csr.indices, "input")
+        flat = be.as_index_array(csr.indices, "input")
         starts = np.ascontiguousarray(csr.indptr, dtype=np.int64)
         data = np.asarray(csr.data)
         if mode == "sum":
@@ -150,7 +150,7 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         be.check_index_range(flat, num_embeddings)
         return Bags(flat, starts, psw, psw_shape)
 
-    idx = V.as_index_array(input)
+    idx = be.as_index_array(input)
     if idx.ndim == 2:
         if offsets is not None:
             raise ValueError(

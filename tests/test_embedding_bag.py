@@ -611,33 +611,52 @@ def test_property_random_bags_match_reference():
     hyp = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
 
-    @hyp.settings(max_examples=60, deadline=None, derandomize=True)
+    @hyp.settings(max_examples=80, deadline=None, derandomize=True)
     @hyp.given(
         num=st.integers(1, 6),
         dim=st.integers(0, 4),
         ids=st.lists(st.integers(0, 5), max_size=12),
         cuts=st.lists(st.integers(0, 12), max_size=5),
+        layout=st.sampled_from(["offsets", "last_offset", "2d"]),
         mode=st.sampled_from(MODES),
         padding_idx=st.sampled_from([None, 0, 1]),
+        weighted=st.booleans(),
         sparse=st.booleans(),
         seed=st.integers(0, 2**16),
     )
-    def check(num, dim, ids, cuts, mode, padding_idx, sparse, seed):
+    def check(num, dim, ids, cuts, layout, mode, padding_idx, weighted, sparse, seed):
         ids = np.array([i % num for i in ids], dtype=np.int64)
         if padding_idx is not None and padding_idx >= num:
             padding_idx = None
-        offsets = np.array([0] + sorted(min(c, len(ids)) for c in cuts), dtype=np.int64)
         r = np.random.default_rng(seed)
         weight = r.standard_normal((num, dim))
-        bounds = ref.bag_starts(len(ids), offsets)
-        out = F.embedding_bag(ids, weight, offsets, mode=mode, padding_idx=padding_idx)
-        assert out.shape == (len(offsets), dim)
-        assert_allclose(out, ref.embedding_bag(weight, ids, bounds, mode, padding_idx),
+        psw = r.random(ids.shape) if weighted and mode == "sum" else None
+        offsets, last = None, layout == "last_offset"
+        if layout == "2d":
+            bag_len = max(1, len(cuts))
+            ids = ids[: len(ids) // bag_len * bag_len]
+            psw = None if psw is None else psw[: ids.size]
+            bounds = ref.bag_starts(ids.size, shape2d=(ids.size // bag_len, bag_len))
+            call_ids = ids.reshape(-1, bag_len)
+            call_psw = None if psw is None else psw.reshape(-1, bag_len)
+        else:
+            offsets = np.array([0] + sorted(min(c, len(ids)) for c in cuts), dtype=np.int64)
+            bounds = ref.bag_starts(len(ids), offsets, include_last_offset=last)
+            call_ids, call_psw = ids, psw
+        kw = dict(mode=mode, padding_idx=padding_idx, per_sample_weights=call_psw,
+                  include_last_offset=last)
+        out = F.embedding_bag(call_ids, weight, offsets, **kw)
+        assert out.shape == (len(bounds), dim)
+        assert_allclose(out, ref.embedding_bag(weight, ids, bounds, mode, padding_idx, psw),
                         rtol=1e-12, atol=1e-12)
         grad = r.standard_normal(out.shape)
-        gw, _ = F.embedding_bag_backward(grad, ids, weight, offsets, mode=mode,
-                                         padding_idx=padding_idx, sparse=sparse)
-        egw, _ = ref.embedding_bag_grad(grad, weight, ids, bounds, mode, padding_idx)
+        gw, gp = F.embedding_bag_backward(grad, call_ids, weight, offsets, sparse=sparse, **kw)
+        egw, egp = ref.embedding_bag_grad(grad, weight, ids, bounds, mode, padding_idx, psw)
         assert_allclose(dense(gw), egw, rtol=1e-12, atol=1e-12)
+        if psw is None:
+            assert gp is None
+        else:
+            assert gp.shape == call_psw.shape
+            assert_allclose(gp.reshape(-1), egp, rtol=1e-12, atol=1e-12)
 
     check()
