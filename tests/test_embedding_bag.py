@@ -660,3 +660,16 @@ def test_property_random_bags_match_reference():
             assert_allclose(gp.reshape(-1), egp, rtol=1e-12, atol=1e-12)
 
     check()
+
+
+def test_max_norm_on_a_read_only_table_is_an_error_before_any_write(rng):
+    weight = 5 * rng.standard_normal((6, 2))
+    weight.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        F.embedding_bag(np.array([1, 2]), weight, np.array([0]), max_norm=1.0)
+    bag = se.EmbeddingBag.from_pretrained(weight, max_norm=1.0)
+    with pytest.raises(ValueError, match="read-only"):
+        bag(np.array([1, 2]), np.array([0]))
+    # without max_norm a read-only table is fine
+    assert_allclose(F.embedding_bag(np.array([1, 2]), weight, np.array([0]), mode="sum"),
+                    weight[[1, 2]].sum(axis=0, keepdims=True))
