@@ -673,3 +673,14 @@ def test_max_norm_on_a_read_only_table_is_an_error_before_any_write(rng):
     # without max_norm a read-only table is fine
     assert_allclose(F.embedding_bag(np.array([1, 2]), weight, np.array([0]), mode="sum"),
                     weight[[1, 2]].sum(axis=0, keepdims=True))
+
+
+def test_state_dict_round_trip_and_float64(rng):
+    a = se.EmbeddingBag(6, 3, mode="sum", dtype=np.float64, random_state=1)
+    b = se.EmbeddingBag(6, 3, mode="sum", dtype=np.float64, random_state=2)
+    b.load_state_dict(a.state_dict())
+    ids, offsets = np.array([0, 5, 5, 1]), np.array([0, 1])
+    assert_array_equal(a(ids, offsets), b(ids, offsets))
+    assert a(ids, offsets).dtype == np.float64
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        b.load_state_dict({"weight": np.zeros((5, 3))})
