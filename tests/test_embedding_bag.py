@@ -60,7 +60,7 @@ def _torch_bag(torch, weight, mode, padding_idx, include_last_offset=False, max_
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("padding_idx", [None, 0, -7])
+@pytest.mark.parametrize("padding_idx", [None, 0, -1])
 @pytest.mark.parametrize("include_last_offset", [False, True])
 @pytest.mark.parametrize("idx_dtype,off_dtype", [(np.int64, np.int64), (np.int32, np.int32),
                                                  (np.int32, np.int64), (np.uint8, np.int16)])
@@ -611,7 +611,7 @@ def test_property_random_bags_match_reference():
     hyp = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
 
-    @hyp.settings(max_examples=80, deadline=None, derandomize=True)
+    @hyp.settings(max_examples=50, deadline=None, derandomize=True)
     @hyp.given(
         num=st.integers(1, 6),
         dim=st.integers(0, 4),
