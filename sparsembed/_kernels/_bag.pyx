@@ -15,6 +15,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
+from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
 from sparsembed._kernels._types cimport index_t
 
 cdef enum:
@@ -23,31 +24,12 @@ cdef enum:
     MODE_MAX = 2
 
 
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-        #define SPARSEMBED_PREFETCH(p) __builtin_prefetch((p), 0, 1)
-    #else
-        #define SPARSEMBED_PREFETCH(p) ((void) 0)
-    #endif
-    """
-    void SPARSEMBED_PREFETCH(const void* p) noexcept nogil
-
-
-cdef enum:
-    PREFETCH_AHEAD = 4   # entries: the row of entry e + 4 is fetched while e is added
-
-
 cdef inline void _prefetch_row(
     const floating* weight, int64_t dim, const index_t* idx, int64_t e, int64_t hi,
 ) noexcept nogil:
-    cdef int64_t j
+    # every 64-byte line of the row of entry e (when there is one)
     if e < hi:
-        # one hint per 64-byte line of the row
-        j = 0
-        while j < dim:
-            SPARSEMBED_PREFETCH(weight + idx[e] * dim + j)
-            j = j + 64 // sizeof(floating)
+        prefetch_row(weight + idx[e] * dim, dim * sizeof(floating))
 
 
 cdef inline void _pool_bag(
@@ -67,9 +49,11 @@ cdef inline void _pool_bag(
     cdef int64_t e, j, r, c = 0
     cdef const floating* w
     cdef floating s
+    # rows are read at random: keep about 6 KiB of upcoming rows in flight (past
+    # the end of this bag: the first rows of the next bag are requested while this
+    # one is summed)
+    cdef int64_t PREFETCH_AHEAD = prefetch_distance(dim * sizeof(floating))
     memset(out, 0, dim * sizeof(floating))
-    for e in range(lo, min(lo + PREFETCH_AHEAD, hi)):
-        _prefetch_row(weight, dim, idx, e, n)
     if mode == MODE_MAX:
         for e in range(lo, hi):
             _prefetch_row(weight, dim, idx, e + PREFETCH_AHEAD, n)
