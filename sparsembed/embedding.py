@@ -285,26 +285,40 @@ class Embedding(_Table):
             self._saved = (flat, shape, plan)
         return flat, shape, plan
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, optimizer=None):
         """Gradient of the last forward w.r.t. ``weight``, also added into ``grad``.
 
         Parameters
         ----------
         grad_output : ndarray of shape ``input.shape + (embedding_dim,)``
             Cast to the table's dtype.
+        optimizer : sparsembed.optim optimizer, optional
+            Fused backward + update: sum each touched row's gradient and apply
+            ``optimizer``'s update to that row in the same pass, without building the
+            gradient matrix. Returns None and leaves ``grad`` untouched. It always
+            applies the touched-rows (sparse) form of the update (lazy weight decay and
+            momentum), so for a ``sparse=True`` layer it equals ``backward`` then
+            ``optimizer.step()`` (the optimizer counts it as one step of this layer).
+            The layer must be among the optimizer's params.
 
         Returns
         -------
         ndarray of shape (num_embeddings, embedding_dim), csr_array of that shape, or None
             The dense gradient, or with ``sparse=True`` the canonical row-sparse one;
-            None when ``requires_grad`` is False.
+            None when ``requires_grad`` is False or ``optimizer`` is given.
         """
         flat, shape, _ = self._saved_forward()
         be = self._backend
         grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,), self.weight.dtype)
+        if optimizer is not None:
+            optimizer._locate(self)  # a ValueError before anything changes
         if not self.requires_grad:
             return None
         _, _, plan = self._plan()
+        if optimizer is not None:
+            optimizer._fused_update(self, grad.reshape(flat.shape[0], self.embedding_dim), plan,
+                                    self.scale_grad_by_freq)
+            return None
         g = F.weight_grad(grad.reshape(flat.shape[0], self.embedding_dim), plan,
                           self.num_embeddings, self.scale_grad_by_freq, self.sparse, be)
         return self._accumulate(g)
