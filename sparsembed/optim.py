@@ -594,7 +594,7 @@ class SparseAdam(Optimizer):
             )
 
     def _check_grad_kind(self, layer):
-        if not sp.issparse(layer.grad):
+        if isinstance(layer.grad, np.ndarray):
             raise ValueError(
                 "SparseAdam does not support dense gradients, please consider Adagrad or SGD"
             )
