@@ -130,7 +130,7 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
         )
     grad = be.as_grad_output(g, idx.shape + (g.shape[-1],), _grad_dtype(g.dtype))
     plan = be.plan_rows(flat, num_embeddings, padding_idx)
-    return weight_grad(grad.reshape(flat.shape[0], -1), plan, num_embeddings,
+    return weight_grad(grad.reshape(flat.shape[0], g.shape[-1]), plan, num_embeddings,
                        scale_grad_by_freq, sparse, be)
 
 
