@@ -207,7 +207,7 @@ class Optimizer:
         out = []
         for key, _ in keys:
             a = st[key]
-            out.append(a.reshape(a.shape[0], -1))
+            out.append(a if a.ndim == 2 else a.reshape(a.shape[0], 1))
         while len(out) < 2:
             out.append(np.empty((0, 1), dtype=weight.dtype))
         return out
@@ -216,6 +216,7 @@ class Optimizer:
 
     def _prepare_grad(self, layer):
         """Validated (rows or None, values) for the layer's grad, in the weight's dtype."""
+        _check_layer(layer)  # the weight may have been replaced (to("cuda"), ...)
         w = layer.weight
         g = layer.grad
         if not w.flags.writeable or not w.flags.c_contiguous:
@@ -314,6 +315,7 @@ class Optimizer:
             Entry ``e``'s contribution is multiplied by ``scale[e]``.
         """
         i, group = self._locate(layer)
+        _check_layer(layer)
         w = layer.weight
         if not w.flags.writeable or not w.flags.c_contiguous:
             raise ValueError(

@@ -491,3 +491,26 @@ def test_bad_grads_change_nothing():
     c.grad = np.ones((N, D), np.float32)
     with pytest.raises(ValueError, match="writable"):
         se.optim.SGD([c], lr=1.0).step()
+
+
+@pytest.mark.parametrize("name, kw", CONFIGS)
+def test_empty_tables_and_all_padding_batches(name, kw):
+    for n, d in ((0, 3), (4, 0)):
+        emb = se.Embedding(n, d, sparse=True)
+        opt = make(name, [emb], **kw)
+        idx = np.array([1, 2]) if n else np.zeros(0, np.int64)
+        emb(idx)
+        emb.backward(np.ones(idx.shape + (d,)))
+        opt.step()
+        emb(idx)
+        emb.backward(np.ones(idx.shape + (d,)), optimizer=opt)
+    emb = se.Embedding(N, D, sparse=True, padding_idx=0, random_state=0)
+    w0 = emb.weight.copy()
+    opt = make(name, [emb], **kw)
+    emb(np.zeros((3, 2), np.int64))
+    emb.backward(np.ones((3, 2, D)))
+    opt.step()
+    emb(np.zeros(4, np.int64))
+    emb.backward(np.ones((4, D)), optimizer=opt)
+    assert_array_equal(emb.weight, w0)
+    assert opt.state_dict()["state"][0]["step"] == 2  # torch counts empty steps too
