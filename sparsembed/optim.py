@@ -74,6 +74,18 @@ def _check_layer(layer):
         )
 
 
+def _writable_weight(layer):
+    """The layer's weight, checked again at every update (it may have been replaced)."""
+    _check_layer(layer)
+    w = layer.weight
+    if not w.flags.writeable or not w.flags.c_contiguous:
+        raise ValueError(
+            f"{type(layer).__name__}.weight must be a writable C-contiguous array "
+            "for the optimizer to update it in place"
+        )
+    return w
+
+
 class Optimizer:
     """Base class: parameter groups, per-table state, step / zero_grad / state_dict.
 
@@ -216,14 +228,8 @@ class Optimizer:
 
     def _prepare_grad(self, layer):
         """Validated (rows or None, values) for the layer's grad, in the weight's dtype."""
-        _check_layer(layer)  # the weight may have been replaced (to("cuda"), ...)
-        w = layer.weight
+        w = _writable_weight(layer)
         g = layer.grad
-        if not w.flags.writeable or not w.flags.c_contiguous:
-            raise ValueError(
-                f"{type(layer).__name__}.weight must be a writable C-contiguous array "
-                "for the optimizer to update it in place"
-            )
         if sp.issparse(g):
             if tuple(g.shape) != w.shape:
                 raise ValueError(f"grad has shape {tuple(g.shape)}, expected {w.shape}")
@@ -292,9 +298,13 @@ class Optimizer:
         backward where the row gradient must be built first, e.g. max-mode bags).
         """
         i, group = self._locate(layer)
-        w = layer.weight
+        w = _writable_weight(layer)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         values = np.ascontiguousarray(values, dtype=w.dtype)
+        if values.shape != (rows.shape[0], w.shape[1]) or (
+                rows.size and (rows[0] < 0 or rows[-1] >= w.shape[0])):
+            raise ValueError(f"rows {rows.shape} / values {values.shape} do not fit a table "
+                             f"of shape {w.shape}")
         self._apply(i, group, w, rows, values)
 
     def _fused_update(self, layer, grad, plan, scale_grad_by_freq=False, src=None, scale=None):
@@ -315,13 +325,7 @@ class Optimizer:
             Entry ``e``'s contribution is multiplied by ``scale[e]``.
         """
         i, group = self._locate(layer)
-        _check_layer(layer)
-        w = layer.weight
-        if not w.flags.writeable or not w.flags.c_contiguous:
-            raise ValueError(
-                f"{type(layer).__name__}.weight must be a writable C-contiguous array "
-                "for the optimizer to update it in place"
-            )
+        w = _writable_weight(layer)
         grad = np.ascontiguousarray(grad, dtype=w.dtype)
         src = np.empty(0, np.int64) if src is None else np.ascontiguousarray(src, dtype=np.int64)
         scale = (np.empty(0, w.dtype) if scale is None
