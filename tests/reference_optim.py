@@ -76,7 +76,8 @@ REFERENCE = {"SGD": sgd, "Adagrad": adagrad, "SparseAdam": sparse_adam,
 def row_grad(idx, grad_output, num_embeddings, padding_idx=None, scale_grad_by_freq=False):
     """(rows, values) of the embedding gradient: sums over occurrences, padding dropped."""
     flat = np.asarray(idx).reshape(-1)
-    g = np.asarray(grad_output).reshape(flat.size, -1)
+    g = np.asarray(grad_output)
+    g = g.reshape(flat.size, g.shape[-1])
     keep = flat != (-1 if padding_idx is None else padding_idx)
     rows, inverse, counts = np.unique(flat[keep], return_inverse=True, return_counts=True)
     values = np.zeros((rows.size, g.shape[1]), dtype=g.dtype)

@@ -514,3 +514,42 @@ def test_empty_tables_and_all_padding_batches(name, kw):
     emb.backward(np.ones((4, D)), optimizer=opt)
     assert_array_equal(emb.weight, w0)
     assert opt.state_dict()["state"][0]["step"] == 2  # torch counts empty steps too
+
+
+def test_property_fused_equals_two_step_and_reference():
+    """Random shapes, duplicates, padding and empty batches (hypothesis)."""
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=30, deadline=None, derandomize=True)
+    @hyp.given(n=st.integers(1, 12), d=st.integers(1, 7), batch=st.integers(0, 25),
+               padding=st.one_of(st.none(), st.integers(0, 11)), freq=st.booleans(),
+               which=st.integers(0, len(CONFIGS) - 1), seed=st.integers(0, 2**16))
+    def check(n, d, batch, padding, freq, which, seed):
+        if padding is not None and padding >= n:
+            padding = None
+        name, kw = CONFIGS[which]
+        rng = np.random.default_rng(seed)
+        w0 = rng.standard_normal((n, d))
+        layers = [se.Embedding(n, d, padding_idx=padding, scale_grad_by_freq=freq,
+                               sparse=True, weight=w0.copy(), dtype=np.float64)
+                  for _ in range(2)]
+        opts = [make(name, [layer], **kw) for layer in layers]
+        w, state = w0.copy(), {}
+        for _ in range(2):
+            idx = rng.integers(0, n, size=batch)
+            go = rng.standard_normal((batch, d))
+            for layer, opt, fused in zip(layers, opts, (False, True)):
+                layer.zero_grad()
+                layer(idx)
+                if fused:
+                    layer.backward(go, optimizer=opt)
+                else:
+                    layer.backward(go)
+                    opt.step()
+            rows, values = row_grad(idx, go, n, padding, freq)
+            REFERENCE[name](w, state, rows, values, **kw)
+        assert_allclose(layers[0].weight, w, rtol=1e-12, atol=1e-12)
+        assert_allclose(layers[1].weight, w, rtol=1e-12, atol=1e-12)
+
+    check()
