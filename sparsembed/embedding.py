@@ -509,7 +509,7 @@ class EmbeddingBag(_Table):
                                   self.weight.dtype, be)
         return grad, saved["plan"], entry_bag, scale, saved["argmax"], bags
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, optimizer=None):
         """Gradient of the last forward w.r.t. ``weight``, also added into ``grad``.
 
         Sum and mean modes add each bag's gradient (times the per-sample weight, or
@@ -522,18 +522,31 @@ class EmbeddingBag(_Table):
         Parameters
         ----------
         grad_output : ndarray of shape (n_bags, embedding_dim)
+        optimizer : sparsembed.optim optimizer, optional
+            Fused backward + update, as for :meth:`Embedding.backward`: each touched
+            row's gradient is summed and ``optimizer``'s touched-rows update applied to
+            it in the same pass (all modes; max mode sends each column to the row that
+            won it). Returns None and leaves ``grad``
+            untouched; ``per_sample_weights_grad`` is computed first, from the table
+            before the update. The layer must be among the optimizer's params.
 
         Returns
         -------
         ndarray or csr_array of shape (num_embeddings, embedding_dim), or None
             None when ``requires_grad`` is False (the per-sample weights' gradient is
-            still computed).
+            still computed) or ``optimizer`` is given.
         """
         be = self._backend
+        if optimizer is not None:
+            optimizer._locate(self)  # a ValueError before anything changes
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
         self.per_sample_weights_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag,
                                                       self.padding_idx, be)
         if not self.requires_grad:
+            return None
+        if optimizer is not None:
+            optimizer._fused_update(self, grad, plan, self.scale_grad_by_freq,
+                                    src=entry_bag, scale=scale, argmax=argmax)
             return None
         g = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax,
                               self.num_embeddings, self.scale_grad_by_freq, self.sparse, be)

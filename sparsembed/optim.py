@@ -307,7 +307,8 @@ class Optimizer:
                              f"of shape {w.shape}")
         self._apply(i, group, w, rows, values)
 
-    def _fused_update(self, layer, grad, plan, scale_grad_by_freq=False, src=None, scale=None):
+    def _fused_update(self, layer, grad, plan, scale_grad_by_freq=False, src=None, scale=None,
+                      argmax=None):
         """Fused backward + update of ``layer``: see the module docstring.
 
         Parameters
@@ -323,6 +324,9 @@ class Optimizer:
             Entry ``e`` reads gradient row ``src[e]`` (default: row ``e``).
         scale : ndarray of shape (n,), optional
             Entry ``e``'s contribution is multiplied by ``scale[e]``.
+        argmax : ndarray of shape (n_src, dim), int64, optional
+            With ``src``: entry ``e`` only sends the columns ``j`` where
+            ``argmax[src[e], j] == e`` (EmbeddingBag's max mode).
         """
         i, group = self._locate(layer)
         w = _writable_weight(layer)
@@ -330,11 +334,17 @@ class Optimizer:
         src = np.empty(0, np.int64) if src is None else np.ascontiguousarray(src, dtype=np.int64)
         scale = (np.empty(0, w.dtype) if scale is None
                  else np.ascontiguousarray(scale, dtype=w.dtype).reshape(-1))
+        if argmax is None:
+            argmax = np.empty((0, 0), np.int64)
+        else:
+            if src.size == 0:
+                raise ValueError("argmax needs src (the entry -> bag map)")
+            argmax = np.ascontiguousarray(argmax, dtype=np.int64)
         st = self._get_state(i, group, w)
         st["step"] += 1
         s1, s2 = self._kernel_state(st, self._state_keys_for(group), w)
         _optim.fused_update(self._kind, *self._hyper(group, st, sparse=True), w, grad,
-                            plan.perm, plan.rows, plan.starts, src, scale,
+                            plan.perm, plan.rows, plan.starts, src, scale, argmax,
                             bool(scale_grad_by_freq), s1, s2, get_num_threads())
 
     def zero_grad(self, set_to_none=True):

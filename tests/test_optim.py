@@ -553,3 +553,24 @@ def test_property_fused_equals_two_step_and_reference():
         assert_allclose(layers[1].weight, w, rtol=1e-12, atol=1e-12)
 
     check()
+
+
+@pytest.mark.parametrize("name, kw", CONFIGS)
+def test_apply_rows_equals_step_on_the_csr(name, kw):
+    rng = np.random.default_rng(12)
+    rows = np.array([1, 4, 5, 17])
+    values = rng.standard_normal((4, D))
+    a = se.Embedding(N, D, sparse=True, random_state=0, dtype=np.float64)
+    b = se.Embedding(N, D, sparse=True, random_state=0, dtype=np.float64)
+    oa, ob = make(name, [a], **kw), make(name, [b], **kw)
+    a.grad = sp.csr_array((values.ravel(), np.tile(np.arange(D), 4),
+                           np.repeat(np.searchsorted(rows, np.arange(N + 1)) * D, 1)),
+                          shape=(N, D))
+    oa.step()
+    ob._apply_rows(b, rows, values)
+    assert_array_equal(b.weight, a.weight)
+    with pytest.raises(ValueError, match="do not fit"):
+        ob._apply_rows(b, np.array([3, N]), values[:2])
+    with pytest.raises(ValueError, match="argmax needs src"):
+        from sparsembed import _cpu
+        ob._fused_update(b, values, _cpu.plan_rows(rows, N), argmax=np.zeros((4, D), np.int64))

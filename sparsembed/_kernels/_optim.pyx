@@ -23,6 +23,8 @@ from libc.math cimport sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
+from sparsembed._kernels._bag cimport bag_row_sum
+
 cdef enum:
     SGD = 0
     ADAGRAD = 1
@@ -164,6 +166,8 @@ def fused_update(
     const int64_t[::1] starts,         # IN (U + 1,) plan: segment bounds into perm
     const int64_t[::1] src,            # IN (n,) entry -> grad row, or (0,): entry e reads row e
     const floating[::1] scale,         # IN (n,) per-entry factor, or (0,): none
+    const int64_t[:, ::1] argmax,      # IN (n_src, dim) winning entry per column, or (0, 0);
+                                       #    needs src (EmbeddingBag's max mode)
     bint scale_by_count,               # IN divide each row's sum by its occurrence count
     floating[:, ::1] s1,               # INOUT state as in update_rows, or (0, *)
     floating[:, ::1] s2,               # INOUT state as in update_rows, or (0, *)
@@ -173,7 +177,9 @@ def fused_update(
 
     Row ``rows[u]`` gets ``sum_k scale[e] * grad[src[e]]`` over the entries
     ``e = perm[k]``, ``k in [starts[u], starts[u+1])`` (in that order; divided by the
-    count with ``scale_by_count``), then one optimizer update.
+    count with ``scale_by_count``), then one optimizer update. With ``src`` the sum is
+    EmbeddingBag's own ``bag_row_sum`` (``_bag.pxd``; with ``argmax``, an entry only
+    sends the columns it won), so the result equals the bag backward's row gradient.
     """
     cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2)
     cdef int64_t n_rows = rows.shape[0]
@@ -182,6 +188,8 @@ def fused_update(
     cdef bint has_s2 = s2.shape[0] > 0
     cdef bint has_src = src.shape[0] > 0
     cdef bint has_scale = scale.shape[0] > 0
+    cdef const floating* scale_ptr = &scale[0] if has_scale else NULL
+    cdef const int64_t* argmax_ptr = &argmax[0, 0] if argmax.shape[0] > 0 else NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
     cdef int64_t u, r, k, e, j, lo, hi
@@ -199,9 +207,17 @@ def fused_update(
                 continue
             lo = starts[u]
             hi = starts[u + 1]
+            r = rows[u]
+            if has_src:
+                bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
+                            argmax_ptr, scale_by_count, buf)
+                _update_row(&h, &weight[r, 0], buf,
+                            &s1[r, 0] if has_s1 else NULL,
+                            &s2[r, 0] if has_s2 else NULL, dim)
+                continue
             # the first occurrence is copied (scaled), the others added, in input order
             e = perm[lo]
-            row = &grad[src[e] if has_src else e, 0]
+            row = &grad[e, 0]
             if has_scale:
                 f = scale[e]
                 for j in range(dim):
@@ -211,7 +227,7 @@ def fused_update(
                     buf[j] = row[j]
             for k in range(lo + 1, hi):
                 e = perm[k]
-                row = &grad[src[e] if has_src else e, 0]
+                row = &grad[e, 0]
                 if has_scale:
                     f = scale[e]
                     for j in range(dim):
@@ -223,7 +239,6 @@ def fused_update(
                 f = <floating> (hi - lo)
                 for j in range(dim):
                     buf[j] = buf[j] / f
-            r = rows[u]
             _update_row(&h, &weight[r, 0], buf,
                         &s1[r, 0] if has_s1 else NULL,
                         &s2[r, 0] if has_s2 else NULL, dim)
