@@ -199,19 +199,22 @@ class Optimizer:
         return np.zeros(shape, dtype=dtype)
 
     def _get_state(self, i, group, weight):
-        """The table's state, its arrays allocated (once) on first use."""
+        """The table's state (its arrays allocated once, on first use) and the keys
+        allocated by this call."""
         st = self.state.setdefault(i, {"step": 0})
+        created = set()
         for key, shape in self._state_shapes(group, weight).items():
             arr = st.get(key)
             if arr is None:
                 arr = st[key] = self._new_state_array(key, group, shape, weight.dtype)
+                created.add(key)
             if not isinstance(arr, np.ndarray) or arr.dtype != weight.dtype or arr.shape != shape \
                     or not arr.flags.c_contiguous or not arr.flags.writeable:
                 raise RuntimeError(
                     f"optimizer state {key!r} of param {i} does not fit its table "
                     f"(expected a writable C-contiguous {weight.dtype} array of shape {shape})"
                 )
-        return st
+        return st, created
 
     @staticmethod
     def _kernel_state(st, keys, weight):
@@ -282,13 +285,13 @@ class Optimizer:
         pass
 
     def _apply(self, i, group, weight, rows, values):
-        st = self._get_state(i, group, weight)
+        st, created = self._get_state(i, group, weight)
         st["step"] += 1
         s1, s2 = self._kernel_state(st, self._state_keys_for(group), weight)
         all_rows = rows is None
         if all_rows:
             rows = np.empty(0, dtype=np.int64)
-        _optim.update_rows(self._kind, *self._hyper(group, st, sparse=not all_rows), weight,
+        _optim.update_rows(self._kind, *self._hyper(group, st, created), weight,
                            rows, all_rows, values, s1, s2, get_num_threads())
 
     def _apply_rows(self, layer, rows, values):
@@ -340,10 +343,10 @@ class Optimizer:
             if src.size == 0:
                 raise ValueError("argmax needs src (the entry -> bag map)")
             argmax = np.ascontiguousarray(argmax, dtype=np.int64)
-        st = self._get_state(i, group, w)
+        st, created = self._get_state(i, group, w)
         st["step"] += 1
         s1, s2 = self._kernel_state(st, self._state_keys_for(group), w)
-        _optim.fused_update(self._kind, *self._hyper(group, st, sparse=True), w, grad,
+        _optim.fused_update(self._kind, *self._hyper(group, st, created), w, grad,
                             plan.perm, plan.rows, plan.starts, src, scale, argmax,
                             bool(scale_grad_by_freq), s1, s2, get_num_threads())
 
@@ -458,9 +461,9 @@ def _check_step(step):
 class SGD(Optimizer):
     """Stochastic gradient descent, optionally with momentum and weight decay.
 
-    ``d = g + weight_decay * w``; with momentum, ``buf = momentum * buf + d`` and
-    ``d = buf`` (torch's rule, with no dampening; the first step sets ``buf = d``);
-    then ``w -= lr * d``.
+    ``d = g + weight_decay * w``; with momentum, ``buf = momentum * buf +
+    (1 - dampening) * d`` (the table's first step sets ``buf = d``, as torch does) and
+    ``d = buf``, or ``d = d + momentum * buf`` with ``nesterov``; then ``w -= lr * d``.
 
     Parameters
     ----------
@@ -472,6 +475,11 @@ class SGD(Optimizer):
         Momentum factor (>= 0).
     weight_decay : float, default 0.0
         L2 penalty (>= 0).
+    dampening : float, default 0.0
+        Keyword-only (torch's 4th positional argument; the contract's order puts
+        ``weight_decay`` there).
+    nesterov : bool, default False
+        Keyword-only; needs ``momentum > 0`` and ``dampening == 0``.
 
     Notes
     -----
@@ -485,8 +493,10 @@ class SGD(Optimizer):
 
     _kind = _optim.KIND_SGD
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+    def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0, *, dampening=0.0,
+                 nesterov=False):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                                  "dampening": dampening, "nesterov": nesterov})
 
     def _state_keys_for(self, group):
         return (("momentum_buffer", "dim"),) if group["momentum"] != 0 else ()
@@ -496,11 +506,20 @@ class SGD(Optimizer):
         _check_number(group["lr"], "learning rate")
         _check_number(group["momentum"], "momentum")
         _check_number(group["weight_decay"], "weight_decay")
+        _check_number(group["dampening"], "dampening")
+        if not isinstance(group["nesterov"], (bool, np.bool_)):
+            raise ValueError(f"Invalid nesterov value: {group['nesterov']!r} (expected a bool)")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                "Nesterov momentum requires a momentum and zero dampening, got "
+                f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
+            )
 
     @staticmethod
-    def _hyper(group, st, sparse):
+    def _hyper(group, st, created):
+        first = 1.0 if "momentum_buffer" in created else 0.0
         return (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]),
-                0.0, 0.0, 0.0)
+                0.0, 1.0 - float(group["dampening"]), first, 1.0 if group["nesterov"] else 0.0)
 
 
 class Adagrad(Optimizer):
@@ -549,9 +568,9 @@ class Adagrad(Optimizer):
         return np.full(shape, group["initial_accumulator_value"], dtype=dtype)
 
     @staticmethod
-    def _hyper(group, st, sparse):
+    def _hyper(group, st, created):
         clr = group["lr"] / (1 + (st["step"] - 1) * group["lr_decay"])
-        return float(clr), 0.0, float(group["weight_decay"]), float(group["eps"]), 0.0, 0.0
+        return float(clr), 0.0, float(group["weight_decay"]), float(group["eps"]), 0.0, 0.0, 0.0
 
 
 class SparseAdam(Optimizer):
@@ -616,11 +635,11 @@ class SparseAdam(Optimizer):
             )
 
     @staticmethod
-    def _hyper(group, st, sparse):
+    def _hyper(group, st, created):
         b1, b2 = group["betas"]
         t = st["step"]
         step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
-        return float(step_size), 0.0, 0.0, float(group["eps"]), 1.0 - b1, 1.0 - b2
+        return float(step_size), 0.0, 0.0, float(group["eps"]), 1.0 - b1, 1.0 - b2, 0.0
 
 
 class RowWiseAdagrad(Optimizer):
@@ -658,5 +677,5 @@ class RowWiseAdagrad(Optimizer):
         _check_number(group["weight_decay"], "weight_decay")
 
     @staticmethod
-    def _hyper(group, st, sparse):
-        return float(group["lr"]), 0.0, float(group["weight_decay"]), float(group["eps"]), 0.0, 0.0
+    def _hyper(group, st, created):
+        return float(group["lr"]), 0.0, float(group["weight_decay"]), float(group["eps"]), 0.0, 0.0, 0.0

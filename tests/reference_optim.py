@@ -14,16 +14,24 @@ def _sel(rows, n):
     return np.arange(n) if rows is None else np.asarray(rows)
 
 
-def sgd(w, state, rows, g, lr, momentum=0.0, weight_decay=0.0):
+def sgd(w, state, rows, g, lr, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
+    """Lazy for row-sparse gradients: only the given rows' buffers move; the table's
+    first momentum step sets ``buf = d`` (torch's rule)."""
     t = w.dtype.type
     r = _sel(rows, w.shape[0])
     d = g.astype(w.dtype, copy=True)
     if weight_decay:
         d = d + t(weight_decay) * w[r]
     if momentum:
+        first = "momentum_buffer" not in state
         buf = state.setdefault("momentum_buffer", np.zeros_like(w))
-        buf[r] = t(momentum) * buf[r] + d
-        d = buf[r]
+        if first:
+            buf[r] = d
+        elif dampening:
+            buf[r] = t(momentum) * buf[r] + t(1 - dampening) * d
+        else:
+            buf[r] = t(momentum) * buf[r] + d
+        d = d + t(momentum) * buf[r] if nesterov else buf[r]
     w[r] = w[r] - t(lr) * d
 
 

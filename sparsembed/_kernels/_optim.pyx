@@ -43,8 +43,9 @@ cdef struct Hyper:
     double momentum      # SGD
     double weight_decay  # SGD, Adagrad, RowWise
     double eps           # Adagrad, SparseAdam, RowWise
-    double c1            # SparseAdam: 1 - beta1
-    double c2            # SparseAdam: 1 - beta2
+    double c1            # SparseAdam: 1 - beta1; SGD: 1 - dampening
+    double c2            # SparseAdam: 1 - beta2; SGD: 1 on the table's first step (buf = d)
+    double c3            # SGD: 1 for Nesterov momentum
 
 
 cdef inline void _update_row(
@@ -62,15 +63,26 @@ cdef inline void _update_row(
     cdef floating mom, c1, c2, d, std, m_old, v_old, um, uv
     cdef double acc
     if h.kind == SGD:
-        # torch: d = g + wd * w; buf = mom * buf + d; w += -lr * buf
+        # torch: d = g + wd * w; buf = d on the first step, else
+        # buf = mom * buf + (1 - dampening) * d; d = d + mom * buf (Nesterov) or buf;
+        # w += -lr * d
         mom = <floating> h.momentum
+        c1 = <floating> h.c1
         for j in range(dim):
             d = g[j]
             if wd != 0:
                 d = d + wd * w[j]
             if s1 != NULL:
-                s1[j] = mom * s1[j] + d
-                d = s1[j]
+                if h.c2 != 0:
+                    s1[j] = d
+                elif h.c1 == 1.0:
+                    s1[j] = mom * s1[j] + d
+                else:
+                    s1[j] = mom * s1[j] + c1 * d
+                if h.c3 != 0:
+                    d = d + mom * s1[j]
+                else:
+                    d = s1[j]
             w[j] = w[j] - lr * d
     elif h.kind == ADAGRAD:
         # torch: d = g + wd * w; sum += d * d; w += -clr * (d / (sqrt(sum) + eps))
@@ -116,7 +128,7 @@ cdef inline void _update_row(
 
 
 cdef inline Hyper _hyper(int kind, double lr, double momentum, double weight_decay,
-                         double eps, double c1, double c2) noexcept:
+                         double eps, double c1, double c2, double c3) noexcept:
     cdef Hyper h
     h.kind = kind
     h.lr = lr
@@ -125,12 +137,14 @@ cdef inline Hyper _hyper(int kind, double lr, double momentum, double weight_dec
     h.eps = eps
     h.c1 = c1
     h.c2 = c2
+    h.c3 = c3
     return h
 
 
 def update_rows(
     int kind,
-    double lr, double momentum, double weight_decay, double eps, double c1, double c2,
+    double lr, double momentum, double weight_decay, double eps,
+    double c1, double c2, double c3,
     floating[:, ::1] weight,           # INOUT (num_embeddings, dim)
     const int64_t[::1] rows,           # IN (U,) sorted distinct rows (ignored if all_rows)
     bint all_rows,                     # IN values has one row per table row
@@ -140,7 +154,7 @@ def update_rows(
     int n_threads,
 ):
     """Apply one optimizer update to the rows of a built gradient."""
-    cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2)
+    cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2, c3)
     cdef int64_t n_rows = values.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef bint has_s1 = s1.shape[0] > 0
@@ -158,7 +172,8 @@ def update_rows(
 
 def fused_update(
     int kind,
-    double lr, double momentum, double weight_decay, double eps, double c1, double c2,
+    double lr, double momentum, double weight_decay, double eps,
+    double c1, double c2, double c3,
     floating[:, ::1] weight,           # INOUT (num_embeddings, dim)
     const floating[:, ::1] grad,       # IN (n_src, dim) grad_output rows
     const int64_t[::1] perm,           # IN (m,) plan: entries grouped by row
@@ -181,7 +196,7 @@ def fused_update(
     EmbeddingBag's own ``bag_row_sum`` (``_bag.pxd``; with ``argmax``, an entry only
     sends the columns it won), so the result equals the bag backward's row gradient.
     """
-    cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2)
+    cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2, c3)
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef bint has_s1 = s1.shape[0] > 0
