@@ -198,22 +198,30 @@ class Optimizer:
     def _new_state_array(self, key, group, shape, dtype):
         return np.zeros(shape, dtype=dtype)
 
-    def _get_state(self, i, group, weight):
-        """The table's state (its arrays allocated once, on first use) and the keys
-        allocated by this call."""
-        st = self.state.setdefault(i, {"step": 0})
-        created = set()
+    def _check_state(self, i, group, weight):
+        """Raise if the table's existing state arrays do not fit it (before any write)."""
+        st = self.state.get(i, {})
         for key, shape in self._state_shapes(group, weight).items():
             arr = st.get(key)
             if arr is None:
-                arr = st[key] = self._new_state_array(key, group, shape, weight.dtype)
-                created.add(key)
+                continue
             if not isinstance(arr, np.ndarray) or arr.dtype != weight.dtype or arr.shape != shape \
                     or not arr.flags.c_contiguous or not arr.flags.writeable:
                 raise RuntimeError(
                     f"optimizer state {key!r} of param {i} does not fit its table "
                     f"(expected a writable C-contiguous {weight.dtype} array of shape {shape})"
                 )
+
+    def _get_state(self, i, group, weight):
+        """The table's state (its arrays allocated once, on first use) and the keys
+        allocated by this call."""
+        self._check_state(i, group, weight)
+        st = self.state.setdefault(i, {"step": 0})
+        created = set()
+        for key, shape in self._state_shapes(group, weight).items():
+            if st.get(key) is None:
+                st[key] = self._new_state_array(key, group, shape, weight.dtype)
+                created.add(key)
         return st, created
 
     @staticmethod
@@ -274,6 +282,7 @@ class Optimizer:
                 if layer.requires_grad and layer.grad is not None:
                     self._check_grad_kind(layer)
                     rows, values = self._prepare_grad(layer)
+                    self._check_state(i, group, layer.weight)
                     work.append((i, group, layer, rows, values))
                 i += 1
         # everything is validated before the first write

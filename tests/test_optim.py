@@ -581,3 +581,20 @@ def test_apply_rows_equals_step_on_the_csr(name, kw):
     with pytest.raises(ValueError, match="argmax needs src"):
         from sparsembed import _cpu
         ob._fused_update(b, values, _cpu.plan_rows(rows, N), argmax=np.zeros((4, D), np.int64))
+
+
+def test_state_that_does_not_fit_changes_nothing():
+    a = se.Embedding(N, D, random_state=0)
+    b = se.Embedding(N, D, random_state=1)
+    opt = se.optim.SGD([a, b], lr=0.1, momentum=0.9)
+    a.grad = np.ones((N, D), np.float32)
+    b.grad = np.ones((N, D), np.float32)
+    opt.step()
+    opt.state[1]["momentum_buffer"] = np.zeros((N, D))  # float64 for a float32 table
+    wa, wb, buf = a.weight.copy(), b.weight.copy(), opt.state[0]["momentum_buffer"].copy()
+    with pytest.raises(RuntimeError, match="momentum_buffer.*param 1"):
+        opt.step()
+    assert_array_equal(a.weight, wa)
+    assert_array_equal(b.weight, wb)
+    assert_array_equal(opt.state[0]["momentum_buffer"], buf)
+    assert opt.state[0]["step"] == 1
