@@ -48,7 +48,9 @@ def _check_number(value, name, *, low=0.0, low_inclusive=True, high=None):
     if high is not None:
         ok = ok and v < high
     if not ok:  # NaN fails every comparison
-        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
+        bound = f"{'>=' if low_inclusive else '>'} {low}"
+        if high is not None:
+            bound += f" and < {high}"
         raise ValueError(f"Invalid {name} value: {value!r} (must be {bound})")
     return v
 
@@ -125,12 +127,16 @@ class Optimizer:
                 raise ValueError("a parameter group must have a 'params' entry")
             unknown = set(group) - set(self.defaults) - {"params"}
             if unknown:
-                raise ValueError(f"unknown hyper-parameters in a parameter group: {sorted(unknown)}")
+                raise ValueError(
+                    f"unknown hyper-parameters in a parameter group: {sorted(unknown)}"
+                )
             layers = group["params"]
             layers = [layers] if hasattr(layers, "weight") else list(layers)
             for layer in layers:
                 if isinstance(layer, dict):
-                    raise ValueError("params must be all layers or all dicts, got a dict among layers")
+                    raise ValueError(
+                        "params must be all layers or all dicts, got a dict among layers"
+                    )
                 _check_layer(layer)
                 if id(layer) in seen:
                     raise ValueError("some layers appear more than once in the optimizer's params")
@@ -687,4 +693,5 @@ class RowWiseAdagrad(Optimizer):
 
     @staticmethod
     def _hyper(group, st, created):
-        return float(group["lr"]), 0.0, float(group["weight_decay"]), float(group["eps"]), 0.0, 0.0, 0.0
+        return (float(group["lr"]), 0.0, float(group["weight_decay"]), float(group["eps"]),
+                0.0, 0.0, 0.0)
