@@ -528,7 +528,7 @@ def test_property_fused_equals_two_step_and_reference():
     hyp = pytest.importorskip("hypothesis")
     st = hyp.strategies
 
-    @hyp.settings(max_examples=30, deadline=None, derandomize=True)
+    @hyp.settings(max_examples=20, deadline=None, derandomize=True)
     @hyp.given(n=st.integers(1, 12), d=st.integers(1, 7), batch=st.integers(0, 25),
                padding=st.one_of(st.none(), st.integers(0, 11)), freq=st.booleans(),
                which=st.integers(0, len(CONFIGS) - 1), seed=st.integers(0, 2**16))
