@@ -270,12 +270,13 @@ def test_fused_kernel_src_and_scale():
     src = np.array([0, 0, 1, 2, 2, 2])  # entry -> grad row (bag of each entry)
     scale = rng.uniform(0.5, 2.0, size=6)
     grad = rng.standard_normal((3, D))
-    for count in (False, True):
+    for count, with_src in ((False, True), (True, True), (False, False), (True, False)):
         emb = se.Embedding(N, D, sparse=True, random_state=2, dtype=np.float64)
         w = emb.weight.copy()
         opt = se.optim.Adagrad([emb], lr=0.5)
         plan = _cpu.plan_rows(ids, N)
-        opt._fused_update(emb, grad, plan, count, src=src, scale=scale)
+        g = grad if with_src else grad[src]
+        opt._fused_update(emb, g, plan, count, src=src if with_src else None, scale=scale)
         vals = grad[src] * scale[:, None]
         rows, values = row_grad(ids, vals, N, scale_grad_by_freq=count)
         REFERENCE["Adagrad"](w, {}, rows, values, lr=0.5)
