@@ -191,6 +191,8 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
     (3,)
     """
 
+    _dtype = np.float32  # factor and bias tables (see the class docstring)
+
     _parameter_constraints = {
         "n_factors": [Interval(numbers.Integral, 1, None, closed="left")],
         "biased": ["boolean"],
@@ -223,27 +225,43 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
 
     @staticmethod
     def _expected_failed_checks():
-        """``{check name: reason}`` for ``check_estimator``'s ``expected_failed_checks``."""
-        two = "X must hold exactly two id columns (user, item)"
-        ids = ("X holds ids: continuous features make every row a new (user, item) pair, "
-               "so there is nothing to factorize and the fit is poor by construction")
-        return {
-            "check_fit2d_1sample": two,
-            "check_fit2d_1feature": two,
-            "check_fit2d_predict1d": two,
-            "check_regressors_train": ids,
-            "check_regressor_data_not_an_array": ids,
-            "check_regressors_int": ids,
-            "check_regressors_no_decision_function": two,
-            "check_supervised_y_2d": two,
-            "check_regressor_multioutput": two,
-            "check_regressors_train(readonly_memmap=True)": ids,
-            "check_regressors_train(readonly_memmap=True,X_dtype=float32)": ids,
-        }
+        """``{check name: reason}`` for ``check_estimator``'s ``expected_failed_checks``.
 
-    def _validate_X(self, X, reset, y=None):
+        Each of these checks builds an ``X`` with a number of columns other than 2
+        (or a 1-D one), which ``MatrixFactorization`` rejects by design: ``X`` holds
+        (user id, item id) pairs. The properties those checks test (pickling, no
+        change of parameters or of ``__dict__`` by ``predict``, dtypes, sample-order
+        and subset invariance, ``n_features_in_``, NaN rejection, fitting a fair
+        model...) are tested on two-column data in ``tests/test_sklearn.py``.
+        """
+        reason = "X must hold exactly two id columns (user, item); this check uses another width"
+        return {name: reason for name in (
+            "check_fit_score_takes_y",
+            "check_dont_overwrite_parameters",
+            "check_n_features_in_after_fitting",
+            "check_positive_only_tag_during_fit",
+            "check_estimators_dtypes",
+            "check_dtype_object",
+            "check_pipeline_consistency",
+            "check_estimators_nan_inf",
+            "check_estimators_pickle",
+            "check_f_contiguous_array_estimator",
+            "check_regressors_train",
+            "check_regressor_data_not_an_array",
+            "check_regressors_no_decision_function",
+            "check_supervised_y_2d",
+            "check_regressors_int",
+            "check_methods_sample_order_invariance",
+            "check_methods_subset_invariance",
+            "check_fit2d_1sample",
+            "check_fit2d_1feature",
+            "check_dict_unchanged",
+            "check_fit2d_predict1d",
+        )}
+
+    def _validate_X(self, X, reset, y="no_validation"):
         kwargs = dict(dtype=None, ensure_all_finite=True, reset=reset)
-        if y is None:
+        if isinstance(y, str) and y == "no_validation":
             X = validate_data(self, X, **kwargs)
         else:
             X, y = validate_data(self, X, y, y_numeric=True, **kwargs)
@@ -279,10 +297,11 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         self.global_mean_ = float(y.mean())
         self.rating_range_ = (float(y.min()), float(y.max()))
         # Surprise's order of draws: user factors, then item factors
-        P = rng.normal(0.0, self.init_std, (n_users, k))
-        Q = rng.normal(0.0, self.init_std, (n_items, k))
-        bu = np.zeros(n_users)
-        bi = np.zeros(n_items)
+        dtype = self._dtype
+        P = rng.normal(0.0, self.init_std, (n_users, k)).astype(dtype, copy=False)
+        Q = rng.normal(0.0, self.init_std, (n_items, k)).astype(dtype, copy=False)
+        bu = np.zeros(n_users, dtype=dtype)
+        bi = np.zeros(n_items, dtype=dtype)
         u, i = users.codes, items.codes
         n = y.size
         B = _effective_n_threads(self.n_threads)
@@ -295,6 +314,7 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         starts = np.zeros(B * B + 1, dtype=np.int64)
         np.cumsum(np.bincount(key, minlength=B * B), out=starts[1:])
         sse = np.zeros(B * B)
+        y_t = y.astype(dtype, copy=False)
         history = np.empty(self.epochs)
         from sparsembed._kernels._mf import sgd_epoch
 
@@ -302,14 +322,14 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
             order = rng.permutation(n)
             if B > 1:
                 order = order[np.argsort(key[order], kind="stable")]
-            sgd_epoch(u[order], i[order], y[order], starts, P, Q, bu, bi,
+            sgd_epoch(u[order], i[order], y_t[order], starts, P, Q, bu, bi,
                       self.global_mean_, float(self.lr), float(self.reg), bool(self.biased),
                       sse, B)
             history[epoch] = np.sqrt(sse.sum() / max(n, 1))
         self.train_rmse_ = history
         self.user_bias_, self.item_bias_ = bu, bi
-        self.user_embedding_ = Embedding(n_users, k, weight=P, dtype=np.float64)
-        self.item_embedding_ = Embedding(n_items, k, weight=Q, dtype=np.float64)
+        self.user_embedding_ = Embedding(n_users, k, weight=P, dtype=dtype)
+        self.item_embedding_ = Embedding(n_items, k, weight=Q, dtype=dtype)
         # (user row, item row) pairs seen in training, for recommend(exclude_seen=True)
         seen = np.unique(u.astype(np.int64) * n_items + i)
         self._seen_indptr = np.searchsorted(seen // n_items, np.arange(n_users + 1))
@@ -388,3 +408,348 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         # stable sort by -score keeps the lower item row first among ties
         best = candidates[np.argsort(-scores[candidates], kind="stable")[:k]]
         return self.item_ids_[best]
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+class _Param:
+    """A dense trainable array in the shape ``se.optim`` expects (weight, grad)."""
+
+    def __init__(self, weight):
+        self.weight = weight
+        self.grad = None
+        self.requires_grad = True
+
+
+class _Adagrad:
+    """torch's Adagrad (lr_decay=0, weight_decay=0, eps=1e-10) on dense or csr grads.
+
+    Used until ``sparsembed.optim`` is available; a csr gradient updates only its
+    stored rows (torch's sparse Adagrad): ``s[r] += g**2; w[r] -= lr * g / (sqrt(s[r]) + eps)``.
+    """
+
+    def __init__(self, params, lr, eps=1e-10):
+        self.params = list(params)
+        self.lr = lr
+        self.eps = eps
+        self._sums = [np.zeros_like(p.weight) for p in self.params]
+
+    def step(self):
+        import scipy.sparse as sp
+
+        from sparsembed import _rowsparse
+
+        for p, s in zip(self.params, self._sums):
+            g = p.grad
+            if g is None:
+                continue
+            if sp.issparse(g):
+                rows, vals = _rowsparse.row_values(g)
+                acc = s[rows] + vals * vals
+                s[rows] = acc
+                p.weight[rows] -= self.lr * vals / (np.sqrt(acc) + self.eps)
+            else:
+                s += g * g
+                p.weight -= self.lr * g / (np.sqrt(s) + self.eps)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def _adagrad(params, lr):
+    """``sparsembed.optim.Adagrad`` when the package has it, else the local fallback."""
+    try:
+        from sparsembed.optim import Adagrad
+    except ImportError:
+        return _Adagrad(params, lr)
+    return Adagrad(params, lr=lr)
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def _sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+class EmbeddingEncoder(TransformerMixin, BaseEstimator):
+    """Encode categorical columns as dense, optionally target-trained, embeddings.
+
+    Each column gets its categories (learned as ``OrdinalEncoder`` learns them: ints,
+    floats, strings, pandas categoricals, missing values as a category of their own)
+    and its own ``sparsembed.Embedding`` table with one extra out-of-vocabulary (OOV)
+    row. ``transform`` looks each value up and concatenates the vectors:
+    (n_samples, n_columns * embedding_dim) float64.
+
+    ``fit(X)`` keeps the seeded random tables (N(0, 1) entries, torch's default).
+    ``fit(X, y)`` trains them as "entity embeddings" (Guo & Berkhahn, 2016): a linear
+    head on the concatenated embeddings, minibatches of 128 rows in a seeded order,
+    sparse Adagrad updates of the rows a batch touches (``sparsembed.optim.Adagrad``
+    when available) and of the head, for ``epochs`` passes. The loss follows the
+    target type as ``TargetEncoder`` infers it: squared loss on the standardised
+    target for a continuous one (one head output per output column), log loss for a
+    binary one, softmax cross-entropy for a multiclass one, one log loss per column
+    for a multilabel indicator. The head is discarded after training.
+
+    The OOV row is set at the end of ``fit`` to the frequency-weighted mean of the
+    column's rows, so an unseen category looks like an average one.
+
+    Parameters
+    ----------
+    embedding_dim : int, default 8
+        Size of each column's vectors.
+    handle_unknown : {"use_oov", "error"}, default "use_oov"
+        Unseen categories at ``transform``: the OOV row, or a ``ValueError``.
+    max_norm : float, optional
+        Rows are kept within this L2 norm: renormed at every lookup during training
+        (torch's ``max_norm``) and once more at the end of ``fit``, so ``transform``
+        never changes the tables.
+    epochs : int, default 10
+        Training passes over the data when ``y`` is given.
+    lr : float, default 0.05
+        Adagrad learning rate.
+    random_state : None, int or numpy.random.RandomState
+        Seeds the tables and the order of the training batches.
+
+    Attributes
+    ----------
+    categories_ : list of ndarray
+        The categories of each column (``OrdinalEncoder``'s ``categories_``); row
+        ``r`` of table ``j`` is ``categories_[j][r]``, row ``len(categories_[j])``
+        is the OOV row.
+    embeddings_ : list of sparsembed.Embedding
+        One float64 table per column, of shape (len(categories_[j]) + 1, embedding_dim).
+    target_type_ : str or None
+        "continuous", "continuous-multioutput", "binary", "multiclass",
+        "multilabel-indicator", or None when fitted without ``y``.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when ``X`` had string column names.
+
+    Notes
+    -----
+    Output is always float64 (the tables are float64), whatever the input dtype; it
+    passes every check of ``sklearn.utils.estimator_checks.check_estimator`` without
+    expected failures.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparsembed.sklearn import EmbeddingEncoder
+    >>> X = np.array([["a", "x"], ["b", "y"], ["a", "y"]], dtype=object)
+    >>> enc = EmbeddingEncoder(embedding_dim=2, random_state=0).fit(X, [1.0, 2.0, 1.5])
+    >>> enc.transform([["b", "z"]]).shape
+    (1, 4)
+    >>> list(enc.get_feature_names_out())
+    ['x0_0', 'x0_1', 'x1_0', 'x1_1']
+    """
+
+    _parameter_constraints = {
+        "embedding_dim": [Interval(numbers.Integral, 1, None, closed="left")],
+        "handle_unknown": [StrOptions({"use_oov", "error"})],
+        "max_norm": [Interval(numbers.Real, 0, None, closed="neither"), None],
+        "epochs": [Interval(numbers.Integral, 0, None, closed="left")],
+        "lr": [Interval(numbers.Real, 0, None, closed="neither")],
+        "random_state": ["random_state"],
+    }
+
+    _batch_size = 128
+
+    def __init__(self, embedding_dim=8, *, handle_unknown="use_oov", max_norm=None,
+                 epochs=10, lr=0.05, random_state=None):
+        self.embedding_dim = embedding_dim
+        self.handle_unknown = handle_unknown
+        self.max_norm = max_norm
+        self.epochs = epochs
+        self.lr = lr
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.categorical = True
+        tags.input_tags.string = True
+        tags.input_tags.allow_nan = True
+        return tags
+
+    def _codes(self, X, reset):
+        """Validate ``X`` and return the table rows, int64 of shape (n_samples, n_columns)."""
+        if getattr(X, "ndim", None) == 1 or (
+                isinstance(X, (list, tuple)) and len(X) and np.ndim(X[0]) == 0):
+            raise ValueError(
+                "Expected a 2-dimensional container but got a 1-D one. Reshape your data "
+                "either using array.reshape(-1, 1) if your data has a single feature or "
+                "array.reshape(1, -1) if it contains a single sample.")
+        X = validate_data(self, X, reset=reset, skip_check_array=True)
+        if reset:
+            unknown = "use_encoded_value" if self.handle_unknown == "use_oov" else "error"
+            self._ordinal = OrdinalEncoder(
+                handle_unknown=unknown,
+                unknown_value=-1 if unknown == "use_encoded_value" else None,
+                encoded_missing_value=-2,
+                dtype=np.float64,
+            )
+            codes = self._ordinal.fit_transform(X)
+        else:
+            codes = self._ordinal.transform(X)
+        codes = codes.astype(np.int64)
+        for j, cats in enumerate(self._ordinal.categories_):
+            col = codes[:, j]
+            col[col == -1] = len(cats)  # unseen: the OOV row
+            if (col == -2).any():  # missing, seen at fit: its own category (the last)
+                col[col == -2] = len(cats) - 1
+        return codes
+
+    def fit(self, X, y=None):
+        """Learn the categories and the tables (trained on ``y`` when given).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_columns)
+            Categorical columns (numpy array, list, or pandas DataFrame).
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs), optional
+            Target; None keeps the seeded random tables.
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        codes = self._codes(X, reset=True)
+        rng = check_random_state(self.random_state)
+        self.categories_ = self._ordinal.categories_
+        dim = int(self.embedding_dim)
+        self.embeddings_ = [
+            Embedding(len(cats) + 1, dim, max_norm=self.max_norm, sparse=True,
+                      weight=rng.standard_normal((len(cats) + 1, dim)), dtype=np.float64)
+            for cats in self.categories_
+        ]
+        self.target_type_ = None
+        if y is not None:
+            kind, Y = self._prepare_target(y, codes.shape[0])
+            self._train(codes, kind, Y, rng)
+        for j, table in enumerate(self.embeddings_):
+            n_cat = len(self.categories_[j])
+            counts = np.bincount(codes[:, j], minlength=n_cat + 1)[:n_cat]
+            w = table.weight
+            if self.max_norm is not None:
+                F.embedding_renorm_(w, np.arange(n_cat, dtype=np.int64), self.max_norm)
+            w[n_cat] = counts @ w[:n_cat] / max(counts.sum(), 1)
+            table.zero_grad()
+            table._saved = None  # do not keep the last training batch alive
+        return self
+
+    def _prepare_target(self, y, n_samples):
+        y = check_array(y, ensure_2d=False, dtype=None, input_name="y",
+                        ensure_all_finite=True, ensure_min_samples=0)
+        if y.shape[0] != n_samples:
+            raise ValueError(
+                f"y has {y.shape[0]} samples, but X has {n_samples} samples")
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        kind = type_of_target(y, input_name="y", raise_unknown=True)
+        self.target_type_ = kind
+        if kind in ("continuous", "continuous-multioutput"):
+            Y = np.asarray(y, dtype=np.float64).reshape(n_samples, -1)
+            std = Y.std(axis=0)
+            Y = (Y - Y.mean(axis=0)) / np.where(std > 0, std, 1.0)
+            return "squared", Y
+        if kind == "binary":
+            classes = np.unique(y)
+            return "logistic", (y == classes[-1]).astype(np.float64).reshape(-1, 1)
+        if kind == "multiclass":
+            classes, inverse = np.unique(y, return_inverse=True)
+            Y = np.zeros((n_samples, classes.size))
+            Y[np.arange(n_samples), inverse.reshape(-1)] = 1.0
+            return "softmax", Y
+        if kind == "multilabel-indicator":
+            return "logistic", np.asarray(y, dtype=np.float64)
+        raise ValueError(
+            f"EmbeddingEncoder cannot train on a target of type {kind!r}: expected a "
+            f"continuous, binary, multiclass or multilabel-indicator target")
+
+    def _train(self, codes, kind, Y, rng):
+        """Entity-embedding training: linear head, minibatch sparse Adagrad."""
+        n, m = codes.shape
+        dim = int(self.embedding_dim)
+        tables = self.embeddings_
+        n_out = Y.shape[1]
+        mean = Y.mean(axis=0)
+        if kind == "squared":
+            bias = mean.copy()
+        elif kind == "logistic":
+            p = np.clip(mean, 1e-6, 1 - 1e-6)
+            bias = np.log(p / (1 - p))
+        else:
+            bias = np.log(np.clip(mean, 1e-12, None))
+        head_w = _Param(np.zeros((m * dim, n_out)))
+        head_b = _Param(bias.reshape(n_out))
+        opt = _adagrad(tables + [head_w, head_b], float(self.lr))
+        bs = self._batch_size
+        for _ in range(self.epochs):
+            perm = rng.permutation(n)
+            for start in range(0, n, bs):
+                idx = perm[start:start + bs]
+                feats = np.concatenate([t.forward(codes[idx, j]) for j, t in enumerate(tables)],
+                                       axis=1)
+                z = feats @ head_w.weight + head_b.weight
+                if kind == "squared":
+                    g = z - Y[idx]
+                elif kind == "logistic":
+                    g = _sigmoid(z) - Y[idx]
+                else:
+                    g = _softmax(z) - Y[idx]
+                g /= idx.size
+                head_w.grad = feats.T @ g
+                head_b.grad = g.sum(axis=0)
+                g_feats = g @ head_w.weight.T
+                for j, t in enumerate(tables):
+                    t.backward(np.ascontiguousarray(g_feats[:, j * dim:(j + 1) * dim]))
+                opt.step()
+                opt.zero_grad()
+
+    def transform(self, X):
+        """Look up each column's vectors and concatenate them.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_columns)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_columns * embedding_dim), float64
+
+        Raises
+        ------
+        ValueError
+            With ``handle_unknown="error"``, for a category not seen at ``fit``.
+        """
+        check_is_fitted(self)
+        codes = self._codes(X, reset=False)
+        dim = self.embeddings_[0].embedding_dim if self.embeddings_ else 0
+        out = np.empty((codes.shape[0], len(self.embeddings_) * dim), dtype=np.float64)
+        for j, table in enumerate(self.embeddings_):
+            out[:, j * dim:(j + 1) * dim] = F.embedding(codes[:, j], table.weight)
+        return out
+
+    def get_feature_names_out(self, input_features=None):
+        """``"{column}_{k}"`` for each column and each of its ``embedding_dim`` dimensions.
+
+        Parameters
+        ----------
+        input_features : array-like of str, optional
+            Column names; default ``feature_names_in_``, else ``x0, x1, ...``.
+
+        Returns
+        -------
+        ndarray of str of shape (n_columns * embedding_dim,)
+        """
+        check_is_fitted(self)
+        names = _check_feature_names_in(self, input_features)
+        dim = int(self.embeddings_[0].embedding_dim) if self.embeddings_ else 0
+        return np.asarray([f"{name}_{k}" for name in names for k in range(dim)], dtype=object)
