@@ -70,19 +70,22 @@ cdef double _sgd_range(
     cdef floating* q
     cdef floating est, err, pf, qf
     cdef double sse = 0.0
-    cdef int64_t ahead, line = 64 // sizeof(floating)  # one prefetch per cache line
+    cdef int64_t line = 64 // sizeof(floating)  # one prefetch per cache line
+    cdef const floating* pa
+    cdef const floating* qa
     for n in range(lo, hi):
         u = users[n]
         i = items[n]
         p = P + u * k
         q = Q + i * k
         if n + 2 < hi:  # the rows two ratings ahead: hides the cache misses of random order
-            ahead = users[n + 2]
-            for f in range(0, k, line):
-                SPARSEMBED_PREFETCH(P + ahead * k + f)
-            ahead = items[n + 2]
-            for f in range(0, k, line):
-                SPARSEMBED_PREFETCH(Q + ahead * k + f)
+            pa = P + users[n + 2] * k
+            qa = Q + items[n + 2] * k
+            f = 0
+            while f < k:
+                SPARSEMBED_PREFETCH(pa + f)
+                SPARSEMBED_PREFETCH(qa + f)
+                f += line
         est = _dot(p, q, k)
         if biased:
             est = est + mu + bu[u] + bi[i]
