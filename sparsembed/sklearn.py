@@ -6,6 +6,7 @@ ratings. This module needs scikit-learn (``pip install sparsembed[sklearn]``);
 ``import sparsembed`` itself never imports scikit-learn.
 """
 
+import contextlib
 import numbers
 
 import numpy as np
@@ -31,6 +32,7 @@ from sklearn.utils.validation import (
 )
 
 from sparsembed import functional as F
+from sparsembed import _threads
 from sparsembed._threads import get_num_threads
 from sparsembed.embedding import Embedding
 
@@ -76,6 +78,21 @@ def _lookup_ids(ids, values):
     pos = np.minimum(pos, ids.size - 1)
     found = ids[pos] == values
     return np.where(found, pos, -1).astype(np.int64)
+
+
+@contextlib.contextmanager
+def _kernel_threads(n):
+    """Run sparsembed's kernels on ``n`` threads inside the block, then restore.
+
+    Minibatches of a hundred rows are far too small to split across threads: an
+    OpenMP parallel region costs more than the work (and much more on a busy machine).
+    """
+    saved = _threads._num_threads
+    _threads.set_num_threads(n)
+    try:
+        yield
+    finally:
+        _threads._num_threads = saved
 
 
 def _effective_n_threads(n_threads):
@@ -515,7 +532,8 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
     ``fit(X, y)`` trains them as "entity embeddings" (Guo & Berkhahn, 2016): a linear
     head on the concatenated embeddings, minibatches of 128 rows in a seeded order,
     sparse Adagrad updates of the rows a batch touches (``sparsembed.optim.Adagrad``
-    when available) and of the head, for ``epochs`` passes. The loss follows the
+    when available) and of the head, for ``epochs`` passes. The kernels run on one
+    thread during training (batches are too small to share out). The loss follows the
     target type as ``TargetEncoder`` infers it: squared loss on the standardised
     target for a continuous one (one head output per output column), log loss for a
     binary one, softmax cross-entropy for a multiclass one, one log loss per column
@@ -715,6 +733,11 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
         head_b = _Param(bias.reshape(n_out))
         opt = _adagrad(tables + [head_w, head_b], float(self.lr))
         bs = self._batch_size
+        with _kernel_threads(1):
+            self._epochs(codes, kind, Y, rng, tables, head_w, head_b, opt, bs, dim)
+
+    def _epochs(self, codes, kind, Y, rng, tables, head_w, head_b, opt, bs, dim):
+        n = codes.shape[0]
         for _ in range(self.epochs):
             perm = rng.permutation(n)
             for start in range(0, n, bs):
