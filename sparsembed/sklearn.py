@@ -8,6 +8,7 @@ ratings. This module needs scikit-learn (``pip install sparsembed[sklearn]``);
 
 import contextlib
 import numbers
+from collections.abc import Hashable
 
 import numpy as np
 
@@ -73,8 +74,10 @@ def _lookup_ids(ids, values):
         return np.full(values.shape, -1, dtype=np.int64)
     try:
         pos = np.searchsorted(ids, values)
-    except TypeError:  # ids of a type that cannot be compared with the fitted ones
-        return np.full(values.shape, -1, dtype=np.int64)
+    except TypeError:  # values not comparable with the fitted ids (say str vs int)
+        index = {v: k for k, v in enumerate(ids.tolist())}
+        rows = [index.get(v, -1) if isinstance(v, Hashable) else -1 for v in values.ravel().tolist()]
+        return np.asarray(rows, dtype=np.int64).reshape(values.shape)
     pos = np.minimum(pos, ids.size - 1)
     found = ids[pos] == values
     return np.where(found, pos, -1).astype(np.int64)
@@ -101,17 +104,24 @@ def _effective_n_threads(n_threads):
     return int(n_threads)
 
 
-def _dsgd_blocks(codes, counts, n_blocks):
-    """Block of each row: rows sorted by count (descending) dealt in a snake order.
+def _dsgd_blocks(counts, n_blocks):
+    """Block of each row, balanced by rating counts, and rows renumbered by block.
 
-    Gives blocks with nearly equal numbers of ratings; deterministic.
+    Rows sorted by count (descending) are dealt to the blocks in a snake order, which
+    gives blocks with nearly equal numbers of ratings. Returns ``(block, inv)``:
+    ``block[new_row]`` is the block of a renumbered row, and ``inv[row]`` the new
+    number of a row; renumbering makes each block a contiguous range of rows, so
+    that two threads never write to the same cache line (no false sharing).
     """
     order = np.argsort(-counts, kind="stable")
     pos = np.empty(counts.size, dtype=np.int64)
     pos[order] = np.arange(counts.size)
     rnd, off = np.divmod(pos, n_blocks)
     block = np.where(rnd % 2 == 0, off, n_blocks - 1 - off)
-    return block[codes]
+    new_order = np.argsort(block, kind="stable")
+    inv = np.empty(counts.size, dtype=np.int64)
+    inv[new_order] = np.arange(counts.size)
+    return block[new_order], inv
 
 
 # --------------------------------------------------------------------------- MF
@@ -346,8 +356,12 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         # stratum costs more than SGD on a few thousand ratings
         B = max(1, min(_effective_n_threads(self.n_threads), n // self._min_ratings_per_block))
         if B > 1:
-            ub = _dsgd_blocks(u, np.bincount(u, minlength=n_users), B)
-            ib = _dsgd_blocks(i, np.bincount(i, minlength=n_items), B)
+            # train on rows renumbered so that each block is contiguous (see _dsgd_blocks)
+            ublock, uinv = _dsgd_blocks(np.bincount(u, minlength=n_users), B)
+            iblock, iinv = _dsgd_blocks(np.bincount(i, minlength=n_items), B)
+            u, i = uinv[u].astype(u.dtype), iinv[i].astype(i.dtype)
+            P[uinv], Q[iinv] = P.copy(), Q.copy()
+            ub, ib = ublock[u], iblock[i]
             key = (((ib - ub) % B) * B + ub).astype(np.int16 if B * B < 2**15 else np.int64)
         else:
             key = np.zeros(n, dtype=np.int16)
@@ -366,6 +380,9 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
                       self.global_mean_, float(self.lr), float(self.reg), bool(self.biased),
                       sse, B)
             history[epoch] = np.sqrt(sse.sum() / max(n, 1))
+        if B > 1:  # back to the rows of the sorted ids
+            P, Q, bu, bi = P[uinv], Q[iinv], bu[uinv], bi[iinv]
+            u, i = users.codes, items.codes
         self.train_rmse_ = history
         self.user_bias_, self.item_bias_ = bu, bi
         self.user_embedding_ = Embedding(n_users, k, weight=P, dtype=dtype)
