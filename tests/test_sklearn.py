@@ -359,6 +359,25 @@ def test_mf_deterministic_per_seed_and_thread_count(sample, monkeypatch):
         se.set_num_threads(None)
 
 
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_mf_dsgd_quality_and_row_order(sample, monkeypatch, n_threads):
+    """DSGD trains on renumbered rows; the fitted tables must be back in id order."""
+    X, y, Xt, yt = sample
+    monkeypatch.setattr(MatrixFactorization, "_min_ratings_per_block", 100)
+    mf = MatrixFactorization(**SAMPLE_PARAMS, random_state=0, n_threads=n_threads).fit(X, y)
+    assert _rmse(mf.predict(Xt), yt) < 0.9
+    assert mf.train_rmse_[-1] < 0.8 * mf.train_rmse_[0]
+    # a user's own training ratings are fitted better by its own row than by others'
+    P, Q = mf.user_embedding_.weight, mf.item_embedding_.weight
+    u = np.searchsorted(mf.user_ids_, X[:, 0])
+    i = np.searchsorted(mf.item_ids_, X[:, 1])
+    fit = mf.global_mean_ + mf.user_bias_[u] + mf.item_bias_[i] + np.sum(P[u] * Q[i], axis=1)
+    shuffled = np.roll(np.arange(P.shape[0]), 1)[u]
+    wrong = (mf.global_mean_ + mf.user_bias_[shuffled] + mf.item_bias_[i]
+             + np.sum(P[shuffled] * Q[i], axis=1))
+    assert _rmse(fit, y) < 0.7 * _rmse(wrong, y)
+
+
 def test_mf_input_validation(sample):
     X, y, _, _ = sample
     with pytest.raises(ValueError, match="2 columns"):
