@@ -680,6 +680,9 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
         """
         self._validate_params()
         codes = self._codes(X, reset=True)
+        self.target_type_ = None
+        if y is not None:
+            kind, Y = self._prepare_target(y, codes.shape[0])
         rng = check_random_state(self.random_state)
         self.categories_ = self._ordinal.categories_
         dim = int(self.embedding_dim)
@@ -688,9 +691,7 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
                       weight=rng.standard_normal((len(cats) + 1, dim)), dtype=np.float64)
             for cats in self.categories_
         ]
-        self.target_type_ = None
         if y is not None:
-            kind, Y = self._prepare_target(y, codes.shape[0])
             self._train(codes, kind, Y, rng)
         for j, table in enumerate(self.embeddings_):
             n_cat = len(self.categories_[j])
