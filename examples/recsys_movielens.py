@@ -79,13 +79,14 @@ def run(splits, params, seed, n_threads, out=sys.stdout):
 
 def main(argv=None, out=sys.stdout):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", help="MovieLens 100K u.data or ml-100k.inter (default: bundled sample)")
+    parser.add_argument("--data",
+                        help="MovieLens 100K u.data or ml-100k.inter (default: the bundled sample)")
     parser.add_argument("--folds", type=int, default=5, help="folds when no u1..u5 splits exist")
-    parser.add_argument("--factors", type=int, help=f"default {TUNED['n_factors']} ({SAMPLE['n_factors']} on the sample)")
-    parser.add_argument("--epochs", type=int, help=f"default {TUNED['epochs']} ({SAMPLE['epochs']} on the sample)")
-    parser.add_argument("--lr", type=float, help=f"default {TUNED['lr']} ({SAMPLE['lr']} on the sample)")
-    parser.add_argument("--reg", type=float, help=f"default {TUNED['reg']} ({SAMPLE['reg']} on the sample)")
-    parser.add_argument("--init-std", type=float, help=f"default {TUNED['init_std']} ({SAMPLE['init_std']} on the sample)")
+    for flag, key, kind in (("--factors", "n_factors", int), ("--epochs", "epochs", int),
+                            ("--lr", "lr", float), ("--reg", "reg", float),
+                            ("--init-std", "init_std", float)):
+        parser.add_argument(flag, type=kind, dest=key,
+                            help=f"default {TUNED[key]} ({SAMPLE[key]} on the sample)")
     parser.add_argument("--threads", type=int, default=None, help="default: all usable cores")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=5, help="recommendations shown for the first user")
@@ -104,9 +105,7 @@ def main(argv=None, out=sys.stdout):
     if splits is None:
         splits = kfold_splits(users, items, ratings, args.folds, args.seed)
     params = dict(TUNED if args.data else SAMPLE)
-    given = dict(n_factors=args.factors, epochs=args.epochs, lr=args.lr, reg=args.reg,
-                 init_std=args.init_std)
-    params.update({k: v for k, v in given.items() if v is not None})
+    params.update({k: getattr(args, k) for k in params if getattr(args, k) is not None})
     print(f"{name}: {ratings.size} ratings, {np.unique(users).size} users, "
           f"{np.unique(items).size} items; {protocol}", file=out)
     print(f"MatrixFactorization({', '.join(f'{k}={v}' for k, v in params.items())}), "
