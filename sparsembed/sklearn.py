@@ -748,7 +748,7 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
         else:
             bias = np.log(np.clip(mean, 1e-12, None))
         head_w = _Param(np.zeros((m * dim, n_out)))
-        head_b = _Param(bias.reshape(n_out))
+        head_b = _Param(bias.reshape(1, n_out))  # 2-D, as se.optim wants its tables
         opt = _adagrad(tables + [head_w, head_b], float(self.lr))
         bs = self._batch_size
         with _kernel_threads(1):
@@ -771,7 +771,7 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
                     g = _softmax(z) - Y[idx]
                 g /= idx.size
                 head_w.grad = feats.T @ g
-                head_b.grad = g.sum(axis=0)
+                head_b.grad = g.sum(axis=0, keepdims=True)
                 g_feats = g @ head_w.weight.T
                 for j, t in enumerate(tables):
                     t.backward(np.ascontiguousarray(g_feats[:, j * dim:(j + 1) * dim]))
