@@ -221,8 +221,8 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
     check_regressor_data_not_an_array, check_regressors_no_decision_function,
     check_supervised_y_2d, check_regressors_int,
     check_methods_sample_order_invariance, check_methods_subset_invariance,
-    check_fit2d_1sample, check_fit2d_1feature, check_dict_unchanged,
-    check_fit2d_predict1d. Every other check passes, and ``tests/test_sklearn.py``
+    check_fit2d_1sample, check_dict_unchanged, check_fit2d_predict1d. Every other
+    check passes, and ``tests/test_sklearn.py``
     tests the properties behind the listed ones (pickling, parameters and
     ``__dict__`` unchanged, dtypes, order and subset invariance, NaN rejection,
     ``n_features_in_``) on two-column data.
@@ -302,7 +302,6 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
             "check_methods_sample_order_invariance",
             "check_methods_subset_invariance",
             "check_fit2d_1sample",
-            "check_fit2d_1feature",
             "check_dict_unchanged",
             "check_fit2d_predict1d",
         )}
@@ -315,7 +314,7 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
             X, y = validate_data(self, X, y, y_numeric=True, **kwargs)
         if X.shape[1] != 2:
             raise ValueError(
-                f"X must have 2 columns (user id, item id), got {X.shape[1]} columns")
+                f"X must have 2 columns (user id, item id), got {X.shape[1]} feature(s)")
         return X, y
 
     def fit(self, X, y):
