@@ -523,7 +523,6 @@ def test_encoder_missing_values_are_a_category():
 
 def test_encoder_training_learns_category_effects():
     X, y = _frame(n=2000)
-    Xt, yt = _frame(n=1000, seed=1)  # same categories and effects? effects depend on seed
     X_train, y_train = X.iloc[:1500], y[:1500]
     X_test, y_test = X.iloc[1500:], y[1500:]
     trained = EmbeddingEncoder(4, epochs=20, lr=0.05, random_state=0).fit(X_train, y_train)
@@ -533,11 +532,10 @@ def test_encoder_training_learns_category_effects():
     for name, enc in (("trained", trained), ("random", random)):
         reg = LinearRegression().fit(enc.transform(X_train), y_train)
         scores[name] = reg.score(enc.transform(X_test), y_test)
-    # a linear model on 12 trained features recovers the additive effects; on random
-    # 4-d codes of 30 shops it cannot
-    assert scores["trained"] > 0.9
-    assert scores["trained"] > scores["random"] + 0.1
-    del Xt, yt
+    # a linear model on 12 trained features recovers the additive effects (R^2 0.994
+    # for seeds 0..2); on random 4-d codes of 30 shops it cannot (0.35..0.43)
+    assert scores["trained"] > 0.97
+    assert scores["trained"] > scores["random"] + 0.3
 
 
 def test_encoder_binary_and_multiclass_targets():
@@ -546,12 +544,12 @@ def test_encoder_binary_and_multiclass_targets():
     enc = EmbeddingEncoder(4, epochs=15, random_state=0).fit(X, labels)
     assert enc.target_type_ == "binary"
     clf = LogisticRegression().fit(enc.transform(X), labels)
-    assert clf.score(enc.transform(X), labels) > 0.85
+    assert clf.score(enc.transform(X), labels) > 0.93  # 0.97..0.98 for seeds 0..2
     three = np.digitize(y, np.quantile(y, [1 / 3, 2 / 3]))
     enc3 = EmbeddingEncoder(4, epochs=15, random_state=0).fit(X, three)
     assert enc3.target_type_ == "multiclass"
     clf3 = LogisticRegression(max_iter=500).fit(enc3.transform(X), three)
-    assert clf3.score(enc3.transform(X), three) > 0.7
+    assert clf3.score(enc3.transform(X), three) > 0.85  # 0.94..0.95
     with pytest.raises(ValueError, match="Unknown label type|unknown"):
         EmbeddingEncoder().fit(X, np.array([{"a": 1}] * len(X), dtype=object))
 
