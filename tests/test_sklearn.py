@@ -598,7 +598,8 @@ def test_encoder_adagrad_matches_torch():
         p.grad = sparse.csr_array(g)
         opt.step()
         opt.zero_grad()
-        tw.grad = torch.sparse_coo_tensor(torch.tensor(rows)[None], torch.tensor(vals), (6, 3))
+        tw.grad = torch.sparse_coo_tensor(torch.tensor(rows)[None], torch.tensor(vals), (6, 3),
+                                          check_invariants=True)
         topt.step()
         topt.zero_grad()
     assert_allclose(p.weight, tw.detach().numpy(), rtol=1e-12)
