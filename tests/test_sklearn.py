@@ -579,6 +579,7 @@ def test_encoder_deterministic_and_thread_independent():
     assert se.get_num_threads() >= 1  # the training's one-thread block restored the setting
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")  # torch's own sparse ops
 def test_encoder_adagrad_matches_torch():
     torch = pytest.importorskip("torch")
     import scipy.sparse as sparse
