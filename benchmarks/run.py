@@ -434,8 +434,17 @@ def run_threads(cfg, repeat, log):
     return out
 
 
+def _clear_cache():
+    try:
+        from sparsembed._kernels import _pool
+    except ImportError:  # an older build without the buffer cache
+        return
+    _pool.clear()
+
+
 def _peak_tracemalloc(f):
     gc.collect()
+    _clear_cache()
     tracemalloc.start()
     tracemalloc.reset_peak()
     try:
@@ -454,6 +463,7 @@ def _peak_rss_delta(f):
             fh.write("5")
     except OSError:
         return None
+    _clear_cache()
 
     def rss(field):
         with open("/proc/self/status") as fh:

@@ -24,6 +24,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
 from sparsembed._kernels._bag cimport bag_row_sum
+from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
 
 cdef enum:
     SGD = 0
@@ -159,11 +160,22 @@ def update_rows(
     cdef int64_t dim = weight.shape[1]
     cdef bint has_s1 = s1.shape[0] > 0
     cdef bint has_s2 = s2.shape[0] > 0
-    cdef int64_t u, r
+    cdef int64_t u, r, r2
+    # the table and state rows are read at random: prefetch those of row u + ahead
+    cdef size_t row_bytes = dim * sizeof(floating)
+    cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
+    cdef int64_t ahead = prefetch_distance(3 * row_bytes)
     if n_rows == 0 or dim == 0:
         return
     with nogil:
         for u in prange(n_rows, schedule="static", num_threads=n_threads):
+            if u + ahead < n_rows and not all_rows:
+                r2 = rows[u + ahead]
+                prefetch_row(&weight[r2, 0], row_bytes)
+                if has_s1:
+                    prefetch_row(&s1[r2, 0], s1_bytes)
+                if has_s2:
+                    prefetch_row(&s2[r2, 0], row_bytes)
             r = u if all_rows else rows[u]
             _update_row(&h, &weight[r, 0], &values[u, 0],
                         &s1[r, 0] if has_s1 else NULL,
@@ -207,7 +219,12 @@ def fused_update(
     cdef const int64_t* argmax_ptr = &argmax[0, 0] if argmax.shape[0] > 0 else NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
-    cdef int64_t u, r, k, e, j, lo, hi
+    cdef int64_t u, r, k, e, j, lo, hi, r2
+    cdef size_t row_bytes = dim * sizeof(floating)
+    cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
+    cdef int64_t ahead = prefetch_distance(row_bytes)          # grad rows, in plan order
+    cdef int64_t ahead_rows = prefetch_distance(3 * row_bytes)  # table + state rows
+    cdef int64_t m = starts[n_rows] if n_rows > 0 else 0
     cdef floating* buf = NULL
     cdef const floating* row
     cdef floating f
@@ -223,6 +240,13 @@ def fused_update(
             lo = starts[u]
             hi = starts[u + 1]
             r = rows[u]
+            if u + ahead_rows < n_rows:
+                r2 = rows[u + ahead_rows]
+                prefetch_row(&weight[r2, 0], row_bytes)
+                if has_s1:
+                    prefetch_row(&s1[r2, 0], s1_bytes)
+                if has_s2:
+                    prefetch_row(&s2[r2, 0], row_bytes)
             if has_src:
                 bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
                             argmax_ptr, scale_by_count, buf)
@@ -231,6 +255,8 @@ def fused_update(
                             &s2[r, 0] if has_s2 else NULL, dim)
                 continue
             # the first occurrence is copied (scaled), the others added, in input order
+            if lo + ahead < m:
+                prefetch_row(&grad[perm[lo + ahead], 0], row_bytes)
             e = perm[lo]
             row = &grad[e, 0]
             if has_scale:
@@ -241,6 +267,8 @@ def fused_update(
                 for j in range(dim):
                     buf[j] = row[j]
             for k in range(lo + 1, hi):
+                if k + ahead < m:
+                    prefetch_row(&grad[perm[k + ahead], 0], row_bytes)
                 e = perm[k]
                 row = &grad[e, 0]
                 if has_scale:

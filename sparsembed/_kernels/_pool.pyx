@@ -20,6 +20,14 @@ import os
 import numpy as np
 
 from cpython.buffer cimport PyBUF_FORMAT
+
+cdef extern from "Python.h":
+    int PyTraceMalloc_Track(unsigned int domain, size_t ptr, size_t size)
+    int PyTraceMalloc_Untrack(unsigned int domain, size_t ptr)
+
+# tracemalloc sees the buffers while arrays use them (as it sees numpy's own
+# allocations), under this domain; idle buffers in the cache are not counted
+cdef unsigned int TRACE_DOMAIN = 0x5E0B
 from libc.stdint cimport int64_t
 
 cdef extern from *:
@@ -147,6 +155,8 @@ cdef class _Block:
     cdef Py_ssize_t itemsize
 
     def __dealloc__(self):
+        if self.ptr != NULL:
+            PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t> self.ptr)
         _release(self.ptr, self.size)
         self.ptr = NULL
 
@@ -187,6 +197,7 @@ def empty(shape, dtype):
         raise MemoryError(f"cannot allocate {nbytes} bytes")
     block.size = size
     block.nbytes = nbytes
+    PyTraceMalloc_Track(TRACE_DOMAIN, <size_t> block.ptr, nbytes)
     block.itemsize = 1
     return np.frombuffer(block, dtype=dtype, count=count).reshape(shape)
 
