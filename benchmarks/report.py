@@ -1,0 +1,113 @@
+"""Render a results JSON of ``benchmarks/run.py`` as the Markdown tables of the README.
+
+    python benchmarks/report.py benchmarks/results/latest.json > /tmp/tables.md
+"""
+
+import json
+import sys
+
+# workload -> (peer the target is about, target ratio, label)
+TARGETS = {
+    "forward": [("numpy", 0.5, "<= 0.5 x np.take"), ("bound", 2.0, "<= 2 x copyto bound")],
+    "dense_backward": [("torch", 0.1, "<= 0.1 x torch")],
+    "sparse_fwd_bwd": [("torch", 0.1, "<= 0.1 x torch")],
+    "step_sparseadam": [("torch", 0.2, "<= 0.2 x torch")],
+    "step_adagrad": [("torch", 0.2, "<= 0.2 x torch")],
+    "bag_sum_forward": [("torch", 1.0, "<= 1.0 x torch")],
+    "bag_sum_backward": [],
+}
+
+
+def _ms(v):
+    return "" if v is None else (f"{v:.1f}" if v >= 1 else f"{v:.2f}")
+
+
+def main_table(result):
+    lines = [
+        "| workload | D | ids | sparsembed ms | torch ms | numpy ms | bound ms | vs torch | vs numpy | vs bound | fused vs torch | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["main"]:
+        t, r = row["times_ms"], row["ratios"]
+        checks = []
+        for peer, goal, label in TARGETS.get(row["workload"], []):
+            key = f"vs_{peer}"
+            if key in r:
+                checks.append(f"{label}: {'met' if r[key] <= goal else 'not met'}")
+        if "fused_vs_torch" in r:
+            checks.append("fused faster: " + ("met" if t["fused"] < t["sparsembed"] else "not met"))
+        lines.append(
+            f"| {row['workload']} | {row['D']} | {row['dist']} | {_ms(t.get('sparsembed'))} | "
+            f"{_ms(t.get('torch'))} | {_ms(t.get('numpy'))} | {_ms(t.get('bound'))} | "
+            f"{r.get('vs_torch', float('nan')):.3f} | "
+            + (f"{r['vs_numpy']:.3f}" if "vs_numpy" in r else "")
+            + " | "
+            + (f"{r['vs_bound']:.2f}" if "vs_bound" in r else "")
+            + " | "
+            + (f"{r['fused_vs_torch']:.3f} ({_ms(t['fused'])} ms)" if "fused_vs_torch" in r else "")
+            + f" | {'; '.join(checks)} |"
+        )
+    return "\n".join(lines)
+
+
+def threads_table(result):
+    lines = ["| operation (V = 1e6, D = 64, B = 262,144) | 1 thread ms | 2 threads ms | speedup |",
+             "|---|---|---|---|"]
+    for t in result.get("threads") or []:
+        lines.append(f"| {t['op']} | {t['t1_ms']:.1f} | {t['t2_ms']:.1f} | {t['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def memory_table(result):
+    lines = ["| V | unique rows | sparse backward peak (tracemalloc) | fused step peak | dense gradient would be |",
+             "|---|---|---|---|---|"]
+    for m in result.get("memory") or []:
+        fused = m.get("fused_step_tracemalloc")
+        lines.append(
+            f"| {m['V']:,} | {m['unique']:,} | {m['sparse_backward_tracemalloc'] / 2**20:.1f} MiB | "
+            + ("" if fused is None else f"{fused / 2**20:.2f} MiB")
+            + f" | {m['dense_grad_bytes'] / 2**20:.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def scaling_table(result):
+    sc = result.get("scaling") or {}
+    out = []
+    for key, var in (("vs_B", "B"), ("vs_V", "V")):
+        pts = sc.get(key) or []
+        if not pts:
+            continue
+        out.append(f"| {var} | workload | sparsembed ms | torch ms | ratio |")
+        out.append("|---|---|---|---|---|")
+        for p in pts:
+            s, t = p["times_ms"].get("sparsembed"), p["times_ms"].get("torch")
+            ratio = f"{s / t:.3f}" if s and t else ""
+            out.append(f"| {p[var]:,} | {p['workload']} | {_ms(s)} | {_ms(t)} | {ratio} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def machine_line(result):
+    m = result["machine"]
+    return (f"{m.get('Model name', '?')}, {m.get('CPU(s)', m.get('cpus'))} CPUs "
+            f"({m.get('Core(s) per socket', '?')} cores/socket, "
+            f"{m.get('Thread(s) per core', '?')} thread/core), L2 {m.get('L2 cache', '?')}, "
+            f"L3 {m.get('L3 cache', '?')}; Python {m['python']}, numpy {m['numpy']}, "
+            f"torch {m.get('torch', '-')}, sparsembed {m['sparsembed']} "
+            f"(OpenMP: {m['openmp']}); {result['n_threads']} threads, median of "
+            f"{result['repeat']} runs; {result['date_utc']} UTC")
+
+
+def main(path):
+    with open(path) as fh:
+        result = json.load(fh)
+    print("Machine: " + machine_line(result) + "\n")
+    print(main_table(result) + "\n")
+    print(threads_table(result) + "\n")
+    print(memory_table(result) + "\n")
+    print(scaling_table(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/latest.json")
