@@ -26,6 +26,7 @@ def main_table(result):
     lines = [
         "| workload | D | ids | sparsembed ms | torch ms | numpy ms | bound ms | vs torch | vs numpy | vs bound | fused vs torch | target |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        # (the dense backward's extra floor, a fill of (V, D), is listed below the table)
     ]
     for row in result["main"]:
         t, r = row["times_ms"], row["ratios"]
@@ -47,6 +48,15 @@ def main_table(result):
             + (f"{r['fused_vs_torch']:.3f} ({_ms(t['fused'])} ms)" if "fused_vs_torch" in r else "")
             + f" | {'; '.join(checks)} |"
         )
+    fills = [f"D={row['D']} {row['dist']}: fill {row['times_ms']['fill']:.1f} ms = "
+             f"{row['times_ms']['fill'] / row['times_ms']['torch']:.3f} x torch"
+             for row in result["main"]
+             if row["workload"] == "dense_backward" and "fill" in row["times_ms"]
+             and "torch" in row["times_ms"]]
+    if fills:
+        lines.append("")
+        lines.append("Dense backward floor, `out.fill(0)` of a preallocated (V, D) array: "
+                     + "; ".join(fills) + ".")
     return "\n".join(lines)
 
 
