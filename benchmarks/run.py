@@ -424,8 +424,35 @@ def run_threads(cfg, repeat, log):
             ef(idx)
             ops[f"{opt_name.lower()}_fused"] = (
                 lambda ef=ef, of=of: ef.backward(g, optimizer=of))
+    # the machine's own scaling: filling a (V, D) array (the dense gradient's write)
+    # and copying a (B, D) one (the forward's traffic), split over n Python threads
+    import threading
+
+    big = np.ones((V, D), dtype=np.float32)
+    src = np.ones((B, D), dtype=np.float32)
+    dst = np.empty_like(src)
+
+    def split(n, work):
+        parts = [(k * big.shape[0] // n, (k + 1) * big.shape[0] // n) for k in range(n)]
+        th = [threading.Thread(target=work, args=p) for p in parts]
+        for x in th:
+            x.start()
+        for x in th:
+            x.join()
+
+    def fill_rows(lo, hi):
+        big[lo:hi].fill(0)
+
+    def copy_rows(lo, hi):
+        lo, hi = lo * B // V, hi * B // V
+        np.copyto(dst[lo:hi], src[lo:hi])
+
+    machine_ops = {
+        "numpy fill (V, D) [machine]": lambda: split(se.get_num_threads(), fill_rows),
+        "numpy copy (B, D) [machine]": lambda: split(se.get_num_threads(), copy_rows),
+    }
     out = []
-    for name, f in ops.items():
+    for name, f in list(ops.items()) + list(machine_ops.items()):
         per = {}
         # alternate thread counts run by run
         for n in (1, 2):
