@@ -65,7 +65,14 @@ def row_values(mat):
 
 
 def _is_full_rows(mat, rows, dim):
+    """Whether every stored row holds the columns 0..dim-1 in order (the caller has
+    checked ``nnz == rows.size * dim``)."""
     if rows.size == 0:
+        return True
+    if mat.__dict__.get("_has_canonical_format", False):
+        # scipy's own flag (set by from_rows, trusted as scipy trusts it): sorted,
+        # no duplicates, columns in [0, dim); with nnz == rows * dim each stored row
+        # then holds exactly the dim columns -- no O(nnz) scan needed
         return True
     if not mat.has_sorted_indices:
         return False

@@ -219,3 +219,30 @@ def test_dense_grad_in_reused_dirty_memory_is_zero_elsewhere(rng, dtype, threads
             out[:] = np.nan  # dirty it again for the next round
             del out
     _pool.clear()
+
+
+def test_row_values_trusts_the_canonical_flag_and_checks_otherwise(rng):
+    import scipy.sparse as sp
+
+    from sparsembed import _rowsparse
+
+    rows = np.array([1, 4, 5], dtype=np.int64)
+    vals = rng.standard_normal((3, 4)).astype(np.float32)
+    mat = _rowsparse.from_rows(rows, vals.copy(), 7)
+    r, v = _rowsparse.row_values(mat)
+    assert_array_equal(r, rows)
+    assert np.shares_memory(v, mat.data)  # read in place, no scan, no copy
+    # the same structure without the flag is verified, and still read in place
+    plain = sp.csr_array((mat.data, mat.indices.copy(), mat.indptr.copy()), shape=mat.shape)
+    r2, v2 = _rowsparse.row_values(plain)
+    assert_array_equal(r2, rows)
+    assert_array_equal(v2, vals)
+    # unsorted columns in a row (no flag): not full rows in order -> rebuilt, same values
+    idx = plain.indices.copy()
+    idx[:4] = idx[:4][::-1]
+    data = plain.data.copy()
+    data[:4] = data[:4][::-1]
+    shuffled = sp.csr_array((data, idx, plain.indptr.copy()), shape=mat.shape)
+    r3, v3 = _rowsparse.row_values(shuffled)
+    assert_array_equal(r3, rows)
+    assert_array_equal(v3, vals)
