@@ -8,6 +8,9 @@ from sparsembed import functional, init
 from sparsembed._threads import _warn_once_without_openmp, get_num_threads, set_num_threads
 from sparsembed._version import __version__
 from sparsembed.embedding import Embedding
+from sparsembed import io
+from sparsembed.vocabulary import Vocabulary
+from sparsembed.serialization import load, save
 
 __all__ = [
     "Embedding",
@@ -17,6 +20,10 @@ __all__ = [
     "set_num_threads",
     "show_config",
     "__version__",
+    "io",
+    "Vocabulary",
+    "save",
+    "load",
 ]
 
 

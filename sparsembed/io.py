@@ -220,7 +220,9 @@ def _load_binary(path, limit, dtype, unicode_errors):
                 vectors[len(words)] = np.frombuffer(mm, dtype="<f4", count=dim, offset=start)
                 words.append(word)
             pos = start + row_bytes
-        if limit is None or limit >= count:
+        if limit is None or limit > count:
+            while pos < size and mm[pos] in b"\n\r":
+                pos += 1
             rest = mm[pos:pos + 64]
             if rest.strip(b"\n\r\t "):
                 raise ValueError(f"{path}: byte offset {pos}: the header announces {count} vectors, "
