@@ -41,9 +41,17 @@ kinds (``EmbeddingBag``, ``HashEmbedding``, the optimizers) register themselves 
 The array data of each member starts at a file offset that is a multiple of 64 (the
 local ZIP header carries a padding extra field, id 0xD935), so :func:`load` with
 ``mmap_mode`` maps the data in place with ``numpy.memmap`` (the offset comes from the
-ZIP local header plus the ``.npy`` header). Without ``mmap_mode`` the members are read
-through ``numpy.load`` with CRC checks; with it, the member sizes are checked but the
-CRC is not (checking it would read the whole table).
+ZIP local header plus the ``.npy`` header), and without it reads the data straight into
+a new array.
+
+Integrity: the JSON header member is read through ``zipfile`` and its CRC-32 is
+checked. Array members are checked for structure (stored, a valid ``.npy`` header, no
+object dtype, the exact size the header implies, shape and dtype equal to the JSON
+header and to the configuration) but their CRC-32 is *not* checked, in either mode:
+``load(path, mmap_mode="r+")`` lets training update rows in place, which leaves the
+ZIP CRC of that member stale by design (recomputing it would read the whole table).
+Such a file stays loadable by :func:`load`; ``numpy.load`` reports a CRC error on it
+until it is saved again with :func:`save`.
 
 Optimizers
 ----------
@@ -283,6 +291,23 @@ def save(obj, path):
 
 
 # -- reading --------------------------------------------------------------------------
+def advise_random(arr):
+    """Tell the kernel a memmap is read at random (``MADV_RANDOM``: no readahead).
+
+    Embedding lookups touch scattered rows; readahead would pull in (and keep
+    resident) pages nobody asked for. Best effort: a no-op where unsupported.
+    """
+    import mmap as _mmap
+
+    mm = getattr(arr, "_mmap", None)
+    advice = getattr(_mmap, "MADV_RANDOM", None)
+    if mm is not None and advice is not None and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(advice)
+        except (OSError, ValueError):
+            pass
+
+
 class _Reader:
     def __init__(self, path, mmap_mode):
         self.path = os.fspath(path)
@@ -293,12 +318,9 @@ class _Reader:
             raise ValueError(f"{self.path}: not a sparsembed checkpoint (not a valid zip "
                              f"archive; truncated or corrupt?): {exc}") from None
         self.file_size = os.path.getsize(self.path)
-        self.npz = None
 
     def close(self):
         self.zf.close()
-        if self.npz is not None:
-            self.npz.close()
 
     def _fail(self, msg):
         raise ValueError(f"{self.path}: {msg}")
@@ -331,19 +353,35 @@ class _Reader:
             zinfo = self.zf.getinfo(name)
         except KeyError:
             self._fail(f"missing member {name!r}")
+        if name == HEADER_MEMBER:  # small: read through zipfile, CRC checked
+            try:
+                return np.load(io.BytesIO(self.zf.read(zinfo)), allow_pickle=False)
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+                self._fail(f"corrupt member {name!r}: {exc}")
+        shape, fortran, dtype, offset = self._locate(zinfo)
+        order = "F" if fortran else "C"
+        count = int(np.prod(shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(shape, dtype=dtype, order=order)
         if mmap:
-            return self._map_member(zinfo)
-        try:
-            if self.npz is None:
-                self.npz = np.load(self.path, allow_pickle=False)
-            return self.npz[name[:-4] if name.endswith(".npy") else name]
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-            self._fail(f"cannot read member {name!r} (truncated or corrupt?): {exc}")
+            arr = np.memmap(self.path, dtype=dtype, mode=self.mmap_mode, offset=offset,
+                            shape=shape, order=order)
+            advise_random(arr)
+            return arr
+        flat = np.empty(count, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            got = f.readinto(memoryview(flat).cast("B"))
+        if got != flat.nbytes:
+            self._fail(f"member {name!r} is truncated at byte offset {offset + got}")
+        return flat.reshape(shape, order=order)
 
-    def _map_member(self, zinfo):
+    def _locate(self, zinfo):
+        """(shape, fortran_order, dtype, data offset) of a stored .npy member, checked."""
         name = zinfo.filename
         if zinfo.compress_type != zipfile.ZIP_STORED:
-            self._fail(f"member {name!r} is compressed and cannot be memory-mapped")
+            self._fail(f"member {name!r} is compressed; sparsembed checkpoints store members "
+                       "uncompressed (so that they can be memory-mapped)")
         with open(self.path, "rb") as f:
             f.seek(zinfo.header_offset)
             local = f.read(30)
@@ -361,16 +399,14 @@ class _Reader:
             except (ValueError, OSError, EOFError) as exc:
                 self._fail(f"member {name!r}: corrupt .npy header at byte offset {start}: {exc}")
             if dtype.hasobject:
-                self._fail(f"member {name!r} holds Python objects; refusing to load")
+                self._fail(f"member {name!r} holds Python objects; refusing to load (no pickle)")
             offset = f.tell()
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if offset - start + nbytes != zinfo.file_size or offset + nbytes > self.file_size:
-            self._fail(f"member {name!r} is truncated: {nbytes} data bytes expected at byte "
-                       f"offset {offset}, member size {zinfo.file_size}, file size {self.file_size}")
-        if nbytes == 0:
-            return np.zeros(shape, dtype=dtype, order="F" if fortran else "C")
-        return np.memmap(self.path, dtype=dtype, mode=self.mmap_mode, offset=offset,
-                         shape=shape, order="F" if fortran else "C")
+            self._fail(f"member {name!r} is truncated or corrupt: {nbytes} data bytes expected at "
+                       f"byte offset {offset}, member size {zinfo.file_size - (offset - start)}, "
+                       f"file size {self.file_size}")
+        return shape, fortran, dtype, offset
 
     def rebuild(self, record, where, params):
         if not isinstance(record, dict):
