@@ -11,6 +11,7 @@ from sparsembed.embedding import Embedding
 from sparsembed import io
 from sparsembed.vocabulary import Vocabulary
 from sparsembed.serialization import load, save
+from sparsembed.hashing import HashEmbedding
 
 __all__ = [
     "Embedding",
@@ -24,6 +25,7 @@ __all__ = [
     "Vocabulary",
     "save",
     "load",
+    "HashEmbedding",
 ]
 
 

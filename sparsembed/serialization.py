@@ -33,9 +33,12 @@ it is given). Every member is *stored* (no compression) and is a ``.npy`` file (
     ``state/0/sum.npy`` for an optimizer checkpoint.
 
 Kinds: ``"Embedding"`` (config: ``num_embeddings, embedding_dim, padding_idx,
-max_norm, norm_type, scale_grad_by_freq, sparse, dtype``; array ``weight``). Further
-kinds (``EmbeddingBag``, ``HashEmbedding``, the optimizers) register themselves with
-:func:`register_kind`. ``norm_type = inf`` is written as JSON ``Infinity`` (Python's
+max_norm, norm_type, scale_grad_by_freq, sparse, dtype``; attrs ``requires_grad``;
+array ``weight``), ``"HashEmbedding"`` (config: ``num_buckets, embedding_dim,
+num_hashes, mode, seed, sparse, num_weights, dtype``; attrs ``requires_grad`` and, in
+weighted mode, ``importance_requires_grad``; arrays ``weight`` and, in weighted mode,
+``importance``). Further kinds register themselves with :func:`register_kind`.
+``norm_type = inf`` is written as JSON ``Infinity`` (Python's
 ``json`` reads it back).
 
 The array data of each member starts at a file offset that is a multiple of 64 (the
@@ -203,12 +206,55 @@ def _embedding_from_record(config, attrs, arrays, children, params):
     return _layer_from_record(Embedding, config, attrs, arrays)
 
 
+def _hash_to_record(layer):
+    config = {
+        "num_buckets": layer.num_buckets,
+        "embedding_dim": layer.embedding_dim,
+        "num_hashes": layer.num_hashes,
+        "mode": layer.mode,
+        "seed": layer.seed,
+        "sparse": layer.sparse,
+        "num_weights": layer.num_weights,
+        "dtype": np.dtype(layer.weight.dtype).name,
+    }
+    attrs = {"requires_grad": bool(layer.requires_grad)}
+    arrays = {"weight": layer.weight}
+    if layer.importance is not None:
+        arrays["importance"] = layer.importance.weight
+        attrs["importance_requires_grad"] = bool(layer.importance.requires_grad)
+    return config, attrs, arrays, []
+
+
+def _hash_from_record(config, attrs, arrays, children, params):
+    from sparsembed.hashing import HashEmbedding
+
+    config = dict(config)
+    weight = _expect_array(arrays, "weight", (config["num_buckets"], config["embedding_dim"]),
+                           config["dtype"])
+    weighted = config.get("mode") == "weighted"
+    if weighted:
+        importance = _expect_array(arrays, "importance", (config["num_weights"], config["num_hashes"]),
+                                   config["dtype"])
+    elif "importance" in arrays:
+        raise ValueError("unexpected array 'importance' for mode 'sum'")
+    layer = HashEmbedding(**config, weight=weight)
+    if isinstance(weight, np.memmap):
+        layer.weight = weight
+    layer.requires_grad = bool(attrs.get("requires_grad", True))
+    if weighted:
+        layer.importance.weight = importance
+        layer.importance.requires_grad = bool(attrs.get("importance_requires_grad", True))
+    return layer
+
+
 def _register_builtin_kinds():
     if "Embedding" in _KINDS:
         return
     from sparsembed.embedding import Embedding
+    from sparsembed.hashing import HashEmbedding
 
     register_kind("Embedding", Embedding, _embedding_to_record, _embedding_from_record)
+    register_kind("HashEmbedding", HashEmbedding, _hash_to_record, _hash_from_record)
 
 
 # -- writing --------------------------------------------------------------------------
