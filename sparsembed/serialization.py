@@ -247,6 +247,132 @@ def _hash_from_record(config, attrs, arrays, children, params):
     return layer
 
 
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _ImportanceRef:
+    """Stands, in an optimizer checkpoint, for ``layers[owner].importance``."""
+
+    def __init__(self, owner):
+        self.owner = owner
+
+
+def _importance_ref_to_record(ref):
+    return {"owner": ref.owner}, {}, {}, []
+
+
+def _importance_ref_from_record(config, attrs, arrays, children, params):
+    owner = config.get("owner")
+    if isinstance(owner, bool) or not isinstance(owner, int):
+        raise ValueError(f"bad HashImportance owner {owner!r}")
+    return _ImportanceRef(owner)
+
+
+def _optimizer_children(layers):
+    from sparsembed.hashing import HashImportance
+
+    out = []
+    for layer in layers:
+        if isinstance(layer, HashImportance):
+            owners = [j for j, other in enumerate(layers) if getattr(other, "importance", None) is layer]
+            if not owners:
+                raise TypeError("an optimizer holding a HashEmbedding's importance table can only be "
+                                "saved when it also holds that HashEmbedding")
+            out.append(_ImportanceRef(owners[0]))
+        else:
+            out.append(layer)
+    return out
+
+
+def _resolve_children(children):
+    out = list(children)
+    for i, child in enumerate(children):
+        if isinstance(child, _ImportanceRef):
+            owner = children[child.owner] if 0 <= child.owner < len(children) else None
+            if getattr(owner, "importance", None) is None:
+                raise ValueError(f"layer {i} refers to the importance table of layer {child.owner}, "
+                                 "which has none")
+            out[i] = owner.importance
+    return out
+
+
+def _optimizer_to_record(opt):
+    sd = opt.state_dict()
+    layers = [layer for group in opt.param_groups for layer in group["params"]]
+    groups = [{k: _jsonable(v) for k, v in g.items()} for g in sd["param_groups"]]
+    config = {"defaults": {k: _jsonable(v) for k, v in opt.defaults.items()}, "param_groups": groups}
+    steps, arrays = [], {}
+    for i in range(len(layers)):
+        st = sd["state"].get(i)
+        if st is None:
+            steps.append(None)
+            continue
+        steps.append(int(st.get("step", 0)))
+        for name, value in st.items():
+            if name != "step" and value is not None:
+                arrays[f"state/{i}/{name}"] = value
+    return config, {"steps": steps}, arrays, _optimizer_children(layers)
+
+
+def _optimizer_from_record_for(cls):
+    def from_record(config, attrs, arrays, children, params):
+        groups_cfg = config["param_groups"]
+        steps = attrs.get("steps", [])
+        children = _resolve_children(children)
+        n = len(children)
+        if len(steps) != n:
+            raise ValueError(f"'steps' lists {len(steps)} layers, the checkpoint holds {n}")
+        if params is None:
+            layers = children
+        else:
+            layers = list(params)
+            if len(layers) != n:
+                raise ValueError(f"params has {len(layers)} layers, the checkpoint holds {n}")
+            for i, (live, saved) in enumerate(zip(layers, children)):
+                if type(live) is not type(saved) or live.weight.shape != saved.weight.shape \
+                        or live.weight.dtype != saved.weight.dtype:
+                    raise ValueError(
+                        f"params[{i}] is a {type(live).__name__} with weight {live.weight.shape} "
+                        f"{live.weight.dtype}, the checkpoint holds a {type(saved).__name__} with "
+                        f"{saved.weight.shape} {saved.weight.dtype}")
+            for live, saved in zip(layers, children):
+                if hasattr(live, "load_state_dict"):
+                    live.load_state_dict(saved.state_dict())
+                else:
+                    live.weight[...] = saved.weight
+        seen = sorted(i for g in groups_cfg for i in g["params"])
+        if seen != list(range(n)):
+            raise ValueError(f"param_groups list layers {seen}, expected 0..{n - 1} once each")
+        groups = [dict({k: v for k, v in g.items() if k != "params"},
+                       params=[layers[i] for i in g["params"]]) for g in groups_cfg]
+        opt = cls(groups, **config["defaults"])
+        state = {}
+        for i, step in enumerate(steps):
+            if step is None:
+                continue
+            st = {"step": step}
+            prefix = f"state/{i}/"
+            st.update({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            state[i] = st
+        unknown = [k for k in arrays if int(k.split("/")[1]) not in state]
+        if unknown:
+            raise ValueError(f"state arrays {unknown} belong to no layer with state")
+        opt.load_state_dict({"state": state, "param_groups": [dict(g) for g in groups_cfg]})
+        # keep memory-mapped state arrays mapped (load_state_dict copies)
+        for i, st in state.items():
+            for name, arr in st.items():
+                if isinstance(arr, np.memmap) and arr.flags.writeable and name in opt.state.get(i, {}):
+                    opt.state[i][name] = arr
+        return opt
+
+    return from_record
+
+
 def _register_builtin_kinds():
     if "Embedding" in _KINDS:
         return
@@ -255,6 +381,15 @@ def _register_builtin_kinds():
 
     register_kind("Embedding", Embedding, _embedding_to_record, _embedding_from_record)
     register_kind("HashEmbedding", HashEmbedding, _hash_to_record, _hash_from_record)
+    register_kind("HashImportance", _ImportanceRef, _importance_ref_to_record, _importance_ref_from_record)
+    try:
+        from sparsembed import optim
+    except ImportError:  # optimizers not built into this version
+        optim = None
+    for name in ("SGD", "Adagrad", "SparseAdam", "RowWiseAdagrad"):
+        cls = getattr(optim, name, None)
+        if cls is not None:
+            register_kind(f"optim.{name}", cls, _optimizer_to_record, _optimizer_from_record_for(cls))
 
 
 # -- writing --------------------------------------------------------------------------

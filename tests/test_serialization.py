@@ -294,3 +294,100 @@ def test_small_scale_training_touches_only_needed_rows(tmp_path):
     assert r["peak_anon_bytes"] - r["baseline_anon_bytes"] < size / 4
     assert r["disk_blocks_bytes_after"] < size / 8  # only the touched pages were written
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the table file is removed
+
+
+# -- optimizers (se.optim) --------------------------------------------------------------
+needs_optim = pytest.mark.skipif(not hasattr(se, "optim") or not hasattr(getattr(se, "optim", None), "Adagrad"),
+                                 reason="se.optim is not in this build")
+
+
+def _train(layers, opt, steps, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        for layer in layers:
+            if isinstance(layer, (se.HashEmbedding, se.Embedding)):
+                ids = rng.integers(0, layer.num_embeddings, size=6)
+                out = layer(ids)
+                layer.backward(np.sin(out) + 0.1)
+        opt.step()
+        opt.zero_grad()
+
+
+def _optimizers():
+    return [
+        ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+        ("Adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+        ("SparseAdam", dict(lr=0.01, betas=(0.8, 0.99))),
+        ("RowWiseAdagrad", dict(lr=0.1)),
+    ]
+
+
+@needs_optim
+@pytest.mark.parametrize("name, hyper", _optimizers())
+def test_optimizer_checkpoint_resumes_exactly(tmp_path, name, hyper):
+    cls = getattr(se.optim, name)
+
+    def make():
+        a = se.Embedding(50, 4, sparse=True, random_state=0)
+        b = se.HashEmbedding(30, 4, mode="weighted", sparse=True, random_state=1)
+        return [a, b, b.importance]
+
+    layers = make()
+    opt = cls([{"params": layers[:1]}, {"params": layers[1:], "lr": 0.05}], **hyper)
+    _train(layers[:2], opt, 3, seed=0)
+    path = tmp_path / "ckpt.npz"
+    se.save(opt, path)
+    h = header_of(path)["root"]
+    assert h["kind"] == f"optim.{name}" and len(h["children"]) == 3
+    assert h["children"][2] == {"kind": "HashImportance", "config": {"owner": 1}, "attrs": {},
+                                "arrays": {}, "children": []}
+    # reference: keep training the original
+    _train(layers[:2], opt, 2, seed=1)
+    # 1) rebuild everything from the file
+    opt2 = se.load(path)
+    assert type(opt2) is cls
+    layers2 = [l for g in opt2.param_groups for l in g["params"]]
+    assert layers2[2] is layers2[1].importance
+    assert opt2.param_groups[1]["lr"] == 0.05
+    _train(layers2[:2], opt2, 2, seed=1)
+    for l1, l2 in zip(layers, layers2):
+        np.testing.assert_array_equal(l1.weight, l2.weight)
+    # 2) restore into live layers
+    live = make()
+    opt3 = se.load(path, params=live)
+    assert [l for g in opt3.param_groups for l in g["params"]] == live
+    _train(live[:2], opt3, 2, seed=1)
+    for l1, l3 in zip(layers, live):
+        np.testing.assert_array_equal(l1.weight, l3.weight)
+
+
+@needs_optim
+def test_optimizer_checkpoint_mmap_and_bad_params(tmp_path):
+    emb = se.Embedding(40, 3, sparse=True, random_state=0)
+    opt = se.optim.Adagrad([emb], lr=0.1)
+    _train([emb], opt, 2, seed=0)
+    path = tmp_path / "a.npz"
+    se.save(opt, path)
+    m = se.load(path, mmap_mode="r+")
+    layer = m.param_groups[0]["params"][0]
+    assert isinstance(layer.weight, np.memmap) and isinstance(m.state[0]["sum"], np.memmap)
+    _train([layer], m, 1, seed=5)
+    _train([emb], opt, 1, seed=5)
+    layer.weight.flush()
+    m.state[0]["sum"].flush()
+    del m, layer
+    again = se.load(path)
+    np.testing.assert_array_equal(again.param_groups[0]["params"][0].weight, emb.weight)
+    np.testing.assert_array_equal(again.state[0]["sum"], opt.state[0]["sum"])
+    with pytest.raises(ValueError, match="params has 2 layers, the checkpoint holds 1"):
+        se.load(path, params=[se.Embedding(40, 3), se.Embedding(40, 3)])
+    wrong = se.Embedding(41, 3, sparse=True)
+    before = wrong.weight.copy()
+    with pytest.raises(ValueError, match=r"params\[0\] is a Embedding with weight \(41, 3\)"):
+        se.load(path, params=[wrong])
+    np.testing.assert_array_equal(wrong.weight, before)
+    # an optimizer over a bare importance table cannot be saved without its owner
+    h = se.HashEmbedding(10, 2, mode="weighted")
+    with pytest.raises(TypeError, match="importance"):
+        se.save(se.optim.SGD([h.importance], lr=0.1), tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
