@@ -8,9 +8,9 @@ loss against random targets as a row-sparse gradient, and applies a sparse updat
 ``weight[rows] -= lr * grad_rows``). Only the touched rows are read and written.
 
 Reports the median and mean time per step and the memory the process used: peak
-resident set (VmHWM, which counts file pages mapped from the table: clean page cache
-the kernel can drop), and peak anonymous memory (RssAnon sampled after every step: the
-memory that really has to fit in RAM).
+resident set (VmHWM: everything, including the table's file pages mapped so far, which
+are page cache the kernel can write back and drop), and, after the last step, how much
+of that is table pages (RssFile) and how much anonymous memory (RssAnon).
 
     python benchmarks/bench_memmap.py --size-gb 32 --steps 50 --json out.json
 """
@@ -67,6 +67,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--optimizer", choices=("sgd", "adagrad", "manual"), default="sgd",
                         help="se.optim class if available on this build, else manual")
+    parser.add_argument("--fused", action="store_true",
+                        help="fused backward + update (layer.backward(g, optimizer=opt)): no "
+                             "gradient matrix is built (needs se.optim)")
     parser.add_argument("--dir", default=None, help="where to create the table file (default: cwd)")
     parser.add_argument("--keep", action="store_true", help="keep the table file afterwards")
     parser.add_argument("--threads", type=int, default=None)
@@ -95,17 +98,22 @@ def main(argv=None):
         assert emb.weight is weight, "Embedding copied the memmap"
         opt, opt_name = make_optimizer(se, args.optimizer, emb, args.lr)
         rng = np.random.default_rng(args.seed)
+        if args.fused and opt is None:
+            raise SystemExit("--fused needs se.optim (SGD/Adagrad)")
         times, anon_peak, rss_peak = [], 0, 0
         for step in range(args.warmup + args.steps):
             ids = rng.integers(0, n_rows, args.batch)
             target = rng.standard_normal((args.batch, args.dim)).astype(np.float32)
             t0 = time.perf_counter()
             out = emb(ids)
-            emb.backward(out - target)
-            if opt is not None:
+            if opt is not None and args.fused:
+                emb.backward(out - target, optimizer=opt)
+            elif opt is not None:
+                emb.backward(out - target)
                 opt.step()
                 opt.zero_grad()
             else:
+                emb.backward(out - target)
                 rows, values = _rowsparse.row_values(emb.grad)
                 weight[rows] -= args.lr * values
                 emb.zero_grad()
@@ -130,7 +138,7 @@ def main(argv=None):
         "dim": args.dim,
         "batch": args.batch,
         "steps": args.steps,
-        "optimizer": opt_name,
+        "optimizer": opt_name + (" (fused)" if args.fused else ""),
         "threads": se.get_num_threads(),
         "step_s_median": statistics.median(times),
         "step_s_mean": statistics.fmean(times),
@@ -139,8 +147,9 @@ def main(argv=None):
         "baseline_anon_bytes": baseline.get("RssAnon", 0),
         # VmHWM is reset by exec; ru_maxrss is not (it can report the parent's peak)
         "peak_rss_bytes": final.get("VmHWM") or peak_rss_bytes(),
-        "peak_rss_sampled_bytes": rss_peak,
-        "peak_anon_bytes": anon_peak,
+        "rss_after_step_max_bytes": rss_peak,
+        # sampled between steps: misses the transient arrays of a step (VmHWM does not)
+        "anon_after_step_max_bytes": anon_peak,
         "final_rss_file_bytes": final.get("RssFile", 0),
         "disk_blocks_bytes_after": disk_used,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, "
@@ -154,10 +163,10 @@ def main(argv=None):
           f"{args.steps} steps, optimizer {opt_name}, {result['threads']} threads")
     print(f"  time per step: median {result['step_s_median'] * 1e3:.2f} ms, "
           f"mean {result['step_s_mean'] * 1e3:.2f} ms; flush {flush_s * 1e3:.1f} ms")
-    print(f"  peak RSS {result['peak_rss_bytes'] / gib:.3f} GiB (baseline "
-          f"{result['baseline_rss_bytes'] / gib:.3f}), peak anonymous "
-          f"{anon_peak / gib:.3f} GiB, table on disk after training "
-          f"{disk_used / gib:.3f} GiB allocated")
+    print(f"  peak RSS (VmHWM) {result['peak_rss_bytes'] / gib:.3f} GiB (baseline "
+          f"{result['baseline_rss_bytes'] / gib:.3f}); after the last step: table pages mapped "
+          f"{final.get('RssFile', 0) / gib:.3f} GiB, anonymous {final.get('RssAnon', 0) / gib:.3f} GiB; "
+          f"table on disk after training {disk_used / gib:.3f} GiB allocated")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
