@@ -26,10 +26,12 @@ def main(steps=8, lr=2.0):
     out = emb(batch)
     print("input", batch.shape, "-> output", out.shape, out.dtype)
 
+    losses = []
     for step in range(steps):
         out = emb(batch)
         diff = out - targets
-        loss = 0.5 * float(np.sum(diff**2)) / batch.size
+        loss = 0.5 * float(np.sum(diff**2)) / batch.size   # per token
+        losses.append(loss)
         grad = emb.backward(diff / batch.size)
         # canonical csr: sorted distinct rows, each stored as a full row
         rows = np.flatnonzero(np.diff(grad.indptr))
@@ -38,7 +40,7 @@ def main(steps=8, lr=2.0):
         emb.zero_grad()
         print(f"step {step}: loss {loss:.4f}   rows updated: {rows.tolist()}")
     print("gradient:", type(grad).__name__, grad.shape, "non-empty rows:", rows.size)
-    return loss
+    return losses
 
 
 if __name__ == "__main__":

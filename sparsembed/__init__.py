@@ -7,7 +7,7 @@ sparse-aware optimizers, with Cython/OpenMP kernels for every hot loop.
 from sparsembed import functional, init
 from sparsembed._threads import _warn_once_without_openmp, get_num_threads, set_num_threads
 from sparsembed._version import __version__
-from sparsembed.embedding import Embedding
+from sparsembed.embedding import Embedding, EmbeddingBag
 from sparsembed import io
 from sparsembed.vocabulary import Vocabulary
 from sparsembed.serialization import load, save
@@ -15,6 +15,7 @@ from sparsembed.hashing import HashEmbedding
 
 __all__ = [
     "Embedding",
+    "EmbeddingBag",
     "functional",
     "init",
     "get_num_threads",

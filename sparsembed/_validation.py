@@ -29,13 +29,14 @@ def as_index_array(input, name="input"):
             f"{name} must be an array of integers, got dtype {arr.dtype}"
             + (" (bool is not an index type)" if kind == "b" else "")
         )
+    # np.asarray(order="C"), not np.ascontiguousarray: 0-d input stays 0-d
     if arr.dtype in (np.int32, np.int64):
-        return np.ascontiguousarray(arr)
+        return np.asarray(arr, order="C")
     if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
         pos = int(np.argmax(arr > np.iinfo(np.int64).max))
         value = int(arr.reshape(-1)[pos])
         raise IndexError(f"{name}: index {value} at position {pos} is out of range")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.asarray(arr, dtype=np.int64, order="C")
 
 
 def check_index_range(flat, num_embeddings, name="input"):
@@ -112,4 +113,4 @@ def as_grad_output(grad_output, expected_shape, dtype):
             f"grad_output has shape {g.shape}, expected {tuple(expected_shape)} "
             "(the shape of the forward's output)"
         )
-    return np.ascontiguousarray(g, dtype=dtype)
+    return np.asarray(g, dtype=dtype, order="C")

@@ -1,0 +1,538 @@
+"""se.Embedding and se.functional.embedding*: numpy references and torch parity."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from numpy.testing import assert_allclose, assert_array_equal
+
+import reference as ref
+import sparsembed as se
+import sparsembed.functional as F
+
+NORM_TYPES = [2.0, 1.0, 0.0, 3.5, 0.5, -1.5, np.inf, -np.inf]
+ALL_INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+def _table(rng, V, D, dtype, scale=1.0):
+    return (rng.standard_normal((V, D)) * scale).astype(dtype)
+
+
+def _assert_canonical(g, rows, num_embeddings, dim):
+    assert isinstance(g, sp.csr_array)
+    assert g.shape == (num_embeddings, dim)
+    assert_array_equal(np.flatnonzero(np.diff(g.indptr)), rows)
+    assert_array_equal(np.diff(g.indptr)[rows], dim)
+    assert g.nnz == rows.size * dim
+    assert_array_equal(g.indices.reshape(rows.size, dim), np.broadcast_to(np.arange(dim), (rows.size, dim)))
+    assert g.has_canonical_format
+
+
+# --------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("int_dtype", ALL_INT_DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (3, 4), (2, 0, 3), (2, 3, 4)])
+def test_forward_matches_take(rng, dtype, int_dtype, shape):
+    weight = _table(rng, 20, 6, dtype)
+    ids = rng.integers(0, 20, size=shape).astype(int_dtype)
+    emb = se.Embedding(20, 6, weight=weight, dtype=dtype)
+    out = emb(ids)
+    assert out.shape == shape + (6,)
+    assert out.dtype == dtype
+    assert_array_equal(out, ref.embedding(weight, ids.astype(np.int64)))
+    assert_array_equal(F.embedding(ids, weight), out)
+
+
+def test_forward_non_contiguous_and_read_only(rng, dtype):
+    weight = _table(rng, 30, 5, dtype)
+    big = rng.integers(0, 30, size=(6, 8))
+    ids = big[::2, 1::3]
+    assert not ids.flags.c_contiguous
+    ro = big.copy()
+    ro.flags.writeable = False
+    emb = se.Embedding.from_pretrained(weight)
+    assert_array_equal(emb(ids), weight[ids])
+    assert_array_equal(emb(ro), weight[ro])
+    # a non-contiguous table in the functional form
+    wide = _table(rng, 30, 10, dtype)
+    assert_array_equal(F.embedding(ids, wide[:, ::2]), wide[:, ::2][ids])
+    # a read-only table looks up fine
+    weight.flags.writeable = False
+    assert_array_equal(se.Embedding.from_pretrained(weight)(ids), weight[ids])
+
+
+def test_forward_accepts_python_lists():
+    emb = se.Embedding(5, 2, random_state=0)
+    assert_array_equal(emb([[1, 2], [3, 4]]), emb.weight[[[1, 2], [3, 4]]])
+    assert emb([]).shape == (0, 2)
+
+
+def test_forward_returns_a_new_array(rng):
+    emb = se.Embedding(5, 3, random_state=0)
+    out = emb(np.array([1, 1]))
+    out[0] = 99
+    assert not np.any(emb.weight == 99)
+
+
+# ---------------------------------------------------------------------- renorm
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_renorm_matches_reference(rng, dtype, norm_type):
+    weight = _table(rng, 25, 7, dtype, scale=2.0)
+    weight[3, :3] = 0
+    ids = rng.integers(0, 25, size=(4, 9))
+    ids[0, 0] = 3
+    expected = ref.renorm(weight, ids, 1.5, norm_type)
+    emb = se.Embedding(25, 7, max_norm=1.5, norm_type=norm_type, weight=weight.copy(), dtype=dtype)
+    out = emb(ids)
+    assert_allclose(emb.weight, expected, **ref.tol(dtype))
+    assert_array_equal(out, emb.weight[ids])
+    w2 = weight.copy()
+    assert F.embedding_renorm_(w2, ids, 1.5, norm_type) is w2
+    assert_allclose(w2, expected, **ref.tol(dtype))
+
+
+def test_renorm_includes_padding_row_like_torch(rng):
+    weight = _table(rng, 6, 4, np.float64, scale=5.0)
+    emb = se.Embedding(6, 4, padding_idx=2, max_norm=1.0, weight=weight.copy(), dtype=np.float64)
+    emb(np.array([2, 2, 5]))
+    assert_allclose(emb.weight, ref.renorm(weight, [2, 5], 1.0, 2.0), rtol=1e-12)
+
+
+def test_renorm_non_contiguous_weight(rng):
+    wide = _table(rng, 10, 8, np.float64, scale=3.0)
+    view = wide[:, ::2]
+    expected = ref.renorm(view, [1, 4, 4], 0.5, 2.0)
+    F.embedding([1, 4, 4], view, max_norm=0.5)
+    assert_allclose(view, expected, rtol=1e-12)
+
+
+# -------------------------------------------------------------------- backward
+
+@pytest.mark.parametrize("padding_idx", [None, 3, -2])
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_backward_matches_reference(rng, dtype, padding_idx, scale, sparse):
+    V, D = 12, 5
+    ids = rng.integers(0, V, size=(7, 6))
+    ids[0, :3] = 3
+    ids[1, :2] = V - 2
+    grad_out = rng.standard_normal(ids.shape + (D,)).astype(dtype)
+    emb = se.Embedding(V, D, padding_idx=padding_idx, scale_grad_by_freq=scale, sparse=sparse,
+                       dtype=dtype, random_state=0)
+    emb(ids)
+    g = emb.backward(grad_out)
+    pad = emb.padding_idx
+    expected = ref.dense_backward(grad_out, ids, V, pad, scale)
+    if sparse:
+        _assert_canonical(g, ref.touched_rows(ids, pad), V, D)
+        dense = g.toarray()
+    else:
+        assert isinstance(g, np.ndarray) and g.shape == (V, D)
+        dense = g
+    assert dense.dtype == dtype
+    assert_allclose(dense, expected, **ref.tol(dtype))
+    f = F.embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
+                             scale_grad_by_freq=scale, sparse=sparse)
+    assert_array_equal(f.toarray() if sparse else f, dense)
+
+
+def test_sparse_keeps_explicit_zero_rows():
+    emb = se.Embedding(6, 3, sparse=True, random_state=0)
+    emb(np.array([1, 4]))
+    g = emb.backward(np.zeros((2, 3), dtype=np.float32))
+    _assert_canonical(g, np.array([1, 4]), 6, 3)
+    assert_array_equal(g.data, 0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_backward_empty_and_scalar_input(sparse):
+    emb = se.Embedding(5, 3, sparse=sparse, random_state=0)
+    emb(np.zeros((0, 2), dtype=np.int64))
+    g = emb.backward(np.zeros((0, 2, 3), dtype=np.float32))
+    dense = g.toarray() if sparse else g
+    assert_array_equal(dense, 0)
+    if sparse:
+        assert g.nnz == 0
+    emb.zero_grad()
+    out = emb(np.int64(4))
+    assert out.shape == (3,)
+    g = emb.backward(np.ones(3))
+    dense = g.toarray() if sparse else g
+    assert_array_equal(dense[4], 1)
+    assert_array_equal(np.delete(dense, 4, axis=0), 0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_grad_accumulates_over_backwards(rng, sparse):
+    emb = se.Embedding(10, 4, padding_idx=0, sparse=sparse, dtype=np.float64, random_state=0)
+    a = np.array([[1, 2, 0], [2, 2, 5]])
+    b = np.array([7, 1])
+    ga = rng.standard_normal((2, 3, 4))
+    gb = rng.standard_normal((2, 4))
+    emb(a)
+    first = emb.backward(ga)
+    first_copy = first.copy()
+    emb.backward(ga)  # again for the same forward: adds once more
+    emb(b)
+    emb.backward(gb)
+    expected = 2 * ref.dense_backward(ga, a, 10, 0) + ref.dense_backward(gb, b, 10, 0)
+    total = emb.grad.toarray() if sparse else emb.grad
+    assert_allclose(total, expected, rtol=1e-12)
+    if sparse:
+        _assert_canonical(emb.grad, np.array([1, 2, 5, 7]), 10, 4)
+    # what backward returned is not changed by later accumulation
+    assert_array_equal(first.toarray() if sparse else first,
+                       first_copy.toarray() if sparse else first_copy)
+    emb.zero_grad()
+    assert emb.grad is None
+
+
+def test_requires_grad_false_returns_none():
+    emb = se.Embedding.from_pretrained(np.eye(4, dtype=np.float32))
+    assert emb.requires_grad is False
+    emb(np.array([1, 2]))
+    assert emb.backward(np.ones((2, 4))) is None
+    assert emb.grad is None
+    unfrozen = se.Embedding.from_pretrained(np.eye(4, dtype=np.float32), freeze=False)
+    assert unfrozen.requires_grad is True
+
+
+def test_backward_uses_the_ids_of_the_forward(rng):
+    emb = se.Embedding(8, 2, dtype=np.float64, random_state=0)
+    ids = np.array([1, 2, 3])
+    emb(ids)
+    ids[:] = 7  # the caller reuses its buffer
+    g = emb.backward(np.ones((3, 2)))
+    assert_array_equal(g[[1, 2, 3]], 1)
+    assert_array_equal(g[7], 0)
+
+
+def test_finite_differences_float64(rng):
+    """The backward is the gradient of sum(out * R) w.r.t. the table."""
+    V, D = 7, 3
+    ids = np.array([[0, 3, 3], [6, 1, 3]])
+    R = rng.standard_normal(ids.shape + (D,))
+    weight = rng.standard_normal((V, D))
+    emb = se.Embedding(V, D, weight=weight.copy(), dtype=np.float64)
+    emb(ids)
+    analytic = emb.backward(R)
+    eps = 1e-6
+    numeric = np.zeros_like(weight)
+    for r in range(V):
+        for c in range(D):
+            wp, wm = weight.copy(), weight.copy()
+            wp[r, c] += eps
+            wm[r, c] -= eps
+            numeric[r, c] = (np.sum(F.embedding(ids, wp) * R) - np.sum(F.embedding(ids, wm) * R)) / (2 * eps)
+    assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-8)
+    sparse = F.embedding_backward(R, ids, V, sparse=True).toarray()
+    assert_allclose(sparse, numeric, rtol=1e-7, atol=1e-8)
+
+
+# ------------------------------------------------------------ thread determinism
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bitwise_identical_for_1_and_2_threads(threads, sparse):
+    rng = np.random.default_rng(7)
+    V, D = 5000, 33
+    ids = rng.zipf(1.3, size=(300, 70)) % V   # skewed: many duplicates
+    grad_out = rng.standard_normal(ids.shape + (D,)).astype(np.float32)
+    weight = _table(rng, V, D, np.float32, scale=2.0)
+    results = []
+    for n in (1, 2):
+        threads(n)
+        emb = se.Embedding(V, D, padding_idx=1, max_norm=3.0, scale_grad_by_freq=True,
+                           sparse=sparse, weight=weight.copy())
+        out = emb(ids)
+        g = emb.backward(grad_out)
+        results.append((out, emb.weight.copy(), g.toarray() if sparse else g))
+    for a, b in zip(*results):
+        assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ torch parity
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _torch_run(weight, ids, grad_out, **kw):
+    torch = _torch()
+    t = torch.nn.Embedding(weight.shape[0], weight.shape[1], **kw).to(
+        torch.float64 if weight.dtype == np.float64 else torch.float32)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(weight))
+    out = t(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+    out.backward(torch.from_numpy(grad_out))
+    g = t.weight.grad
+    g = g.coalesce().to_dense() if g.is_sparse else g
+    return out.detach().numpy(), t.weight.detach().numpy(), g.numpy()
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 4, -1])
+@pytest.mark.parametrize("max_norm,norm_type", [(None, 2.0), (1.0, 2.0), (0.7, 1.0),
+                                                (2.0, np.inf), (1.1, 3.0), (5.0, 0.0),
+                                                (0.3, -1.5)])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torch_parity(rng, dtype, padding_idx, max_norm, norm_type, sparse):
+    V, D = 9, 6
+    weight = _table(rng, V, D, dtype, scale=1.5)
+    ids = rng.integers(0, V, size=(5, 7))
+    ids[0, :4] = 4
+    ids[1, 0] = V - 1
+    grad_out = rng.standard_normal(ids.shape + (D,)).astype(dtype)
+    kw = dict(padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type, sparse=sparse)
+    t_out, t_weight, t_grad = _torch_run(weight, ids, grad_out, **kw)
+    emb = se.Embedding(V, D, weight=weight.copy(), dtype=dtype, **kw)
+    out = emb(ids)
+    g = emb.backward(grad_out)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    assert_allclose(out, t_out, **tol)
+    assert_allclose(emb.weight, t_weight, **tol)
+    assert_allclose(g.toarray() if sparse else g, t_grad, **tol)
+    if sparse:
+        _assert_canonical(g, ref.touched_rows(ids, emb.padding_idx), V, D)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_torch_parity_scale_grad_by_freq(rng, dtype, padding_idx):
+    V, D = 8, 3
+    weight = _table(rng, V, D, dtype)
+    ids = rng.integers(0, V, size=(40,))
+    grad_out = rng.standard_normal((40, D)).astype(dtype)
+    _, _, t_grad = _torch_run(weight, ids, grad_out, padding_idx=padding_idx, scale_grad_by_freq=True)
+    dense = F.embedding_backward(grad_out, ids, V, padding_idx=padding_idx, scale_grad_by_freq=True)
+    sparse = F.embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
+                                  scale_grad_by_freq=True, sparse=True)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    assert_allclose(dense, t_grad, **tol)
+    # torch refuses sparse + scale_grad_by_freq; we give the dense result as csr
+    assert_allclose(sparse.toarray(), t_grad, **tol)
+
+
+def test_torch_parity_padding_normalisation():
+    torch = _torch()
+    for pad in (-1, -5, 0, 4):
+        assert se.Embedding(5, 2, padding_idx=pad).padding_idx == torch.nn.Embedding(5, 2, padding_idx=pad).padding_idx
+
+
+def test_repr_like_torch():
+    torch = _torch()
+    cases = [dict(), dict(padding_idx=0, max_norm=1.0, sparse=True),
+             dict(norm_type=3.0, scale_grad_by_freq=True), dict(padding_idx=-1)]
+    for kw in cases:
+        assert repr(se.Embedding(10, 3, **kw)) == repr(torch.nn.Embedding(10, 3, **kw))
+    assert repr(se.Embedding(10, 3, dtype=np.float64)) == "Embedding(10, 3, dtype=float64)"
+
+
+# ---------------------------------------------------------- construction & state
+
+def test_default_init_is_seeded_normal_with_zero_padding():
+    a = se.Embedding(1000, 16, padding_idx=3, random_state=42)
+    b = se.Embedding(1000, 16, padding_idx=3, random_state=42)
+    assert_array_equal(a.weight, b.weight)
+    assert a.weight.dtype == np.float32 and a.weight.flags.c_contiguous
+    assert_array_equal(a.weight[3], 0)
+    values = np.delete(a.weight, 3, axis=0)
+    assert abs(values.mean()) < 0.02 and abs(values.std() - 1) < 0.02
+    expected = np.random.default_rng(42).standard_normal((1000, 16)).astype(np.float32)
+    expected[3] = 0
+    assert_array_equal(a.weight, expected)
+    a.reset_parameters(random_state=1)
+    assert not np.array_equal(a.weight, b.weight)
+    assert_array_equal(a.weight[3], 0)
+
+
+def test_weight_argument_used_as_is():
+    w = np.arange(12, dtype=np.float32).reshape(4, 3)
+    emb = se.Embedding(4, 3, padding_idx=1, weight=w)
+    assert emb.weight is w                      # no copy
+    assert_array_equal(emb.weight[1], [3, 4, 5])  # padding row not zeroed
+    converted = se.Embedding(4, 3, weight=w.astype(np.float64))
+    assert converted.weight.dtype == np.float32
+    assert not np.shares_memory(converted.weight, w)
+    with pytest.raises(ValueError, match=r"weight has shape \(3, 4\), expected \(4, 3\)"):
+        se.Embedding(4, 3, weight=w.reshape(3, 4))
+
+
+def test_from_pretrained_shares_memory():
+    w = np.random.default_rng(0).standard_normal((6, 2))
+    emb = se.Embedding.from_pretrained(w, freeze=False, padding_idx=0)
+    assert np.shares_memory(emb.weight, w)
+    assert emb.weight.dtype == np.float64
+    assert_array_equal(emb.weight[0], w[0])
+    assert emb.num_embeddings == 6 and emb.embedding_dim == 2 and emb.padding_idx == 0
+
+
+def test_attributes():
+    emb = se.Embedding(10, 4, padding_idx=-3, max_norm=2, norm_type=1, sparse=1)
+    assert (emb.num_embeddings, emb.embedding_dim, emb.padding_idx) == (10, 4, 7)
+    assert emb.max_norm == 2.0 and emb.norm_type == 1.0 and emb.sparse is True
+    assert emb.scale_grad_by_freq is False and emb.device == "cpu"
+    assert emb.grad is None and emb.requires_grad is True
+
+
+def test_state_dict_round_trip():
+    a = se.Embedding(5, 3, random_state=0)
+    b = se.Embedding(5, 3, random_state=1)
+    b.load_state_dict(a.state_dict())
+    assert_array_equal(a.weight, b.weight)
+    assert not np.shares_memory(a.weight, b.weight)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        b.load_state_dict({"weight": np.zeros((4, 3))})
+    with pytest.raises(RuntimeError, match="unexpected keys \\['bias'\\]"):
+        b.load_state_dict({"weight": a.weight, "bias": 1})
+    assert_array_equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("clone", [lambda e: pickle.loads(pickle.dumps(e)), copy.deepcopy])
+def test_pickle_and_deepcopy(clone):
+    emb = se.Embedding(8, 3, padding_idx=2, max_norm=1.5, sparse=True, random_state=0)
+    ids = np.array([1, 2, 5, 5])
+    emb(ids)
+    emb.backward(np.ones((4, 3)))
+    other = clone(emb)
+    assert repr(other) == repr(emb)
+    assert_array_equal(other.weight, emb.weight)
+    assert_array_equal(other.grad.toarray(), emb.grad.toarray())
+    # the clone carries the saved forward: a second backward works the same on both
+    assert_array_equal(other.backward(np.ones((4, 3))).toarray(), emb.backward(np.ones((4, 3))).toarray())
+    other.weight[0] = 100
+    assert not np.any(emb.weight == 100)
+
+
+def test_to_cpu_is_identity():
+    emb = se.Embedding(3, 2)
+    w = emb.weight
+    assert emb.to("cpu") is emb and emb.weight is w
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        emb.to("tpu")
+
+
+# ------------------------------------------------------------------------ errors
+
+def _snapshot(emb):
+    return emb.weight.copy(), None if emb.grad is None else (
+        emb.grad.toarray() if sp.issparse(emb.grad) else emb.grad.copy())
+
+
+def _assert_unchanged(emb, snap):
+    assert_array_equal(emb.weight, snap[0])
+    if snap[1] is None:
+        assert emb.grad is None
+    else:
+        assert_array_equal(emb.grad.toarray() if sp.issparse(emb.grad) else emb.grad, snap[1])
+
+
+@pytest.mark.parametrize("bad,pos", [(10, 2), (-1, 2), (2**40, 2), (11, 3)])
+def test_out_of_range_index_changes_nothing(bad, pos):
+    emb = se.Embedding(10, 3, max_norm=0.1, sparse=True, random_state=0)
+    emb(np.array([1, 2]))
+    emb.backward(np.ones((2, 3)))
+    snap = _snapshot(emb)
+    ids = np.array([4, 5, 6, 7])
+    ids[pos] = bad
+    with pytest.raises(IndexError, match=rf"index {bad} at position {pos} is out of range for 10 embeddings \(valid: 0..9\)"):
+        emb(ids)
+    _assert_unchanged(emb, snap)
+    with pytest.raises(IndexError, match=rf"index {bad} at position {pos}"):
+        F.embedding_renorm_(emb.weight, ids, 0.1)
+    with pytest.raises(IndexError, match=rf"index {bad} at position {pos}"):
+        F.embedding_backward(np.ones((4, 3)), ids, 10)
+    _assert_unchanged(emb, snap)
+
+
+def test_uint64_beyond_int64_is_an_index_error():
+    emb = se.Embedding(10, 3)
+    with pytest.raises(IndexError, match=f"index {2**63 + 5} at position 1"):
+        emb(np.array([1, 2**63 + 5], dtype=np.uint64))
+
+
+@pytest.mark.parametrize("bad", [np.array([1.0, 2.0]), np.array([True, False]),
+                                 np.array([1, "a"], dtype=object), np.array([1 + 0j])])
+def test_non_integer_ids_are_type_errors(bad):
+    emb = se.Embedding(10, 3, max_norm=1.0, random_state=0)
+    w = emb.weight.copy()
+    with pytest.raises(TypeError, match="must be an array of integers, got dtype"):
+        emb(bad)
+    assert_array_equal(emb.weight, w)
+
+
+def test_grad_output_shape_error_changes_nothing():
+    emb = se.Embedding(10, 3, random_state=0)
+    emb(np.array([[1, 2]]))
+    emb.backward(np.ones((1, 2, 3)))
+    snap = _snapshot(emb)
+    with pytest.raises(ValueError, match=r"grad_output has shape \(2, 3\), expected \(1, 2, 3\)"):
+        emb.backward(np.ones((2, 3)))
+    _assert_unchanged(emb, snap)
+    with pytest.raises(TypeError, match="grad_output must be a real array"):
+        emb.backward(np.full((1, 2, 3), "x"))
+
+
+def test_backward_before_forward():
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before any forward\(\)"):
+        se.Embedding(3, 2).backward(np.ones((1, 2)))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_embeddings=-1, embedding_dim=3), "num_embeddings must be a non-negative int, got -1"),
+    (dict(num_embeddings=3, embedding_dim=-2), "embedding_dim must be a non-negative int, got -2"),
+    (dict(num_embeddings=2.5, embedding_dim=3), "num_embeddings must be a non-negative int, got 2.5"),
+    (dict(num_embeddings=5, embedding_dim=3, padding_idx=5), r"padding_idx 5 must be within \[-5, 5\)"),
+    (dict(num_embeddings=5, embedding_dim=3, padding_idx=-6), r"padding_idx -6 must be within \[-5, 5\)"),
+    (dict(num_embeddings=5, embedding_dim=3, max_norm=0.0), "max_norm must be > 0, got 0.0"),
+    (dict(num_embeddings=5, embedding_dim=3, max_norm=-1), "max_norm must be > 0, got -1"),
+    (dict(num_embeddings=5, embedding_dim=3, dtype=np.int32), "dtype must be float32 or float64, got int32"),
+    (dict(num_embeddings=5, embedding_dim=3, device="tpu"), "device must be 'cpu' or 'cuda', got 'tpu'"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        se.Embedding(**kwargs)
+
+
+def test_read_only_table_with_max_norm_is_refused():
+    w = np.ones((4, 2), dtype=np.float32) * 10
+    w.flags.writeable = False
+    emb = se.Embedding.from_pretrained(w, max_norm=1.0)
+    with pytest.raises(ValueError, match="read-only"):
+        emb(np.array([1]))
+
+
+def test_cuda_without_cupy_is_a_clear_error():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
+        se.Embedding(3, 2, device="cuda")
+
+
+# --------------------------------------------------------------- property-based
+
+def test_property_sparse_equals_dense():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    @settings(max_examples=60, deadline=None)
+    @given(V=st.integers(1, 20), D=st.integers(0, 5), data=st.data(),
+           pad=st.one_of(st.none(), st.integers(0, 19)), scale=st.booleans())
+    def check(V, D, data, pad, scale):
+        if pad is not None and pad >= V:
+            pad = None
+        shape = data.draw(st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple))
+        ids = data.draw(arrays(np.int64, shape, elements=st.integers(0, V - 1)))
+        g = data.draw(arrays(np.float64, shape + (D,), elements=st.floats(-10, 10)))
+        dense = F.embedding_backward(g, ids, V, padding_idx=pad, scale_grad_by_freq=scale)
+        sparse = F.embedding_backward(g, ids, V, padding_idx=pad, scale_grad_by_freq=scale, sparse=True)
+        _assert_canonical(sparse, ref.touched_rows(ids, pad) if D else np.flatnonzero(np.diff(sparse.indptr)), V, D)
+        assert_allclose(sparse.toarray(), dense, rtol=1e-12, atol=1e-12)
+        assert_allclose(dense, ref.dense_backward(g, ids, V, pad, scale), rtol=1e-12, atol=1e-12)
+
+    assert hypothesis
+    check()

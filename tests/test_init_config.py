@@ -1,0 +1,114 @@
+"""se.init, thread control and show_config."""
+
+import math
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+import sparsembed as se
+from sparsembed import init
+
+
+@pytest.mark.parametrize("fn,kwargs", [
+    (init.normal_, dict(mean=1.0, std=2.0)),
+    (init.uniform_, dict(a=-1.0, b=3.0)),
+    (init.xavier_uniform_, dict(gain=2.0)),
+    (init.xavier_normal_, dict(gain=0.5)),
+    (init.trunc_normal_, dict(std=0.5, a=-0.4, b=0.6)),
+])
+def test_initializers_are_seeded_and_in_place(fn, kwargs, dtype):
+    a = np.empty((400, 50), dtype=dtype)
+    b = np.empty((400, 50), dtype=dtype)
+    assert fn(a, random_state=3, **kwargs) is a
+    fn(b, random_state=3, **kwargs)
+    assert_array_equal(a, b)
+    c = fn(np.empty((400, 50), dtype=dtype), random_state=4, **kwargs)
+    assert not np.array_equal(a, c)
+    fn(b, random_state=np.random.default_rng(3), **kwargs)
+    assert_array_equal(a, b)
+    assert a.dtype == dtype
+
+
+def test_initializer_statistics():
+    a = init.normal_(np.empty((1000, 100)), mean=1.0, std=2.0, random_state=0)
+    assert abs(a.mean() - 1.0) < 0.02 and abs(a.std() - 2.0) < 0.02
+    u = init.uniform_(np.empty((1000, 100)), -1.0, 3.0, random_state=0)
+    assert u.min() >= -1.0 and u.max() < 3.0 and abs(u.mean() - 1.0) < 0.02
+    x = init.xavier_uniform_(np.empty((300, 100)), random_state=0)
+    bound = math.sqrt(6.0 / 400)
+    assert np.abs(x).max() <= bound and np.abs(x).max() > 0.95 * bound
+    xn = init.xavier_normal_(np.empty((300, 100)), gain=2.0, random_state=0)
+    assert abs(xn.std() - 2.0 * math.sqrt(2.0 / 400)) < 0.003
+    t = init.trunc_normal_(np.empty((1000, 100)), mean=0.1, std=1.0, a=-0.5, b=1.0, random_state=0)
+    assert t.min() >= -0.5 and t.max() <= 1.0 and t.min() < -0.49 and t.max() > 0.99
+    z = init.zeros_(np.ones((3, 2)))
+    assert_array_equal(z, 0)
+
+
+def test_trunc_normal_matches_torch_moments():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    t = torch.nn.init.trunc_normal_(torch.empty(200_000), mean=0.0, std=1.0, a=-0.5, b=2.0).numpy()
+    ours = init.trunc_normal_(np.empty(200_000), mean=0.0, std=1.0, a=-0.5, b=2.0, random_state=0)
+    assert abs(ours.mean() - t.mean()) < 0.01 and abs(ours.std() - t.std()) < 0.01
+
+
+def test_initializer_errors():
+    with pytest.raises(ValueError, match="a <= b, got a=2, b=1"):
+        init.uniform_(np.empty(3), 2, 1)
+    with pytest.raises(ValueError, match="at least 2 dimensions, got shape \\(3,\\)"):
+        init.xavier_uniform_(np.empty(3))
+    with pytest.raises(ValueError, match="std must be > 0, got 0"):
+        init.trunc_normal_(np.empty(3), std=0)
+    with pytest.raises(ValueError, match="std must be >= 0, got -1"):
+        init.normal_(np.empty(3), std=-1)
+
+
+def test_set_and_get_num_threads(threads):
+    default = se.get_num_threads()
+    assert default >= 1
+    threads(1)
+    assert se.get_num_threads() == 1
+    if se.show_config()["openmp"]:
+        threads(3)
+        assert se.get_num_threads() == 3
+    se.set_num_threads(None)
+    assert se.get_num_threads() == default
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"got {bad}"):
+            se.set_num_threads(bad)
+    with pytest.raises(TypeError):
+        se.set_num_threads(1.5)
+
+
+def test_show_config(capsys):
+    config = se.show_config()
+    assert config["version"] == se.__version__
+    assert isinstance(config["openmp"], bool) and isinstance(config["cupy"], bool)
+    assert isinstance(config["max_threads"], int) and config["max_threads"] >= 1
+    se.show_config(print_out=True)
+    assert "openmp" in capsys.readouterr().out
+
+
+def test_omp_num_threads_is_the_default(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import sparsembed as se; print(se.get_num_threads(), se.show_config()['openmp'])"
+    env = dict(os.environ, OMP_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == ("3" if out[1] == "True" else "1")
+
+
+def test_quickstart_example_runs():
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    module = runpy.run_path(str(path), run_name="quickstart")
+    losses = module["main"](steps=4)
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    assert losses[-1] < 0.5 * losses[0]

@@ -1,0 +1,129 @@
+"""The compiled kernels called directly, against the numpy references."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+import reference as ref
+from sparsembed._kernels import _backward, _lookup, _plan
+
+INDEX_DTYPES = [np.int32, np.int64]
+
+
+def _ids(rng, n, V, dtype):
+    # many duplicates: a batch drawn from few rows
+    return rng.integers(0, V, size=n).astype(dtype)
+
+
+@pytest.mark.parametrize("idx_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_gather_matches_take(rng, dtype, idx_dtype, n):
+    weight = rng.standard_normal((50, 9)).astype(dtype)
+    ids = _ids(rng, n, 50, idx_dtype)
+    out = np.full((n, 9), np.nan, dtype=dtype)
+    _lookup.gather(weight, ids, out, 2)
+    assert_array_equal(out, ref.embedding(weight, ids))
+
+
+def test_gather_reads_read_only_arrays(rng, dtype):
+    weight = rng.standard_normal((20, 4)).astype(dtype)
+    ids = _ids(rng, 30, 20, np.int64)
+    weight.flags.writeable = False
+    ids.flags.writeable = False
+    out = np.empty((30, 4), dtype=dtype)
+    _lookup.gather(weight, ids, out, 2)
+    assert_array_equal(out, weight[ids])
+
+
+@pytest.mark.parametrize("idx_dtype", INDEX_DTYPES)
+def test_first_out_of_range(idx_dtype):
+    ids = np.arange(1000, dtype=idx_dtype)
+    assert _lookup.first_out_of_range(ids, 1000, 2) == -1
+    assert _lookup.first_out_of_range(ids, 999, 2) == 999
+    ids[[10, 500]] = -3
+    assert _lookup.first_out_of_range(ids, 1000, 2) == 10
+    assert _lookup.first_out_of_range(ids, 1000, 1) == 10
+    assert _lookup.first_out_of_range(ids[:0], 1000, 2) == -1
+
+
+@pytest.mark.parametrize("idx_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 2, 100, 5000, 3_000_000])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_argsort_rows_is_a_stable_sort(rng, idx_dtype, num_rows, n_threads):
+    ids = rng.integers(0, num_rows, size=777).astype(idx_dtype)
+    for skip in (-1, int(ids[3])):
+        keys = np.empty(ids.size, dtype=np.int64)
+        perm = np.empty(ids.size, dtype=np.int64)
+        m = _plan.argsort_rows(ids, skip, num_rows, keys, perm, n_threads)
+        expected = np.argsort(ids, kind="stable")
+        expected = expected[ids[expected] != skip]
+        assert m == expected.size
+        assert_array_equal(perm[:m], expected)
+        assert_array_equal(keys[:m], ids[expected])
+
+
+def test_argsort_rows_empty():
+    out = np.empty(0, dtype=np.int64)
+    assert _plan.argsort_rows(np.empty(0, dtype=np.int64), -1, 10, out, out.copy(), 2) == 0
+
+
+def test_segments(rng):
+    keys = np.sort(rng.integers(0, 30, size=200)).astype(np.int64)
+    rows = np.empty(200, dtype=np.int64)
+    starts = np.empty(201, dtype=np.int64)
+    u = _plan.segments(keys, rows, starts)
+    uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    assert u == uniq.size
+    assert_array_equal(rows[:u], uniq)
+    assert_array_equal(starts[:u], first)
+    assert starts[u] == 200
+    assert_array_equal(np.diff(starts[: u + 1]), counts)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 0.0, 3.5, 0.5, -1.5, np.inf, -np.inf])
+def test_renorm_rows_matches_reference(rng, dtype, p):
+    weight = rng.standard_normal((40, 6)).astype(dtype) * 3
+    weight[5, 2] = 0  # zero entries matter for p <= 0
+    rows = np.array([0, 5, 7, 39], dtype=np.int64)
+    expected = ref.renorm(weight, rows, 1.25, p)
+    _lookup.renorm_rows(weight, rows, 1.25, p, 2)
+    assert_allclose(weight, expected, **ref.tol(dtype))
+
+
+def _plan_of(ids, V, skip=-1):
+    keys = np.empty(ids.size, dtype=np.int64)
+    perm = np.empty(ids.size, dtype=np.int64)
+    m = _plan.argsort_rows(ids, skip, V, keys, perm, 2)
+    rows = np.empty(m, dtype=np.int64)
+    starts = np.empty(m + 1, dtype=np.int64)
+    u = _plan.segments(keys[:m], rows, starts)
+    return perm[:m], rows[:u], starts[: u + 1]
+
+
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("idx_dtype", INDEX_DTYPES)
+def test_dense_backward_and_row_sums(rng, dtype, scale, idx_dtype):
+    V, n, D = 30, 400, 5
+    ids = _ids(rng, n, V, idx_dtype)
+    grad = rng.standard_normal((n, D)).astype(dtype)
+    perm, rows, starts = _plan_of(ids, V)
+    out = np.zeros((V, D), dtype=dtype)
+    _backward.dense_backward(grad, perm, rows, starts, scale, out, 2)
+    expected = ref.dense_backward(grad, ids, V, None, scale)
+    assert_allclose(out, expected, **ref.tol(dtype))
+    sums = np.empty((rows.size, D), dtype=dtype)
+    _backward.row_sums(grad, perm, starts, scale, sums, 2)
+    assert_array_equal(sums, out[rows])
+
+
+@pytest.mark.parametrize("idx_dtype", INDEX_DTYPES)
+def test_fill_row_csr(idx_dtype):
+    rows = np.array([0, 3, 4, 9], dtype=np.int64)
+    indptr = np.empty(11, dtype=idx_dtype)
+    indices = np.empty(8, dtype=idx_dtype)
+    _backward.fill_row_csr(rows, 10, indptr, indices, 2, 2)
+    assert_array_equal(indptr, [0, 2, 2, 2, 4, 6, 6, 6, 6, 6, 8])
+    assert_array_equal(indices, [0, 1] * 4)
+    empty_ptr = np.empty(4, dtype=idx_dtype)
+    _backward.fill_row_csr(rows[:0], 3, empty_ptr, indices[:0], 2, 2)
+    assert_array_equal(empty_ptr, 0)
