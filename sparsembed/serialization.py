@@ -34,7 +34,10 @@ it is given). Every member is *stored* (no compression) and is a ``.npy`` file (
 
 Kinds: ``"Embedding"`` (config: ``num_embeddings, embedding_dim, padding_idx,
 max_norm, norm_type, scale_grad_by_freq, sparse, dtype``; attrs ``requires_grad``;
-array ``weight``), ``"HashEmbedding"`` (config: ``num_buckets, embedding_dim,
+array ``weight``), ``"EmbeddingBag"`` (config: ``num_embeddings, embedding_dim,
+max_norm, norm_type, scale_grad_by_freq, mode, sparse, include_last_offset,
+padding_idx, dtype``; attrs ``requires_grad``; array ``weight``),
+``"HashEmbedding"`` (config: ``num_buckets, embedding_dim,
 num_hashes, mode, seed, sparse, num_weights, dtype``; attrs ``requires_grad`` and, in
 weighted mode, ``importance_requires_grad``; arrays ``weight`` and, in weighted mode,
 ``importance``). Further kinds register themselves with :func:`register_kind`.
@@ -204,6 +207,30 @@ def _embedding_from_record(config, attrs, arrays, children, params):
     from sparsembed.embedding import Embedding
 
     return _layer_from_record(Embedding, config, attrs, arrays)
+
+
+def _bag_to_record(bag):
+    config = {
+        "num_embeddings": bag.num_embeddings,
+        "embedding_dim": bag.embedding_dim,
+        "max_norm": bag.max_norm,
+        "norm_type": bag.norm_type,
+        "scale_grad_by_freq": bag.scale_grad_by_freq,
+        "mode": bag.mode,
+        "sparse": bag.sparse,
+        "include_last_offset": bag.include_last_offset,
+        "padding_idx": bag.padding_idx,
+        "dtype": np.dtype(bag.weight.dtype).name,
+    }
+    from sparsembed.embedding import _to_host
+
+    return config, {"requires_grad": bool(bag.requires_grad)}, {"weight": _to_host(bag.weight)}, []
+
+
+def _bag_from_record(config, attrs, arrays, children, params):
+    from sparsembed.embedding import EmbeddingBag
+
+    return _layer_from_record(EmbeddingBag, config, attrs, arrays)
 
 
 def _hash_to_record(layer):
@@ -380,6 +407,12 @@ def _register_builtin_kinds():
     from sparsembed.hashing import HashEmbedding
 
     register_kind("Embedding", Embedding, _embedding_to_record, _embedding_from_record)
+    try:
+        from sparsembed.embedding import EmbeddingBag
+    except ImportError:  # an older core without bags
+        EmbeddingBag = None
+    if EmbeddingBag is not None:
+        register_kind("EmbeddingBag", EmbeddingBag, _bag_to_record, _bag_from_record)
     register_kind("HashEmbedding", HashEmbedding, _hash_to_record, _hash_from_record)
     register_kind("HashImportance", _ImportanceRef, _importance_ref_to_record, _importance_ref_from_record)
     try:

@@ -391,3 +391,20 @@ def test_optimizer_checkpoint_mmap_and_bad_params(tmp_path):
     with pytest.raises(TypeError, match="importance"):
         se.save(se.optim.SGD([h.importance], lr=0.1), tmp_path / "x.npz")
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r+"])
+def test_embedding_bag_roundtrip(tmp_path, mmap_mode, monkeypatch):
+    bag = se.EmbeddingBag(20, 3, max_norm=2.0, mode="max", sparse=True, include_last_offset=True,
+                          padding_idx=4, dtype=np.float64, random_state=0)
+    path = tmp_path / "bag.npz"
+    se.save(bag, path)
+    no_pickle(monkeypatch)
+    back = se.load(path, mmap_mode=mmap_mode)
+    assert type(back) is se.EmbeddingBag and repr(back) == repr(bag)
+    assert back.mode == "max" and back.include_last_offset and back.padding_idx == 4
+    assert isinstance(back.weight, np.memmap) == (mmap_mode is not None)
+    np.testing.assert_array_equal(back.weight, bag.weight)
+    ids, offsets = np.array([1, 2, 4, 7, 7]), np.array([0, 2, 5])
+    np.testing.assert_array_equal(back(ids, offsets), bag(ids, offsets))
+    assert header_of(path)["root"]["config"]["mode"] == "max"
