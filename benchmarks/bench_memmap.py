@@ -89,6 +89,7 @@ def main(argv=None):
     directory = args.dir or os.getcwd()
     fd, path = tempfile.mkstemp(prefix="bench_memmap_", suffix=".f32", dir=directory)
     baseline = proc_status()
+    extra_files = []
     try:
         os.ftruncate(fd, nbytes)  # sparse: costs no time and no disk blocks
         os.close(fd)
@@ -97,6 +98,16 @@ def main(argv=None):
         emb = se.Embedding(n_rows, args.dim, sparse=True, weight=weight)
         assert emb.weight is weight, "Embedding copied the memmap"
         opt, opt_name = make_optimizer(se, args.optimizer, emb, args.lr)
+        if opt_name == "Adagrad":
+            # the accumulator is as big as the table: back it by a sparse file too (the
+            # optimizer would otherwise allocate it in RAM on its first step)
+            sfd, state_path = tempfile.mkstemp(prefix="bench_memmap_state_", suffix=".f32", dir=directory)
+            extra_files.append(state_path)
+            os.ftruncate(sfd, nbytes)
+            os.close(sfd)
+            acc = np.memmap(state_path, dtype=np.float32, mode="r+", shape=(n_rows, args.dim))
+            advise_random(acc)
+            opt.state[0] = {"step": 0, "sum": acc}  # initial_accumulator_value = 0
         rng = np.random.default_rng(args.seed)
         if args.fused and opt is None:
             raise SystemExit("--fused needs se.optim (SGD/Adagrad)")
@@ -125,12 +136,15 @@ def main(argv=None):
                 times.append(dt)
         t0 = time.perf_counter()
         weight.flush()
+        if opt_name == "Adagrad":
+            opt.state[0]["sum"].flush()
         flush_s = time.perf_counter() - t0
         final = proc_status()
-        disk_used = os.stat(path).st_blocks * 512
+        disk_used = sum(os.stat(p).st_blocks for p in [path] + extra_files) * 512
     finally:
         if not args.keep:
-            os.unlink(path)
+            for p in [path] + extra_files:
+                os.unlink(p)
     result = {
         "benchmark": "memmap_training",
         "size_bytes": nbytes,
@@ -160,7 +174,7 @@ def main(argv=None):
     }
     gib = 2 ** 30
     print(f"table {nbytes / 1e9:.2f} GB ({n_rows:,} x {args.dim} float32), batch {args.batch}, "
-          f"{args.steps} steps, optimizer {opt_name}, {result['threads']} threads")
+          f"{args.steps} steps, optimizer {result['optimizer']}, {result['threads']} threads")
     print(f"  time per step: median {result['step_s_median'] * 1e3:.2f} ms, "
           f"mean {result['step_s_mean'] * 1e3:.2f} ms; flush {flush_s * 1e3:.1f} ms")
     print(f"  peak RSS (VmHWM) {result['peak_rss_bytes'] / gib:.3f} GiB (baseline "

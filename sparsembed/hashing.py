@@ -273,35 +273,59 @@ class HashEmbedding(_Table):
 
     __call__ = forward
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, optimizer=None):
         """Gradient w.r.t. ``weight`` (returned and added into ``grad``); in weighted
         mode the importance table's gradient is added into ``importance.grad``.
 
         Parameters
         ----------
         grad_output : ndarray of shape ``input.shape + (embedding_dim,)``
+        optimizer : sparsembed.optim optimizer, optional
+            Fused backward + update (as ``Embedding.backward``): each touched bucket's
+            gradient is summed and the optimizer's touched-rows update applied in the
+            same pass, without building the gradient matrix; ``grad`` is left alone and
+            None is returned. The importance table is updated the same way when it is
+            among the optimizer's params (else its gradient goes to ``importance.grad``).
 
         Returns
         -------
         ndarray or csr_array of shape (num_buckets, embedding_dim), or None
             None when ``requires_grad`` is False (the importance gradient is still
-            computed when ``importance.requires_grad``).
+            computed when ``importance.requires_grad``) or with ``optimizer``.
         """
         flat, shape, plan, wid, p, rows = self._saved_forward()
         be = self._backend
         n, k, d = flat.shape[0] // self.num_hashes, self.num_hashes, self.embedding_dim
         grad = be.as_grad_output(grad_output, shape + (d,), self.weight.dtype).reshape(n, d)
+        fuse_importance = False
+        if optimizer is not None:
+            if not hasattr(optimizer, "_fused_update"):
+                raise TypeError(f"optimizer must be a sparsembed.optim optimizer, got {type(optimizer).__name__}")
+            if self.requires_grad:
+                optimizer._locate(self)  # a ValueError before anything changes
+            if self.importance is not None:
+                fuse_importance = any(layer is self.importance for group in optimizer.param_groups
+                                      for layer in group["params"])
         if self.importance is not None and self.importance.requires_grad:
             dp = np.einsum("nd,nkd->nk", grad, rows)  # d out / d p[n, k] = rows[n, k]
             wplan = be.plan_rows(wid, self.num_weights)
-            self.importance._accumulate(
-                be.sparse_grad(dp, wplan, self.num_weights, False) if self.sparse
-                else be.dense_grad(dp, wplan, self.num_weights, False))
+            if fuse_importance:
+                optimizer._fused_update(self.importance, dp, wplan)
+            else:
+                self.importance._accumulate(
+                    be.sparse_grad(dp, wplan, self.num_weights, False) if self.sparse
+                    else be.dense_grad(dp, wplan, self.num_weights, False))
         if not self.requires_grad:
             return None
         if plan is None:
             plan = be.plan_rows(flat, self.num_buckets)
             self._saved = (flat, shape, plan, wid, p, rows)
+        if optimizer is not None:
+            # entry e (bucket occurrence) reads gradient row e // k, scaled by p[e]
+            src = np.repeat(np.arange(n, dtype=np.int64), k)
+            scale = None if self.importance is None else p.reshape(-1)
+            optimizer._fused_update(self, grad, plan, False, src=src, scale=scale)
+            return None
         if self.importance is None:
             per_hash = np.repeat(grad, k, axis=0)
         else:

@@ -323,3 +323,37 @@ def test_save_load_roundtrip(tmp_path, mmap_mode):
     back = se.load(path)
     assert back.importance is None and repr(back) == repr(plain)
     np.testing.assert_array_equal(back.weight, plain.weight)
+
+
+@pytest.mark.skipif(not hasattr(se, "optim") or not hasattr(getattr(se, "optim", None), "Adagrad"),
+                    reason="se.optim not on this branch yet")
+@pytest.mark.parametrize("mode", ["sum", "weighted"])
+def test_fused_backward_equals_backward_then_step(mode):
+    ids = np.array([[3, 4, 3], [-9, 2**50, 4]])
+
+    def run(fused):
+        layer = HashEmbedding(17, 4, num_hashes=3, mode=mode, sparse=True, random_state=0,
+                              dtype=np.float64)
+        opt = se.optim.Adagrad(layer.parameters(), lr=0.3)
+        for step in range(3):
+            out = layer(ids)
+            g = np.cos(out + step)
+            if fused:
+                assert layer.backward(g, optimizer=opt) is None
+                assert layer.grad is None
+            else:
+                layer.backward(g)
+                opt.step()
+                opt.zero_grad()
+        return layer
+
+    a, b = run(True), run(False)
+    np.testing.assert_allclose(a.weight, b.weight, rtol=1e-12, atol=1e-14)
+    if mode == "weighted":
+        np.testing.assert_allclose(a.importance.weight, b.importance.weight, rtol=1e-12, atol=1e-14)
+    other = se.optim.SGD([se.Embedding(3, 4)], lr=0.1)
+    a(ids)
+    w0 = a.weight.copy()
+    with pytest.raises(ValueError, match="not among"):
+        a.backward(np.ones((2, 3, 4)), optimizer=other)
+    np.testing.assert_array_equal(a.weight, w0)
