@@ -12,6 +12,8 @@ from sparsembed import _rowsparse
 from sparsembed.hashing import HashEmbedding, hash_ids
 
 ROOT = Path(__file__).resolve().parents[1]
+# the sparsembed under test (installed or in-place build), for subprocesses
+PKG_PARENT = str(Path(se.__file__).resolve().parents[1])
 RTOL = {np.float32: 1e-6, np.float64: 1e-12}
 MASK = 2**64 - 1
 
@@ -104,7 +106,7 @@ def test_same_buckets_in_another_process():
     results = []
     for hashseed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hashseed,
-                   PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
+                   PYTHONPATH=os.pathsep.join([PKG_PARENT] + sys.path))
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True,
                              text=True, timeout=120)
         results.append(out.stdout)

@@ -14,6 +14,8 @@ from sparsembed import _rowsparse
 from sparsembed import serialization as S
 
 ROOT = Path(__file__).resolve().parents[1]
+# the sparsembed under test (installed or in-place build), for subprocesses
+PKG_PARENT = str(Path(se.__file__).resolve().parents[1])
 
 
 def no_pickle(monkeypatch):
@@ -282,7 +284,7 @@ def test_embedding_uses_a_memmap_weight_as_is(tmp_path):
 def test_small_scale_training_touches_only_needed_rows(tmp_path):
     """bench_memmap at 64 MB: resident memory and disk blocks stay far below the table."""
     out = tmp_path / "r.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PKG_PARENT] + sys.path))
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memmap.py"), "--size-gb", "0.064",
                     "--steps", "5", "--warmup", "1", "--batch", "64", "--threads", "1",
                     "--dir", str(tmp_path), "--json", str(out)],

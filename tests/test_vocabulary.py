@@ -103,3 +103,18 @@ def test_save_load_roundtrip_and_bad_files(tmp_path):
     bad.write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a sparsembed vocabulary"):
         Vocabulary.load(bad)
+
+
+def test_encoded_batches_feed_embedding_bag():
+    v = Vocabulary.from_corpus([["a", "b"], ["b", "c"]], pad_token="<pad>", oov_token="<unk>")
+    bag = se.EmbeddingBag(len(v), 3, mode="sum", padding_idx=v.pad_id, random_state=0)
+    docs = [["a", "b", "zz"], [], ["c", "<pad>"]]
+    ids, offsets = v.encode(docs)
+    out = bag(ids, offsets)
+    w = bag.weight
+    expected = np.stack([w[v["a"]] + w[v["b"]] + w[v.oov_id], np.zeros(3, w.dtype), w[v["c"]]])
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    ids, offsets = v.encode(docs, include_last_offset=True)
+    last = se.EmbeddingBag(len(v), 3, mode="sum", padding_idx=v.pad_id, include_last_offset=True,
+                           weight=bag.weight)
+    np.testing.assert_allclose(last(ids, offsets), expected, rtol=1e-6)
