@@ -227,6 +227,17 @@ class HashEmbedding(_Table):
             self.importance = HashImportance(np.ones((self.num_weights, self.num_hashes), dtype=dtype),
                                              self.sparse)
 
+    def reset_parameters(self, random_state=None):
+        """Redraw ``weight`` from N(0, 1) in place and set the importance weights to 1.
+
+        Parameters
+        ----------
+        random_state : None, int or numpy.random.Generator
+        """
+        super().reset_parameters(random_state)
+        if getattr(self, "importance", None) is not None:
+            self.importance.weight[...] = 1
+
     def parameters(self):
         """The trainable tables: ``[self]``, plus ``self.importance`` in weighted mode."""
         return [self] if self.importance is None else [self, self.importance]

@@ -58,10 +58,10 @@ def _check_limit(limit):
     return int(limit)
 
 
-class _Table:
+class _Collector:
     """Collects (word, row) pairs, keeping the first vector of a repeated word."""
 
-    def __init__(self, dim, dtype, capacity):
+    def __init__(self, dim, dtype):
         self.dim = dim
         self.dtype = dtype
         self.words = []
@@ -69,7 +69,7 @@ class _Table:
         self.blocks = []
         self.n_rows = 0
 
-    def add_block(self, words, values, linenos):
+    def add_block(self, words, values):
         """``values``: (len(words), dim); duplicates (of earlier words or in-block) dropped."""
         keep = []
         index = self.index
@@ -125,12 +125,8 @@ def _load_text(path, no_header, limit, dtype, unicode_errors):
                                  "'ignore' to accept it") from None
             if lineno == 1 and not no_header:
                 count, dim = _parse_header(line, f"{path}: line 1")
-                table = _Table(dim, dtype, count)
-                if limit is not None:
-                    count_target = min(count, limit)
-                else:
-                    count_target = count
-                if count_target == 0:
+                table = _Collector(dim, dtype)
+                if limit == 0:
                     break
                 continue
             line = line.rstrip(_TRIM)
@@ -142,7 +138,7 @@ def _load_text(path, no_header, limit, dtype, unicode_errors):
                 dim = len(parts) - 1
                 if dim < 1:
                     raise ValueError(f"{path}: line {lineno}: a word with no numbers: {line[:80]!r}")
-                table = _Table(dim, dtype, 0)
+                table = _Collector(dim, dtype)
             if limit is not None and n_vectors >= limit:
                 break
             if len(parts) != dim + 1:
@@ -157,12 +153,12 @@ def _load_text(path, no_header, limit, dtype, unicode_errors):
             pending.append((lineno, word, parts[1:]))
             n_vectors += 1
             if len(pending) >= _CHUNK_LINES:
-                table.add_block([w for _, w, _ in pending], _parse_block(pending, dim, dtype, path), None)
+                table.add_block([w for _, w, _ in pending], _parse_block(pending, dim, dtype, path))
                 pending = []
             if limit is not None and count is not None and n_vectors >= limit:
                 break  # with a header nothing more is needed; GloVe stops at the next line
     if pending:
-        table.add_block([w for _, w, _ in pending], _parse_block(pending, dim, dtype, path), None)
+        table.add_block([w for _, w, _ in pending], _parse_block(pending, dim, dtype, path))
     if table is None:
         if no_header:
             return Vocabulary([]), np.zeros((0, 0), dtype=dtype)

@@ -359,3 +359,26 @@ def test_fused_backward_equals_backward_then_step(mode):
     with pytest.raises(ValueError, match="not among"):
         a.backward(np.ones((2, 3, 4)), optimizer=other)
     np.testing.assert_array_equal(a.weight, w0)
+
+
+def test_reset_copy_and_pickle():
+    import copy
+    import pickle
+
+    layer = HashEmbedding(12, 3, mode="weighted", seed=4, random_state=0)
+    layer.importance.weight[...] = 5
+    layer.reset_parameters(random_state=1)
+    np.testing.assert_array_equal(layer.importance.weight, np.ones((12, 2)))
+    np.testing.assert_array_equal(layer.weight, np.random.default_rng(1).standard_normal((12, 3)).astype(np.float32))
+    ids = np.array([1, -1, 2**33])
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert repr(clone) == repr(layer)
+        np.testing.assert_array_equal(clone(ids), layer(ids))
+        assert clone.importance is not layer.importance
+    state = layer.state_dict()
+    assert set(state) == {"weight", "importance"}
+    other = HashEmbedding(12, 3, mode="weighted", seed=4, random_state=2)
+    other.load_state_dict({k: v.copy() for k, v in state.items()})
+    np.testing.assert_array_equal(other(ids), layer(ids))
+    with pytest.raises(RuntimeError, match="missing keys"):
+        other.load_state_dict({"weight": state["weight"]})

@@ -111,6 +111,7 @@ def test_glove_limit_and_empty_file(tmp_path):
     ("a 1 2 3\nb 1 2 3\n", r"line 1: expected a header .*no_header=True"),
     ("2 x\na 1 2 3\n", r"line 1: expected a header '<count> <dim>' of two integers"),
     ("2 0\n", r"bad header"),
+    ("0 3\na 1 2 3\n", r"line 2: the header announces 0 vectors, but the file has more"),
     ("2 3\n 1 2 3\nb 1 2 3\n", r"line 2: empty word"),
 ])
 def test_malformed_text_names_the_line(tmp_path, content, match):
