@@ -40,7 +40,14 @@ padding_idx, dtype``; attrs ``requires_grad``; array ``weight``),
 ``"HashEmbedding"`` (config: ``num_buckets, embedding_dim,
 num_hashes, mode, seed, sparse, num_weights, dtype``; attrs ``requires_grad`` and, in
 weighted mode, ``importance_requires_grad``; arrays ``weight`` and, in weighted mode,
-``importance``). Further kinds register themselves with :func:`register_kind`.
+``importance``), ``"optim.SGD"``, ``"optim.Adagrad"``, ``"optim.SparseAdam"``,
+``"optim.RowWiseAdagrad"`` (config: ``defaults`` and ``param_groups`` as in the
+optimizer's ``state_dict()``, layers numbered in order across groups; attrs ``steps``:
+each layer's step count, or null before its first update; arrays
+``state/<i>/<name>``; children: the layers, in that order). A weighted HashEmbedding's
+importance table, when it is one of an optimizer's params, is written as the child
+``{"kind": "HashImportance", "config": {"owner": j}}``: the importance table of child
+``j``. Further kinds register themselves with :func:`register_kind`.
 ``norm_type = inf`` is written as JSON ``Infinity`` (Python's
 ``json`` reads it back).
 
@@ -66,7 +73,11 @@ with every layer it updates* (one self-contained checkpoint). ``load(path)`` reb
 both: the layers come back as the optimizer's parameters. ``load(path,
 params=layers)`` instead restores the checkpoint *into* existing layers (their weights
 are overwritten with the saved ones after a shape check, then the optimizer is built on
-them), which is what resuming training of a live model needs.
+them), which is what resuming training of a live model needs; the given layers keep
+their own configuration (padding_idx, sparse, ...). With ``mmap_mode`` the layers'
+weights and the optimizer's state arrays are memory-mapped; in the writable modes the
+mapped state arrays become the optimizer's own, so steps update the file in place (a
+table and its Adagrad accumulator can both be larger than RAM).
 """
 
 import io
