@@ -2,9 +2,12 @@
 
 >>> import sparsembed as se
 >>> vocab, vectors = se.io.load_word2vec_format("glove.6B.50d.txt", no_header=True)
->>> emb = se.Embedding.from_pretrained(vectors, freeze=False, sparse=True)
->>> emb(vocab.encode(["the", "cat"])).shape
-(2, 50)
+>>> vocab, vectors = se.io.add_special_tokens(vocab, vectors, pad_token="<pad>",
+...                                           oov_token="<unk>")
+>>> emb = se.Embedding.from_pretrained(vectors, freeze=False, sparse=True,
+...                                    padding_idx=vocab.pad_id)
+>>> emb(vocab.encode(["the", "cat", "qwxzzy"])).shape
+(3, 50)
 
 Formats
 -------
@@ -29,7 +32,7 @@ import numpy as np
 
 from sparsembed.vocabulary import Vocabulary
 
-__all__ = ["load_word2vec_format", "save_word2vec_format"]
+__all__ = ["load_word2vec_format", "save_word2vec_format", "add_special_tokens"]
 
 _CHUNK_LINES = 8192
 _TRIM = "\r\n\t "
@@ -343,3 +346,56 @@ def save_word2vec_format(path, vocab, vectors, *, binary=False, header=True):
                             for w, row in zip(words[start:start + _CHUNK_LINES], block)).encode("utf-8"))
 
     _atomic_write(path, write)
+
+
+def add_special_tokens(vocab, vectors, *, pad_token=None, oov_token=None, oov_vector="mean"):
+    """Prepend padding and out-of-vocabulary rows to pretrained vectors.
+
+    The usual next step after :func:`load_word2vec_format`: the returned vocabulary has
+    ``pad_token`` at id 0 and ``oov_token`` next (see :class:`Vocabulary`), and the
+    returned table has matching rows, so that
+    ``Embedding.from_pretrained(vectors, padding_idx=vocab.pad_id)`` and
+    ``vocab.encode(tokens)`` line up.
+
+    Parameters
+    ----------
+    vocab : Vocabulary without special tokens
+    vectors : ndarray of shape (len(vocab), dim)
+    pad_token, oov_token : str, optional
+        A token that is already a regular word of ``vocab`` is a ValueError.
+    oov_vector : {"mean", "zeros"} or array of shape (dim,), default "mean"
+        The out-of-vocabulary row: the mean of all vectors, zeros, or the given vector.
+        The padding row is always zeros.
+
+    Returns
+    -------
+    vocab : Vocabulary
+    vectors : ndarray of shape (len(vocab), dim), same dtype (a new array)
+    """
+    if vocab.pad_token is not None or vocab.oov_token is not None:
+        raise ValueError("vocab already has special tokens")
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[0] != len(vocab):
+        raise ValueError(f"vectors must have shape ({len(vocab)}, dim), got {vectors.shape}")
+    for token in (pad_token, oov_token):
+        if token is not None and token in vocab:
+            raise ValueError(f"special token {token!r} is already a word of the vocabulary")
+    dim = vectors.shape[1]
+    rows = []
+    if pad_token is not None:
+        rows.append(np.zeros(dim, dtype=vectors.dtype))
+    if oov_token is not None:
+        if isinstance(oov_vector, str):
+            if oov_vector == "mean":
+                oov = vectors.mean(axis=0, dtype=np.float64) if len(vectors) else np.zeros(dim)
+            elif oov_vector == "zeros":
+                oov = np.zeros(dim)
+            else:
+                raise ValueError(f"oov_vector must be 'mean', 'zeros' or an array, got {oov_vector!r}")
+        else:
+            oov = np.asarray(oov_vector)
+            if oov.shape != (dim,):
+                raise ValueError(f"oov_vector must have shape ({dim},), got {oov.shape}")
+        rows.append(oov.astype(vectors.dtype))
+    out = np.concatenate([np.asarray(rows, dtype=vectors.dtype).reshape(len(rows), dim), vectors])
+    return Vocabulary(vocab.tokens, pad_token=pad_token, oov_token=oov_token), out

@@ -206,3 +206,28 @@ def test_save_rejects_bad_input_and_keeps_old_file(tmp_path):
         sio.load_word2vec_format(path, limit=-1)
     with pytest.raises(ValueError, match="no_header"):
         sio.load_word2vec_format(path, binary=True, no_header=True)
+
+
+def test_add_special_tokens_lines_up_with_from_pretrained():
+    vocab, vectors = sio.load_word2vec_format(GLOVE, no_header=True)
+    v2, x2 = sio.add_special_tokens(vocab, vectors, pad_token="<pad>", oov_token="<unk>")
+    assert v2.pad_id == 0 and v2.oov_id == 1 and len(v2) == 78 and x2.shape == (78, 50)
+    assert x2.dtype == np.float32
+    np.testing.assert_array_equal(x2[0], 0)
+    np.testing.assert_allclose(x2[1], vectors.mean(axis=0, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_array_equal(x2[2:], vectors)
+    emb = se.Embedding.from_pretrained(x2, padding_idx=v2.pad_id)
+    out = emb(v2.encode(["the", "no-such-word", "<pad>"]))
+    np.testing.assert_array_equal(out, np.stack([vectors[0], x2[1], np.zeros(50, np.float32)]))
+    v3, x3 = sio.add_special_tokens(vocab, vectors, oov_token="<unk>", oov_vector="zeros")
+    assert v3.pad_id is None and v3.oov_id == 0 and not x3[0].any()
+    v4, x4 = sio.add_special_tokens(vocab, vectors, oov_token="<unk>", oov_vector=np.full(50, 2.0))
+    np.testing.assert_array_equal(x4[0], 2.0)
+    with pytest.raises(ValueError, match="already a word"):
+        sio.add_special_tokens(vocab, vectors, pad_token="the")
+    with pytest.raises(ValueError, match="shape"):
+        sio.add_special_tokens(vocab, vectors[:3], pad_token="<pad>")
+    with pytest.raises(ValueError, match="already has special tokens"):
+        sio.add_special_tokens(v2, x2, pad_token="<p>")
+    with pytest.raises(ValueError, match="oov_vector"):
+        sio.add_special_tokens(vocab, vectors, oov_token="<unk>", oov_vector="random")
