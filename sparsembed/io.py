@@ -95,18 +95,26 @@ class _Collector:
         return Vocabulary(self.words), np.ascontiguousarray(vectors, dtype=self.dtype)
 
 
-def _parse_block(lines, dim, dtype, path):
-    """Parse ``[(lineno, word, fields)]`` into an (n, dim) array; name the line on error."""
-    flat = [x for _, _, fields in lines for x in fields]
+def _is_number(token):
     try:
-        values = np.array(flat, dtype=np.float64)
+        return np.fromstring(token, dtype=np.float64, sep=" ").size == 1 and token.strip() == token != ""
     except ValueError:
-        for lineno, _, fields in lines:
-            try:
-                np.array(fields, dtype=np.float64)
-            except ValueError as exc:
-                raise ValueError(f"{path}: line {lineno}: bad number: {exc}") from None
-        raise
+        return False
+
+
+def _parse_block(lines, dim, dtype, path):
+    """Parse ``[(lineno, word, numbers_text)]`` into an (n, dim) array in one C call
+    (``numpy.fromstring``); on failure, find and name the bad line."""
+    try:
+        values = np.fromstring(" ".join([rest for _, _, rest in lines]), dtype=np.float64, sep=" ")
+    except ValueError:
+        values = None
+    if values is None or values.size != len(lines) * dim:
+        for lineno, _, rest in lines:
+            for token in rest.split(" "):
+                if not _is_number(token):
+                    raise ValueError(f"{path}: line {lineno}: bad number {token[:40]!r}")
+        raise ValueError(f"{path}: lines {lines[0][0]}-{lines[-1][0]}: could not parse the numbers")
     with np.errstate(over="ignore"):
         return values.reshape(len(lines), dim).astype(dtype)
 
@@ -135,25 +143,25 @@ def _load_text(path, no_header, limit, dtype, unicode_errors):
             line = line.rstrip(_TRIM)
             if not line.strip():
                 continue
-            parts = line.split(" ")
-            word = parts[0]
+            word, _, rest = line.partition(" ")
+            n_fields = rest.count(" ") + 1 if rest else 0
             if dim is None:  # GloVe: the first line fixes the dimension
-                dim = len(parts) - 1
+                dim = n_fields
                 if dim < 1:
                     raise ValueError(f"{path}: line {lineno}: a word with no numbers: {line[:80]!r}")
                 table = _Collector(dim, dtype)
             if limit is not None and n_vectors >= limit:
                 break
-            if len(parts) != dim + 1:
+            if n_fields != dim:
                 raise ValueError(f"{path}: line {lineno}: expected a word and {dim} numbers, got "
-                                 f"{len(parts) - 1} fields after {word[:40]!r}"
-                                 + (" (words cannot contain spaces)" if len(parts) > dim + 1 else ""))
+                                 f"{n_fields} fields after {word[:40]!r}"
+                                 + (" (words cannot contain spaces)" if n_fields > dim else ""))
             if not word:
                 raise ValueError(f"{path}: line {lineno}: empty word (line starts with a space)")
             if count is not None and n_vectors >= count:
                 raise ValueError(f"{path}: line {lineno}: the header announces {count} vectors, "
                                  "but the file has more")
-            pending.append((lineno, word, parts[1:]))
+            pending.append((lineno, word, rest))
             n_vectors += 1
             if len(pending) >= _CHUNK_LINES:
                 table.add_block([w for _, w, _ in pending], _parse_block(pending, dim, dtype, path))

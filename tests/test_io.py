@@ -124,9 +124,20 @@ def test_malformed_text_names_the_line(tmp_path, content, match):
 def test_malformed_glove_and_bad_float_far_into_the_file(tmp_path):
     lines = [f"w{i} {i}.5 {i}.25" for i in range(20000)]
     lines[15001] = "w15001 1.0 1,5"
+    lines[17000] = "w17000 1_000 2"  # Python's float() would take it, the format does not
     path = tmp_path / "g.txt"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match="line 15002: bad number"):
+    with pytest.raises(ValueError, match="line 15002: bad number '1,5'"):
+        sio.load_word2vec_format(path, no_header=True)
+    lines[15001] = "w15001 1.0 1.5"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="line 17001: bad number '1_000'"):
+        sio.load_word2vec_format(path, no_header=True)
+    path.write_text("a 1 2\nb 1  2\n")
+    with pytest.raises(ValueError, match="line 2: expected a word and 2 numbers, got 3"):
+        sio.load_word2vec_format(path, no_header=True)
+    path.write_text("a 1 2 3\nb 1  2\n")
+    with pytest.raises(ValueError, match="line 2: bad number ''"):
         sio.load_word2vec_format(path, no_header=True)
     path.write_text("a 1 2\nb 1 2 3\n")
     with pytest.raises(ValueError, match="line 2: expected a word and 2 numbers, got 3"):
