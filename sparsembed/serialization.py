@@ -378,11 +378,6 @@ def _optimizer_from_record_for(cls):
                         f"params[{i}] is a {type(live).__name__} with weight {live.weight.shape} "
                         f"{live.weight.dtype}, the checkpoint holds a {type(saved).__name__} with "
                         f"{saved.weight.shape} {saved.weight.dtype}")
-            for live, saved in zip(layers, children):
-                if hasattr(live, "load_state_dict"):
-                    live.load_state_dict(saved.state_dict())
-                else:
-                    live.weight[...] = saved.weight
         seen = sorted(i for g in groups_cfg for i in g["params"])
         if seen != list(range(n)):
             raise ValueError(f"param_groups list layers {seen}, expected 0..{n - 1} once each")
@@ -406,6 +401,12 @@ def _optimizer_from_record_for(cls):
             for name, arr in st.items():
                 if isinstance(arr, np.memmap) and arr.flags.writeable and name in opt.state.get(i, {}):
                     opt.state[i][name] = arr
+        if params is not None:  # everything is checked: now overwrite the live weights
+            for live, saved in zip(layers, children):
+                if hasattr(live, "load_state_dict"):
+                    live.load_state_dict(saved.state_dict())
+                else:
+                    live.weight[...] = saved.weight
         return opt
 
     return from_record
