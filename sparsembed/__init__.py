@@ -4,7 +4,7 @@
 sparse-aware optimizers, with Cython/OpenMP kernels for every hot loop.
 """
 
-from sparsembed import functional, init
+from sparsembed import functional, init, optim
 from sparsembed._threads import _warn_once_without_openmp, get_num_threads, set_num_threads
 from sparsembed._version import __version__
 from sparsembed.embedding import Embedding, EmbeddingBag
@@ -18,6 +18,7 @@ __all__ = [
     "EmbeddingBag",
     "functional",
     "init",
+    "optim",
     "get_num_threads",
     "set_num_threads",
     "show_config",
