@@ -311,6 +311,9 @@ def _train(layers, opt, steps, seed):
                 ids = rng.integers(0, layer.num_embeddings, size=6)
                 out = layer(ids)
                 layer.backward(np.sin(out) + 0.1)
+            elif isinstance(layer, se.EmbeddingBag):
+                out = layer(rng.integers(0, layer.num_embeddings, size=(3, 4)))
+                layer.backward(np.sin(out) + 0.1)
         opt.step()
         opt.zero_grad()
 
@@ -332,33 +335,35 @@ def test_optimizer_checkpoint_resumes_exactly(tmp_path, name, hyper):
     def make():
         a = se.Embedding(50, 4, sparse=True, random_state=0)
         b = se.HashEmbedding(30, 4, mode="weighted", sparse=True, random_state=1)
-        return [a, b, b.importance]
+        c = se.EmbeddingBag(20, 4, mode="mean", sparse=True, random_state=2)
+        return [a, b, b.importance, c]
 
     layers = make()
     opt = cls([{"params": layers[:1]}, {"params": layers[1:], "lr": 0.05}], **hyper)
-    _train(layers[:2], opt, 3, seed=0)
+    _train(layers, opt, 3, seed=0)
     path = tmp_path / "ckpt.npz"
     se.save(opt, path)
     h = header_of(path)["root"]
-    assert h["kind"] == f"optim.{name}" and len(h["children"]) == 3
+    assert h["kind"] == f"optim.{name}" and len(h["children"]) == 4
     assert h["children"][2] == {"kind": "HashImportance", "config": {"owner": 1}, "attrs": {},
                                 "arrays": {}, "children": []}
+    assert h["children"][3]["kind"] == "EmbeddingBag"
     # reference: keep training the original
-    _train(layers[:2], opt, 2, seed=1)
+    _train(layers, opt, 2, seed=1)
     # 1) rebuild everything from the file
     opt2 = se.load(path)
     assert type(opt2) is cls
     layers2 = [l for g in opt2.param_groups for l in g["params"]]
     assert layers2[2] is layers2[1].importance
     assert opt2.param_groups[1]["lr"] == 0.05
-    _train(layers2[:2], opt2, 2, seed=1)
+    _train(layers2, opt2, 2, seed=1)
     for l1, l2 in zip(layers, layers2):
         np.testing.assert_array_equal(l1.weight, l2.weight)
     # 2) restore into live layers
     live = make()
     opt3 = se.load(path, params=live)
     assert [l for g in opt3.param_groups for l in g["params"]] == live
-    _train(live[:2], opt3, 2, seed=1)
+    _train(live, opt3, 2, seed=1)
     for l1, l3 in zip(layers, live):
         np.testing.assert_array_equal(l1.weight, l3.weight)
 
