@@ -281,20 +281,30 @@ def test_embedding_uses_a_memmap_weight_as_is(tmp_path):
     np.testing.assert_array_equal(on_disk[7], [28, 29, 30, 31])
 
 
-def test_small_scale_training_touches_only_needed_rows(tmp_path):
+HAS_OPTIM = hasattr(se, "optim") and hasattr(getattr(se, "optim", None), "Adagrad")
+
+
+@pytest.mark.parametrize("how", [
+    ["--optimizer", "manual"],
+    pytest.param(["--optimizer", "sgd", "--fused"], marks=pytest.mark.skipif(not HAS_OPTIM, reason="no se.optim")),
+    pytest.param(["--optimizer", "adagrad", "--fused"], marks=pytest.mark.skipif(not HAS_OPTIM, reason="no se.optim")),
+], ids=["manual", "sgd-fused", "adagrad-fused"])
+def test_small_scale_training_touches_only_needed_rows(tmp_path, how):
     """bench_memmap at 64 MB: resident memory and disk blocks stay far below the table."""
     out = tmp_path / "r.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([PKG_PARENT] + sys.path))
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memmap.py"), "--size-gb", "0.064",
                     "--steps", "5", "--warmup", "1", "--batch", "64", "--threads", "1",
-                    "--dir", str(tmp_path), "--json", str(out)],
+                    "--dir", str(tmp_path), "--json", str(out)] + how,
                    check=True, env=env, capture_output=True, timeout=120)
     r = json.loads(out.read_text())
+    assert r["optimizer"] == {"manual": "manual", "sgd": "SGD (fused)", "adagrad": "Adagrad (fused)"}[how[1]]
     size = r["size_bytes"]
     assert size == 64_000_000
     assert r["peak_rss_bytes"] - r["baseline_rss_bytes"] < size / 4
     assert r["anon_after_step_max_bytes"] - r["baseline_anon_bytes"] < size / 4
-    assert r["disk_blocks_bytes_after"] < size / 8  # only the touched pages were written
+    # only the touched pages were written (Adagrad: in the table and its accumulator file)
+    assert r["disk_blocks_bytes_after"] < size / 8
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the table file is removed
 
 
