@@ -69,3 +69,13 @@ def show_config(print_out=False):
 
 
 _warn_once_without_openmp()
+
+
+def __getattr__(name):
+    # Submodules imported on first use: `se.sklearn` needs scikit-learn, which
+    # `import sparsembed` must not require.
+    if name in ("sklearn", "datasets"):
+        import importlib
+
+        return importlib.import_module(f"sparsembed.{name}")
+    raise AttributeError(f"module 'sparsembed' has no attribute {name!r}")

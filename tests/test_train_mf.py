@@ -21,11 +21,15 @@ def _load_example():
 
 def test_load_sample_ratings():
     users, items, ratings = load_sample_ratings()
-    assert users.dtype == np.int64 and items.dtype == np.int64 and ratings.dtype == np.float32
+    assert users.dtype == np.int64 and items.dtype == np.int64 and ratings.dtype == np.float64
     assert users.shape == items.shape == ratings.shape == (1501,)
     assert (users.min(), users.max(), items.min(), items.max()) == (0, 29, 0, 99)
     assert set(np.unique(ratings)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
     assert (users[0], items[0], ratings[0]) == (0, 2, 3.0)  # the file's first line
+    import sparsembed.datasets
+
+    here = os.path.dirname(sparsembed.datasets.__file__)
+    assert os.path.exists(os.path.join(here, "NOTICE_movielens.txt"))
 
 
 @pytest.mark.parametrize("optimizer, lr", [("sparse_adam", 0.05), ("adagrad", 0.1)])
