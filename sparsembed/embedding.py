@@ -2,20 +2,21 @@
 
 import numpy as np
 
-from sparsembed import _bags
+from sparsembed import _bags, _half
 from sparsembed import _validation as V
 from sparsembed import functional as F
 from sparsembed._backend import get_backend, normalize_device
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
 
 def _check_dtype(dtype):
     dtype = np.dtype(dtype)
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        raise ValueError(f"dtype must be float32 or float64, got {dtype} (float16 is "
+                         "accepted too: float16 storage with float32 arithmetic)")
     return dtype
 
 
@@ -310,7 +311,8 @@ class Embedding(_Table):
         """
         flat, shape, _ = self._saved_forward()
         be = self._backend
-        grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,), self.weight.dtype)
+        grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,),
+                                 _half.compute_dtype(self.weight.dtype))
         if optimizer is not None:
             optimizer._locate(self)  # a ValueError before anything changes
         if not self.requires_grad:
@@ -464,7 +466,8 @@ class EmbeddingBag(_Table):
         """
         be = self._backend
         bags = _bags.bags_of(input, offsets, per_sample_weights, self.mode,
-                             self.include_last_offset, self.num_embeddings, self.weight.dtype, be)
+                             self.include_last_offset, self.num_embeddings,
+                             _half.compute_dtype(self.weight.dtype), be)
         plan = None
         if self.max_norm is not None:
             be.check_writable(self.weight)
@@ -472,8 +475,13 @@ class EmbeddingBag(_Table):
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
             if bags.end != bags.flat.shape[0]:
                 plan = None  # the backward plans the bagged entries only
+        half = {}
+        if _half.is_half(self.weight):  # pooled on a compact float32 copy of its rows
+            if plan is None:
+                plan = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
+            half = {"plan": plan}
         out, argmax, counts = be.bag_forward(self.weight, bags.flat, bags.starts, self.mode,
-                                             self.padding_idx, bags.psw)
+                                             self.padding_idx, bags.psw, **half)
         src = _sources(input, offsets, per_sample_weights)
         bags.flat = _own(bags.flat, src)
         bags.starts = _own(bags.starts, src)
@@ -499,14 +507,14 @@ class EmbeddingBag(_Table):
         be = self._backend
         bags = saved["bags"]
         grad = be.as_grad_output(grad_output, (bags.n_bags, self.embedding_dim),
-                                 self.weight.dtype)
+                                 _half.compute_dtype(self.weight.dtype))
         if saved["plan"] is None:
             saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
         if saved["entry_bag"] is None:
             saved["entry_bag"] = be.entry_bags(bags.starts)
         entry_bag = saved["entry_bag"]
         scale = _bags.entry_scale(bags, self.mode, saved["counts"], entry_bag,
-                                  self.weight.dtype, be)
+                                  _half.compute_dtype(self.weight.dtype), be)
         return grad, saved["plan"], entry_bag, scale, saved["argmax"], bags
 
     def backward(self, grad_output, optimizer=None):
@@ -541,7 +549,7 @@ class EmbeddingBag(_Table):
             optimizer._locate(self)  # a ValueError before anything changes
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
         self.per_sample_weights_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag,
-                                                      self.padding_idx, be)
+                                                      self.padding_idx, be, plan)
         if not self.requires_grad:
             return None
         if optimizer is not None:
