@@ -191,7 +191,11 @@ class Embedding(_Table):
     weight : ndarray of shape (num_embeddings, embedding_dim), optional
         Initial table, used as is (no copy, padding row not zeroed, like torch's
         ``_weight``) when it is C-contiguous and of ``dtype``; otherwise converted.
-    dtype : {numpy.float32, numpy.float64}, default float32
+    dtype : {numpy.float32, numpy.float64, numpy.float16}, default float32
+        float16 is storage only: lookups return float16 (torch's output dtype), but
+        renorm, gradients (float32 arrays), bag pooling and optimizer updates (float32
+        state) are computed in float32 and rounded once when stored in the table,
+        where torch CPU accumulates in float16 (see ``sparsembed._half``).
     random_state : None, int or numpy.random.Generator
         Seed of the default N(0, 1) initialisation.
     device : {"cpu", "cuda"}, default "cpu"
@@ -234,8 +238,9 @@ class Embedding(_Table):
                         norm_type=2.0, scale_grad_by_freq=False, sparse=False):
         """Wrap an existing table.
 
-        Shares memory with ``embeddings`` when it is a C-contiguous float32/float64
-        ndarray (otherwise converts it to float32, or keeps float64); does not zero
+        Shares memory with ``embeddings`` when it is a C-contiguous float32, float64 or
+        float16 ndarray (otherwise converts it to float32, or keeps its float dtype of
+        those three; a float16 table has float32 gradients); does not zero
         the padding row; ``requires_grad = not freeze``.
 
         Parameters
@@ -293,7 +298,8 @@ class Embedding(_Table):
         Parameters
         ----------
         grad_output : ndarray of shape ``input.shape + (embedding_dim,)``
-            Cast to the table's dtype.
+            Cast to the table's dtype (float32 for a float16 table: its gradients are
+            float32).
         optimizer : sparsembed.optim optimizer, optional
             Fused backward + update: sum each touched row's gradient and apply
             ``optimizer``'s update to that row in the same pass, without building the
