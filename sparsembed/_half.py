@@ -14,10 +14,13 @@ a *compact float32 working copy* of the rows the batch touches:
 4. the rows it changed are rounded once to float16 (round to nearest even) and
    scattered back, and the state rows are written back unrounded.
 
+The float16 <-> float32 row conversions are small compiled kernels
+(``_kernels/_f16.pyx``: parallel over rows, bit for bit numpy's ``astype``); the
+other gathers and scatters are vectorised numpy.
+
 So every sum, mean, norm, gradient and optimizer update is computed in float32 and
 rounded once when stored; optimizer state is float32 and so are gradients. The
-gathers, scatters and conversions are vectorised numpy (no per-row Python work);
-memory stays ``O(rows touched x dim)`` per batch, except for a dense (every-row)
+work is vectorised (no per-row Python work); memory stays ``O(rows touched x dim)`` per batch, except for a dense (every-row)
 optimizer step, which converts the table in blocks of :data:`BLOCK_ROWS` rows.
 
 For float32 and float64 tables the wrappers here (:func:`update_rows`,
@@ -26,7 +29,7 @@ For float32 and float64 tables the wrappers here (:func:`update_rows`,
 
 import numpy as np
 
-from sparsembed._kernels import _bag, _lookup, _optim
+from sparsembed._kernels import _bag, _f16, _lookup, _optim
 from sparsembed._threads import get_num_threads
 
 HALF = np.dtype(np.float16)
@@ -47,10 +50,38 @@ def compute_dtype(dtype):
     return np.dtype(np.float32) if dtype == HALF else dtype
 
 
+def _bits(weight):
+    """The uint16 view of a C-contiguous float16 array (what the _f16 kernels take)."""
+    return weight.view(np.uint16)
+
+
+def _rows_to(weight, rows, out):
+    """``out[u] = float32(weight[rows[u]])`` (exact); ``rows`` int64."""
+    if weight.flags.c_contiguous:
+        _f16.rows_to_float(_bits(weight), rows, out, get_num_threads())
+    else:
+        out[...] = np.take(weight, rows, axis=0)
+
+
 def _rows32(weight, rows):
     """``weight[rows]`` as a new C-contiguous float32 array (exact for float16)."""
     out = np.empty((rows.shape[0], weight.shape[1]), dtype=np.float32)
-    out[...] = np.take(weight, rows, axis=0)
+    _rows_to(weight, rows, out)
+    return out
+
+
+def _store(weight, rows, work):
+    """``weight[rows[u]] = float16(work[u])`` for distinct ``rows`` (round to nearest even)."""
+    if weight.flags.c_contiguous and weight.flags.writeable:
+        _f16.rows_from_float(work, rows, _bits(weight), get_num_threads())
+    else:
+        weight[rows] = work
+
+
+def to_half(a):
+    """A C-contiguous 2-D float32 array rounded to a new float16 array (nearest even)."""
+    out = np.empty(a.shape, dtype=HALF)
+    _f16.to_half(a, _bits(out), get_num_threads())
     return out
 
 
@@ -80,7 +111,7 @@ def compact(weight, plan, n, padding_idx):
     rows = plan.rows
     u = rows.shape[0]
     table = np.empty((u + 1, weight.shape[1]), dtype=np.float32)
-    table[:u] = np.take(weight, rows, axis=0)
+    _rows_to(weight, rows, table[:u])
     if padding_idx is None:
         table[u] = 0
     else:
@@ -112,7 +143,7 @@ def renorm_rows_(weight, rows, max_norm, norm_type):
     work = _rows32(weight, rows)
     _lookup.renorm_rows(work, np.arange(rows.shape[0], dtype=np.int64), max_norm, norm_type,
                         get_num_threads())
-    weight[rows] = work
+    _store(weight, rows, work)
 
 
 def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None, plan=None):
@@ -131,7 +162,7 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
     if per_sample_weights is not None:
         psw = np.ascontiguousarray(per_sample_weights, dtype=np.float32)
     out, argmax, counts = _cpu.bag_forward(table, local, starts, mode, pad, psw)
-    return out.astype(HALF), argmax, counts
+    return to_half(out), argmax, counts
 
 
 def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan=None):
@@ -179,11 +210,12 @@ def update_rows(kind, lr, momentum, weight_decay, eps, c1, c2, c3, weight, rows,
     if all_rows:
         for lo in range(0, n, BLOCK_ROWS):  # a loop over blocks, not rows
             hi = min(lo + BLOCK_ROWS, n)
-            work = weight[lo:hi].astype(np.float32)
+            block = np.arange(lo, hi, dtype=np.int64)
+            work = _rows32(weight, block)
             _optim.update_rows(*hyper, work, none, True, values[lo:hi],
                                s1[lo:hi] if s1.shape[0] else s1,
                                s2[lo:hi] if s2.shape[0] else s2, n_threads)
-            weight[lo:hi] = work
+            _store(weight, block, work)
         return
     if rows.shape[0] == 0:
         return
@@ -191,7 +223,7 @@ def update_rows(kind, lr, momentum, weight_decay, eps, c1, c2, c3, weight, rows,
     w1, w2 = _state_rows(s1, rows), _state_rows(s2, rows)
     _optim.update_rows(*hyper, work, np.arange(rows.shape[0], dtype=np.int64), False, values,
                        w1, w2, n_threads)
-    weight[rows] = work
+    _store(weight, rows, work)
     _put_state(s1, rows, w1)
     _put_state(s2, rows, w2)
 
@@ -214,6 +246,6 @@ def fused_update(kind, lr, momentum, weight_decay, eps, c1, c2, c3, weight, grad
     w1, w2 = _state_rows(s1, rows), _state_rows(s2, rows)
     _optim.fused_update(*hyper, work, grad, perm, np.arange(rows.shape[0], dtype=np.int64),
                         starts, src, scale, argmax, scale_by_count, w1, w2, n_threads)
-    weight[rows] = work
+    _store(weight, rows, work)
     _put_state(s1, rows, w1)
     _put_state(s2, rows, w2)

@@ -537,3 +537,54 @@ def test_bitwise_equal_for_1_and_2_threads(rng, threads):
         else:
             assert a.dtype in (F16, F32), key
             assert_array_equal(a, b, err_msg=key)
+
+
+# ------------------------------------------------------------------ conversion kernels
+
+def test_half_to_float_kernel_is_exact_for_every_bit_pattern():
+    from sparsembed._kernels import _f16
+
+    bits = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    out = np.empty((256, 256), dtype=F32)
+    _f16.rows_to_float(bits, np.arange(255, -1, -1, dtype=np.int64), out, 2)
+    expected = bits[::-1].view(F16).astype(F32)
+    assert_array_equal(out.view(np.uint32), expected.view(np.uint32))  # NaN payloads too
+
+
+def test_float_to_half_kernel_matches_numpy_rounding(rng):
+    from sparsembed._kernels import _f16
+
+    # every float16 value, the float32 midpoints between neighbours (ties: to even) and
+    # their float32 neighbours, the overflow and underflow edges, and a sweep of float32
+    # bit patterns (subnormals, NaNs and infinities included)
+    halves = np.arange(0x7c00, dtype=np.uint16).view(F16).astype(F64)
+    mid = ((halves[:-1] + halves[1:]) / 2).astype(F32)
+    edges = np.array([65504, 65519.99, 65520, 1e5, np.inf, np.nan, 2.0**-24, 2.0**-25,
+                      2.0**-25 * 1.0000001, 2.0**-26, 1e-45, 0.0], dtype=F32)
+    sweep = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32).view(F32)
+    x = np.concatenate([halves.astype(F32), mid, np.nextafter(mid, np.inf),
+                        np.nextafter(mid, np.float32(0)), edges, sweep])
+    x = np.concatenate([x, -x])
+    x = x[: x.size - x.size % 64].reshape(-1, 64)
+    out = np.empty(x.shape, dtype=np.uint16)
+    _f16.to_half(x, out, 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = x.astype(F16).view(np.uint16)
+    assert_array_equal(out, expected)
+    rows = rng.permutation(x.shape[0])
+    dst = np.zeros(x.shape, dtype=np.uint16)
+    _f16.rows_from_float(x, rows.astype(np.int64), dst, 2)
+    assert_array_equal(dst[rows], expected)
+
+
+def test_non_contiguous_tables_take_the_numpy_path(rng):
+    wide = table(rng, dim=2 * D, scale=3.0)
+    odd = wide[:, 1::2].copy()
+    view = wide[:, ::2]
+    rows = np.array([0, 3, 4, 9], dtype=np.int64)
+    dense = view.copy()
+    _half.renorm_rows_(view, rows, 1.0, 2.0)
+    _half.renorm_rows_(dense, rows, 1.0, 2.0)
+    assert_array_equal(view, dense)
+    assert_array_equal(wide[:, 1::2], odd)
+    assert np.all(np.linalg.norm(view[rows].astype(F64), axis=1) <= 1.0 + 2 * ULP)
