@@ -1,7 +1,7 @@
 """float16 tables: float16 storage, float32 arithmetic.
 
-A float16 table is never handed to a compiled kernel (they are written for float32
-and float64). Every operation that reads or writes a float16 table instead works on
+A float16 table is never handed to the arithmetic kernels (they are written for
+float32 and float64, and their signatures stay as they are). Every operation that reads or writes a float16 table instead works on
 a *compact float32 working copy* of the rows the batch touches:
 
 1. the batch's row plan (:class:`sparsembed._cpu.RowPlan`, computed once per batch)
@@ -19,9 +19,12 @@ The float16 <-> float32 row conversions are small compiled kernels
 other gathers and scatters are vectorised numpy.
 
 So every sum, mean, norm, gradient and optimizer update is computed in float32 and
-rounded once when stored; optimizer state is float32 and so are gradients. The
-work is vectorised (no per-row Python work); memory stays ``O(rows touched x dim)`` per batch, except for a dense (every-row)
-optimizer step, which converts the table in blocks of :data:`BLOCK_ROWS` rows.
+rounded once when stored; optimizer state is float32 and so are gradients (torch CPU
+accumulates float16 in float16; we are deliberately more accurate). A stored value
+beyond float16's range becomes +-inf, silently, as in torch. There is no per-row
+Python work; memory stays ``O(rows touched x dim)`` per batch, except for a dense
+(every-row) optimizer step, which converts the table in blocks of :data:`BLOCK_ROWS`
+rows.
 
 For float32 and float64 tables the wrappers here (:func:`update_rows`,
 :func:`fused_update`) call the kernels directly.

@@ -76,8 +76,8 @@ def _check_layer(layer):
         )
     if w.ndim != 2 or w.dtype not in _FLOAT_DTYPES:
         raise ValueError(
-            f"optimizer params need a 2-D float32, float64 or float16 weight, got shape {w.shape} "
-            f"and dtype {w.dtype}"
+            f"optimizer params need a 2-D float32, float64 or float16 weight, got shape "
+            f"{w.shape} and dtype {w.dtype}"
         )
 
 
@@ -314,7 +314,7 @@ class Optimizer:
         if all_rows:
             rows = np.empty(0, dtype=np.int64)
         _half.update_rows(self._kind, *self._hyper(group, st, created), weight,
-                           rows, all_rows, values, s1, s2, get_num_threads())
+                          rows, all_rows, values, s1, s2, get_num_threads())
 
     def _apply_rows(self, layer, rows, values):
         """Update the given distinct sorted ``rows`` of ``layer`` with gradient ``values``.
@@ -370,8 +370,8 @@ class Optimizer:
         st["step"] += 1
         s1, s2 = self._kernel_state(st, self._state_keys_for(group), w)
         _half.fused_update(self._kind, *self._hyper(group, st, created), w, grad,
-                            plan.perm, plan.rows, plan.starts, src, scale, argmax,
-                            bool(scale_grad_by_freq), s1, s2, get_num_threads())
+                           plan.perm, plan.rows, plan.starts, src, scale, argmax,
+                           bool(scale_grad_by_freq), s1, s2, get_num_threads())
 
     def zero_grad(self, set_to_none=True):
         """Set every layer's ``grad`` to None (torch's default ``set_to_none=True``).
@@ -411,8 +411,7 @@ class Optimizer:
         """Restore hyper-parameters and state saved by :meth:`state_dict`.
 
         The state arrays are copied (cast to each table's dtype, float32 for a float16
-        table). Everything is checked
-        before anything changes.
+        table). Everything is checked before anything changes.
 
         Raises
         ------
