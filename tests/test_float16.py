@@ -254,6 +254,29 @@ def test_bag_2d_csr_input_and_max_norm(rng, mode):
         assert_array_equal(bag2(m), ref2(m).astype(F16))
 
 
+def test_bag_against_torch_float16(rng):
+    """torch CPU pools float16 sums and maxima as we do; its mean (and renorm) round
+    in float16 on the way, so there we only check that we are at least as accurate."""
+    torch = pytest.importorskip("torch")
+    w = table(rng, n=50, dim=8)
+    ids = rng.integers(0, 50, size=400)
+    offsets = np.arange(0, 400, 40)
+    for mode in ("sum", "mean", "max"):
+        ours = F.embedding_bag(ids, w, offsets, mode=mode)
+        theirs = torch.nn.functional.embedding_bag(
+            torch.from_numpy(ids), torch.from_numpy(w), torch.from_numpy(offsets), mode=mode
+        ).numpy()
+        assert theirs.dtype == ours.dtype == F16
+        exact = F.embedding_bag(ids, w.astype(F64), offsets, mode=mode)
+        if mode == "mean":
+            err, terr = np.abs(ours - exact), np.abs(theirs.astype(F64) - exact)
+            assert err.max() <= terr.max()
+        else:
+            assert_f16_close(ours, theirs.astype(F64), ulps=1.0)
+            if mode == "max":
+                assert_array_equal(ours, theirs)
+
+
 def test_bag_sum_is_more_accurate_than_float16_accumulation(rng):
     """A long bag: one float32 sum rounded once stays within half an ulp of the exact
     sum; summing in float16 (torch CPU's way) drifts by many ulps."""
