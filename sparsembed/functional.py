@@ -287,13 +287,15 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
     grad = be.as_grad_output(grad_output, (bags.n_bags, dim), _half.compute_dtype(weight.dtype))
     table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
     argmax = counts = None
+    plan = be.plan_rows(bags.used, num_embeddings, padding_idx)
     if mode == "max":
-        _, argmax, counts = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx)
+        half = {"plan": plan} if _half.is_half(table) else {}  # float16: reuse the plan
+        _, argmax, counts = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx,
+                                           **half)
     elif mode == "mean":
         counts = be.bag_counts(bags.flat, bags.starts, padding_idx)
     entry_bag = be.entry_bags(bags.starts)
     scale = _bags.entry_scale(bags, mode, counts, entry_bag, _half.compute_dtype(weight.dtype), be)
-    plan = be.plan_rows(bags.used, num_embeddings, padding_idx)
     grad_weight = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax, num_embeddings,
                                     scale_grad_by_freq, sparse, be)
     return grad_weight, _bags.psw_grad(grad, table, bags, entry_bag, padding_idx, be, plan)
