@@ -6,7 +6,7 @@ signatures; :func:`sparsembed._backend.get_backend` picks one from the device.
 
 import numpy as np
 
-from sparsembed import _rowsparse
+from sparsembed import _half, _rowsparse
 from sparsembed._kernels import _backward, _bag, _lookup, _plan
 from sparsembed._threads import get_num_threads
 from sparsembed._validation import (  # noqa: F401 - part of the backend interface
@@ -70,6 +70,8 @@ def plan_rows(flat, num_rows, skip_row=None):
 
 def gather(weight, flat):
     """``weight[flat]`` as a new (n, dim) array."""
+    if _half.is_half(weight):
+        return _half.gather(weight, flat)
     out = np.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype)
     _lookup.gather(weight, flat, out, get_num_threads())
     return out
@@ -77,6 +79,8 @@ def gather(weight, flat):
 
 def renorm_rows_(weight, rows, max_norm, norm_type):
     """Rescale, in place, the distinct ``rows`` whose norm exceeds ``max_norm``."""
+    if _half.is_half(weight):
+        return _half.renorm_rows_(weight, rows, max_norm, norm_type)
     _lookup.renorm_rows(weight, rows, max_norm, norm_type, get_num_threads())
 
 
@@ -127,13 +131,18 @@ def _no_scale(dtype):
 _NO_ARGMAX = np.empty((0, 0), dtype=np.int64)
 
 
-def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None):
+def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None, plan=None):
     """Pool the validated bags; returns (out, argmax or None, counts).
 
     ``starts`` (n_bags + 1, int64) bounds the bags in ``flat``; ``argmax`` (max mode)
     holds, per bag and column, the position in ``flat`` of the winning entry (-1 for
-    an empty bag); ``counts`` the non-padding entries per bag.
+    an empty bag); ``counts`` the non-padding entries per bag. A float16 table is
+    pooled in float32 (``plan``: the plan of ``flat[:starts[-1]]``, padding skipped,
+    reused when given; see ``sparsembed._half``).
     """
+    if _half.is_half(weight):
+        return _half.bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights,
+                                 plan)
     n_bags = starts.shape[0] - 1
     dim = weight.shape[1]
     out = np.empty((n_bags, dim), dtype=weight.dtype)
@@ -167,8 +176,11 @@ def mean_scale(counts, entry_bag, dtype):
     return np.ascontiguousarray(inv[entry_bag], dtype=dtype)
 
 
-def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx):
-    """(n,) ``dot(grad2d[bag], weight[id])`` per entry; 0 for padding and unbagged entries."""
+def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan=None):
+    """(n,) ``dot(grad2d[bag], weight[id])`` per entry; 0 for padding and unbagged entries.
+    ``plan`` only serves a float16 table, as for :func:`bag_forward`."""
+    if _half.is_half(weight):
+        return _half.per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan)
     out = np.zeros(flat.shape[0], dtype=grad2d.dtype)
     _bag.per_sample_weights_grad(grad2d, weight, flat, entry_bag,
                                  -1 if padding_idx is None else int(padding_idx), out,
