@@ -24,3 +24,28 @@ def dtype(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def run_python(tmp_path):
+    """Run ``code`` in a fresh interpreter that imports the sparsembed under test.
+
+    The child starts in an empty folder: ``python -c`` puts its working directory first
+    on sys.path, and from the repository root that would be the unbuilt sources. The
+    parent's sys.path (with the installed or in-place package) is handed down.
+    Returns the CompletedProcess (text mode, output captured); ``check`` by default.
+    """
+    import os
+    import subprocess
+    import sys
+
+    def run(code, *, env=None, check=True, timeout=120):
+        full_env = dict(os.environ, **(env or {}))
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        out = subprocess.run([sys.executable, "-c", code], env=full_env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out
+
+    return run

@@ -1,7 +1,4 @@
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +9,6 @@ from sparsembed import _rowsparse
 from sparsembed.hashing import HashEmbedding, hash_ids
 
 ROOT = Path(__file__).resolve().parents[1]
-# the sparsembed under test (installed or in-place build), for subprocesses
-PKG_PARENT = str(Path(se.__file__).resolve().parents[1])
 RTOL = {np.float32: 1e-6, np.float64: 1e-12}
 MASK = 2**64 - 1
 
@@ -96,7 +91,7 @@ def test_buckets_match_the_documented_hash(seed):
     np.testing.assert_array_equal(hash_ids(small, 50, 2, seed), hash_ids(small.astype(np.int64), 50, 2, seed))
 
 
-def test_same_buckets_in_another_process():
+def test_same_buckets_in_another_process(run_python):
     code = (
         "import sys, json, numpy as np\n"
         "from sparsembed.hashing import hash_ids\n"
@@ -105,11 +100,7 @@ def test_same_buckets_in_another_process():
     )
     results = []
     for hashseed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=hashseed,
-                   PYTHONPATH=os.pathsep.join([PKG_PARENT] + sys.path))
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True,
-                             text=True, timeout=120)
-        results.append(out.stdout)
+        results.append(run_python(code, env={"PYTHONHASHSEED": hashseed}).stdout)
     import json
 
     here = [hash_ids(np.arange(-5, 5), 1000, 2, 7).tolist(), hash_ids(["a", "bé", "cat"], 1000, 2, 7).tolist()]

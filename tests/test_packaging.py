@@ -13,10 +13,7 @@ import importlib.machinery
 import importlib.metadata
 import importlib.resources
 import inspect
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -218,7 +215,7 @@ def test_set_num_threads_round_trip(restore_threads):
     assert se.get_num_threads() == default
 
 
-def test_import_warns_exactly_when_built_without_openmp():
+def test_import_warns_exactly_when_built_without_openmp(run_python):
     # a fresh interpreter, so that the once-per-process warning is seen
     code = (
         "import warnings, json\n"
@@ -228,11 +225,7 @@ def test_import_warns_exactly_when_built_without_openmp():
         "print(json.dumps([sparsembed.__file__, sparsembed.show_config()['openmp'],"
         " [str(x.message) for x in w if 'OpenMP' in str(x.message)]]))\n"
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=pathlib.Path(se.__file__).parents[1], timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_python(code)
     import json
 
     path, openmp, warned = json.loads(out.stdout.strip().splitlines()[-1])
