@@ -1,0 +1,176 @@
+"""A numpy stand-in for CuPy, to run the GPU backend's Python code without a GPU.
+
+``fake_cupy_modules()`` builds modules named ``cupy``, ``cupyx``, ``cupyx.scipy`` and
+``cupyx.scipy.sparse`` whose arrays are numpy arrays and whose ``RawModule`` runs
+each CUDA kernel as a numpy emulation. Installed in ``sys.modules`` (with
+``monkeypatch``), they let ``sparsembed._cuda.backend`` import and run unchanged.
+
+Each emulated launch first checks the launch against the kernel's C signature,
+parsed from the CUDA source: the number of arguments, pointer arguments are
+C-contiguous arrays of the pointee's dtype (writable when not const), scalar
+arguments are numpy scalars of the exact C type, and the block is one warp wide.
+So a launcher passing arguments in the wrong order or of the wrong type fails here,
+on a machine without a GPU. The emulations follow the kernels' arithmetic (segment
+sums in input order, in the table's dtype; norms in float64), not their thread
+layout; the CUDA source itself only gets a C++ syntax check (see the tests).
+"""
+
+import importlib.machinery
+import re
+import types
+
+import numpy as np
+import scipy.sparse
+
+C_DTYPES = {"float": np.float32, "double": np.float64, "int": np.int32,
+            "long long": np.int64, "i64": np.int64}
+
+
+def parse_signatures(source):
+    """{kernel name: [(c type, is_pointer, is_const, arg name), ...]}."""
+    out = {}
+    for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', source):
+        params = []
+        for decl in m.group(2).split(","):
+            decl = " ".join(decl.split())
+            is_const = decl.startswith("const ")
+            body = decl[len("const "):] if is_const else decl
+            is_ptr = "*" in body
+            ctype = body.split("*")[0].strip() if is_ptr else " ".join(body.split()[:-1])
+            params.append((ctype, is_ptr, is_const, decl.split()[-1]))
+        out[m.group(1)] = params
+    return out
+
+
+class FakeKernel:
+    def __init__(self, name, params, typedefs):
+        self.name, self.params, self.typedefs = name, params, typedefs
+        self.launches = 0
+
+    def _dtype(self, ctype):
+        return np.dtype(C_DTYPES[self.typedefs.get(ctype, ctype)])
+
+    def __call__(self, grid, block, args, **kwargs):
+        assert len(block) == 2 and block[0] == 32, f"{self.name}: block {block} is not one warp wide"
+        assert all(int(g) >= 1 for g in grid), f"{self.name}: empty grid {grid}"
+        assert len(args) == len(self.params), (
+            f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
+        named = {}
+        for arg, (ctype, is_ptr, is_const, pname) in zip(args, self.params):
+            want = self._dtype(ctype)
+            if is_ptr:
+                assert isinstance(arg, np.ndarray), f"{self.name}.{pname}: not an array"
+                assert arg.dtype == want, f"{self.name}.{pname}: dtype {arg.dtype}, kernel wants {want}"
+                assert arg.flags.c_contiguous, f"{self.name}.{pname}: not C-contiguous"
+                if not is_const:
+                    assert arg.flags.writeable, f"{self.name}.{pname}: read-only output"
+            else:
+                assert type(arg) is want.type, (
+                    f"{self.name}.{pname}: scalar {type(arg).__name__}, kernel wants {want}")
+            named[pname] = arg
+        self.launches += 1
+        EMULATIONS[self.name](**named)
+
+
+class FakeRawModule:
+    """``cupy.RawModule(code=...)``: its functions run the numpy emulations."""
+
+    instances = []
+
+    def __init__(self, code, **kwargs):
+        self.code = code
+        self.typedefs = dict((alias, ctype) for ctype, alias in
+                             re.findall(r"typedef ([\w ]+?) (\w+);", code))
+        self.signatures = parse_signatures(code)
+        FakeRawModule.instances.append(self)
+
+    def get_function(self, name):
+        return FakeKernel(name, self.signatures[name], self.typedefs)
+
+
+# ----------------------------------------------------------------- emulations
+
+def _gather(weight, idx, out, n, dim):
+    out.reshape(int(n), int(dim))[...] = weight.reshape(-1, int(dim))[idx]
+
+
+def row_norms(values, p):
+    """Norms as the renorm kernel computes them (float64)."""
+    a = np.abs(values.astype(np.float64))
+    if p == 2.0:
+        return np.sqrt((a * a).sum(axis=1))
+    if p == 1.0:
+        return a.sum(axis=1)
+    if p == np.inf:
+        return np.maximum(a.max(axis=1, initial=0.0), 0.0)
+    if p == -np.inf:
+        return a.min(axis=1, initial=np.inf)
+    if p == 0.0:
+        return (values != 0).sum(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return (a ** p).sum(axis=1) ** (1.0 / p)
+
+
+def _renorm(weight, rows, n_rows, dim, max_norm, p, kind):
+    w = weight.reshape(-1, int(dim))
+    norms = row_norms(w[rows], float(p))
+    hit = norms > max_norm
+    scale = (max_norm / (norms[hit] + 1e-7)).astype(w.dtype)
+    w[rows[hit]] = w[rows[hit]] * scale[:, None]
+
+
+def _segment_sum(grad, perm, starts, rows, dense, n_rows, dim, scale_by_count, out):
+    """Each segment summed in input order, in the table's dtype (vectorised over the
+    segments: the t-th term of every segment long enough is added at step t)."""
+    g = grad.reshape(-1, int(dim))
+    lo, hi = starts[:-1], starts[1:]
+    acc = g[perm[lo]].copy()
+    length = hi - lo
+    for t in range(1, int(length.max()) if length.size else 0):
+        live = length > t
+        acc[live] += g[perm[lo[live] + t]]
+    if scale_by_count:
+        many = length > 1
+        acc[many] /= length[many].astype(acc.dtype)[:, None]
+    dst = out.reshape(-1, int(dim))
+    if dense:
+        dst[rows] = acc
+    else:
+        dst[...] = acc
+
+
+EMULATIONS = {"se_gather": _gather, "se_renorm": _renorm, "se_segment_sum": _segment_sum}
+
+
+# ----------------------------------------------------------------- the fake modules
+
+def fake_cupy_modules(device_count=1):
+    """{module name: module} for a numpy-backed ``cupy`` and ``cupyx.scipy.sparse``.
+
+    ``device_count`` is what ``cupy.cuda.runtime.getDeviceCount()`` returns; an
+    exception instance is raised instead.
+    """
+    cp = types.ModuleType("cupy")
+    for key in dir(np):
+        if not key.startswith("__"):
+            setattr(cp, key, getattr(np, key))
+    cp.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+    cp.RawModule = FakeRawModule
+    cp.asnumpy = np.asarray
+
+    def get_device_count():
+        if isinstance(device_count, BaseException):
+            raise device_count
+        return device_count
+
+    cp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    cupyx = types.ModuleType("cupyx")
+    cupyx.__spec__ = importlib.machinery.ModuleSpec("cupyx", None)
+    cupyx_scipy = types.ModuleType("cupyx.scipy")
+    cupyx_sparse = types.ModuleType("cupyx.scipy.sparse")
+    cupyx_sparse.csr_matrix = scipy.sparse.csr_matrix
+    cupyx_sparse.issparse = scipy.sparse.issparse
+    cupyx.scipy = cupyx_scipy
+    cupyx_scipy.sparse = cupyx_sparse
+    return {"cupy": cp, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
+            "cupyx.scipy.sparse": cupyx_sparse}
