@@ -139,7 +139,73 @@ def _segment_sum(grad, perm, starts, rows, dense, n_rows, dim, scale_by_count, o
         dst[...] = acc
 
 
-EMULATIONS = {"se_gather": _gather, "se_renorm": _renorm, "se_segment_sum": _segment_sum}
+def _bag_forward(weight, idx, starts, pad, mode, psw, has_psw, n_bags, dim, out, argmax, counts):
+    """Each bag pooled entry by entry, in order, in the table's dtype (a loop over the
+    bags: the emulation runs on small test batches)."""
+    d = int(dim)
+    w = weight.reshape(-1, d)
+    o = out.reshape(-1, d)
+    am = argmax.reshape(-1, d) if int(mode) == 2 else None
+    for b in range(int(n_bags)):
+        acc = np.zeros(d, dtype=w.dtype)
+        won = np.full(d, -1, dtype=np.int64)
+        seen = 0
+        for e in range(int(starts[b]), int(starts[b + 1])):
+            r = int(idx[e])
+            if r == pad:
+                continue
+            row = w[r]
+            if mode == 2:
+                better = np.ones(d, bool) if seen == 0 else row > acc
+                acc = np.where(better, row, acc)
+                won = np.where(better, e, won)
+            elif has_psw:
+                acc = acc + psw[e] * row
+            else:
+                acc = acc + row
+            seen += 1
+        if mode == 1 and seen > 1:
+            acc = acc / w.dtype.type(seen)
+        o[b] = acc
+        counts[b] = seen
+        if am is not None:
+            am[b] = won
+
+
+def _psw_grad(grad, weight, idx, entry_bag, pad, m, dim, out):
+    d = int(dim)
+    e = np.arange(int(m))
+    dots = (grad.reshape(-1, d)[entry_bag[e]].astype(np.float64)
+            * weight.reshape(-1, d)[idx[e]].astype(np.float64)).sum(axis=1)
+    dots[idx[e] == pad] = 0
+    out[e] = dots.astype(out.dtype)
+
+
+def _bag_segment_sum(grad, perm, starts, rows, dense, entry_bag, scale, has_scale, argmax,
+                     has_argmax, n_rows, dim, scale_by_count, out):
+    d = int(dim)
+    g = grad.reshape(-1, d)
+    dst = out.reshape(-1, d)
+    for u in range(int(n_rows)):
+        acc = np.zeros(d, dtype=g.dtype)
+        for k in range(int(starts[u]), int(starts[u + 1])):
+            e = int(perm[k])
+            b = int(entry_bag[e])
+            if has_argmax:
+                acc = acc + np.where(argmax.reshape(-1, d)[b] == e, g[b], g.dtype.type(0))
+            elif has_scale:
+                acc = acc + scale[e] * g[b]
+            else:
+                acc = acc + g[b]
+        count = int(starts[u + 1] - starts[u])
+        if scale_by_count and count > 1:
+            acc = acc / g.dtype.type(count)
+        dst[rows[u] if dense else u] = acc
+
+
+EMULATIONS = {"se_gather": _gather, "se_renorm": _renorm, "se_segment_sum": _segment_sum,
+              "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
+              "se_bag_segment_sum": _bag_segment_sum}
 
 
 # ----------------------------------------------------------------- the fake modules

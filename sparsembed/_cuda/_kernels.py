@@ -125,7 +125,130 @@ extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
         }
     }
 }
+
+// ---------------------------------------------------------------- EmbeddingBag
+
+// Bag b pools weight rows of entries [starts[b], starts[b+1]) in entry order,
+// skipping pad: mode 0 sum (times psw[e] when has_psw), 1 mean (sum / count when
+// count > 1), 2 max (strict >: the first occurrence wins ties; argmax[b, j] = the
+// winning entry, -1 for an empty bag). counts[b] = non-padding entries. Empty bags
+// give zeros. Same arithmetic, in the same order, as the CPU kernel.
+extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
+                                          const I* __restrict__ idx,
+                                          const i64* __restrict__ starts,
+                                          const i64 pad,
+                                          const int mode,
+                                          const T* __restrict__ psw,
+                                          const int has_psw,
+                                          const i64 n_bags,
+                                          const i64 dim,
+                                          T* __restrict__ out,
+                                          i64* __restrict__ argmax,
+                                          i64* __restrict__ counts) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 b = (i64)blockIdx.x * blockDim.y + threadIdx.y; b < n_bags; b += step) {
+        const i64 lo = starts[b];
+        const i64 hi = starts[b + 1];
+        i64 c = 0;
+        for (i64 e = lo; e < hi; ++e) c += ((i64)idx[e] != pad);
+        if (threadIdx.x == 0) counts[b] = c;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+            T acc = (T)0;
+            i64 won = -1;
+            i64 seen = 0;
+            for (i64 e = lo; e < hi; ++e) {
+                const i64 r = (i64)idx[e];
+                if (r == pad) continue;
+                const T w = weight[r * dim + j];
+                if (mode == 2) {
+                    if (seen == 0 || w > acc) { acc = w; won = e; }
+                } else if (has_psw) {
+                    acc += psw[e] * w;
+                } else {
+                    acc += w;
+                }
+                ++seen;
+            }
+            if (mode == 1 && c > 1) acc /= (T)c;
+            out[b * dim + j] = acc;
+            if (mode == 2) argmax[b * dim + j] = won;
+        }
+    }
+}
+
+// out[e] = dot(grad[entry_bag[e]], weight[idx[e]]) for e < m, in double (a warp
+// reduction); 0 for padding entries.
+extern "C" __global__ void se_psw_grad(const T* __restrict__ grad,
+                                       const T* __restrict__ weight,
+                                       const I* __restrict__ idx,
+                                       const i64* __restrict__ entry_bag,
+                                       const i64 pad,
+                                       const i64 m,
+                                       const i64 dim,
+                                       T* __restrict__ out) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 e = (i64)blockIdx.x * blockDim.y + threadIdx.y; e < m; e += step) {
+        const i64 r = (i64)idx[e];
+        if (r == pad) {  // warp-uniform
+            if (threadIdx.x == 0) out[e] = (T)0;
+            continue;
+        }
+        const T* g = grad + entry_bag[e] * dim;
+        const T* w = weight + r * dim;
+        double acc = 0.0;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) acc += (double)g[j] * (double)w[j];
+        acc = se_warp_sum(acc);
+        if (threadIdx.x == 0) out[e] = (T)acc;
+    }
+}
+
+// Segment u of the bag row plan (entries of row rows[u], in input order): acc =
+// sum over its entries e of grad[entry_bag[e], :] * scale[e] (has_scale), or only
+// the columns e won (has_argmax, max mode), or plain; divided by the count when
+// scale_by_count and count > 1; written to out[rows[u], :] (dense) or out[u, :].
+extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
+                                              const i64* __restrict__ perm,
+                                              const i64* __restrict__ starts,
+                                              const i64* __restrict__ rows,
+                                              const int dense,
+                                              const i64* __restrict__ entry_bag,
+                                              const T* __restrict__ scale,
+                                              const int has_scale,
+                                              const i64* __restrict__ argmax,
+                                              const int has_argmax,
+                                              const i64 n_rows,
+                                              const i64 dim,
+                                              const int scale_by_count,
+                                              T* __restrict__ out) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
+        const i64 lo = starts[u];
+        const i64 hi = starts[u + 1];
+        T* dst = out + (dense ? rows[u] : u) * dim;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+            T acc = (T)0;
+            for (i64 k = lo; k < hi; ++k) {
+                const i64 e = perm[k];
+                const i64 b = entry_bag[e];
+                const T g = grad[b * dim + j];
+                if (has_argmax) {
+                    if (argmax[b * dim + j] == e) acc += g;
+                } else if (has_scale) {
+                    acc += scale[e] * g;
+                } else {
+                    acc += g;
+                }
+            }
+            if (scale_by_count && hi - lo > 1) acc /= (T)(hi - lo);
+            dst[j] = acc;
+        }
+    }
+}
 """
+
+# no fused multiply-add: products and sums rounded as on the CPU, so results match
+# the CPU kernels bit for bit where the summation order is the same
+COMPILE_OPTIONS = ("--fmad=false",)
 
 
 def module_source(t_dtype, i_dtype):
@@ -151,7 +274,8 @@ class CudaKernels:
         key = (np.dtype(t_dtype), np.dtype(i_dtype))
         module = self._modules.get(key)
         if module is None:
-            module = self._modules[key] = self._cp.RawModule(code=module_source(*key))
+            module = self._modules[key] = self._cp.RawModule(code=module_source(*key),
+                                                             options=COMPILE_OPTIONS)
         return module.get_function(name)
 
     def gather(self, weight, idx, out):
@@ -173,3 +297,37 @@ class CudaKernels:
         self._function("se_segment_sum", grad.dtype)(
             grid, block, (grad, perm, starts, rows, np.int32(dense), np.int64(n_rows),
                           np.int64(grad.shape[1]), np.int32(scale_by_count), out))
+
+    def bag_forward(self, weight, idx, starts, pad, mode, psw, out, argmax, counts):
+        n_bags = starts.shape[0] - 1
+        grid, block = launch_shape(n_bags)
+        has_psw = psw is not None
+        psw = psw if has_psw else self._dummy(weight.dtype)
+        argmax = argmax if argmax is not None else self._dummy(np.int64)
+        self._function("se_bag_forward", weight.dtype, idx.dtype)(
+            grid, block, (weight, idx, starts, np.int64(pad), np.int32(mode), psw,
+                          np.int32(has_psw), np.int64(n_bags), np.int64(weight.shape[1]),
+                          out, argmax, counts))
+
+    def psw_grad(self, grad, weight, idx, entry_bag, pad, out):
+        m = entry_bag.shape[0]
+        grid, block = launch_shape(m)
+        self._function("se_psw_grad", weight.dtype, idx.dtype)(
+            grid, block, (grad, weight, idx, entry_bag, np.int64(pad), np.int64(m),
+                          np.int64(weight.shape[1]), out))
+
+    def bag_segment_sum(self, grad, perm, starts, rows, dense, entry_bag, scale, argmax,
+                        scale_by_count, out):
+        n_rows = rows.shape[0]
+        grid, block = launch_shape(n_rows)
+        has_scale, has_argmax = scale is not None, argmax is not None
+        self._function("se_bag_segment_sum", grad.dtype)(
+            grid, block, (grad, perm, starts, rows, np.int32(dense), entry_bag,
+                          scale if has_scale else self._dummy(grad.dtype), np.int32(has_scale),
+                          argmax if has_argmax else self._dummy(np.int64), np.int32(has_argmax),
+                          np.int64(n_rows), np.int64(grad.shape[1]), np.int32(scale_by_count),
+                          out))
+
+    def _dummy(self, dtype):
+        """A one-element array standing for an absent optional pointer argument."""
+        return self._cp.zeros(1, dtype=dtype)

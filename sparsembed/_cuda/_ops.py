@@ -384,6 +384,93 @@ class ArrayBackend:
         return self.from_rows(rows, values, a.shape[0])
 
 
+    # ------------------------------------------------------------- EmbeddingBag
+    # (the bag functions of ``sparsembed._cpu``, same signatures and results)
+
+    def bag_forward(self, weight, flat, starts, mode, padding_idx, per_sample_weights=None):
+        """Pool the validated bags; returns (out, argmax or None, counts).
+
+        ``starts`` (n_bags + 1, int64) bounds the bags in ``flat``; ``argmax`` (max
+        mode) holds, per bag and column, the position in ``flat`` of the winning entry
+        (-1 for an empty bag); ``counts`` the non-padding entries per bag.
+        """
+        xp = self.xp
+        n_bags = starts.shape[0] - 1
+        dim = weight.shape[1]
+        out = xp.zeros((max(n_bags, 0), dim), dtype=weight.dtype)
+        counts = xp.zeros(max(n_bags, 0), dtype=np.int64)
+        argmax = xp.full((max(n_bags, 0), dim), -1, dtype=np.int64) if mode == "max" else None
+        if n_bags > 0 and dim > 0:
+            pad = -1 if padding_idx is None else int(padding_idx)
+            self.kernels.bag_forward(weight, flat, starts, pad, BAG_MODES[mode],
+                                     per_sample_weights, out, argmax, counts)
+        return out, argmax, counts
+
+    def bag_counts(self, flat, starts, padding_idx):
+        """Non-padding entries of each bag, (n_bags,) int64 (a prefix sum, no kernel)."""
+        xp = self.xp
+        if padding_idx is None:
+            return (starts[1:] - starts[:-1]).astype(np.int64)
+        kept = xp.zeros(flat.shape[0] + 1, dtype=np.int64)
+        xp.cumsum((flat != padding_idx).astype(np.int64), out=kept[1:])
+        return kept[starts[1:]] - kept[starts[:-1]]
+
+    def entry_bags(self, starts):
+        """Bag of each entry ``0 .. starts[-1] - 1``, (starts[-1],) int64: the number of
+        bag ends at or before the entry (empty bags are skipped over)."""
+        xp = self.xp
+        end = int(starts[-1])
+        return xp.searchsorted(starts[1:], xp.arange(end, dtype=np.int64),
+                               side="right").astype(np.int64, copy=False)
+
+    def mean_scale(self, counts, entry_bag, dtype):
+        """Per-entry factor ``1 / count`` of the entry's bag (mean mode)."""
+        xp = self.xp
+        inv = 1.0 / xp.maximum(counts, 1)
+        return xp.ascontiguousarray(inv[entry_bag].astype(dtype, copy=False))
+
+    def per_sample_weights_grad(self, grad2d, weight, flat, entry_bag, padding_idx):
+        """(n,) ``dot(grad2d[bag], weight[id])`` per entry; 0 for padding and unbagged
+        entries (the dot products in float64)."""
+        out = self.xp.zeros(flat.shape[0], dtype=grad2d.dtype)
+        if entry_bag.shape[0] and weight.shape[1]:
+            pad = -1 if padding_idx is None else int(padding_idx)
+            self.kernels.psw_grad(grad2d, weight, flat, entry_bag, pad, out)
+        return out
+
+    def _bag_segment_sum(self, grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq,
+                         out, dense):
+        if plan.rows.shape[0] and grad2d.shape[1]:
+            self.kernels.bag_segment_sum(grad2d, plan.perm, plan.starts, plan.rows, dense,
+                                         entry_bag, scale, argmax, bool(scale_grad_by_freq),
+                                         out)
+        return out
+
+    def bag_row_grad(self, grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq):
+        """(n_rows, dim) per-row sums of ``grad2d[entry_bag[e]] * scale[e]`` over each
+        planned row's entries (in max mode only the columns the entry won), in
+        ``plan.rows`` order."""
+        out = self.xp.empty((plan.rows.shape[0], grad2d.shape[1]), dtype=grad2d.dtype)
+        return self._bag_segment_sum(grad2d, plan, entry_bag, scale, argmax,
+                                     scale_grad_by_freq, out, False)
+
+    def bag_dense_grad(self, grad2d, plan, entry_bag, scale, argmax, num_rows,
+                       scale_grad_by_freq):
+        """Dense (num_rows, dim) gradient of a bag forward."""
+        out = self.xp.zeros((num_rows, grad2d.shape[1]), dtype=grad2d.dtype)
+        return self._bag_segment_sum(grad2d, plan, entry_bag, scale, argmax,
+                                     scale_grad_by_freq, out, True)
+
+    def bag_sparse_grad(self, grad2d, plan, entry_bag, scale, argmax, num_rows,
+                        scale_grad_by_freq):
+        """Canonical row-sparse CSR gradient of a bag forward."""
+        values = self.bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq)
+        return self.from_rows(plan.rows, values, num_rows)
+
+
+BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
 def _is_scipy_sparse(a):
     mod = type(a).__module__
     return mod.startswith("scipy.sparse")
@@ -394,4 +481,7 @@ BACKEND_FUNCTIONS = (
     "asarray", "to_numpy", "plan_rows", "gather", "renorm_rows_", "dense_grad",
     "row_grad", "sparse_grad", "add_grad", "as_index_array", "check_index_range",
     "check_weight", "check_writable", "as_grad_output",
+    # EmbeddingBag
+    "bag_forward", "bag_counts", "entry_bags", "mean_scale", "per_sample_weights_grad",
+    "bag_row_grad", "bag_dense_grad", "bag_sparse_grad",
 )

@@ -38,3 +38,13 @@ check_index_range = _impl.check_index_range
 check_weight = _impl.check_weight
 check_writable = _impl.check_writable
 as_grad_output = _impl.as_grad_output
+
+# EmbeddingBag
+bag_forward = _impl.bag_forward
+bag_counts = _impl.bag_counts
+entry_bags = _impl.entry_bags
+mean_scale = _impl.mean_scale
+per_sample_weights_grad = _impl.per_sample_weights_grad
+bag_row_grad = _impl.bag_row_grad
+bag_dense_grad = _impl.bag_dense_grad
+bag_sparse_grad = _impl.bag_sparse_grad
