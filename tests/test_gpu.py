@@ -211,3 +211,67 @@ def test_to_and_back_and_pickle(rng):
     sd = se.Embedding(20, 4, device="cuda")
     sd.load_state_dict({"weight": w0})
     assert_array_equal(host(sd.weight), w0)
+
+
+# --------------------------------------------------------------------- EmbeddingBag
+
+needs_bag = pytest.mark.skipif(not hasattr(se, "EmbeddingBag"), reason="no EmbeddingBag yet")
+
+
+@needs_bag
+@pytest.mark.parametrize("mode, with_psw", [("sum", False), ("sum", True), ("mean", False),
+                                             ("max", False)])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("layout", ["offsets", "2d"])
+def test_embedding_bag_equals_cpu(rng, dtype, mode, with_psw, sparse, padding_idx, layout):
+    kw = dict(mode=mode, sparse=sparse, padding_idx=padding_idx, dtype=dtype, random_state=4)
+    cpu = se.EmbeddingBag(60, 16, **kw)
+    gpu = se.EmbeddingBag(60, 16, device="cuda", **kw)
+    for _ in range(3):
+        ids = _ids(rng, (12, 9), 60)
+        ids[1, :4] = 2
+        psw = rng.standard_normal(ids.shape).astype(dtype) if with_psw else None
+        if layout == "offsets":
+            off = np.array([0, 9, 9, 30, 31, 100])
+            args_c = (ids.reshape(-1), off)
+            args_g = (cp.asarray(ids.reshape(-1)), cp.asarray(off))
+            psw_c = None if psw is None else psw.reshape(-1)
+        else:
+            args_c, args_g, psw_c = (ids,), (cp.asarray(ids),), psw
+        out_c = cpu(*args_c, per_sample_weights=psw_c)
+        out_g = gpu(*args_g, per_sample_weights=None if psw_c is None else cp.asarray(psw_c))
+        assert isinstance(out_g, cp.ndarray)
+        assert_array_equal(host(out_g), out_c)  # same order, no fma: bitwise
+        go = rng.standard_normal(out_c.shape).astype(dtype)
+        g_c, g_g = cpu.backward(go), gpu.backward(cp.asarray(go))
+        if sparse:
+            assert isinstance(g_g, cusp.csr_matrix)
+            h = host(g_g)
+            assert_array_equal(h.indptr, g_c.indptr)
+            assert_array_equal(h.data, g_c.data)
+        else:
+            assert_array_equal(host(g_g), g_c)
+        if with_psw:
+            assert_allclose(host(gpu.per_sample_weights_grad), cpu.per_sample_weights_grad,
+                            rtol=RTOL[np.dtype(dtype)] * 10, atol=RTOL[np.dtype(dtype)])
+
+
+@needs_bag
+def test_embedding_bag_renorm_and_functional(rng):
+    w = rng.standard_normal((30, 8)).astype(np.float32) * 3
+    ids = rng.integers(0, 30, size=40)
+    off = np.array([0, 10, 10, 25])
+    wd = cp.asarray(w)
+    for mode in ("sum", "mean", "max"):
+        a = F.embedding_bag(ids, w.copy(), off, max_norm=1.0, mode=mode)
+        b = F.embedding_bag(ids, wd.copy(), off, max_norm=1.0, mode=mode)
+        assert_allclose(host(b), a, rtol=1e-5)
+        go = rng.standard_normal(a.shape).astype(np.float32)
+        ga, pa = F.embedding_bag_backward(go, ids, w, off, mode=mode, sparse=True)
+        gb, pb = F.embedding_bag_backward(cp.asarray(go), ids, wd, off, mode=mode, sparse=True)
+        assert_array_equal(host(gb).toarray(), ga.toarray())
+        assert pa is None and pb is None
+    with pytest.raises(IndexError, match="index 30 at position 2"):
+        F.embedding_bag(np.array([1, 2, 30]), wd, np.array([0]))
+    assert_array_equal(host(wd), w)

@@ -561,3 +561,154 @@ def test_launch_shape():
     assert _ops.launch_shape(8) == ((1,), (32, 8))
     assert _ops.launch_shape(9) == ((2,), (32, 8))
     assert _ops.launch_shape(10**12)[0] == (_ops.MAX_BLOCKS,)
+
+
+# ----------------------------------------------------------------- EmbeddingBag backend
+
+needs_bag = pytest.mark.skipif(not hasattr(_cpu, "bag_forward"),
+                               reason="EmbeddingBag's CPU backend is not merged yet")
+
+
+def _bag_batch(rng, V=30, n=60, n_bags=9):
+    flat = rng.integers(0, V, size=n)
+    flat[::5] = 4
+    cuts = np.sort(rng.integers(0, n, size=n_bags - 1))
+    starts = np.concatenate([[0], cuts, [n]]).astype(np.int64)
+    starts[3] = starts[2]  # an empty bag
+    return flat, starts
+
+
+@needs_bag
+@pytest.mark.parametrize("mode, with_psw", [("sum", False), ("sum", True), ("mean", False),
+                                             ("max", False)])
+@pytest.mark.parametrize("padding_idx", [None, 4])
+def test_bag_forward_equals_cpu(fake_gpu, rng, dtype, mode, padding_idx, with_psw):
+    w = rng.standard_normal((30, 5)).astype(dtype)
+    w[7, 2] = w[8, 2] = 9  # a tie in max mode: the first occurrence wins
+    flat, starts = _bag_batch(rng)
+    flat[starts[1]:starts[1] + 2] = [7, 8]
+    psw = rng.standard_normal(flat.shape[0]).astype(dtype) if with_psw else None
+    for idx in (flat.astype(np.int64), flat.astype(np.int32)):
+        a = _cpu.bag_forward(w, idx, starts, mode, padding_idx, psw)
+        b = fake_gpu.bag_forward(w, idx, starts, mode, padding_idx, psw)
+        assert_array_equal(b[0], a[0])  # same arithmetic in the same order: bitwise
+        assert_array_equal(b[2], a[2])
+        if mode == "max":
+            assert_array_equal(b[1], a[1])
+        else:
+            assert b[1] is None and a[1] is None
+
+
+@needs_bag
+def test_bag_forward_no_bags_and_no_columns(fake_gpu):
+    w = np.ones((4, 3), np.float32)
+    out, am, counts = fake_gpu.bag_forward(w, np.array([1, 2]), np.zeros(1, np.int64), "max", None)
+    assert out.shape == (0, 3) and am.shape == (0, 3) and counts.shape == (0,)
+    a = _cpu.bag_forward(np.ones((4, 0), np.float32), np.array([1]), np.array([0, 1]), "sum", None)
+    b = fake_gpu.bag_forward(np.ones((4, 0), np.float32), np.array([1]), np.array([0, 1]), "sum", None)
+    assert b[0].shape == a[0].shape
+    assert_array_equal(b[2], a[2])
+
+
+@needs_bag
+@pytest.mark.parametrize("padding_idx", [None, 4])
+def test_bag_helpers_equal_cpu(fake_gpu, rng, dtype, padding_idx):
+    flat, starts = _bag_batch(rng)
+    starts[-1] = starts[-2] + 1  # entries past the last bag belong to none
+    assert_array_equal(fake_gpu.bag_counts(flat, starts, padding_idx),
+                       _cpu.bag_counts(flat, starts, padding_idx))
+    eb = fake_gpu.entry_bags(starts)
+    assert_array_equal(eb, _cpu.entry_bags(starts))
+    counts = _cpu.bag_counts(flat, starts, padding_idx)
+    assert_array_equal(fake_gpu.mean_scale(counts, eb, dtype), _cpu.mean_scale(counts, eb, dtype))
+    w = rng.standard_normal((30, 5)).astype(dtype)
+    g = rng.standard_normal((starts.shape[0] - 1, 5)).astype(dtype)
+    assert_allclose(fake_gpu.per_sample_weights_grad(g, w, flat, eb, padding_idx),
+                    _cpu.per_sample_weights_grad(g, w, flat, eb, padding_idx),
+                    rtol=1e-6 if dtype == np.float32 else 1e-12)
+
+
+@needs_bag
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "psw"])
+@pytest.mark.parametrize("scale", [False, True])
+def test_bag_backward_equals_cpu(fake_gpu, rng, dtype, mode, scale):
+    V, D = 30, 5
+    w = rng.standard_normal((V, D)).astype(dtype)
+    flat, starts = _bag_batch(rng, V)
+    pad = 4
+    grad = rng.standard_normal((starts.shape[0] - 1, D)).astype(dtype)
+    real_mode = "sum" if mode == "psw" else mode
+    psw = rng.standard_normal(flat.shape[0]).astype(dtype) if mode == "psw" else None
+    _, argmax, counts = _cpu.bag_forward(w, flat, starts, real_mode, pad, psw)
+    eb = _cpu.entry_bags(starts)
+    scale_e = _cpu.mean_scale(counts, eb, dtype) if mode == "mean" else psw
+    pa = _cpu.plan_rows(flat, V, pad)
+    pb = fake_gpu.plan_rows(flat, V, pad)
+    assert_array_equal(fake_gpu.bag_dense_grad(grad, pb, eb, scale_e, argmax, V, scale),
+                       _cpu.bag_dense_grad(grad, pa, eb, scale_e, argmax, V, scale))
+    assert_array_equal(fake_gpu.bag_row_grad(grad, pb, eb, scale_e, argmax, scale),
+                       _cpu.bag_row_grad(grad, pa, eb, scale_e, argmax, scale))
+    _assert_same_csr(fake_gpu.bag_sparse_grad(grad, pb, eb, scale_e, argmax, V, scale),
+                     _cpu.bag_sparse_grad(grad, pa, eb, scale_e, argmax, V, scale))
+
+
+@needs_bag
+@pytest.mark.parametrize("mode, with_psw", [("sum", False), ("sum", True), ("mean", False),
+                                             ("max", False)])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("layout", ["offsets", "2d", "csr"])
+def test_embedding_bag_on_fake_cuda_equals_cpu(fake_gpu, counted, rng, mode, with_psw, sparse,
+                                               layout):
+    if layout == "csr" and mode != "sum" and with_psw:
+        pytest.skip("not a valid combination")
+    kw = dict(mode=mode, sparse=sparse, padding_idx=2, scale_grad_by_freq=True, max_norm=2.0,
+              random_state=4)
+    cpu = se.EmbeddingBag(20, 4, **kw)
+    gpu = se.EmbeddingBag(20, 4, device="cuda", **kw)
+    assert gpu._backend is fake_gpu
+    for _ in range(2):
+        ids = rng.integers(0, 20, size=(5, 6))
+        ids[0, :3] = 2
+        psw = rng.standard_normal(ids.shape) if with_psw else None
+        if layout == "offsets":
+            args = (ids.reshape(-1), np.array([0, 6, 6, 20, 25]))
+            kwargs = {"per_sample_weights": None if psw is None else psw.reshape(-1)}
+        elif layout == "2d":
+            args, kwargs = (ids,), {"per_sample_weights": psw}
+        else:
+            data = psw if with_psw else np.ones(ids.shape)
+            if mode != "sum":
+                data = np.ones(ids.shape)
+            args = (sp.csr_array((data.reshape(-1), ids.reshape(-1), np.arange(0, 31, 6))),)
+            kwargs = {}
+        out_c, out_g = cpu(*args, **kwargs), gpu(*args, **kwargs)
+        assert_allclose(out_g, out_c, rtol=1e-6)
+        go = rng.standard_normal(out_c.shape).astype(np.float32)
+        g_c, g_g = cpu.backward(go), gpu.backward(go)
+        if sparse:
+            assert isinstance(g_g, sp.csr_matrix)
+            assert_array_equal(g_g.indptr, g_c.indptr)
+            g_g, g_c = g_g.toarray(), g_c.toarray()
+        assert_allclose(g_g, g_c, rtol=1e-6, atol=1e-7)
+        if with_psw and layout != "csr":
+            assert_allclose(gpu.per_sample_weights_grad, cpu.per_sample_weights_grad, rtol=1e-5)
+    assert counted.get("se_bag_forward") == 2
+    assert counted.get("se_bag_segment_sum") == 2
+    assert counted.get("se_renorm") == 2
+    gpu.to("cpu")
+    assert_allclose(gpu.weight, cpu.weight, rtol=1e-6)
+
+
+@needs_bag
+def test_embedding_bag_functional_on_fake_cuda(fake_gpu, rng):
+    w = rng.standard_normal((15, 3)).astype(np.float32)
+    ids = rng.integers(0, 15, size=12)
+    off = np.array([0, 4, 4, 9])
+    be = fake_gpu
+    from sparsembed import _bags
+
+    bags = _bags.bags_of(ids, off, None, "max", False, 15, w.dtype, be)
+    out, argmax, _ = be.bag_forward(w, bags.flat, bags.starts, "max", None)
+    assert_array_equal(out, F.embedding_bag(ids, w, off, mode="max"))
+    with pytest.raises(IndexError, match="index 15 at position 3"):
+        _bags.bags_of(np.array([1, 2, 3, 15]), np.array([0]), None, "sum", False, 15, w.dtype, be)
