@@ -203,7 +203,55 @@ def _bag_segment_sum(grad, perm, starts, rows, dense, entry_bag, scale, has_scal
         dst[rows[u] if dense else u] = acc
 
 
-EMULATIONS = {"se_gather": _gather, "se_renorm": _renorm, "se_segment_sum": _segment_sum,
+def _update_rows(kind, h_lr, h_momentum, h_weight_decay, h_eps, h_c1, h_c2, weight, rows,
+                 all_rows, values, s1, has_s1, s2, n_rows, dim):
+    """The optimizer update, vectorised over the rows, with the kernel's roundings."""
+    d_ = int(dim)
+    W = weight.reshape(-1, d_)
+    T = W.dtype.type
+    lr, mom, wd, eps, c1, c2 = (T(h) for h in (h_lr, h_momentum, h_weight_decay, h_eps,
+                                                h_c1, h_c2))
+    r = np.arange(int(n_rows)) if all_rows else rows
+    w = W[r]
+    g = values.reshape(-1, d_)[: int(n_rows)]
+
+    def sqrt_t(x):
+        return np.sqrt(x.astype(np.float64)).astype(W.dtype)
+
+    def decayed():
+        return g + wd * w if wd != 0 else g.copy()
+
+    if kind == 3:
+        d = decayed()
+        acc = (d.astype(np.float64) ** 2).sum(axis=1)
+        S = s1.reshape(-1)
+        s_new = S[r] + (acc / d_).astype(W.dtype)
+        S[r] = s_new
+        W[r] = w - lr * (d / (sqrt_t(s_new) + eps)[:, None])
+        return
+    if kind == 0:
+        d = decayed()
+        if has_s1:
+            M = s1.reshape(-1, d_)
+            M[r] = mom * M[r] + d
+            d = M[r]
+        W[r] = w - lr * d
+    elif kind == 1:
+        d = decayed()
+        M = s1.reshape(-1, d_)
+        M[r] = M[r] + d * d
+        W[r] = w - lr * (d / (sqrt_t(M[r]) + eps))
+    else:
+        M, V = s1.reshape(-1, d_), s2.reshape(-1, d_)
+        m_old, v_old = M[r], V[r]
+        um = (g - m_old) * c1
+        uv = (g * g - v_old) * c2
+        M[r] = m_old + um
+        V[r] = v_old + uv
+        W[r] = w + (-lr) * ((um + m_old) / (sqrt_t(uv + v_old) + eps))
+
+
+EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm": _renorm, "se_segment_sum": _segment_sum,
               "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
               "se_bag_segment_sum": _bag_segment_sum}
 

@@ -530,6 +530,7 @@ struct se_dim3 { unsigned x, y, z; };
 extern se_dim3 blockIdx, threadIdx, blockDim, gridDim;
 double __shfl_xor_sync(unsigned mask, double v, int lane);
 double __longlong_as_double(long long x);
+void __syncwarp(unsigned mask = 0xffffffffu);
 """
 
 

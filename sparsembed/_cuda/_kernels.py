@@ -244,6 +244,91 @@ extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
         }
     }
 }
+
+// ---------------------------------------------------------------- optimizers
+
+// One optimizer update of the rows of a built gradient: row r = rows[u] (or u when
+// all_rows) gets values[u, :]. The same per-element arithmetic as the CPU kernel
+// (hyper-parameters rounded to T first; sqrt in double, rounded to T). kind: 0 SGD,
+// 1 Adagrad, 2 SparseAdam, 3 row-wise Adagrad (s1 holds one value per row; the mean
+// of squares is a warp reduction in double).
+extern "C" __global__ void se_update_rows(const int kind,
+                                          const double h_lr,
+                                          const double h_momentum,
+                                          const double h_weight_decay,
+                                          const double h_eps,
+                                          const double h_c1,
+                                          const double h_c2,
+                                          T* __restrict__ weight,
+                                          const i64* __restrict__ rows,
+                                          const int all_rows,
+                                          const T* __restrict__ values,
+                                          T* __restrict__ s1,
+                                          const int has_s1,
+                                          T* __restrict__ s2,
+                                          const i64 n_rows,
+                                          const i64 dim) {
+    const T lr = (T)h_lr;
+    const T mom = (T)h_momentum;
+    const T wd = (T)h_weight_decay;
+    const T eps = (T)h_eps;
+    const T c1 = (T)h_c1;
+    const T c2 = (T)h_c2;
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
+        const i64 r = all_rows ? u : rows[u];
+        T* w = weight + r * dim;
+        const T* g = values + u * dim;
+        if (kind == 3) {
+            double acc = 0.0;
+            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+                T d = g[j];
+                if (wd != (T)0) d = d + wd * w[j];
+                acc += (double)d * (double)d;
+            }
+            acc = se_warp_sum(acc);
+            const T s_old = s1[r];
+            __syncwarp();
+            const T s_new = s_old + (T)(acc / (double)dim);
+            if (threadIdx.x == 0) s1[r] = s_new;
+            const T std = (T)sqrt((double)s_new) + eps;
+            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+                T d = g[j];
+                if (wd != (T)0) d = d + wd * w[j];
+                w[j] = w[j] - lr * (d / std);
+            }
+            continue;
+        }
+        T* m = has_s1 ? s1 + r * dim : 0;
+        T* v = s2 + r * dim;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+            if (kind == 0) {
+                T d = g[j];
+                if (wd != (T)0) d = d + wd * w[j];
+                if (has_s1) {
+                    m[j] = mom * m[j] + d;
+                    d = m[j];
+                }
+                w[j] = w[j] - lr * d;
+            } else if (kind == 1) {
+                T d = g[j];
+                if (wd != (T)0) d = d + wd * w[j];
+                m[j] = m[j] + d * d;
+                const T std = (T)sqrt((double)m[j]) + eps;
+                w[j] = w[j] - lr * (d / std);
+            } else {
+                const T m_old = m[j];
+                const T v_old = v[j];
+                const T um = (g[j] - m_old) * c1;
+                const T uv = (g[j] * g[j] - v_old) * c2;
+                m[j] = m_old + um;
+                v[j] = v_old + uv;
+                const T std = (T)sqrt((double)(uv + v_old)) + eps;
+                w[j] = w[j] + (-lr) * ((um + m_old) / std);
+            }
+        }
+    }
+}
 """
 
 # no fused multiply-add: products and sums rounded as on the CPU, so results match
@@ -331,3 +416,16 @@ class CudaKernels:
     def _dummy(self, dtype):
         """A one-element array standing for an absent optional pointer argument."""
         return self._cp.zeros(1, dtype=dtype)
+
+    def update_rows(self, kind, hyper, weight, rows, values, s1, s2):
+        """``rows`` None: every row (values has the table's shape); s1/s2 None: absent."""
+        n_rows = values.shape[0]
+        grid, block = launch_shape(n_rows)
+        all_rows = rows is None
+        self._function("se_update_rows", weight.dtype)(
+            grid, block,
+            (np.int32(kind), *(np.float64(h) for h in hyper), weight,
+             self._dummy(np.int64) if all_rows else rows, np.int32(all_rows), values,
+             self._dummy(weight.dtype) if s1 is None else s1, np.int32(s1 is not None),
+             self._dummy(weight.dtype) if s2 is None else s2,
+             np.int64(n_rows), np.int64(weight.shape[1])))

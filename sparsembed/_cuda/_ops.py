@@ -467,6 +467,35 @@ class ArrayBackend:
         values = self.bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq)
         return self.from_rows(plan.rows, values, num_rows)
 
+    # ------------------------------------------------------------- optimizers
+
+    def optim_update_rows(self, kind, hyper, weight, rows, values, s1, s2):
+        """One optimizer update (``kind``: 0 SGD, 1 Adagrad, 2 SparseAdam, 3 row-wise
+        Adagrad) of the rows of a built gradient.
+
+        ``hyper`` is (lr, momentum, weight_decay, eps, c1, c2) as the CPU kernel takes
+        them; ``rows`` the sorted distinct rows of ``values`` (None: ``values`` has one
+        row per table row); ``s1``/``s2`` the state arrays, None when absent.
+        """
+        if values.shape[0] and weight.shape[1]:
+            self.kernels.update_rows(kind, tuple(float(h) for h in hyper), weight,
+                                     None if rows is None else
+                                     self.xp.ascontiguousarray(rows, dtype=np.int64),
+                                     values, s1, s2)
+
+    def optim_fused_update(self, kind, hyper, weight, grad, plan, src, scale,
+                           scale_grad_by_freq, s1, s2):
+        """Fused backward + update: the planned rows' gradient sums (row ``rows[u]``
+        gets ``sum scale[e] * grad[src[e]]`` over its entries, in input order), then
+        one update of those rows. On the GPU the sums go through a (n_rows, dim)
+        buffer (two kernels), the full gradient matrix is never built."""
+        if src is None and scale is None:
+            values = self.row_grad(grad, plan, scale_grad_by_freq)
+        else:
+            entry = src if src is not None else self.xp.arange(plan.n, dtype=np.int64)
+            values = self.bag_row_grad(grad, plan, entry, scale, None, scale_grad_by_freq)
+        self.optim_update_rows(kind, hyper, weight, plan.rows, values, s1, s2)
+
 
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 
@@ -484,4 +513,6 @@ BACKEND_FUNCTIONS = (
     # EmbeddingBag
     "bag_forward", "bag_counts", "entry_bags", "mean_scale", "per_sample_weights_grad",
     "bag_row_grad", "bag_dense_grad", "bag_sparse_grad",
+    # optimizers
+    "optim_update_rows", "optim_fused_update",
 )

@@ -48,3 +48,7 @@ per_sample_weights_grad = _impl.per_sample_weights_grad
 bag_row_grad = _impl.bag_row_grad
 bag_dense_grad = _impl.bag_dense_grad
 bag_sparse_grad = _impl.bag_sparse_grad
+
+# optimizers
+optim_update_rows = _impl.optim_update_rows
+optim_fused_update = _impl.optim_fused_update
