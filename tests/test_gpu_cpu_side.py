@@ -713,3 +713,101 @@ def test_embedding_bag_functional_on_fake_cuda(fake_gpu, rng):
     assert_array_equal(out, F.embedding_bag(ids, w, off, mode="max"))
     with pytest.raises(IndexError, match="index 15 at position 3"):
         _bags.bags_of(np.array([1, 2, 3, 15]), np.array([0]), None, "sum", False, 15, w.dtype, be)
+
+
+# ----------------------------------------------------------------- optimizer kernels
+
+try:
+    from sparsembed._kernels import _optim
+except ImportError:  # the optimizers are not merged yet
+    _optim = None
+
+needs_optim = pytest.mark.skipif(_optim is None, reason="se.optim is not merged yet")
+
+# (kind, hyper, state widths) per optimizer: hyper = (lr, momentum, wd, eps, c1, c2)
+OPTIM_CASES = {
+    "sgd": (0, (0.1, 0.0, 0.0, 0.0, 0.0, 0.0), ()),
+    "sgd_momentum_wd": (0, (0.1, 0.9, 0.01, 0.0, 0.0, 0.0), ("dim",)),
+    "adagrad": (1, (0.05, 0.0, 0.0, 1e-10, 0.0, 0.0), ("dim",)),
+    "adagrad_wd": (1, (0.05, 0.0, 0.1, 1e-10, 0.0, 0.0), ("dim",)),
+    "sparse_adam": (2, (1e-3 * 0.3, 0.0, 0.0, 1e-8, 0.1, 0.001), ("dim", "dim")),
+    "rowwise": (3, (0.05, 0.0, 0.0, 1e-10, 0.0, 0.0), (1,)),
+    "rowwise_wd": (3, (0.05, 0.0, 0.1, 1e-10, 0.0, 0.0), (1,)),
+}
+
+
+def _states(rng, widths, V, D, dtype):
+    out = [np.abs(rng.standard_normal((V, D if w == "dim" else 1))).astype(dtype) for w in widths]
+    return out + [None] * (2 - len(out))
+
+
+def _cpu_state(s, dtype):
+    return np.empty((0, 1), dtype=dtype) if s is None else s
+
+
+@needs_optim
+@pytest.mark.parametrize("case", sorted(OPTIM_CASES))
+@pytest.mark.parametrize("sparse_rows", [False, True])
+def test_optim_update_rows_equals_cpu(fake_gpu, rng, dtype, case, sparse_rows):
+    kind, hyper, widths = OPTIM_CASES[case]
+    V, D = 40, 6
+    w = rng.standard_normal((V, D)).astype(dtype)
+    states = _states(rng, widths, V, D, dtype)
+    if sparse_rows:
+        rows = np.array([0, 3, 4, 17, 39], dtype=np.int64)
+        values = rng.standard_normal((rows.size, D)).astype(dtype)
+    else:
+        rows, values = None, rng.standard_normal((V, D)).astype(dtype)
+    w_c, w_g = w.copy(), w.copy()
+    st_c = [None if s is None else s.copy() for s in states]
+    st_g = [None if s is None else s.copy() for s in states]
+    for _ in range(3):
+        _optim.update_rows(kind, *hyper, w_c, np.empty(0, np.int64) if rows is None else rows,
+                           rows is None, values, _cpu_state(st_c[0], dtype),
+                           _cpu_state(st_c[1], dtype), 2)
+        fake_gpu.optim_update_rows(kind, hyper, w_g, rows, values, st_g[0], st_g[1])
+    if kind == 3:  # the mean of squares is a warp reduction on the GPU: rounding may differ
+        rtol = 1e-6 if dtype == np.float32 else 1e-12
+        assert_allclose(w_g, w_c, rtol=rtol, atol=rtol)
+        assert_allclose(st_g[0], st_c[0], rtol=rtol)
+    else:
+        assert_array_equal(w_g, w_c)
+        for a, b in zip(st_g, st_c):
+            if a is not None:
+                assert_array_equal(a, b)
+
+
+@needs_optim
+@pytest.mark.parametrize("case", ["sgd_momentum_wd", "adagrad", "sparse_adam", "rowwise"])
+@pytest.mark.parametrize("with_src", [False, True])
+@pytest.mark.parametrize("scale", [False, True])
+def test_optim_fused_update_equals_cpu(fake_gpu, rng, case, with_src, scale):
+    kind, hyper, widths = OPTIM_CASES[case]
+    dtype = np.dtype(np.float64)
+    V, D, n = 30, 5, 50
+    w = rng.standard_normal((V, D)).astype(dtype)
+    states = _states(rng, widths, V, D, dtype)
+    flat = rng.integers(0, V, size=n)
+    flat[::3] = 2
+    if with_src:  # a bag batch: entry e reads grad row src[e], times scale_e[e]
+        src = np.sort(rng.integers(0, 7, size=n)).astype(np.int64)
+        grad = rng.standard_normal((7, D)).astype(dtype)
+        scale_e = rng.standard_normal(n).astype(dtype)
+    else:
+        src, scale_e, grad = None, None, rng.standard_normal((n, D)).astype(dtype)
+    w_c, w_g = w.copy(), w.copy()
+    st_c = [None if s is None else s.copy() for s in states]
+    st_g = [None if s is None else s.copy() for s in states]
+    _optim.fused_update(kind, *hyper, w_c, grad, *(lambda p: (p.perm, p.rows, p.starts))(
+                            _cpu.plan_rows(flat, V, 5)),
+                        np.empty(0, np.int64) if src is None else src,
+                        np.empty(0, dtype) if scale_e is None else scale_e, scale,
+                        _cpu_state(st_c[0], dtype), _cpu_state(st_c[1], dtype), 2)
+    fake_gpu.optim_fused_update(kind, hyper, w_g, grad, fake_gpu.plan_rows(flat, V, 5), src,
+                                scale_e, scale, st_g[0], st_g[1])
+    assert_allclose(w_g, w_c, rtol=1e-12, atol=1e-14)
+    for a, b in zip(st_g, st_c):
+        if a is not None:
+            assert_allclose(a, b, rtol=1e-12)
+    untouched = np.setdiff1d(np.arange(V), np.append(flat[flat != 5], []))
+    assert_array_equal(w_g[untouched], w[untouched])
