@@ -469,14 +469,43 @@ class ArrayBackend:
 
     # ------------------------------------------------------------- optimizers
 
+    def optim_grad(self, grad, weight):
+        """A layer's gradient as (rows or None, values) on the device, in the table's
+        dtype: a row-sparse CSR gives its stored rows and their values, a dense array
+        (None, the array). numpy / scipy gradients are moved once. Same checks and
+        messages as on the CPU."""
+        xp = self.xp
+        if self.is_sparse(grad) or _is_scipy_sparse(grad):
+            if tuple(grad.shape) != tuple(weight.shape):
+                raise ValueError(f"grad has shape {tuple(grad.shape)}, expected {tuple(weight.shape)}")
+            if _is_scipy_sparse(grad):
+                grad = self._csr_from_host(grad)
+            elif grad.format != "csr":
+                grad = grad.tocsr()
+            rows, values = self.row_values(grad)
+            return (xp.ascontiguousarray(rows, dtype=np.int64),
+                    xp.ascontiguousarray(values, dtype=weight.dtype))
+        if isinstance(grad, (np.ndarray, xp.ndarray)):
+            if tuple(grad.shape) != tuple(weight.shape):
+                raise ValueError(f"grad has shape {tuple(grad.shape)}, expected {tuple(weight.shape)}")
+            if np.dtype(grad.dtype).kind != "f":
+                raise TypeError(f"grad must be a float array, got dtype {grad.dtype}")
+            return None, xp.ascontiguousarray(xp.asarray(grad), dtype=weight.dtype)
+        raise TypeError(
+            f"grad must be an ndarray or a sparse matrix, got {type(grad).__name__}"
+        )
+
     def optim_update_rows(self, kind, hyper, weight, rows, values, s1, s2):
         """One optimizer update (``kind``: 0 SGD, 1 Adagrad, 2 SparseAdam, 3 row-wise
         Adagrad) of the rows of a built gradient.
 
         ``hyper`` is (lr, momentum, weight_decay, eps, c1, c2) as the CPU kernel takes
         them; ``rows`` the sorted distinct rows of ``values`` (None: ``values`` has one
-        row per table row); ``s1``/``s2`` the state arrays, None when absent.
+        row per table row); ``s1``/``s2`` the state arrays, None (or an empty dummy)
+        when absent.
         """
+        s1 = None if s1 is None or s1.shape[0] == 0 else s1
+        s2 = None if s2 is None or s2.shape[0] == 0 else s2
         if values.shape[0] and weight.shape[1]:
             self.kernels.update_rows(kind, tuple(float(h) for h in hyper), weight,
                                      None if rows is None else
@@ -514,5 +543,5 @@ BACKEND_FUNCTIONS = (
     "bag_forward", "bag_counts", "entry_bags", "mean_scale", "per_sample_weights_grad",
     "bag_row_grad", "bag_dense_grad", "bag_sparse_grad",
     # optimizers
-    "optim_update_rows", "optim_fused_update",
+    "optim_grad", "optim_update_rows", "optim_fused_update",
 )

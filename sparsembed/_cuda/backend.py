@@ -50,5 +50,6 @@ bag_dense_grad = _impl.bag_dense_grad
 bag_sparse_grad = _impl.bag_sparse_grad
 
 # optimizers
+optim_grad = _impl.optim_grad
 optim_update_rows = _impl.optim_update_rows
 optim_fused_update = _impl.optim_fused_update
