@@ -811,3 +811,66 @@ def test_optim_fused_update_equals_cpu(fake_gpu, rng, case, with_src, scale):
             assert_allclose(a, b, rtol=1e-12)
     untouched = np.setdiff1d(np.arange(V), np.append(flat[flat != 5], []))
     assert_array_equal(w_g[untouched], w[untouched])
+
+
+# ----------------------------------------------------------------- se.optim on "cuda"
+
+needs_optim_seam = pytest.mark.skipif(not hasattr(_cpu, "optim_update_rows"),
+                                      reason="se.optim does not go through the backend yet")
+
+OPTIMIZERS = {
+    "sgd": lambda p: se.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adagrad": lambda p: se.optim.Adagrad(p, lr=0.05, lr_decay=0.01, weight_decay=0.1),
+    "sparse_adam": lambda p: se.optim.SparseAdam(p, lr=0.01),
+    "rowwise": lambda p: se.optim.RowWiseAdagrad(p, lr=0.05, weight_decay=0.01),
+}
+
+
+@needs_optim_seam
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizers_on_fake_cuda_equal_cpu(fake_gpu, counted, rng, name, sparse, fused):
+    if name == "sparse_adam" and not sparse:
+        pytest.skip("SparseAdam takes sparse layers only")
+    kw = dict(sparse=sparse, padding_idx=0, dtype=np.float64, random_state=2)
+    cpu, gpu = se.Embedding(30, 4, **kw), se.Embedding(30, 4, device="cuda", **kw)
+    opt_c, opt_g = OPTIMIZERS[name]([cpu]), OPTIMIZERS[name]([gpu])
+    for _ in range(4):
+        ids = rng.integers(0, 30, size=(6, 5))
+        go = rng.standard_normal((6, 5, 4))
+        for layer, opt in ((cpu, opt_c), (gpu, opt_g)):
+            layer(ids)
+            if fused:
+                layer.backward(go, optimizer=opt)
+            else:
+                layer.backward(go)
+                opt.step()
+                opt.zero_grad()
+        assert_allclose(gpu.weight, cpu.weight, rtol=1e-12, atol=1e-14)
+    st_c, st_g = opt_c.state_dict(), opt_g.state_dict()
+    for key, value in st_c["state"][0].items():
+        assert_allclose(st_g["state"][0][key], value, rtol=1e-12)
+    assert counted.get("se_update_rows", 0) == 4
+    # the state goes through state_dict / load_state_dict on the device
+    again = OPTIMIZERS[name]([gpu])
+    again.load_state_dict(copy.deepcopy(st_g))
+    for key, value in again.state[0].items():
+        if key != "step":
+            assert_array_equal(value, st_g["state"][0][key])
+
+
+@needs_optim_seam
+def test_optimizer_grad_errors_on_fake_cuda(fake_gpu):
+    emb = se.Embedding(5, 2, device="cuda", sparse=True)
+    opt = se.optim.Adagrad([emb])
+    emb.grad = np.zeros((4, 2))
+    with pytest.raises(ValueError, match=r"grad has shape \(4, 2\), expected \(5, 2\)"):
+        opt.step()
+    emb.grad = np.zeros((5, 2), dtype=np.int64)
+    with pytest.raises(TypeError, match="float array"):
+        opt.step()
+    emb.grad = sp.csr_array(np.ones((5, 2)))  # a host gradient is moved once
+    before = emb.weight.copy()
+    opt.step()
+    assert not np.array_equal(emb.weight, before)
