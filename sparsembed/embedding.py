@@ -155,10 +155,10 @@ class _Table:
 
 def _to_host(a):
     """A CuPy array or cupyx sparse gradient brought back as numpy / scipy csr_array."""
+    if hasattr(a, "get") and (hasattr(a, "__cuda_array_interface__") or hasattr(a, "tocsr")):
+        a = a.get()  # CuPy array or cupyx sparse matrix: device -> host
     if isinstance(a, np.ndarray):
         return a
-    if hasattr(a, "get"):
-        a = a.get()
     if hasattr(a, "tocsr") and not isinstance(a, np.ndarray):
         # cupyx's .get() gives scipy's csr_matrix: the CPU side works with csr_array
         import scipy.sparse as sp

@@ -4,6 +4,9 @@
 ``cupyx.scipy.sparse`` whose arrays are numpy arrays and whose ``RawModule`` runs
 each CUDA kernel as a numpy emulation. Installed in ``sys.modules`` (with
 ``monkeypatch``), they let ``sparsembed._cuda.backend`` import and run unchanged.
+Device arrays are a numpy subclass (:class:`FakeDeviceArray`) that the backend
+selection and ``isinstance(a, cupy.ndarray)`` tell apart from host arrays, so a host
+array reaching a kernel, or a device array handled as a host one, shows up here.
 
 Each emulated launch first checks the launch against the kernel's C signature,
 parsed from the CUDA source: the number of arguments, pointer arguments are
@@ -59,7 +62,8 @@ class FakeKernel:
         for arg, (ctype, is_ptr, is_const, pname) in zip(args, self.params):
             want = self._dtype(ctype)
             if is_ptr:
-                assert isinstance(arg, np.ndarray), f"{self.name}.{pname}: not an array"
+                assert isinstance(arg, FakeDeviceArray), (
+                    f"{self.name}.{pname}: a {type(arg).__name__}, not a device array")
                 assert arg.dtype == want, f"{self.name}.{pname}: dtype {arg.dtype}, kernel wants {want}"
                 assert arg.flags.c_contiguous, f"{self.name}.{pname}: not C-contiguous"
                 if not is_const:
@@ -258,6 +262,88 @@ EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm":
 
 # ----------------------------------------------------------------- the fake modules
 
+class FakeDeviceArray(np.ndarray):
+    """numpy memory standing for GPU memory.
+
+    Its type's module is "cupy", so ``sparsembed._backend.backend_of`` sends it to the
+    CUDA backend; it has ``__cuda_array_interface__`` and ``get()`` like a CuPy array.
+    Host arrays (plain ndarrays) are not instances, so ``isinstance(a, cupy.ndarray)``
+    tells host from device as it does with CuPy, and the emulated kernels refuse host
+    arrays, as CuPy's kernels do.
+    """
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str,
+                "data": (self.ctypes.data, False), "version": 3}
+
+    def get(self):
+        """A host copy (CuPy's device-to-host transfer)."""
+        return np.array(self, subok=False)
+
+
+FakeDeviceArray.__module__ = "cupy"
+
+
+def to_device(x):
+    """Plain ndarrays (host) as device arrays (copied, as a transfer would)."""
+    if isinstance(x, FakeDeviceArray):
+        return x
+    if isinstance(x, np.ndarray):
+        return np.array(x, subok=False).view(FakeDeviceArray)
+    if isinstance(x, tuple):
+        return tuple(to_device(v) for v in x)
+    if isinstance(x, list):
+        return [to_device(v) for v in x]
+    return x
+
+
+def _device_result(x):
+    """A numpy function's result on "the device": arrays viewed, not copied."""
+    if isinstance(x, np.ndarray) and not isinstance(x, FakeDeviceArray):
+        return x.view(FakeDeviceArray)
+    if isinstance(x, tuple):
+        return tuple(_device_result(v) for v in x)
+    return x
+
+
+def _wrap(fn):
+    def wrapped(*args, **kwargs):
+        return _device_result(fn(*args, **kwargs))
+
+    wrapped.__name__ = getattr(fn, "__name__", "fn")
+    return wrapped
+
+
+def _transfer(fn):
+    """asarray & co: a host array is copied to the device, a device array passes."""
+    def wrapped(a, *args, **kwargs):
+        if isinstance(a, np.ndarray) and not isinstance(a, FakeDeviceArray):
+            a = to_device(a)
+        return _device_result(fn(a, *args, **kwargs))
+
+    return wrapped
+
+
+class FakeCsr(scipy.sparse.csr_matrix):
+    """``cupyx.scipy.sparse.csr_matrix``: its data/indices/indptr are device arrays,
+    ``get()`` gives scipy's csr_matrix on the host."""
+
+    def __getattribute__(self, name):
+        value = super().__getattribute__(name)
+        if name in ("data", "indices", "indptr") and isinstance(value, np.ndarray):
+            return value.view(FakeDeviceArray)
+        return value
+
+    def get(self):
+        return scipy.sparse.csr_matrix((np.array(self.data, subok=False),
+                                        np.array(self.indices, subok=False),
+                                        np.array(self.indptr, subok=False)), shape=self.shape)
+
+
+FakeCsr.__module__ = "cupyx.scipy.sparse._csr"
+
+
 def fake_cupy_modules(device_count=1):
     """{module name: module} for a numpy-backed ``cupy`` and ``cupyx.scipy.sparse``.
 
@@ -266,11 +352,18 @@ def fake_cupy_modules(device_count=1):
     """
     cp = types.ModuleType("cupy")
     for key in dir(np):
-        if not key.startswith("__"):
-            setattr(cp, key, getattr(np, key))
+        if key.startswith("__"):
+            continue
+        obj = getattr(np, key)
+        if callable(obj) and not isinstance(obj, (type, np.ufunc)):
+            obj = _wrap(obj)
+        setattr(cp, key, obj)
+    for key in ("asarray", "array", "ascontiguousarray"):
+        setattr(cp, key, _transfer(getattr(np, key)))
+    cp.ndarray = FakeDeviceArray
     cp.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
     cp.RawModule = FakeRawModule
-    cp.asnumpy = np.asarray
+    cp.asnumpy = lambda a: np.array(a, subok=False)
 
     def get_device_count():
         if isinstance(device_count, BaseException):
@@ -282,8 +375,8 @@ def fake_cupy_modules(device_count=1):
     cupyx.__spec__ = importlib.machinery.ModuleSpec("cupyx", None)
     cupyx_scipy = types.ModuleType("cupyx.scipy")
     cupyx_sparse = types.ModuleType("cupyx.scipy.sparse")
-    cupyx_sparse.csr_matrix = scipy.sparse.csr_matrix
-    cupyx_sparse.issparse = scipy.sparse.issparse
+    cupyx_sparse.csr_matrix = FakeCsr
+    cupyx_sparse.issparse = lambda a: isinstance(a, FakeCsr)
     cupyx.scipy = cupyx_scipy
     cupyx_scipy.sparse = cupyx_sparse
     return {"cupy": cp, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,

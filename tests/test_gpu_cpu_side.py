@@ -54,14 +54,40 @@ def _install_fake(monkeypatch, device_count=1):
     _drop_backend_module()
 
 
+class _DeviceArgs:
+    """``sparsembed._cuda.backend`` whose functions get host ndarray arguments as device
+    views (no copy, so in-place functions still act on the caller's arrays): the
+    backend-level tests below pass numpy arrays as a caller would pass CuPy ones."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        attr = getattr(self.module, name)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+
+        def call(*args, **kwargs):
+            return attr(*map(_view, args), **{k: _view(v) for k, v in kwargs.items()})
+
+        return call
+
+
+def _view(x):
+    if isinstance(x, np.ndarray) and not isinstance(x, reference_gpu.FakeDeviceArray):
+        return x.view(reference_gpu.FakeDeviceArray)
+    return x
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """numpy standing in for CuPy, one "device": yields ``sparsembed._cuda.backend``."""
+    """numpy standing in for CuPy, one "device": yields ``sparsembed._cuda.backend``
+    (wrapped in :class:`_DeviceArgs`; ``.module`` is the module itself)."""
     _install_fake(monkeypatch)
     reference_gpu.FakeRawModule.instances.clear()
     be = _backend.get_backend("cuda")
     assert be.name == "cuda" and be.__name__ == "sparsembed._cuda.backend"
-    yield be
+    yield _DeviceArgs(be)
     _drop_backend_module()
 
 
@@ -428,7 +454,7 @@ def test_embedding_on_fake_cuda_equals_cpu(fake_gpu, counted, rng, dtype, sparse
               sparse=sparse, dtype=dtype, random_state=7)
     cpu = se.Embedding(25, 6, **kw)
     gpu = se.Embedding(25, 6, device="cuda", **kw)
-    assert gpu.device == "cuda" and gpu._backend is fake_gpu
+    assert gpu.device == "cuda" and gpu._backend is fake_gpu.module
     assert_array_equal(gpu.weight, cpu.weight)  # same seeded init, drawn on the host
     for step in range(3):
         ids = rng.integers(0, 25, size=(4, 5))
@@ -666,7 +692,7 @@ def test_embedding_bag_on_fake_cuda_equals_cpu(fake_gpu, counted, rng, mode, wit
               random_state=4)
     cpu = se.EmbeddingBag(20, 4, **kw)
     gpu = se.EmbeddingBag(20, 4, device="cuda", **kw)
-    assert gpu._backend is fake_gpu
+    assert gpu._backend is fake_gpu.module
     for _ in range(2):
         ids = rng.integers(0, 20, size=(5, 6))
         ids[0, :3] = 2
