@@ -7,10 +7,11 @@ sparse-aware optimizers, with Cython/OpenMP kernels for every hot loop.
 from sparsembed import functional, init
 from sparsembed._threads import _warn_once_without_openmp, get_num_threads, set_num_threads
 from sparsembed._version import __version__
-from sparsembed.embedding import Embedding
+from sparsembed.embedding import Embedding, EmbeddingBag
 
 __all__ = [
     "Embedding",
+    "EmbeddingBag",
     "functional",
     "init",
     "get_num_threads",

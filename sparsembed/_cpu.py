@@ -7,7 +7,7 @@ signatures; :func:`sparsembed._backend.get_backend` picks one from the device.
 import numpy as np
 
 from sparsembed import _rowsparse
-from sparsembed._kernels import _backward, _lookup, _plan
+from sparsembed._kernels import _backward, _bag, _lookup, _plan
 from sparsembed._threads import get_num_threads
 from sparsembed._validation import (  # noqa: F401 - part of the backend interface
     as_grad_output,
@@ -113,3 +113,91 @@ def add_grad(a, b):
     if isinstance(b, np.ndarray):
         return add_grad(b, a)
     return _rowsparse.add(a, b)
+
+
+# ---------------------------------------------------------------- EmbeddingBag
+
+_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _no_scale(dtype):
+    return np.empty(0, dtype=dtype)
+
+
+_NO_ARGMAX = np.empty((0, 0), dtype=np.int64)
+
+
+def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None):
+    """Pool the validated bags; returns (out, argmax or None, counts).
+
+    ``starts`` (n_bags + 1, int64) bounds the bags in ``flat``; ``argmax`` (max mode)
+    holds, per bag and column, the position in ``flat`` of the winning entry (-1 for
+    an empty bag); ``counts`` the non-padding entries per bag.
+    """
+    n_bags = starts.shape[0] - 1
+    dim = weight.shape[1]
+    out = np.empty((n_bags, dim), dtype=weight.dtype)
+    counts = np.empty(n_bags, dtype=np.int64)
+    argmax = np.empty((n_bags, dim), dtype=np.int64) if mode == "max" else _NO_ARGMAX
+    psw = _no_scale(weight.dtype) if per_sample_weights is None else per_sample_weights
+    pad = -1 if padding_idx is None else int(padding_idx)
+    _bag.bag_forward(weight, flat, starts, pad, _BAG_MODES[mode], psw, out, argmax, counts,
+                     get_num_threads())
+    return out, (argmax if mode == "max" else None), counts
+
+
+def bag_counts(flat, starts, padding_idx):
+    """Non-padding entries of each bag, (n_bags,) int64."""
+    counts = np.empty(starts.shape[0] - 1, dtype=np.int64)
+    _bag.bag_counts(flat, starts, -1 if padding_idx is None else int(padding_idx), counts,
+                    get_num_threads())
+    return counts
+
+
+def entry_bags(starts):
+    """Bag of each entry ``0 .. starts[-1] - 1``, (starts[-1],) int64."""
+    out = np.empty(int(starts[-1]), dtype=np.int64)
+    _bag.fill_entry_bag(starts, out, get_num_threads())
+    return out
+
+
+def mean_scale(counts, entry_bag, dtype):
+    """Per-entry factor ``1 / count`` of the entry's bag (mean mode)."""
+    inv = 1.0 / np.maximum(counts, 1)
+    return np.ascontiguousarray(inv[entry_bag], dtype=dtype)
+
+
+def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx):
+    """(n,) ``dot(grad2d[bag], weight[id])`` per entry; 0 for padding and unbagged entries."""
+    out = np.zeros(flat.shape[0], dtype=grad2d.dtype)
+    _bag.per_sample_weights_grad(grad2d, weight, flat, entry_bag,
+                                 -1 if padding_idx is None else int(padding_idx), out,
+                                 get_num_threads())
+    return out
+
+
+def bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq):
+    """(n_rows, dim) per-row sums of ``grad2d[entry_bag[e]] * scale[e]`` over each planned
+    row's entries (in max mode only the columns the entry won), in ``plan.rows`` order."""
+    out = np.empty((plan.rows.shape[0], grad2d.shape[1]), dtype=grad2d.dtype)
+    _bag.bag_row_sums(grad2d, plan.perm, plan.starts, entry_bag,
+                      _no_scale(grad2d.dtype) if scale is None else scale,
+                      _NO_ARGMAX if argmax is None else argmax,
+                      scale_grad_by_freq, out, get_num_threads())
+    return out
+
+
+def bag_dense_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_by_freq):
+    """Dense (num_rows, dim) gradient of a bag forward."""
+    out = np.zeros((num_rows, grad2d.shape[1]), dtype=grad2d.dtype)
+    _bag.bag_dense_backward(grad2d, plan.perm, plan.rows, plan.starts, entry_bag,
+                            _no_scale(grad2d.dtype) if scale is None else scale,
+                            _NO_ARGMAX if argmax is None else argmax,
+                            scale_grad_by_freq, out, get_num_threads())
+    return out
+
+
+def bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_by_freq):
+    """Canonical row-sparse csr_array gradient of a bag forward."""
+    values = bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq)
+    return _rowsparse.from_rows(plan.rows, values, num_rows)

@@ -2,11 +2,12 @@
 
 import numpy as np
 
+from sparsembed import _bags
 from sparsembed import _validation as V
 from sparsembed import functional as F
 from sparsembed._backend import backend_of, get_backend, normalize_device
 
-__all__ = ["Embedding"]
+__all__ = ["Embedding", "EmbeddingBag"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -319,6 +320,221 @@ class Embedding(_Table):
         _, _, plan = self._plan()
         g = F.weight_grad(grad.reshape(flat.shape[0], self.embedding_dim), plan,
                           self.num_embeddings, self.scale_grad_by_freq, self.sparse, be)
+        return self._accumulate(g)
+
+    def __repr__(self):
+        return self._repr_options(self._REPR_DEFAULTS)
+
+
+def _own(arr, sources):
+    """``arr``, copied when it may share memory with one of the caller's ``sources``
+    (the caller may reuse its buffers before backward)."""
+    if arr is None:
+        return None
+    for src in sources:
+        if isinstance(src, np.ndarray) and np.may_share_memory(arr, src):
+            return arr.copy()
+    return arr
+
+
+def _sources(*objs):
+    out = []
+    for obj in objs:
+        if obj is None:
+            continue
+        for name in ("indices", "indptr", "data"):  # scipy.sparse input
+            if hasattr(obj, name) and isinstance(getattr(obj, name), np.ndarray):
+                out.append(getattr(obj, name))
+        if isinstance(obj, np.ndarray):
+            out.append(obj)
+    return out
+
+
+class EmbeddingBag(_Table):
+    """A table of vectors pooled per bag: the numpy counterpart of
+    ``torch.nn.EmbeddingBag``.
+
+    ``bag(input, offsets)`` returns, for every bag, the sum, mean or element-wise
+    max of its rows, without materialising the (n_ids, embedding_dim) lookup;
+    ``bag.backward(grad_output)`` returns the gradient w.r.t. ``weight`` (dense or a
+    canonical ``scipy.sparse.csr_array``) and adds it into ``bag.grad``.
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+    max_norm : float, optional
+        Rows referenced by a forward (padding included, as torch) whose
+        ``norm_type``-norm exceeds it are rescaled in place before pooling; > 0.
+    norm_type : float, default 2.0
+    scale_grad_by_freq : bool, default False
+        Divide each row's gradient by how often its id occurs in the batch. torch
+        CPU divides by the wrong count (pytorch#190063); we divide each row by its own
+        count. Also allowed in max mode and with ``sparse=True`` (torch refuses both).
+    mode : {"sum", "mean", "max"}, default "mean"
+    sparse : bool, default False
+        Gradients as canonical ``scipy.sparse.csr_array`` (sorted distinct rows, each a
+        full row of ``embedding_dim`` entries). Allowed in max mode (torch refuses).
+    include_last_offset : bool, default False
+        ``offsets`` holds n_bags + 1 entries, the last one the end of the last bag.
+    padding_idx : int, optional
+        Entries equal to it are left out of the pooling and of the mean's count and
+        get no gradient; the row starts at zero. Negative values count from the end.
+    weight, dtype, random_state, device
+        As for :class:`Embedding`.
+
+    Attributes
+    ----------
+    weight : ndarray of shape (num_embeddings, embedding_dim)
+    grad : None, ndarray or csr_array
+        Accumulated table gradient.
+    per_sample_weights_grad : ndarray or None
+        Set by every ``backward`` whose forward had per-sample weights: their gradient
+        ``dot(grad_output[bag], weight[id])`` (0 for padding entries), shaped as they
+        were. Not accumulated across calls; None when the forward had none.
+    requires_grad : bool
+
+    Examples
+    --------
+    >>> import numpy as np, sparsembed as se
+    >>> bag = se.EmbeddingBag(10, 3, mode="sum", random_state=0)
+    >>> out = bag(np.array([1, 2, 4, 5, 4, 3]), offsets=np.array([0, 2, 2]))
+    >>> out.shape
+    (3, 3)
+    >>> bag.backward(np.ones_like(out)).shape
+    (10, 3)
+    """
+
+    _REPR_DEFAULTS = (("max_norm", None), ("norm_type", 2.0), ("scale_grad_by_freq", False),
+                      ("mode", "mean"), ("sparse", False), ("include_last_offset", False),
+                      ("padding_idx", None))
+
+    def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, mode="mean", sparse=False,
+                 include_last_offset=False, padding_idx=None, *, weight=None,
+                 dtype=np.float32, random_state=None, device="cpu"):
+        self.num_embeddings = V.check_size(num_embeddings, "num_embeddings")
+        self.embedding_dim = V.check_size(embedding_dim, "embedding_dim")
+        self.max_norm, self.norm_type = V.check_max_norm(max_norm, norm_type)
+        self.scale_grad_by_freq = bool(scale_grad_by_freq)
+        self.mode = _bags.check_mode(mode)
+        self.sparse = bool(sparse)
+        self.include_last_offset = bool(include_last_offset)
+        self.padding_idx = V.normalize_padding_idx(padding_idx, self.num_embeddings)
+        self.per_sample_weights_grad = None
+        self._init_weight(weight, _check_dtype(dtype), random_state, device)
+
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze=True, max_norm=None, norm_type=2.0,
+                        scale_grad_by_freq=False, mode="mean", sparse=False,
+                        include_last_offset=False, padding_idx=None):
+        """Wrap an existing table (shares memory when it can; the padding row is not
+        zeroed; ``requires_grad = not freeze``), as :meth:`Embedding.from_pretrained`."""
+        arr = embeddings if hasattr(embeddings, "__cuda_array_interface__") else np.asarray(embeddings)
+        if arr.ndim != 2:
+            raise ValueError(f"embeddings must be 2-D, got shape {arr.shape}")
+        dtype = arr.dtype if np.dtype(arr.dtype) in _DTYPES else np.float32
+        device = "cuda" if hasattr(arr, "__cuda_array_interface__") else "cpu"
+        layer = cls(arr.shape[0], arr.shape[1], max_norm=max_norm, norm_type=norm_type,
+                    scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
+                    include_last_offset=include_last_offset, padding_idx=padding_idx,
+                    weight=arr, dtype=dtype, device=device)
+        layer.requires_grad = not freeze
+        return layer
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        """Pool each bag's rows.
+
+        Parameters
+        ----------
+        input : array_like of int, or scipy.sparse matrix
+            1-D ids with ``offsets``, 2-D ids (n_bags, bag_len) without, or a sparse
+            matrix whose rows are bags (see :func:`sparsembed.functional.embedding_bag`).
+        offsets : array_like of int, optional
+            Bag starts (``offsets[0] == 0``, non-decreasing, ``<= len(input)``); with
+            ``include_last_offset`` also the end of the last bag.
+        per_sample_weights : array_like of float, same shape as ``input``, optional
+            Mode "sum" only.
+
+        Returns
+        -------
+        ndarray of shape (n_bags, embedding_dim), weight's dtype
+            Empty bags and bags of padding only give zeros.
+        """
+        be = self._backend
+        bags = _bags.bags_of(input, offsets, per_sample_weights, self.mode,
+                             self.include_last_offset, self.num_embeddings, self.weight.dtype, be)
+        plan = None
+        if self.max_norm is not None:
+            be.check_writable(self.weight)
+            plan = be.plan_rows(bags.flat, self.num_embeddings, self.padding_idx)
+            F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
+            if bags.end != bags.flat.shape[0]:
+                plan = None  # the backward plans the bagged entries only
+        out, argmax, counts = be.bag_forward(self.weight, bags.flat, bags.starts, self.mode,
+                                             self.padding_idx, bags.psw)
+        src = _sources(input, offsets, per_sample_weights)
+        bags.flat = _own(bags.flat, src)
+        bags.starts = _own(bags.starts, src)
+        bags.psw = _own(bags.psw, src)
+        self._saved = {"bags": bags, "argmax": argmax, "counts": counts, "plan": plan,
+                       "entry_bag": None}
+        self.per_sample_weights_grad = None
+        return out
+
+    __call__ = forward
+
+    def _grad_parts(self, grad_output):
+        """The pieces every backward form needs, from the last forward:
+        ``(grad2d, plan, entry_bag, scale, argmax, bags)``; ``grad2d`` is
+        ``grad_output`` as a C-contiguous (n_bags, dim) array of the table's dtype.
+
+        The table gradient's row ``plan.rows[u]`` is
+        ``bag_row_sum(grad2d, plan segment u, entry_bag, scale, argmax)`` (see
+        ``sparsembed/_kernels/_bag.pxd``), divided by the segment's length with
+        ``scale_grad_by_freq``.
+        """
+        saved = self._saved_forward()
+        be = self._backend
+        bags = saved["bags"]
+        grad = be.as_grad_output(grad_output, (bags.n_bags, self.embedding_dim),
+                                 self.weight.dtype)
+        if saved["plan"] is None:
+            saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
+        if saved["entry_bag"] is None:
+            saved["entry_bag"] = be.entry_bags(bags.starts)
+        entry_bag = saved["entry_bag"]
+        scale = _bags.entry_scale(bags, self.mode, saved["counts"], entry_bag,
+                                  self.weight.dtype, be)
+        return grad, saved["plan"], entry_bag, scale, saved["argmax"], bags
+
+    def backward(self, grad_output):
+        """Gradient of the last forward w.r.t. ``weight``, also added into ``grad``.
+
+        Sum and mean modes add each bag's gradient (times the per-sample weight, or
+        divided by the bag's count) to its entries' rows; max mode sends each
+        column's gradient to the row that won it (first occurrence wins ties);
+        padding gets nothing. When the forward had per-sample weights, their
+        gradient is left in ``per_sample_weights_grad`` (computed with the table as
+        it is now, which is the forward's table unless it was changed since).
+
+        Parameters
+        ----------
+        grad_output : ndarray of shape (n_bags, embedding_dim)
+
+        Returns
+        -------
+        ndarray or csr_array of shape (num_embeddings, embedding_dim), or None
+            None when ``requires_grad`` is False (the per-sample weights' gradient is
+            still computed).
+        """
+        be = self._backend
+        grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
+        self.per_sample_weights_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag,
+                                                      self.padding_idx, be)
+        if not self.requires_grad:
+            return None
+        g = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax,
+                              self.num_embeddings, self.scale_grad_by_freq, self.sparse, be)
         return self._accumulate(g)
 
     def __repr__(self):

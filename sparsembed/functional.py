@@ -6,10 +6,12 @@ so an error leaves the weights untouched.
 
 import numpy as np
 
+from sparsembed import _bags
 from sparsembed import _validation as V
 from sparsembed._backend import backend_of
 
-__all__ = ["embedding", "embedding_backward", "embedding_renorm_"]
+__all__ = ["embedding", "embedding_backward", "embedding_renorm_", "embedding_bag",
+           "embedding_bag_backward"]
 
 
 def _grad_dtype(dtype):
@@ -166,3 +168,128 @@ def embedding_renorm_(weight, input, max_norm, norm_type=2.0):
     be.check_writable(weight)
     renorm_(weight, be.plan_rows(flat, weight.shape[0]), max_norm, norm_type, None, be)
     return weight
+
+
+# ---------------------------------------------------------------- EmbeddingBag
+
+def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
+                  scale_grad_by_freq=False, mode="mean", sparse=False,
+                  per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    """Pooled lookups: the sum, mean or element-wise max of each bag's rows.
+
+    torch's ``F.embedding_bag`` (CPU) semantics.
+
+    Parameters
+    ----------
+    input : array_like of int, or scipy.sparse matrix
+        1-D ids with ``offsets``, or 2-D ids of shape (n_bags, bag_len) (one bag per
+        row, ``offsets=None``); int32 and int64 are used as they are, other integer
+        dtypes converted once. A scipy.sparse matrix (converted to CSR) is a batch of
+        bags: rows are bags, column indices the ids, data the per-sample weights in
+        mode "sum" (in modes "mean" and "max" its data must all be 1).
+    weight : ndarray of shape (num_embeddings, embedding_dim), float32 or float64
+        The table. Renormalised in place when ``max_norm`` is given.
+    offsets : array_like of int of shape (n_bags,), optional
+        Start of each bag in a 1-D ``input``: ``offsets[0] == 0``, non-decreasing,
+        ``offsets[-1] <= len(input)``; bag ``b`` is ``input[offsets[b]:offsets[b+1]]``,
+        the last one runs to the end of ``input``. Any integer dtype, independent of
+        ``input``'s. Empty offsets mean no bags (torch's behaviour).
+    max_norm : float, optional
+        Rows referenced by ``input`` (padding included, as torch) whose
+        ``norm_type``-norm exceeds it are rescaled in place by
+        ``max_norm / (norm + 1e-7)`` before pooling. Must be > 0.
+    norm_type : float, default 2.0
+    scale_grad_by_freq, sparse : bool
+        Only matter for the gradient (:func:`embedding_bag_backward`).
+    mode : {"sum", "mean", "max"}, default "mean"
+    per_sample_weights : array_like of float, same shape as ``input``, optional
+        Mode "sum" only: each entry's row is multiplied by its weight.
+    include_last_offset : bool, default False
+        ``offsets`` has n_bags + 1 entries, the last one the end of the last bag
+        (entries past it belong to no bag and are ignored, as in torch).
+    padding_idx : int, optional
+        Entries equal to it are left out of the reduction and of the mean's count.
+
+    Returns
+    -------
+    ndarray of shape (n_bags, embedding_dim), weight's dtype
+        Empty bags, and bags of padding only, give zeros in every mode.
+
+    Raises
+    ------
+    ValueError
+        Unknown mode; bad offsets (not starting at 0, decreasing, past the input);
+        offsets with 2-D input or none with 1-D input; per-sample weights with a
+        mode other than "sum" or of the wrong shape.
+    IndexError
+        An id out of range (nothing is written).
+    TypeError
+        Non-integer ids or offsets.
+    """
+    be = _weight(weight)
+    num_embeddings = weight.shape[0]
+    padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
+    max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
+    bags = _bags.bags_of(input, offsets, per_sample_weights, mode, include_last_offset,
+                         num_embeddings, weight.dtype, be)
+    if max_norm is not None:
+        be.check_writable(weight)
+        renorm_(weight, be.plan_rows(bags.flat, num_embeddings, padding_idx), max_norm,
+                norm_type, padding_idx, be)
+    table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
+    out, _, _ = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx, bags.psw)
+    return out
+
+
+def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean",
+                           per_sample_weights=None, include_last_offset=False,
+                           padding_idx=None, scale_grad_by_freq=False, sparse=False):
+    """Gradients of :func:`embedding_bag` w.r.t. the table and the per-sample weights.
+
+    ``weight`` is the table as the forward saw it (after any ``max_norm`` renorm): max
+    mode recomputes the winners from it, and the per-sample weights' gradient is
+    ``dot(grad_output[bag], weight[id])`` per entry. No renorm happens here.
+
+    Parameters
+    ----------
+    grad_output : ndarray of shape (n_bags, embedding_dim)
+        Cast to the table's dtype.
+    input, offsets, mode, per_sample_weights, include_last_offset, padding_idx
+        As given to :func:`embedding_bag`.
+    weight : ndarray of shape (num_embeddings, embedding_dim)
+    scale_grad_by_freq : bool, default False
+        Divide each row's gradient by how often its id occurs in the batch (padding
+        and entries outside every bag not counted). torch CPU divides by the wrong
+        count here (pytorch#190063); we divide each row by its own count. Also allowed
+        in max mode, where torch refuses.
+    sparse : bool, default False
+        Return a canonical ``scipy.sparse.csr_array`` (sorted distinct rows, each a
+        full row, explicit zeros kept); allowed in max mode too, where torch refuses.
+
+    Returns
+    -------
+    grad_weight : ndarray or csr_array of shape (num_embeddings, embedding_dim)
+        Sum and mean modes add each bag's (weighted, or 1/count scaled) gradient to
+        its entries' rows; max mode sends each column's gradient to the row that won
+        it (the first occurrence wins ties). Padding gets nothing.
+    grad_per_sample_weights : ndarray shaped as ``per_sample_weights``, or None
+        0 for padding entries. For a scipy.sparse input, shaped as its data.
+    """
+    be = _weight(weight)
+    num_embeddings, dim = weight.shape
+    padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
+    bags = _bags.bags_of(input, offsets, per_sample_weights, mode, include_last_offset,
+                         num_embeddings, weight.dtype, be)
+    grad = be.as_grad_output(grad_output, (bags.n_bags, dim), weight.dtype)
+    table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
+    argmax = counts = None
+    if mode == "max":
+        _, argmax, counts = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx)
+    elif mode == "mean":
+        counts = be.bag_counts(bags.flat, bags.starts, padding_idx)
+    entry_bag = be.entry_bags(bags.starts)
+    scale = _bags.entry_scale(bags, mode, counts, entry_bag, weight.dtype, be)
+    plan = be.plan_rows(bags.used, num_embeddings, padding_idx)
+    grad_weight = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax, num_embeddings,
+                                    scale_grad_by_freq, sparse, be)
+    return grad_weight, _bags.psw_grad(grad, table, bags, entry_bag, padding_idx, be)

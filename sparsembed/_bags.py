@@ -1,0 +1,198 @@
+"""EmbeddingBag's input layout: validation of (input, offsets, per_sample_weights) into
+flat ids and bag bounds, and the gradient pieces shared by the layer and the
+functional form.
+
+Everything here runs before any kernel writes: a failed call leaves every array as
+it was.
+"""
+
+import numpy as np
+
+from sparsembed import _validation as V
+
+MODES = ("sum", "mean", "max")
+
+
+def check_mode(mode):
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of 'sum', 'mean', 'max', got {mode!r}")
+    return mode
+
+
+class Bags:
+    """A validated batch of bags.
+
+    Attributes
+    ----------
+    flat : ndarray of shape (n,), int32 or int64
+        All ids, in input order (validated against the table size).
+    starts : ndarray of shape (n_bags + 1,), int64
+        Bag ``b`` holds ``flat[starts[b]:starts[b + 1]]``; ``starts[0] == 0``.
+    end : int
+        ``starts[-1]``: entries from ``end`` on belong to no bag (torch ignores them
+        too: ``include_last_offset`` with ``offsets[-1] < len(input)``, or empty
+        offsets).
+    psw : ndarray of shape (n,) or None
+        Per-sample weights in the table's dtype.
+    psw_shape : tuple or None
+        The shape the per-sample weights had (their gradient gets it back).
+    """
+
+    __slots__ = ("flat", "starts", "end", "psw", "psw_shape")
+
+    def __init__(self, flat, starts, psw, psw_shape):
+        self.flat, self.starts, self.psw, self.psw_shape = flat, starts, psw, psw_shape
+        self.end = int(starts[-1])
+
+    @property
+    def n_bags(self):
+        return self.starts.shape[0] - 1
+
+    @property
+    def used(self):
+        """The ids that belong to a bag (a view of ``flat``)."""
+        return self.flat[: self.end]
+
+
+def _is_scipy_sparse(x):
+    try:
+        import scipy.sparse as sp
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        return False
+    return sp.issparse(x)
+
+
+def _check_offsets(offsets, n, include_last_offset):
+    off = V.as_index_array(offsets, "offsets")
+    if off.ndim != 1:
+        raise ValueError(f"offsets must be 1-D, got shape {off.shape}")
+    if include_last_offset:
+        if off.shape[0] == 0:
+            raise ValueError(
+                "offsets must hold at least one entry with include_last_offset=True "
+                "(the end of the last bag)"
+            )
+        starts = off.astype(np.int64)
+    elif off.shape[0] == 0:
+        # torch: no offsets, no bags (the entries belong to none)
+        starts = np.zeros(1, dtype=np.int64)
+    else:
+        starts = np.empty(off.shape[0] + 1, dtype=np.int64)
+        starts[:-1] = off
+        starts[-1] = n
+    if off.shape[0]:
+        if off[0] != 0:
+            raise ValueError(f"offsets[0] must be 0 (the first bag starts at 0), got {int(off[0])}")
+        steps = np.diff(off)
+        if steps.size and steps.min() < 0:
+            pos = int(np.argmax(steps < 0)) + 1
+            raise ValueError(
+                f"offsets must be non-decreasing, got offsets[{pos}] = {int(off[pos])} "
+                f"after offsets[{pos - 1}] = {int(off[pos - 1])}"
+            )
+        last = int(off[-1])
+        if last > n:
+            raise ValueError(
+                f"offsets[-1] = {last} is past the end of input (length {n})"
+            )
+    return starts
+
+
+def _check_psw(per_sample_weights, shape, mode, dtype):
+    if per_sample_weights is None:
+        return None, None
+    if mode != "sum":
+        raise ValueError(
+            f"per_sample_weights are only supported with mode='sum', got mode={mode!r}"
+        )
+    w = np.asarray(per_sample_weights)
+    if w.dtype.kind not in "biuf":
+        raise TypeError(f"per_sample_weights must be a real array, got dtype {w.dtype}")
+    if w.shape != tuple(shape):
+        raise ValueError(
+            f"per_sample_weights has shape {w.shape}, expected {tuple(shape)} (the shape of input)"
+        )
+    return np.ascontiguousarray(w, dtype=dtype).reshape(-1), w.shape
+
+
+def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_embeddings,
+            dtype, be):
+    """Validate an EmbeddingBag batch into :class:`Bags` (no write happens here).
+
+    ``input`` is 1-D ids with 1-D ``offsets``, 2-D ids (n_bags, bag_len) without, or a
+    scipy.sparse matrix (converted to CSR: rows are bags, column indices the ids, data
+    the per-sample weights in mode "sum"; in modes "mean" and "max" the data must all
+    be 1, a plain multi-hot matrix).
+    """
+    mode = check_mode(mode)
+    if _is_scipy_sparse(input):
+        if offsets is not None:
+            raise ValueError("offsets must be None when input is a scipy.sparse matrix "
+                             "(its rows are the bags)")
+        if per_sample_weights is not None:
+            raise ValueError("per_sample_weights must be None when input is a scipy.sparse "
+                             "matrix (its data are the weights)")
+        csr = input.tocsr()
+        if csr.ndim != 2:
+            raise ValueError(f"a sparse input must be 2-D, got shape {csr.shape}")
+        flat = be.as_index_array(csr.indices, "input")
+        starts = np.ascontiguousarray(csr.indptr, dtype=np.int64)
+        data = np.asarray(csr.data)
+        if mode == "sum":
+            psw, psw_shape = _check_psw(data, flat.shape, mode, dtype)
+        else:
+            if data.size and not np.all(data == 1):
+                raise ValueError(
+                    f"a sparse input's data are per-sample weights, which need mode='sum'; "
+                    f"with mode={mode!r} its data must all be 1"
+                )
+            psw, psw_shape = None, None
+        be.check_index_range(flat, num_embeddings)
+        return Bags(flat, starts, psw, psw_shape)
+
+    idx = be.as_index_array(input)
+    if idx.ndim == 2:
+        if offsets is not None:
+            raise ValueError(
+                f"offsets must be None for 2-D input (each row is a bag), got input of shape "
+                f"{idx.shape} with offsets"
+            )
+        n_bags, bag_len = idx.shape
+        starts = np.arange(n_bags + 1, dtype=np.int64) * bag_len
+    elif idx.ndim == 1:
+        if offsets is None:
+            raise ValueError("offsets is required for 1-D input (or pass 2-D input, one bag per row)")
+        starts = _check_offsets(offsets, idx.shape[0], include_last_offset)
+    else:
+        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape {idx.shape}")
+    psw, psw_shape = _check_psw(per_sample_weights, idx.shape, mode, dtype)
+    flat = idx.reshape(-1)
+    be.check_index_range(flat, num_embeddings)
+    return Bags(flat, starts, psw, psw_shape)
+
+
+def entry_scale(bags, mode, counts, entry_bag, dtype, be):
+    """Per-entry factor of the backward: the weight (sum), 1 / bag count (mean), or None."""
+    if mode == "mean":
+        return be.mean_scale(counts, entry_bag, dtype)
+    if bags.psw is not None:
+        return bags.psw[: bags.end]
+    return None
+
+
+def weight_grad(grad2d, bags, plan, entry_bag, scale, argmax, num_embeddings,
+                scale_grad_by_freq, sparse, be):
+    """Dense or row-sparse table gradient of a bag forward."""
+    if sparse:
+        return be.bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_embeddings,
+                                  scale_grad_by_freq)
+    return be.bag_dense_grad(grad2d, plan, entry_bag, scale, argmax, num_embeddings,
+                             scale_grad_by_freq)
+
+
+def psw_grad(grad2d, weight, bags, entry_bag, padding_idx, be):
+    """Gradient of the per-sample weights, shaped as they were (None without weights)."""
+    if bags.psw is None:
+        return None
+    g = be.per_sample_weights_grad(grad2d, weight, bags.flat, entry_bag, padding_idx)
+    return g.reshape(bags.psw_shape)

@@ -1,0 +1,44 @@
+"""The bag-of-words example runs at tiny size and pools what it says it pools."""
+
+import importlib.util
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+from numpy.testing import assert_allclose
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bag_of_words.py"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("bag_of_words_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_glove_sample_ships_with_the_package():
+    data = files("sparsembed.datasets")
+    assert (data / "test_glove.txt").is_file()
+    assert "PDDL" in (data / "NOTICE_glove.txt").read_text()
+
+
+def test_bag_of_words_main_runs(capsys):
+    ex = _load_example()
+    sentences = ["he said that", "she said", "zzz unknown words"]
+    sim = ex.main(sentences)
+    out = capsys.readouterr().out
+    assert "cosine similarity" in out and "closest to [0]" in out
+    assert sim.shape == (3, 3)
+    assert_allclose(sim, sim.T, rtol=1e-6)
+    assert_allclose(np.diag(sim)[:2], 1.0, rtol=1e-5)
+    assert sim[2, 2] == 0  # a sentence of unknown words only pools to zeros
+
+    # sentence 0's vector is the plain mean of its words' GloVe rows
+    words, vectors = ex.load_glove(files("sparsembed.datasets") / "test_glove.txt")
+    assert vectors.shape == (76, 50) and words[0] == "the"
+    vocab = {w: i for i, w in enumerate(words)}
+    mean0 = vectors[[vocab[w] for w in "he said that".split()]].mean(axis=0)
+    mean1 = vectors[[vocab[w] for w in "she said".split()]].mean(axis=0)
+    expected = mean0 @ mean1 / (np.linalg.norm(mean0) * np.linalg.norm(mean1))
+    assert_allclose(sim[0, 1], expected, rtol=1e-5)
