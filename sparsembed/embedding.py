@@ -331,8 +331,9 @@ def _own(arr, sources):
     (the caller may reuse its buffers before backward)."""
     if arr is None:
         return None
+    xp = backend_of(arr).xp
     for src in sources:
-        if isinstance(src, np.ndarray) and np.may_share_memory(arr, src):
+        if isinstance(src, xp.ndarray) and xp.may_share_memory(arr, src):
             return arr.copy()
     return arr
 
@@ -345,7 +346,7 @@ def _sources(*objs):
         for name in ("indices", "indptr", "data"):  # scipy.sparse input
             if hasattr(obj, name) and isinstance(getattr(obj, name), np.ndarray):
                 out.append(getattr(obj, name))
-        if isinstance(obj, np.ndarray):
+        if isinstance(obj, np.ndarray) or hasattr(obj, "__cuda_array_interface__"):
             out.append(obj)
     return out
 
