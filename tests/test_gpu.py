@@ -275,3 +275,67 @@ def test_embedding_bag_renorm_and_functional(rng):
     with pytest.raises(IndexError, match="index 30 at position 2"):
         F.embedding_bag(np.array([1, 2, 30]), wd, np.array([0]))
     assert_array_equal(host(wd), w)
+
+
+# --------------------------------------------------------------------- optimizers
+
+needs_optim = pytest.mark.skipif(not hasattr(se, "optim"), reason="no se.optim yet")
+
+OPTIMIZERS = {
+    "sgd": lambda p: se.optim.SGD(p, lr=0.1),
+    "sgd_momentum": lambda p: se.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adagrad": lambda p: se.optim.Adagrad(p, lr=0.05, lr_decay=0.01, weight_decay=0.1),
+    "sparse_adam": lambda p: se.optim.SparseAdam(p, lr=0.01),
+    "rowwise": lambda p: se.optim.RowWiseAdagrad(p, lr=0.05, weight_decay=0.01),
+}
+
+
+@needs_optim
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_steps_equal_cpu(rng, dtype, name, sparse, fused):
+    if name == "sparse_adam" and not sparse:
+        pytest.skip("SparseAdam takes sparse layers only")
+    cpu, gpu = pair(dtype, sparse=sparse, padding_idx=0)
+    opt_c, opt_g = OPTIMIZERS[name]([cpu]), OPTIMIZERS[name]([gpu])
+    for _ in range(5):
+        ids = _ids(rng, (8, 12))
+        go = rng.standard_normal((8, 12, 8)).astype(dtype)
+        for layer, opt, g in ((cpu, opt_c, go), (gpu, opt_g, cp.asarray(go))):
+            layer(ids)
+            if fused:
+                layer.backward(g, optimizer=opt)
+            else:
+                layer.backward(g)
+                opt.step()
+                opt.zero_grad()
+    # the same arithmetic as the CPU kernel (no fma); row-wise Adagrad's mean of
+    # squares is a warp reduction, so allow rounding
+    if name == "rowwise":
+        assert_allclose(host(gpu.weight), cpu.weight, rtol=RTOL[np.dtype(dtype)] * 100,
+                        atol=RTOL[np.dtype(dtype)] * 10)
+    else:
+        assert_array_equal(host(gpu.weight), cpu.weight)
+    state = opt_g.state_dict()["state"][0]
+    for key, value in opt_c.state_dict()["state"][0].items():
+        if key != "step":
+            assert isinstance(state[key], cp.ndarray)
+            assert_allclose(host(state[key]), value, rtol=RTOL[np.dtype(dtype)] * 100)
+
+
+@needs_optim
+@needs_bag
+def test_optimizer_on_a_bag(rng):
+    cpu = se.EmbeddingBag(40, 8, mode="mean", sparse=True, random_state=1)
+    gpu = se.EmbeddingBag(40, 8, mode="mean", sparse=True, random_state=1, device="cuda")
+    opt_c, opt_g = se.optim.SparseAdam([cpu], lr=0.01), se.optim.SparseAdam([gpu], lr=0.01)
+    for _ in range(4):
+        ids = rng.integers(0, 40, size=(6, 5))
+        go = rng.standard_normal((6, 8)).astype(np.float32)
+        for layer, opt in ((cpu, opt_c), (gpu, opt_g)):
+            layer(ids)
+            layer.backward(go)
+            opt.step()
+            opt.zero_grad()
+    assert_array_equal(host(gpu.weight), cpu.weight)
