@@ -291,11 +291,11 @@ extern "C" __global__ void se_update_rows(const int kind,
             __syncwarp();
             const T s_new = s_old + (T)(acc / (double)dim);
             if (threadIdx.x == 0) s1[r] = s_new;
-            const T std = (T)sqrt((double)s_new) + eps;
+            const T denom = (T)sqrt((double)s_new) + eps;
             for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
                 T d = g[j];
                 if (wd != (T)0) d = d + wd * w[j];
-                w[j] = w[j] - lr * (d / std);
+                w[j] = w[j] - lr * (d / denom);
             }
             continue;
         }
@@ -314,8 +314,8 @@ extern "C" __global__ void se_update_rows(const int kind,
                 T d = g[j];
                 if (wd != (T)0) d = d + wd * w[j];
                 m[j] = m[j] + d * d;
-                const T std = (T)sqrt((double)m[j]) + eps;
-                w[j] = w[j] - lr * (d / std);
+                const T denom = (T)sqrt((double)m[j]) + eps;
+                w[j] = w[j] - lr * (d / denom);
             } else {
                 const T m_old = m[j];
                 const T v_old = v[j];
@@ -323,8 +323,8 @@ extern "C" __global__ void se_update_rows(const int kind,
                 const T uv = (g[j] * g[j] - v_old) * c2;
                 m[j] = m_old + um;
                 v[j] = v_old + uv;
-                const T std = (T)sqrt((double)(uv + v_old)) + eps;
-                w[j] = w[j] + (-lr) * ((um + m_old) / std);
+                const T denom = (T)sqrt((double)(uv + v_old)) + eps;
+                w[j] = w[j] + (-lr) * ((um + m_old) / denom);
             }
         }
     }
@@ -354,6 +354,7 @@ class CudaKernels:
     def __init__(self, cupy):
         self._cp = cupy
         self._modules = {}
+        self._dummies = {}
 
     def _function(self, name, t_dtype, i_dtype=np.int64):
         key = (np.dtype(t_dtype), np.dtype(i_dtype))
@@ -415,7 +416,10 @@ class CudaKernels:
 
     def _dummy(self, dtype):
         """A one-element array standing for an absent optional pointer argument."""
-        return self._cp.zeros(1, dtype=dtype)
+        dtype = np.dtype(dtype)
+        if dtype not in self._dummies:
+            self._dummies[dtype] = self._cp.zeros(1, dtype=dtype)
+        return self._dummies[dtype]
 
     def update_rows(self, kind, hyper, weight, rows, values, s1, s2):
         """``rows`` None: every row (values has the table's shape); s1/s2 None: absent."""

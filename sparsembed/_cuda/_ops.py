@@ -323,15 +323,16 @@ class ArrayBackend:
     def from_rows(self, rows, data, num_rows):
         """The canonical CSR matrix holding ``data[u]`` as the full row ``rows[u]``.
 
-        ``indptr[r] = dim * #(rows < r)`` by a binary search per row; the index arrays
-        are int32 when they fit (CuPy's sparse matrices want int32).
+        ``indptr[r] = dim * #(rows < r)``: a prefix sum of ``dim`` at every stored row;
+        the index arrays are int32 when they fit (CuPy's sparse matrices want int32).
         """
         xp = self.xp
         n_rows, dim = data.shape
         nnz = n_rows * dim
         idx_dtype = np.int32 if max(int(num_rows), nnz) <= _INT32_MAX else np.int64
-        bounds = xp.arange(num_rows + 1, dtype=np.int64)
-        indptr = (xp.searchsorted(rows, bounds, side="left") * dim).astype(idx_dtype)
+        steps = xp.zeros(int(num_rows) + 1, dtype=idx_dtype)
+        steps[rows + 1] = dim  # rows are distinct
+        indptr = xp.cumsum(steps, dtype=idx_dtype)
         indices = xp.tile(xp.arange(dim, dtype=idx_dtype), n_rows)
         out = self.csr_type((data.reshape(-1), indices, indptr), shape=(int(num_rows), dim))
         out.has_canonical_format = True
