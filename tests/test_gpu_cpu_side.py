@@ -900,3 +900,11 @@ def test_optimizer_grad_errors_on_fake_cuda(fake_gpu):
     before = emb.weight.copy()
     opt.step()
     assert not np.array_equal(emb.weight, before)
+
+
+def test_to_numpy_brings_device_arrays_home(fake_gpu):
+    dev = reference_gpu.to_device(np.arange(6.0).reshape(2, 3))
+    host = fake_gpu.module.to_numpy(dev)
+    assert type(host) is np.ndarray
+    assert_array_equal(host, np.arange(6.0).reshape(2, 3))
+    assert fake_gpu.module.to_numpy(np.ones(2)).dtype == np.float64

@@ -161,14 +161,12 @@ class ArrayBackend:
 
     def to_numpy(self, a):
         """A numpy array (or scipy csr_array for a sparse gradient) on the host."""
-        if isinstance(a, np.ndarray):
-            return a
         if self.is_sparse(a):
             import scipy.sparse as sp
 
             host = a.get() if hasattr(a, "get") else a
             return sp.csr_array(host)
-        if hasattr(a, "get"):
+        if hasattr(a, "__cuda_array_interface__") and hasattr(a, "get"):
             return a.get()
         return np.asarray(a)
 
