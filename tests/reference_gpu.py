@@ -207,7 +207,7 @@ def _bag_segment_sum(grad, perm, starts, rows, dense, entry_bag, scale, has_scal
         dst[rows[u] if dense else u] = acc
 
 
-def _update_rows(kind, h_lr, h_momentum, h_weight_decay, h_eps, h_c1, h_c2, weight, rows,
+def _update_rows(kind, h_lr, h_momentum, h_weight_decay, h_eps, h_c1, h_c2, h_c3, weight, rows,
                  all_rows, values, s1, has_s1, s2, n_rows, dim):
     """The optimizer update, vectorised over the rows, with the kernel's roundings."""
     d_ = int(dim)
@@ -237,8 +237,13 @@ def _update_rows(kind, h_lr, h_momentum, h_weight_decay, h_eps, h_c1, h_c2, weig
         d = decayed()
         if has_s1:
             M = s1.reshape(-1, d_)
-            M[r] = mom * M[r] + d
-            d = M[r]
+            if h_c2 != 0:
+                M[r] = d
+            elif h_c1 == 1.0:
+                M[r] = mom * M[r] + d
+            else:
+                M[r] = mom * M[r] + c1 * d
+            d = d + mom * M[r] if h_c3 != 0 else M[r]
         W[r] = w - lr * d
     elif kind == 1:
         d = decayed()

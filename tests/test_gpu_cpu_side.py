@@ -750,15 +750,18 @@ except ImportError:  # the optimizers are not merged yet
 
 needs_optim = pytest.mark.skipif(_optim is None, reason="se.optim is not merged yet")
 
-# (kind, hyper, state widths) per optimizer: hyper = (lr, momentum, wd, eps, c1, c2)
+# (kind, hyper, state widths) per optimizer: hyper = (lr, momentum, wd, eps, c1, c2, c3),
+# the CPU kernel's doubles (SGD: c1 = 1 - dampening, c2 = first step, c3 = Nesterov)
 OPTIM_CASES = {
-    "sgd": (0, (0.1, 0.0, 0.0, 0.0, 0.0, 0.0), ()),
-    "sgd_momentum_wd": (0, (0.1, 0.9, 0.01, 0.0, 0.0, 0.0), ("dim",)),
-    "adagrad": (1, (0.05, 0.0, 0.0, 1e-10, 0.0, 0.0), ("dim",)),
-    "adagrad_wd": (1, (0.05, 0.0, 0.1, 1e-10, 0.0, 0.0), ("dim",)),
-    "sparse_adam": (2, (1e-3 * 0.3, 0.0, 0.0, 1e-8, 0.1, 0.001), ("dim", "dim")),
-    "rowwise": (3, (0.05, 0.0, 0.0, 1e-10, 0.0, 0.0), (1,)),
-    "rowwise_wd": (3, (0.05, 0.0, 0.1, 1e-10, 0.0, 0.0), (1,)),
+    "sgd": (0, (0.1, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0), ()),
+    "sgd_momentum_wd": (0, (0.1, 0.9, 0.01, 0.0, 1.0, 0.0, 0.0), ("dim",)),
+    "sgd_first_step": (0, (0.1, 0.9, 0.0, 0.0, 1.0, 1.0, 0.0), ("dim",)),
+    "sgd_dampening_nesterov": (0, (0.1, 0.9, 0.0, 0.0, 0.7, 0.0, 1.0), ("dim",)),
+    "adagrad": (1, (0.05, 0.0, 0.0, 1e-10, 0.0, 0.0, 0.0), ("dim",)),
+    "adagrad_wd": (1, (0.05, 0.0, 0.1, 1e-10, 0.0, 0.0, 0.0), ("dim",)),
+    "sparse_adam": (2, (1e-3 * 0.3, 0.0, 0.0, 1e-8, 0.1, 0.001, 0.0), ("dim", "dim")),
+    "rowwise": (3, (0.05, 0.0, 0.0, 1e-10, 0.0, 0.0, 0.0), (1,)),
+    "rowwise_wd": (3, (0.05, 0.0, 0.1, 1e-10, 0.0, 0.0, 0.0), (1,)),
 }
 
 
@@ -804,8 +807,8 @@ def test_optim_update_rows_equals_cpu(fake_gpu, rng, dtype, case, sparse_rows):
 
 
 @needs_optim
-@pytest.mark.parametrize("case", ["sgd_momentum_wd", "adagrad", "sparse_adam", "rowwise"])
-@pytest.mark.parametrize("with_src", [False, True])
+@pytest.mark.parametrize("case", ["sgd_dampening_nesterov", "adagrad", "sparse_adam", "rowwise"])
+@pytest.mark.parametrize("with_src", [False, True, "max"])
 @pytest.mark.parametrize("scale", [False, True])
 def test_optim_fused_update_equals_cpu(fake_gpu, rng, case, with_src, scale):
     kind, hyper, widths = OPTIM_CASES[case]
@@ -815,10 +818,15 @@ def test_optim_fused_update_equals_cpu(fake_gpu, rng, case, with_src, scale):
     states = _states(rng, widths, V, D, dtype)
     flat = rng.integers(0, V, size=n)
     flat[::3] = 2
+    argmax = None
     if with_src:  # a bag batch: entry e reads grad row src[e], times scale_e[e]
         src = np.sort(rng.integers(0, 7, size=n)).astype(np.int64)
         grad = rng.standard_normal((7, D)).astype(dtype)
         scale_e = rng.standard_normal(n).astype(dtype)
+        if with_src == "max":  # max mode: entry e sends the columns it won
+            scale_e = None
+            _, argmax, _ = _cpu.bag_forward(w, flat, np.searchsorted(src, np.arange(8)).astype(np.int64),
+                                            "max", 5)
     else:
         src, scale_e, grad = None, None, rng.standard_normal((n, D)).astype(dtype)
     w_c, w_g = w.copy(), w.copy()
@@ -827,10 +835,11 @@ def test_optim_fused_update_equals_cpu(fake_gpu, rng, case, with_src, scale):
     _optim.fused_update(kind, *hyper, w_c, grad, *(lambda p: (p.perm, p.rows, p.starts))(
                             _cpu.plan_rows(flat, V, 5)),
                         np.empty(0, np.int64) if src is None else src,
-                        np.empty(0, dtype) if scale_e is None else scale_e, scale,
+                        np.empty(0, dtype) if scale_e is None else scale_e,
+                        np.empty((0, 0), np.int64) if argmax is None else argmax, scale,
                         _cpu_state(st_c[0], dtype), _cpu_state(st_c[1], dtype), 2)
     fake_gpu.optim_fused_update(kind, hyper, w_g, grad, fake_gpu.plan_rows(flat, V, 5), src,
-                                scale_e, scale, st_g[0], st_g[1])
+                                scale_e, scale, st_g[0], st_g[1], argmax=argmax)
     assert_allclose(w_g, w_c, rtol=1e-12, atol=1e-14)
     for a, b in zip(st_g, st_c):
         if a is not None:

@@ -248,7 +248,7 @@ extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
 // ---------------------------------------------------------------- optimizers
 
 // One optimizer update of the rows of a built gradient: row r = rows[u] (or u when
-// all_rows) gets values[u, :]. The same per-element arithmetic as the CPU kernel
+// all_rows) gets values[u, :]. Hyper-parameters as the CPU kernel's Hyper struct. The same per-element arithmetic as the CPU kernel
 // (hyper-parameters rounded to T first; sqrt in double, rounded to T). kind: 0 SGD,
 // 1 Adagrad, 2 SparseAdam, 3 row-wise Adagrad (s1 holds one value per row; the mean
 // of squares is a warp reduction in double).
@@ -259,6 +259,7 @@ extern "C" __global__ void se_update_rows(const int kind,
                                           const double h_eps,
                                           const double h_c1,
                                           const double h_c2,
+                                          const double h_c3,
                                           T* __restrict__ weight,
                                           const i64* __restrict__ rows,
                                           const int all_rows,
@@ -303,11 +304,16 @@ extern "C" __global__ void se_update_rows(const int kind,
         T* v = s2 + r * dim;
         for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
             if (kind == 0) {
+                // c1 = 1 - dampening, c2 != 0 on the table's first step (buf = d),
+                // c3 != 0 for Nesterov momentum
                 T d = g[j];
                 if (wd != (T)0) d = d + wd * w[j];
                 if (has_s1) {
-                    m[j] = mom * m[j] + d;
-                    d = m[j];
+                    if (h_c2 != 0.0) m[j] = d;
+                    else if (h_c1 == 1.0) m[j] = mom * m[j] + d;
+                    else m[j] = mom * m[j] + c1 * d;
+                    if (h_c3 != 0.0) d = d + mom * m[j];
+                    else d = m[j];
                 }
                 w[j] = w[j] - lr * d;
             } else if (kind == 1) {
@@ -334,6 +340,10 @@ extern "C" __global__ void se_update_rows(const int kind,
 # no fused multiply-add: products and sums rounded as on the CPU, so results match
 # the CPU kernels bit for bit where the summation order is the same
 COMPILE_OPTIONS = ("--fmad=false",)
+
+# se_update_rows' doubles: lr, momentum, weight_decay, eps, c1, c2, c3 (shorter tuples
+# are padded with zeros)
+N_HYPER = 7
 
 
 def module_source(t_dtype, i_dtype):
@@ -426,6 +436,7 @@ class CudaKernels:
         n_rows = values.shape[0]
         grid, block = launch_shape(n_rows)
         all_rows = rows is None
+        hyper = tuple(hyper) + (0.0,) * (N_HYPER - len(hyper))
         self._function("se_update_rows", weight.dtype)(
             grid, block,
             (np.int32(kind), *(np.float64(h) for h in hyper), weight,

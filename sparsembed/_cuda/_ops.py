@@ -498,8 +498,8 @@ class ArrayBackend:
         """One optimizer update (``kind``: 0 SGD, 1 Adagrad, 2 SparseAdam, 3 row-wise
         Adagrad) of the rows of a built gradient.
 
-        ``hyper`` is (lr, momentum, weight_decay, eps, c1, c2) as the CPU kernel takes
-        them; ``rows`` the sorted distinct rows of ``values`` (None: ``values`` has one
+        ``hyper`` is (lr, momentum, weight_decay, eps, c1, c2[, c3]) as the CPU kernel
+        takes them; ``rows`` the sorted distinct rows of ``values`` (None: ``values`` has one
         row per table row); ``s1``/``s2`` the state arrays, None (or an empty dummy)
         when absent.
         """
@@ -512,16 +512,20 @@ class ArrayBackend:
                                      values, s1, s2)
 
     def optim_fused_update(self, kind, hyper, weight, grad, plan, src, scale,
-                           scale_grad_by_freq, s1, s2):
+                           scale_grad_by_freq, s1, s2, argmax=None):
         """Fused backward + update: the planned rows' gradient sums (row ``rows[u]``
         gets ``sum scale[e] * grad[src[e]]`` over its entries, in input order), then
-        one update of those rows. On the GPU the sums go through a (n_rows, dim)
-        buffer (two kernels), the full gradient matrix is never built."""
+        one update of those rows. With ``src`` (EmbeddingBag: entry -> bag) the sums are
+        the bag backward's row sums (``argmax``: max mode's winners). On the GPU the
+        sums go through a (n_rows, dim) buffer (two kernels), the full gradient matrix
+        is never built."""
         if src is None and scale is None:
             values = self.row_grad(grad, plan, scale_grad_by_freq)
         else:
             entry = src if src is not None else self.xp.arange(plan.n, dtype=np.int64)
-            values = self.bag_row_grad(grad, plan, entry, scale, None, scale_grad_by_freq)
+            values = self.bag_row_grad(grad, plan, entry, scale,
+                                       argmax if argmax is not None and argmax.shape[0] else None,
+                                       scale_grad_by_freq)
         self.optim_update_rows(kind, hyper, weight, plan.rows, values, s1, s2)
 
 
