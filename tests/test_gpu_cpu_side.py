@@ -917,3 +917,21 @@ def test_to_numpy_brings_device_arrays_home(fake_gpu):
     assert type(host) is np.ndarray
     assert_array_equal(host, np.arange(6.0).reshape(2, 3))
     assert fake_gpu.module.to_numpy(np.ones(2)).dtype == np.float64
+
+
+@needs_optim_seam
+@needs_bag
+@pytest.mark.parametrize("mode, with_psw", [("sum", True), ("mean", False), ("max", False)])
+def test_bag_fused_optimizer_on_fake_cuda_equals_cpu(fake_gpu, counted, rng, mode, with_psw):
+    kw = dict(mode=mode, sparse=True, padding_idx=1, dtype=np.float64, random_state=9)
+    cpu, gpu = se.EmbeddingBag(25, 4, **kw), se.EmbeddingBag(25, 4, device="cuda", **kw)
+    opt_c, opt_g = se.optim.SparseAdam([cpu], lr=0.01), se.optim.SparseAdam([gpu], lr=0.01)
+    for _ in range(3):
+        ids = rng.integers(0, 25, size=(5, 6))
+        psw = rng.standard_normal(ids.shape) if with_psw else None
+        go = rng.standard_normal((5, 4))
+        for layer, opt in ((cpu, opt_c), (gpu, opt_g)):
+            layer(ids, per_sample_weights=psw)
+            layer.backward(go, optimizer=opt)
+    assert_allclose(gpu.weight, cpu.weight, rtol=1e-12, atol=1e-14)
+    assert counted.get("se_update_rows") == 3
