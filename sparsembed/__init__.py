@@ -4,7 +4,7 @@
 sparse-aware optimizers, with Cython/OpenMP kernels for every hot loop.
 """
 
-from sparsembed import functional, init
+from sparsembed import functional, init, optim
 from sparsembed._threads import _warn_once_without_openmp, get_num_threads, set_num_threads
 from sparsembed._version import __version__
 from sparsembed.embedding import Embedding, EmbeddingBag
@@ -14,6 +14,7 @@ __all__ = [
     "EmbeddingBag",
     "functional",
     "init",
+    "optim",
     "get_num_threads",
     "set_num_threads",
     "show_config",
@@ -59,3 +60,13 @@ def show_config(print_out=False):
 
 
 _warn_once_without_openmp()
+
+
+def __getattr__(name):
+    # Submodules imported on first use: `se.sklearn` needs scikit-learn, which
+    # `import sparsembed` must not require.
+    if name in ("sklearn", "datasets"):
+        import importlib
+
+        return importlib.import_module(f"sparsembed.{name}")
+    raise AttributeError(f"module 'sparsembed' has no attribute {name!r}")

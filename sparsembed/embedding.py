@@ -298,26 +298,40 @@ class Embedding(_Table):
             self._saved = (flat, shape, plan)
         return flat, shape, plan
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, optimizer=None):
         """Gradient of the last forward w.r.t. ``weight``, also added into ``grad``.
 
         Parameters
         ----------
         grad_output : ndarray of shape ``input.shape + (embedding_dim,)``
             Cast to the table's dtype.
+        optimizer : sparsembed.optim optimizer, optional
+            Fused backward + update: sum each touched row's gradient and apply
+            ``optimizer``'s update to that row in the same pass, without building the
+            gradient matrix. Returns None and leaves ``grad`` untouched. It always
+            applies the touched-rows (sparse) form of the update (lazy weight decay and
+            momentum), so for a ``sparse=True`` layer it equals ``backward`` then
+            ``optimizer.step()`` (the optimizer counts it as one step of this layer).
+            The layer must be among the optimizer's params.
 
         Returns
         -------
         ndarray of shape (num_embeddings, embedding_dim), csr_array of that shape, or None
             The dense gradient, or with ``sparse=True`` the canonical row-sparse one;
-            None when ``requires_grad`` is False.
+            None when ``requires_grad`` is False or ``optimizer`` is given.
         """
         flat, shape, _ = self._saved_forward()
         be = self._backend
         grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,), self.weight.dtype)
+        if optimizer is not None:
+            optimizer._locate(self)  # a ValueError before anything changes
         if not self.requires_grad:
             return None
         _, _, plan = self._plan()
+        if optimizer is not None:
+            optimizer._fused_update(self, grad.reshape(flat.shape[0], self.embedding_dim), plan,
+                                    self.scale_grad_by_freq)
+            return None
         g = F.weight_grad(grad.reshape(flat.shape[0], self.embedding_dim), plan,
                           self.num_embeddings, self.scale_grad_by_freq, self.sparse, be)
         return self._accumulate(g)
@@ -508,7 +522,7 @@ class EmbeddingBag(_Table):
                                   self.weight.dtype, be)
         return grad, saved["plan"], entry_bag, scale, saved["argmax"], bags
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, optimizer=None):
         """Gradient of the last forward w.r.t. ``weight``, also added into ``grad``.
 
         Sum and mean modes add each bag's gradient (times the per-sample weight, or
@@ -521,18 +535,31 @@ class EmbeddingBag(_Table):
         Parameters
         ----------
         grad_output : ndarray of shape (n_bags, embedding_dim)
+        optimizer : sparsembed.optim optimizer, optional
+            Fused backward + update, as for :meth:`Embedding.backward`: each touched
+            row's gradient is summed and ``optimizer``'s touched-rows update applied to
+            it in the same pass (all modes; max mode sends each column to the row that
+            won it). Returns None and leaves ``grad``
+            untouched; ``per_sample_weights_grad`` is computed first, from the table
+            before the update. The layer must be among the optimizer's params.
 
         Returns
         -------
         ndarray or csr_array of shape (num_embeddings, embedding_dim), or None
             None when ``requires_grad`` is False (the per-sample weights' gradient is
-            still computed).
+            still computed) or ``optimizer`` is given.
         """
         be = self._backend
+        if optimizer is not None:
+            optimizer._locate(self)  # a ValueError before anything changes
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
         self.per_sample_weights_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag,
                                                       self.padding_idx, be)
         if not self.requires_grad:
+            return None
+        if optimizer is not None:
+            optimizer._fused_update(self, grad, plan, self.scale_grad_by_freq,
+                                    src=entry_bag, scale=scale, argmax=argmax)
             return None
         g = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax,
                               self.num_embeddings, self.scale_grad_by_freq, self.sparse, be)

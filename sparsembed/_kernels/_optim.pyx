@@ -1,0 +1,262 @@
+"""Optimizer kernels: row updates of SGD, Adagrad, SparseAdam and row-wise Adagrad.
+
+Two entry points share one per-row update (``_update_row``):
+
+- ``update_rows``: apply the update to the rows of a gradient that is already built,
+  either every row of a dense (num_embeddings, dim) gradient or the stored rows of a
+  row-sparse one (``rows`` + ``values``). Work is O(rows x dim).
+- ``fused_update``: the fused backward + update. For each distinct row of a batch's
+  row plan, sum that row's ``grad_output`` rows into a thread-local buffer (in input
+  order, as ``_backward.row_sums`` does), then update the weight row and its state
+  rows. The gradient matrix is never built.
+
+Every row is updated by exactly one thread and the per-row arithmetic does not depend
+on the thread count, so results are bitwise identical for every number of threads.
+
+Hyper-parameters reach the kernels as doubles and are rounded to the table's dtype
+before use, as torch rounds Python scalars to the tensor's dtype.
+"""
+
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.math cimport sqrt
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+
+from sparsembed._kernels._bag cimport bag_row_sum
+
+cdef enum:
+    SGD = 0
+    ADAGRAD = 1
+    SPARSE_ADAM = 2
+    ROWWISE_ADAGRAD = 3
+
+KIND_SGD = SGD
+KIND_ADAGRAD = ADAGRAD
+KIND_SPARSE_ADAM = SPARSE_ADAM
+KIND_ROWWISE_ADAGRAD = ROWWISE_ADAGRAD
+
+
+cdef struct Hyper:
+    int kind
+    double lr            # SGD, RowWise: lr; Adagrad: clr; SparseAdam: step size
+    double momentum      # SGD
+    double weight_decay  # SGD, Adagrad, RowWise
+    double eps           # Adagrad, SparseAdam, RowWise
+    double c1            # SparseAdam: 1 - beta1; SGD: 1 - dampening
+    double c2            # SparseAdam: 1 - beta2; SGD: 1 on the table's first step (buf = d)
+    double c3            # SGD: 1 for Nesterov momentum
+
+
+cdef inline void _update_row(
+    const Hyper* h,
+    floating* w,          # INOUT (dim,) weight row
+    const floating* g,    # IN (dim,) gradient row
+    floating* s1,         # INOUT momentum / sum / exp_avg row ((1,) for RowWise), or NULL
+    floating* s2,         # INOUT exp_avg_sq row, or NULL
+    int64_t dim,
+) noexcept nogil:
+    cdef int64_t j
+    cdef floating lr = <floating> h.lr
+    cdef floating wd = <floating> h.weight_decay
+    cdef floating eps = <floating> h.eps
+    cdef floating mom, c1, c2, d, std, m_old, v_old, um, uv
+    cdef double acc
+    if h.kind == SGD:
+        # torch: d = g + wd * w; buf = d on the first step, else
+        # buf = mom * buf + (1 - dampening) * d; d = d + mom * buf (Nesterov) or buf;
+        # w += -lr * d
+        mom = <floating> h.momentum
+        c1 = <floating> h.c1
+        for j in range(dim):
+            d = g[j]
+            if wd != 0:
+                d = d + wd * w[j]
+            if s1 != NULL:
+                if h.c2 != 0:
+                    s1[j] = d
+                elif h.c1 == 1.0:
+                    s1[j] = mom * s1[j] + d
+                else:
+                    s1[j] = mom * s1[j] + c1 * d
+                if h.c3 != 0:
+                    d = d + mom * s1[j]
+                else:
+                    d = s1[j]
+            w[j] = w[j] - lr * d
+    elif h.kind == ADAGRAD:
+        # torch: d = g + wd * w; sum += d * d; w += -clr * (d / (sqrt(sum) + eps))
+        for j in range(dim):
+            d = g[j]
+            if wd != 0:
+                d = d + wd * w[j]
+            s1[j] = s1[j] + d * d
+            std = <floating> sqrt(s1[j]) + eps
+            w[j] = w[j] - lr * (d / std)
+    elif h.kind == SPARSE_ADAM:
+        # torch's sparse_adam, in its order of operations:
+        #   um = (g - m) * (1 - b1); m += um; uv = (g*g - v) * (1 - b2); v += uv
+        #   w += -step_size * ((um + m_old) / (sqrt(uv + v_old) + eps))
+        c1 = <floating> h.c1
+        c2 = <floating> h.c2
+        for j in range(dim):
+            m_old = s1[j]
+            v_old = s2[j]
+            um = (g[j] - m_old) * c1
+            uv = (g[j] * g[j] - v_old) * c2
+            s1[j] = m_old + um
+            s2[j] = v_old + uv
+            std = <floating> sqrt(uv + v_old) + eps
+            w[j] = w[j] + (-lr) * ((um + m_old) / std)
+    else:
+        # row-wise Adagrad: s += mean((g + wd * w)**2); w -= lr * d / (sqrt(s) + eps)
+        if dim == 0:
+            return
+        acc = 0.0
+        for j in range(dim):
+            d = g[j]
+            if wd != 0:
+                d = d + wd * w[j]
+            acc = acc + <double> d * <double> d
+        s1[0] = s1[0] + <floating> (acc / <double> dim)
+        std = <floating> sqrt(s1[0]) + eps
+        for j in range(dim):
+            d = g[j]
+            if wd != 0:
+                d = d + wd * w[j]
+            w[j] = w[j] - lr * (d / std)
+
+
+cdef inline Hyper _hyper(int kind, double lr, double momentum, double weight_decay,
+                         double eps, double c1, double c2, double c3) noexcept:
+    cdef Hyper h
+    h.kind = kind
+    h.lr = lr
+    h.momentum = momentum
+    h.weight_decay = weight_decay
+    h.eps = eps
+    h.c1 = c1
+    h.c2 = c2
+    h.c3 = c3
+    return h
+
+
+def update_rows(
+    int kind,
+    double lr, double momentum, double weight_decay, double eps,
+    double c1, double c2, double c3,
+    floating[:, ::1] weight,           # INOUT (num_embeddings, dim)
+    const int64_t[::1] rows,           # IN (U,) sorted distinct rows (ignored if all_rows)
+    bint all_rows,                     # IN values has one row per table row
+    const floating[:, ::1] values,     # IN (U, dim) or (num_embeddings, dim) gradient rows
+    floating[:, ::1] s1,               # INOUT (num_embeddings, dim or 1) state, or (0, *)
+    floating[:, ::1] s2,               # INOUT (num_embeddings, dim) state, or (0, *)
+    int n_threads,
+):
+    """Apply one optimizer update to the rows of a built gradient."""
+    cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2, c3)
+    cdef int64_t n_rows = values.shape[0]
+    cdef int64_t dim = weight.shape[1]
+    cdef bint has_s1 = s1.shape[0] > 0
+    cdef bint has_s2 = s2.shape[0] > 0
+    cdef int64_t u, r
+    if n_rows == 0 or dim == 0:
+        return
+    with nogil:
+        for u in prange(n_rows, schedule="static", num_threads=n_threads):
+            r = u if all_rows else rows[u]
+            _update_row(&h, &weight[r, 0], &values[u, 0],
+                        &s1[r, 0] if has_s1 else NULL,
+                        &s2[r, 0] if has_s2 else NULL, dim)
+
+
+def fused_update(
+    int kind,
+    double lr, double momentum, double weight_decay, double eps,
+    double c1, double c2, double c3,
+    floating[:, ::1] weight,           # INOUT (num_embeddings, dim)
+    const floating[:, ::1] grad,       # IN (n_src, dim) grad_output rows
+    const int64_t[::1] perm,           # IN (m,) plan: entries grouped by row
+    const int64_t[::1] rows,           # IN (U,) plan: sorted distinct rows
+    const int64_t[::1] starts,         # IN (U + 1,) plan: segment bounds into perm
+    const int64_t[::1] src,            # IN (n,) entry -> grad row, or (0,): entry e reads row e
+    const floating[::1] scale,         # IN (n,) per-entry factor, or (0,): none
+    const int64_t[:, ::1] argmax,      # IN (n_src, dim) winning entry per column, or (0, 0);
+                                       #    needs src (EmbeddingBag's max mode)
+    bint scale_by_count,               # IN divide each row's sum by its occurrence count
+    floating[:, ::1] s1,               # INOUT state as in update_rows, or (0, *)
+    floating[:, ::1] s2,               # INOUT state as in update_rows, or (0, *)
+    int n_threads,
+):
+    """Sum each planned row's gradient into a thread-local buffer, then update it.
+
+    Row ``rows[u]`` gets ``sum_k scale[e] * grad[src[e]]`` over the entries
+    ``e = perm[k]``, ``k in [starts[u], starts[u+1])`` (in that order; divided by the
+    count with ``scale_by_count``), then one optimizer update. With ``src`` the sum is
+    EmbeddingBag's own ``bag_row_sum`` (``_bag.pxd``; with ``argmax``, an entry only
+    sends the columns it won), so the result equals the bag backward's row gradient.
+    """
+    cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2, c3)
+    cdef int64_t n_rows = rows.shape[0]
+    cdef int64_t dim = weight.shape[1]
+    cdef bint has_s1 = s1.shape[0] > 0
+    cdef bint has_s2 = s2.shape[0] > 0
+    cdef bint has_src = src.shape[0] > 0
+    cdef bint has_scale = scale.shape[0] > 0
+    cdef const floating* scale_ptr = &scale[0] if has_scale else NULL
+    cdef const int64_t* argmax_ptr = &argmax[0, 0] if argmax.shape[0] > 0 else NULL
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed
+    cdef int64_t u, r, k, e, j, lo, hi
+    cdef floating* buf = NULL
+    cdef const floating* row
+    cdef floating f
+    if n_rows == 0 or dim == 0:
+        return
+    with nogil, parallel(num_threads=n_threads):
+        buf = <floating*> malloc(dim * sizeof(floating))
+        if buf == NULL:
+            failed_ptr[0] = 1
+        for u in prange(n_rows, schedule="static"):
+            if buf == NULL:
+                continue
+            lo = starts[u]
+            hi = starts[u + 1]
+            r = rows[u]
+            if has_src:
+                bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
+                            argmax_ptr, scale_by_count, buf)
+                _update_row(&h, &weight[r, 0], buf,
+                            &s1[r, 0] if has_s1 else NULL,
+                            &s2[r, 0] if has_s2 else NULL, dim)
+                continue
+            # the first occurrence is copied (scaled), the others added, in input order
+            e = perm[lo]
+            row = &grad[e, 0]
+            if has_scale:
+                f = scale[e]
+                for j in range(dim):
+                    buf[j] = row[j] * f
+            else:
+                for j in range(dim):
+                    buf[j] = row[j]
+            for k in range(lo + 1, hi):
+                e = perm[k]
+                row = &grad[e, 0]
+                if has_scale:
+                    f = scale[e]
+                    for j in range(dim):
+                        buf[j] = buf[j] + row[j] * f
+                else:
+                    for j in range(dim):
+                        buf[j] = buf[j] + row[j]
+            if scale_by_count and hi - lo > 1:
+                f = <floating> (hi - lo)
+                for j in range(dim):
+                    buf[j] = buf[j] / f
+            _update_row(&h, &weight[r, 0], buf,
+                        &s1[r, 0] if has_s1 else NULL,
+                        &s2[r, 0] if has_s2 else NULL, dim)
+        free(buf)
+    if failed:
+        raise MemoryError("could not allocate the fused update's row buffer")
