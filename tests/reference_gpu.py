@@ -54,7 +54,8 @@ class FakeKernel:
         return np.dtype(C_DTYPES[self.typedefs.get(ctype, ctype)])
 
     def __call__(self, grid, block, args, **kwargs):
-        assert len(block) == 2 and block[0] == 32, f"{self.name}: block {block} is not one warp wide"
+        assert len(block) == 2 and block[0] == 32, (
+            f"{self.name}: block {block} is not one warp wide")
         assert all(int(g) >= 1 for g in grid), f"{self.name}: empty grid {grid}"
         assert len(args) == len(self.params), (
             f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
@@ -64,7 +65,8 @@ class FakeKernel:
             if is_ptr:
                 assert isinstance(arg, FakeDeviceArray), (
                     f"{self.name}.{pname}: a {type(arg).__name__}, not a device array")
-                assert arg.dtype == want, f"{self.name}.{pname}: dtype {arg.dtype}, kernel wants {want}"
+                assert arg.dtype == want, (
+                    f"{self.name}.{pname}: dtype {arg.dtype}, kernel wants {want}")
                 assert arg.flags.c_contiguous, f"{self.name}.{pname}: not C-contiguous"
                 if not is_const:
                     assert arg.flags.writeable, f"{self.name}.{pname}: read-only output"
@@ -260,7 +262,8 @@ def _update_rows(kind, h_lr, h_momentum, h_weight_decay, h_eps, h_c1, h_c2, h_c3
         W[r] = w + (-lr) * ((um + m_old) / (sqrt_t(uv + v_old) + eps))
 
 
-EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm": _renorm, "se_segment_sum": _segment_sum,
+EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm": _renorm,
+              "se_segment_sum": _segment_sum,
               "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
               "se_bag_segment_sum": _bag_segment_sum}
 

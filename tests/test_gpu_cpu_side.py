@@ -16,7 +16,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -103,7 +102,8 @@ def test_normalize_device(device, expected):
 
 @pytest.mark.parametrize("device", ["gpu", "tpu", "", None, 0, "mps", "cu da"])
 def test_normalize_device_rejects(device):
-    with pytest.raises(ValueError, match=r"device must be 'cpu' or 'cuda', got " + repr(device).replace("(", r"\(")):
+    match = r"device must be 'cpu' or 'cuda', got " + repr(device).replace("(", r"\(")
+    with pytest.raises(ValueError, match=match):
         _backend.normalize_device(device)
 
 
@@ -201,7 +201,8 @@ def test_backend_functions_match_cpu_signatures():
 
 def test_every_cpu_function_is_in_the_cuda_backend(fake_gpu):
     public = {n for n, v in vars(_cpu).items()
-              if callable(v) and not n.startswith("_") and getattr(v, "__module__", "") in ("sparsembed._cpu", "sparsembed._validation")}
+              if callable(v) and not n.startswith("_")
+              and getattr(v, "__module__", "") in ("sparsembed._cpu", "sparsembed._validation")}
     public |= {"xp", "name", "RowPlan"}
     missing = [n for n in sorted(public) if not hasattr(fake_gpu, n)]
     assert not missing, f"the CUDA backend lacks {missing}"
@@ -355,7 +356,8 @@ def test_row_values_of_a_non_canonical_csr(fake_gpu):
 
 def test_from_host_and_to_numpy_round_trip(fake_gpu, rng):
     impl = fake_gpu._impl
-    g = _cpu.sparse_grad(rng.standard_normal((3, 2)), _cpu.plan_rows(np.array([4, 1, 4]), 6), 6, False)
+    plan = _cpu.plan_rows(np.array([4, 1, 4]), 6)
+    g = _cpu.sparse_grad(rng.standard_normal((3, 2)), plan, 6, False)
     on_dev = impl.from_host(g)
     assert isinstance(on_dev, sp.csr_matrix) and on_dev.has_canonical_format
     back = impl.to_numpy(on_dev)
@@ -479,7 +481,8 @@ def test_embedding_on_fake_cuda_equals_cpu(fake_gpu, counted, rng, dtype, sparse
 def test_embedding_on_fake_cuda_index_error_changes_nothing(fake_gpu, counted):
     emb = se.Embedding(10, 3, max_norm=0.1, device="cuda", random_state=0)
     before = emb.weight.copy()
-    with pytest.raises(IndexError, match=r"index 10 at position 3 is out of range for 10 embeddings"):
+    msg = r"index 10 at position 3 is out of range for 10 embeddings"
+    with pytest.raises(IndexError, match=msg):
         emb(np.array([1, 2, 3, 10]))
     assert_array_equal(emb.weight, before)
     assert counted == {}
@@ -530,7 +533,8 @@ def test_functional_on_fake_cuda(fake_gpu, rng, counted):
     assert_allclose(w2, F.embedding_renorm_(w.copy(), ids, 0.5), rtol=1e-6)
     go = rng.standard_normal((4, 4)).astype(np.float32)
     g = F.weight_grad(go, plan, 12, False, True, fake_gpu)
-    assert_array_equal(g.toarray(), F.embedding_backward(go.reshape(2, 2, 4), ids, 12, sparse=True).toarray())
+    expected = F.embedding_backward(go.reshape(2, 2, 4), ids, 12, sparse=True)
+    assert_array_equal(g.toarray(), expected.toarray())
 
 
 def test_from_pretrained_device_array_dtype(fake_gpu, rng):
@@ -632,7 +636,8 @@ def test_bag_forward_no_bags_and_no_columns(fake_gpu):
     out, am, counts = fake_gpu.bag_forward(w, np.array([1, 2]), np.zeros(1, np.int64), "max", None)
     assert out.shape == (0, 3) and am.shape == (0, 3) and counts.shape == (0,)
     a = _cpu.bag_forward(np.ones((4, 0), np.float32), np.array([1]), np.array([0, 1]), "sum", None)
-    b = fake_gpu.bag_forward(np.ones((4, 0), np.float32), np.array([1]), np.array([0, 1]), "sum", None)
+    b = fake_gpu.bag_forward(np.ones((4, 0), np.float32), np.array([1]), np.array([0, 1]), "sum",
+                             None)
     assert b[0].shape == a[0].shape
     assert_array_equal(b[2], a[2])
 
@@ -825,8 +830,8 @@ def test_optim_fused_update_equals_cpu(fake_gpu, rng, case, with_src, scale):
         scale_e = rng.standard_normal(n).astype(dtype)
         if with_src == "max":  # max mode: entry e sends the columns it won
             scale_e = None
-            _, argmax, _ = _cpu.bag_forward(w, flat, np.searchsorted(src, np.arange(8)).astype(np.int64),
-                                            "max", 5)
+            bag_starts = np.searchsorted(src, np.arange(8)).astype(np.int64)
+            _, argmax, _ = _cpu.bag_forward(w, flat, bag_starts, "max", 5)
     else:
         src, scale_e, grad = None, None, rng.standard_normal((n, D)).astype(dtype)
     w_c, w_g = w.copy(), w.copy()
@@ -933,3 +938,21 @@ def test_bag_fused_optimizer_on_fake_cuda_equals_cpu(fake_gpu, counted, rng, mod
             layer.backward(go, optimizer=opt)
     assert_allclose(gpu.weight, cpu.weight, rtol=1e-12, atol=1e-14)
     assert counted.get("se_update_rows") == 3
+
+
+# ----------------------------------------------------------------- the GPU benchmark
+
+def test_bench_gpu_without_a_gpu_says_so():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    if not script.exists():
+        pytest.skip("benchmarks/ is not next to the tests")
+    if cuda_pkg.cupy_available():
+        pytest.skip("a GPU is here: the benchmark would run")
+    res = subprocess.run([sys.executable, str(script), "--batch", "8"], capture_output=True,
+                         text=True)
+    assert res.returncode == 1
+    assert "no GPU to benchmark on" in res.stderr and "Nothing was measured" in res.stderr
+    res = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--json" in res.stdout

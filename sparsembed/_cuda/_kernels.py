@@ -248,8 +248,9 @@ extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
 // ---------------------------------------------------------------- optimizers
 
 // One optimizer update of the rows of a built gradient: row r = rows[u] (or u when
-// all_rows) gets values[u, :]. Hyper-parameters as the CPU kernel's Hyper struct. The same per-element arithmetic as the CPU kernel
-// (hyper-parameters rounded to T first; sqrt in double, rounded to T). kind: 0 SGD,
+// all_rows) gets values[u, :]. Hyper-parameters as in the CPU kernel's Hyper struct,
+// and the same per-element arithmetic (hyper-parameters rounded to T first; sqrt in
+// double, rounded to T). kind: 0 SGD,
 // 1 Adagrad, 2 SparseAdam, 3 row-wise Adagrad (s1 holds one value per row; the mean
 // of squares is a warp reduction in double).
 extern "C" __global__ void se_update_rows(const int kind,

@@ -476,7 +476,8 @@ class ArrayBackend:
         xp = self.xp
         if self.is_sparse(grad) or _is_scipy_sparse(grad):
             if tuple(grad.shape) != tuple(weight.shape):
-                raise ValueError(f"grad has shape {tuple(grad.shape)}, expected {tuple(weight.shape)}")
+                raise ValueError(
+                    f"grad has shape {tuple(grad.shape)}, expected {tuple(weight.shape)}")
             if _is_scipy_sparse(grad):
                 grad = self._csr_from_host(grad)
             elif grad.format != "csr":
@@ -486,7 +487,8 @@ class ArrayBackend:
                     xp.ascontiguousarray(values, dtype=weight.dtype))
         if isinstance(grad, (np.ndarray, xp.ndarray)):
             if tuple(grad.shape) != tuple(weight.shape):
-                raise ValueError(f"grad has shape {tuple(grad.shape)}, expected {tuple(weight.shape)}")
+                raise ValueError(
+                    f"grad has shape {tuple(grad.shape)}, expected {tuple(weight.shape)}")
             if np.dtype(grad.dtype).kind != "f":
                 raise TypeError(f"grad must be a float array, got dtype {grad.dtype}")
             return None, xp.ascontiguousarray(xp.asarray(grad), dtype=weight.dtype)
