@@ -39,6 +39,8 @@ class _Table:
             self.reset_parameters(random_state)
         else:
             arr = np.asarray(weight) if not hasattr(weight, "__cuda_array_interface__") else weight
+            if isinstance(weight, np.memmap):
+                arr = weight  # keep the memmap object itself (flush(), filename)
             if tuple(arr.shape) != shape:
                 raise ValueError(f"weight has shape {tuple(arr.shape)}, expected {shape}")
             if isinstance(arr, np.ndarray) and (arr.dtype != dtype or not arr.flags.c_contiguous):

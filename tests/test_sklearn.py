@@ -53,14 +53,15 @@ def test_mf_expected_failures_are_only_width_checks():
         assert name in MatrixFactorization.__doc__
 
 
-def test_import_sparsembed_does_not_import_sklearn():
+def test_import_sparsembed_does_not_import_sklearn(tmp_path):
     import subprocess
 
     code = ("import sys, sparsembed; assert 'sklearn' not in sys.modules; "
             "sparsembed.datasets; assert 'sklearn' not in sys.modules; "
             "sparsembed.sklearn; assert 'sklearn' in sys.modules")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    # cwd outside the checkout: python -c would import the unbuilt sources from it
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
 
 
 # ----------------------------------------------------------------- the MF kernel
