@@ -421,8 +421,10 @@ class EmbeddingBag(_Table):
     (10, 3)
     """
 
+    # torch always prints the mode; sparse and include_last_offset (which torch leaves
+    # out) are shown when set
     _REPR_DEFAULTS = (("max_norm", None), ("norm_type", 2.0), ("scale_grad_by_freq", False),
-                      ("mode", "mean"), ("sparse", False), ("include_last_offset", False),
+                      ("mode", None), ("sparse", False), ("include_last_offset", False),
                       ("padding_idx", None))
 
     def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0,

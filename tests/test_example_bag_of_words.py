@@ -5,7 +5,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bag_of_words.py"
 
@@ -35,10 +35,13 @@ def test_bag_of_words_main_runs(capsys):
     assert sim[2, 2] == 0  # a sentence of unknown words only pools to zeros
 
     # sentence 0's vector is the plain mean of its words' GloVe rows
-    words, vectors = ex.load_glove(files("sparsembed.datasets") / "test_glove.txt")
-    assert vectors.shape == (76, 50) and words[0] == "the"
-    vocab = {w: i for i, w in enumerate(words)}
-    mean0 = vectors[[vocab[w] for w in "he said that".split()]].mean(axis=0)
-    mean1 = vectors[[vocab[w] for w in "she said".split()]].mean(axis=0)
+    vocab, table = ex.load_vocab_and_table()
+    assert table.shape == (77, 50) and vocab.pad_id == 0 and vocab.id_of("the") == 1
+    assert_array_equal(table[0], 0)
+    glove = np.loadtxt(files("sparsembed.datasets") / "test_glove.txt", usecols=range(1, 51),
+                       encoding="utf-8", comments=None, dtype=np.float32)
+    assert_array_equal(table[1:], glove)
+    mean0 = table[vocab.encode("he said that".split())].mean(axis=0)
+    mean1 = table[vocab.encode("she said".split())].mean(axis=0)
     expected = mean0 @ mean1 / (np.linalg.norm(mean0) * np.linalg.norm(mean1))
     assert_allclose(sim[0, 1], expected, rtol=1e-5)
