@@ -8,6 +8,7 @@ it was.
 
 import numpy as np
 
+from sparsembed import _half
 from sparsembed import _validation as V
 
 MODES = ("sum", "mean", "max")
@@ -201,9 +202,12 @@ def weight_grad(grad2d, bags, plan, entry_bag, scale, argmax, num_embeddings,
                              scale_grad_by_freq)
 
 
-def psw_grad(grad2d, weight, bags, entry_bag, padding_idx, be):
-    """Gradient of the per-sample weights, shaped as they were (None without weights)."""
+def psw_grad(grad2d, weight, bags, entry_bag, padding_idx, be, plan=None):
+    """Gradient of the per-sample weights, shaped as they were (None without weights).
+
+    ``plan`` (the bagged entries' plan) is reused by a float16 table's compact copy."""
     if bags.psw is None:
         return None
-    g = be.per_sample_weights_grad(grad2d, weight, bags.flat, entry_bag, padding_idx)
+    half = {"plan": plan} if plan is not None and _half.is_half(weight) else {}
+    g = be.per_sample_weights_grad(grad2d, weight, bags.flat, entry_bag, padding_idx, **half)
     return g.reshape(bags.psw_shape)

@@ -2,20 +2,21 @@
 
 import numpy as np
 
-from sparsembed import _bags
+from sparsembed import _bags, _half
 from sparsembed import _validation as V
 from sparsembed import functional as F
 from sparsembed._backend import backend_of, get_backend, normalize_device
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
 
 def _check_dtype(dtype):
     dtype = np.dtype(dtype)
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        raise ValueError(f"dtype must be float32 or float64, got {dtype} (float16 is "
+                         "accepted too: float16 storage with float32 arithmetic)")
     return dtype
 
 
@@ -204,7 +205,11 @@ class Embedding(_Table):
     weight : ndarray of shape (num_embeddings, embedding_dim), optional
         Initial table, used as is (no copy, padding row not zeroed, like torch's
         ``_weight``) when it is C-contiguous and of ``dtype``; otherwise converted.
-    dtype : {numpy.float32, numpy.float64}, default float32
+    dtype : {numpy.float32, numpy.float64, numpy.float16}, default float32
+        float16 is storage only: lookups return float16 (torch's output dtype), but
+        renorm, gradients (float32 arrays), bag pooling and optimizer updates (float32
+        state) are computed in float32 and rounded once when stored in the table,
+        where torch CPU accumulates in float16 (see ``sparsembed._half``).
     random_state : None, int or numpy.random.Generator
         Seed of the default N(0, 1) initialisation.
     device : {"cpu", "cuda"}, default "cpu"
@@ -247,8 +252,9 @@ class Embedding(_Table):
                         norm_type=2.0, scale_grad_by_freq=False, sparse=False):
         """Wrap an existing table.
 
-        Shares memory with ``embeddings`` when it is a C-contiguous float32/float64
-        ndarray (otherwise converts it to float32, or keeps float64); does not zero
+        Shares memory with ``embeddings`` when it is a C-contiguous float32, float64 or
+        float16 ndarray (otherwise converts it to float32, or keeps its float dtype of
+        those three; a float16 table has float32 gradients); does not zero
         the padding row; ``requires_grad = not freeze``.
 
         Parameters
@@ -306,7 +312,8 @@ class Embedding(_Table):
         Parameters
         ----------
         grad_output : ndarray of shape ``input.shape + (embedding_dim,)``
-            Cast to the table's dtype.
+            Cast to the table's dtype (float32 for a float16 table: its gradients are
+            float32).
         optimizer : sparsembed.optim optimizer, optional
             Fused backward + update: sum each touched row's gradient and apply
             ``optimizer``'s update to that row in the same pass, without building the
@@ -324,7 +331,8 @@ class Embedding(_Table):
         """
         flat, shape, _ = self._saved_forward()
         be = self._backend
-        grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,), self.weight.dtype)
+        grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,),
+                                 _half.compute_dtype(self.weight.dtype))
         if optimizer is not None:
             optimizer._locate(self)  # a ValueError before anything changes
         if not self.requires_grad:
@@ -481,7 +489,8 @@ class EmbeddingBag(_Table):
         """
         be = self._backend
         bags = _bags.bags_of(input, offsets, per_sample_weights, self.mode,
-                             self.include_last_offset, self.num_embeddings, self.weight.dtype, be)
+                             self.include_last_offset, self.num_embeddings,
+                             _half.compute_dtype(self.weight.dtype), be)
         plan = None
         if self.max_norm is not None:
             be.check_writable(self.weight)
@@ -489,8 +498,13 @@ class EmbeddingBag(_Table):
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
             if bags.end != bags.flat.shape[0]:
                 plan = None  # the backward plans the bagged entries only
+        half = {}
+        if _half.is_half(self.weight):  # pooled on a compact float32 copy of its rows
+            if plan is None:
+                plan = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
+            half = {"plan": plan}
         out, argmax, counts = be.bag_forward(self.weight, bags.flat, bags.starts, self.mode,
-                                             self.padding_idx, bags.psw)
+                                             self.padding_idx, bags.psw, **half)
         src = _sources(input, offsets, per_sample_weights)
         bags.flat = _own(bags.flat, src)
         bags.starts = _own(bags.starts, src)
@@ -516,14 +530,14 @@ class EmbeddingBag(_Table):
         be = self._backend
         bags = saved["bags"]
         grad = be.as_grad_output(grad_output, (bags.n_bags, self.embedding_dim),
-                                 self.weight.dtype)
+                                 _half.compute_dtype(self.weight.dtype))
         if saved["plan"] is None:
             saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
         if saved["entry_bag"] is None:
             saved["entry_bag"] = be.entry_bags(bags.starts)
         entry_bag = saved["entry_bag"]
         scale = _bags.entry_scale(bags, self.mode, saved["counts"], entry_bag,
-                                  self.weight.dtype, be)
+                                  _half.compute_dtype(self.weight.dtype), be)
         return grad, saved["plan"], entry_bag, scale, saved["argmax"], bags
 
     def backward(self, grad_output, optimizer=None):
@@ -558,7 +572,7 @@ class EmbeddingBag(_Table):
             optimizer._locate(self)  # a ValueError before anything changes
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
         self.per_sample_weights_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag,
-                                                      self.padding_idx, be)
+                                                      self.padding_idx, be, plan)
         if not self.requires_grad:
             return None
         if optimizer is not None:

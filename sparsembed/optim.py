@@ -12,6 +12,11 @@ The updates run in compiled kernels, one thread per row; the result does not dep
 on the number of threads. Optimizer state (momentum, accumulators, moments) is
 allocated once per table, on its first update, in the table's dtype.
 
+float16 tables: state and gradients are float32, and every update is computed in
+float32 on a copy of the touched rows and rounded once to float16 when stored
+(``sparsembed._half``), so a step equals the same step on a float32 copy of the
+table followed by rounding the table to float16.
+
 Fused backward + update: ``layer.backward(grad_output, optimizer=opt)`` sums each
 touched row's gradient and applies ``opt``'s update to it in the same pass, without
 building the gradient matrix. It always applies the touched-rows (sparse) form of the
@@ -30,13 +35,13 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
-from sparsembed import _rowsparse
+from sparsembed import _half, _rowsparse
 from sparsembed._backend import backend_of
 from sparsembed._kernels import _optim
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "SparseAdam", "RowWiseAdagrad"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
 
 def _check_number(value, name, *, low=0.0, low_inclusive=True, high=None):
@@ -71,8 +76,8 @@ def _check_layer(layer):
         )
     if w.ndim != 2 or w.dtype not in _FLOAT_DTYPES:
         raise ValueError(
-            f"optimizer params need a 2-D float32 or float64 weight, got shape {w.shape} "
-            f"and dtype {w.dtype}"
+            f"optimizer params need a 2-D float32, float64 or float16 weight, got shape "
+            f"{w.shape} and dtype {w.dtype}"
         )
 
 
@@ -211,12 +216,13 @@ class Optimizer:
             arr = st.get(key)
             if arr is None:
                 continue
-            if not isinstance(arr, backend_of(weight).xp.ndarray) or arr.dtype != weight.dtype \
+            dtype = _half.compute_dtype(weight.dtype)
+            if not isinstance(arr, backend_of(weight).xp.ndarray) or arr.dtype != dtype \
                     or arr.shape != shape or not arr.flags.c_contiguous \
                     or not getattr(arr.flags, "writeable", True):
                 raise RuntimeError(
                     f"optimizer state {key!r} of param {i} does not fit its table "
-                    f"(expected a writable C-contiguous {weight.dtype} array of shape {shape})"
+                    f"(expected a writable C-contiguous {dtype} array of shape {shape})"
                 )
 
     def _get_state(self, i, group, weight):
@@ -227,7 +233,8 @@ class Optimizer:
         created = set()
         for key, shape in self._state_shapes(group, weight).items():
             if st.get(key) is None:
-                st[key] = self._new_state_array(key, group, shape, weight.dtype,
+                st[key] = self._new_state_array(key, group, shape,
+                                                _half.compute_dtype(weight.dtype),
                                                 xp=backend_of(weight).xp)
                 created.add(key)
         return st, created
@@ -240,7 +247,8 @@ class Optimizer:
             a = st[key]
             out.append(a if a.ndim == 2 else a.reshape(a.shape[0], 1))
         while len(out) < 2:
-            out.append(backend_of(weight).xp.empty((0, 1), dtype=weight.dtype))
+            out.append(backend_of(weight).xp.empty((0, 1),
+                                                   dtype=_half.compute_dtype(weight.dtype)))
         return out
 
     # -- gradients -----------------------------------------------------------------
@@ -260,14 +268,14 @@ class Optimizer:
                 g = sp.csr_array(g)
             rows, values = _rowsparse.row_values(g)
             rows = np.ascontiguousarray(rows, dtype=np.int64)
-            values = np.ascontiguousarray(values, dtype=w.dtype)
+            values = np.ascontiguousarray(values, dtype=_half.compute_dtype(w.dtype))
             return rows, values
         if isinstance(g, np.ndarray):
             if g.shape != w.shape:
                 raise ValueError(f"grad has shape {g.shape}, expected {w.shape}")
             if g.dtype.kind != "f":
                 raise TypeError(f"grad must be a float array, got dtype {g.dtype}")
-            return None, np.ascontiguousarray(g, dtype=w.dtype)
+            return None, np.ascontiguousarray(g, dtype=_half.compute_dtype(w.dtype))
         raise TypeError(
             f"grad must be an ndarray or a scipy.sparse matrix, got {type(g).__name__}"
         )
@@ -322,7 +330,7 @@ class Optimizer:
         w = _writable_weight(layer)
         xp = backend_of(w).xp
         rows = xp.ascontiguousarray(rows, dtype=np.int64)
-        values = xp.ascontiguousarray(values, dtype=w.dtype)
+        values = xp.ascontiguousarray(values, dtype=_half.compute_dtype(w.dtype))
         if values.shape != (rows.shape[0], w.shape[1]) or (
                 rows.size and (rows[0] < 0 or rows[-1] >= w.shape[0])):
             raise ValueError(f"rows {rows.shape} / values {values.shape} do not fit a table "
@@ -353,10 +361,11 @@ class Optimizer:
         i, group = self._locate(layer)
         w = _writable_weight(layer)
         be = backend_of(w)
-        grad = be.xp.ascontiguousarray(grad, dtype=w.dtype)
+        dtype = _half.compute_dtype(w.dtype)  # float32 for a float16 table
+        grad = be.xp.ascontiguousarray(grad, dtype=dtype)
         src = None if src is None else be.xp.ascontiguousarray(src, dtype=np.int64)
         scale = (None if scale is None
-                 else be.xp.ascontiguousarray(scale, dtype=w.dtype).reshape(-1))
+                 else be.xp.ascontiguousarray(scale, dtype=dtype).reshape(-1))
         if argmax is not None:
             if src is None:
                 raise ValueError("argmax needs src (the entry -> bag map)")
@@ -404,8 +413,8 @@ class Optimizer:
     def load_state_dict(self, state_dict):
         """Restore hyper-parameters and state saved by :meth:`state_dict`.
 
-        The state arrays are copied (cast to each table's dtype). Everything is checked
-        before anything changes.
+        The state arrays are copied (cast to each table's dtype, float32 for a float16
+        table). Everything is checked before anything changes.
 
         Raises
         ------
@@ -460,8 +469,8 @@ class Optimizer:
                         f"loaded state {name!r} of param {key} has shape {arr.shape}, "
                         f"expected {shape}"
                     )
-                new[name] = backend_of(weight).xp.array(arr, dtype=weight.dtype, order="C",
-                                                        copy=True)
+                new[name] = backend_of(weight).xp.array(
+                    arr, dtype=_half.compute_dtype(weight.dtype), order="C", copy=True)
             new_state[i] = new
         for hyper, group in zip(new_groups, self.param_groups):
             group.clear()

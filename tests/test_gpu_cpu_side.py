@@ -537,14 +537,26 @@ def test_functional_on_fake_cuda(fake_gpu, rng, counted):
     assert_array_equal(g.toarray(), expected.toarray())
 
 
-def test_from_pretrained_device_array_dtype(fake_gpu, rng):
-    # a float16 device table is converted to float32 (as a numpy one is)
-    class DeviceArray(np.ndarray):
-        __cuda_array_interface__ = {}
-
-    w = rng.standard_normal((5, 2)).astype(np.float16).view(DeviceArray)
+def test_from_pretrained_device_array_dtypes(fake_gpu, rng):
+    # an integer device table becomes float32 and a float64 one stays (as with numpy)
+    w = reference_gpu.to_device(rng.integers(0, 5, size=(5, 2)))
     emb = se.Embedding.from_pretrained(w)
     assert emb.device == "cuda" and emb.weight.dtype == np.float32
+    w64 = reference_gpu.to_device(rng.standard_normal((5, 2)))
+    emb = se.Embedding.from_pretrained(w64)
+    assert emb.weight.dtype == np.float64 and np.shares_memory(emb.weight, w64)  # no copy
+
+
+def test_float16_tables_stay_on_the_cpu(fake_gpu, rng):
+    with pytest.raises(TypeError, match="float16 tables are CPU-only"):
+        se.Embedding.from_pretrained(reference_gpu.to_device(np.ones((4, 2), np.float16)))
+    with pytest.raises(TypeError, match="float16 tables are CPU-only"):
+        se.Embedding(4, 2, dtype=np.float16, device="cuda")
+    emb = se.Embedding(4, 2, dtype=np.float16, random_state=0)
+    weight, values = emb.weight, emb.weight.copy()
+    with pytest.raises(TypeError, match="float16 tables are CPU-only"):
+        emb.to("cuda")
+    _assert_layer_unchanged(emb, weight, values, None)
 
 
 # ----------------------------------------------------------------- the CUDA source

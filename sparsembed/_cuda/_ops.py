@@ -178,6 +178,11 @@ class ArrayBackend:
             if self.is_sparse(a) and not _is_scipy_sparse(a):
                 return a
             return self._csr_from_host(a)
+        if np.dtype(a.dtype) == np.float16:
+            raise TypeError(
+                "float16 tables are CPU-only for now: device='cuda' takes float32 and "
+                "float64 tables (cast with .astype(numpy.float32))"
+            )
         return xp.ascontiguousarray(xp.asarray(a))
 
     def _csr_from_host(self, a):
@@ -386,8 +391,12 @@ class ArrayBackend:
     # ------------------------------------------------------------- EmbeddingBag
     # (the bag functions of ``sparsembed._cpu``, same signatures and results)
 
-    def bag_forward(self, weight, flat, starts, mode, padding_idx, per_sample_weights=None):
+    def bag_forward(self, weight, flat, starts, mode, padding_idx, per_sample_weights=None,
+                    plan=None):
         """Pool the validated bags; returns (out, argmax or None, counts).
+
+        (``plan`` is the CPU float16 path's; float16 tables are not supported on the
+        GPU, so it is ignored here.)
 
         ``starts`` (n_bags + 1, int64) bounds the bags in ``flat``; ``argmax`` (max
         mode) holds, per bag and column, the position in ``flat`` of the winning entry
@@ -428,7 +437,7 @@ class ArrayBackend:
         inv = 1.0 / xp.maximum(counts, 1)
         return xp.ascontiguousarray(inv[entry_bag].astype(dtype, copy=False))
 
-    def per_sample_weights_grad(self, grad2d, weight, flat, entry_bag, padding_idx):
+    def per_sample_weights_grad(self, grad2d, weight, flat, entry_bag, padding_idx, plan=None):
         """(n,) ``dot(grad2d[bag], weight[id])`` per entry; 0 for padding and unbagged
         entries (the dot products in float64)."""
         out = self.xp.zeros(flat.shape[0], dtype=grad2d.dtype)
