@@ -15,8 +15,7 @@ _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 def _check_dtype(dtype):
     dtype = np.dtype(dtype)
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype} (float16 is "
-                         "accepted too: float16 storage with float32 arithmetic)")
+        raise ValueError(f"dtype must be float16, float32 or float64, got {dtype}")
     return dtype
 
 

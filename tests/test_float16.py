@@ -490,7 +490,7 @@ def test_errors_leave_everything_unchanged(rng):
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         se.Embedding.from_pretrained(ro, max_norm=1.0)(np.array([1]))
-    with pytest.raises(ValueError, match="dtype must be float32 or float64, got int16"):
+    with pytest.raises(ValueError, match="dtype must be float16, float32 or float64, got int16"):
         se.Embedding(3, 2, dtype=np.int16)
     # an optimizer step with a bad gradient writes nothing, to any layer
     opt = se.optim.Adagrad([emb], lr=0.1)
