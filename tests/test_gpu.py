@@ -337,3 +337,10 @@ def test_optimizer_on_a_bag(rng):
             opt.step()
             opt.zero_grad()
     assert_array_equal(host(gpu.weight), cpu.weight)
+
+
+def test_float16_tables_are_refused_on_the_gpu():
+    with pytest.raises(TypeError, match="float16 tables are CPU-only"):
+        se.Embedding(4, 2, dtype=np.float16, device="cuda")
+    with pytest.raises(TypeError, match="float16 tables are CPU-only"):
+        se.Embedding.from_pretrained(cp.ones((4, 2), dtype=cp.float16))
