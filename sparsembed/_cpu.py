@@ -213,3 +213,41 @@ def bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad
     """Canonical row-sparse csr_array gradient of a bag forward."""
     values = bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq)
     return _rowsparse.from_rows(plan.rows, values, num_rows)
+
+
+# ---------------------------------------------------------------- optimizers
+# (se.optim's kernel calls; the CUDA backend has the same three functions)
+
+def optim_grad(grad, weight):
+    """A layer's gradient as (rows or None, values) in the table's compute dtype: a
+    row-sparse matrix gives its stored rows and their values, a dense array (None, the
+    array)."""
+    from sparsembed.optim import Optimizer
+
+    return Optimizer._prepare_host_grad(grad, weight)
+
+
+def _state(s, weight):
+    return np.empty((0, 1), dtype=_half.compute_dtype(weight.dtype)) if s is None else s
+
+
+def optim_update_rows(kind, hyper, weight, rows, values, s1, s2):
+    """One optimizer update (``_optim.update_rows``, through ``_half`` for float16
+    tables) of the rows of a built gradient (``rows`` None: every row); ``hyper`` the
+    kernel's doubles; s1/s2 None or (0, *) when absent."""
+    all_rows = rows is None
+    _half.update_rows(kind, *hyper, weight, np.empty(0, np.int64) if all_rows else rows,
+                      all_rows, values, _state(s1, weight), _state(s2, weight),
+                      get_num_threads())
+
+
+def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_by_freq, s1, s2,
+                       argmax=None):
+    """Fused backward + update of the planned rows (``_optim.fused_update``, through
+    ``_half`` for float16 tables)."""
+    _half.fused_update(kind, *hyper, weight, grad, plan.perm, plan.rows, plan.starts,
+                       np.empty(0, np.int64) if src is None else src,
+                       np.empty(0, _half.compute_dtype(weight.dtype)) if scale is None else scale,
+                       np.empty((0, 0), np.int64) if argmax is None else argmax,
+                       bool(scale_grad_by_freq), _state(s1, weight), _state(s2, weight),
+                       get_num_threads())

@@ -5,7 +5,7 @@ import numpy as np
 from sparsembed import _bags, _half
 from sparsembed import _validation as V
 from sparsembed import functional as F
-from sparsembed._backend import get_backend, normalize_device
+from sparsembed._backend import backend_of, get_backend, normalize_device
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
@@ -28,6 +28,7 @@ class _Table:
 
     def _init_weight(self, weight, dtype, random_state, device):
         self.device = normalize_device(device)
+        get_backend(self.device)  # no CuPy / no GPU: fail before any work
         self.random_state = random_state
         self.requires_grad = True
         self.grad = None
@@ -44,6 +45,8 @@ class _Table:
                 raise ValueError(f"weight has shape {tuple(arr.shape)}, expected {shape}")
             if isinstance(arr, np.ndarray) and (arr.dtype != dtype or not arr.flags.c_contiguous):
                 arr = np.ascontiguousarray(arr, dtype=dtype)
+            elif arr.dtype != dtype or not arr.flags.c_contiguous:  # a device array
+                arr = arr.astype(dtype, order="C")
             self.weight = arr
         if self.device != "cpu" or not isinstance(self.weight, np.ndarray):
             self._move(self.device)
@@ -69,7 +72,7 @@ class _Table:
         values = rng.standard_normal(self.weight.shape)
         if self.padding_idx is not None:
             values[self.padding_idx] = 0
-        be = self._backend if hasattr(self, "device") else get_backend("cpu")
+        be = backend_of(self.weight)  # the table may still be on the host during __init__
         self.weight[...] = be.xp.asarray(values, dtype=self.weight.dtype)
 
     def zero_grad(self):
@@ -154,10 +157,19 @@ class _Table:
 
 
 def _to_host(a):
+    """A CuPy array or cupyx sparse gradient brought back as numpy / scipy csr_array."""
+    if hasattr(a, "get") and (hasattr(a, "__cuda_array_interface__") or hasattr(a, "tocsr")):
+        a = a.get()  # CuPy array or cupyx sparse matrix: device -> host
     if isinstance(a, np.ndarray):
         return a
-    if hasattr(a, "get"):
-        return a.get()
+    if hasattr(a, "tocsr") and not isinstance(a, np.ndarray):
+        # cupyx's .get() gives scipy's csr_matrix: the CPU side works with csr_array
+        import scipy.sparse as sp
+
+        canonical = a.has_canonical_format
+        a = sp.csr_array(a)
+        a.has_canonical_format = canonical
+        return a
     return np.asarray(a)
 
 
@@ -279,7 +291,7 @@ class Embedding(_Table):
             plan = be.plan_rows(flat, self.num_embeddings, self.padding_idx)
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
         out = be.gather(self.weight, flat).reshape(idx.shape + (self.embedding_dim,))
-        if be.xp.may_share_memory(flat, be.xp.asarray(input)):
+        if isinstance(input, be.xp.ndarray) and be.xp.may_share_memory(flat, input):
             flat = flat.copy()  # the caller may reuse its index buffer before backward
         self._saved = (flat, idx.shape, plan)
         return out
@@ -342,8 +354,9 @@ def _own(arr, sources):
     (the caller may reuse its buffers before backward)."""
     if arr is None:
         return None
+    xp = backend_of(arr).xp
     for src in sources:
-        if isinstance(src, np.ndarray) and np.may_share_memory(arr, src):
+        if isinstance(src, xp.ndarray) and xp.may_share_memory(arr, src):
             return arr.copy()
     return arr
 
@@ -356,7 +369,7 @@ def _sources(*objs):
         for name in ("indices", "indptr", "data"):  # scipy.sparse input
             if hasattr(obj, name) and isinstance(getattr(obj, name), np.ndarray):
                 out.append(getattr(obj, name))
-        if isinstance(obj, np.ndarray):
+        if isinstance(obj, np.ndarray) or hasattr(obj, "__cuda_array_interface__"):
             out.append(obj)
     return out
 
