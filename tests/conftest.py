@@ -1,3 +1,7 @@
+import runpy
+import types
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -49,3 +53,16 @@ def run_python(tmp_path):
         return out
 
     return run
+
+
+@pytest.fixture
+def load_example(monkeypatch):
+    """``load_example("quickstart")``: run examples/quickstart.py as a module (not as
+    ``__main__``, so nothing runs but definitions) and return its namespace."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))  # examples may import their neighbours
+
+    def load(name):
+        return types.SimpleNamespace(**runpy.run_path(str(examples / f"{name}.py"), run_name=name))
+
+    return load

@@ -18,21 +18,9 @@ ATOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 MODES = ["sum", "mean", "max"]
 
 
-@pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
-def dtype(request):
-    return np.dtype(request.param)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(2024)
-
-
-@pytest.fixture
-def threads():
-    previous = se._threads._num_threads
-    yield se.set_num_threads
-    se._threads._num_threads = previous
 
 
 def close(actual, expected, dtype, scale=1.0):

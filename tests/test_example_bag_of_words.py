@@ -1,21 +1,9 @@
 """The bag-of-words example runs at tiny size and pools what it says it pools."""
 
-import importlib.util
 from importlib.resources import files
-from pathlib import Path
 
 import numpy as np
 from numpy.testing import assert_allclose, assert_array_equal
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bag_of_words.py"
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("bag_of_words_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_glove_sample_ships_with_the_package():
     data = files("sparsembed.datasets")
@@ -23,8 +11,8 @@ def test_glove_sample_ships_with_the_package():
     assert "PDDL" in (data / "NOTICE_glove.txt").read_text()
 
 
-def test_bag_of_words_main_runs(capsys):
-    ex = _load_example()
+def test_bag_of_words_main_runs(capsys, load_example):
+    ex = load_example("bag_of_words")
     sentences = ["he said that", "she said", "zzz unknown words"]
     sim = ex.main(sentences)
     out = capsys.readouterr().out

@@ -97,12 +97,7 @@ def test_omp_num_threads_is_the_default(run_python):
     assert out[0] == ("3" if out[1] == "True" else "1")
 
 
-def test_quickstart_example_runs():
-    import runpy
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
-    module = runpy.run_path(str(path), run_name="quickstart")
-    losses = module["main"](steps=4)
+def test_quickstart_example_runs(load_example):
+    losses = load_example("quickstart").main(steps=4)
     assert all(b < a for a, b in zip(losses, losses[1:]))
     assert losses[-1] < 0.5 * losses[0]
