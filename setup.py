@@ -70,9 +70,33 @@ def _openmp_flags(compiler):
     return None
 
 
+def _settings_changed(stamp, settings):
+    """True when the build that last wrote ``stamp`` used other ``settings``.
+
+    setuptools and cythonize decide what to rebuild from file timestamps only, so a
+    build folder (or generated C file) left by a build with other settings, e.g. with
+    OpenMP before a ``SPARSEMBED_NO_OPENMP=1`` build, would be reused as it is.
+    """
+    try:
+        with open(stamp) as f:
+            return f.read() != settings
+    except OSError:
+        return True
+
+
+def _record_settings(stamp, settings):
+    os.makedirs(os.path.dirname(stamp), exist_ok=True)
+    with open(stamp, "w") as f:
+        f.write(settings)
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         flags = _openmp_flags(self.compiler)
+        settings = repr((flags, self.compiler.compiler_type))
+        stamp = os.path.join(self.build_temp, "sparsembed-build-settings")
+        if _settings_changed(stamp, settings):
+            self.force = self.compiler.force = True  # rebuild every extension
         for ext in self.extensions:
             if self.compiler.compiler_type == "msvc":
                 ext.extra_compile_args += ["/O2"]
@@ -85,6 +109,7 @@ class BuildExt(build_ext):
                 ext.extra_compile_args += flags[0]
                 ext.extra_link_args += flags[1]
         super().build_extensions()
+        _record_settings(stamp, settings)
 
 
 def extensions():
@@ -100,17 +125,20 @@ def extensions():
             )
         )
     checks = _env_flag("SPARSEMBED_BOUNDSCHECK")
-    return cythonize(
-        exts,
-        compiler_directives={
-            "language_level": 3,
-            "boundscheck": checks,
-            "wraparound": False,
-            "cdivision": True,
-            "initializedcheck": checks,
-            "cpow": True,
-        },
-    )
+    directives = {
+        "language_level": 3,
+        "boundscheck": checks,
+        "wraparound": False,
+        "cdivision": True,
+        "initializedcheck": checks,
+        "cpow": True,
+    }
+    # C files generated with other directives (bounds checks on/off) are regenerated
+    stamp = os.path.join("build", "sparsembed-cython-directives")
+    settings = repr(sorted(directives.items()))
+    exts = cythonize(exts, compiler_directives=directives, force=_settings_changed(stamp, settings))
+    _record_settings(stamp, settings)
+    return exts
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

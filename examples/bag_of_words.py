@@ -3,7 +3,7 @@
 Loads the GloVe sample bundled with sparsembed (76 words x 50 dimensions, the first
 rows of glove.6B.50d), pools each sentence with an EmbeddingBag in mode "mean", and
 prints the cosine similarities between the sentence vectors. Words missing from the
-vocabulary map to a zero padding row, which the mean leaves out.
+vocabulary map to the zero padding row, which the mean leaves out.
 
 Run: python examples/bag_of_words.py
 """
@@ -25,42 +25,27 @@ SENTENCES = [
 ]
 
 
-def load_glove(path):
-    """Read GloVe's text format (``word v1 v2 ...`` per line, no header).
+def load_vocab_and_table():
+    """The bundled GloVe sample as a Vocabulary and a table with a zero padding row.
 
-    Returns
-    -------
-    words : list of str
-    vectors : ndarray of shape (n_words, dim), float32
+    Unknown words are encoded as the padding id, so the mean leaves them out.
     """
-    words, rows = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.rstrip("\n").split(" ")
-            if len(parts) < 2:
-                continue
-            words.append(parts[0])
-            rows.append(np.asarray(parts[1:], dtype=np.float32))
-    return words, np.stack(rows)
+    path = files("sparsembed.datasets") / "test_glove.txt"
+    vocab, vectors = se.io.load_word2vec_format(path, no_header=True)
+    return se.io.add_special_tokens(vocab, vectors, pad_token="<pad>")
 
 
-def encode(sentences, vocab, oov):
-    """Flat word ids and bag offsets (one bag per sentence); unknown words -> ``oov``."""
-    ids, offsets = [], []
-    for sentence in sentences:
-        offsets.append(len(ids))
-        ids.extend(vocab.get(word, oov) for word in sentence.lower().split())
-    return np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+def encode(sentences, vocab):
+    """Flat word ids and bag offsets (one bag per sentence); unknown words -> padding."""
+    batch = [[w if w in vocab else "<pad>" for w in s.lower().split()] for s in sentences]
+    return vocab.encode(batch)
 
 
 def main(sentences=SENTENCES, verbose=True):
-    words, vectors = load_glove(files("sparsembed.datasets") / "test_glove.txt")
-    vocab = {word: i for i, word in enumerate(words)}
-    oov = len(words)  # one extra all-zero row for unknown words, excluded from the mean
-    table = np.vstack([vectors, np.zeros((1, vectors.shape[1]), dtype=np.float32)])
-    bag = se.EmbeddingBag.from_pretrained(table, mode="mean", padding_idx=oov)
+    vocab, table = load_vocab_and_table()
+    bag = se.EmbeddingBag.from_pretrained(table, mode="mean", padding_idx=vocab.pad_id)
 
-    ids, offsets = encode(sentences, vocab, oov)
+    ids, offsets = encode(sentences, vocab)
     sent = bag(ids, offsets)  # (n_sentences, 50)
     norms = np.linalg.norm(sent, axis=1, keepdims=True)
     unit = sent / np.where(norms == 0, 1, norms)
@@ -68,8 +53,8 @@ def main(sentences=SENTENCES, verbose=True):
 
     if verbose:
         print(bag)
-        print(f"{len(words)} words x {vectors.shape[1]} dims; "
-              f"{int(np.sum(ids == oov))} of {ids.size} tokens out of vocabulary")
+        print(f"{len(vocab) - 1} words x {table.shape[1]} dims; "
+              f"{int(np.sum(ids == vocab.pad_id))} of {ids.size} tokens out of vocabulary")
         for i, s in enumerate(sentences):
             print(f"[{i}] {s}")
         print("cosine similarity")

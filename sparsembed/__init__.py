@@ -8,6 +8,10 @@ from sparsembed import functional, init, optim
 from sparsembed._threads import _warn_once_without_openmp, get_num_threads, set_num_threads
 from sparsembed._version import __version__
 from sparsembed.embedding import Embedding, EmbeddingBag
+from sparsembed import io
+from sparsembed.vocabulary import Vocabulary
+from sparsembed.serialization import load, save
+from sparsembed.hashing import HashEmbedding
 
 __all__ = [
     "Embedding",
@@ -19,6 +23,11 @@ __all__ = [
     "set_num_threads",
     "show_config",
     "__version__",
+    "io",
+    "Vocabulary",
+    "save",
+    "load",
+    "HashEmbedding",
 ]
 
 

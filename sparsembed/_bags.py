@@ -8,6 +8,7 @@ it was.
 
 import numpy as np
 
+from sparsembed import _half
 from sparsembed import _validation as V
 
 MODES = ("sum", "mean", "max")
@@ -62,8 +63,13 @@ def _is_scipy_sparse(x):
     return sp.issparse(x)
 
 
+def _host(x):
+    """A CuPy array brought to the host (offsets, per-sample weights are checked there)."""
+    return x.get() if hasattr(x, "__cuda_array_interface__") and hasattr(x, "get") else x
+
+
 def _check_offsets(offsets, n, include_last_offset):
-    off = V.as_index_array(offsets, "offsets")
+    off = V.as_index_array(_host(offsets), "offsets")
     if off.ndim != 1:
         raise ValueError(f"offsets must be 1-D, got shape {off.shape}")
     if include_last_offset:
@@ -105,7 +111,7 @@ def _check_psw(per_sample_weights, shape, mode, dtype):
         raise ValueError(
             f"per_sample_weights are only supported with mode='sum', got mode={mode!r}"
         )
-    w = np.asarray(per_sample_weights)
+    w = np.asarray(_host(per_sample_weights))
     if w.dtype.kind not in "biuf":
         raise TypeError(f"per_sample_weights must be a real array, got dtype {w.dtype}")
     if w.shape != tuple(shape):
@@ -148,7 +154,7 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
                 )
             psw, psw_shape = None, None
         be.check_index_range(flat, num_embeddings)
-        return Bags(flat, starts, psw, psw_shape)
+        return _on_backend(be, flat, starts, psw, psw_shape)
 
     idx = be.as_index_array(input)
     if idx.ndim == 2:
@@ -168,7 +174,13 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
     psw, psw_shape = _check_psw(per_sample_weights, idx.shape, mode, dtype)
     flat = idx.reshape(-1)
     be.check_index_range(flat, num_embeddings)
-    return Bags(flat, starts, psw, psw_shape)
+    return _on_backend(be, flat, starts, psw, psw_shape)
+
+
+def _on_backend(be, flat, starts, psw, psw_shape):
+    """Bags whose arrays live where the table does (host-checked bounds and weights are
+    moved once to the GPU; on the CPU nothing is copied)."""
+    return Bags(flat, be.asarray(starts), None if psw is None else be.asarray(psw), psw_shape)
 
 
 def entry_scale(bags, mode, counts, entry_bag, dtype, be):
@@ -190,9 +202,12 @@ def weight_grad(grad2d, bags, plan, entry_bag, scale, argmax, num_embeddings,
                              scale_grad_by_freq)
 
 
-def psw_grad(grad2d, weight, bags, entry_bag, padding_idx, be):
-    """Gradient of the per-sample weights, shaped as they were (None without weights)."""
+def psw_grad(grad2d, weight, bags, entry_bag, padding_idx, be, plan=None):
+    """Gradient of the per-sample weights, shaped as they were (None without weights).
+
+    ``plan`` (the bagged entries' plan) is reused by a float16 table's compact copy."""
     if bags.psw is None:
         return None
-    g = be.per_sample_weights_grad(grad2d, weight, bags.flat, entry_bag, padding_idx)
+    half = {"plan": plan} if plan is not None and _half.is_half(weight) else {}
+    g = be.per_sample_weights_grad(grad2d, weight, bags.flat, entry_bag, padding_idx, **half)
     return g.reshape(bags.psw_shape)

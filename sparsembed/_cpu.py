@@ -6,7 +6,7 @@ signatures; :func:`sparsembed._backend.get_backend` picks one from the device.
 
 import numpy as np
 
-from sparsembed import _rowsparse
+from sparsembed import _half, _rowsparse
 from sparsembed._kernels import _backward, _bag, _lookup, _plan, _pool
 from sparsembed._threads import get_num_threads, threads_for  # noqa: F401
 from sparsembed._validation import (  # noqa: F401 - part of the backend interface
@@ -80,6 +80,8 @@ def plan_rows(flat, num_rows, skip_row=None):
 
 def gather(weight, flat):
     """``weight[flat]`` as a new (n, dim) array."""
+    if _half.is_half(weight):
+        return _half.gather(weight, flat)
     out = _pool.empty((flat.shape[0], weight.shape[1]), weight.dtype)
     _lookup.gather(weight, flat, out, threads_for(out.size))
     return out
@@ -87,6 +89,8 @@ def gather(weight, flat):
 
 def renorm_rows_(weight, rows, max_norm, norm_type):
     """Rescale, in place, the distinct ``rows`` whose norm exceeds ``max_norm``."""
+    if _half.is_half(weight):
+        return _half.renorm_rows_(weight, rows, max_norm, norm_type)
     _lookup.renorm_rows(weight, rows, max_norm, norm_type,
                         threads_for(rows.shape[0] * weight.shape[1]))
 
@@ -141,22 +145,27 @@ def _no_scale(dtype):
 _NO_ARGMAX = np.empty((0, 0), dtype=np.int64)
 
 
-def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None):
+def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None, plan=None):
     """Pool the validated bags; returns (out, argmax or None, counts).
 
     ``starts`` (n_bags + 1, int64) bounds the bags in ``flat``; ``argmax`` (max mode)
     holds, per bag and column, the position in ``flat`` of the winning entry (-1 for
-    an empty bag); ``counts`` the non-padding entries per bag.
+    an empty bag); ``counts`` the non-padding entries per bag. A float16 table is
+    pooled in float32 (``plan``: the plan of ``flat[:starts[-1]]``, padding skipped,
+    reused when given; see ``sparsembed._half``).
     """
+    if _half.is_half(weight):
+        return _half.bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights,
+                                 plan)
     n_bags = starts.shape[0] - 1
     dim = weight.shape[1]
-    out = np.empty((n_bags, dim), dtype=weight.dtype)
+    out = _pool.empty((n_bags, dim), weight.dtype)
     counts = np.empty(n_bags, dtype=np.int64)
     argmax = np.empty((n_bags, dim), dtype=np.int64) if mode == "max" else _NO_ARGMAX
     psw = _no_scale(weight.dtype) if per_sample_weights is None else per_sample_weights
     pad = -1 if padding_idx is None else int(padding_idx)
     _bag.bag_forward(weight, flat, starts, pad, _BAG_MODES[mode], psw, out, argmax, counts,
-                     get_num_threads())
+                     threads_for(flat.shape[0] * dim))
     return out, (argmax if mode == "max" else None), counts
 
 
@@ -181,8 +190,11 @@ def mean_scale(counts, entry_bag, dtype):
     return np.ascontiguousarray(inv[entry_bag], dtype=dtype)
 
 
-def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx):
-    """(n,) ``dot(grad2d[bag], weight[id])`` per entry; 0 for padding and unbagged entries."""
+def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan=None):
+    """(n,) ``dot(grad2d[bag], weight[id])`` per entry; 0 for padding and unbagged entries.
+    ``plan`` only serves a float16 table, as for :func:`bag_forward`."""
+    if _half.is_half(weight):
+        return _half.per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan)
     out = np.zeros(flat.shape[0], dtype=grad2d.dtype)
     _bag.per_sample_weights_grad(grad2d, weight, flat, entry_bag,
                                  -1 if padding_idx is None else int(padding_idx), out,
@@ -193,7 +205,7 @@ def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx):
 def bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq):
     """(n_rows, dim) per-row sums of ``grad2d[entry_bag[e]] * scale[e]`` over each planned
     row's entries (in max mode only the columns the entry won), in ``plan.rows`` order."""
-    out = np.empty((plan.rows.shape[0], grad2d.shape[1]), dtype=grad2d.dtype)
+    out = _pool.empty((plan.rows.shape[0], grad2d.shape[1]), grad2d.dtype)
     _bag.bag_row_sums(grad2d, plan.perm, plan.starts, entry_bag,
                       _no_scale(grad2d.dtype) if scale is None else scale,
                       _NO_ARGMAX if argmax is None else argmax,
@@ -215,3 +227,41 @@ def bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad
     """Canonical row-sparse csr_array gradient of a bag forward."""
     values = bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq)
     return _rowsparse.from_rows(plan.rows, values, num_rows)
+
+
+# ---------------------------------------------------------------- optimizers
+# (se.optim's kernel calls; the CUDA backend has the same three functions)
+
+def optim_grad(grad, weight):
+    """A layer's gradient as (rows or None, values) in the table's compute dtype: a
+    row-sparse matrix gives its stored rows and their values, a dense array (None, the
+    array)."""
+    from sparsembed.optim import Optimizer
+
+    return Optimizer._prepare_host_grad(grad, weight)
+
+
+def _state(s, weight):
+    return np.empty((0, 1), dtype=_half.compute_dtype(weight.dtype)) if s is None else s
+
+
+def optim_update_rows(kind, hyper, weight, rows, values, s1, s2):
+    """One optimizer update (``_optim.update_rows``, through ``_half`` for float16
+    tables) of the rows of a built gradient (``rows`` None: every row); ``hyper`` the
+    kernel's doubles; s1/s2 None or (0, *) when absent."""
+    all_rows = rows is None
+    _half.update_rows(kind, *hyper, weight, np.empty(0, np.int64) if all_rows else rows,
+                      all_rows, values, _state(s1, weight), _state(s2, weight),
+                      get_num_threads())
+
+
+def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_by_freq, s1, s2,
+                       argmax=None):
+    """Fused backward + update of the planned rows (``_optim.fused_update``, through
+    ``_half`` for float16 tables)."""
+    _half.fused_update(kind, *hyper, weight, grad, plan.perm, plan.rows, plan.starts,
+                       np.empty(0, np.int64) if src is None else src,
+                       np.empty(0, _half.compute_dtype(weight.dtype)) if scale is None else scale,
+                       np.empty((0, 0), np.int64) if argmax is None else argmax,
+                       bool(scale_grad_by_freq), _state(s1, weight), _state(s2, weight),
+                       get_num_threads())

@@ -88,13 +88,14 @@ def check_max_norm(max_norm, norm_type):
 
 
 def check_weight(weight, name="weight"):
-    """A 2-D float32/float64 ndarray (C-contiguity is the caller's business)."""
+    """A 2-D float32/float64 (or float16 storage) ndarray (C-contiguity is the caller's
+    business)."""
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"{name} must be a numpy ndarray, got {type(weight).__name__}")
     if weight.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
-    if weight.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got dtype {weight.dtype}")
+    if weight.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {weight.dtype}")
     return weight
 
 

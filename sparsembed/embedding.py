@@ -2,20 +2,20 @@
 
 import numpy as np
 
-from sparsembed import _bags
+from sparsembed import _bags, _half
 from sparsembed import _validation as V
 from sparsembed import functional as F
-from sparsembed._backend import get_backend, normalize_device
+from sparsembed._backend import backend_of, get_backend, normalize_device
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
 
 def _check_dtype(dtype):
     dtype = np.dtype(dtype)
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        raise ValueError(f"dtype must be float16, float32 or float64, got {dtype}")
     return dtype
 
 
@@ -28,6 +28,7 @@ class _Table:
 
     def _init_weight(self, weight, dtype, random_state, device):
         self.device = normalize_device(device)
+        get_backend(self.device)  # no CuPy / no GPU: fail before any work
         self.random_state = random_state
         self.requires_grad = True
         self.grad = None
@@ -38,10 +39,14 @@ class _Table:
             self.reset_parameters(random_state)
         else:
             arr = np.asarray(weight) if not hasattr(weight, "__cuda_array_interface__") else weight
+            if isinstance(weight, np.memmap):
+                arr = weight  # keep the memmap object itself (flush(), filename)
             if tuple(arr.shape) != shape:
                 raise ValueError(f"weight has shape {tuple(arr.shape)}, expected {shape}")
             if isinstance(arr, np.ndarray) and (arr.dtype != dtype or not arr.flags.c_contiguous):
                 arr = np.ascontiguousarray(arr, dtype=dtype)
+            elif arr.dtype != dtype or not arr.flags.c_contiguous:  # a device array
+                arr = arr.astype(dtype, order="C")
             self.weight = arr
         if self.device != "cpu" or not isinstance(self.weight, np.ndarray):
             self._move(self.device)
@@ -67,7 +72,7 @@ class _Table:
         values = rng.standard_normal(self.weight.shape)
         if self.padding_idx is not None:
             values[self.padding_idx] = 0
-        be = self._backend if hasattr(self, "device") else get_backend("cpu")
+        be = backend_of(self.weight)  # the table may still be on the host during __init__
         self.weight[...] = be.xp.asarray(values, dtype=self.weight.dtype)
 
     def zero_grad(self):
@@ -152,10 +157,19 @@ class _Table:
 
 
 def _to_host(a):
+    """A CuPy array or cupyx sparse gradient brought back as numpy / scipy csr_array."""
+    if hasattr(a, "get") and (hasattr(a, "__cuda_array_interface__") or hasattr(a, "tocsr")):
+        a = a.get()  # CuPy array or cupyx sparse matrix: device -> host
     if isinstance(a, np.ndarray):
         return a
-    if hasattr(a, "get"):
-        return a.get()
+    if hasattr(a, "tocsr") and not isinstance(a, np.ndarray):
+        # cupyx's .get() gives scipy's csr_matrix: the CPU side works with csr_array
+        import scipy.sparse as sp
+
+        canonical = a.has_canonical_format
+        a = sp.csr_array(a)
+        a.has_canonical_format = canonical
+        return a
     return np.asarray(a)
 
 
@@ -190,7 +204,11 @@ class Embedding(_Table):
     weight : ndarray of shape (num_embeddings, embedding_dim), optional
         Initial table, used as is (no copy, padding row not zeroed, like torch's
         ``_weight``) when it is C-contiguous and of ``dtype``; otherwise converted.
-    dtype : {numpy.float32, numpy.float64}, default float32
+    dtype : {numpy.float32, numpy.float64, numpy.float16}, default float32
+        float16 is storage only: lookups return float16 (torch's output dtype), but
+        renorm, gradients (float32 arrays), bag pooling and optimizer updates (float32
+        state) are computed in float32 and rounded once when stored in the table,
+        where torch CPU accumulates in float16 (see ``sparsembed._half``).
     random_state : None, int or numpy.random.Generator
         Seed of the default N(0, 1) initialisation.
     device : {"cpu", "cuda"}, default "cpu"
@@ -233,8 +251,9 @@ class Embedding(_Table):
                         norm_type=2.0, scale_grad_by_freq=False, sparse=False):
         """Wrap an existing table.
 
-        Shares memory with ``embeddings`` when it is a C-contiguous float32/float64
-        ndarray (otherwise converts it to float32, or keeps float64); does not zero
+        Shares memory with ``embeddings`` when it is a C-contiguous float32, float64 or
+        float16 ndarray (otherwise converts it to float32, or keeps its float dtype of
+        those three; a float16 table has float32 gradients); does not zero
         the padding row; ``requires_grad = not freeze``.
 
         Parameters
@@ -272,7 +291,7 @@ class Embedding(_Table):
             plan = be.plan_rows(flat, self.num_embeddings, self.padding_idx)
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
         out = be.gather(self.weight, flat).reshape(idx.shape + (self.embedding_dim,))
-        if be.xp.may_share_memory(flat, be.xp.asarray(input)):
+        if isinstance(input, be.xp.ndarray) and be.xp.may_share_memory(flat, input):
             flat = flat.copy()  # the caller may reuse its index buffer before backward
         self._saved = (flat, idx.shape, plan)
         return out
@@ -292,7 +311,8 @@ class Embedding(_Table):
         Parameters
         ----------
         grad_output : ndarray of shape ``input.shape + (embedding_dim,)``
-            Cast to the table's dtype.
+            Cast to the table's dtype (float32 for a float16 table: its gradients are
+            float32).
         optimizer : sparsembed.optim optimizer, optional
             Fused backward + update: sum each touched row's gradient and apply
             ``optimizer``'s update to that row in the same pass, without building the
@@ -310,7 +330,8 @@ class Embedding(_Table):
         """
         flat, shape, _ = self._saved_forward()
         be = self._backend
-        grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,), self.weight.dtype)
+        grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,),
+                                 _half.compute_dtype(self.weight.dtype))
         if optimizer is not None:
             optimizer._locate(self)  # a ValueError before anything changes
         if not self.requires_grad:
@@ -333,8 +354,9 @@ def _own(arr, sources):
     (the caller may reuse its buffers before backward)."""
     if arr is None:
         return None
+    xp = backend_of(arr).xp
     for src in sources:
-        if isinstance(src, np.ndarray) and np.may_share_memory(arr, src):
+        if isinstance(src, xp.ndarray) and xp.may_share_memory(arr, src):
             return arr.copy()
     return arr
 
@@ -347,7 +369,7 @@ def _sources(*objs):
         for name in ("indices", "indptr", "data"):  # scipy.sparse input
             if hasattr(obj, name) and isinstance(getattr(obj, name), np.ndarray):
                 out.append(getattr(obj, name))
-        if isinstance(obj, np.ndarray):
+        if isinstance(obj, np.ndarray) or hasattr(obj, "__cuda_array_interface__"):
             out.append(obj)
     return out
 
@@ -406,8 +428,10 @@ class EmbeddingBag(_Table):
     (10, 3)
     """
 
+    # torch always prints the mode; sparse and include_last_offset (which torch leaves
+    # out) are shown when set
     _REPR_DEFAULTS = (("max_norm", None), ("norm_type", 2.0), ("scale_grad_by_freq", False),
-                      ("mode", "mean"), ("sparse", False), ("include_last_offset", False),
+                      ("mode", None), ("sparse", False), ("include_last_offset", False),
                       ("padding_idx", None))
 
     def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0,
@@ -464,7 +488,8 @@ class EmbeddingBag(_Table):
         """
         be = self._backend
         bags = _bags.bags_of(input, offsets, per_sample_weights, self.mode,
-                             self.include_last_offset, self.num_embeddings, self.weight.dtype, be)
+                             self.include_last_offset, self.num_embeddings,
+                             _half.compute_dtype(self.weight.dtype), be)
         plan = None
         if self.max_norm is not None:
             be.check_writable(self.weight)
@@ -472,8 +497,13 @@ class EmbeddingBag(_Table):
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
             if bags.end != bags.flat.shape[0]:
                 plan = None  # the backward plans the bagged entries only
+        half = {}
+        if _half.is_half(self.weight):  # pooled on a compact float32 copy of its rows
+            if plan is None:
+                plan = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
+            half = {"plan": plan}
         out, argmax, counts = be.bag_forward(self.weight, bags.flat, bags.starts, self.mode,
-                                             self.padding_idx, bags.psw)
+                                             self.padding_idx, bags.psw, **half)
         src = _sources(input, offsets, per_sample_weights)
         bags.flat = _own(bags.flat, src)
         bags.starts = _own(bags.starts, src)
@@ -499,14 +529,14 @@ class EmbeddingBag(_Table):
         be = self._backend
         bags = saved["bags"]
         grad = be.as_grad_output(grad_output, (bags.n_bags, self.embedding_dim),
-                                 self.weight.dtype)
+                                 _half.compute_dtype(self.weight.dtype))
         if saved["plan"] is None:
             saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
         if saved["entry_bag"] is None:
             saved["entry_bag"] = be.entry_bags(bags.starts)
         entry_bag = saved["entry_bag"]
         scale = _bags.entry_scale(bags, self.mode, saved["counts"], entry_bag,
-                                  self.weight.dtype, be)
+                                  _half.compute_dtype(self.weight.dtype), be)
         return grad, saved["plan"], entry_bag, scale, saved["argmax"], bags
 
     def backward(self, grad_output, optimizer=None):
@@ -541,7 +571,7 @@ class EmbeddingBag(_Table):
             optimizer._locate(self)  # a ValueError before anything changes
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
         self.per_sample_weights_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag,
-                                                      self.padding_idx, be)
+                                                      self.padding_idx, be, plan)
         if not self.requires_grad:
             return None
         if optimizer is not None:

@@ -6,7 +6,7 @@ so an error leaves the weights untouched.
 
 import numpy as np
 
-from sparsembed import _bags
+from sparsembed import _bags, _half
 from sparsembed import _validation as V
 from sparsembed._backend import backend_of
 
@@ -55,7 +55,8 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     input : array_like of int, any shape
         Row ids in ``[0, num_embeddings)``; any integer dtype.
     weight : ndarray of shape (num_embeddings, embedding_dim), float32 or float64
-        The table. Renormalised in place when ``max_norm`` is given.
+        The table. Renormalised in place when ``max_norm`` is given. float16 tables
+        work too: the renorm is computed in float32 and rounded once.
     padding_idx : int, optional
         Accepted for torch compatibility; it only matters for the gradient.
     max_norm : float, optional
@@ -188,7 +189,9 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
         bags: rows are bags, column indices the ids, data the per-sample weights in
         mode "sum" (in modes "mean" and "max" its data must all be 1).
     weight : ndarray of shape (num_embeddings, embedding_dim), float32 or float64
-        The table. Renormalised in place when ``max_norm`` is given.
+        The table. Renormalised in place when ``max_norm`` is given. A float16 table
+        is pooled in float32 (per-sample weights too) and the result rounded once to
+        float16, where torch CPU accumulates in float16.
     offsets : array_like of int of shape (n_bags,), optional
         Start of each bag in a 1-D ``input``: ``offsets[0] == 0``, non-decreasing,
         ``offsets[-1] <= len(input)``; bag ``b`` is ``input[offsets[b]:offsets[b+1]]``,
@@ -231,7 +234,7 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
     padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
     bags = _bags.bags_of(input, offsets, per_sample_weights, mode, include_last_offset,
-                         num_embeddings, weight.dtype, be)
+                         num_embeddings, _half.compute_dtype(weight.dtype), be)
     if max_norm is not None:
         be.check_writable(weight)
         renorm_(weight, be.plan_rows(bags.flat, num_embeddings, padding_idx), max_norm,
@@ -253,7 +256,8 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
     Parameters
     ----------
     grad_output : ndarray of shape (n_bags, embedding_dim)
-        Cast to the table's dtype.
+        Cast to the table's dtype (to float32 for a float16 table, whose gradients
+        are float32).
     input, offsets, mode, per_sample_weights, include_last_offset, padding_idx
         As given to :func:`embedding_bag`.
     weight : ndarray of shape (num_embeddings, embedding_dim)
@@ -279,17 +283,19 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
     num_embeddings, dim = weight.shape
     padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
     bags = _bags.bags_of(input, offsets, per_sample_weights, mode, include_last_offset,
-                         num_embeddings, weight.dtype, be)
-    grad = be.as_grad_output(grad_output, (bags.n_bags, dim), weight.dtype)
+                         num_embeddings, _half.compute_dtype(weight.dtype), be)
+    grad = be.as_grad_output(grad_output, (bags.n_bags, dim), _half.compute_dtype(weight.dtype))
     table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
     argmax = counts = None
+    plan = be.plan_rows(bags.used, num_embeddings, padding_idx)
     if mode == "max":
-        _, argmax, counts = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx)
+        half = {"plan": plan} if _half.is_half(table) else {}  # float16: reuse the plan
+        _, argmax, counts = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx,
+                                           **half)
     elif mode == "mean":
         counts = be.bag_counts(bags.flat, bags.starts, padding_idx)
     entry_bag = be.entry_bags(bags.starts)
-    scale = _bags.entry_scale(bags, mode, counts, entry_bag, weight.dtype, be)
-    plan = be.plan_rows(bags.used, num_embeddings, padding_idx)
+    scale = _bags.entry_scale(bags, mode, counts, entry_bag, _half.compute_dtype(weight.dtype), be)
     grad_weight = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax, num_embeddings,
                                     scale_grad_by_freq, sparse, be)
-    return grad_weight, _bags.psw_grad(grad, table, bags, entry_bag, padding_idx, be)
+    return grad_weight, _bags.psw_grad(grad, table, bags, entry_bag, padding_idx, be, plan)

@@ -12,6 +12,11 @@ The updates run in compiled kernels, one thread per row; the result does not dep
 on the number of threads. Optimizer state (momentum, accumulators, moments) is
 allocated once per table, on its first update, in the table's dtype.
 
+float16 tables: state and gradients are float32, and every update is computed in
+float32 on a copy of the touched rows and rounded once to float16 when stored
+(``sparsembed._half``), so a step equals the same step on a float32 copy of the
+table followed by rounding the table to float16.
+
 Fused backward + update: ``layer.backward(grad_output, optimizer=opt)`` sums each
 touched row's gradient and applies ``opt``'s update to it in the same pass, without
 building the gradient matrix. It always applies the touched-rows (sparse) form of the
@@ -30,13 +35,13 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
-from sparsembed import _rowsparse
+from sparsembed import _half, _rowsparse
+from sparsembed._backend import backend_of
 from sparsembed._kernels import _optim
-from sparsembed._threads import get_num_threads
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "SparseAdam", "RowWiseAdagrad"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
 
 def _check_number(value, name, *, low=0.0, low_inclusive=True, high=None):
@@ -64,15 +69,15 @@ def _check_layer(layer):
                 f"without {attr!r}"
             )
     w = layer.weight
-    if not isinstance(w, np.ndarray):
+    if not isinstance(w, np.ndarray) and not hasattr(w, "__cuda_array_interface__"):
         raise ValueError(
-            f"optimizer params must hold numpy tables on the CPU, got a weight of type "
-            f"{type(w).__module__}.{type(w).__name__} (se.optim has no GPU kernels yet)"
+            f"optimizer params must hold numpy (device 'cpu') or CuPy (device 'cuda') "
+            f"tables, got a weight of type {type(w).__module__}.{type(w).__name__}"
         )
     if w.ndim != 2 or w.dtype not in _FLOAT_DTYPES:
         raise ValueError(
-            f"optimizer params need a 2-D float32 or float64 weight, got shape {w.shape} "
-            f"and dtype {w.dtype}"
+            f"optimizer params need a 2-D float32, float64 or float16 weight, got shape "
+            f"{w.shape} and dtype {w.dtype}"
         )
 
 
@@ -80,7 +85,7 @@ def _writable_weight(layer):
     """The layer's weight, checked again at every update (it may have been replaced)."""
     _check_layer(layer)
     w = layer.weight
-    if not w.flags.writeable or not w.flags.c_contiguous:
+    if not getattr(w.flags, "writeable", True) or not w.flags.c_contiguous:
         raise ValueError(
             f"{type(layer).__name__}.weight must be a writable C-contiguous array "
             "for the optimizer to update it in place"
@@ -201,8 +206,8 @@ class Optimizer:
         return {key: (n, d) if width == "dim" else (n,)
                 for key, width in self._state_keys_for(group)}
 
-    def _new_state_array(self, key, group, shape, dtype):
-        return np.zeros(shape, dtype=dtype)
+    def _new_state_array(self, key, group, shape, dtype, xp=np):
+        return xp.zeros(shape, dtype=dtype)
 
     def _check_state(self, i, group, weight):
         """Raise if the table's existing state arrays do not fit it (before any write)."""
@@ -211,11 +216,13 @@ class Optimizer:
             arr = st.get(key)
             if arr is None:
                 continue
-            if not isinstance(arr, np.ndarray) or arr.dtype != weight.dtype or arr.shape != shape \
-                    or not arr.flags.c_contiguous or not arr.flags.writeable:
+            dtype = _half.compute_dtype(weight.dtype)
+            if not isinstance(arr, backend_of(weight).xp.ndarray) or arr.dtype != dtype \
+                    or arr.shape != shape or not arr.flags.c_contiguous \
+                    or not getattr(arr.flags, "writeable", True):
                 raise RuntimeError(
                     f"optimizer state {key!r} of param {i} does not fit its table "
-                    f"(expected a writable C-contiguous {weight.dtype} array of shape {shape})"
+                    f"(expected a writable C-contiguous {dtype} array of shape {shape})"
                 )
 
     def _get_state(self, i, group, weight):
@@ -226,7 +233,9 @@ class Optimizer:
         created = set()
         for key, shape in self._state_shapes(group, weight).items():
             if st.get(key) is None:
-                st[key] = self._new_state_array(key, group, shape, weight.dtype)
+                st[key] = self._new_state_array(key, group, shape,
+                                                _half.compute_dtype(weight.dtype),
+                                                xp=backend_of(weight).xp)
                 created.add(key)
         return st, created
 
@@ -238,7 +247,8 @@ class Optimizer:
             a = st[key]
             out.append(a if a.ndim == 2 else a.reshape(a.shape[0], 1))
         while len(out) < 2:
-            out.append(np.empty((0, 1), dtype=weight.dtype))
+            out.append(backend_of(weight).xp.empty((0, 1),
+                                                   dtype=_half.compute_dtype(weight.dtype)))
         return out
 
     # -- gradients -----------------------------------------------------------------
@@ -246,7 +256,11 @@ class Optimizer:
     def _prepare_grad(self, layer):
         """Validated (rows or None, values) for the layer's grad, in the weight's dtype."""
         w = _writable_weight(layer)
-        g = layer.grad
+        return backend_of(w).optim_grad(layer.grad, w)
+
+    @staticmethod
+    def _prepare_host_grad(g, w):
+        """The CPU side of ``_prepare_grad`` (``sparsembed._cpu.optim_grad``)."""
         if sp.issparse(g):
             if tuple(g.shape) != w.shape:
                 raise ValueError(f"grad has shape {tuple(g.shape)}, expected {w.shape}")
@@ -254,14 +268,14 @@ class Optimizer:
                 g = sp.csr_array(g)
             rows, values = _rowsparse.row_values(g)
             rows = np.ascontiguousarray(rows, dtype=np.int64)
-            values = np.ascontiguousarray(values, dtype=w.dtype)
+            values = np.ascontiguousarray(values, dtype=_half.compute_dtype(w.dtype))
             return rows, values
         if isinstance(g, np.ndarray):
             if g.shape != w.shape:
                 raise ValueError(f"grad has shape {g.shape}, expected {w.shape}")
             if g.dtype.kind != "f":
                 raise TypeError(f"grad must be a float array, got dtype {g.dtype}")
-            return None, np.ascontiguousarray(g, dtype=w.dtype)
+            return None, np.ascontiguousarray(g, dtype=_half.compute_dtype(w.dtype))
         raise TypeError(
             f"grad must be an ndarray or a scipy.sparse matrix, got {type(g).__name__}"
         )
@@ -303,11 +317,8 @@ class Optimizer:
         st, created = self._get_state(i, group, weight)
         st["step"] += 1
         s1, s2 = self._kernel_state(st, self._state_keys_for(group), weight)
-        all_rows = rows is None
-        if all_rows:
-            rows = np.empty(0, dtype=np.int64)
-        _optim.update_rows(self._kind, *self._hyper(group, st, created), weight,
-                           rows, all_rows, values, s1, s2, get_num_threads())
+        backend_of(weight).optim_update_rows(self._kind, self._hyper(group, st, created),
+                                             weight, rows, values, s1, s2)
 
     def _apply_rows(self, layer, rows, values):
         """Update the given distinct sorted ``rows`` of ``layer`` with gradient ``values``.
@@ -317,8 +328,9 @@ class Optimizer:
         """
         i, group = self._locate(layer)
         w = _writable_weight(layer)
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        values = np.ascontiguousarray(values, dtype=w.dtype)
+        xp = backend_of(w).xp
+        rows = xp.ascontiguousarray(rows, dtype=np.int64)
+        values = xp.ascontiguousarray(values, dtype=_half.compute_dtype(w.dtype))
         if values.shape != (rows.shape[0], w.shape[1]) or (
                 rows.size and (rows[0] < 0 or rows[-1] >= w.shape[0])):
             raise ValueError(f"rows {rows.shape} / values {values.shape} do not fit a table "
@@ -348,22 +360,21 @@ class Optimizer:
         """
         i, group = self._locate(layer)
         w = _writable_weight(layer)
-        grad = np.ascontiguousarray(grad, dtype=w.dtype)
-        src = np.empty(0, np.int64) if src is None else np.ascontiguousarray(src, dtype=np.int64)
-        scale = (np.empty(0, w.dtype) if scale is None
-                 else np.ascontiguousarray(scale, dtype=w.dtype).reshape(-1))
-        if argmax is None:
-            argmax = np.empty((0, 0), np.int64)
-        else:
-            if src.size == 0:
+        be = backend_of(w)
+        dtype = _half.compute_dtype(w.dtype)  # float32 for a float16 table
+        grad = be.xp.ascontiguousarray(grad, dtype=dtype)
+        src = None if src is None else be.xp.ascontiguousarray(src, dtype=np.int64)
+        scale = (None if scale is None
+                 else be.xp.ascontiguousarray(scale, dtype=dtype).reshape(-1))
+        if argmax is not None:
+            if src is None:
                 raise ValueError("argmax needs src (the entry -> bag map)")
-            argmax = np.ascontiguousarray(argmax, dtype=np.int64)
+            argmax = be.xp.ascontiguousarray(argmax, dtype=np.int64)
         st, created = self._get_state(i, group, w)
         st["step"] += 1
         s1, s2 = self._kernel_state(st, self._state_keys_for(group), w)
-        _optim.fused_update(self._kind, *self._hyper(group, st, created), w, grad,
-                            plan.perm, plan.rows, plan.starts, src, scale, argmax,
-                            bool(scale_grad_by_freq), s1, s2, get_num_threads())
+        be.optim_fused_update(self._kind, self._hyper(group, st, created), w, grad, plan, src,
+                              scale, bool(scale_grad_by_freq), s1, s2, argmax=argmax)
 
     def zero_grad(self, set_to_none=True):
         """Set every layer's ``grad`` to None (torch's default ``set_to_none=True``).
@@ -372,7 +383,7 @@ class Optimizer:
         ones dropped.
         """
         for layer in self._layers():
-            if set_to_none or not isinstance(layer.grad, np.ndarray):
+            if set_to_none or not _is_dense(layer.grad):
                 layer.grad = None
             else:
                 layer.grad[...] = 0
@@ -402,8 +413,8 @@ class Optimizer:
     def load_state_dict(self, state_dict):
         """Restore hyper-parameters and state saved by :meth:`state_dict`.
 
-        The state arrays are copied (cast to each table's dtype). Everything is checked
-        before anything changes.
+        The state arrays are copied (cast to each table's dtype, float32 for a float16
+        table). Everything is checked before anything changes.
 
         Raises
         ------
@@ -451,19 +462,26 @@ class Optimizer:
             for name, shape in self._state_shapes(group_of[id(layer)], weight).items():
                 if st.get(name) is None:
                     continue  # allocated on the next update
-                arr = np.asarray(st[name])
+                arr = st[name] if hasattr(st[name], "__cuda_array_interface__") \
+                    else np.asarray(st[name])
                 if arr.shape != shape:
                     raise ValueError(
                         f"loaded state {name!r} of param {key} has shape {arr.shape}, "
                         f"expected {shape}"
                     )
-                new[name] = np.array(arr, dtype=weight.dtype, order="C", copy=True)
+                new[name] = backend_of(weight).xp.array(
+                    arr, dtype=_half.compute_dtype(weight.dtype), order="C", copy=True)
             new_state[i] = new
         for hyper, group in zip(new_groups, self.param_groups):
             group.clear()
             group.update(hyper)
         self.state = new_state
         self._reindex()
+
+
+def _is_dense(grad):
+    """A dense gradient (numpy or CuPy array), as opposed to a sparse matrix."""
+    return isinstance(grad, np.ndarray) or hasattr(grad, "__cuda_array_interface__")
 
 
 def _check_step(step):
@@ -579,8 +597,8 @@ class Adagrad(Optimizer):
         _check_number(group["initial_accumulator_value"], "initial_accumulator_value")
         _check_number(group["eps"], "epsilon")
 
-    def _new_state_array(self, key, group, shape, dtype):
-        return np.full(shape, group["initial_accumulator_value"], dtype=dtype)
+    def _new_state_array(self, key, group, shape, dtype, xp=np):
+        return xp.full(shape, group["initial_accumulator_value"], dtype=dtype)
 
     @staticmethod
     def _hyper(group, st, created):
@@ -644,7 +662,7 @@ class SparseAdam(Optimizer):
             )
 
     def _check_grad_kind(self, layer):
-        if isinstance(layer.grad, np.ndarray):
+        if _is_dense(layer.grad):
             raise ValueError(
                 "SparseAdam does not support dense gradients, please consider Adagrad or SGD"
             )

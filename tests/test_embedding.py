@@ -486,7 +486,7 @@ def test_backward_before_forward():
     (dict(num_embeddings=5, embedding_dim=3, padding_idx=-6), r"padding_idx -6 must be within \[-5, 5\)"),
     (dict(num_embeddings=5, embedding_dim=3, max_norm=0.0), "max_norm must be > 0, got 0.0"),
     (dict(num_embeddings=5, embedding_dim=3, max_norm=-1), "max_norm must be > 0, got -1"),
-    (dict(num_embeddings=5, embedding_dim=3, dtype=np.int32), "dtype must be float32 or float64, got int32"),
+    (dict(num_embeddings=5, embedding_dim=3, dtype=np.int32), "dtype must be float16, float32 or float64, got int32"),
     (dict(num_embeddings=5, embedding_dim=3, device="tpu"), "device must be 'cpu' or 'cuda', got 'tpu'"),
 ])
 def test_constructor_errors(kwargs, match):

@@ -18,21 +18,9 @@ ATOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 MODES = ["sum", "mean", "max"]
 
 
-@pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
-def dtype(request):
-    return np.dtype(request.param)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(2024)
-
-
-@pytest.fixture
-def threads():
-    previous = se._threads._num_threads
-    yield se.set_num_threads
-    se._threads._num_threads = previous
 
 
 def close(actual, expected, dtype, scale=1.0):
@@ -500,7 +488,11 @@ def test_layer_basics(rng):
     bag = se.EmbeddingBag(10, 3, mode="max", padding_idx=-1, sparse=True, random_state=0)
     assert bag.padding_idx == 9 and np.all(bag.weight[9] == 0)
     assert repr(bag) == "EmbeddingBag(10, 3, mode='max', sparse=True, padding_idx=9)"
-    assert repr(se.EmbeddingBag(4, 2)) == "EmbeddingBag(4, 2)"
+    assert repr(se.EmbeddingBag(4, 2)) == "EmbeddingBag(4, 2, mode='mean')"
+    torch = pytest.importorskip("torch")
+    for kw in (dict(), dict(mode="max", padding_idx=9), dict(norm_type=3.0, scale_grad_by_freq=True),
+               dict(max_norm=1.0, mode="sum")):
+        assert repr(se.EmbeddingBag(10, 3, **kw)) == repr(torch.nn.EmbeddingBag(10, 3, **kw))
     with pytest.raises(RuntimeError, match="before any forward"):
         bag.backward(np.ones((1, 3)))
     out = bag(np.array([[1, 2], [9, 9]]))

@@ -1,21 +1,9 @@
 """The bag-of-words example runs at tiny size and pools what it says it pools."""
 
-import importlib.util
 from importlib.resources import files
-from pathlib import Path
 
 import numpy as np
-from numpy.testing import assert_allclose
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bag_of_words.py"
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("bag_of_words_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from numpy.testing import assert_allclose, assert_array_equal
 
 def test_glove_sample_ships_with_the_package():
     data = files("sparsembed.datasets")
@@ -23,8 +11,8 @@ def test_glove_sample_ships_with_the_package():
     assert "PDDL" in (data / "NOTICE_glove.txt").read_text()
 
 
-def test_bag_of_words_main_runs(capsys):
-    ex = _load_example()
+def test_bag_of_words_main_runs(capsys, load_example):
+    ex = load_example("bag_of_words")
     sentences = ["he said that", "she said", "zzz unknown words"]
     sim = ex.main(sentences)
     out = capsys.readouterr().out
@@ -35,10 +23,13 @@ def test_bag_of_words_main_runs(capsys):
     assert sim[2, 2] == 0  # a sentence of unknown words only pools to zeros
 
     # sentence 0's vector is the plain mean of its words' GloVe rows
-    words, vectors = ex.load_glove(files("sparsembed.datasets") / "test_glove.txt")
-    assert vectors.shape == (76, 50) and words[0] == "the"
-    vocab = {w: i for i, w in enumerate(words)}
-    mean0 = vectors[[vocab[w] for w in "he said that".split()]].mean(axis=0)
-    mean1 = vectors[[vocab[w] for w in "she said".split()]].mean(axis=0)
+    vocab, table = ex.load_vocab_and_table()
+    assert table.shape == (77, 50) and vocab.pad_id == 0 and vocab.id_of("the") == 1
+    assert_array_equal(table[0], 0)
+    glove = np.loadtxt(files("sparsembed.datasets") / "test_glove.txt", usecols=range(1, 51),
+                       encoding="utf-8", comments=None, dtype=np.float32)
+    assert_array_equal(table[1:], glove)
+    mean0 = table[vocab.encode("he said that".split())].mean(axis=0)
+    mean1 = table[vocab.encode("she said".split())].mean(axis=0)
     expected = mean0 @ mean1 / (np.linalg.norm(mean0) * np.linalg.norm(mean1))
     assert_allclose(sim[0, 1], expected, rtol=1e-5)

@@ -91,24 +91,13 @@ def test_show_config(capsys):
     assert "openmp" in capsys.readouterr().out
 
 
-def test_omp_num_threads_is_the_default(tmp_path):
-    import os
-    import subprocess
-    import sys
-
+def test_omp_num_threads_is_the_default(run_python):
     code = "import sparsembed as se; print(se.get_num_threads(), se.show_config()['openmp'])"
-    env = dict(os.environ, OMP_NUM_THREADS="3")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = run_python(code, env={"OMP_NUM_THREADS": "3"}).stdout.split()
     assert out[0] == ("3" if out[1] == "True" else "1")
 
 
-def test_quickstart_example_runs():
-    import runpy
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
-    module = runpy.run_path(str(path), run_name="quickstart")
-    losses = module["main"](steps=4)
+def test_quickstart_example_runs(load_example):
+    losses = load_example("quickstart").main(steps=4)
     assert all(b < a for a, b in zip(losses, losses[1:]))
     assert losses[-1] < 0.5 * losses[0]

@@ -4,8 +4,6 @@ import copy
 import io
 import os
 import pickle
-import runpy
-import sys
 
 import numpy as np
 import pytest
@@ -53,14 +51,10 @@ def test_mf_expected_failures_are_only_width_checks():
         assert name in MatrixFactorization.__doc__
 
 
-def test_import_sparsembed_does_not_import_sklearn():
-    import subprocess
-
-    code = ("import sys, sparsembed; assert 'sklearn' not in sys.modules; "
-            "sparsembed.datasets; assert 'sklearn' not in sys.modules; "
-            "sparsembed.sklearn; assert 'sklearn' in sys.modules")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+def test_import_sparsembed_does_not_import_sklearn(run_python):
+    run_python("import sys, sparsembed; assert 'sklearn' not in sys.modules; "
+               "sparsembed.datasets; assert 'sklearn' not in sys.modules; "
+               "sparsembed.sklearn; assert 'sklearn' in sys.modules")
 
 
 # ----------------------------------------------------------------- the MF kernel
@@ -655,43 +649,41 @@ def test_encoder_preserves_float64_and_rejects_bad_input():
 # ----------------------------------------------------------------- examples
 
 
-def _run_example(name, argv, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
-    module = runpy.run_path(os.path.join(ROOT, "examples", name))
-    out = io.StringIO()
-    return module["main"](argv, out=out), out.getvalue()
+@pytest.fixture
+def run_example(load_example):
+    def run(name, argv):
+        out = io.StringIO()
+        return load_example(name).main(argv, out=out), out.getvalue()
+
+    return run
 
 
-def test_example_recsys_on_sample(monkeypatch):
-    results, text = _run_example("recsys_movielens.py", ["--threads", "1"], monkeypatch)
+def test_example_recsys_on_sample(run_example):
+    results, text = run_example("recsys_movielens", ["--threads", "1"])
     assert len(results["rmse"]) == 5 and "mean RMSE" in text and "top 5" in text
     # about 0.94 against 1.19 for the training mean
     assert np.mean(results["rmse"]) < 0.85 * np.mean(results["baseline_rmse"])
 
 
-def test_example_recsys_with_data_and_splits(tmp_path, monkeypatch):
+def test_example_recsys_with_data_and_splits(tmp_path, run_example):
     users, items, ratings = se.datasets.load_sample_ratings()
     lines = [f"{u}\t{i}\t{int(r)}\t0\n" for u, i, r in zip(users, items, ratings)]
     (tmp_path / "u.data").write_text("".join(lines))
-    results, text = _run_example(
-        "recsys_movielens.py", ["--data", str(tmp_path / "u.data"), "--folds", "2", "--epochs", "3",
-                                "--factors", "4", "--threads", "1"], monkeypatch)
+    results, text = run_example("recsys_movielens", ["--data", str(tmp_path / "u.data"), "--folds", "2", "--epochs", "3",
+                                "--factors", "4", "--threads", "1"])
     assert len(results["rmse"]) == 2 and "2-fold" in text
     for k in range(1, 6):  # the standard u1..u5 splits take precedence when present
         (tmp_path / f"u{k}.base").write_text("".join(lines[j] for j in range(len(lines)) if j % 5 != k - 1))
         (tmp_path / f"u{k}.test").write_text("".join(lines[j] for j in range(len(lines)) if j % 5 == k - 1))
-    results, text = _run_example(
-        "recsys_movielens.py", ["--data", str(tmp_path / "u.data"), "--epochs", "3",
-                                "--factors", "4", "--threads", "1"], monkeypatch)
+    results, text = run_example("recsys_movielens", ["--data", str(tmp_path / "u.data"), "--epochs", "3",
+                                "--factors", "4", "--threads", "1"])
     assert len(results["rmse"]) == 5 and "u1..u5" in text
 
 
-def test_example_sklearn_pipeline_tiny(monkeypatch):
+def test_example_sklearn_pipeline_tiny(run_example):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     with threadpoolctl.threadpool_limits(1):  # tiny data: OpenMP regions only cost time
-        results, text = _run_example(
-            "sklearn_pipeline.py", ["--n-samples", "1500", "--n-stores", "50", "--n-products", "20"],
-            monkeypatch)
+        results, text = run_example("sklearn_pipeline", ["--n-samples", "1500", "--n-stores", "50", "--n-products", "20"])
     assert results["embedding"]["width"] == 13
     assert results["one-hot"]["width"] == 50 + 20 + 4 + 1
     assert results["embedding"]["r2"] > results["one-hot"]["r2"]

@@ -1,6 +1,5 @@
 """examples/train_mf.py at a tiny size, and the bundled sample it trains on."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -8,16 +7,6 @@ import pytest
 from numpy.testing import assert_allclose
 
 from sparsembed.datasets import load_sample_ratings
-
-EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_mf.py")
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("train_mf", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_load_sample_ratings():
     users, items, ratings = load_sample_ratings()
@@ -33,8 +22,8 @@ def test_load_sample_ratings():
 
 
 @pytest.mark.parametrize("optimizer, lr", [("sparse_adam", 0.05), ("adagrad", 0.1)])
-def test_train_mf_learns(optimizer, lr):
-    train_mf = _load_example()
+def test_train_mf_learns(optimizer, lr, load_example):
+    train_mf = load_example("train_mf")
     hist = train_mf.main(epochs=8, optimizer=optimizer, lr=lr, verbose=False)
     base = hist["baseline_rmse"]
     # predicting the training mean gives ~1.06 here; a trainer that does not learn

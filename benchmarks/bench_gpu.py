@@ -1,0 +1,200 @@
+"""GPU benchmark: sparsembed's CUDA backend against torch on the same GPU.
+
+Operations (one table of ``--num-embeddings`` x ``--dim``, a batch of ``--batch`` ids):
+
+- forward: ``emb(ids)`` (ids already on the device), against ``torch.nn.Embedding``
+  and against the memory-bandwidth bound (a device copy of the output);
+- sparse backward: ``emb.backward(grad_output)`` to a canonical CSR gradient (sort,
+  per-row segment sums, CSR assembly), against torch's sparse backward followed by
+  ``coalesce()`` (the same canonical form);
+- SparseAdam step: ``se.optim.SparseAdam.step()`` on that gradient, against
+  ``torch.optim.SparseAdam.step()`` (skipped when se.optim has no GPU path).
+
+Each time is the median of ``--repeat`` runs after ``--warmup`` runs, measured with
+CUDA events around the operation only.
+
+Usage::
+
+    python benchmarks/bench_gpu.py                       # V=1e7, D=128, B=2**20
+    python benchmarks/bench_gpu.py --batch 65536 --json results/gpu.json
+
+Exits with a message (status 1) when CuPy or a CUDA device is missing.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-embeddings", type=float, default=1e7, help="V (default 1e7)")
+    p.add_argument("--dim", type=int, default=128, help="D (default 128)")
+    p.add_argument("--batch", type=int, default=2**20, help="B ids per batch (default 2**20)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dist", choices=["uniform", "zipf"], default="uniform",
+                   help="id distribution (zipf: a=1.2, clipped to V)")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def cuda_timer(cp):
+    """time_ms(fn, setup=None, repeat, warmup): median milliseconds of fn() on the GPU."""
+
+    def time_ms(fn, repeat, warmup, setup=None):
+        times = []
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        for i in range(warmup + repeat):
+            if setup is not None:
+                setup()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            if i >= warmup:
+                times.append(cp.cuda.get_elapsed_time(start, stop))
+        return statistics.median(times)
+
+    return time_ms
+
+
+def make_ids(args, V, rng):
+    if args.dist == "uniform":
+        return rng.integers(0, V, size=args.batch, dtype=np.int64)
+    return np.minimum(rng.zipf(1.2, size=args.batch) - 1, V - 1).astype(np.int64)
+
+
+def bench_sparsembed(args, cp, ids_host, time_ms):
+    import sparsembed as se
+
+    V, D = int(args.num_embeddings), args.dim
+    res = {}
+    emb = se.Embedding(V, D, sparse=True, dtype=args.dtype, device="cuda",
+                       weight=cp.random.standard_normal((V, D), dtype=args.dtype))
+    ids = cp.asarray(ids_host)
+    out = emb(ids)
+    res["forward_ms"] = time_ms(lambda: emb(ids), args.repeat, args.warmup)
+    copy_dst = cp.empty_like(out)
+    res["copy_bound_ms"] = time_ms(lambda: cp.copyto(copy_dst, out), args.repeat, args.warmup)
+    grad_out = cp.random.standard_normal(out.shape, dtype=args.dtype)
+    out = copy_dst = None  # free them before the backward
+    # each backward after a fresh forward, so the sort is timed too
+    res["sparse_backward_ms"] = time_ms(lambda: emb.backward(grad_out), args.repeat, args.warmup,
+                                        setup=lambda: (emb(ids), emb.zero_grad()))
+    res["touched_rows"] = int(cp.count_nonzero(cp.diff(emb.grad.indptr)))
+    try:
+        opt = se.optim.SparseAdam([emb], lr=1e-3)
+        opt.step()
+    except (AttributeError, ValueError, TypeError) as exc:
+        res["sparse_adam_step_ms"] = None
+        res["sparse_adam_note"] = f"se.optim has no GPU path here: {exc}"
+    else:
+        res["sparse_adam_step_ms"] = time_ms(opt.step, args.repeat, args.warmup)
+    return res
+
+
+def bench_torch(args, ids_host, cp):
+    import torch
+
+    V, D = int(args.num_embeddings), args.dim
+    dev = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    emb = torch.nn.Embedding(V, D, sparse=True, device=dev, dtype=dtype)
+    ids = torch.as_tensor(ids_host, device=dev)
+    res = {"torch_version": torch.__version__}
+
+    def time_ms(fn, setup=None):
+        times = []
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for i in range(args.warmup + args.repeat):
+            if setup is not None:
+                setup()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            if i >= args.warmup:
+                times.append(start.elapsed_time(stop))
+        return statistics.median(times)
+
+    with torch.no_grad():
+        res["forward_ms"] = time_ms(lambda: emb(ids))
+    grad_out = torch.randn(args.batch, D, device=dev, dtype=dtype)
+    state = {}
+
+    def setup():
+        emb.weight.grad = None
+        state["out"] = emb(ids)
+
+    def backward():
+        state["out"].backward(grad_out)
+        emb.weight.grad = emb.weight.grad.coalesce()
+
+    res["sparse_backward_ms"] = time_ms(backward, setup)
+    opt = torch.optim.SparseAdam([emb.weight], lr=1e-3)
+    setup()
+    backward()
+    opt.step()
+    res["sparse_adam_step_ms"] = time_ms(opt.step)
+    return res
+
+
+def _fmt(value, width, digits=3):
+    return f"{value:{width}.{digits}f}" if value else "-".rjust(width)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from sparsembed import _cuda
+
+    if not _cuda.cupy_available():
+        sys.exit("bench_gpu.py: no GPU to benchmark on (needs CuPy and a CUDA device; "
+                 "pip install sparsembed[gpu]). Nothing was measured.")
+    import cupy as cp
+
+    rng = np.random.default_rng(args.seed)
+    V = int(args.num_embeddings)
+    ids_host = make_ids(args, V, rng)
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    results = {
+        "machine": {"gpu": gpu_name, "cupy": cp.__version__, "python": platform.python_version()},
+        "config": {"num_embeddings": V, "dim": args.dim, "batch": args.batch,
+                   "dtype": args.dtype, "dist": args.dist, "repeat": args.repeat,
+                   "warmup": args.warmup},
+        "sparsembed": bench_sparsembed(args, cp, ids_host, cuda_timer(cp)),
+    }
+    if not args.no_torch:
+        try:
+            results["torch"] = bench_torch(args, ids_host, cp)
+        except ImportError:
+            results["torch"] = None
+    s, t = results["sparsembed"], results.get("torch")
+    out_bytes = args.batch * args.dim * np.dtype(args.dtype).itemsize
+    print(f"GPU: {gpu_name}  V={V:.0e} D={args.dim} B={args.batch} {args.dtype} ({args.dist} ids)")
+    print(f"{'operation':<22}{'sparsembed ms':>15}{'torch ms':>12}{'torch/se':>10}")
+    for key, label in [("forward_ms", "forward"), ("sparse_backward_ms", "sparse backward"),
+                       ("sparse_adam_step_ms", "SparseAdam step")]:
+        a = s.get(key)
+        b = t.get(key) if t else None
+        print(f"{label:<22}{_fmt(a, 15)}{_fmt(b, 12)}{_fmt(b / a if a and b else None, 10, 2)}")
+    print(f"forward bandwidth: {2 * out_bytes / s['forward_ms'] / 1e6:.0f} GB/s "
+          f"(device copy of the output: {2 * out_bytes / s['copy_bound_ms'] / 1e6:.0f} GB/s)")
+    if s.get("sparse_adam_note"):
+        print(s["sparse_adam_note"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

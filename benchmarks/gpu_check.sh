@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One-shot GPU verification, for a machine with an NVIDIA GPU (e.g. a session that is
+# lent one through the device tool). From the repository root:
+#
+#     bash benchmarks/gpu_check.sh            # results under $OUT (default benchmarks/results/gpu)
+#
+# 1. makes sure CuPy is importable (installs cupy-cuda12x when missing and a package
+#    index is reachable; offline, put wheels in ./wheels first);
+# 2. builds the kernels in place and checks the package imports and sees the device;
+# 3. runs the GPU tests (tests/test_gpu.py, marked gpu) and the CPU-side GPU tests;
+# 4. runs the benchmark at V=1e7, D=128, B=2**20 (float32) against torch on the same GPU
+#    (BENCH_ARGS overrides its arguments).
+# Logs and bench_gpu.json land in $OUT. The exit status is the tests' (0: all passed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+echo "== machine"
+nvidia-smi -L || echo "nvidia-smi not found"
+$PY --version
+
+echo "== CuPy"
+if ! $PY -c "import cupy" 2>/dev/null; then
+    if [ -d wheels ]; then
+        $PY -m pip install --no-index --find-links wheels cupy-cuda12x || $PY -m pip install --no-index --find-links wheels cupy-cuda13x
+    else
+        $PY -m pip install --retries 0 --timeout 10 "cupy-cuda12x>=13"
+    fi
+fi
+$PY -c "import cupy; print('cupy', cupy.__version__, 'devices:', cupy.cuda.runtime.getDeviceCount())" \
+    || { echo "CuPy is not usable here: nothing to check"; exit 2; }
+
+echo "== build"
+$PY setup.py build_ext --inplace -j "$(nproc 2>/dev/null || echo 4)" > "$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; echo "build failed"; exit 3; }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import sparsembed as se, sparsembed._cuda as c; print(se.show_config()); print('cupy_available:', c.cupy_available())"
+
+echo "== GPU tests"
+$PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
+status=${PIPESTATUS[0]}
+echo "== CPU-side GPU tests"
+$PY -m pytest tests/test_gpu_cpu_side.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu_cpu_side.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== benchmark"
+# shellcheck disable=SC2086
+$PY benchmarks/bench_gpu.py ${BENCH_ARGS:-} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+exit "$status"

@@ -1,0 +1,447 @@
+"""CUDA kernels of the GPU backend (CuPy ``RawModule``) and their launchers.
+
+One source, compiled (lazily, once per table dtype ``T`` and id dtype ``I``) by NVRTC
+through CuPy; CuPy caches the binaries on disk. Every kernel gives one warp (32
+lanes striding over the columns) to one item (a looked-up row, a table row, a
+segment of the row plan) and loops grid-stride over the items, so any size fits the
+grid limits. Launch shape: :func:`sparsembed._cuda._ops.launch_shape`.
+
+Determinism: no atomics. Reductions over a table row's occurrences go through the
+row plan (ids sorted once, one segment per distinct row); each lane sums its column
+over the segment in input order, exactly as the CPU kernels do, so the gradients are
+bitwise equal to the CPU backend's. The renorm's norm is a fixed-shape warp
+reduction (deterministic; equal to the CPU's up to rounding).
+
+Scalar arguments are passed as numpy scalars of the exact C type (``np.int64`` for
+``i64``, ``np.float64`` for ``double``, ``np.int32`` for ``int``).
+"""
+
+import numpy as np
+
+from sparsembed._cuda._ops import launch_shape
+
+C_TYPES = {
+    np.dtype(np.float32): "float",
+    np.dtype(np.float64): "double",
+    np.dtype(np.int32): "int",
+    np.dtype(np.int64): "long long",
+}
+
+SOURCE = r"""
+typedef long long i64;
+
+__device__ __forceinline__ double se_warp_sum(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double se_warp_max(double v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ double se_warp_min(double v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmin(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// out[i, :] = weight[idx[i], :]
+extern "C" __global__ void se_gather(const T* __restrict__ weight,
+                                     const I* __restrict__ idx,
+                                     T* __restrict__ out,
+                                     const i64 n,
+                                     const i64 dim) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 i = (i64)blockIdx.x * blockDim.y + threadIdx.y; i < n; i += step) {
+        const T* src = weight + (i64)idx[i] * dim;
+        T* dst = out + i * dim;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) dst[j] = src[j];
+    }
+}
+
+// torch's embedding_renorm_ on distinct rows: a row whose norm exceeds max_norm is
+// scaled by max_norm / (norm + 1e-7), in T. kind: 0 p=2, 1 p=1, 2 inf, 3 -inf,
+// 4 p=0 (count of non-zeros), 5 any other p. The whole warp handles one row, so
+// the loop over k is warp-uniform and the shuffles see all 32 lanes.
+extern "C" __global__ void se_renorm(T* __restrict__ weight,
+                                     const i64* __restrict__ rows,
+                                     const i64 n_rows,
+                                     const i64 dim,
+                                     const double max_norm,
+                                     const double p,
+                                     const int kind) {
+    const double inf = __longlong_as_double(0x7ff0000000000000LL);
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 k = (i64)blockIdx.x * blockDim.y + threadIdx.y; k < n_rows; k += step) {
+        T* row = weight + rows[k] * dim;
+        double acc = (kind == 3) ? inf : 0.0;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+            const double a = (double)row[j];
+            switch (kind) {
+                case 0: acc += a * a; break;
+                case 1: acc += fabs(a); break;
+                case 2: acc = fmax(acc, fabs(a)); break;
+                case 3: acc = fmin(acc, fabs(a)); break;
+                case 4: acc += (a != 0.0) ? 1.0 : 0.0; break;
+                default: acc += pow(fabs(a), p);
+            }
+        }
+        double norm;
+        if (kind == 2) norm = se_warp_max(acc);
+        else if (kind == 3) norm = se_warp_min(acc);
+        else norm = se_warp_sum(acc);
+        if (kind == 0) norm = sqrt(norm);
+        else if (kind == 5) norm = pow(norm, 1.0 / p);
+        if (norm > max_norm) {
+            const T scale = (T)(max_norm / (norm + 1e-7));
+            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) row[j] = row[j] * scale;
+        }
+    }
+}
+
+// Segment u of the row plan: acc = sum of grad[perm[k], :] for k in
+// [starts[u], starts[u+1]), in that order (the first term copied, not added to 0,
+// as on the CPU), divided by the count when scale_by_count and count > 1; written
+// to out[rows[u], :] (dense) or out[u, :].
+extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
+                                          const i64* __restrict__ perm,
+                                          const i64* __restrict__ starts,
+                                          const i64* __restrict__ rows,
+                                          const int dense,
+                                          const i64 n_rows,
+                                          const i64 dim,
+                                          const int scale_by_count,
+                                          T* __restrict__ out) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
+        const i64 lo = starts[u];
+        const i64 hi = starts[u + 1];
+        T* dst = out + (dense ? rows[u] : u) * dim;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+            T acc = grad[perm[lo] * dim + j];
+            for (i64 k = lo + 1; k < hi; ++k) acc += grad[perm[k] * dim + j];
+            if (scale_by_count && hi - lo > 1) acc /= (T)(hi - lo);
+            dst[j] = acc;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- EmbeddingBag
+
+// Bag b pools weight rows of entries [starts[b], starts[b+1]) in entry order,
+// skipping pad: mode 0 sum (times psw[e] when has_psw), 1 mean (sum / count when
+// count > 1), 2 max (strict >: the first occurrence wins ties; argmax[b, j] = the
+// winning entry, -1 for an empty bag). counts[b] = non-padding entries. Empty bags
+// give zeros. Same arithmetic, in the same order, as the CPU kernel.
+extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
+                                          const I* __restrict__ idx,
+                                          const i64* __restrict__ starts,
+                                          const i64 pad,
+                                          const int mode,
+                                          const T* __restrict__ psw,
+                                          const int has_psw,
+                                          const i64 n_bags,
+                                          const i64 dim,
+                                          T* __restrict__ out,
+                                          i64* __restrict__ argmax,
+                                          i64* __restrict__ counts) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 b = (i64)blockIdx.x * blockDim.y + threadIdx.y; b < n_bags; b += step) {
+        const i64 lo = starts[b];
+        const i64 hi = starts[b + 1];
+        i64 c = 0;
+        for (i64 e = lo; e < hi; ++e) c += ((i64)idx[e] != pad);
+        if (threadIdx.x == 0) counts[b] = c;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+            T acc = (T)0;
+            i64 won = -1;
+            i64 seen = 0;
+            for (i64 e = lo; e < hi; ++e) {
+                const i64 r = (i64)idx[e];
+                if (r == pad) continue;
+                const T w = weight[r * dim + j];
+                if (mode == 2) {
+                    if (seen == 0 || w > acc) { acc = w; won = e; }
+                } else if (has_psw) {
+                    acc += psw[e] * w;
+                } else {
+                    acc += w;
+                }
+                ++seen;
+            }
+            if (mode == 1 && c > 1) acc /= (T)c;
+            out[b * dim + j] = acc;
+            if (mode == 2) argmax[b * dim + j] = won;
+        }
+    }
+}
+
+// out[e] = dot(grad[entry_bag[e]], weight[idx[e]]) for e < m, in double (a warp
+// reduction); 0 for padding entries.
+extern "C" __global__ void se_psw_grad(const T* __restrict__ grad,
+                                       const T* __restrict__ weight,
+                                       const I* __restrict__ idx,
+                                       const i64* __restrict__ entry_bag,
+                                       const i64 pad,
+                                       const i64 m,
+                                       const i64 dim,
+                                       T* __restrict__ out) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 e = (i64)blockIdx.x * blockDim.y + threadIdx.y; e < m; e += step) {
+        const i64 r = (i64)idx[e];
+        if (r == pad) {  // warp-uniform
+            if (threadIdx.x == 0) out[e] = (T)0;
+            continue;
+        }
+        const T* g = grad + entry_bag[e] * dim;
+        const T* w = weight + r * dim;
+        double acc = 0.0;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) acc += (double)g[j] * (double)w[j];
+        acc = se_warp_sum(acc);
+        if (threadIdx.x == 0) out[e] = (T)acc;
+    }
+}
+
+// Segment u of the bag row plan (entries of row rows[u], in input order): acc =
+// sum over its entries e of grad[entry_bag[e], :] * scale[e] (has_scale), or only
+// the columns e won (has_argmax, max mode), or plain; divided by the count when
+// scale_by_count and count > 1; written to out[rows[u], :] (dense) or out[u, :].
+extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
+                                              const i64* __restrict__ perm,
+                                              const i64* __restrict__ starts,
+                                              const i64* __restrict__ rows,
+                                              const int dense,
+                                              const i64* __restrict__ entry_bag,
+                                              const T* __restrict__ scale,
+                                              const int has_scale,
+                                              const i64* __restrict__ argmax,
+                                              const int has_argmax,
+                                              const i64 n_rows,
+                                              const i64 dim,
+                                              const int scale_by_count,
+                                              T* __restrict__ out) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
+        const i64 lo = starts[u];
+        const i64 hi = starts[u + 1];
+        T* dst = out + (dense ? rows[u] : u) * dim;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+            T acc = (T)0;
+            for (i64 k = lo; k < hi; ++k) {
+                const i64 e = perm[k];
+                const i64 b = entry_bag[e];
+                const T g = grad[b * dim + j];
+                if (has_argmax) {
+                    if (argmax[b * dim + j] == e) acc += g;
+                } else if (has_scale) {
+                    acc += scale[e] * g;
+                } else {
+                    acc += g;
+                }
+            }
+            if (scale_by_count && hi - lo > 1) acc /= (T)(hi - lo);
+            dst[j] = acc;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- optimizers
+
+// One optimizer update of the rows of a built gradient: row r = rows[u] (or u when
+// all_rows) gets values[u, :]. Hyper-parameters as in the CPU kernel's Hyper struct,
+// and the same per-element arithmetic (hyper-parameters rounded to T first; sqrt in
+// double, rounded to T). kind: 0 SGD,
+// 1 Adagrad, 2 SparseAdam, 3 row-wise Adagrad (s1 holds one value per row; the mean
+// of squares is a warp reduction in double).
+extern "C" __global__ void se_update_rows(const int kind,
+                                          const double h_lr,
+                                          const double h_momentum,
+                                          const double h_weight_decay,
+                                          const double h_eps,
+                                          const double h_c1,
+                                          const double h_c2,
+                                          const double h_c3,
+                                          T* __restrict__ weight,
+                                          const i64* __restrict__ rows,
+                                          const int all_rows,
+                                          const T* __restrict__ values,
+                                          T* __restrict__ s1,
+                                          const int has_s1,
+                                          T* __restrict__ s2,
+                                          const i64 n_rows,
+                                          const i64 dim) {
+    const T lr = (T)h_lr;
+    const T mom = (T)h_momentum;
+    const T wd = (T)h_weight_decay;
+    const T eps = (T)h_eps;
+    const T c1 = (T)h_c1;
+    const T c2 = (T)h_c2;
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
+        const i64 r = all_rows ? u : rows[u];
+        T* w = weight + r * dim;
+        const T* g = values + u * dim;
+        if (kind == 3) {
+            double acc = 0.0;
+            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+                T d = g[j];
+                if (wd != (T)0) d = d + wd * w[j];
+                acc += (double)d * (double)d;
+            }
+            acc = se_warp_sum(acc);
+            const T s_old = s1[r];
+            __syncwarp();
+            const T s_new = s_old + (T)(acc / (double)dim);
+            if (threadIdx.x == 0) s1[r] = s_new;
+            const T denom = (T)sqrt((double)s_new) + eps;
+            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+                T d = g[j];
+                if (wd != (T)0) d = d + wd * w[j];
+                w[j] = w[j] - lr * (d / denom);
+            }
+            continue;
+        }
+        T* m = has_s1 ? s1 + r * dim : 0;
+        T* v = s2 + r * dim;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+            if (kind == 0) {
+                // c1 = 1 - dampening, c2 != 0 on the table's first step (buf = d),
+                // c3 != 0 for Nesterov momentum
+                T d = g[j];
+                if (wd != (T)0) d = d + wd * w[j];
+                if (has_s1) {
+                    if (h_c2 != 0.0) m[j] = d;
+                    else if (h_c1 == 1.0) m[j] = mom * m[j] + d;
+                    else m[j] = mom * m[j] + c1 * d;
+                    if (h_c3 != 0.0) d = d + mom * m[j];
+                    else d = m[j];
+                }
+                w[j] = w[j] - lr * d;
+            } else if (kind == 1) {
+                T d = g[j];
+                if (wd != (T)0) d = d + wd * w[j];
+                m[j] = m[j] + d * d;
+                const T denom = (T)sqrt((double)m[j]) + eps;
+                w[j] = w[j] - lr * (d / denom);
+            } else {
+                const T m_old = m[j];
+                const T v_old = v[j];
+                const T um = (g[j] - m_old) * c1;
+                const T uv = (g[j] * g[j] - v_old) * c2;
+                m[j] = m_old + um;
+                v[j] = v_old + uv;
+                const T denom = (T)sqrt((double)(uv + v_old)) + eps;
+                w[j] = w[j] + (-lr) * ((um + m_old) / denom);
+            }
+        }
+    }
+}
+"""
+
+# no fused multiply-add: products and sums rounded as on the CPU, so results match
+# the CPU kernels bit for bit where the summation order is the same
+COMPILE_OPTIONS = ("--fmad=false",)
+
+# se_update_rows' doubles: lr, momentum, weight_decay, eps, c1, c2, c3 (shorter tuples
+# are padded with zeros)
+N_HYPER = 7
+
+
+def module_source(t_dtype, i_dtype):
+    """The source compiled for table dtype ``t_dtype`` and id dtype ``i_dtype``."""
+    return (f"typedef {C_TYPES[np.dtype(t_dtype)]} T;\n"
+            f"typedef {C_TYPES[np.dtype(i_dtype)]} I;\n" + SOURCE)
+
+
+class CudaKernels:
+    """Launchers of the kernels in :data:`SOURCE`.
+
+    Parameters
+    ----------
+    cupy : module
+        CuPy (only ``cupy.RawModule`` is used here).
+    """
+
+    def __init__(self, cupy):
+        self._cp = cupy
+        self._modules = {}
+        self._dummies = {}
+
+    def _function(self, name, t_dtype, i_dtype=np.int64):
+        key = (np.dtype(t_dtype), np.dtype(i_dtype))
+        module = self._modules.get(key)
+        if module is None:
+            module = self._modules[key] = self._cp.RawModule(code=module_source(*key),
+                                                             options=COMPILE_OPTIONS)
+        return module.get_function(name)
+
+    def gather(self, weight, idx, out):
+        n, dim = out.shape
+        grid, block = launch_shape(n)
+        self._function("se_gather", weight.dtype, idx.dtype)(
+            grid, block, (weight, idx, out, np.int64(n), np.int64(dim)))
+
+    def renorm(self, weight, rows, max_norm, p, kind):
+        n_rows = rows.shape[0]
+        grid, block = launch_shape(n_rows)
+        self._function("se_renorm", weight.dtype)(
+            grid, block, (weight, rows, np.int64(n_rows), np.int64(weight.shape[1]),
+                          np.float64(max_norm), np.float64(p), np.int32(kind)))
+
+    def segment_sum(self, grad, perm, starts, rows, dense, scale_by_count, out):
+        n_rows = rows.shape[0]
+        grid, block = launch_shape(n_rows)
+        self._function("se_segment_sum", grad.dtype)(
+            grid, block, (grad, perm, starts, rows, np.int32(dense), np.int64(n_rows),
+                          np.int64(grad.shape[1]), np.int32(scale_by_count), out))
+
+    def bag_forward(self, weight, idx, starts, pad, mode, psw, out, argmax, counts):
+        n_bags = starts.shape[0] - 1
+        grid, block = launch_shape(n_bags)
+        has_psw = psw is not None
+        psw = psw if has_psw else self._dummy(weight.dtype)
+        argmax = argmax if argmax is not None else self._dummy(np.int64)
+        self._function("se_bag_forward", weight.dtype, idx.dtype)(
+            grid, block, (weight, idx, starts, np.int64(pad), np.int32(mode), psw,
+                          np.int32(has_psw), np.int64(n_bags), np.int64(weight.shape[1]),
+                          out, argmax, counts))
+
+    def psw_grad(self, grad, weight, idx, entry_bag, pad, out):
+        m = entry_bag.shape[0]
+        grid, block = launch_shape(m)
+        self._function("se_psw_grad", weight.dtype, idx.dtype)(
+            grid, block, (grad, weight, idx, entry_bag, np.int64(pad), np.int64(m),
+                          np.int64(weight.shape[1]), out))
+
+    def bag_segment_sum(self, grad, perm, starts, rows, dense, entry_bag, scale, argmax,
+                        scale_by_count, out):
+        n_rows = rows.shape[0]
+        grid, block = launch_shape(n_rows)
+        has_scale, has_argmax = scale is not None, argmax is not None
+        self._function("se_bag_segment_sum", grad.dtype)(
+            grid, block, (grad, perm, starts, rows, np.int32(dense), entry_bag,
+                          scale if has_scale else self._dummy(grad.dtype), np.int32(has_scale),
+                          argmax if has_argmax else self._dummy(np.int64), np.int32(has_argmax),
+                          np.int64(n_rows), np.int64(grad.shape[1]), np.int32(scale_by_count),
+                          out))
+
+    def _dummy(self, dtype):
+        """A one-element array standing for an absent optional pointer argument."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._dummies:
+            self._dummies[dtype] = self._cp.zeros(1, dtype=dtype)
+        return self._dummies[dtype]
+
+    def update_rows(self, kind, hyper, weight, rows, values, s1, s2):
+        """``rows`` None: every row (values has the table's shape); s1/s2 None: absent."""
+        n_rows = values.shape[0]
+        grid, block = launch_shape(n_rows)
+        all_rows = rows is None
+        hyper = tuple(hyper) + (0.0,) * (N_HYPER - len(hyper))
+        self._function("se_update_rows", weight.dtype)(
+            grid, block,
+            (np.int32(kind), *(np.float64(h) for h in hyper), weight,
+             self._dummy(np.int64) if all_rows else rows, np.int32(all_rows), values,
+             self._dummy(weight.dtype) if s1 is None else s1, np.int32(s1 is not None),
+             self._dummy(weight.dtype) if s2 is None else s2,
+             np.int64(n_rows), np.int64(weight.shape[1])))

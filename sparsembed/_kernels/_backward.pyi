@@ -1,0 +1,55 @@
+"""Type stub for the compiled module ``sparsembed._kernels._backward``.
+
+Fused types: ``floating`` arrays are float32 or float64 (one dtype per call),
+``index_t`` arrays int32 or int64. Every array is C-contiguous; outputs are
+allocated by the caller.
+"""
+
+import numpy as np
+from numpy.typing import NDArray
+
+_Floating = NDArray[np.float32] | NDArray[np.float64]
+_Index = NDArray[np.int32] | NDArray[np.int64]
+
+def dense_backward(
+    grad: _Floating,
+    perm: NDArray[np.int64],
+    rows: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    scale_by_count: bool,
+    out: _Floating,
+    n_threads: int,
+) -> None:
+    """``out[rows[u]] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count)."""
+
+def dense_backward_fill(
+    grad: _Floating,
+    perm: NDArray[np.int64],
+    rows: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    scale_by_count: bool,
+    out: _Floating,
+    n_threads: int,
+) -> None:
+    """:func:`dense_backward` into an uninitialised ``out``: the rows no id touches
+    are zeroed in the same pass."""
+
+def row_sums(
+    grad: _Floating,
+    perm: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    scale_by_count: bool,
+    out: _Floating,
+    n_threads: int,
+) -> None:
+    """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count)."""
+
+def fill_row_csr(
+    rows: NDArray[np.int64],
+    num_rows: int,
+    indptr: _Index,
+    indices: _Index,
+    dim: int,
+    n_threads: int,
+) -> None:
+    """CSR structure of a matrix whose non-empty rows are ``rows``, each full."""

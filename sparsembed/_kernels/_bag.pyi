@@ -1,0 +1,43 @@
+"""Type stub for the compiled module ``sparsembed._kernels._bag``.
+
+``floating`` arrays are float32 or float64 (one dtype per call), ``index_t`` arrays
+int32 or int64. Every array is C-contiguous; outputs are allocated by the caller.
+Optional arrays are passed as empty arrays ((0,) or (0, 0)) when absent.
+"""
+
+import numpy as np
+from numpy.typing import NDArray
+
+_Floating = NDArray[np.float32] | NDArray[np.float64]
+_Index = NDArray[np.int32] | NDArray[np.int64]
+_I64 = NDArray[np.int64]
+
+def bag_forward(
+    weight: _Floating, idx: _Index, starts: _I64, pad: int, mode: int, psw: _Floating,
+    out: _Floating, argmax: _I64, counts: _I64, n_threads: int,
+) -> None:
+    """Pool each bag's rows: sum (optionally weighted), mean or element-wise max."""
+
+def bag_counts(idx: _Index, starts: _I64, pad: int, counts: _I64, n_threads: int) -> None:
+    """Number of non-padding entries of each bag."""
+
+def fill_entry_bag(starts: _I64, entry_bag: _I64, n_threads: int) -> None:
+    """``entry_bag[e] = b`` for every entry ``e`` of bag ``b``."""
+
+def per_sample_weights_grad(
+    grad: _Floating, weight: _Floating, idx: _Index, entry_bag: _I64, pad: int,
+    out: _Floating, n_threads: int,
+) -> None:
+    """``out[e] = dot(grad[entry_bag[e]], weight[idx[e]])`` (0 for padding entries)."""
+
+def bag_dense_backward(
+    grad: _Floating, perm: _I64, rows: _I64, starts: _I64, entry_bag: _I64,
+    scale: _Floating, argmax: _I64, scale_by_count: bool, out: _Floating, n_threads: int,
+) -> None:
+    """``out[rows[u]] = bag_row_sum(segment u)`` for every planned row."""
+
+def bag_row_sums(
+    grad: _Floating, perm: _I64, starts: _I64, entry_bag: _I64, scale: _Floating,
+    argmax: _I64, scale_by_count: bool, out: _Floating, n_threads: int,
+) -> None:
+    """``out[u] = bag_row_sum(segment u)``: the row-sparse gradient's values."""

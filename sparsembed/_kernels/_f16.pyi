@@ -1,0 +1,19 @@
+"""Type stub for the compiled module ``sparsembed._kernels._f16``.
+
+float16 tables are passed as their ``uint16`` bit patterns (``table.view(np.uint16)``);
+conversions are exact to float32 and round to nearest even back to float16.
+"""
+
+import numpy as np
+from numpy.typing import NDArray
+
+def rows_to_float(table: NDArray[np.uint16], rows: NDArray[np.int64], out: NDArray[np.float32],
+                  n_threads: int) -> None:
+    """``out[u] = float32(table[rows[u]])`` (exact)."""
+
+def rows_from_float(work: NDArray[np.float32], rows: NDArray[np.int64], table: NDArray[np.uint16],
+                    n_threads: int) -> None:
+    """``table[rows[u]] = float16(work[u])``, rounded to nearest even."""
+
+def to_half(src: NDArray[np.float32], out: NDArray[np.uint16], n_threads: int) -> None:
+    """``out = float16(src)``, rounded to nearest even."""

@@ -1,0 +1,27 @@
+"""Type stub for the compiled module ``sparsembed._kernels._lookup``.
+
+Fused types: ``floating`` arrays are float32 or float64 (one dtype per call),
+``index_t`` arrays int32 or int64. Every array is C-contiguous; outputs are
+allocated by the caller.
+"""
+
+import numpy as np
+from numpy.typing import NDArray
+
+_Floating = NDArray[np.float32] | NDArray[np.float64]
+_Index = NDArray[np.int32] | NDArray[np.int64]
+
+def first_out_of_range(idx: _Index, upper: int, n_threads: int) -> int:
+    """Position of the first entry outside ``[0, upper)``, or -1 when all are valid."""
+
+def gather(weight: _Floating, idx: _Index, out: _Floating, n_threads: int) -> None:
+    """``out[i, :] = weight[idx[i], :]``."""
+
+def renorm_rows(
+    weight: _Floating,
+    rows: NDArray[np.int64],
+    max_norm: float,
+    norm_type: float,
+    n_threads: int,
+) -> None:
+    """torch's ``embedding_renorm_`` on distinct rows, in place."""

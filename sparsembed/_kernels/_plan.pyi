@@ -1,0 +1,40 @@
+"""Type stub for the compiled module ``sparsembed._kernels._plan``.
+
+``index_t`` arrays are int32 or int64; every array is C-contiguous; outputs are
+allocated by the caller.
+"""
+
+import numpy as np
+from numpy.typing import NDArray
+
+_Index = NDArray[np.int32] | NDArray[np.int64]
+
+def argsort_rows(
+    idx: _Index,
+    skip_row: int,
+    num_rows: int,
+    keys_out: NDArray[np.int64],
+    perm_out: NDArray[np.int64],
+    n_threads: int,
+) -> int:
+    """Stable sort of the ids other than ``skip_row``; returns their number m."""
+
+def segments(
+    sorted_keys: NDArray[np.int64],
+    rows_out: NDArray[np.int64],
+    starts_out: NDArray[np.int64],
+) -> int:
+    """Distinct ids of a sorted array and where each one's run starts; returns their number."""
+
+def build_plan(
+    idx: _Index,
+    skip_row: int,
+    num_rows: int,
+    perm_out: NDArray[np.int64],
+    rows_out: NDArray[np.int64],
+    starts_out: NDArray[np.int64],
+    n_threads: int,
+    scratch: NDArray[np.uint32] | None = None,
+) -> tuple[int, int]:
+    """Stable sort of the ids other than ``skip_row`` (32-bit ids and positions) and
+    its segments; returns ``(m, n_rows)``."""

@@ -1,0 +1,391 @@
+"""A numpy stand-in for CuPy, to run the GPU backend's Python code without a GPU.
+
+``fake_cupy_modules()`` builds modules named ``cupy``, ``cupyx``, ``cupyx.scipy`` and
+``cupyx.scipy.sparse`` whose arrays are numpy arrays and whose ``RawModule`` runs
+each CUDA kernel as a numpy emulation. Installed in ``sys.modules`` (with
+``monkeypatch``), they let ``sparsembed._cuda.backend`` import and run unchanged.
+Device arrays are a numpy subclass (:class:`FakeDeviceArray`) that the backend
+selection and ``isinstance(a, cupy.ndarray)`` tell apart from host arrays, so a host
+array reaching a kernel, or a device array handled as a host one, shows up here.
+
+Each emulated launch first checks the launch against the kernel's C signature,
+parsed from the CUDA source: the number of arguments, pointer arguments are
+C-contiguous arrays of the pointee's dtype (writable when not const), scalar
+arguments are numpy scalars of the exact C type, and the block is one warp wide.
+So a launcher passing arguments in the wrong order or of the wrong type fails here,
+on a machine without a GPU. The emulations follow the kernels' arithmetic (segment
+sums in input order, in the table's dtype; norms in float64), not their thread
+layout; the CUDA source itself only gets a C++ syntax check (see the tests).
+"""
+
+import importlib.machinery
+import re
+import types
+
+import numpy as np
+import scipy.sparse
+
+C_DTYPES = {"float": np.float32, "double": np.float64, "int": np.int32,
+            "long long": np.int64, "i64": np.int64}
+
+
+def parse_signatures(source):
+    """{kernel name: [(c type, is_pointer, is_const, arg name), ...]}."""
+    out = {}
+    for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', source):
+        params = []
+        for decl in m.group(2).split(","):
+            decl = " ".join(decl.split())
+            is_const = decl.startswith("const ")
+            body = decl[len("const "):] if is_const else decl
+            is_ptr = "*" in body
+            ctype = body.split("*")[0].strip() if is_ptr else " ".join(body.split()[:-1])
+            params.append((ctype, is_ptr, is_const, decl.split()[-1]))
+        out[m.group(1)] = params
+    return out
+
+
+class FakeKernel:
+    def __init__(self, name, params, typedefs):
+        self.name, self.params, self.typedefs = name, params, typedefs
+        self.launches = 0
+
+    def _dtype(self, ctype):
+        return np.dtype(C_DTYPES[self.typedefs.get(ctype, ctype)])
+
+    def __call__(self, grid, block, args, **kwargs):
+        assert len(block) == 2 and block[0] == 32, (
+            f"{self.name}: block {block} is not one warp wide")
+        assert all(int(g) >= 1 for g in grid), f"{self.name}: empty grid {grid}"
+        assert len(args) == len(self.params), (
+            f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
+        named = {}
+        for arg, (ctype, is_ptr, is_const, pname) in zip(args, self.params):
+            want = self._dtype(ctype)
+            if is_ptr:
+                assert isinstance(arg, FakeDeviceArray), (
+                    f"{self.name}.{pname}: a {type(arg).__name__}, not a device array")
+                assert arg.dtype == want, (
+                    f"{self.name}.{pname}: dtype {arg.dtype}, kernel wants {want}")
+                assert arg.flags.c_contiguous, f"{self.name}.{pname}: not C-contiguous"
+                if not is_const:
+                    assert arg.flags.writeable, f"{self.name}.{pname}: read-only output"
+            else:
+                assert type(arg) is want.type, (
+                    f"{self.name}.{pname}: scalar {type(arg).__name__}, kernel wants {want}")
+            named[pname] = arg
+        self.launches += 1
+        EMULATIONS[self.name](**named)
+
+
+class FakeRawModule:
+    """``cupy.RawModule(code=...)``: its functions run the numpy emulations."""
+
+    instances = []
+
+    def __init__(self, code, **kwargs):
+        self.code = code
+        self.typedefs = dict((alias, ctype) for ctype, alias in
+                             re.findall(r"typedef ([\w ]+?) (\w+);", code))
+        self.signatures = parse_signatures(code)
+        FakeRawModule.instances.append(self)
+
+    def get_function(self, name):
+        return FakeKernel(name, self.signatures[name], self.typedefs)
+
+
+# ----------------------------------------------------------------- emulations
+
+def _gather(weight, idx, out, n, dim):
+    out.reshape(int(n), int(dim))[...] = weight.reshape(-1, int(dim))[idx]
+
+
+def row_norms(values, p):
+    """Norms as the renorm kernel computes them (float64)."""
+    a = np.abs(values.astype(np.float64))
+    if p == 2.0:
+        return np.sqrt((a * a).sum(axis=1))
+    if p == 1.0:
+        return a.sum(axis=1)
+    if p == np.inf:
+        return np.maximum(a.max(axis=1, initial=0.0), 0.0)
+    if p == -np.inf:
+        return a.min(axis=1, initial=np.inf)
+    if p == 0.0:
+        return (values != 0).sum(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return (a ** p).sum(axis=1) ** (1.0 / p)
+
+
+def _renorm(weight, rows, n_rows, dim, max_norm, p, kind):
+    w = weight.reshape(-1, int(dim))
+    norms = row_norms(w[rows], float(p))
+    hit = norms > max_norm
+    scale = (max_norm / (norms[hit] + 1e-7)).astype(w.dtype)
+    w[rows[hit]] = w[rows[hit]] * scale[:, None]
+
+
+def _segment_sum(grad, perm, starts, rows, dense, n_rows, dim, scale_by_count, out):
+    """Each segment summed in input order, in the table's dtype (vectorised over the
+    segments: the t-th term of every segment long enough is added at step t)."""
+    g = grad.reshape(-1, int(dim))
+    lo, hi = starts[:-1], starts[1:]
+    acc = g[perm[lo]].copy()
+    length = hi - lo
+    for t in range(1, int(length.max()) if length.size else 0):
+        live = length > t
+        acc[live] += g[perm[lo[live] + t]]
+    if scale_by_count:
+        many = length > 1
+        acc[many] /= length[many].astype(acc.dtype)[:, None]
+    dst = out.reshape(-1, int(dim))
+    if dense:
+        dst[rows] = acc
+    else:
+        dst[...] = acc
+
+
+def _bag_forward(weight, idx, starts, pad, mode, psw, has_psw, n_bags, dim, out, argmax, counts):
+    """Each bag pooled entry by entry, in order, in the table's dtype (a loop over the
+    bags: the emulation runs on small test batches)."""
+    d = int(dim)
+    w = weight.reshape(-1, d)
+    o = out.reshape(-1, d)
+    am = argmax.reshape(-1, d) if int(mode) == 2 else None
+    for b in range(int(n_bags)):
+        acc = np.zeros(d, dtype=w.dtype)
+        won = np.full(d, -1, dtype=np.int64)
+        seen = 0
+        for e in range(int(starts[b]), int(starts[b + 1])):
+            r = int(idx[e])
+            if r == pad:
+                continue
+            row = w[r]
+            if mode == 2:
+                better = np.ones(d, bool) if seen == 0 else row > acc
+                acc = np.where(better, row, acc)
+                won = np.where(better, e, won)
+            elif has_psw:
+                acc = acc + psw[e] * row
+            else:
+                acc = acc + row
+            seen += 1
+        if mode == 1 and seen > 1:
+            acc = acc / w.dtype.type(seen)
+        o[b] = acc
+        counts[b] = seen
+        if am is not None:
+            am[b] = won
+
+
+def _psw_grad(grad, weight, idx, entry_bag, pad, m, dim, out):
+    d = int(dim)
+    e = np.arange(int(m))
+    dots = (grad.reshape(-1, d)[entry_bag[e]].astype(np.float64)
+            * weight.reshape(-1, d)[idx[e]].astype(np.float64)).sum(axis=1)
+    dots[idx[e] == pad] = 0
+    out[e] = dots.astype(out.dtype)
+
+
+def _bag_segment_sum(grad, perm, starts, rows, dense, entry_bag, scale, has_scale, argmax,
+                     has_argmax, n_rows, dim, scale_by_count, out):
+    d = int(dim)
+    g = grad.reshape(-1, d)
+    dst = out.reshape(-1, d)
+    for u in range(int(n_rows)):
+        acc = np.zeros(d, dtype=g.dtype)
+        for k in range(int(starts[u]), int(starts[u + 1])):
+            e = int(perm[k])
+            b = int(entry_bag[e])
+            if has_argmax:
+                acc = acc + np.where(argmax.reshape(-1, d)[b] == e, g[b], g.dtype.type(0))
+            elif has_scale:
+                acc = acc + scale[e] * g[b]
+            else:
+                acc = acc + g[b]
+        count = int(starts[u + 1] - starts[u])
+        if scale_by_count and count > 1:
+            acc = acc / g.dtype.type(count)
+        dst[rows[u] if dense else u] = acc
+
+
+def _update_rows(kind, h_lr, h_momentum, h_weight_decay, h_eps, h_c1, h_c2, h_c3, weight, rows,
+                 all_rows, values, s1, has_s1, s2, n_rows, dim):
+    """The optimizer update, vectorised over the rows, with the kernel's roundings."""
+    d_ = int(dim)
+    W = weight.reshape(-1, d_)
+    T = W.dtype.type
+    lr, mom, wd, eps, c1, c2 = (T(h) for h in (h_lr, h_momentum, h_weight_decay, h_eps,
+                                                h_c1, h_c2))
+    r = np.arange(int(n_rows)) if all_rows else rows
+    w = W[r]
+    g = values.reshape(-1, d_)[: int(n_rows)]
+
+    def sqrt_t(x):
+        return np.sqrt(x.astype(np.float64)).astype(W.dtype)
+
+    def decayed():
+        return g + wd * w if wd != 0 else g.copy()
+
+    if kind == 3:
+        d = decayed()
+        acc = (d.astype(np.float64) ** 2).sum(axis=1)
+        S = s1.reshape(-1)
+        s_new = S[r] + (acc / d_).astype(W.dtype)
+        S[r] = s_new
+        W[r] = w - lr * (d / (sqrt_t(s_new) + eps)[:, None])
+        return
+    if kind == 0:
+        d = decayed()
+        if has_s1:
+            M = s1.reshape(-1, d_)
+            if h_c2 != 0:
+                M[r] = d
+            elif h_c1 == 1.0:
+                M[r] = mom * M[r] + d
+            else:
+                M[r] = mom * M[r] + c1 * d
+            d = d + mom * M[r] if h_c3 != 0 else M[r]
+        W[r] = w - lr * d
+    elif kind == 1:
+        d = decayed()
+        M = s1.reshape(-1, d_)
+        M[r] = M[r] + d * d
+        W[r] = w - lr * (d / (sqrt_t(M[r]) + eps))
+    else:
+        M, V = s1.reshape(-1, d_), s2.reshape(-1, d_)
+        m_old, v_old = M[r], V[r]
+        um = (g - m_old) * c1
+        uv = (g * g - v_old) * c2
+        M[r] = m_old + um
+        V[r] = v_old + uv
+        W[r] = w + (-lr) * ((um + m_old) / (sqrt_t(uv + v_old) + eps))
+
+
+EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm": _renorm,
+              "se_segment_sum": _segment_sum,
+              "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
+              "se_bag_segment_sum": _bag_segment_sum}
+
+
+# ----------------------------------------------------------------- the fake modules
+
+class FakeDeviceArray(np.ndarray):
+    """numpy memory standing for GPU memory.
+
+    Its type's module is "cupy", so ``sparsembed._backend.backend_of`` sends it to the
+    CUDA backend; it has ``__cuda_array_interface__`` and ``get()`` like a CuPy array.
+    Host arrays (plain ndarrays) are not instances, so ``isinstance(a, cupy.ndarray)``
+    tells host from device as it does with CuPy, and the emulated kernels refuse host
+    arrays, as CuPy's kernels do.
+    """
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str,
+                "data": (self.ctypes.data, False), "version": 3}
+
+    def get(self):
+        """A host copy (CuPy's device-to-host transfer)."""
+        return np.array(self, subok=False)
+
+
+FakeDeviceArray.__module__ = "cupy"
+
+
+def to_device(x):
+    """Plain ndarrays (host) as device arrays (copied, as a transfer would)."""
+    if isinstance(x, FakeDeviceArray):
+        return x
+    if isinstance(x, np.ndarray):
+        return np.array(x, subok=False).view(FakeDeviceArray)
+    if isinstance(x, tuple):
+        return tuple(to_device(v) for v in x)
+    if isinstance(x, list):
+        return [to_device(v) for v in x]
+    return x
+
+
+def _device_result(x):
+    """A numpy function's result on "the device": arrays viewed, not copied."""
+    if isinstance(x, np.ndarray) and not isinstance(x, FakeDeviceArray):
+        return x.view(FakeDeviceArray)
+    if isinstance(x, tuple):
+        return tuple(_device_result(v) for v in x)
+    return x
+
+
+def _wrap(fn):
+    def wrapped(*args, **kwargs):
+        return _device_result(fn(*args, **kwargs))
+
+    wrapped.__name__ = getattr(fn, "__name__", "fn")
+    return wrapped
+
+
+def _transfer(fn):
+    """asarray & co: a host array is copied to the device, a device array passes."""
+    def wrapped(a, *args, **kwargs):
+        if isinstance(a, np.ndarray) and not isinstance(a, FakeDeviceArray):
+            a = to_device(a)
+        return _device_result(fn(a, *args, **kwargs))
+
+    return wrapped
+
+
+class FakeCsr(scipy.sparse.csr_matrix):
+    """``cupyx.scipy.sparse.csr_matrix``: its data/indices/indptr are device arrays,
+    ``get()`` gives scipy's csr_matrix on the host."""
+
+    def __getattribute__(self, name):
+        value = super().__getattribute__(name)
+        if name in ("data", "indices", "indptr") and isinstance(value, np.ndarray):
+            return value.view(FakeDeviceArray)
+        return value
+
+    def get(self):
+        return scipy.sparse.csr_matrix((np.array(self.data, subok=False),
+                                        np.array(self.indices, subok=False),
+                                        np.array(self.indptr, subok=False)), shape=self.shape)
+
+
+FakeCsr.__module__ = "cupyx.scipy.sparse._csr"
+
+
+def fake_cupy_modules(device_count=1):
+    """{module name: module} for a numpy-backed ``cupy`` and ``cupyx.scipy.sparse``.
+
+    ``device_count`` is what ``cupy.cuda.runtime.getDeviceCount()`` returns; an
+    exception instance is raised instead.
+    """
+    cp = types.ModuleType("cupy")
+    for key in dir(np):
+        if key.startswith("__"):
+            continue
+        obj = getattr(np, key)
+        if callable(obj) and not isinstance(obj, (type, np.ufunc)):
+            obj = _wrap(obj)
+        setattr(cp, key, obj)
+    for key in ("asarray", "array", "ascontiguousarray"):
+        setattr(cp, key, _transfer(getattr(np, key)))
+    cp.ndarray = FakeDeviceArray
+    cp.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+    cp.RawModule = FakeRawModule
+    cp.asnumpy = lambda a: np.array(a, subok=False)
+
+    def get_device_count():
+        if isinstance(device_count, BaseException):
+            raise device_count
+        return device_count
+
+    cp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    cupyx = types.ModuleType("cupyx")
+    cupyx.__spec__ = importlib.machinery.ModuleSpec("cupyx", None)
+    cupyx_scipy = types.ModuleType("cupyx.scipy")
+    cupyx_sparse = types.ModuleType("cupyx.scipy.sparse")
+    cupyx_sparse.csr_matrix = FakeCsr
+    cupyx_sparse.issparse = lambda a: isinstance(a, FakeCsr)
+    cupyx.scipy = cupyx_scipy
+    cupyx_scipy.sparse = cupyx_sparse
+    return {"cupy": cp, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
+            "cupyx.scipy.sparse": cupyx_sparse}

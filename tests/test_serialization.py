@@ -1,0 +1,427 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sparsembed as se
+from sparsembed import _rowsparse
+from sparsembed import serialization as S
+
+ROOT = Path(__file__).resolve().parents[1]
+# the sparsembed under test (installed or in-place build), for subprocesses
+PKG_PARENT = str(Path(se.__file__).resolve().parents[1])
+
+
+def no_pickle(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+
+
+def write_raw(path, header, members):
+    """A checkpoint written with arbitrary header/members (for the bad-file tests)."""
+    with open(path, "wb") as f:
+        S._write_archive(f, header, members)
+
+
+def header_of(path):
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(z["__sparsembed__"].tobytes().decode("utf-8"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_roundtrip_without_pickle(tmp_path, monkeypatch, dtype):
+    emb = se.Embedding(7, 3, padding_idx=-1, max_norm=1.5, norm_type=float("inf"),
+                       scale_grad_by_freq=True, sparse=True, dtype=dtype, random_state=0)
+    emb.requires_grad = False
+    path = tmp_path / "emb.ckpt"
+    se.save(emb, path)
+    no_pickle(monkeypatch)
+    back = se.load(path)
+    assert type(back) is se.Embedding and repr(back) == repr(emb)
+    assert back.padding_idx == 6 and back.norm_type == float("inf") and back.sparse
+    assert back.requires_grad is False and back.weight.dtype == dtype
+    np.testing.assert_array_equal(back.weight, emb.weight)
+    assert back.weight.flags.c_contiguous and back.weight.flags.writeable
+    assert not np.shares_memory(back.weight, emb.weight)
+    # readable by plain numpy, no pickle, and the documented header
+    with np.load(path, allow_pickle=False) as z:
+        assert sorted(z.files) == ["__sparsembed__", "weight"]
+        np.testing.assert_array_equal(z["weight"], emb.weight)
+    h = header_of(path)
+    assert h["format"] == "sparsembed" and h["format_version"] == 1
+    assert h["root"]["kind"] == "Embedding"
+    assert h["root"]["config"]["num_embeddings"] == 7 and h["root"]["config"]["dtype"] == np.dtype(dtype).name
+    assert h["root"]["arrays"]["weight"] == {"member": "weight.npy", "shape": [7, 3],
+                                             "dtype": np.dtype(dtype).str}
+    assert os.listdir(tmp_path) == ["emb.ckpt"]
+
+
+def test_members_are_stored_and_64_byte_aligned(tmp_path):
+    path = tmp_path / "e.npz"
+    se.save(se.Embedding(33, 5, random_state=1), path)
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            assert info.compress_type == zipfile.ZIP_STORED
+    m = se.load(path, mmap_mode="r")
+    assert isinstance(m.weight, np.memmap) and m.weight.offset % 64 == 0
+
+
+def test_atomic_save_failure_keeps_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.npz"
+    old = se.Embedding(50, 4, random_state=0)
+    se.save(old, path)
+    before = path.read_bytes()
+    real = S._write_member
+    calls = []
+
+    def failing(zf, f, name, arr):
+        calls.append(name)
+        if name == "weight.npy":
+            real(zf, f, name, arr[: len(arr) // 2])  # half the data is on disk, then boom
+            raise OSError("disk on fire")
+        return real(zf, f, name, arr)
+
+    monkeypatch.setattr(S, "_write_member", failing)
+    with pytest.raises(OSError, match="disk on fire"):
+        se.save(se.Embedding(50, 4, random_state=1), path)
+    assert calls == ["__sparsembed__.npy", "weight.npy"]
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.npz"]  # no temp file left behind
+    monkeypatch.setattr(S, "_write_member", real)
+    np.testing.assert_array_equal(se.load(path).weight, old.weight)
+    # an unsavable object fails before anything is written
+    with pytest.raises(TypeError, match="cannot save"):
+        se.save(object(), path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.npz"]
+
+
+def test_not_a_zip_truncated_and_corrupt_files(tmp_path):
+    path = tmp_path / "e.npz"
+    se.save(se.Embedding(40, 8, random_state=0), path)
+    data = path.read_bytes()
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"hello, not a zip" * 10)
+    with pytest.raises(ValueError, match="not a valid zip"):
+        se.load(bad)
+    for cut in (len(data) // 2, len(data) - 10, 100):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="zip|truncated|corrupt"):
+            se.load(bad)
+    # flip a byte inside the JSON header member: its CRC check catches it
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("__sparsembed__.npy")
+    corrupt = bytearray(data)
+    corrupt[info.header_offset + 300] ^= 0x01
+    bad.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match="__sparsembed__"):
+        se.load(bad)
+    # flip a byte in the weight member's .npy header
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("weight.npy")
+    corrupt = bytearray(data)
+    magic = corrupt.index(b"\x93NUMPY", info.header_offset)
+    corrupt[magic + 1] = ord("X")
+    bad.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match="weight.npy.*corrupt .npy header"):
+        se.load(bad)
+    bad.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a valid zip"):
+        se.load(bad)
+    with pytest.raises(ValueError, match="mmap_mode"):
+        se.load(path, mmap_mode="w+")
+    # a plain npz without our header member
+    np.savez(tmp_path / "plain.npz", weight=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="no __sparsembed__.npy member"):
+        se.load(tmp_path / "plain.npz")
+
+
+def _good_header(n=4, d=3, **root_changes):
+    root = {"kind": "Embedding",
+            "config": {"num_embeddings": n, "embedding_dim": d, "padding_idx": None,
+                       "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False,
+                       "sparse": False, "dtype": "float32"},
+            "attrs": {"requires_grad": True},
+            "arrays": {"weight": {"member": "weight.npy", "shape": [n, d], "dtype": "<f4"}},
+            "children": []}
+    root.update(root_changes)
+    return {"format": "sparsembed", "format_version": 1, "root": root}
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_mismatched_headers_and_members(tmp_path, mmap_mode):
+    path = tmp_path / "x.npz"
+    w = np.ones((4, 3), dtype=np.float32)
+    write_raw(path, _good_header(), [("weight.npy", w)])
+    np.testing.assert_array_equal(se.load(path, mmap_mode=mmap_mode).weight, w)
+
+    h = _good_header()
+    h["format_version"] = 2
+    write_raw(path, h, [("weight.npy", w)])
+    with pytest.raises(ValueError, match="unsupported format_version 2"):
+        se.load(path, mmap_mode=mmap_mode)
+    h = _good_header()
+    h["format"] = "other"
+    write_raw(path, h, [("weight.npy", w)])
+    with pytest.raises(ValueError, match="not a sparsembed checkpoint"):
+        se.load(path, mmap_mode=mmap_mode)
+
+    write_raw(path, _good_header(), [])
+    with pytest.raises(ValueError, match="missing member 'weight.npy'"):
+        se.load(path, mmap_mode=mmap_mode)
+    # config says 5 rows, the array (and its header entry) has 4
+    h = _good_header(5)
+    h["root"]["arrays"]["weight"]["shape"] = [4, 3]
+    write_raw(path, h, [("weight.npy", w)])
+    with pytest.raises(ValueError, match=r"does not match its config.*\(4, 3\).*\(5, 3\)"):
+        se.load(path, mmap_mode=mmap_mode)
+    # header entry disagrees with the member
+    write_raw(path, _good_header(5), [("weight.npy", w)])
+    with pytest.raises(ValueError, match=r"member 'weight.npy' has shape \[4, 3\].*\[5, 3\]"):
+        se.load(path, mmap_mode=mmap_mode)
+    write_raw(path, _good_header(), [("weight.npy", w.astype(np.float64))])
+    with pytest.raises(ValueError, match="dtype"):
+        se.load(path, mmap_mode=mmap_mode)
+    write_raw(path, _good_header(kind="Nope"), [("weight.npy", w)])
+    with pytest.raises(ValueError, match="unknown kind 'Nope'"):
+        se.load(path, mmap_mode=mmap_mode)
+    h = _good_header()
+    h["root"]["config"]["padding_idx"] = 17
+    write_raw(path, h, [("weight.npy", w)])
+    with pytest.raises(ValueError, match="padding_idx 17"):
+        se.load(path, mmap_mode=mmap_mode)
+    h = _good_header()
+    h["root"]["config"]["bogus"] = 1
+    write_raw(path, h, [("weight.npy", w)])
+    with pytest.raises(ValueError, match="bogus"):
+        se.load(path, mmap_mode=mmap_mode)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("__sparsembed__.npy", b"garbage")
+    with pytest.raises(ValueError, match="__sparsembed__"):
+        se.load(path, mmap_mode=mmap_mode)
+
+
+def test_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "obj.npz"
+    write_raw(path, _good_header(), [])
+    with zipfile.ZipFile(path, "a") as zf:
+        with zf.open("weight.npy", "w") as m:
+            np.lib.format.write_array(m, np.array([[object()] * 3] * 4, dtype=object), allow_pickle=True)
+    for mode in (None, "r"):
+        with pytest.raises(ValueError, match="weight.npy"):
+            se.load(path, mmap_mode=mode)
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_member_shorter_than_its_npy_header_says(tmp_path, mmap_mode):
+    path = tmp_path / "t.npz"
+    write_raw(path, _good_header(100, 16), [])
+    full = np.zeros((100, 16), np.float32)
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("weight.npy", S._npy_header(full) + full[:50].tobytes())
+    with pytest.raises(ValueError, match="'weight.npy' is truncated or corrupt: 6400 data bytes expected"):
+        se.load(path, mmap_mode=mmap_mode)
+
+
+def test_mmap_r_plus_lookups_and_sparse_updates_persist(tmp_path):
+    path = tmp_path / "big.npz"
+    emb = se.Embedding(1000, 8, sparse=True, random_state=0)
+    original = emb.weight.copy()
+    se.save(emb, path)
+    m = se.load(path, mmap_mode="r+")
+    assert isinstance(m.weight, np.memmap) and m.weight.filename == str(path.resolve())
+    ids = np.array([[3, 999], [3, 10]])
+    out = m(ids)
+    np.testing.assert_array_equal(out, original[ids])
+    g = m.backward(np.ones_like(out))
+    rows, vals = _rowsparse.row_values(g)
+    np.testing.assert_array_equal(rows, [3, 10, 999])
+    m.weight[rows] -= 0.5 * vals  # a sparse row update, in place on the file
+    m.weight.flush()
+    del m
+    back = se.load(path)
+    expected = original.copy()
+    expected[[3, 10, 999]] -= 0.5 * np.array([[2] * 8, [1] * 8, [1] * 8], dtype=np.float32)
+    np.testing.assert_array_equal(back.weight, expected)
+    # the member's zip CRC is now stale (by design, see the format notes); se.load
+    # still reads it, with or without mmap
+    again = se.load(path, mmap_mode="r")
+    np.testing.assert_array_equal(again.weight, expected)
+    assert not again.weight.flags.writeable
+    # copy-on-write: changes stay in memory
+    c = se.load(path, mmap_mode="c")
+    c.weight[0] = 42
+    np.testing.assert_array_equal(se.load(path, mmap_mode="r").weight[0], expected[0])
+
+
+def test_embedding_uses_a_memmap_weight_as_is(tmp_path):
+    mm = np.memmap(tmp_path / "w.f32", dtype=np.float32, mode="w+", shape=(500, 4))
+    mm[:] = np.arange(2000, dtype=np.float32).reshape(500, 4)
+    emb = se.Embedding(500, 4, padding_idx=0, sparse=True, weight=mm)
+    assert emb.weight is mm and isinstance(emb.weight, np.memmap)
+    assert emb.weight[0, 1] == 1  # padding row not zeroed (torch's _weight)
+    np.testing.assert_array_equal(emb(np.array([5, 6])), mm[[5, 6]])
+    pre = se.Embedding.from_pretrained(mm)
+    assert np.shares_memory(pre.weight, mm)
+    g = emb.backward(np.ones((2, 4), np.float32))
+    rows, vals = _rowsparse.row_values(g)
+    emb.weight[rows] -= vals
+    mm.flush()
+    on_disk = np.fromfile(tmp_path / "w.f32", dtype=np.float32).reshape(500, 4)
+    np.testing.assert_array_equal(on_disk[5], [19, 20, 21, 22])
+    np.testing.assert_array_equal(on_disk[7], [28, 29, 30, 31])
+
+
+HAS_OPTIM = hasattr(se, "optim") and hasattr(getattr(se, "optim", None), "Adagrad")
+
+
+@pytest.mark.parametrize("how", [
+    ["--optimizer", "manual"],
+    pytest.param(["--optimizer", "sgd", "--fused"], marks=pytest.mark.skipif(not HAS_OPTIM, reason="no se.optim")),
+    pytest.param(["--optimizer", "adagrad", "--fused"], marks=pytest.mark.skipif(not HAS_OPTIM, reason="no se.optim")),
+], ids=["manual", "sgd-fused", "adagrad-fused"])
+def test_small_scale_training_touches_only_needed_rows(tmp_path, how):
+    """bench_memmap at 64 MB: resident memory and disk blocks stay far below the table."""
+    out = tmp_path / "r.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PKG_PARENT] + sys.path))
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memmap.py"), "--size-gb", "0.064",
+                    "--steps", "5", "--warmup", "1", "--batch", "64", "--threads", "1",
+                    "--dir", str(tmp_path), "--json", str(out)] + how,
+                   check=True, env=env, capture_output=True, timeout=120)
+    r = json.loads(out.read_text())
+    assert r["optimizer"] == {"manual": "manual", "sgd": "SGD (fused)", "adagrad": "Adagrad (fused)"}[how[1]]
+    size = r["size_bytes"]
+    assert size == 64_000_000
+    assert r["peak_rss_bytes"] - r["baseline_rss_bytes"] < size / 4
+    assert r["anon_after_step_max_bytes"] - r["baseline_anon_bytes"] < size / 4
+    # only the touched pages were written (Adagrad: in the table and its accumulator file)
+    assert r["disk_blocks_bytes_after"] < size / 8
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the table file is removed
+
+
+# -- optimizers (se.optim) --------------------------------------------------------------
+needs_optim = pytest.mark.skipif(not hasattr(se, "optim") or not hasattr(getattr(se, "optim", None), "Adagrad"),
+                                 reason="se.optim is not in this build")
+
+
+def _train(layers, opt, steps, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        for layer in layers:
+            if isinstance(layer, (se.HashEmbedding, se.Embedding)):
+                ids = rng.integers(0, layer.num_embeddings, size=6)
+                out = layer(ids)
+                layer.backward(np.sin(out) + 0.1)
+            elif isinstance(layer, se.EmbeddingBag):
+                out = layer(rng.integers(0, layer.num_embeddings, size=(3, 4)))
+                layer.backward(np.sin(out) + 0.1)
+        opt.step()
+        opt.zero_grad()
+
+
+def _optimizers():
+    return [
+        ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+        ("Adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+        ("SparseAdam", dict(lr=0.01, betas=(0.8, 0.99))),
+        ("RowWiseAdagrad", dict(lr=0.1)),
+    ]
+
+
+@needs_optim
+@pytest.mark.parametrize("name, hyper", _optimizers())
+def test_optimizer_checkpoint_resumes_exactly(tmp_path, name, hyper):
+    cls = getattr(se.optim, name)
+
+    def make():
+        a = se.Embedding(50, 4, sparse=True, random_state=0)
+        b = se.HashEmbedding(30, 4, mode="weighted", sparse=True, random_state=1)
+        c = se.EmbeddingBag(20, 4, mode="mean", sparse=True, random_state=2)
+        return [a, b, b.importance, c]
+
+    layers = make()
+    opt = cls([{"params": layers[:1]}, {"params": layers[1:], "lr": 0.05}], **hyper)
+    _train(layers, opt, 3, seed=0)
+    path = tmp_path / "ckpt.npz"
+    se.save(opt, path)
+    h = header_of(path)["root"]
+    assert h["kind"] == f"optim.{name}" and len(h["children"]) == 4
+    assert h["children"][2] == {"kind": "HashImportance", "config": {"owner": 1}, "attrs": {},
+                                "arrays": {}, "children": []}
+    assert h["children"][3]["kind"] == "EmbeddingBag"
+    # reference: keep training the original
+    _train(layers, opt, 2, seed=1)
+    # 1) rebuild everything from the file
+    opt2 = se.load(path)
+    assert type(opt2) is cls
+    layers2 = [l for g in opt2.param_groups for l in g["params"]]
+    assert layers2[2] is layers2[1].importance
+    assert opt2.param_groups[1]["lr"] == 0.05
+    _train(layers2, opt2, 2, seed=1)
+    for l1, l2 in zip(layers, layers2):
+        np.testing.assert_array_equal(l1.weight, l2.weight)
+    # 2) restore into live layers
+    live = make()
+    opt3 = se.load(path, params=live)
+    assert [l for g in opt3.param_groups for l in g["params"]] == live
+    _train(live, opt3, 2, seed=1)
+    for l1, l3 in zip(layers, live):
+        np.testing.assert_array_equal(l1.weight, l3.weight)
+
+
+@needs_optim
+def test_optimizer_checkpoint_mmap_and_bad_params(tmp_path):
+    emb = se.Embedding(40, 3, sparse=True, random_state=0)
+    opt = se.optim.Adagrad([emb], lr=0.1)
+    _train([emb], opt, 2, seed=0)
+    path = tmp_path / "a.npz"
+    se.save(opt, path)
+    m = se.load(path, mmap_mode="r+")
+    layer = m.param_groups[0]["params"][0]
+    assert isinstance(layer.weight, np.memmap) and isinstance(m.state[0]["sum"], np.memmap)
+    _train([layer], m, 1, seed=5)
+    _train([emb], opt, 1, seed=5)
+    layer.weight.flush()
+    m.state[0]["sum"].flush()
+    del m, layer
+    again = se.load(path)
+    np.testing.assert_array_equal(again.param_groups[0]["params"][0].weight, emb.weight)
+    np.testing.assert_array_equal(again.state[0]["sum"], opt.state[0]["sum"])
+    with pytest.raises(ValueError, match="params has 2 layers, the checkpoint holds 1"):
+        se.load(path, params=[se.Embedding(40, 3), se.Embedding(40, 3)])
+    wrong = se.Embedding(41, 3, sparse=True)
+    before = wrong.weight.copy()
+    with pytest.raises(ValueError, match=r"params\[0\] is a Embedding with weight \(41, 3\)"):
+        se.load(path, params=[wrong])
+    np.testing.assert_array_equal(wrong.weight, before)
+    # an optimizer over a bare importance table cannot be saved without its owner
+    h = se.HashEmbedding(10, 2, mode="weighted")
+    with pytest.raises(TypeError, match="importance"):
+        se.save(se.optim.SGD([h.importance], lr=0.1), tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r+"])
+def test_embedding_bag_roundtrip(tmp_path, mmap_mode, monkeypatch):
+    bag = se.EmbeddingBag(20, 3, max_norm=2.0, mode="max", sparse=True, include_last_offset=True,
+                          padding_idx=4, dtype=np.float64, random_state=0)
+    path = tmp_path / "bag.npz"
+    se.save(bag, path)
+    no_pickle(monkeypatch)
+    back = se.load(path, mmap_mode=mmap_mode)
+    assert type(back) is se.EmbeddingBag and repr(back) == repr(bag)
+    assert back.mode == "max" and back.include_last_offset and back.padding_idx == 4
+    assert isinstance(back.weight, np.memmap) == (mmap_mode is not None)
+    np.testing.assert_array_equal(back.weight, bag.weight)
+    ids, offsets = np.array([1, 2, 4, 7, 7]), np.array([0, 2, 5])
+    np.testing.assert_array_equal(back(ids, offsets), bag(ids, offsets))
+    assert header_of(path)["root"]["config"]["mode"] == "max"
