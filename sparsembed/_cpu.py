@@ -7,6 +7,7 @@ signatures; :func:`sparsembed._backend.get_backend` picks one from the device.
 import numpy as np
 
 from sparsembed import _half, _rowsparse
+from sparsembed._rowplan import RowPlan  # noqa: F401 - part of the backend interface
 from sparsembed._kernels import _backward, _bag, _lookup, _plan, _pool
 from sparsembed._threads import get_num_threads, threads_for  # noqa: F401
 from sparsembed._validation import (  # noqa: F401 - part of the backend interface
@@ -19,32 +20,6 @@ from sparsembed._validation import (  # noqa: F401 - part of the backend interfa
 
 xp = np
 name = "cpu"
-
-
-class RowPlan:
-    """A batch's ids sorted once (stably) and reused by renorm, counts and backward.
-
-    Attributes
-    ----------
-    perm : ndarray of shape (m,), int64
-        Positions in the flat batch, grouped by id, input order within each id;
-        entries equal to the skipped row (padding) are left out.
-    rows : ndarray of shape (n_rows,), int64
-        Sorted distinct ids (the skipped row excluded).
-    starts : ndarray of shape (n_rows + 1,), int64
-        ``perm[starts[u]:starts[u + 1]]`` are the positions of ``rows[u]``.
-    skipped : bool
-        Whether the skipped row occurred in the batch.
-    """
-
-    __slots__ = ("perm", "rows", "starts", "skipped", "n")
-
-    def __init__(self, perm, rows, starts, skipped, n):
-        self.perm, self.rows, self.starts, self.skipped, self.n = perm, rows, starts, skipped, n
-
-    @property
-    def counts(self):
-        return np.diff(self.starts)
 
 
 def asarray(a, dtype=None):

@@ -21,6 +21,7 @@ the same order).
 import numpy as np
 
 from sparsembed import _validation as V
+from sparsembed._rowplan import RowPlan
 
 _INT64_MAX = np.iinfo(np.int64).max
 _INT32_MAX = np.iinfo(np.int32).max
@@ -46,36 +47,6 @@ def index_error(name, value, pos, num_embeddings):
         f"{name}: index {value} at position {pos} is out of range for "
         f"{num_embeddings} embeddings (valid: 0..{num_embeddings - 1})"
     )
-
-
-class RowPlan:
-    """A batch's ids sorted once (stably) and reused by renorm, counts and backward.
-
-    Same attributes as ``sparsembed._cpu.RowPlan`` (arrays of the backend's module).
-
-    Attributes
-    ----------
-    perm : array of shape (m,), int64
-        Positions in the flat batch, grouped by id, input order within each id;
-        entries equal to the skipped row (padding) are left out.
-    rows : array of shape (n_rows,), int64
-        Sorted distinct ids (the skipped row excluded).
-    starts : array of shape (n_rows + 1,), int64
-        ``perm[starts[u]:starts[u + 1]]`` are the positions of ``rows[u]``.
-    skipped : bool
-        Whether the skipped row occurred in the batch.
-    n : int
-        Length of the flat batch.
-    """
-
-    __slots__ = ("perm", "rows", "starts", "skipped", "n")
-
-    def __init__(self, perm, rows, starts, skipped, n):
-        self.perm, self.rows, self.starts, self.skipped, self.n = perm, rows, starts, skipped, n
-
-    @property
-    def counts(self):
-        return self.starts[1:] - self.starts[:-1]
 
 
 def device_index_array(xp, arr, name="input"):
