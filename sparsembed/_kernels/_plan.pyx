@@ -157,18 +157,6 @@ cdef enum:
     MAX_DIGIT_BITS = 13
 
 
-cdef inline int64_t _lower_bound(const int64_t* a, int64_t n, int64_t x) noexcept nogil:
-    """First i in [0, n) with a[i] >= x (n when none)."""
-    cdef int64_t lo = 0, hi = n, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 def build_plan(
     const index_t[::1] idx,      # IN (n,) validated ids in [0, num_rows)
     int64_t skip_row,            # IN an id to leave out (padding), or -1
