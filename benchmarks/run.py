@@ -353,6 +353,20 @@ def _fmt_row(row):
     return f"{row['workload']:<18} D={row['D']:<4} {row['dist']:<8} {ts} | {rs}"
 
 
+def _scaling_point(rng, W, B, repeat, label, log):
+    """sparsembed and torch timed on forward and sparse_fwd_bwd for one (V, B) point."""
+    V, D = W.shape
+    idx = make_ids(rng, "uniform", V, B)
+    g = rng.standard_normal((B, D), dtype=np.float32)
+    points = []
+    for name, wl in (("forward", wl_forward), ("sparse_fwd_bwd", wl_sparse_fwd_bwd)):
+        cases = {k: v for k, v in wl(W, idx, g).items() if k in ("sparsembed", "torch")}
+        times = time_round_robin(cases, repeat)
+        points.append(dict(workload=name, V=V, B=B, times_ms={k: v * 1e3 for k, v in times.items()}))
+        log(f"scaling {label} {name:<15} " + "  ".join(f"{k}={v * 1e3:.2f}ms" for k, v in times.items()))
+    return points
+
+
 def run_scaling(cfg, threads, repeat, log):
     """Time vs batch size and vs vocabulary size (D fixed), sparsembed and torch."""
     if cfg["scale_B"] is None:
@@ -364,28 +378,12 @@ def run_scaling(cfg, threads, repeat, log):
     V = cfg["V"]
     W = rng.standard_normal((V, D), dtype=np.float32)
     for B in cfg["scale_B"]:
-        idx = make_ids(rng, "uniform", V, B)
-        g = rng.standard_normal((B, D), dtype=np.float32)
-        for name, wl in (("forward", wl_forward), ("sparse_fwd_bwd", wl_sparse_fwd_bwd)):
-            cases = {k: v for k, v in wl(W, idx, g).items() if k in ("sparsembed", "torch")}
-            times = time_round_robin(cases, repeat)
-            out["vs_B"].append(dict(workload=name, V=V, B=B,
-                                    times_ms={k: v * 1e3 for k, v in times.items()}))
-            log(f"scaling B={B:<8} {name:<15} " + "  ".join(
-                f"{k}={v * 1e3:.2f}ms" for k, v in times.items()))
+        out["vs_B"] += _scaling_point(rng, W, B, repeat, f"B={B:<8}", log)
     del W
     B = cfg["scale_B"][len(cfg["scale_B"]) * 2 // 3]
     for V in cfg["scale_V"]:
         W = rng.standard_normal((V, D), dtype=np.float32)
-        idx = make_ids(rng, "uniform", V, B)
-        g = rng.standard_normal((B, D), dtype=np.float32)
-        for name, wl in (("forward", wl_forward), ("sparse_fwd_bwd", wl_sparse_fwd_bwd)):
-            cases = {k: v for k, v in wl(W, idx, g).items() if k in ("sparsembed", "torch")}
-            times = time_round_robin(cases, repeat)
-            out["vs_V"].append(dict(workload=name, V=V, B=B,
-                                    times_ms={k: v * 1e3 for k, v in times.items()}))
-            log(f"scaling V={V:<9} {name:<15} " + "  ".join(
-                f"{k}={v * 1e3:.2f}ms" for k, v in times.items()))
+        out["vs_V"] += _scaling_point(rng, W, B, repeat, f"V={V:<9}", log)
         del W
         gc.collect()
     return out
