@@ -103,8 +103,11 @@ class BuildExt(build_ext):
             else:
                 # -fno-math-errno: sqrt never sets errno here, so the compiler may
                 # vectorise it (sqrtps) instead of calling libm per element (the
-                # optimizers' inner loops); results are the same, sqrt is exact
-                ext.extra_compile_args += ["-O3", "-fno-math-errno"]
+                # optimizers' inner loops); results are the same, sqrt is exact.
+                # -ffp-contract=off: kernels built for several SIMD levels (see
+                # _simd_pool.h) must give the same bits, so no level may fuse a
+                # multiply-add that the baseline build rounds twice
+                ext.extra_compile_args += ["-O3", "-fno-math-errno", "-ffp-contract=off"]
             if flags is not None:
                 ext.extra_compile_args += flags[0]
                 ext.extra_link_args += flags[1]

@@ -43,14 +43,18 @@ def show_config(print_out=False):
     -------
     dict
         ``version``, ``openmp`` (compiled with OpenMP), ``max_threads`` (what OpenMP
-        would use), ``num_threads`` (what the kernels use now), ``cupy`` (CuPy
-        importable), ``numpy`` and ``scipy`` versions.
+        would use), ``num_threads`` (what the kernels use now), ``simd`` (the vector
+        instruction set EmbeddingBag's sum/mean pooling picked at run time:
+        "baseline", "avx2" or "avx512"; the environment variable
+        ``SPARSEMBED_SIMD`` caps it), ``cupy`` (CuPy importable), ``numpy`` and
+        ``scipy`` versions.
     """
     import importlib.util
 
     import numpy
     import scipy
 
+    from sparsembed._kernels._bag import simd_level
     from sparsembed._kernels._openmp_helpers import openmp_enabled, openmp_max_threads
 
     config = {
@@ -58,6 +62,7 @@ def show_config(print_out=False):
         "openmp": openmp_enabled(),
         "max_threads": openmp_max_threads(),
         "num_threads": get_num_threads(),
+        "simd": ("baseline", "avx2", "avx512")[simd_level()],
         "cupy": importlib.util.find_spec("cupy") is not None,
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,

@@ -122,8 +122,12 @@ def _check_psw(per_sample_weights, shape, mode, dtype):
 
 
 def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_embeddings,
-            dtype, be):
+            dtype, be, check_range=True):
     """Validate an EmbeddingBag batch into :class:`Bags` (no write happens here).
+
+    ``check_range=False`` leaves the ids' range check to the caller: a forward
+    without renorm passes ``check_range=True`` to ``be.bag_forward`` instead, whose
+    kernel checks each id before reading its row.
 
     ``input`` is 1-D ids with 1-D ``offsets``, 2-D ids (n_bags, bag_len) without, or a
     scipy.sparse matrix (converted to CSR: rows are bags, column indices the ids, data
@@ -153,7 +157,8 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
                     f"with mode={mode!r} its data must all be 1"
                 )
             psw, psw_shape = None, None
-        be.check_index_range(flat, num_embeddings)
+        if check_range:
+            be.check_index_range(flat, num_embeddings)
         return _on_backend(be, flat, starts, psw, psw_shape)
 
     idx = be.as_index_array(input)
@@ -173,7 +178,8 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape {idx.shape}")
     psw, psw_shape = _check_psw(per_sample_weights, idx.shape, mode, dtype)
     flat = idx.reshape(-1)
-    be.check_index_range(flat, num_embeddings)
+    if check_range:
+        be.check_index_range(flat, num_embeddings)
     return _on_backend(be, flat, starts, psw, psw_shape)
 
 

@@ -17,6 +17,7 @@ from sparsembed._validation import (  # noqa: F401 - part of the backend interfa
     check_weight,
     check_writable,
 )
+from sparsembed._validation import index_error as _index_error
 
 xp = np
 name = "cpu"
@@ -120,7 +121,8 @@ def _no_scale(dtype):
 _NO_ARGMAX = np.empty((0, 0), dtype=np.int64)
 
 
-def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None, plan=None):
+def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None, plan=None,
+                check_range=False):
     """Pool the validated bags; returns (out, argmax or None, counts).
 
     ``starts`` (n_bags + 1, int64) bounds the bags in ``flat``; ``argmax`` (max mode)
@@ -128,7 +130,17 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
     an empty bag); ``counts`` the non-padding entries per bag. A float16 table is
     pooled in float32 (``plan``: the plan of ``flat[:starts[-1]]``, padding skipped,
     reused when given; see ``sparsembed._half``).
+
+    ``check_range``: ``flat`` has not been range-checked yet; the pooling kernel
+    checks each id before reading its row (one pass over the ids instead of two, and
+    one parallel region instead of two), and IndexError names the first bad one.
+    Only the freshly allocated outputs can have been written by then.
     """
+    num_rows = weight.shape[0]
+    end = int(starts[-1])
+    if check_range and (_half.is_half(weight) or weight.shape[1] == 0):
+        check_index_range(flat, num_rows)  # these paths read no row through the kernel
+        check_range = False
     if _half.is_half(weight):
         return _half.bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights,
                                  plan)
@@ -139,8 +151,17 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
     argmax = np.empty((n_bags, dim), dtype=np.int64) if mode == "max" else _NO_ARGMAX
     psw = _no_scale(weight.dtype) if per_sample_weights is None else per_sample_weights
     pad = -1 if padding_idx is None else int(padding_idx)
-    _bag.bag_forward(weight, flat, starts, pad, _BAG_MODES[mode], psw, out, argmax, counts,
-                     threads_for(flat.shape[0] * dim))
+    if n_bags > 0 and dim == 0:
+        counts[:] = 0
+    n_bad = _bag.bag_forward(weight, flat, starts, pad, _BAG_MODES[mode], psw, out, argmax,
+                             counts, threads_for(flat.shape[0] * dim))
+    if n_bad:
+        bag = int(np.flatnonzero(counts < 0)[0])
+        raise _index_error(flat, int(-counts[bag] - 1), num_rows)
+    if check_range and end < flat.shape[0]:  # entries past the last bag, never read
+        pos = _lookup.first_out_of_range(flat[end:], num_rows, get_num_threads())
+        if pos >= 0:
+            raise _index_error(flat, end + pos, num_rows)
     return out, (argmax if mode == "max" else None), counts
 
 

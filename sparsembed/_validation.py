@@ -43,11 +43,15 @@ def check_index_range(flat, num_embeddings, name="input"):
     """Raise IndexError naming the first id of ``flat`` outside ``[0, num_embeddings)``."""
     pos = _lookup.first_out_of_range(flat, num_embeddings, get_num_threads())
     if pos >= 0:
-        value = int(flat[pos])
-        raise IndexError(
-            f"{name}: index {value} at position {pos} is out of range for "
-            f"{num_embeddings} embeddings (valid: 0..{num_embeddings - 1})"
-        )
+        raise index_error(flat, pos, num_embeddings, name)
+
+
+def index_error(flat, pos, num_embeddings, name="input"):
+    """The IndexError for the out-of-range id ``flat[pos]``."""
+    return IndexError(
+        f"{name}: index {int(flat[pos])} at position {pos} is out of range for "
+        f"{num_embeddings} embeddings (valid: 0..{num_embeddings - 1})"
+    )
 
 
 def check_size(value, name):

@@ -487,9 +487,13 @@ class EmbeddingBag(_Table):
             Empty bags and bags of padding only give zeros.
         """
         be = self._backend
+        # plain pooling checks the ids itself (one pass fewer); renorm and the float16
+        # path plan the rows first, which needs ids known to be in range
+        deferred = self.max_norm is None and not _half.is_half(self.weight)
         bags = _bags.bags_of(input, offsets, per_sample_weights, self.mode,
                              self.include_last_offset, self.num_embeddings,
-                             _half.compute_dtype(self.weight.dtype), be)
+                             _half.compute_dtype(self.weight.dtype), be,
+                             check_range=not deferred)
         plan = None
         if self.max_norm is not None:
             be.check_writable(self.weight)
@@ -503,7 +507,8 @@ class EmbeddingBag(_Table):
                 plan = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
             half = {"plan": plan}
         out, argmax, counts = be.bag_forward(self.weight, bags.flat, bags.starts, self.mode,
-                                             self.padding_idx, bags.psw, **half)
+                                             self.padding_idx, bags.psw, check_range=deferred,
+                                             **half)
         src = _sources(input, offsets, per_sample_weights)
         bags.flat = _own(bags.flat, src)
         bags.starts = _own(bags.starts, src)

@@ -233,14 +233,18 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
     num_embeddings = weight.shape[0]
     padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
+    # without renorm nothing is written before the pooling, which checks the ids itself
+    renorm = max_norm is not None
     bags = _bags.bags_of(input, offsets, per_sample_weights, mode, include_last_offset,
-                         num_embeddings, _half.compute_dtype(weight.dtype), be)
-    if max_norm is not None:
+                         num_embeddings, _half.compute_dtype(weight.dtype), be,
+                         check_range=renorm)
+    if renorm:
         be.check_writable(weight)
         renorm_(weight, be.plan_rows(bags.flat, num_embeddings, padding_idx), max_norm,
                 norm_type, padding_idx, be)
     table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
-    out, _, _ = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx, bags.psw)
+    out, _, _ = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx, bags.psw,
+                               check_range=not renorm)
     return out
 
 

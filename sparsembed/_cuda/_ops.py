@@ -363,8 +363,11 @@ class ArrayBackend:
     # (the bag functions of ``sparsembed._cpu``, same signatures and results)
 
     def bag_forward(self, weight, flat, starts, mode, padding_idx, per_sample_weights=None,
-                    plan=None):
+                    plan=None, check_range=False):
         """Pool the validated bags; returns (out, argmax or None, counts).
+
+        ``check_range``: ``flat`` has not been range-checked yet (here checked first,
+        on the device, before any kernel runs).
 
         (``plan`` is the CPU float16 path's; float16 tables are not supported on the
         GPU, so it is ignored here.)
@@ -374,6 +377,8 @@ class ArrayBackend:
         (-1 for an empty bag); ``counts`` the non-padding entries per bag.
         """
         xp = self.xp
+        if check_range:
+            self.check_index_range(flat, weight.shape[0])
         n_bags = starts.shape[0] - 1
         dim = weight.shape[1]
         out = xp.zeros((max(n_bags, 0), dim), dtype=weight.dtype)

@@ -15,8 +15,17 @@ _I64 = NDArray[np.int64]
 def bag_forward(
     weight: _Floating, idx: _Index, starts: _I64, pad: int, mode: int, psw: _Floating,
     out: _Floating, argmax: _I64, counts: _I64, n_threads: int,
-) -> None:
-    """Pool each bag's rows: sum (optionally weighted), mean or element-wise max."""
+) -> int:
+    """Pool each bag's rows: sum (optionally weighted), mean or element-wise max.
+
+    Returns the number of bags holding an out-of-range id (``counts[b] = -(e + 1)``
+    for such a bag, ``e`` its first bad entry)."""
+
+def simd_level() -> int:
+    """The SIMD level the sum/mean pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
+
+def set_simd_level(level: int) -> int:
+    """Run the sum/mean pooling at ``level`` (capped at what the CPU supports)."""
 
 def bag_counts(idx: _Index, starts: _I64, pad: int, counts: _I64, n_threads: int) -> None:
     """Number of non-padding entries of each bag."""

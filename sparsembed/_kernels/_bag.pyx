@@ -11,7 +11,7 @@ thread count.
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
@@ -32,80 +32,120 @@ cdef inline void _prefetch_row(
         prefetch_row(weight + idx[e] * dim, dim * sizeof(floating))
 
 
-cdef inline void _pool_bag(
-    const floating* weight,     # (num_embeddings, dim)
+cdef extern from "_simd_pool.h":
+    ctypedef int64_t (*pool_f32_i32_t)(
+        const float*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
+        int64_t, const float*, int64_t, int, float*, int64_t*) noexcept nogil
+    ctypedef int64_t (*pool_f32_i64_t)(
+        const float*, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, int64_t,
+        int64_t, const float*, int64_t, int, float*, int64_t*) noexcept nogil
+    ctypedef int64_t (*pool_f64_i32_t)(
+        const double*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
+        int64_t, const double*, int64_t, int, double*, int64_t*) noexcept nogil
+    ctypedef int64_t (*pool_f64_i64_t)(
+        const double*, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, int64_t,
+        int64_t, const double*, int64_t, int, double*, int64_t*) noexcept nogil
+    ctypedef struct pool_table "se_pool_table":
+        pool_f32_i32_t f32_i32
+        pool_f32_i64_t f32_i64
+        pool_f64_i32_t f64_i32
+        pool_f64_i64_t f64_i64
+    pool_table pool_table_at "sparsembed_pool_table"(int level) noexcept nogil
+    int pool_level "sparsembed_pool_level"() noexcept nogil
+    int pool_set_level "sparsembed_pool_set_level"(int level) noexcept nogil
+
+
+cdef inline int64_t _pool_sum(
+    const pool_table* fns,      # the sum kernels at the SIMD level in use
+    const floating* weight,     # (num_rows, dim)
+    int64_t num_rows,
+    int64_t dim,
+    const index_t* idx,
+    int64_t n,                  # entries in idx (rows past a bag are prefetched too)
+    const int64_t* starts,      # (n_bags + 1,)
+    int64_t b0,                 # bags b0..b1-1
+    int64_t b1,
+    int64_t pad,
+    const floating* psw,        # (n,) or NULL
+    int64_t ahead,              # prefetch distance in entries
+    bint mean,
+    floating* out,              # (n_bags, dim)
+    int64_t* counts,            # (n_bags,)
+) noexcept nogil:
+    # the (dtype, index dtype) variant of this specialisation; returns the number of
+    # bags holding an id outside [0, num_rows)
+    if floating is float:
+        if index_t is int32_t:
+            return fns.f32_i32(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
+                               ahead, mean, out, counts)
+        else:
+            return fns.f32_i64(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
+                               ahead, mean, out, counts)
+    else:
+        if index_t is int32_t:
+            return fns.f64_i32(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
+                               ahead, mean, out, counts)
+        else:
+            return fns.f64_i64(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
+                               ahead, mean, out, counts)
+
+
+cdef inline int64_t _max_bag(
+    const floating* weight,     # (num_rows, dim)
+    int64_t num_rows,
     int64_t dim,
     const index_t* idx,
     int64_t lo,
     int64_t hi,
     int64_t n,                  # entries in idx (rows past the bag are prefetched too)
     int64_t pad,
-    int mode,
-    const floating* psw,        # (n,) or NULL
+    int64_t ahead,              # prefetch distance in entries
     floating* out,              # (dim,)
-    int64_t* argmax,            # (dim,) or NULL
-    int64_t* count,
+    int64_t* argmax,            # (dim,)
 ) noexcept nogil:
+    # returns the count, or -(e + 1) for the first entry e with an id out of range
     cdef int64_t e, j, r, c = 0
     cdef const floating* w
-    cdef floating s
-    # rows are read at random: keep about 6 KiB of upcoming rows in flight (past
-    # the end of this bag: the first rows of the next bag are requested while this
-    # one is summed)
-    cdef int64_t PREFETCH_AHEAD = prefetch_distance(dim * sizeof(floating))
     memset(out, 0, dim * sizeof(floating))
-    if mode == MODE_MAX:
-        for e in range(lo, hi):
-            _prefetch_row(weight, dim, idx, e + PREFETCH_AHEAD, n)
-            r = idx[e]
-            if r == pad:
-                continue
-            w = weight + r * dim
-            if c == 0:
-                memcpy(out, w, dim * sizeof(floating))
-                for j in range(dim):
-                    argmax[j] = e
-            else:
-                # strict >: the first occurrence wins ties (torch's rule)
-                for j in range(dim):
-                    if w[j] > out[j]:
-                        out[j] = w[j]
-                        argmax[j] = e
-            c = c + 1
+    for e in range(lo, hi):
+        _prefetch_row(weight, dim, idx, e + ahead, n)
+        r = idx[e]
+        if <uint64_t> r >= <uint64_t> num_rows:
+            return -(e + 1)
+        if r == pad:
+            continue
+        w = weight + r * dim
         if c == 0:
+            memcpy(out, w, dim * sizeof(floating))
             for j in range(dim):
-                argmax[j] = -1
-    elif psw != NULL:
-        for e in range(lo, hi):
-            _prefetch_row(weight, dim, idx, e + PREFETCH_AHEAD, n)
-            r = idx[e]
-            if r == pad:
-                continue
-            w = weight + r * dim
-            s = psw[e]
+                argmax[j] = e
+        else:
+            # strict >: the first occurrence wins ties (torch's rule)
             for j in range(dim):
-                out[j] += s * w[j]
-            c = c + 1
-    else:
-        for e in range(lo, hi):
-            _prefetch_row(weight, dim, idx, e + PREFETCH_AHEAD, n)
-            r = idx[e]
-            if r == pad:
-                continue
-            w = weight + r * dim
-            for j in range(dim):
-                out[j] += w[j]
-            c = c + 1
-    count[0] = c
-    if mode == MODE_MEAN and c > 1:
-        s = <floating> c
+                if w[j] > out[j]:
+                    out[j] = w[j]
+                    argmax[j] = e
+        c = c + 1
+    if c == 0:
         for j in range(dim):
-            out[j] /= s
+            argmax[j] = -1
+    return c
+
+
+def simd_level():
+    """The SIMD level the sum/mean pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
+    return pool_level()
+
+
+def set_simd_level(int level):
+    """Run the sum/mean pooling at ``level`` (capped at what the CPU supports);
+    returns the level now in use. For tests: every level gives the same bits."""
+    return pool_set_level(level)
 
 
 def bag_forward(
-    const floating[:, ::1] weight,   # IN (num_embeddings, dim)
-    const index_t[::1] idx,          # IN (n,) validated ids
+    const floating[:, ::1] weight,   # IN (num_rows, dim)
+    const index_t[::1] idx,          # IN (n,) ids, checked here against num_rows
     const int64_t[::1] starts,       # IN (n_bags + 1,) bag bounds, starts[-1] <= n
     int64_t pad,                     # IN padding id, or -1
     int mode,                        # IN 0 sum, 1 mean, 2 max
@@ -118,32 +158,55 @@ def bag_forward(
     """Pool each bag's rows: sum (optionally weighted), mean or element-wise max.
 
     Padding entries are skipped and not counted; an empty bag (or one of padding
-    only) gives zeros, and in max mode an argmax of -1.
+    only) gives zeros, and in max mode an argmax of -1. Sums run in entry order per
+    column at every SIMD level, so the bits never depend on the CPU.
+
+    Ids are range-checked on the way (no row is read for a bad one), so a forward
+    needs no separate validation pass. Returns the number of bags holding an id
+    outside ``[0, num_rows)``; for such a bag ``counts[b]`` is ``-(e + 1)``, ``e``
+    its first bad entry, and ``out`` is garbage. Entries past ``starts[-1]`` are not
+    looked at. ``dim`` must be positive.
     """
     cdef int64_t n_bags = starts.shape[0] - 1
+    cdef int64_t num_rows = weight.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef int64_t n_idx = starts[n_bags] if n_bags >= 0 else 0
-    cdef int64_t b
+    cdef int64_t b, t, c
+    cdef int64_t n_bad = 0
     cdef const floating* w = NULL
     cdef const floating* ps = NULL
     cdef const index_t* ix = NULL
-    cdef int64_t* am = NULL
-    if n_bags <= 0:
-        return
-    if weight.shape[0] > 0:
-        w = &weight[0, 0] if dim > 0 else NULL
+    # rows are read at random: keep about 6 KiB of upcoming rows in flight (past
+    # the end of a bag: the first rows of the next bag are requested while this
+    # one is summed)
+    cdef int64_t ahead = prefetch_distance(dim * sizeof(floating))
+    cdef pool_table fns = pool_table_at(pool_level())
+    if n_bags <= 0 or dim <= 0:
+        return 0
+    if num_rows > 0:
+        w = &weight[0, 0]
     if idx.shape[0] > 0:
         ix = &idx[0]
     if psw.shape[0] > 0:
         ps = &psw[0]
+    if mode == MODE_MAX:
+        with nogil:
+            for b in prange(n_bags, schedule="static", num_threads=n_threads):
+                c = _max_bag(w, num_rows, dim, ix, starts[b], starts[b + 1], n_idx, pad,
+                             ahead, &out[b, 0], &argmax[b, 0])
+                counts[b] = c
+                if c < 0:
+                    n_bad += 1
+        return n_bad
+    # sum and mean: one kernel call per thread over a contiguous range of bags (the
+    # split prange(schedule="static") would make), so there is no call per bag
+    n_threads = max(1, min(n_threads, n_bags))
     with nogil:
-        for b in prange(n_bags, schedule="static", num_threads=n_threads):
-            if dim == 0:
-                counts[b] = 0
-                continue
-            _pool_bag(w, dim, ix, starts[b], starts[b + 1], n_idx, pad, mode, ps,
-                      &out[b, 0], &argmax[b, 0] if mode == MODE_MAX else NULL,
-                      &counts[b])
+        for t in prange(n_threads, schedule="static", num_threads=n_threads):
+            n_bad += _pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0],
+                               t * n_bags // n_threads, (t + 1) * n_bags // n_threads,
+                               pad, ps, ahead, mode == MODE_MEAN, &out[0, 0], &counts[0])
+    return n_bad
 
 
 def bag_counts(

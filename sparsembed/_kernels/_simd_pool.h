@@ -1,0 +1,266 @@
+/* Sum pooling of EmbeddingBag rows, built once per x86 SIMD level and picked at
+ * run time.
+ *
+ * Why: the wheel is built for the baseline ISA (SSE2 on x86-64), whose 4-wide adds
+ * leave a bag's sum compute-bound once its rows sit in cache (skewed ids, small
+ * tables), and -march=native would make a wheel that crashes on older CPUs. Here
+ * the same C body is compiled three times (baseline, AVX2, AVX-512F) through
+ * function target attributes, and the widest one the CPU and OS support is used.
+ *
+ * Results are bitwise identical at every level: each output column is summed over
+ * the bag's entries in entry order, lanes only run across columns, and the build
+ * passes -ffp-contract=off so that no level fuses the weighted sum's multiply-add.
+ *
+ * SPARSEMBED_SIMD=baseline|avx2|avx512 in the environment caps the level (read once,
+ * on first use); sparsembed_pool_set_level() does the same from the tests.
+ */
+#ifndef SPARSEMBED_SIMD_POOL_H
+#define SPARSEMBED_SIMD_POOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    #define SE_X86_DISPATCH 1
+    #define SE_TARGET(isa) __attribute__((target(isa)))
+#else
+    #define SE_X86_DISPATCH 0
+    #define SE_TARGET(isa)
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+    #define SE_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
+    #define SE_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+    #define SE_PREFETCH(p) ((void)0)
+    #define SE_ALWAYS_INLINE static inline
+#endif
+
+enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
+
+/* One pass over a bag's entries for the NV vectors of columns at j0, adding into
+ * acc[0:NV] (NV is a constant: the loops unroll and acc lives in registers).
+ * FIRST (a constant too): the first pass, which also prefetches the row `ahead`
+ * entries on, range-checks each id and counts the non-padding entries; later
+ * passes find their rows in cache and do none of it. */
+#define SE_ROW_LOOP(NV, FIRST, WEIGHTED)                                             \
+    for (e = lo; e < hi; e++) {                                                      \
+        int64_t r;                                                                   \
+        const SE_T* w;                                                               \
+        int v_;                                                                      \
+        {                                                                            \
+            /* this pass's lines of the row `ahead` entries on (a prefetch never    \
+               faults, even for an id still to be range-checked) */                 \
+            int64_t pe = e + ahead < n ? e + ahead : n - 1;                          \
+            const char* p = (const char*)(weight + (int64_t)idx[pe] * dim + j0);     \
+            int l_;                                                                  \
+            for (l_ = 0; l_ < (int)((NV * sizeof(VEC) + 63) / 64); l_++)             \
+                SE_PREFETCH(p + 64 * l_);                                            \
+        }                                                                            \
+        r = (int64_t)idx[e];                                                         \
+        if (FIRST && (uint64_t)r >= (uint64_t)num_rows) return -(e + 1);             \
+        if (r == pad) continue;                                                      \
+        if (FIRST) count++;                                                          \
+        w = weight + r * dim + j0;                                                   \
+        for (v_ = 0; v_ < NV; v_++) {                                                \
+            VEC x_;                                                                  \
+            memcpy(&x_, w + v_ * LANES, sizeof(VEC));                                \
+            if (WEIGHTED) x_ = psw[e] * x_;                                          \
+            acc[v_] += x_;                                                           \
+        }                                                                            \
+    }
+
+#define SE_CHUNK(NV, FIRST)                                                          \
+    do {                                                                             \
+        VEC acc[NV];                                                                 \
+        int i_;                                                                      \
+        for (i_ = 0; i_ < NV; i_++) acc[i_] = (VEC){0};                              \
+        if (psw) { SE_ROW_LOOP(NV, FIRST, 1) } else { SE_ROW_LOOP(NV, FIRST, 0) }    \
+        memcpy(out + j0, acc, sizeof(acc));                                          \
+        j0 += NV * LANES;                                                            \
+    } while (0)
+
+/* The columns j0..dim-1 one by one (fewer than one vector's worth), straight into
+ * out; FIRST as above, for a row narrower than one vector. */
+#define SE_TAIL(FIRST)                                                               \
+    do {                                                                             \
+        int64_t k;                                                                   \
+        for (k = j0; k < dim; k++) out[k] = 0;                                       \
+        for (e = lo; e < hi; e++) {                                                  \
+            int64_t r;                                                               \
+            const SE_T* w;                                                           \
+            {                                                                        \
+                int64_t pe = e + ahead < n ? e + ahead : n - 1;                      \
+                SE_PREFETCH(weight + (int64_t)idx[pe] * dim + j0);                   \
+                SE_PREFETCH(weight + (int64_t)idx[pe] * dim + dim - 1);              \
+            }                                                                        \
+            r = (int64_t)idx[e];                                                     \
+            if (FIRST && (uint64_t)r >= (uint64_t)num_rows) return -(e + 1);         \
+            if (r == pad) continue;                                                  \
+            if (FIRST) count++;                                                      \
+            w = weight + r * dim;                                                    \
+            if (psw) {                                                               \
+                SE_T s_ = psw[e];                                                    \
+                for (k = j0; k < dim; k++) out[k] += s_ * w[k];                      \
+            } else {                                                                 \
+                for (k = j0; k < dim; k++) out[k] += w[k];                           \
+            }                                                                        \
+        }                                                                            \
+    } while (0)
+
+/* NAME##_bag, one bag: out[0:dim] = sum_e (psw ? psw[e] : 1) * weight[idx[e]] over
+ * entries e in [lo, hi) whose id is not `pad`; rows of entries up to `ahead`
+ * positions past e (below n) are prefetched. Returns the number of non-padding
+ * entries, or -(e + 1) for the first entry e whose id is outside [0, num_rows) (no
+ * row is read for it; `out` is then left half-written). dim >= 1.
+ * VBYTES is the vector width of the level; columns go in chunks of 8, 4, 2, 1
+ * vectors (also 16 when WIDE: AVX-512 has 32 vector registers, so a 1 KiB row of
+ * floats is summed in one pass), the last dim % lanes columns one by one.
+ *
+ * NAME, bags b0..b1-1 (bag b is entries starts[b]..starts[b+1]-1; its result goes
+ * to out[b * dim:], its count or -(e + 1) to counts[b]), divided by their counts
+ * when `mean`: one call per thread, so no per-bag call. Returns the number of bags
+ * with an id out of range. */
+#define SE_DEFINE_POOL(NAME, T, I, ATTR, VBYTES, WIDE)                               \
+ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                            \
+    const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t lo,        \
+    int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, T* out)         \
+{                                                                                    \
+    typedef T SE_T;                                                                  \
+    typedef T VEC __attribute__((vector_size(VBYTES)));                              \
+    enum { LANES = VBYTES / sizeof(T) };                                             \
+    int64_t e, j0 = 0, count = 0;                                                    \
+    int64_t vectors = dim / LANES;                                                   \
+    if (WIDE && vectors >= 16) SE_CHUNK(16, 1);                                      \
+    else if (vectors >= 8) SE_CHUNK(8, 1);                                           \
+    else if (vectors >= 4) SE_CHUNK(4, 1);                                           \
+    else if (vectors >= 2) SE_CHUNK(2, 1);                                           \
+    else if (vectors == 1) SE_CHUNK(1, 1);                                           \
+    else {                                                                           \
+        SE_TAIL(1);                                                                  \
+        return count;                                                                \
+    }                                                                                \
+    while (WIDE && dim - j0 >= 16 * LANES) SE_CHUNK(16, 0);                          \
+    while (dim - j0 >= 8 * LANES) SE_CHUNK(8, 0);                                    \
+    if (dim - j0 >= 4 * LANES) SE_CHUNK(4, 0);                                       \
+    if (dim - j0 >= 2 * LANES) SE_CHUNK(2, 0);                                       \
+    if (dim - j0 >= LANES) SE_CHUNK(1, 0);                                           \
+    if (j0 < dim) SE_TAIL(0);                                                        \
+    return count;                                                                    \
+}                                                                                    \
+                                                                                     \
+ATTR static int64_t NAME(                                                            \
+    const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t n,         \
+    const int64_t* starts, int64_t b0, int64_t b1, int64_t pad, const T* psw,        \
+    int64_t ahead, int mean, T* out, int64_t* counts)                                \
+{                                                                                    \
+    int64_t b, k, n_bad = 0;                                                         \
+    for (b = b0; b < b1; b++) {                                                      \
+        T* o = out + b * dim;                                                        \
+        int64_t c = NAME##_bag(weight, num_rows, dim, idx, starts[b], starts[b + 1], \
+                               n, pad, psw, ahead, o);                               \
+        counts[b] = c;                                                               \
+        if (c < 0) {                                                                 \
+            n_bad++;                                                                 \
+        } else if (mean && c > 1) {                                                  \
+            T inv = (T)c;                                                            \
+            for (k = 0; k < dim; k++) o[k] = o[k] / inv;                             \
+        }                                                                            \
+    }                                                                                \
+    return n_bad;                                                                    \
+}
+
+typedef int64_t (*se_pool_f32_i32)(const float*, int64_t, int64_t, const int32_t*, int64_t,
+                                   const int64_t*, int64_t, int64_t, int64_t, const float*,
+                                   int64_t, int, float*, int64_t*);
+typedef int64_t (*se_pool_f32_i64)(const float*, int64_t, int64_t, const int64_t*, int64_t,
+                                   const int64_t*, int64_t, int64_t, int64_t, const float*,
+                                   int64_t, int, float*, int64_t*);
+typedef int64_t (*se_pool_f64_i32)(const double*, int64_t, int64_t, const int32_t*, int64_t,
+                                   const int64_t*, int64_t, int64_t, int64_t, const double*,
+                                   int64_t, int, double*, int64_t*);
+typedef int64_t (*se_pool_f64_i64)(const double*, int64_t, int64_t, const int64_t*, int64_t,
+                                   const int64_t*, int64_t, int64_t, int64_t, const double*,
+                                   int64_t, int, double*, int64_t*);
+
+SE_DEFINE_POOL(se_pool_f32_i32_base, float, int32_t, , 16, 0)
+SE_DEFINE_POOL(se_pool_f32_i64_base, float, int64_t, , 16, 0)
+SE_DEFINE_POOL(se_pool_f64_i32_base, double, int32_t, , 16, 0)
+SE_DEFINE_POOL(se_pool_f64_i64_base, double, int64_t, , 16, 0)
+#if SE_X86_DISPATCH
+SE_DEFINE_POOL(se_pool_f32_i32_avx2, float, int32_t, SE_TARGET("avx2"), 32, 0)
+SE_DEFINE_POOL(se_pool_f32_i64_avx2, float, int64_t, SE_TARGET("avx2"), 32, 0)
+SE_DEFINE_POOL(se_pool_f64_i32_avx2, double, int32_t, SE_TARGET("avx2"), 32, 0)
+SE_DEFINE_POOL(se_pool_f64_i64_avx2, double, int64_t, SE_TARGET("avx2"), 32, 0)
+SE_DEFINE_POOL(se_pool_f32_i32_avx512, float, int32_t, SE_TARGET("avx512f"), 64, 1)
+SE_DEFINE_POOL(se_pool_f32_i64_avx512, float, int64_t, SE_TARGET("avx512f"), 64, 1)
+SE_DEFINE_POOL(se_pool_f64_i32_avx512, double, int32_t, SE_TARGET("avx512f"), 64, 1)
+SE_DEFINE_POOL(se_pool_f64_i64_avx512, double, int64_t, SE_TARGET("avx512f"), 64, 1)
+#endif
+
+/* -1: not decided yet. Decided under the GIL (sparsembed_pool_level() is called
+ * by the Python-facing function before any parallel region). */
+static int se_pool_level = -1;
+
+static int se_pool_cpu_level(void) {
+#if SE_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return SE_LEVEL_AVX512;
+    if (__builtin_cpu_supports("avx2")) return SE_LEVEL_AVX2;
+#endif
+    return SE_LEVEL_BASELINE;
+}
+
+/* The level the CPU and OS support, capped by SPARSEMBED_SIMD when set. */
+static int sparsembed_pool_cpu_level(void) {
+    int level = se_pool_cpu_level();
+    const char* cap = getenv("SPARSEMBED_SIMD");
+    if (cap != NULL) {
+        int want = level;
+        if (strcmp(cap, "baseline") == 0) want = SE_LEVEL_BASELINE;
+        else if (strcmp(cap, "avx2") == 0) want = SE_LEVEL_AVX2;
+        else if (strcmp(cap, "avx512") == 0) want = SE_LEVEL_AVX512;
+        if (want < level) level = want;
+    }
+    return level;
+}
+
+static int sparsembed_pool_level(void) {
+    if (se_pool_level < 0) se_pool_level = sparsembed_pool_cpu_level();
+    return se_pool_level;
+}
+
+/* Use `level` (capped at what the CPU supports); returns the level now in use. */
+static int sparsembed_pool_set_level(int level) {
+    int top = se_pool_cpu_level();
+    se_pool_level = level < 0 ? 0 : (level > top ? top : level);
+    return se_pool_level;
+}
+
+#if SE_X86_DISPATCH
+    #define SE_PICK(T) (level == SE_LEVEL_AVX512 ? T##_avx512 : \
+                        level == SE_LEVEL_AVX2 ? T##_avx2 : T##_base)
+#else
+    #define SE_PICK(T) ((void)level, T##_base)
+#endif
+
+/* The four (dtype, index dtype) variants at one level. */
+typedef struct {
+    se_pool_f32_i32 f32_i32;
+    se_pool_f32_i64 f32_i64;
+    se_pool_f64_i32 f64_i32;
+    se_pool_f64_i64 f64_i64;
+} se_pool_table;
+
+static se_pool_table sparsembed_pool_table(int level) {
+    se_pool_table t;
+    t.f32_i32 = SE_PICK(se_pool_f32_i32);
+    t.f32_i64 = SE_PICK(se_pool_f32_i64);
+    t.f64_i32 = SE_PICK(se_pool_f64_i32);
+    t.f64_i64 = SE_PICK(se_pool_f64_i64);
+    return t;
+}
+
+#endif

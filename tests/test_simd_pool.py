@@ -1,0 +1,207 @@
+"""EmbeddingBag's sum/mean pooling, built for several SIMD levels and picked at run
+time (``_simd_pool.h``), and the id range check it does on the way (issue 6).
+
+Every level this CPU supports is run and compared bit for bit with a numpy
+reference that adds the rows in entry order, the order the kernel promises.
+"""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+import reference_bag as ref
+import sparsembed as se
+from sparsembed import functional as F
+from sparsembed._kernels import _bag
+
+LEVEL_NAMES = ("baseline", "avx2", "avx512")
+# every chunk width (8, 4, 2, 1 vectors) and column tail at each level, float32 and float64
+DIMS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 100, 127, 128,
+        129, 200, 256, 257, 300, 520]
+
+
+def _levels():
+    """The levels this CPU runs (asking for more is capped at the top one)."""
+    before = _bag.simd_level()
+    try:
+        return sorted({_bag.set_simd_level(level) for level in range(len(LEVEL_NAMES))})
+    finally:
+        _bag.set_simd_level(before)
+
+
+@pytest.fixture
+def at_level():
+    before = _bag.simd_level()
+    yield _bag.set_simd_level
+    _bag.set_simd_level(before)
+
+
+def _sequential_sums(weight, flat, starts, pad, mode, psw):
+    """Each bag's sum in weight's dtype, adding rows in entry order (numpy rounds each
+    product and each sum once, like the kernel, which never fuses a multiply-add)."""
+    dt = weight.dtype.type
+    out = np.zeros((starts.size - 1, weight.shape[1]), dtype=weight.dtype)
+    counts = np.zeros(starts.size - 1, dtype=np.int64)
+    for b in range(starts.size - 1):
+        acc = np.zeros(weight.shape[1], dtype=weight.dtype)
+        for e in range(starts[b], starts[b + 1]):
+            if flat[e] == pad:
+                continue
+            row = weight[flat[e]]
+            acc = acc + (row if psw is None else dt(psw[e]) * row)
+            counts[b] += 1
+        if mode == 1 and counts[b] > 1:
+            acc = acc / dt(counts[b])
+        out[b] = acc
+    return out, counts
+
+
+def _batch(rng, V, n_bags, dtype, idx_dtype, max_len=40):
+    lengths = rng.integers(0, max_len, size=n_bags)
+    lengths[::7] = 0  # empty bags too
+    starts = np.zeros(n_bags + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    flat = rng.integers(0, V, size=int(starts[-1]) + 5).astype(idx_dtype)  # + unbagged tail
+    flat[::5] = 3  # duplicates of a hot row
+    return flat, starts
+
+
+@pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("mode,weighted", [(0, False), (0, True), (1, False)])
+def test_every_level_gives_the_sequential_sum_bit_for_bit(level, idx_dtype, mode, weighted,
+                                                          dtype, rng, at_level):
+    if level not in _levels():
+        pytest.skip(f"this CPU lacks {LEVEL_NAMES[level]}")
+    assert at_level(level) == level
+    V = 50
+    for dim in DIMS:
+        weight = rng.standard_normal((V, dim)).astype(dtype)
+        flat, starts = _batch(rng, V, 23, dtype, idx_dtype)
+        psw = rng.standard_normal(flat.size).astype(dtype) if weighted else None
+        for pad in (-1, 3):
+            out = np.full((starts.size - 1, dim), np.nan, dtype=dtype)
+            counts = np.full(starts.size - 1, -7, dtype=np.int64)
+            n_bad = _bag.bag_forward(weight, flat, starts, pad, mode,
+                                     np.empty(0, dtype) if psw is None else psw, out,
+                                     np.empty((0, 0), np.int64), counts, 2)
+            expected, expected_counts = _sequential_sums(weight, flat, starts, pad, mode, psw)
+            assert n_bad == 0
+            assert_array_equal(counts, expected_counts)
+            assert out.tobytes() == expected.tobytes(), (dim, pad)
+
+
+@pytest.mark.parametrize("dim", [64, 256, 96])
+def test_levels_agree_on_a_skewed_batch_with_the_public_function(dim, dtype, rng, at_level):
+    V = 5000
+    weight = rng.standard_normal((V, dim)).astype(dtype)
+    ids = np.minimum(rng.zipf(1.2, size=(512, 32)) - 1, V - 1)
+    psw = rng.random(ids.shape).astype(dtype)
+    results = []
+    for level in _levels():
+        at_level(level)
+        results.append([F.embedding_bag(ids, weight, mode="sum").tobytes(),
+                        F.embedding_bag(ids, weight, mode="mean", padding_idx=0).tobytes(),
+                        F.embedding_bag(ids, weight, mode="sum",
+                                        per_sample_weights=psw).tobytes()])
+    assert all(r == results[0] for r in results)
+    expected = ref.embedding_bag(weight, ids.reshape(-1),
+                                 ref.bag_starts(ids.size, shape2d=ids.shape), "sum")
+    np.testing.assert_allclose(F.embedding_bag(ids, weight, mode="sum"), expected,
+                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
+
+
+def test_level_is_reported_and_capped_by_the_environment(run_python):
+    code = ("import sparsembed as se; from sparsembed._kernels import _bag; "
+            "print(_bag.simd_level(), se.show_config()['simd'])")
+    top = _levels()[-1]
+    out = run_python(code).stdout.split()
+    assert out == [str(top), LEVEL_NAMES[top]]
+    for cap, level in (("baseline", 0), ("avx2", min(1, top)), ("avx512", top)):
+        out = run_python(code, env={"SPARSEMBED_SIMD": cap}).stdout.split()
+        assert out == [str(level), LEVEL_NAMES[level]], cap
+    # an unknown name leaves the CPU's level (the variable only ever lowers it)
+    assert run_python(code, env={"SPARSEMBED_SIMD": "sse9"}).stdout.split()[0] == str(top)
+
+
+def test_set_level_is_capped(at_level):
+    top = _levels()[-1]
+    assert at_level(99) == top
+    assert at_level(-3) == 0
+
+
+# ------------------------------------------------- the range check of the pooling kernel
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("bad", [10, -1, 2 ** 31 - 1, -(2 ** 31)])
+def test_forward_names_the_first_bad_id(mode, idx_dtype, bad, rng):
+    weight = rng.standard_normal((10, 6)).astype(np.float32)
+    before = weight.copy()
+    ids = rng.integers(0, 10, size=(400, 5)).astype(idx_dtype)
+    ids[250, 1] = bad  # later bags hold other bad ids: the first in input order is named
+    ids[300, 0] = 11
+    ids[399, 4] = -5
+    with pytest.raises(IndexError, match=rf"index {bad} at position {250 * 5 + 1} is out of "
+                                         r"range for 10 embeddings \(valid: 0\.\.9\)"):
+        F.embedding_bag(ids, weight, mode=mode)
+    assert_array_equal(weight, before)
+
+    layer = se.EmbeddingBag.from_pretrained(weight, freeze=False, mode=mode)
+    good = np.array([[1, 2], [3, 3]])
+    expected = layer(good)
+    grad = layer.backward(np.ones((2, 6), np.float32)).copy()
+    with pytest.raises(IndexError, match=rf"index {bad} at position {250 * 5 + 1}"):
+        layer(ids)
+    # nothing changed: the table, the gradient, and the batch the backward will use
+    assert_array_equal(layer.weight, before)
+    assert_array_equal(layer.grad, grad)
+    assert_array_equal(layer(good), expected)
+
+
+def test_forward_checks_entries_past_the_last_bag(rng):
+    # include_last_offset: entries after the last offset belong to no bag and are never
+    # read, but an id there is still an error (as it is for torch)
+    weight = rng.standard_normal((10, 4))
+    ids = np.array([1, 2, 3, 4, 77, 5])
+    for fn in (lambda: F.embedding_bag(ids, weight, np.array([0, 2, 4]), mode="sum",
+                                       include_last_offset=True),
+               lambda: se.EmbeddingBag.from_pretrained(weight, include_last_offset=True)(
+                   ids, np.array([0, 2, 4]))):
+        with pytest.raises(IndexError, match="index 77 at position 4"):
+            fn()
+    # a bad id inside a bag is named before one past the last bag
+    ids = np.array([1, 99, 3, 4, 77, 5])
+    with pytest.raises(IndexError, match="index 99 at position 1"):
+        F.embedding_bag(ids, weight, np.array([0, 2, 4]), include_last_offset=True)
+
+
+def test_range_check_of_every_path(rng):
+    # renorm, float16 and zero-width tables check the ids before the kernel runs
+    ids = np.array([[0, 1], [2, 12]])
+    weight = rng.standard_normal((5, 3))
+    for kwargs in ({"max_norm": 1.0}, {}):
+        with pytest.raises(IndexError, match="index 12 at position 3"):
+            F.embedding_bag(ids, weight.copy(), **kwargs)
+    with pytest.raises(IndexError, match="index 12 at position 3"):
+        F.embedding_bag(ids, np.zeros((5, 0)))
+    with pytest.raises(IndexError, match="index 12 at position 3"):
+        F.embedding_bag(ids, weight.astype(np.float16))
+    with pytest.raises(IndexError, match="index 12 at position 3"):
+        se.EmbeddingBag.from_pretrained(weight.astype(np.float16))(ids)
+    with pytest.raises(IndexError, match="index 12 at position 3"):
+        se.EmbeddingBag(5, 0)(ids)
+
+
+def test_kernel_counts_the_bags_with_bad_ids():
+    weight = np.ones((4, 3), np.float32)
+    flat = np.array([0, 9, 1, 2, -1, 3, 5], dtype=np.int64)
+    starts = np.array([0, 2, 4, 7], dtype=np.int64)
+    out = np.empty((3, 3), np.float32)
+    counts = np.empty(3, np.int64)
+    for mode in (0, 1, 2):
+        argmax = np.empty((3, 3), np.int64) if mode == 2 else np.empty((0, 0), np.int64)
+        n_bad = _bag.bag_forward(weight, flat, starts, -1, mode, np.empty(0, np.float32), out,
+                                 argmax, counts, 2)
+        assert n_bad == 2
+        assert counts[0] == -(1 + 1) and counts[1] == 2 and counts[2] == -(4 + 1)
