@@ -90,12 +90,42 @@ def make_ids(rng, dist, V, B):
 # timing
 
 
-def time_round_robin(cases, repeat, warmup=1):
+def _balanced_orders(n):
+    """Orders of ``n`` candidates in which each one directly follows every other one
+    equally often (a Williams design: ``n`` orders for even ``n``, ``2 n`` for odd)."""
+    base, lo, hi = [0], 1, n - 1
+    for i in range(1, n):
+        if i % 2:
+            base.append(lo)
+            lo += 1
+        else:
+            base.append(hi)
+            hi -= 1
+    orders = [[(b + r) % n for b in base] for r in range(n)]
+    if n % 2:
+        orders += [order[::-1] for order in orders]
+    return orders
+
+
+def time_round_robin(cases, repeat, warmup=1, settle=3):
     """Median seconds of each callable in ``cases`` (dict name -> f), timed round-robin.
 
-    The result of a call is released after the clock stops, so freeing it is not timed.
+    Fairness between candidates: on the machine these figures come from the L3 (260
+    MiB) holds a whole 1e6 x 64 float32 table, so a call's time depends on what ran
+    before it. Measured (EmbeddingBag sum, D=64, uniform): right after numpy's
+    ``take().sum()`` (64 MB of fresh pages and dirty lines) both sparsembed and
+    torch need about 4 calls to get back to their steady time (1.9x slower on the
+    first); timed straight after each other, the same two kernels swapped a 1.7x lead
+    depending on the order. So each timed call follows ``settle`` untimed calls of
+    the same candidate (the steady state of a loop calling it), and the rounds go
+    through orders in which each candidate follows every other one equally often
+    (``repeat`` is rounded up to a whole number of such cycles). The result of a call
+    is released after the clock stops, so freeing it is not timed.
     """
-    times = {name: [] for name in cases}
+    names = list(cases)
+    orders = _balanced_orders(len(names))
+    rounds = -(-repeat // len(orders)) * len(orders)
+    times = {name: [] for name in names}
     gc_was = gc.isenabled()
     gc.disable()
     try:
@@ -103,8 +133,13 @@ def time_round_robin(cases, repeat, warmup=1):
             for f in cases.values():
                 res = f()
                 del res
-        for _ in range(repeat):
-            for name, f in cases.items():
+        for r in range(rounds):
+            for i in orders[r % len(orders)]:
+                name = names[i]
+                f = cases[name]
+                for _ in range(settle):  # this candidate's own steady state
+                    res = f()
+                    del res
                 t0 = time.perf_counter()
                 res = f()
                 t1 = time.perf_counter()

@@ -33,9 +33,11 @@
 #if defined(__GNUC__) || defined(__clang__)
     #define SE_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
     #define SE_ALWAYS_INLINE static inline __attribute__((always_inline))
+    #define SE_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
     #define SE_PREFETCH(p) ((void)0)
     #define SE_ALWAYS_INLINE static inline
+    #define SE_UNLIKELY(x) (x)
 #endif
 
 enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
@@ -60,7 +62,7 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
                 SE_PREFETCH(p + 64 * l_);                                            \
         }                                                                            \
         r = (int64_t)idx[e];                                                         \
-        if (FIRST && (uint64_t)r >= (uint64_t)num_rows) return -(e + 1);             \
+        if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) return -(e + 1); \
         if (r == pad) continue;                                                      \
         if (FIRST) count++;                                                          \
         w = weight + r * dim + j0;                                                   \
@@ -97,7 +99,7 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
                 SE_PREFETCH(weight + (int64_t)idx[pe] * dim + dim - 1);              \
             }                                                                        \
             r = (int64_t)idx[e];                                                     \
-            if (FIRST && (uint64_t)r >= (uint64_t)num_rows) return -(e + 1);         \
+            if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) return -(e + 1);\
             if (r == pad) continue;                                                  \
             if (FIRST) count++;                                                      \
             w = weight + r * dim;                                                    \
