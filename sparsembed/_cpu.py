@@ -7,6 +7,7 @@ signatures; :func:`sparsembed._backend.get_backend` picks one from the device.
 import numpy as np
 
 from sparsembed import _half, _rowsparse
+from sparsembed._rowsparse import STREAM_BYTES
 from sparsembed._rowplan import RowPlan  # noqa: F401 - part of the backend interface
 from sparsembed._kernels import _backward, _bag, _lookup, _plan, _pool
 from sparsembed._threads import get_num_threads, threads_for  # noqa: F401
@@ -59,7 +60,7 @@ def gather(weight, flat):
     if _half.is_half(weight):
         return _half.gather(weight, flat)
     out = _pool.empty((flat.shape[0], weight.shape[1]), weight.dtype)
-    _lookup.gather(weight, flat, out, threads_for(out.size))
+    _lookup.gather(weight, flat, out, threads_for(out.size), out.nbytes >= STREAM_BYTES)
     return out
 
 
@@ -78,7 +79,8 @@ def dense_grad(grad2d, plan, num_rows, scale_grad_by_freq):
     out = _pool.empty((num_rows, grad2d.shape[1]), grad2d.dtype)
     _backward.dense_backward_fill(grad2d, plan.perm, plan.rows, plan.starts,
                                   scale_grad_by_freq, out,
-                                  threads_for(grad2d.size + out.size // 8))
+                                  threads_for(grad2d.size + out.size // 8),
+                                  out.nbytes >= STREAM_BYTES)
     return out
 
 
@@ -86,7 +88,7 @@ def row_grad(grad2d, plan, scale_grad_by_freq):
     """(n_rows, dim) per-row sums, one per distinct planned id, in ``plan.rows`` order."""
     out = _pool.empty((plan.rows.shape[0], grad2d.shape[1]), grad2d.dtype)
     _backward.row_sums(grad2d, plan.perm, plan.starts, scale_grad_by_freq, out,
-                       threads_for(grad2d.size))
+                       threads_for(grad2d.size), out.nbytes >= STREAM_BYTES)
     return out
 
 

@@ -13,6 +13,15 @@ from sparsembed._kernels import _backward, _pool
 from sparsembed._threads import threads_for
 
 
+# Outputs at least this large are written with non-temporal stores (the gather, the
+# dense backward, row sums, csr indices). A plain store to a line that is not cached
+# first reads it (read-for-ownership); an output this big would not stay in most
+# L2/L3 caches for its consumer anyway, so streaming it halves the write traffic and
+# keeps the table rows cached. Measured on the benchmark machine: the forward of
+# 262,144 ids at D = 256 (256 MB) 1.4-2x faster, at D = 64 (64 MB) 1.25-1.35x.
+STREAM_BYTES = 32 << 20
+
+
 def _index_dtype(num_rows, nnz):
     limit = np.iinfo(np.int32).max
     return np.int32 if max(num_rows, nnz) <= limit else np.int64
@@ -35,16 +44,35 @@ def from_rows(rows, data, num_rows):
     indptr = _pool.empty((num_rows + 1,), idx_dtype)
     indices = _pool.empty((n_rows * dim,), idx_dtype)
     _backward.fill_row_csr(np.ascontiguousarray(rows, dtype=np.int64), num_rows, indptr,
-                           indices, dim, threads_for(num_rows + n_rows * dim))
+                           indices, dim, threads_for(num_rows + n_rows * dim),
+                           indices.nbytes >= STREAM_BYTES)
     out = sp.csr_array((data.reshape(-1), indices, indptr), shape=(num_rows, dim), copy=False)
     out.has_sorted_indices = True
     out.has_canonical_format = True
+    # the row list, so stored_rows() need not scan the O(num_rows) row pointer (an
+    # optimizer step would otherwise pay ~1 ms per million rows for it)
+    out.__dict__[_ROWS_KEY] = (rows, indptr)
     return out
 
 
+_ROWS_KEY = "_sparsembed_rows"
+
+
 def stored_rows(mat):
-    """Sorted ids of the non-empty rows of a csr matrix."""
+    """Sorted ids of the non-empty rows of a csr matrix.
+
+    A matrix built by :func:`from_rows` carries its row list; it is used when the
+    matrix still has the same row pointer array and that array still says exactly
+    those rows hold entries (checked in O(rows): their lengths add up to nnz, so no
+    other row can hold any). Otherwise the row pointer is scanned.
+    """
     indptr = mat.indptr
+    cached = mat.__dict__.get(_ROWS_KEY)
+    if cached is not None and cached[1] is indptr:
+        rows = cached[0]
+        lengths = indptr[rows + 1] - indptr[rows]
+        if indptr[0] == 0 and (lengths > 0).all() and lengths.sum() == indptr[-1]:
+            return rows
     return np.flatnonzero(indptr[1:] != indptr[:-1])
 
 

@@ -113,7 +113,8 @@ def test_stub_checker_sees_a_mismatch():
     assert _public_stub_functions(tree) == {"gather": ["weight", "idx", "out"]}
     from sparsembed._kernels import _lookup
 
-    assert _public_compiled_functions(_lookup)["gather"] == ["weight", "idx", "out", "n_threads"]
+    assert _public_compiled_functions(_lookup)["gather"] == ["weight", "idx", "out", "n_threads",
+                                                             "stream"]
 
 
 # ------------------------------------------------------------------------ metadata

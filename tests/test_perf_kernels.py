@@ -124,6 +124,32 @@ def test_gather_prefetch_tail_and_row_sizes(rng, dtype, dim):
             assert_array_equal(out, weight[ids])
 
 
+@pytest.mark.parametrize("dim", [1, 3, 4, 5, 16, 64, 300])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_gather_with_streaming_stores(rng, dtype, dim, offset):
+    # non-temporal stores on 16-byte aligned rows, plain copies for the rest (an
+    # output that starts off alignment, rows whose size is not a multiple of 16)
+    weight = rng.standard_normal((97, dim)).astype(dtype)
+    for n in (1, 5, 33, 200):
+        ids = rng.integers(0, 97, size=n)
+        for T in (1, 2, 3):
+            buf = np.full(n * dim + offset, np.nan, dtype=dtype)
+            out = buf[offset:].reshape(n, dim)
+            _lookup.gather(weight, ids, out, T, True)
+            assert_array_equal(out, weight[ids])
+
+
+def test_large_lookups_stream_and_match(rng, monkeypatch, dtype):
+    from sparsembed import functional as F
+
+    weight = rng.standard_normal((1000, 24)).astype(dtype)
+    ids = rng.integers(0, 1000, size=(50, 7))
+    plain = F.embedding(ids, weight)
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)  # every output streamed
+    assert_array_equal(F.embedding(ids, weight), plain)
+    assert_array_equal(plain, weight[ids])
+
+
 def test_threads_for():
     from sparsembed._threads import PARALLEL_GRAIN, threads_for
 
@@ -221,6 +247,68 @@ def test_dense_grad_in_reused_dirty_memory_is_zero_elsewhere(rng, dtype, threads
     _pool.clear()
 
 
+@pytest.mark.parametrize("dim", [1, 3, 4, 16, 33])
+@pytest.mark.parametrize("scale", [False, True])
+def test_streamed_dense_backward_equals_the_plain_one(rng, dtype, dim, scale):
+    V = 3000
+    for ids in (rng.integers(0, V, size=2000), np.minimum(rng.zipf(1.3, 2000) - 1, V - 1),
+                np.array([V - 1, 0, 0]), np.array([], np.int64)):
+        grad = rng.standard_normal((ids.size, dim)).astype(dtype)
+        plan = _cpu.plan_rows(ids, V, 7)
+        plain = np.full((V, dim), np.nan, dtype=dtype)
+        _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, scale, plain, 1)
+        for T in (1, 2, 3):
+            for offset in (0, 1):  # an output off 16-byte alignment: plain stores
+                buf = np.full(V * dim + offset, np.nan, dtype=dtype)
+                out = buf[offset:].reshape(V, dim)
+                _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, scale,
+                                              out, T, True)
+                assert out.tobytes() == plain.tobytes(), (T, offset)
+
+
+@pytest.mark.parametrize("dim", [1, 3, 4, 16, 33])
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_streamed_row_sums_and_csr_structure_equal_the_plain_ones(rng, dtype, dim,
+                                                                   idx_dtype):
+    V = 3000
+    for ids in (rng.integers(0, V, size=2000), np.minimum(rng.zipf(1.3, 2000) - 1, V - 1),
+                np.array([5])):
+        grad = rng.standard_normal((ids.size, dim)).astype(dtype)
+        plan = _cpu.plan_rows(ids, V, None)
+        U = plan.rows.shape[0]
+        plain = np.empty((U, dim), dtype=dtype)
+        _backward.row_sums(grad, plan.perm, plan.starts, True, plain, 1)
+        plain_ptr = np.empty(V + 1, idx_dtype)
+        plain_idx = np.empty(U * dim, idx_dtype)
+        _backward.fill_row_csr(plan.rows, V, plain_ptr, plain_idx, dim, 1)
+        assert_array_equal(plain_idx.reshape(U, dim), np.broadcast_to(np.arange(dim), (U, dim)))
+        for T in (1, 2, 3):
+            out = np.full((U, dim), np.nan, dtype=dtype)
+            _backward.row_sums(grad, plan.perm, plan.starts, True, out, T, True)
+            assert out.tobytes() == plain.tobytes()
+            ptr = np.full(V + 1, -1, idx_dtype)
+            ind = np.full(U * dim, -1, idx_dtype)
+            _backward.fill_row_csr(plan.rows, V, ptr, ind, dim, T, True)
+            assert_array_equal(ptr, plain_ptr)
+            assert_array_equal(ind, plain_idx)
+
+
+def test_large_dense_gradients_stream_and_match(rng, monkeypatch, dtype):
+    from sparsembed import functional as F
+
+    ids = rng.integers(0, 500, size=(40, 3))
+    grad = rng.standard_normal((40, 3, 8)).astype(dtype)
+    plain = F.embedding_backward(grad, ids, 500, scale_grad_by_freq=True).copy()
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+    assert F.embedding_backward(grad, ids, 500, scale_grad_by_freq=True).tobytes() == \
+        plain.tobytes()
+    counts = np.bincount(ids.ravel(), minlength=500)
+    expected = np.zeros((500, 8))
+    np.add.at(expected, ids.ravel(), grad.reshape(-1, 8).astype(np.float64))
+    expected /= np.maximum(counts, 1)[:, None]
+    np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_row_values_trusts_the_canonical_flag_and_checks_otherwise(rng):
     import scipy.sparse as sp
 
@@ -246,3 +334,23 @@ def test_row_values_trusts_the_canonical_flag_and_checks_otherwise(rng):
     r3, v3 = _rowsparse.row_values(shuffled)
     assert_array_equal(r3, rows)
     assert_array_equal(v3, vals)
+
+
+def test_stored_rows_uses_the_row_list_only_while_the_row_pointer_agrees(rng):
+    from sparsembed import _rowsparse
+
+    rows = np.array([0, 3, 6], dtype=np.int64)
+    vals = rng.standard_normal((3, 2)).astype(np.float32)
+    mat = _rowsparse.from_rows(rows, vals, 7)
+    assert _rowsparse.stored_rows(mat) is rows  # no O(num_rows) scan
+    # the row pointer rewritten in place, row 3's entries moved to row 4: the
+    # cached list fails its check and the row pointer is scanned again
+    mat.indptr[4] = 2
+    mat.indptr[5] = 4  # rows: 0 (0..2), 3 (2..2, empty), 4 (2..4), 6 (4..6)
+    assert_array_equal(_rowsparse.stored_rows(mat), [0, 4, 6])
+    # a new row pointer array: the cached list no longer applies
+    mat.indptr = mat.indptr.copy()
+    assert_array_equal(_rowsparse.stored_rows(mat), [0, 4, 6])
+    # empty gradient
+    empty = _rowsparse.from_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), 5)
+    assert _rowsparse.stored_rows(empty).size == 0

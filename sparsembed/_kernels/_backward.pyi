@@ -30,9 +30,10 @@ def dense_backward_fill(
     scale_by_count: bool,
     out: _Floating,
     n_threads: int,
+    stream: bool = False,
 ) -> None:
     """:func:`dense_backward` into an uninitialised ``out``: the rows no id touches
-    are zeroed in the same pass."""
+    are zeroed in the same pass (``stream``: non-temporal stores)."""
 
 def row_sums(
     grad: _Floating,
@@ -41,8 +42,10 @@ def row_sums(
     scale_by_count: bool,
     out: _Floating,
     n_threads: int,
+    stream: bool = False,
 ) -> None:
-    """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count)."""
+    """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count); ``stream``:
+    non-temporal stores."""
 
 def fill_row_csr(
     rows: NDArray[np.int64],
@@ -51,5 +54,7 @@ def fill_row_csr(
     indices: _Index,
     dim: int,
     n_threads: int,
+    stream: bool = False,
 ) -> None:
-    """CSR structure of a matrix whose non-empty rows are ``rows``, each full."""
+    """CSR structure of a matrix whose non-empty rows are ``rows``, each full
+    (``stream``: the indices with non-temporal stores)."""

@@ -8,9 +8,16 @@ thread count and no atomics are needed.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+from sparsembed._kernels._memory cimport (
+    prefetch_distance,
+    prefetch_row,
+    stream_fence,
+    stream_row,
+    stream_zero,
+)
 from sparsembed._kernels._types cimport index_t
 
 
@@ -37,6 +44,7 @@ cdef void _sum_segments(
     bint scale_by_count,
     floating* out,
     int64_t zero_upto,         # >= 0: also zero the rows no segment writes (see below)
+    floating* scratch,         # (dim,) or NULL: stream the output (see below)
 ) noexcept nogil:
     """Sum segments ``u_lo..u_hi - 1``, each in input order, into their output rows.
 
@@ -44,6 +52,10 @@ cdef void _sum_segments(
     ``rows[u - 1]`` and ``rows[u]`` are zeroed before row ``rows[u]`` is written, and
     the last block also zeroes ``rows[-1] + 1 .. zero_upto - 1``: one pass writes
     every row of the table once.
+
+    With ``scratch`` (a large dense output) each row is summed in ``scratch`` (in
+    L1) and written once with non-temporal stores, zero rows too: no line of the
+    output is read before it is written. The sums are the same either way.
 
     The grad rows are read in plan order, i.e. at random: the row ``ahead`` plan
     positions further on is prefetched while the current one is added.
@@ -54,6 +66,7 @@ cdef void _sum_segments(
     cdef int64_t u, k, j, lo, hi
     cdef const floating* src
     cdef floating* dst
+    cdef floating* acc
     cdef floating inv
     cdef int64_t prev
     for u in range(u_lo, u_hi):
@@ -63,40 +76,55 @@ cdef void _sum_segments(
         if zero_upto >= 0:
             prev = rows[u - 1] + 1 if u > 0 else 0
             if rows[u] > prev:
-                memset(out + prev * dim, 0, (rows[u] - prev) * row_bytes)
+                if scratch != NULL:
+                    stream_zero(out + prev * dim, (rows[u] - prev) * row_bytes)
+                else:
+                    memset(out + prev * dim, 0, (rows[u] - prev) * row_bytes)
         if lo + ahead < k_end:
             prefetch_row(grad + perm[lo + ahead] * dim, row_bytes)
+        if scratch != NULL and hi - lo == 1:
+            stream_row(dst, grad + perm[lo] * dim, row_bytes)
+            continue
+        acc = scratch if scratch != NULL else dst
         # the first occurrence is copied, not added to zeros: no zero-fill needed
-        memcpy(dst, grad + perm[lo] * dim, row_bytes)
+        memcpy(acc, grad + perm[lo] * dim, row_bytes)
         for k in range(lo + 1, hi):
             if k + ahead < k_end:
                 prefetch_row(grad + perm[k + ahead] * dim, row_bytes)
             src = grad + perm[k] * dim
             for j in range(dim):
-                dst[j] += src[j]
+                acc[j] += src[j]
         if scale_by_count and hi - lo > 1:
             inv = <floating> (hi - lo)
             for j in range(dim):
-                dst[j] /= inv
-
+                acc[j] /= inv
+        if scratch != NULL:
+            stream_row(dst, acc, row_bytes)
+    if scratch != NULL:
+        stream_fence()
 
 
 cdef void _zero_tail(floating* out, int64_t dim, const int64_t* rows, int64_t n_rows,
-                     int64_t zero_upto) noexcept nogil:
+                     int64_t zero_upto, bint stream) noexcept nogil:
     cdef int64_t first = rows[n_rows - 1] + 1 if n_rows > 0 else 0
     if zero_upto > first:
-        memset(out + first * dim, 0, (zero_upto - first) * dim * sizeof(floating))
+        if stream:
+            stream_zero(out + first * dim, (zero_upto - first) * dim * sizeof(floating))
+            stream_fence()
+        else:
+            memset(out + first * dim, 0, (zero_upto - first) * dim * sizeof(floating))
 
 
 cdef void _sum_all(
     const floating* grad, int64_t dim, const int64_t* perm, const int64_t* starts,
     const int64_t* rows, int64_t n_rows, bint scale_by_count, floating* out,
-    int64_t zero_upto, int n_threads,
+    int64_t zero_upto, int n_threads, floating* scratch,
 ) noexcept nogil:
     """Split the segments into one block per thread with about the same number of
     grad rows each (a Zipf batch has a few very long segments), then sum each block.
     Each row is still summed by one thread in input order: the result does not
-    depend on the thread count."""
+    depend on the thread count. ``scratch``: NULL, or (n_threads, dim) to stream the
+    output (see :func:`_sum_segments`)."""
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef int64_t m = starts[n_rows]
     cdef int64_t t, u_lo, u_hi
@@ -104,18 +132,18 @@ cdef void _sum_all(
         T = n_rows
     if T <= 1:
         _sum_segments(grad, dim, perm, starts, rows, 0, n_rows, scale_by_count, out,
-                      zero_upto)
+                      zero_upto, scratch)
         if zero_upto >= 0:
-            _zero_tail(out, dim, rows, n_rows, zero_upto)
+            _zero_tail(out, dim, rows, n_rows, zero_upto, scratch != NULL)
         return
     for t in prange(T, schedule="static", num_threads=T):
         u_lo = 0 if t == 0 else _lower_bound(starts, n_rows, (m * t) // T)
         u_hi = n_rows if t == T - 1 else _lower_bound(starts, n_rows, (m * (t + 1)) // T)
         if u_lo < u_hi:
             _sum_segments(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out,
-                          zero_upto)
+                          zero_upto, scratch + t * dim if scratch != NULL else NULL)
         if t == T - 1 and zero_upto >= 0:
-            _zero_tail(out, dim, rows, n_rows, zero_upto)
+            _zero_tail(out, dim, rows, n_rows, zero_upto, scratch != NULL)
 
 
 def dense_backward(
@@ -134,7 +162,7 @@ def dense_backward(
         return
     with nogil:
         _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
-                 scale_by_count, &out[0, 0], -1, n_threads)
+                 scale_by_count, &out[0, 0], -1, n_threads, NULL)
 
 
 def dense_backward_fill(
@@ -145,20 +173,36 @@ def dense_backward_fill(
     bint scale_by_count,
     floating[:, ::1] out,            # OUT (num_embeddings, dim), any content
     int n_threads,
+    bint stream=False,               # IN write out with non-temporal stores
 ):
     """:func:`dense_backward` into an uninitialised ``out``: the rows no id touches
-    are zeroed in the same pass, so ``out`` need not be zero-filled first."""
+    are zeroed in the same pass, so ``out`` need not be zero-filled first. With
+    ``stream`` every row is written once with non-temporal stores (a large table:
+    its lines are not read before they are written)."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = grad.shape[1]
     cdef int64_t num_rows = out.shape[0]
+    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef floating* scratch = NULL
     if num_rows == 0 or dim == 0:
         return
-    with nogil:
-        if n_rows == 0:
-            memset(&out[0, 0], 0, num_rows * dim * sizeof(floating))
-        else:
-            _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
-                     scale_by_count, &out[0, 0], num_rows, n_threads)
+    if stream and n_rows > 0:
+        scratch = <floating*> malloc(T * dim * sizeof(floating))
+        if scratch == NULL:
+            raise MemoryError()
+    try:
+        with nogil:
+            if n_rows == 0:
+                if stream:
+                    stream_zero(&out[0, 0], num_rows * dim * sizeof(floating))
+                    stream_fence()
+                else:
+                    memset(&out[0, 0], 0, num_rows * dim * sizeof(floating))
+            else:
+                _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
+                         scale_by_count, &out[0, 0], num_rows, n_threads, scratch)
+    finally:
+        free(scratch)
 
 
 def row_sums(
@@ -168,15 +212,25 @@ def row_sums(
     bint scale_by_count,
     floating[:, ::1] out,            # OUT (U, dim), one row per distinct id
     int n_threads,
+    bint stream=False,               # IN write out with non-temporal stores
 ):
     """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count)."""
     cdef int64_t n_rows = out.shape[0]
     cdef int64_t dim = grad.shape[1]
+    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef floating* scratch = NULL
     if n_rows == 0 or dim == 0:
         return
-    with nogil:
-        _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], NULL, n_rows,
-                 scale_by_count, &out[0, 0], -1, n_threads)
+    if stream:
+        scratch = <floating*> malloc(T * dim * sizeof(floating))
+        if scratch == NULL:
+            raise MemoryError()
+    try:
+        with nogil:
+            _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], NULL, n_rows,
+                     scale_by_count, &out[0, 0], -1, n_threads, scratch)
+    finally:
+        free(scratch)
 
 
 def fill_row_csr(
@@ -186,17 +240,38 @@ def fill_row_csr(
     index_t[::1] indices,      # OUT (U * dim,)
     int64_t dim,
     int n_threads,
+    bint stream=False,         # IN write indices with non-temporal stores
 ):
     """CSR structure of a matrix whose non-empty rows are ``rows``, each full."""
     cdef int64_t n_rows = rows.shape[0]
-    cdef int64_t u, r, j, lo, hi
-    with nogil:
-        # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time
-        for u in prange(n_rows + 1, schedule="static", num_threads=n_threads):
-            lo = rows[u - 1] + 1 if u > 0 else 0
-            hi = rows[u] if u < n_rows else num_rows
-            for r in range(lo, hi + 1):
-                indptr[r] = <index_t> (u * dim)
-        for u in prange(n_rows, schedule="static", num_threads=n_threads):
-            for j in range(dim):
-                indices[u * dim + j] = <index_t> j
+    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef int64_t u, r, j, lo, hi, t
+    cdef index_t* pattern = NULL
+    cdef index_t* mine
+    if stream and n_rows > 0 and dim > 0:
+        # one row of column numbers per thread, streamed into every stored row
+        pattern = <index_t*> malloc(T * dim * sizeof(index_t))
+        if pattern == NULL:
+            raise MemoryError()
+    try:
+        with nogil:
+            # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time
+            for u in prange(n_rows + 1, schedule="static", num_threads=n_threads):
+                lo = rows[u - 1] + 1 if u > 0 else 0
+                hi = rows[u] if u < n_rows else num_rows
+                for r in range(lo, hi + 1):
+                    indptr[r] = <index_t> (u * dim)
+            if pattern != NULL:
+                for t in prange(T, schedule="static", num_threads=T):
+                    mine = pattern + t * dim
+                    for j in range(dim):
+                        mine[j] = <index_t> j
+                    for u in range((n_rows * t) // T, (n_rows * (t + 1)) // T):
+                        stream_row(&indices[u * dim], mine, dim * sizeof(index_t))
+                    stream_fence()
+            else:
+                for u in prange(n_rows, schedule="static", num_threads=n_threads):
+                    for j in range(dim):
+                        indices[u * dim + j] = <index_t> j
+    finally:
+        free(pattern)

@@ -14,8 +14,10 @@ _Index = NDArray[np.int32] | NDArray[np.int64]
 def first_out_of_range(idx: _Index, upper: int, n_threads: int) -> int:
     """Position of the first entry outside ``[0, upper)``, or -1 when all are valid."""
 
-def gather(weight: _Floating, idx: _Index, out: _Floating, n_threads: int) -> None:
-    """``out[i, :] = weight[idx[i], :]``."""
+def gather(
+    weight: _Floating, idx: _Index, out: _Floating, n_threads: int, stream: bool = False,
+) -> None:
+    """``out[i, :] = weight[idx[i], :]`` (``stream``: non-temporal stores)."""
 
 def renorm_rows(
     weight: _Floating,

@@ -7,7 +7,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row, stream_fence, stream_row
 from sparsembed._kernels._types cimport index_t
 
 
@@ -63,11 +63,19 @@ cdef void _gather_chunk(
     int64_t hi,
     int64_t dim,
     floating* out,            # (n, dim)
+    bint stream,              # non-temporal stores (a large output)
 ) noexcept nogil:
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef int64_t i, ahead = prefetch_distance(row_bytes)
     cdef int64_t pf_end = hi - ahead
     # rows are read in random order: ask for row i + ahead while copying row i
+    if stream:
+        for i in range(lo, hi):
+            if i < pf_end:
+                prefetch_row(weight + idx[i + ahead] * dim, row_bytes)
+            stream_row(out + i * dim, weight + idx[i] * dim, row_bytes)
+        stream_fence()
+        return
     for i in range(lo, hi):
         if i < pf_end:
             prefetch_row(weight + idx[i + ahead] * dim, row_bytes)
@@ -79,6 +87,7 @@ def gather(
     const index_t[::1] idx,         # IN (n,) validated ids
     floating[:, ::1] out,           # OUT (n, dim)
     int n_threads,
+    bint stream=False,              # IN write out with non-temporal stores
 ):
     """``out[i, :] = weight[idx[i], :]``.
 
@@ -96,7 +105,7 @@ def gather(
     with nogil:
         for t in prange(T, schedule="static", num_threads=T):
             _gather_chunk(&weight[0, 0], &idx[0], (n * t) // T, (n * (t + 1)) // T, dim,
-                          &out[0, 0])
+                          &out[0, 0], stream)
 
 
 cdef inline double _row_norm(const floating* row, int64_t dim, double p) noexcept nogil:
