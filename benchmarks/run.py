@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 import sparsembed as se  # noqa: E402
 from sparsembed import functional as SF  # noqa: E402
+from sparsembed._kernels import _backward  # noqa: E402 - the streamed fill reference
 
 try:  # torch is a peer, not a requirement
     import torch
@@ -190,9 +191,16 @@ def wl_dense_backward(W, idx, g):
 
     cases["numpy"] = np_addat
     cases["bound"] = _bound((V, D), W.dtype)
-    # the floor of any dense gradient: writing every element of a (V, D) array once
+    # the floor of any dense gradient: writing every element of a (V, D) array once,
+    # with plain stores (numpy's fill) and with non-temporal ones (no read of each
+    # line before it is written: sparsembed's dense kernel with no id, i.e. a
+    # streamed zero-fill, the least a (V, D) output can cost)
     zeros = np.ones((V, D), dtype=W.dtype)
     cases["fill"] = lambda: zeros.fill(0)
+    no_ids = np.zeros(0, dtype=np.int64)
+    no_grad = np.zeros((0, D), dtype=W.dtype)
+    cases["stream_fill"] = lambda: _backward.dense_backward_fill(
+        no_grad, no_ids, no_ids, np.zeros(1, np.int64), False, zeros, 2, True)
     if torch is not None:
         gt, it = torch.from_numpy(g), torch.from_numpy(idx)
         cases["torch"] = lambda: torch.ops.aten.embedding_dense_backward(gt, it, V, -1, False)

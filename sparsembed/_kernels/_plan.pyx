@@ -245,6 +245,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     cdef int64_t n = idx.shape[0]
     cdef int64_t t, i, b, lo, hi, m, running, d, pos, k, u
     cdef int64_t n_bits = 0, n_pass, digit_bits, n_buckets, p, shift
+    cdef bint last
     cdef uint32_t mask
     cdef uint32_t* hist = NULL
     cdef uint32_t* h
@@ -292,6 +293,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                     hist[t * n_buckets + b] = <uint32_t> running
                     running = running + d
             m = running
+            last = n_pass == 1
             for t in prange(T, schedule="static", num_threads=T):
                 lo = _chunk_lo(n, T, t)
                 hi = _chunk_lo(n, T, t + 1)
@@ -302,12 +304,16 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                         pos = h[<uint32_t> k & mask]
                         h[<uint32_t> k & mask] = <uint32_t> (pos + 1)
                         dst_k[pos] = <uint32_t> k
-                        dst_p[pos] = <uint32_t> i
+                        if last:  # the last pass puts the positions where they go
+                            perm_out[pos] = i
+                        else:
+                            dst_p[pos] = <uint32_t> i
             swap = src_k; src_k = dst_k; dst_k = swap
             swap = src_p; src_p = dst_p; dst_p = swap
 
             for p in range(1, n_pass):
                 shift = p * digit_bits
+                last = p == n_pass - 1
                 memset(hist, 0, T * n_buckets * sizeof(uint32_t))
                 for t in prange(T, schedule="static", num_threads=T):
                     lo = _chunk_lo(m, T, t)
@@ -330,18 +336,20 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                         pos = h[d]
                         h[d] = <uint32_t> (pos + 1)
                         dst_k[pos] = src_k[i]
-                        dst_p[pos] = src_p[i]
+                        if last:
+                            perm_out[pos] = src_p[i]
+                        else:
+                            dst_p[pos] = src_p[i]
                 swap = src_k; src_k = dst_k; dst_k = swap
                 swap = src_p; src_p = dst_p; dst_p = swap
 
-            # widen the positions and find the segments: count run starts per chunk,
-            # then write them at the chunk's offset
+            # the segments: count run starts per chunk, then write them at the
+            # chunk's offset
             for t in prange(T, schedule="static", num_threads=T):
                 lo = _chunk_lo(m, T, t)
                 hi = _chunk_lo(m, T, t + 1)
                 u = 0
                 for i in range(lo, hi):
-                    perm_out[i] = src_p[i]
                     if i == 0 or src_k[i] != src_k[i - 1]:
                         u = u + 1
                 counts[t + 1] = u
