@@ -161,7 +161,7 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
         bag = int(np.flatnonzero(counts < 0)[0])
         raise _index_error(flat, int(-counts[bag] - 1), num_rows)
     if check_range and end < flat.shape[0]:  # entries past the last bag, never read
-        pos = _lookup.first_out_of_range(flat[end:], num_rows, get_num_threads())
+        pos = _lookup.first_out_of_range(flat[end:], num_rows, threads_for(flat.shape[0] - end))
         if pos >= 0:
             raise _index_error(flat, end + pos, num_rows)
     return out, (argmax if mode == "max" else None), counts
@@ -171,14 +171,14 @@ def bag_counts(flat, starts, padding_idx):
     """Non-padding entries of each bag, (n_bags,) int64."""
     counts = np.empty(starts.shape[0] - 1, dtype=np.int64)
     _bag.bag_counts(flat, starts, -1 if padding_idx is None else int(padding_idx), counts,
-                    get_num_threads())
+                    threads_for(flat.shape[0]))
     return counts
 
 
 def entry_bags(starts):
     """Bag of each entry ``0 .. starts[-1] - 1``, (starts[-1],) int64."""
     out = np.empty(int(starts[-1]), dtype=np.int64)
-    _bag.fill_entry_bag(starts, out, get_num_threads())
+    _bag.fill_entry_bag(starts, out, threads_for(out.shape[0]))
     return out
 
 
@@ -196,7 +196,7 @@ def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan=N
     out = np.zeros(flat.shape[0], dtype=grad2d.dtype)
     _bag.per_sample_weights_grad(grad2d, weight, flat, entry_bag,
                                  -1 if padding_idx is None else int(padding_idx), out,
-                                 get_num_threads())
+                                 threads_for(flat.shape[0] * grad2d.shape[1]))
     return out
 
 
@@ -207,7 +207,7 @@ def bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq):
     _bag.bag_row_sums(grad2d, plan.perm, plan.starts, entry_bag,
                       _no_scale(grad2d.dtype) if scale is None else scale,
                       _NO_ARGMAX if argmax is None else argmax,
-                      scale_grad_by_freq, out, get_num_threads())
+                      scale_grad_by_freq, out, threads_for(plan.perm.shape[0] * grad2d.shape[1]))
     return out
 
 
@@ -217,7 +217,8 @@ def bag_dense_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_
     _bag.bag_dense_backward(grad2d, plan.perm, plan.rows, plan.starts, entry_bag,
                             _no_scale(grad2d.dtype) if scale is None else scale,
                             _NO_ARGMAX if argmax is None else argmax,
-                            scale_grad_by_freq, out, get_num_threads())
+                            scale_grad_by_freq, out,
+                            threads_for(plan.perm.shape[0] * grad2d.shape[1] + out.size // 8))
     return out
 
 
@@ -250,7 +251,7 @@ def optim_update_rows(kind, hyper, weight, rows, values, s1, s2):
     all_rows = rows is None
     _half.update_rows(kind, *hyper, weight, np.empty(0, np.int64) if all_rows else rows,
                       all_rows, values, _state(s1, weight), _state(s2, weight),
-                      get_num_threads())
+                      threads_for(3 * values.size))
 
 
 def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_by_freq, s1, s2,
@@ -262,4 +263,5 @@ def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_b
                        np.empty(0, _half.compute_dtype(weight.dtype)) if scale is None else scale,
                        np.empty((0, 0), np.int64) if argmax is None else argmax,
                        bool(scale_grad_by_freq), _state(s1, weight), _state(s2, weight),
-                       get_num_threads())
+                       threads_for(plan.perm.shape[0] * grad.shape[1]
+                                   + 3 * plan.rows.shape[0] * weight.shape[1]))

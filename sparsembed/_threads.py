@@ -63,12 +63,15 @@ def set_num_threads(n):
 PARALLEL_GRAIN = 1 << 16
 
 
-def threads_for(work, grain=PARALLEL_GRAIN):
+def threads_for(work, grain=None):
     """Threads worth using for ``work`` element operations: one for small jobs, at
-    most :func:`get_num_threads`, and at least ``grain`` operations per thread.
+    most :func:`get_num_threads`, and at least ``grain`` (default
+    :data:`PARALLEL_GRAIN`) operations per thread.
 
     The kernels are deterministic, so this changes speed only, never results.
     """
+    if grain is None:
+        grain = PARALLEL_GRAIN  # read now: the tests lower it to run tiny jobs threaded
     n = get_num_threads()
     if n <= 1 or work < 2 * grain:
         return 1

@@ -10,14 +10,23 @@ import sparsembed as se
 
 @pytest.fixture
 def threads():
-    """Run a body with a given thread count; restores the default afterwards."""
+    """Run a body with a given thread count; restores the default afterwards.
+
+    The size-aware thread choice (``threads_for``) is turned down to a grain of 16
+    element operations meanwhile, so that the small inputs of a test really run on
+    the threads asked for (otherwise a "1 vs 2 threads" test could compare one
+    thread with one thread).
+    """
     previous = se._threads._num_threads
+    grain = se._threads.PARALLEL_GRAIN
+    se._threads.PARALLEL_GRAIN = 16
 
     def set_(n):
         se.set_num_threads(n)
 
     yield set_
     se._threads._num_threads = previous
+    se._threads.PARALLEL_GRAIN = grain
 
 
 @pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])

@@ -201,21 +201,17 @@ def test_gradients_vs_finite_differences(mode):
 
 
 @pytest.mark.parametrize("mode", ["sum", "weighted"])
-def test_threads_give_bitwise_equal_results(mode):
+def test_threads_give_bitwise_equal_results(mode, threads):
     rng = np.random.default_rng(3)
     ids = rng.integers(-1000, 1000, size=(300, 4))
     results = []
-    before = se.get_num_threads()
-    try:
-        for n in (1, 2):
-            se.set_num_threads(n)
-            layer = HashEmbedding(50, 16, mode=mode, sparse=True, random_state=0)
-            out = layer(ids)
-            g = layer.backward(np.cos(out))
-            imp = None if layer.importance is None else layer.importance.grad.toarray()
-            results.append((out, g.toarray(), imp))
-    finally:
-        se.set_num_threads(before)
+    for n in (1, 2):
+        threads(n)
+        layer = HashEmbedding(50, 16, mode=mode, sparse=True, random_state=0)
+        out = layer(ids)
+        g = layer.backward(np.cos(out))
+        imp = None if layer.importance is None else layer.importance.grad.toarray()
+        results.append((out, g.toarray(), imp))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
     if mode == "weighted":

@@ -400,22 +400,19 @@ def test_load_state_dict_errors_change_nothing():
 # -- threads ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, kw", CONFIGS)
-def test_bitwise_equal_for_1_and_2_threads(name, kw):
+def test_bitwise_equal_for_1_and_2_threads(name, kw, threads):
     rng = np.random.default_rng(11)
     data = batches(rng, 4, shape=(40, 30), n=300, dim=16)
     results = []
-    try:
-        for n in (1, 2):
-            se.set_num_threads(n)
-            out = []
-            for fused, sparse in ((False, True), (True, True), (False, name == "SparseAdam")):
-                emb = se.Embedding(300, 16, sparse=sparse, random_state=7,
-                                   scale_grad_by_freq=True)
-                train(emb, make(name, [emb], **kw), data, fused=fused)
-                out.append(emb.weight)
-            results.append(out)
-    finally:
-        se.set_num_threads(None)
+    for n in (1, 2):
+        threads(n)
+        out = []
+        for fused, sparse in ((False, True), (True, True), (False, name == "SparseAdam")):
+            emb = se.Embedding(300, 16, sparse=sparse, random_state=7,
+                               scale_grad_by_freq=True)
+            train(emb, make(name, [emb], **kw), data, fused=fused)
+            out.append(emb.weight)
+        results.append(out)
     for a, b in zip(*results):
         assert_array_equal(a, b)
 

@@ -67,22 +67,19 @@ def test_bag_fused_equals_backward_then_step(name, kw, mode, dtype):
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
-def test_bag_fused_thread_determinism(mode):
+def test_bag_fused_thread_determinism(mode, threads):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 200, size=(300, 20))
     go = rng.standard_normal((300, 16))
     out = []
-    try:
-        for n in (1, 2):
-            se.set_num_threads(n)
-            bag = se.EmbeddingBag(200, 16, mode=mode, sparse=True, random_state=0)
-            opt = se.optim.SparseAdam([bag])
-            for _ in range(2):
-                bag(ids)
-                bag.backward(go, optimizer=opt)
-            out.append(bag.weight)
-    finally:
-        se.set_num_threads(None)
+    for n in (1, 2):
+        threads(n)
+        bag = se.EmbeddingBag(200, 16, mode=mode, sparse=True, random_state=0)
+        opt = se.optim.SparseAdam([bag])
+        for _ in range(2):
+            bag(ids)
+            bag.backward(go, optimizer=opt)
+        out.append(bag.weight)
     assert_array_equal(out[0], out[1])
 
 

@@ -549,16 +549,14 @@ def test_encoder_max_norm():
         assert_array_equal(a, t.weight)  # transform never renorms
 
 
-def test_encoder_deterministic_and_thread_independent():
+def test_encoder_deterministic_and_thread_independent(threads):
     X, y = _frame()
+    threads(2)
     a = EmbeddingEncoder(4, epochs=3, random_state=0).fit(X, y).transform(X)
     b = EmbeddingEncoder(4, epochs=3, random_state=0).fit(X, y).transform(X)
     assert_array_equal(a, b)
-    se.set_num_threads(1)
-    try:
-        c = EmbeddingEncoder(4, epochs=3, random_state=0).fit(X, y).transform(X)
-    finally:
-        se.set_num_threads(None)
+    threads(1)
+    c = EmbeddingEncoder(4, epochs=3, random_state=0).fit(X, y).transform(X)
     assert_array_equal(a, c)
     assert se.get_num_threads() >= 1  # the training's one-thread block restored the setting
 
