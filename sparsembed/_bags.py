@@ -169,7 +169,10 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
                 f"{idx.shape} with offsets"
             )
         n_bags, bag_len = idx.shape
-        starts = np.arange(n_bags + 1, dtype=np.int64) * bag_len
+        if bag_len:  # one allocation (arange(n_bags + 1) * bag_len takes two)
+            starts = np.arange(0, (n_bags + 1) * bag_len, bag_len, dtype=np.int64)
+        else:
+            starts = np.zeros(n_bags + 1, dtype=np.int64)
     elif idx.ndim == 1:
         if offsets is None:
             raise ValueError("offsets is required for 1-D input (or pass 2-D input, one bag per row)")
