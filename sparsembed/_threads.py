@@ -62,16 +62,22 @@ def set_num_threads(n):
 # saves (and on a busy machine a second thread may not even get a core in time).
 PARALLEL_GRAIN = 1 << 16
 
+# When set, the grain of every threads_for() call: the tests set it small so that
+# tiny inputs run on the threads asked for (results never depend on it).
+GRAIN_OVERRIDE = None
+
 
 def threads_for(work, grain=None):
     """Threads worth using for ``work`` element operations: one for small jobs, at
     most :func:`get_num_threads`, and at least ``grain`` (default
-    :data:`PARALLEL_GRAIN`) operations per thread.
+    :data:`PARALLEL_GRAIN`; :data:`GRAIN_OVERRIDE` when set) operations per thread.
 
     The kernels are deterministic, so this changes speed only, never results.
     """
-    if grain is None:
-        grain = PARALLEL_GRAIN  # read now: the tests lower it to run tiny jobs threaded
+    if GRAIN_OVERRIDE is not None:
+        grain = GRAIN_OVERRIDE
+    elif grain is None:
+        grain = PARALLEL_GRAIN
     n = get_num_threads()
     if n <= 1 or work < 2 * grain:
         return 1

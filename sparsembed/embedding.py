@@ -284,13 +284,16 @@ class Embedding(_Table):
         ndarray of shape ``input.shape + (embedding_dim,)``, weight's dtype
         """
         be = self._backend
-        idx, flat = F.lookup_ids(input, self.num_embeddings, be)
+        # without renorm nothing is written before the lookup, which checks the ids
+        renorm = self.max_norm is not None
+        idx, flat = F.lookup_ids(input, self.num_embeddings, be, check_range=renorm)
         plan = None
-        if self.max_norm is not None:
+        if renorm:
             be.check_writable(self.weight)
             plan = be.plan_rows(flat, self.num_embeddings, self.padding_idx)
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
-        out = be.gather(self.weight, flat).reshape(idx.shape + (self.embedding_dim,))
+        out = be.gather(self.weight, flat, check_range=not renorm).reshape(
+            idx.shape + (self.embedding_dim,))
         if isinstance(input, be.xp.ndarray) and be.xp.may_share_memory(flat, input):
             flat = flat.copy()  # the caller may reuse its index buffer before backward
         self._saved = (flat, idx.shape, plan)

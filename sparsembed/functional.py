@@ -25,11 +25,13 @@ def _weight(weight):
     return be
 
 
-def lookup_ids(input, num_embeddings, be):
-    """Validated (ids with input's shape, flat ids) for a table of ``num_embeddings`` rows."""
+def lookup_ids(input, num_embeddings, be, check_range=True):
+    """(ids with input's shape, flat ids) for a table of ``num_embeddings`` rows,
+    range-checked unless ``check_range`` is False (the caller's gather checks them)."""
     idx = be.as_index_array(input)
     flat = idx.reshape(-1)
-    be.check_index_range(flat, num_embeddings)
+    if check_range:
+        be.check_index_range(flat, num_embeddings)
     return idx, flat
 
 
@@ -86,13 +88,15 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     num_embeddings = weight.shape[0]
     padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
-    idx, flat = lookup_ids(input, num_embeddings, be)
-    if max_norm is not None:
+    # without renorm nothing is written before the lookup, which checks the ids itself
+    renorm = max_norm is not None
+    idx, flat = lookup_ids(input, num_embeddings, be, check_range=renorm)
+    if renorm:
         be.check_writable(weight)
         plan = be.plan_rows(flat, num_embeddings)
         renorm_(weight, plan, max_norm, norm_type, None, be)
     table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
-    return be.gather(table, flat).reshape(idx.shape + (weight.shape[1],))
+    return be.gather(table, flat, check_range=not renorm).reshape(idx.shape + (weight.shape[1],))
 
 
 def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,

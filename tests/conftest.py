@@ -18,15 +18,14 @@ def threads():
     thread with one thread).
     """
     previous = se._threads._num_threads
-    grain = se._threads.PARALLEL_GRAIN
-    se._threads.PARALLEL_GRAIN = 16
+    se._threads.GRAIN_OVERRIDE = 16
 
     def set_(n):
         se.set_num_threads(n)
 
     yield set_
     se._threads._num_threads = previous
-    se._threads.PARALLEL_GRAIN = grain
+    se._threads.GRAIN_OVERRIDE = None
 
 
 @pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])

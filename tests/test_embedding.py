@@ -445,6 +445,52 @@ def test_out_of_range_index_changes_nothing(bad, pos):
     _assert_unchanged(emb, snap)
 
 
+@pytest.mark.parametrize("max_norm", [None, 0.1])
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("bad", [10, -1, 2**31 - 1, -(2**31)])
+def test_lookup_names_the_first_bad_id_in_every_path(max_norm, idx_dtype, bad, threads):
+    # without max_norm the ids are checked by the copy kernel itself (threaded),
+    # with it before the renorm: same error, same position, nothing changed
+    threads(2)
+    emb = se.Embedding(10, 3, max_norm=max_norm, sparse=True, random_state=0)
+    emb(np.array([1, 2]))
+    emb.backward(np.ones((2, 3)))
+    snap = _snapshot(emb)
+    ids = np.arange(3000, dtype=idx_dtype) % 10
+    ids[1700] = bad  # later bad ids, in another thread's block, are not named
+    ids[2900] = 12
+    ids[2999] = -3
+    msg = rf"index {bad} at position 1700 is out of range for 10 embeddings"
+    with pytest.raises(IndexError, match=msg):
+        emb(ids)
+    _assert_unchanged(emb, snap)
+    w = emb.weight.copy()
+    with pytest.raises(IndexError, match=msg):
+        F.embedding(ids, w, max_norm=max_norm)
+    assert_array_equal(w, emb.weight)
+    with pytest.raises(IndexError, match=msg):
+        F.embedding(ids.reshape(30, 100), w.astype(np.float16))
+    with pytest.raises(IndexError, match=msg):
+        F.embedding(ids, np.zeros((10, 0)))
+
+
+def test_gather_kernel_reports_the_first_bad_position(rng, dtype):
+    from sparsembed._kernels import _lookup
+
+    weight = rng.standard_normal((50, 7)).astype(dtype)
+    for n_threads in (1, 2, 3):
+        ids = rng.integers(0, 50, size=1000)
+        out = np.empty((1000, 7), dtype)
+        assert _lookup.gather(weight, ids, out, n_threads) == -1
+        assert_array_equal(out, weight[ids])
+        ids[[400, 990]] = [50, -1]
+        assert _lookup.gather(weight, ids, out, n_threads) == 400
+        assert _lookup.gather(weight, ids, out, n_threads, True) == 400
+        ids[400] = 3
+        assert _lookup.gather(weight, ids, out, n_threads) == 990
+    assert _lookup.gather(np.zeros((0, 3), dtype), np.array([0]), np.empty((1, 3), dtype), 1) == 0
+
+
 def test_uint64_beyond_int64_is_an_index_error():
     emb = se.Embedding(10, 3)
     with pytest.raises(IndexError, match=f"index {2**63 + 5} at position 1"):

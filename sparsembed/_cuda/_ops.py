@@ -255,8 +255,11 @@ class ArrayBackend:
 
     # ------------------------------------------------------------- forward
 
-    def gather(self, weight, flat):
-        """``weight[flat]`` as a new (n, dim) array."""
+    def gather(self, weight, flat, check_range=False):
+        """``weight[flat]`` as a new (n, dim) array (``check_range``: ``flat`` is
+        range-checked first, on the device)."""
+        if check_range:
+            self.check_index_range(flat, weight.shape[0])
         out = self.xp.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype)
         if out.size:
             self.kernels.gather(weight, flat, out)

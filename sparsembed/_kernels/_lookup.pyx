@@ -3,7 +3,7 @@
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport fabs, pow, sqrt, INFINITY
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -28,8 +28,10 @@ def first_out_of_range(
     cdef int64_t* first = NULL
     if n == 0:
         return -1
-    if n < 65536:
-        n_threads = 1   # not worth a parallel region
+    if n < (1 << 19):
+        # a scan of 4 MB of ids takes about as long as waking a second thread on
+        # a virtual machine (~0.1 ms): not worth a parallel region below that
+        n_threads = 1
     first = <int64_t*> malloc(n_chunks * sizeof(int64_t))
     if first == NULL:
         raise MemoryError()
@@ -56,8 +58,9 @@ def first_out_of_range(
     return found
 
 
-cdef void _gather_chunk(
-    const floating* weight,   # (num_embeddings, dim)
+cdef int64_t _gather_chunk(
+    const floating* weight,   # (num_rows, dim)
+    int64_t num_rows,
     const index_t* idx,
     int64_t lo,
     int64_t hi,
@@ -65,47 +68,72 @@ cdef void _gather_chunk(
     floating* out,            # (n, dim)
     bint stream,              # non-temporal stores (a large output)
 ) noexcept nogil:
+    # returns -1, or the first i in [lo, hi) whose id is outside [0, num_rows) (no
+    # row is read for it; the rows before it are copied)
     cdef size_t row_bytes = dim * sizeof(floating)
-    cdef int64_t i, ahead = prefetch_distance(row_bytes)
+    cdef int64_t i, r, ahead = prefetch_distance(row_bytes)
     cdef int64_t pf_end = hi - ahead
-    # rows are read in random order: ask for row i + ahead while copying row i
-    if stream:
-        for i in range(lo, hi):
-            if i < pf_end:
-                prefetch_row(weight + idx[i + ahead] * dim, row_bytes)
-            stream_row(out + i * dim, weight + idx[i] * dim, row_bytes)
-        stream_fence()
-        return
+    # rows are read in random order: ask for row i + ahead while copying row i (a
+    # prefetch never faults, even for an id still to be checked)
     for i in range(lo, hi):
         if i < pf_end:
             prefetch_row(weight + idx[i + ahead] * dim, row_bytes)
-        memcpy(out + i * dim, weight + idx[i] * dim, row_bytes)
+        r = idx[i]
+        if <uint64_t> r >= <uint64_t> num_rows:
+            if stream:
+                stream_fence()
+            return i
+        if stream:
+            stream_row(out + i * dim, weight + r * dim, row_bytes)
+        else:
+            memcpy(out + i * dim, weight + r * dim, row_bytes)
+    if stream:
+        stream_fence()
+    return -1
 
 
 def gather(
-    const floating[:, ::1] weight,  # IN (num_embeddings, dim)
-    const index_t[::1] idx,         # IN (n,) validated ids
+    const floating[:, ::1] weight,  # IN (num_rows, dim)
+    const index_t[::1] idx,         # IN (n,) ids, checked here against num_rows
     floating[:, ::1] out,           # OUT (n, dim)
     int n_threads,
     bint stream=False,              # IN write out with non-temporal stores
 ):
-    """``out[i, :] = weight[idx[i], :]``.
+    """``out[i, :] = weight[idx[i], :]``; returns -1, or the position of the first id
+    outside ``[0, num_rows)`` (``out`` is then partly written).
 
     Each thread copies one contiguous block of ``out`` and prefetches the table rows
-    a few ids ahead, so that the random reads overlap.
+    a few ids ahead, so that the random reads overlap. Ids are checked on the way, so
+    a lookup needs no separate validation pass.
     """
     cdef int64_t n = idx.shape[0]
+    cdef int64_t num_rows = weight.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef int64_t t
-    if n == 0 or dim == 0:
-        return
+    cdef int64_t t, found = -1
+    cdef int64_t* first = NULL
+    if n == 0:
+        return -1
+    if dim == 0:
+        return first_out_of_range(idx, num_rows, n_threads)
     if T > n:
         T = n
-    with nogil:
-        for t in prange(T, schedule="static", num_threads=T):
-            _gather_chunk(&weight[0, 0], &idx[0], (n * t) // T, (n * (t + 1)) // T, dim,
-                          &out[0, 0], stream)
+    first = <int64_t*> malloc(T * sizeof(int64_t))
+    if first == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for t in prange(T, schedule="static", num_threads=T):
+                first[t] = _gather_chunk(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
+                                         &idx[0], (n * t) // T, (n * (t + 1)) // T, dim,
+                                         &out[0, 0], stream)
+            for t in range(T):
+                if first[t] >= 0:
+                    found = first[t]
+                    break
+    finally:
+        free(first)
+    return found
 
 
 cdef inline double _row_norm(const floating* row, int64_t dim, double p) noexcept nogil:
