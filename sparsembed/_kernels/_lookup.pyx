@@ -11,6 +11,16 @@ from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row, stream
 from sparsembed._kernels._types cimport index_t
 
 
+cdef inline int64_t _first_hit(const int64_t* first, int64_t n_chunks) noexcept nogil:
+    """The first chunk's hit (chunks in input order, -1 for none): the answer of a
+    scan split into chunks, the same for every thread count."""
+    cdef int64_t c
+    for c in range(n_chunks):
+        if first[c] >= 0:
+            return first[c]
+    return -1
+
+
 def first_out_of_range(
     const index_t[::1] idx,   # IN (n,)
     int64_t upper,            # IN valid ids are 0 <= i < upper
@@ -49,10 +59,7 @@ def first_out_of_range(
                         first[c] = i
                         break
                     i = i + 1
-            for c in range(n_chunks):
-                if first[c] >= 0:
-                    found = first[c]
-                    break
+            found = _first_hit(first, n_chunks)
     finally:
         free(first)
     return found
@@ -127,10 +134,7 @@ def gather(
                 first[t] = _gather_chunk(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
                                          &idx[0], (n * t) // T, (n * (t + 1)) // T, dim,
                                          &out[0, 0], stream)
-            for t in range(T):
-                if first[t] >= 0:
-                    found = first[t]
-                    break
+            found = _first_hit(first, T)
     finally:
         free(first)
     return found
