@@ -125,7 +125,7 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
  * to out[b * dim:], its count or -(e + 1) to counts[b]), divided by their counts
  * when `mean`: one call per thread, so no per-bag call. Returns the number of bags
  * with an id out of range. */
-#define SE_DEFINE_POOL(NAME, T, I, ATTR, VBYTES, WIDE)                               \
+#define SE_DEFINE_POOL_BAG(NAME, T, I, ATTR, VBYTES, WIDE)                               \
 ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                            \
     const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t lo,        \
     int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, T* out)         \
@@ -151,8 +151,9 @@ ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                       
     if (dim - j0 >= LANES) SE_CHUNK(1, 0);                                           \
     if (j0 < dim) SE_TAIL(0);                                                        \
     return count;                                                                    \
-}                                                                                    \
-                                                                                     \
+}
+
+#define SE_DEFINE_POOL_RANGE(NAME, T, I, ATTR)                                      \
 ATTR static int64_t NAME(                                                            \
     const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t n,         \
     const int64_t* starts, int64_t b0, int64_t b1, int64_t pad, const T* psw,        \
@@ -173,6 +174,45 @@ ATTR static int64_t NAME(                                                       
     }                                                                                \
     return n_bad;                                                                    \
 }
+
+/* Compilers without GCC's vector extensions (MSVC): the same bag sum, one column at
+ * a time (also in entry order per column, so the same bits), no prefetch. */
+#define SE_DEFINE_POOL_BAG_SCALAR(NAME, T, I)                                        \
+static int64_t NAME##_bag(                                                           \
+    const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t lo,        \
+    int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, T* out)         \
+{                                                                                    \
+    int64_t e, k, count = 0;                                                         \
+    (void)n;                                                                         \
+    (void)ahead;                                                                     \
+    for (k = 0; k < dim; k++) out[k] = 0;                                            \
+    for (e = lo; e < hi; e++) {                                                      \
+        int64_t r = (int64_t)idx[e];                                                 \
+        const T* w;                                                                  \
+        if ((uint64_t)r >= (uint64_t)num_rows) return -(e + 1);                      \
+        if (r == pad) continue;                                                      \
+        count++;                                                                     \
+        w = weight + r * dim;                                                        \
+        if (psw) {                                                                   \
+            T s_ = psw[e];                                                           \
+            for (k = 0; k < dim; k++) out[k] += s_ * w[k];                           \
+        } else {                                                                     \
+            for (k = 0; k < dim; k++) out[k] += w[k];                                \
+        }                                                                            \
+    }                                                                                \
+    return count;                                                                    \
+}
+
+/* (SE_NO_VECTOR_EXT forces the scalar body, to check it with GCC.) */
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(SE_NO_VECTOR_EXT)
+    #define SE_DEFINE_POOL(NAME, T, I, ATTR, VBYTES, WIDE)                           \
+        SE_DEFINE_POOL_BAG(NAME, T, I, ATTR, VBYTES, WIDE)                           \
+        SE_DEFINE_POOL_RANGE(NAME, T, I, ATTR)
+#else
+    #define SE_DEFINE_POOL(NAME, T, I, ATTR, VBYTES, WIDE)                           \
+        SE_DEFINE_POOL_BAG_SCALAR(NAME, T, I)                                        \
+        SE_DEFINE_POOL_RANGE(NAME, T, I, ATTR)
+#endif
 
 typedef int64_t (*se_pool_f32_i32)(const float*, int64_t, int64_t, const int32_t*, int64_t,
                                    const int64_t*, int64_t, int64_t, int64_t, const float*,
