@@ -18,19 +18,8 @@ from sparsembed._kernels._memory cimport (
     stream_row,
     stream_zero,
 )
+from sparsembed._kernels._split cimport block_start
 from sparsembed._kernels._types cimport index_t
-
-
-cdef inline int64_t _lower_bound(const int64_t* a, int64_t n, int64_t x) noexcept nogil:
-    """First i in [0, n) with a[i] >= x (n when none)."""
-    cdef int64_t lo = 0, hi = n, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 cdef void _sum_segments(
@@ -126,7 +115,6 @@ cdef void _sum_all(
     depend on the thread count. ``scratch``: NULL, or (n_threads, dim) to stream the
     output (see :func:`_sum_segments`)."""
     cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef int64_t m = starts[n_rows]
     cdef int64_t t, u_lo, u_hi
     if T > n_rows:
         T = n_rows
@@ -137,8 +125,8 @@ cdef void _sum_all(
             _zero_tail(out, dim, rows, n_rows, zero_upto, scratch != NULL)
         return
     for t in prange(T, schedule="static", num_threads=T):
-        u_lo = 0 if t == 0 else _lower_bound(starts, n_rows, (m * t) // T)
-        u_hi = n_rows if t == T - 1 else _lower_bound(starts, n_rows, (m * (t + 1)) // T)
+        u_lo = block_start(starts, n_rows, T, t)
+        u_hi = block_start(starts, n_rows, T, t + 1)
         if u_lo < u_hi:
             _sum_segments(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out,
                           zero_upto, scratch + t * dim if scratch != NULL else NULL)

@@ -25,6 +25,7 @@ from libc.stdlib cimport free, malloc
 
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+from sparsembed._kernels._split cimport block_start
 
 cdef enum:
     SGD = 0
@@ -219,7 +220,8 @@ def fused_update(
     cdef const int64_t* argmax_ptr = &argmax[0, 0] if argmax.shape[0] > 0 else NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
-    cdef int64_t u, r, k, e, j, lo, hi, r2
+    cdef int64_t u, r, k, e, j, lo, hi, r2, t, u_lo, u_hi
+    cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
     cdef int64_t ahead = prefetch_distance(row_bytes)          # grad rows, in plan order
@@ -230,61 +232,67 @@ def fused_update(
     cdef floating f
     if n_rows == 0 or dim == 0:
         return
-    with nogil, parallel(num_threads=n_threads):
+    if T > n_rows:
+        T = n_rows
+    with nogil, parallel(num_threads=T):
         buf = <floating*> malloc(dim * sizeof(floating))
         if buf == NULL:
             failed_ptr[0] = 1
-        for u in prange(n_rows, schedule="static"):
-            if buf == NULL:
-                continue
-            lo = starts[u]
-            hi = starts[u + 1]
-            r = rows[u]
-            if u + ahead_rows < n_rows:
-                r2 = rows[u + ahead_rows]
-                prefetch_row(&weight[r2, 0], row_bytes)
-                if has_s1:
-                    prefetch_row(&s1[r2, 0], s1_bytes)
-                if has_s2:
-                    prefetch_row(&s2[r2, 0], row_bytes)
-            if has_src:
-                bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
-                            argmax_ptr, scale_by_count, buf)
-                _update_row(&h, &weight[r, 0], buf,
-                            &s1[r, 0] if has_s1 else NULL,
-                            &s2[r, 0] if has_s2 else NULL, dim)
-                continue
-            # the first occurrence is copied (scaled), the others added, in input order
-            if lo + ahead < m:
-                prefetch_row(&grad[perm[lo + ahead], 0], row_bytes)
-            e = perm[lo]
-            row = &grad[e, 0]
-            if has_scale:
-                f = scale[e]
-                for j in range(dim):
-                    buf[j] = row[j] * f
-            else:
-                for j in range(dim):
-                    buf[j] = row[j]
-            for k in range(lo + 1, hi):
-                if k + ahead < m:
-                    prefetch_row(&grad[perm[k + ahead], 0], row_bytes)
-                e = perm[k]
+        for t in prange(T, schedule="static"):
+            # blocks of segments with about the same number of entries each
+            u_lo = block_start(&starts[0], n_rows, T, t)
+            u_hi = block_start(&starts[0], n_rows, T, t + 1)
+            for u in range(u_lo, u_hi):
+                if buf == NULL:
+                    continue
+                lo = starts[u]
+                hi = starts[u + 1]
+                r = rows[u]
+                if u + ahead_rows < n_rows:
+                    r2 = rows[u + ahead_rows]
+                    prefetch_row(&weight[r2, 0], row_bytes)
+                    if has_s1:
+                        prefetch_row(&s1[r2, 0], s1_bytes)
+                    if has_s2:
+                        prefetch_row(&s2[r2, 0], row_bytes)
+                if has_src:
+                    bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
+                                argmax_ptr, scale_by_count, buf)
+                    _update_row(&h, &weight[r, 0], buf,
+                                &s1[r, 0] if has_s1 else NULL,
+                                &s2[r, 0] if has_s2 else NULL, dim)
+                    continue
+                # the first occurrence is copied (scaled), the others added, in input order
+                if lo + ahead < m:
+                    prefetch_row(&grad[perm[lo + ahead], 0], row_bytes)
+                e = perm[lo]
                 row = &grad[e, 0]
                 if has_scale:
                     f = scale[e]
                     for j in range(dim):
-                        buf[j] = buf[j] + row[j] * f
+                        buf[j] = row[j] * f
                 else:
                     for j in range(dim):
-                        buf[j] = buf[j] + row[j]
-            if scale_by_count and hi - lo > 1:
-                f = <floating> (hi - lo)
-                for j in range(dim):
-                    buf[j] = buf[j] / f
-            _update_row(&h, &weight[r, 0], buf,
-                        &s1[r, 0] if has_s1 else NULL,
-                        &s2[r, 0] if has_s2 else NULL, dim)
+                        buf[j] = row[j]
+                for k in range(lo + 1, hi):
+                    if k + ahead < m:
+                        prefetch_row(&grad[perm[k + ahead], 0], row_bytes)
+                    e = perm[k]
+                    row = &grad[e, 0]
+                    if has_scale:
+                        f = scale[e]
+                        for j in range(dim):
+                            buf[j] = buf[j] + row[j] * f
+                    else:
+                        for j in range(dim):
+                            buf[j] = buf[j] + row[j]
+                if scale_by_count and hi - lo > 1:
+                    f = <floating> (hi - lo)
+                    for j in range(dim):
+                        buf[j] = buf[j] / f
+                _update_row(&h, &weight[r, 0], buf,
+                            &s1[r, 0] if has_s1 else NULL,
+                            &s2[r, 0] if has_s2 else NULL, dim)
         free(buf)
     if failed:
         raise MemoryError("could not allocate the fused update's row buffer")

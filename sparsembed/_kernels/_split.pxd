@@ -1,0 +1,36 @@
+# Work-balanced split of a row plan's segments between threads, shared by every
+# kernel that sums rows segment by segment. A Zipf batch has a few segments holding
+# a fifth of the entries, so splitting by segment count leaves one thread most of
+# the work; block t instead ends where about (t + 1) / T of the entries do. Each
+# segment still goes to exactly one thread, so results do not depend on T.
+
+from libc.stdint cimport int64_t
+
+
+cdef inline int64_t lower_bound(const int64_t* a, int64_t n, int64_t x) noexcept nogil:
+    """First i in [0, n) with a[i] >= x (n when none)."""
+    cdef int64_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline int64_t block_start(
+    const int64_t* starts,     # IN (n_rows + 1,) segment bounds, starts[n_rows] = m
+    int64_t n_rows,
+    int64_t T,                 # IN number of blocks
+    int64_t t,                 # IN a block, 0 <= t <= T
+) noexcept nogil:
+    """First segment of block t (n_rows for t == T): block t holds the segments
+    ``block_start(t) .. block_start(t + 1) - 1``. Returned, not written through a
+    pointer: Cython makes a variable private to a prange thread only when it sees
+    it assigned."""
+    if t <= 0:
+        return 0
+    if t >= T:
+        return n_rows
+    return lower_bound(starts, n_rows, (starts[n_rows] * t) // T)
