@@ -2,8 +2,10 @@
 and the row-partitioned backward.
 
 Bags are given as ``starts`` (n_bags + 1, int64): bag ``b`` holds the entries
-``starts[b]:starts[b + 1]``. The forward runs one bag per iteration (prange over
-bags). The backward goes through the row plan of the entries (see ``_plan``): each
+``starts[b]:starts[b + 1]``. The forward gives each thread a contiguous range of
+bags: sum and mean through the SIMD kernels of ``_simd_pool.h`` (one call per
+thread, the widest vector level the CPU has), max one bag at a time here. The
+backward goes through the row plan of the entries (see ``_plan``): each
 distinct row is summed by one thread in plan order, with the helper
 :func:`bag_row_sum` from ``_bag.pxd``, so results are bitwise identical for every
 thread count.
