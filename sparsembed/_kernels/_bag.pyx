@@ -18,6 +18,7 @@ from libc.string cimport memcpy, memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+from sparsembed._kernels._split cimport block_start
 from sparsembed._kernels._types cimport index_t
 
 cdef enum:
@@ -301,16 +302,23 @@ def bag_dense_backward(
     """``out[rows[u]] = bag_row_sum(segment u)`` for every planned row."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = grad.shape[1]
-    cdef int64_t u
+    cdef int64_t u, t, u_lo, u_hi
+    cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef const floating* sp
     cdef const int64_t* ap
     if n_rows == 0 or dim == 0:
         return
     _pointers(scale, argmax, &sp, &ap)
+    if T > n_rows:
+        T = n_rows
     with nogil:
-        for u in prange(n_rows, schedule="static", num_threads=n_threads):
-            bag_row_sum(&grad[0, 0], dim, &perm[0], starts[u], starts[u + 1],
-                        &entry_bag[0], sp, ap, scale_by_count, &out[rows[u], 0])
+        # blocks of rows with about the same number of entries each (_split.pxd)
+        for t in prange(T, schedule="static", num_threads=T):
+            u_lo = block_start(&starts[0], n_rows, T, t)
+            u_hi = block_start(&starts[0], n_rows, T, t + 1)
+            for u in range(u_lo, u_hi):
+                bag_row_sum(&grad[0, 0], dim, &perm[0], starts[u], starts[u + 1],
+                            &entry_bag[0], sp, ap, scale_by_count, &out[rows[u], 0])
 
 
 def bag_row_sums(
@@ -327,13 +335,20 @@ def bag_row_sums(
     """``out[u] = bag_row_sum(segment u)``: the row-sparse gradient's values."""
     cdef int64_t n_rows = out.shape[0]
     cdef int64_t dim = grad.shape[1]
-    cdef int64_t u
+    cdef int64_t u, t, u_lo, u_hi
+    cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef const floating* sp
     cdef const int64_t* ap
     if n_rows == 0 or dim == 0:
         return
     _pointers(scale, argmax, &sp, &ap)
+    if T > n_rows:
+        T = n_rows
     with nogil:
-        for u in prange(n_rows, schedule="static", num_threads=n_threads):
-            bag_row_sum(&grad[0, 0], dim, &perm[0], starts[u], starts[u + 1],
-                        &entry_bag[0], sp, ap, scale_by_count, &out[u, 0])
+        # blocks of rows with about the same number of entries each (_split.pxd)
+        for t in prange(T, schedule="static", num_threads=T):
+            u_lo = block_start(&starts[0], n_rows, T, t)
+            u_hi = block_start(&starts[0], n_rows, T, t + 1)
+            for u in range(u_lo, u_hi):
+                bag_row_sum(&grad[0, 0], dim, &perm[0], starts[u], starts[u + 1],
+                            &entry_bag[0], sp, ap, scale_by_count, &out[u, 0])
