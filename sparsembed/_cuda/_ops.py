@@ -41,14 +41,6 @@ def launch_shape(n_items):
     return (max(1, min(blocks, MAX_BLOCKS)),), (WARP, WARPS_PER_BLOCK)
 
 
-def index_error(name, value, pos, num_embeddings):
-    """The IndexError the CPU backend raises (same words, so users see one message)."""
-    return IndexError(
-        f"{name}: index {value} at position {pos} is out of range for "
-        f"{num_embeddings} embeddings (valid: 0..{num_embeddings - 1})"
-    )
-
-
 def device_index_array(xp, arr, name="input"):
     """An integer device array as a C-contiguous int32/int64 array (same shape).
 
@@ -183,7 +175,7 @@ class ArrayBackend:
         device before anything is written."""
         pos = first_out_of_range(self.xp, flat, num_embeddings)
         if pos >= 0:
-            raise index_error(name, int(flat[pos]), pos, num_embeddings)
+            raise V.index_error(flat, pos, num_embeddings, name)
 
     def check_weight(self, weight, name="weight"):
         """A 2-D float32/float64 device array."""
