@@ -104,34 +104,48 @@ cdef void _zero_tail(floating* out, int64_t dim, const int64_t* rows, int64_t n_
             memset(out + first * dim, 0, (zero_upto - first) * dim * sizeof(floating))
 
 
+cdef void _sum_block(
+    const floating* grad, int64_t dim, const int64_t* perm, const int64_t* starts,
+    const int64_t* rows, int64_t u_lo, int64_t u_hi, bint scale_by_count, floating* out,
+    int64_t zero_upto, bint stream,
+) noexcept nogil:
+    """:func:`_sum_segments` of one thread's block, with its own row buffer when
+    ``stream``. Without the buffer (no memory for it) the rows are written with
+    plain stores: the same values."""
+    cdef floating* scratch = <floating*> malloc(dim * sizeof(floating)) if stream else NULL
+    _sum_segments(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out,
+                  zero_upto, scratch)
+    free(scratch)
+
+
 cdef void _sum_all(
     const floating* grad, int64_t dim, const int64_t* perm, const int64_t* starts,
     const int64_t* rows, int64_t n_rows, bint scale_by_count, floating* out,
-    int64_t zero_upto, int n_threads, floating* scratch,
+    int64_t zero_upto, int n_threads, bint stream,
 ) noexcept nogil:
     """Split the segments into one block per thread with about the same number of
     grad rows each (a Zipf batch has a few very long segments), then sum each block.
     Each row is still summed by one thread in input order: the result does not
-    depend on the thread count. ``scratch``: NULL, or (n_threads, dim) to stream the
-    output (see :func:`_sum_segments`)."""
+    depend on the thread count. ``stream``: write the output with non-temporal
+    stores (see :func:`_sum_segments`)."""
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef int64_t t, u_lo, u_hi
     if T > n_rows:
         T = n_rows
     if T <= 1:
-        _sum_segments(grad, dim, perm, starts, rows, 0, n_rows, scale_by_count, out,
-                      zero_upto, scratch)
+        _sum_block(grad, dim, perm, starts, rows, 0, n_rows, scale_by_count, out,
+                   zero_upto, stream)
         if zero_upto >= 0:
-            _zero_tail(out, dim, rows, n_rows, zero_upto, scratch != NULL)
+            _zero_tail(out, dim, rows, n_rows, zero_upto, stream)
         return
     for t in prange(T, schedule="static", num_threads=T):
         u_lo = block_start(starts, n_rows, T, t)
         u_hi = block_start(starts, n_rows, T, t + 1)
         if u_lo < u_hi:
-            _sum_segments(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out,
-                          zero_upto, scratch + t * dim if scratch != NULL else NULL)
+            _sum_block(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out,
+                       zero_upto, stream)
         if t == T - 1 and zero_upto >= 0:
-            _zero_tail(out, dim, rows, n_rows, zero_upto, scratch != NULL)
+            _zero_tail(out, dim, rows, n_rows, zero_upto, stream)
 
 
 def dense_backward(
@@ -150,7 +164,7 @@ def dense_backward(
         return
     with nogil:
         _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
-                 scale_by_count, &out[0, 0], -1, n_threads, NULL)
+                 scale_by_count, &out[0, 0], -1, n_threads, False)
 
 
 def dense_backward_fill(
@@ -170,27 +184,18 @@ def dense_backward_fill(
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = grad.shape[1]
     cdef int64_t num_rows = out.shape[0]
-    cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef floating* scratch = NULL
     if num_rows == 0 or dim == 0:
         return
-    if stream and n_rows > 0:
-        scratch = <floating*> malloc(T * dim * sizeof(floating))
-        if scratch == NULL:
-            raise MemoryError()
-    try:
-        with nogil:
-            if n_rows == 0:
-                if stream:
-                    stream_zero(&out[0, 0], num_rows * dim * sizeof(floating))
-                    stream_fence()
-                else:
-                    memset(&out[0, 0], 0, num_rows * dim * sizeof(floating))
+    with nogil:
+        if n_rows == 0:
+            if stream:
+                stream_zero(&out[0, 0], num_rows * dim * sizeof(floating))
+                stream_fence()
             else:
-                _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
-                         scale_by_count, &out[0, 0], num_rows, n_threads, scratch)
-    finally:
-        free(scratch)
+                memset(&out[0, 0], 0, num_rows * dim * sizeof(floating))
+        else:
+            _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
+                     scale_by_count, &out[0, 0], num_rows, n_threads, stream)
 
 
 def row_sums(
@@ -205,20 +210,11 @@ def row_sums(
     """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count)."""
     cdef int64_t n_rows = out.shape[0]
     cdef int64_t dim = grad.shape[1]
-    cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef floating* scratch = NULL
     if n_rows == 0 or dim == 0:
         return
-    if stream:
-        scratch = <floating*> malloc(T * dim * sizeof(floating))
-        if scratch == NULL:
-            raise MemoryError()
-    try:
-        with nogil:
-            _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], NULL, n_rows,
-                     scale_by_count, &out[0, 0], -1, n_threads, scratch)
-    finally:
-        free(scratch)
+    with nogil:
+        _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], NULL, n_rows,
+                 scale_by_count, &out[0, 0], -1, n_threads, stream)
 
 
 def fill_row_csr(
