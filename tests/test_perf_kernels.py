@@ -112,6 +112,43 @@ def test_row_sums_balanced_partition_is_thread_independent(rng, dtype, dist, thr
         assert_array_equal(results[T][1], results[1][1])
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "sparse_adam"])
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+def test_fused_update_split_by_row_cost_is_thread_independent(rng, dtype, dist, kind):
+    # the fused update cuts the plan into per-thread blocks by entries + row_cost per
+    # row; any cut (row_cost 0 = by entries only, huge = by rows only) and any thread
+    # count must give the same bits, equal to the separate row sums + update
+    from sparsembed._kernels import _optim
+
+    V, n, dim = 2000, 12_000, 6
+    ids = rng.integers(0, V, size=n) if dist == "uniform" else _zipf_ids(rng, n, V, np.int64)
+    grad = rng.standard_normal((n, dim)).astype(dtype)
+    plan = _cpu.plan_rows(ids, V)
+    code = {"sgd": _optim.KIND_SGD, "adagrad": _optim.KIND_ADAGRAD,
+            "sparse_adam": _optim.KIND_SPARSE_ADAM}[kind]
+    hyper = (code, 0.05, 0.0, 0.0, 1e-8, 0.1, 0.001, 0.0)
+    w0 = rng.standard_normal((V, dim)).astype(dtype)
+    s_width = 0 if kind == "sgd" else V
+    s1_0 = np.abs(rng.standard_normal((s_width, dim))).astype(dtype)
+    s2_0 = np.abs(rng.standard_normal((V if kind == "sparse_adam" else 0, dim))).astype(dtype)
+    empty_i, empty_f = np.empty(0, np.int64), np.empty(0, dtype)
+
+    sums = np.empty((plan.rows.size, dim), dtype=dtype)
+    _backward.row_sums(grad, plan.perm, plan.starts, False, sums, 1)
+    w_ref, s1_ref, s2_ref = w0.copy(), s1_0.copy(), s2_0.copy()
+    _optim.update_rows(*hyper, w_ref, plan.rows, False, sums, s1_ref, s2_ref, 1)
+    assert not np.array_equal(w_ref, w0)
+    for T in (1, 2, 3, 7):
+        for row_cost in (0, 1, 4, 10 ** 6):
+            w, s1, s2 = w0.copy(), s1_0.copy(), s2_0.copy()
+            _optim.fused_update(*hyper, w, grad, plan.perm, plan.rows, plan.starts, empty_i,
+                                empty_f, np.empty((0, 0), np.int64), False, s1, s2, T,
+                                row_cost)
+            assert_array_equal(w, w_ref)
+            assert_array_equal(s1, s1_ref)
+            assert_array_equal(s2, s2_ref)
+
+
 @pytest.mark.parametrize("dim", [1, 3, 16, 64, 300])
 def test_gather_prefetch_tail_and_row_sizes(rng, dtype, dim):
     # every prefetch distance (4..32 rows) and the last rows of each chunk

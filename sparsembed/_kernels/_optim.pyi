@@ -28,5 +28,6 @@ def fused_update(
     c1: float, c2: float, c3: float, weight: _Floating, grad: _Floating, perm: _I64,
     rows: _I64, starts: _I64, src: _I64, scale: _Floating, argmax: _I64,
     scale_by_count: bool, s1: _Floating, s2: _Floating, n_threads: int,
+    row_cost: int = 4,
 ) -> None:
     """Sum each planned row's gradient into a thread-local buffer, then update it."""

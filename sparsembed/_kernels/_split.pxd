@@ -29,8 +29,32 @@ cdef inline int64_t block_start(
     ``block_start(t) .. block_start(t + 1) - 1``. Returned, not written through a
     pointer: Cython makes a variable private to a prange thread only when it sees
     it assigned."""
+    return block_start_costed(starts, n_rows, T, t, 0)
+
+
+cdef inline int64_t block_start_costed(
+    const int64_t* starts,     # IN (n_rows + 1,) segment bounds, starts[0] = 0
+    int64_t n_rows,
+    int64_t T,                 # IN number of blocks
+    int64_t t,                 # IN a block, 0 <= t <= T
+    int64_t row_cost,          # IN work of one segment besides its entries, in entries
+) noexcept nogil:
+    """:func:`block_start` when each segment also costs ``row_cost`` entries' worth
+    of work of its own (an optimizer update of its row): the blocks hold about the
+    same ``entries + row_cost * segments`` each. On a Zipf batch a split by entries
+    alone gives one thread the few long segments and the other nearly every row
+    update."""
+    cdef int64_t lo = 0, hi = n_rows, mid, target
     if t <= 0:
         return 0
     if t >= T:
         return n_rows
-    return lower_bound(starts, n_rows, (starts[n_rows] * t) // T)
+    target = ((starts[n_rows] + row_cost * n_rows) * t) // T
+    # first u with starts[u] + row_cost * u >= target (the cost is increasing in u)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if starts[mid] + row_cost * mid < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
