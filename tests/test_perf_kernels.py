@@ -238,6 +238,30 @@ def test_pool_reuses_released_buffers_and_arrays_behave():
     assert _pool.stats()["idle_bytes"] == 0
 
 
+def test_pool_serves_mid_sized_outputs_in_small_blocks():
+    # outputs from 128 KiB on come from the pool (glibc may return such blocks to
+    # the OS between steps: a page fault per 4 KiB on every call); blocks under
+    # 4 MiB are rounded to 64 KiB, so many small live outputs do not each hold 2 MiB
+    from sparsembed._kernels import _pool
+
+    _pool.clear()
+    assert _pool.MIN_BYTES == 1 << 17
+    below = _pool.empty((_pool.MIN_BYTES // 4 - 1,), np.float32)
+    assert below.base is None
+    arrays = [_pool.empty((1000, 33), np.float32) for _ in range(20)]  # 132,000 bytes
+    assert all(a.base is not None for a in arrays)
+    addrs = {a.__array_interface__["data"][0] for a in arrays}
+    assert len(addrs) == 20
+    del arrays
+    stats = _pool.stats()
+    assert stats["idle_buffers"] == 20
+    assert stats["idle_bytes"] == 20 * (192 << 10)  # 132,000 bytes -> 3 x 64 KiB
+    again = _pool.empty((1000, 34), np.float32)  # 136,000 bytes: fits an idle block
+    assert again.__array_interface__["data"][0] in addrs
+    del again
+    _pool.clear()
+
+
 def test_pool_limit_and_off_switch():
     from sparsembed._kernels import _pool
 
