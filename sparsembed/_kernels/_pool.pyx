@@ -1,8 +1,9 @@
 """A small cache of large output buffers, reused across calls.
 
 A new numpy array of more than about 128 KiB can cost a page fault and a kernel
-zero-fill per page the first time each page is written (see ``MIN_BYTES``); for the lookup's output or a gradient that is
-often more than the kernel's own work (it dominates on virtual machines). Training
+zero-fill per page the first time each page is written (see ``MIN_BYTES``); for
+the lookup's output or a gradient that is often more than the kernel's own work
+(it dominates on virtual machines). Training
 loops allocate the same sizes every step, so sparsembed hands its large outputs out
 of this cache: when such an array (and every view of it) is garbage, its memory goes
 back to the cache instead of to the OS, and the next output of a similar size reuses
