@@ -32,12 +32,19 @@ def to_numpy(a):
     return np.asarray(a)
 
 
+PLAN_GRAIN = 1 << 16
+
+
 def plan_rows(flat, num_rows, skip_row=None):
     """Sort the validated ids ``flat`` into a :class:`RowPlan`."""
     n = flat.shape[0]
     num_rows = max(int(num_rows), 1)
     skip = -1 if skip_row is None else int(skip_row)
-    T = threads_for(4 * n)
+    # each pass of the sort is a parallel region of its own (5 to 7 of them): a
+    # second thread pays for its wake-ups only from about 2**17 ids on (measured,
+    # V = 1e6: 65,536 ids 0.69 ms on 1 thread vs 1.18 on 2, 131,072 ids level,
+    # 262,144 ids 3.5 vs 2.4)
+    T = threads_for(n, PLAN_GRAIN)
     if num_rows <= 1 << 32 and n < 1 << 32:
         perm = _pool.empty((n,), np.int64)
         rows = _pool.empty((n,), np.int64)
