@@ -1,22 +1,12 @@
 # Work-balanced split of a row plan's segments between threads, shared by every
 # kernel that sums rows segment by segment. A Zipf batch has a few segments holding
 # a fifth of the entries, so splitting by segment count leaves one thread most of
-# the work; block t instead ends where about (t + 1) / T of the entries do. Each
-# segment still goes to exactly one thread, so results do not depend on T.
+# the work; block t instead ends where about (t + 1) / T of the entries do (with
+# block_start_costed, of the entries plus a fixed cost per segment: the fused
+# optimizer update also updates one table row per segment). Each segment still
+# goes to exactly one thread, so results do not depend on T.
 
 from libc.stdint cimport int64_t
-
-
-cdef inline int64_t lower_bound(const int64_t* a, int64_t n, int64_t x) noexcept nogil:
-    """First i in [0, n) with a[i] >= x (n when none)."""
-    cdef int64_t lo = 0, hi = n, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 cdef inline int64_t block_start(
