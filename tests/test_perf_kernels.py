@@ -241,7 +241,8 @@ def test_pool_reuses_released_buffers_and_arrays_behave():
 def test_pool_serves_mid_sized_outputs_in_small_blocks():
     # outputs from 128 KiB on come from the pool (glibc may return such blocks to
     # the OS between steps: a page fault per 4 KiB on every call); blocks under
-    # 4 MiB are rounded to 64 KiB, so many small live outputs do not each hold 2 MiB
+    # 4 MiB are rounded up by at most a sixteenth, so many small live outputs do
+    # not each hold 2 MiB
     from sparsembed._kernels import _pool
 
     _pool.clear()
@@ -255,10 +256,13 @@ def test_pool_serves_mid_sized_outputs_in_small_blocks():
     del arrays
     stats = _pool.stats()
     assert stats["idle_buffers"] == 20
-    assert stats["idle_bytes"] == 20 * (192 << 10)  # 132,000 bytes -> 3 x 64 KiB
+    assert stats["idle_bytes"] == 20 * 17 * 8192  # 132,000 bytes -> 17 x 8 KiB
     again = _pool.empty((1000, 34), np.float32)  # 136,000 bytes: fits an idle block
     assert again.__array_interface__["data"][0] in addrs
     del again
+    big = _pool.empty((1 << 20,), np.float32)  # 4 MiB and up: whole 2 MiB granules
+    del big
+    assert _pool.stats()["idle_bytes"] == 20 * 17 * 8192 + (4 << 20)
     _pool.clear()
 
 
