@@ -27,7 +27,8 @@ def _zipf_ids(rng, n, V, dtype):
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("dist", ["uniform", "zipf"])
 def test_build_plan_is_a_stable_sort_with_segments(rng, idx_dtype, num_rows, n_threads, dist):
-    # n = 3001 puts 100 and 5000 on the counting path, the larger ones on the radix path
+    # n = 3001 puts 1 to 4096 rows on the counting path (num_rows <= max(n, 4096)),
+    # 5000 rows and up on the radix path
     n = 3001
     if dist == "uniform":
         ids = rng.integers(0, num_rows, size=n).astype(idx_dtype)
