@@ -148,6 +148,12 @@ def test_fused_update_split_by_row_cost_is_thread_independent(rng, dtype, dist, 
             assert_array_equal(w, w_ref)
             assert_array_equal(s1, s1_ref)
             assert_array_equal(s2, s2_ref)
+    w = w0.copy()
+    with pytest.raises(ValueError, match="row_cost must be >= 0, got -1"):
+        _optim.fused_update(*hyper, w, grad, plan.perm, plan.rows, plan.starts, empty_i,
+                            empty_f, np.empty((0, 0), np.int64), False, s1_0.copy(),
+                            s2_0.copy(), 2, -1)
+    assert_array_equal(w, w0)
 
 
 @pytest.mark.parametrize("dim", [1, 3, 16, 64, 300])

@@ -232,6 +232,9 @@ def fused_update(
     cdef floating* buf = NULL
     cdef const floating* row
     cdef floating f
+    if row_cost < 0:
+        # the split's cost must grow with the segment index, or blocks could overlap
+        raise ValueError(f"row_cost must be >= 0, got {row_cost}")
     if n_rows == 0 or dim == 0:
         return
     if T > n_rows:

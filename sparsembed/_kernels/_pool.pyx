@@ -3,13 +3,13 @@
 A new numpy array of more than about 128 KiB can cost a page fault and a kernel
 zero-fill per page the first time each page is written (see ``MIN_BYTES``); for
 the lookup's output or a gradient that is often more than the kernel's own work
-(it dominates on virtual machines). Training
-loops allocate the same sizes every step, so sparsembed hands its large outputs out
-of this cache: when such an array (and every view of it) is garbage, its memory goes
-back to the cache instead of to the OS, and the next output of a similar size reuses
-it without faults. Arrays from the cache are ordinary writable, C-contiguous numpy
-arrays (``base`` is a private buffer object; they do not own their data, so
-``ndarray.resize`` refuses them, as it does any view).
+(it dominates on virtual machines). Training loops allocate the same sizes every
+step, so sparsembed hands its large outputs out of this cache: when such an array
+(and every view of it) is garbage, its memory goes back to the cache instead of to
+the OS, and the next output of a similar size reuses it without faults. Arrays
+from the cache are ordinary writable, C-contiguous numpy arrays (``base`` is a
+private buffer object; they do not own their data, so ``ndarray.resize`` refuses
+them, as it does any view).
 
 The cache holds at most ``limit`` bytes of idle buffers (default 1 GiB, environment
 variable ``SPARSEMBED_POOL_BYTES``; 0 turns it off), oldest evicted first. All of this
@@ -85,10 +85,10 @@ cdef size_t _idle_total = 0
 cdef size_t _limit = 1 << 30
 cdef size_t _align_big = 2 << 20
 # Blocks under 4 MiB are rounded up to a multiple of a power of two between 1/32
-# and 1/16 of their size (at least one 4 KiB page), not to 2 MiB: a caller may keep many small outputs
-# alive, each holding its whole block, so the rounding wastes at most ~6%, and
-# sizes that differ by less than that (the row sums of 4,080 or of 4,087 distinct
-# ids) still share a block.
+# and 1/16 of their size (at least one 4 KiB page), not to 2 MiB: a caller may
+# keep many small outputs alive, each holding its whole block, so the rounding
+# wastes at most ~6%, and sizes that differ by less than that (the row sums of
+# 4,080 or of 4,087 distinct ids) still share a block.
 cdef size_t _small_block = 4 << 20
 
 
