@@ -22,6 +22,13 @@ def _zipf_ids(rng, n, V, dtype):
     return rng.permutation(V)[ranks].astype(dtype)
 
 
+def _planned_batch(rng, dist, V, n, dim, dtype):
+    """n ids over V rows (uniform or Zipf), a (n, dim) grad_output and their plan."""
+    ids = rng.integers(0, V, size=n) if dist == "uniform" else _zipf_ids(rng, n, V, np.int64)
+    grad = rng.standard_normal((n, dim)).astype(dtype)
+    return ids, grad, _cpu.plan_rows(ids, V)
+
+
 @pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("num_rows", [1, 2, 100, 4096, 5000, 70_000, 3_000_000, 2 ** 31 - 1])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
@@ -92,9 +99,7 @@ def test_row_sums_balanced_partition_is_thread_independent(rng, dtype, dist, thr
     # Zipf: one segment holds a large share of the batch; the per-thread blocks are
     # cut by grad rows, not by segments, and must not change a single bit
     V, n, dim = 3000, 20_000, 5
-    ids = rng.integers(0, V, size=n) if dist == "uniform" else _zipf_ids(rng, n, V, np.int64)
-    grad = rng.standard_normal((n, dim)).astype(dtype)
-    plan = _cpu.plan_rows(ids, V)
+    ids, grad, plan = _planned_batch(rng, dist, V, n, dim, dtype)
     results = {}
     for T in (1, 2, 3, 7):
         sums = np.empty((plan.rows.size, dim), dtype=dtype)
@@ -122,9 +127,7 @@ def test_fused_update_split_by_row_cost_is_thread_independent(rng, dtype, dist, 
     from sparsembed._kernels import _optim
 
     V, n, dim = 2000, 12_000, 6
-    ids = rng.integers(0, V, size=n) if dist == "uniform" else _zipf_ids(rng, n, V, np.int64)
-    grad = rng.standard_normal((n, dim)).astype(dtype)
-    plan = _cpu.plan_rows(ids, V)
+    _, grad, plan = _planned_batch(rng, dist, V, n, dim, dtype)
     code = {"sgd": _optim.KIND_SGD, "adagrad": _optim.KIND_ADAGRAD,
             "sparse_adam": _optim.KIND_SPARSE_ADAM}[kind]
     hyper = (code, 0.05, 0.0, 0.0, 1e-8, 0.1, 0.001, 0.0)
