@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sparsembed import _bags, _half
+from sparsembed import _aligned, _bags, _half
 from sparsembed import _validation as V
 from sparsembed import functional as F
 from sparsembed._backend import backend_of, get_backend, normalize_device
@@ -35,7 +35,7 @@ class _Table:
         self._saved = None
         shape = (self.num_embeddings, self.embedding_dim)
         if weight is None:
-            self.weight = np.empty(shape, dtype=dtype)
+            self.weight = _aligned.empty(shape, dtype)
             self.reset_parameters(random_state)
         else:
             arr = np.asarray(weight) if not hasattr(weight, "__cuda_array_interface__") else weight
@@ -44,7 +44,7 @@ class _Table:
             if tuple(arr.shape) != shape:
                 raise ValueError(f"weight has shape {tuple(arr.shape)}, expected {shape}")
             if isinstance(arr, np.ndarray) and (arr.dtype != dtype or not arr.flags.c_contiguous):
-                arr = np.ascontiguousarray(arr, dtype=dtype)
+                arr = _aligned.copy(arr, dtype)  # a copy is made anyway: make it aligned
             elif arr.dtype != dtype or not arr.flags.c_contiguous:  # a device array
                 arr = arr.astype(dtype, order="C")
             self.weight = arr

@@ -30,6 +30,7 @@ import os
 
 import numpy as np
 
+from sparsembed import _aligned
 from sparsembed.vocabulary import Vocabulary
 
 __all__ = ["load_word2vec_format", "save_word2vec_format", "add_special_tokens"]
@@ -88,11 +89,10 @@ class _Collector:
             self.blocks.append(values)
 
     def result(self):
+        vectors = _aligned.empty((sum(len(b) for b in self.blocks), self.dim), self.dtype)
         if self.blocks:
-            vectors = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
-        else:
-            vectors = np.zeros((0, self.dim), dtype=self.dtype)
-        return Vocabulary(self.words), np.ascontiguousarray(vectors, dtype=self.dtype)
+            np.concatenate(self.blocks, out=vectors, casting="unsafe")
+        return Vocabulary(self.words), vectors
 
 
 def _is_number(token):
@@ -195,7 +195,7 @@ def _load_binary(path, limit, dtype, unicode_errors):
             raise ValueError(f"{path}: byte offset 0: the header is not ASCII '<count> <dim>'") from None
         count, dim = _parse_header(header, f"{path}: byte offset 0")
         target = count if limit is None else min(count, limit)
-        vectors = np.empty((target, dim), dtype=dtype)
+        vectors = _aligned.empty((target, dim), dtype)
         words = []
         index = {}
         row_bytes = 4 * dim
@@ -405,5 +405,7 @@ def add_special_tokens(vocab, vectors, *, pad_token=None, oov_token=None, oov_ve
             if oov.shape != (dim,):
                 raise ValueError(f"oov_vector must have shape ({dim},), got {oov.shape}")
         rows.append(oov.astype(vectors.dtype))
-    out = np.concatenate([np.asarray(rows, dtype=vectors.dtype).reshape(len(rows), dim), vectors])
+    out = _aligned.empty((len(rows) + vectors.shape[0], dim), vectors.dtype)
+    out[:len(rows)] = np.asarray(rows, dtype=vectors.dtype).reshape(len(rows), dim)
+    out[len(rows):] = vectors
     return Vocabulary(vocab.tokens, pad_token=pad_token, oov_token=oov_token), out

@@ -35,7 +35,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
-from sparsembed import _half, _rowsparse
+from sparsembed import _aligned, _half, _rowsparse
 from sparsembed._backend import backend_of
 from sparsembed._kernels import _optim
 
@@ -207,6 +207,8 @@ class Optimizer:
                 for key, width in self._state_keys_for(group)}
 
     def _new_state_array(self, key, group, shape, dtype, xp=np):
+        if xp is np:
+            return _aligned.zeros(shape, dtype)
         return xp.zeros(shape, dtype=dtype)
 
     def _check_state(self, i, group, weight):
@@ -598,6 +600,8 @@ class Adagrad(Optimizer):
         _check_number(group["eps"], "epsilon")
 
     def _new_state_array(self, key, group, shape, dtype, xp=np):
+        if xp is np:
+            return _aligned.full(shape, group["initial_accumulator_value"], dtype)
         return xp.full(shape, group["initial_accumulator_value"], dtype=dtype)
 
     @staticmethod

@@ -89,6 +89,8 @@ import zipfile
 
 import numpy as np
 
+from sparsembed import _aligned
+
 __all__ = ["save", "load", "register_kind"]
 
 FORMAT = "sparsembed"
@@ -594,7 +596,7 @@ class _Reader:
                             shape=shape, order=order)
             advise_random(arr)
             return arr
-        flat = np.empty(count, dtype=dtype)
+        flat = _aligned.empty(count, dtype)  # tables load 64-byte aligned, as saved
         with open(self.path, "rb") as f:
             f.seek(offset)
             got = f.readinto(memoryview(flat).cast("B"))
