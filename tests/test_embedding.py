@@ -190,6 +190,56 @@ def test_grad_accumulates_over_backwards(rng, sparse):
     assert emb.grad is None
 
 
+def test_sparse_grad_accumulation_is_an_exact_elementwise_sum(rng, dtype):
+    """Two backwards with overlapping rows: the accumulated grad is the dense a + b
+    bit for bit (one addition per element), canonical, the same with 1 and 2 threads."""
+    V, D = 5000, 64
+    emb = se.Embedding(V, D, sparse=True, dtype=dtype, random_state=0)
+    ids_a = rng.integers(0, V, 3000)
+    ids_b = np.concatenate([ids_a[:1000], rng.integers(0, V, 2000)])
+    ga = rng.standard_normal((ids_a.size, D)).astype(dtype)
+    gb = rng.standard_normal((ids_b.size, D)).astype(dtype)
+    grads = []
+    try:
+        for threads in (1, 2):
+            se.set_num_threads(threads)
+            emb.zero_grad()
+            emb(ids_a)
+            a = emb.backward(ga)
+            emb(ids_b)
+            b = emb.backward(gb)
+            grads.append(emb.grad)
+    finally:
+        se.set_num_threads(None)
+    total = grads[0]
+    assert total.dtype == dtype
+    assert_array_equal(total.toarray(), a.toarray() + b.toarray())
+    _assert_canonical(total, np.union1d(ids_a, ids_b), V, D)
+    assert grads[0].data.tobytes() == grads[1].data.tobytes()
+
+
+def test_sparse_grad_accumulation_of_hand_made_grads():
+    """Mixed dtypes, a non-canonical csr set by hand, integers and explicit zeros."""
+    emb = se.Embedding(6, 3, sparse=True, random_state=0)
+    emb(np.array([1, 4]))
+    emb.backward(np.zeros((2, 3), np.float32))  # rows 1 and 4, explicit zeros
+    # duplicates and unsorted columns, float64: summed, promoted
+    emb._accumulate(sp.csr_array(
+        (np.array([1.0, 2.0, 3.0, 0.5]), np.array([2, 0, 2, 1]), np.array([0, 0, 0, 3, 3, 3, 4])),
+        shape=(6, 3)))
+    g = emb.grad
+    assert g.dtype == np.float64
+    expected = np.zeros((6, 3))
+    expected[2] = [2.0, 0.0, 4.0]
+    expected[5] = [0.0, 0.5, 0.0]
+    assert_array_equal(g.toarray(), expected)
+    _assert_canonical(g, np.array([1, 2, 4, 5]), 6, 3)  # the zero rows 1 and 4 are kept
+    ints = sp.csr_array(np.eye(6, 3, dtype=np.int64))  # not a float: the generic path
+    h = se._cpu.add_grad(ints, ints)
+    assert h.dtype == np.int64
+    assert_array_equal(h.toarray(), 2 * np.eye(6, 3))
+
+
 def test_requires_grad_false_returns_none():
     emb = se.Embedding.from_pretrained(np.eye(4, dtype=np.float32))
     assert emb.requires_grad is False

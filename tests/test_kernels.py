@@ -127,3 +127,60 @@ def test_fill_row_csr(idx_dtype):
     empty_ptr = np.empty(4, dtype=idx_dtype)
     _backward.fill_row_csr(rows[:0], 3, empty_ptr, indices[:0], 2, 2)
     assert_array_equal(empty_ptr, 0)
+
+
+def _row_lists(rng, case):
+    if case == "disjoint":
+        return np.array([0, 4, 9], np.int64), np.array([1, 2, 10, 11], np.int64)
+    if case == "identical":
+        r = np.array([2, 3, 7], np.int64)
+        return r, r.copy()
+    if case == "a_empty":
+        return np.empty(0, np.int64), np.array([5, 6], np.int64)
+    if case == "b_empty":
+        return np.array([5, 6], np.int64), np.empty(0, np.int64)
+    if case == "both_empty":
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    # random overlap
+    return (np.sort(rng.choice(500, 120, replace=False)).astype(np.int64),
+            np.sort(rng.choice(500, 200, replace=False)).astype(np.int64))
+
+
+@pytest.mark.parametrize("case", ["disjoint", "identical", "a_empty", "b_empty", "both_empty", "random"])
+def test_merge_rows_and_add_merged_rows_match_a_dict_sum(rng, dtype, case):
+    rows_a, rows_b = _row_lists(rng, case)
+    D = 6
+    va = rng.standard_normal((rows_a.size, D)).astype(dtype)
+    vb = rng.standard_normal((rows_b.size, D)).astype(dtype)
+    if rows_a.size:
+        va[0] = -0.0  # a row held by one side only keeps its bits (-0.0 too)
+    expected = {}
+    for r, v in list(zip(rows_a, va)) + list(zip(rows_b, vb)):
+        expected[r] = expected[r] + v if r in expected else v.copy()
+    for arr in (rows_a, rows_b, va, vb):
+        arr.setflags(write=False)  # inputs may be read-only
+    cap = rows_a.size + rows_b.size
+    rows, fa, fb = (np.full(cap, -7, np.int64) for _ in range(3))
+    n = _backward.merge_rows(rows_a, rows_b, rows, fa, fb)
+    assert n == len(expected)
+    assert_array_equal(rows[:n], sorted(expected))
+    outs = []
+    for threads in (1, 2, 3):
+        out = np.full((n, D), np.nan, dtype=dtype)
+        _backward.add_merged_rows(va, vb, fa[:n], fb[:n], out, threads)
+        outs.append(out)
+        for i, r in enumerate(rows[:n]):
+            assert_array_equal(out[i], expected[r])
+    assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
+    if rows_a.size and rows_a[0] not in set(rows_b.tolist()):
+        i = int(np.searchsorted(rows[:n], rows_a[0]))
+        assert np.signbit(outs[0][i]).all()
+
+
+def test_merge_rows_refuses_short_outputs_before_writing():
+    a = np.array([1, 2], np.int64)
+    b = np.array([2, 3], np.int64)
+    rows, fa, fb = np.full(3, -7, np.int64), np.full(4, -7, np.int64), np.full(4, -7, np.int64)
+    with pytest.raises(ValueError, match="hold 3 rows, need 4"):
+        _backward.merge_rows(a, b, rows, fa, fb)
+    assert (rows == -7).all() and (fa == -7).all() and (fb == -7).all()

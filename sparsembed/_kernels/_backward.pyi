@@ -58,3 +58,25 @@ def fill_row_csr(
 ) -> None:
     """CSR structure of a matrix whose non-empty rows are ``rows``, each full
     (``stream``: the indices with non-temporal stores)."""
+
+def merge_rows(
+    rows_a: NDArray[np.int64],
+    rows_b: NDArray[np.int64],
+    rows: NDArray[np.int64],
+    from_a: NDArray[np.int64],
+    from_b: NDArray[np.int64],
+) -> int:
+    """Union of two sorted distinct row lists into ``rows[:n]`` with each row's
+    position in ``rows_a`` / ``rows_b`` (or -1); returns n. Outputs hold at least
+    ``len(rows_a) + len(rows_b)`` entries (ValueError otherwise, nothing written)."""
+
+def add_merged_rows(
+    values_a: _Floating,
+    values_b: _Floating,
+    from_a: NDArray[np.int64],
+    from_b: NDArray[np.int64],
+    out: _Floating,
+    n_threads: int,
+) -> None:
+    """``out[i] = values_a[from_a[i]] + values_b[from_b[i]]``, a missing (-1) term
+    left out."""

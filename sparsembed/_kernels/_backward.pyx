@@ -259,3 +259,82 @@ def fill_row_csr(
                         indices[u * dim + j] = <index_t> j
     finally:
         free(pattern)
+
+
+def merge_rows(
+    const int64_t[::1] rows_a,   # IN (Ua,) sorted distinct rows
+    const int64_t[::1] rows_b,   # IN (Ub,) sorted distinct rows
+    int64_t[::1] rows,           # OUT (>= Ua + Ub,) their union, sorted, in [:n]
+    int64_t[::1] from_a,         # OUT (>= Ua + Ub,) position of rows[i] in rows_a, or -1
+    int64_t[::1] from_b,         # OUT (>= Ua + Ub,) position of rows[i] in rows_b, or -1
+):
+    """Merge two sorted row lists (one pass, O(Ua + Ub)); returns n, the union's size.
+
+    Serial: it moves 3 integers per row, against ``dim`` values per row for
+    :func:`add_merged_rows`."""
+    cdef int64_t na = rows_a.shape[0], nb = rows_b.shape[0]
+    cdef int64_t i = 0, j = 0, k = 0
+    if rows.shape[0] < na + nb or from_a.shape[0] < na + nb or from_b.shape[0] < na + nb:
+        raise ValueError(f"merge_rows: outputs hold {min(rows.shape[0], from_a.shape[0], from_b.shape[0])}"
+                         f" rows, need {na + nb}")
+    with nogil:
+        while i < na and j < nb:
+            if rows_a[i] < rows_b[j]:
+                rows[k] = rows_a[i]
+                from_a[k] = i
+                from_b[k] = -1
+                i += 1
+            elif rows_b[j] < rows_a[i]:
+                rows[k] = rows_b[j]
+                from_a[k] = -1
+                from_b[k] = j
+                j += 1
+            else:
+                rows[k] = rows_a[i]
+                from_a[k] = i
+                from_b[k] = j
+                i += 1
+                j += 1
+            k += 1
+        while i < na:
+            rows[k] = rows_a[i]
+            from_a[k] = i
+            from_b[k] = -1
+            i += 1
+            k += 1
+        while j < nb:
+            rows[k] = rows_b[j]
+            from_a[k] = -1
+            from_b[k] = j
+            j += 1
+            k += 1
+    return k
+
+
+def add_merged_rows(
+    const floating[:, ::1] values_a,  # IN (Ua, dim)
+    const floating[:, ::1] values_b,  # IN (Ub, dim)
+    const int64_t[::1] from_a,        # IN (n,) row of values_a for out[i], or -1
+    const int64_t[::1] from_b,        # IN (n,) row of values_b for out[i], or -1
+    floating[:, ::1] out,             # OUT (n, dim)
+    int n_threads,
+):
+    """``out[i] = values_a[from_a[i]] + values_b[from_b[i]]``, a missing term left out
+    (so a row held by one side only is copied bit for bit, -0.0 included).
+
+    The caller guarantees from_a / from_b hold valid rows or -1, never both -1."""
+    cdef int64_t n = out.shape[0], dim = out.shape[1]
+    cdef int64_t i, j, ia, ib
+    if dim == 0:
+        return
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=n_threads):
+            ia = from_a[i]
+            ib = from_b[i]
+            if ia >= 0 and ib >= 0:
+                for j in range(dim):
+                    out[i, j] = values_a[ia, j] + values_b[ib, j]
+            elif ia >= 0:
+                memcpy(&out[i, 0], &values_a[ia, 0], dim * sizeof(floating))
+            else:
+                memcpy(&out[i, 0], &values_b[ib, 0], dim * sizeof(floating))
