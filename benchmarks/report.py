@@ -11,6 +11,7 @@ TARGETS = {
     "forward": [("numpy", 0.5, "<= 0.5 x np.take"), ("bound", 2.0, "<= 2 x copyto bound")],
     "dense_backward": [("torch", 0.1, "<= 0.1 x torch")],
     "sparse_fwd_bwd": [("torch", 0.1, "<= 0.1 x torch")],
+    "sparse_accumulate": [],
     "step_sparseadam": [("torch", 0.2, "<= 0.2 x torch")],
     "step_adagrad": [("torch", 0.2, "<= 0.2 x torch")],
     "bag_sum_forward": [("torch", 1.0, "<= 1.0 x torch")],
