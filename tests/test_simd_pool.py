@@ -79,7 +79,7 @@ def test_every_level_gives_the_sequential_sum_bit_for_bit(level, idx_dtype, mode
         weight = rng.standard_normal((V, dim)).astype(dtype)
         flat, starts = _batch(rng, V, 23, dtype, idx_dtype)
         psw = rng.standard_normal(flat.size).astype(dtype) if weighted else None
-        for pad in (-1, 3):
+        for pad in (-1, 3, V + 5):  # no padding, a padding row, a padding id no row has
             out = np.full((starts.size - 1, dim), np.nan, dtype=dtype)
             counts = np.full(starts.size - 1, -7, dtype=np.int64)
             n_bad = _bag.bag_forward(weight, flat, starts, pad, mode,

@@ -46,16 +46,20 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
  * acc[0:NV] (NV is a constant: the loops unroll and acc lives in registers).
  * FIRST (a constant too): the first pass, which also prefetches the row `ahead`
  * entries on, range-checks each id and counts the non-padding entries; later
- * passes find their rows in cache and do none of it. */
-#define SE_ROW_LOOP(NV, FIRST, WEIGHTED)                                             \
-    for (e = lo; e < hi; e++) {                                                      \
+ * passes find their rows in cache and do none of it. HASPAD: some valid id is the
+ * padding id (else neither the per-entry compare nor the count is needed: the
+ * count is the bag's length). CLAMP: the entry `ahead` on may be past the end.
+ * Once a bag's rows are in cache (skewed ids) the loop is bound by instructions,
+ * so the common case carries none it does not need. */
+#define SE_ROW_STEP(NV, FIRST, WEIGHTED, HASPAD, CLAMP)                              \
+    {                                                                                \
         int64_t r;                                                                   \
         const SE_T* w;                                                               \
         int v_;                                                                      \
         {                                                                            \
             /* this pass's lines of the row `ahead` entries on (a prefetch never    \
                faults, even for an id still to be range-checked) */                 \
-            int64_t pe = e + ahead < n ? e + ahead : n - 1;                          \
+            int64_t pe = CLAMP ? (e + ahead < n ? e + ahead : n - 1) : e + ahead;    \
             const char* p = (const char*)(weight + (int64_t)idx[pe] * dim + j0);     \
             int l_;                                                                  \
             for (l_ = 0; l_ < (int)((NV * sizeof(VEC) + 63) / 64); l_++)             \
@@ -63,8 +67,8 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
         }                                                                            \
         r = (int64_t)idx[e];                                                         \
         if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) return -(e + 1); \
-        if (r == pad) continue;                                                      \
-        if (FIRST) count++;                                                          \
+        if (HASPAD && r == pad) continue;                                            \
+        if (FIRST && HASPAD) count++;                                                \
         w = weight + r * dim + j0;                                                   \
         for (v_ = 0; v_ < NV; v_++) {                                                \
             VEC x_;                                                                  \
@@ -74,13 +78,28 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
         }                                                                            \
     }
 
+#define SE_ROW_LOOP(NV, FIRST, WEIGHTED, HASPAD)                                     \
+    do {                                                                             \
+        int64_t split_ = n - ahead < hi ? n - ahead : hi;                            \
+        if (split_ < lo) split_ = lo;                                                \
+        for (e = lo; e < split_; e++) SE_ROW_STEP(NV, FIRST, WEIGHTED, HASPAD, 0)    \
+        for (; e < hi; e++) SE_ROW_STEP(NV, FIRST, WEIGHTED, HASPAD, 1)              \
+        if (FIRST && !HASPAD) count = hi - lo;                                       \
+    } while (0)
+
 #define SE_CHUNK(NV, FIRST)                                                          \
     do {                                                                             \
         VEC acc[NV];                                                                 \
         int i_;                                                                      \
         for (i_ = 0; i_ < NV; i_++) acc[i_] = (VEC){0};                              \
-        if (psw) { SE_ROW_LOOP(NV, FIRST, 1) } else { SE_ROW_LOOP(NV, FIRST, 0) }    \
-        memcpy(out + j0, acc, sizeof(acc));                                          \
+        if (psw) {                                                                   \
+            if (haspad) SE_ROW_LOOP(NV, FIRST, 1, 1); else SE_ROW_LOOP(NV, FIRST, 1, 0); \
+        } else {                                                                     \
+            if (haspad) SE_ROW_LOOP(NV, FIRST, 0, 1); else SE_ROW_LOOP(NV, FIRST, 0, 0); \
+        }                                                                            \
+        /* one store per register (a memcpy of the whole array made GCC spill     \
+           acc to the stack and copy it from there) */                             \
+        for (i_ = 0; i_ < NV; i_++) memcpy(out + j0 + i_ * LANES, &acc[i_], sizeof(VEC)); \
         j0 += NV * LANES;                                                            \
     } while (0)
 
@@ -135,6 +154,7 @@ ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                       
     enum { LANES = VBYTES / sizeof(T) };                                             \
     int64_t e, j0 = 0, count = 0;                                                    \
     int64_t vectors = dim / LANES;                                                   \
+    int haspad = pad >= 0 && pad < num_rows;                                         \
     if (WIDE && vectors >= 16) SE_CHUNK(16, 1);                                      \
     else if (vectors >= 8) SE_CHUNK(8, 1);                                           \
     else if (vectors >= 4) SE_CHUNK(4, 1);                                           \
