@@ -12,7 +12,8 @@ from numpy.testing import assert_array_equal
 import reference_bag as ref
 import sparsembed as se
 from sparsembed import functional as F
-from sparsembed._kernels import _bag
+from sparsembed import _cpu
+from sparsembed._kernels import _backward, _bag, _optim
 
 LEVEL_NAMES = ("baseline", "avx2", "avx512")
 # every chunk width (8, 4, 2, 1 vectors) and column tail at each level, float32 and float64
@@ -29,11 +30,22 @@ def _levels():
         _bag.set_simd_level(before)
 
 
+# every module built on _simd_pool.h keeps its own level
+LEVEL_MODULES = (_bag, _backward, _optim)
+
+
 @pytest.fixture
 def at_level():
-    before = _bag.simd_level()
-    yield _bag.set_simd_level
-    _bag.set_simd_level(before)
+    before = [mod.simd_level() for mod in LEVEL_MODULES]
+
+    def set_level(level):
+        got = {mod.set_simd_level(level) for mod in LEVEL_MODULES}
+        assert len(got) == 1
+        return got.pop()
+
+    yield set_level
+    for mod, level in zip(LEVEL_MODULES, before):
+        mod.set_simd_level(level)
 
 
 def _sequential_sums(weight, flat, starts, pad, mode, psw):
@@ -205,3 +217,73 @@ def test_kernel_counts_the_bags_with_bad_ids():
                                  argmax, counts, 2)
         assert n_bad == 2
         assert counts[0] == -(1 + 1) and counts[1] == 2 and counts[2] == -(4 + 1)
+
+
+@pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))
+@pytest.mark.parametrize("scale", [False, True])
+def test_row_sums_and_dense_backward_at_every_level_are_sequential_sums_from_zero(
+        level, scale, dtype, rng, at_level):
+    """The backward's row sums run on the same pooling: each row is its entries'
+    grad rows added to zero in input order (so a single -0.0 gives +0.0, as torch's
+    sums into a zeroed gradient do), at every level, thread count and store kind."""
+    if level not in _levels():
+        pytest.skip(f"this CPU lacks {LEVEL_NAMES[level]}")
+    assert at_level(level) == level
+    V = 40
+    for dim in [1, 3, 16, 17, 64, 100, 256, 257]:
+        ids = rng.integers(0, V - 1, size=300)
+        ids[::4] = 7  # a long segment
+        ids[-1] = V - 1  # a lone row at the end, its only entry -0.0 in column 0
+        grad = rng.standard_normal((ids.size, dim)).astype(dtype)
+        grad[-1, 0] = -0.0
+        plan = _cpu.plan_rows(ids, V)
+        expected = np.zeros((plan.rows.size, dim), dtype=dtype)
+        for u in range(plan.rows.size):
+            acc = np.zeros(dim, dtype=dtype)
+            for k in range(plan.starts[u], plan.starts[u + 1]):
+                acc = acc + grad[plan.perm[k]]
+            count = plan.starts[u + 1] - plan.starts[u]
+            expected[u] = acc / np.dtype(dtype).type(count) if scale and count > 1 else acc
+        assert expected[-1, 0] == 0 and not np.signbit(expected[-1, 0])
+        for threads in (1, 2, 3):
+            for stream in (False, True):
+                sums = np.full((plan.rows.size, dim), np.nan, dtype=dtype)
+                _backward.row_sums(grad, plan.perm, plan.starts, scale, sums, threads, stream)
+                assert sums.tobytes() == expected.tobytes(), (dim, threads, stream)
+                dense = np.full((V + 3, dim), np.nan, dtype=dtype)  # rows past the last id too
+                _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, scale,
+                                              dense, threads, stream)
+                want = np.zeros((V + 3, dim), dtype=dtype)
+                want[plan.rows] = expected
+                assert dense.tobytes() == want.tobytes(), (dim, threads, stream)
+
+
+@pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))
+def test_fused_update_at_every_level_equals_row_sums_then_update(level, dtype, rng, at_level):
+    """The fused backward + update sums each row with the same pooling (in chunks of
+    segments): bit for bit the row sums followed by the separate update."""
+    if level not in _levels():
+        pytest.skip(f"this CPU lacks {LEVEL_NAMES[level]}")
+    assert at_level(level) == level
+    V = 60
+    for dim in [3, 16, 40, 256]:
+        ids = rng.integers(0, V, size=500)
+        ids[::3] = 11
+        grad = rng.standard_normal((ids.size, dim)).astype(dtype)
+        plan = _cpu.plan_rows(ids, V)
+        hyper = (_optim.KIND_ADAGRAD, 0.1, 0.0, 0.01, 1e-8, 0.0, 0.0, 0.0)
+        w0 = rng.standard_normal((V, dim)).astype(dtype)
+        s0 = np.abs(rng.standard_normal((V, dim))).astype(dtype)
+        none = np.empty((0, dim), dtype)
+        for scale in (False, True):
+            sums = np.empty((plan.rows.size, dim), dtype=dtype)
+            _backward.row_sums(grad, plan.perm, plan.starts, scale, sums, 1)
+            w_ref, s_ref = w0.copy(), s0.copy()
+            _optim.update_rows(*hyper, w_ref, plan.rows, False, sums, s_ref, none, 1)
+            for threads in (1, 2):
+                w, s = w0.copy(), s0.copy()
+                _optim.fused_update(*hyper, w, grad, plan.perm, plan.rows, plan.starts,
+                                    np.empty(0, np.int64), np.empty(0, dtype),
+                                    np.empty((0, 0), np.int64), scale, s, none, threads)
+                assert w.tobytes() == w_ref.tobytes(), (dim, scale, threads)
+                assert s.tobytes() == s_ref.tobytes(), (dim, scale, threads)

@@ -11,6 +11,12 @@ from numpy.typing import NDArray
 _Floating = NDArray[np.float32] | NDArray[np.float64]
 _Index = NDArray[np.int32] | NDArray[np.int64]
 
+def simd_level() -> int:
+    """The SIMD level the row sums run at (0 baseline, 1 AVX2, 2 AVX-512F)."""
+
+def set_simd_level(level: int) -> int:
+    """Run the row sums at ``level`` (capped); returns the level in use."""
+
 def dense_backward(
     grad: _Floating,
     perm: NDArray[np.int64],

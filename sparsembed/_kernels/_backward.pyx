@@ -13,139 +13,97 @@ from libc.string cimport memcpy, memset
 
 from sparsembed._kernels._memory cimport (
     prefetch_distance,
-    prefetch_row,
     stream_fence,
     stream_row,
     stream_zero,
+)
+from sparsembed._kernels._simd cimport (
+    SE_MEAN,
+    SE_STREAM,
+    pool_level,
+    pool_set_level,
+    pool_sum,
+    pool_table,
+    pool_table_at,
 )
 from sparsembed._kernels._split cimport block_start
 from sparsembed._kernels._types cimport index_t
 
 
-cdef void _sum_segments(
-    const floating* grad,      # (n, dim) row-major
+def simd_level():
+    """The SIMD level the row sums run at: 0 baseline, 1 AVX2, 2 AVX-512F (this
+    module's own; ``_bag`` has another, both capped by SPARSEMBED_SIMD)."""
+    return pool_level()
+
+
+def set_simd_level(int level):
+    """Run the row sums at ``level`` (capped at what the CPU supports); returns the
+    level now in use. For tests: every level gives the same bits."""
+    return pool_set_level(level)
+
+
+cdef void _zero_gaps(
+    floating* out,             # (*, dim)
     int64_t dim,
-    const int64_t* perm,
-    const int64_t* starts,     # (n_rows + 1,)
-    const int64_t* rows,       # (n_rows,) destination rows, or NULL: row u -> out[u]
-    int64_t u_lo,
+    const int64_t* rows,       # (n_rows,) sorted distinct rows
+    int64_t u_lo,              # the gaps just before rows[u_lo .. u_hi - 1]
     int64_t u_hi,
-    bint scale_by_count,
-    floating* out,
-    int64_t zero_upto,         # >= 0: also zero the rows no segment writes (see below)
-    floating* scratch,         # (dim,) or NULL: stream the output (see below)
+    int64_t tail_upto,         # >= 0: also rows[n_rows - 1] + 1 .. tail_upto - 1
+    int64_t n_rows,
+    bint stream,
 ) noexcept nogil:
-    """Sum segments ``u_lo..u_hi - 1``, each in input order, into their output rows.
-
-    With ``zero_upto >= 0`` (dense output in reused, unzeroed memory) the rows between
-    ``rows[u - 1]`` and ``rows[u]`` are zeroed before row ``rows[u]`` is written, and
-    the last block also zeroes ``rows[-1] + 1 .. zero_upto - 1``: one pass writes
-    every row of the table once.
-
-    With ``scratch`` (a large dense output) each row is summed in ``scratch`` (in
-    L1) and written once with non-temporal stores, zero rows too: no line of the
-    output is read before it is written. The sums are the same either way.
-
-    The grad rows are read in plan order, i.e. at random: the row ``ahead`` plan
-    positions further on is prefetched while the current one is added.
-    """
+    """Zero the rows of ``out`` that no segment writes, for one block of segments."""
     cdef size_t row_bytes = dim * sizeof(floating)
-    cdef int64_t ahead = prefetch_distance(row_bytes)
-    cdef int64_t k_end = starts[u_hi]
-    cdef int64_t u, k, j, lo, hi
-    cdef const floating* src
-    cdef floating* dst
-    cdef floating* acc
-    cdef floating inv
-    cdef int64_t prev
-    for u in range(u_lo, u_hi):
-        lo = starts[u]
-        hi = starts[u + 1]
-        dst = out + (rows[u] if rows != NULL else u) * dim
-        if zero_upto >= 0:
-            prev = rows[u - 1] + 1 if u > 0 else 0
-            if rows[u] > prev:
-                if scratch != NULL:
-                    stream_zero(out + prev * dim, (rows[u] - prev) * row_bytes)
-                else:
-                    memset(out + prev * dim, 0, (rows[u] - prev) * row_bytes)
-        if lo + ahead < k_end:
-            prefetch_row(grad + perm[lo + ahead] * dim, row_bytes)
-        if scratch != NULL and hi - lo == 1:
-            stream_row(dst, grad + perm[lo] * dim, row_bytes)
-            continue
-        acc = scratch if scratch != NULL else dst
-        # the first occurrence is copied, not added to zeros: no zero-fill needed
-        memcpy(acc, grad + perm[lo] * dim, row_bytes)
-        for k in range(lo + 1, hi):
-            if k + ahead < k_end:
-                prefetch_row(grad + perm[k + ahead] * dim, row_bytes)
-            src = grad + perm[k] * dim
-            for j in range(dim):
-                acc[j] += src[j]
-        if scale_by_count and hi - lo > 1:
-            inv = <floating> (hi - lo)
-            for j in range(dim):
-                acc[j] /= inv
-        if scratch != NULL:
-            stream_row(dst, acc, row_bytes)
-    if scratch != NULL:
+    cdef int64_t u, prev, nxt
+    for u in range(u_lo, u_hi + 1):
+        if u < u_hi:
+            nxt = rows[u]
+        elif tail_upto >= 0:
+            nxt = tail_upto
+        else:
+            break
+        prev = rows[u - 1] + 1 if u > 0 else 0
+        if u == u_hi:
+            prev = rows[n_rows - 1] + 1 if n_rows > 0 else 0
+        if nxt > prev:
+            if stream:
+                stream_zero(out + prev * dim, (nxt - prev) * row_bytes)
+            else:
+                memset(out + prev * dim, 0, (nxt - prev) * row_bytes)
+    if stream:
         stream_fence()
 
 
-cdef void _zero_tail(floating* out, int64_t dim, const int64_t* rows, int64_t n_rows,
-                     int64_t zero_upto, bint stream) noexcept nogil:
-    cdef int64_t first = rows[n_rows - 1] + 1 if n_rows > 0 else 0
-    if zero_upto > first:
-        if stream:
-            stream_zero(out + first * dim, (zero_upto - first) * dim * sizeof(floating))
-            stream_fence()
-        else:
-            memset(out + first * dim, 0, (zero_upto - first) * dim * sizeof(floating))
-
-
-cdef void _sum_block(
-    const floating* grad, int64_t dim, const int64_t* perm, const int64_t* starts,
-    const int64_t* rows, int64_t u_lo, int64_t u_hi, bint scale_by_count, floating* out,
-    int64_t zero_upto, bint stream,
-) noexcept nogil:
-    """:func:`_sum_segments` of one thread's block, with its own row buffer when
-    ``stream``. Without the buffer (no memory for it) the rows are written with
-    plain stores: the same values."""
-    cdef floating* scratch = <floating*> malloc(dim * sizeof(floating)) if stream else NULL
-    _sum_segments(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out,
-                  zero_upto, scratch)
-    free(scratch)
-
-
 cdef void _sum_all(
-    const floating* grad, int64_t dim, const int64_t* perm, const int64_t* starts,
-    const int64_t* rows, int64_t n_rows, bint scale_by_count, floating* out,
-    int64_t zero_upto, int n_threads, bint stream,
+    const floating* grad, int64_t n_grad, int64_t dim, const int64_t* perm,
+    const int64_t* starts, const int64_t* rows, int64_t n_rows, bint scale_by_count,
+    floating* out, int64_t zero_upto, int n_threads, bint stream,
 ) noexcept nogil:
-    """Split the segments into one block per thread with about the same number of
-    grad rows each (a Zipf batch has a few very long segments), then sum each block.
-    Each row is still summed by one thread in input order: the result does not
-    depend on the thread count. ``stream``: write the output with non-temporal
-    stores (see :func:`_sum_segments`)."""
-    cdef int64_t T = n_threads if n_threads > 0 else 1
+    """Sum each segment of the plan from zero, in plan order (= input order), into
+    ``out[rows[u]]`` (or ``out[u]`` when ``rows`` is NULL), divided by its count with
+    ``scale_by_count``; with ``zero_upto >= 0`` (a dense output in unzeroed memory)
+    also zero every other row below it, so one pass writes each row once.
+
+    The segments are split into one block per thread with about the same number of
+    grad rows each (a Zipf batch has a few very long segments); each segment is one
+    bag of the SIMD pooling of ``_simd_pool.h`` (ids: plan positions, table:
+    ``grad``), whose sums stay in vector registers. Each row is summed by one thread
+    in input order: the result does not depend on the thread count. ``stream``:
+    write ``out`` with non-temporal stores (a large output, not read back soon)."""
+    cdef int64_t T = max(1, min(n_threads, n_rows))
+    cdef int64_t ahead = prefetch_distance(dim * sizeof(floating))
+    cdef int flags = (SE_MEAN if scale_by_count else 0) | (SE_STREAM if stream else 0)
+    cdef pool_table fns = pool_table_at(pool_level())
+    cdef int64_t m = starts[n_rows]
     cdef int64_t t, u_lo, u_hi
-    if T > n_rows:
-        T = n_rows
-    if T <= 1:
-        _sum_block(grad, dim, perm, starts, rows, 0, n_rows, scale_by_count, out,
-                   zero_upto, stream)
-        if zero_upto >= 0:
-            _zero_tail(out, dim, rows, n_rows, zero_upto, stream)
-        return
     for t in prange(T, schedule="static", num_threads=T):
         u_lo = block_start(starts, n_rows, T, t)
         u_hi = block_start(starts, n_rows, T, t + 1)
-        if u_lo < u_hi:
-            _sum_block(grad, dim, perm, starts, rows, u_lo, u_hi, scale_by_count, out,
-                       zero_upto, stream)
-        if t == T - 1 and zero_upto >= 0:
-            _zero_tail(out, dim, rows, n_rows, zero_upto, stream)
+        if zero_upto >= 0:
+            _zero_gaps(out, dim, rows, u_lo, u_hi, zero_upto if t == T - 1 else -1, n_rows,
+                       stream)
+        pool_sum(&fns, grad, n_grad, dim, perm, m, starts, u_lo, u_hi, -1,
+                 <const floating*> NULL, ahead, flags, out, rows, NULL)
 
 
 def dense_backward(
@@ -163,7 +121,7 @@ def dense_backward(
     if n_rows == 0 or dim == 0:
         return
     with nogil:
-        _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
+        _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], &rows[0], n_rows,
                  scale_by_count, &out[0, 0], -1, n_threads, False)
 
 
@@ -194,8 +152,8 @@ def dense_backward_fill(
             else:
                 memset(&out[0, 0], 0, num_rows * dim * sizeof(floating))
         else:
-            _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], &rows[0], n_rows,
-                     scale_by_count, &out[0, 0], num_rows, n_threads, stream)
+            _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], &rows[0],
+                     n_rows, scale_by_count, &out[0, 0], num_rows, n_threads, stream)
 
 
 def row_sums(
@@ -207,13 +165,17 @@ def row_sums(
     int n_threads,
     bint stream=False,               # IN write out with non-temporal stores
 ):
-    """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count)."""
+    """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count), each row summed
+    from zero in plan order (= input order) by the SIMD pooling of ``_simd_pool.h``:
+    a segment is a bag whose ids are plan positions and whose table is ``grad``.
+    Its sums stay in vector registers (AVX-512: a 1 KiB row in 16 of them) instead
+    of being added into ``out`` one row at a time."""
     cdef int64_t n_rows = out.shape[0]
     cdef int64_t dim = grad.shape[1]
     if n_rows == 0 or dim == 0:
         return
     with nogil:
-        _sum_all(&grad[0, 0], dim, &perm[0], &starts[0], NULL, n_rows,
+        _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], NULL, n_rows,
                  scale_by_count, &out[0, 0], -1, n_threads, stream)
 
 

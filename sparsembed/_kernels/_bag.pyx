@@ -18,6 +18,14 @@ from libc.string cimport memcpy, memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+from sparsembed._kernels._simd cimport (
+    SE_MEAN,
+    pool_level,
+    pool_set_level,
+    pool_sum,
+    pool_table,
+    pool_table_at,
+)
 from sparsembed._kernels._split cimport block_start
 from sparsembed._kernels._types cimport index_t
 
@@ -33,64 +41,6 @@ cdef inline void _prefetch_row(
     # every 64-byte line of the row of entry e (when there is one)
     if e < hi:
         prefetch_row(weight + idx[e] * dim, dim * sizeof(floating))
-
-
-cdef extern from "_simd_pool.h":
-    ctypedef int64_t (*pool_f32_i32_t)(
-        const float*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
-        int64_t, const float*, int64_t, int, float*, int64_t*) noexcept nogil
-    ctypedef int64_t (*pool_f32_i64_t)(
-        const float*, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, int64_t,
-        int64_t, const float*, int64_t, int, float*, int64_t*) noexcept nogil
-    ctypedef int64_t (*pool_f64_i32_t)(
-        const double*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
-        int64_t, const double*, int64_t, int, double*, int64_t*) noexcept nogil
-    ctypedef int64_t (*pool_f64_i64_t)(
-        const double*, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, int64_t,
-        int64_t, const double*, int64_t, int, double*, int64_t*) noexcept nogil
-    ctypedef struct pool_table "se_pool_table":
-        pool_f32_i32_t f32_i32
-        pool_f32_i64_t f32_i64
-        pool_f64_i32_t f64_i32
-        pool_f64_i64_t f64_i64
-    pool_table pool_table_at "sparsembed_pool_table"(int level) noexcept nogil
-    int pool_level "sparsembed_pool_level"() noexcept nogil
-    int pool_set_level "sparsembed_pool_set_level"(int level) noexcept nogil
-
-
-cdef inline int64_t _pool_sum(
-    const pool_table* fns,      # the sum kernels at the SIMD level in use
-    const floating* weight,     # (num_rows, dim)
-    int64_t num_rows,
-    int64_t dim,
-    const index_t* idx,
-    int64_t n,                  # entries in idx (rows past a bag are prefetched too)
-    const int64_t* starts,      # (n_bags + 1,)
-    int64_t b0,                 # bags b0..b1-1
-    int64_t b1,
-    int64_t pad,
-    const floating* psw,        # (n,) or NULL
-    int64_t ahead,              # prefetch distance in entries
-    bint mean,
-    floating* out,              # (n_bags, dim)
-    int64_t* counts,            # (n_bags,)
-) noexcept nogil:
-    # the (dtype, index dtype) variant of this specialisation; returns the number of
-    # bags holding an id outside [0, num_rows)
-    if floating is float:
-        if index_t is int32_t:
-            return fns.f32_i32(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
-                               ahead, mean, out, counts)
-        else:
-            return fns.f32_i64(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
-                               ahead, mean, out, counts)
-    else:
-        if index_t is int32_t:
-            return fns.f64_i32(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
-                               ahead, mean, out, counts)
-        else:
-            return fns.f64_i64(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
-                               ahead, mean, out, counts)
 
 
 cdef inline int64_t _max_bag(
@@ -206,9 +156,10 @@ def bag_forward(
     n_threads = max(1, min(n_threads, n_bags))
     with nogil:
         for t in prange(n_threads, schedule="static", num_threads=n_threads):
-            n_bad += _pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0],
-                               t * n_bags // n_threads, (t + 1) * n_bags // n_threads,
-                               pad, ps, ahead, mode == MODE_MEAN, &out[0, 0], &counts[0])
+            n_bad += pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0],
+                              t * n_bags // n_threads, (t + 1) * n_bags // n_threads,
+                              pad, ps, ahead, SE_MEAN if mode == MODE_MEAN else 0,
+                              &out[0, 0], NULL, &counts[0])
     return n_bad
 
 

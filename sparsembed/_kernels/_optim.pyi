@@ -16,6 +16,12 @@ KIND_ADAGRAD: int
 KIND_SPARSE_ADAM: int
 KIND_ROWWISE_ADAGRAD: int
 
+def simd_level() -> int:
+    """The SIMD level the fused update's row sums run at (0 baseline, 1 AVX2, 2 AVX-512F)."""
+
+def set_simd_level(level: int) -> int:
+    """Run the fused update's row sums at ``level`` (capped); returns the level in use."""
+
 def update_rows(
     kind: int, lr: float, momentum: float, weight_decay: float, eps: float,
     c1: float, c2: float, c3: float, weight: _Floating, rows: _I64, all_rows: bool,

@@ -25,7 +25,19 @@ from libc.stdlib cimport free, malloc
 
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+from sparsembed._kernels._simd cimport (
+    SE_MEAN,
+    pool_level,
+    pool_set_level,
+    pool_sum,
+    pool_table,
+    pool_table_at,
+)
 from sparsembed._kernels._split cimport block_start_costed
+
+# Segments summed per call of the SIMD pooling in the fused update, into a buffer
+# of as many rows (16 KiB at dim 256 in float32: stays in L1 for the updates).
+DEF FUSED_CHUNK = 16
 
 cdef enum:
     SGD = 0
@@ -183,6 +195,31 @@ def update_rows(
                         &s2[r, 0] if has_s2 else NULL, dim)
 
 
+def simd_level():
+    """The SIMD level the fused update's row sums run at: 0 baseline, 1 AVX2,
+    2 AVX-512F (this module's own, capped by SPARSEMBED_SIMD like the others)."""
+    return pool_level()
+
+
+def set_simd_level(int level):
+    """Run the fused update's row sums at ``level`` (capped at what the CPU
+    supports); returns the level now in use. For tests: every level gives the same
+    bits."""
+    return pool_set_level(level)
+
+
+cdef inline void _prefetch_state(
+    const floating* weight, const floating* s1, const floating* s2, int64_t r,
+    int64_t dim, size_t row_bytes, size_t s1_bytes,
+) noexcept nogil:
+    # the table row r and its state rows, about to be updated
+    prefetch_row(weight + r * dim, row_bytes)
+    if s1 != NULL:
+        prefetch_row(s1 + r * (s1_bytes // sizeof(floating)), s1_bytes)
+    if s2 != NULL:
+        prefetch_row(s2 + r * dim, row_bytes)
+
+
 def fused_update(
     int kind,
     double lr, double momentum, double weight_decay, double eps,
@@ -218,17 +255,21 @@ def fused_update(
     cdef bint has_s2 = s2.shape[0] > 0
     cdef bint has_src = src.shape[0] > 0
     cdef bint has_scale = scale.shape[0] > 0
+    cdef bint pooled = not has_src and not has_scale
     cdef const floating* scale_ptr = &scale[0] if has_scale else NULL
     cdef const int64_t* argmax_ptr = &argmax[0, 0] if argmax.shape[0] > 0 else NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
-    cdef int64_t u, r, k, e, j, lo, hi, r2, t, u_lo, u_hi
+    cdef int64_t u, r, k, e, j, lo, hi, r2, t, u_lo, u_hi, u_end, i
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
     cdef int64_t ahead = prefetch_distance(row_bytes)          # grad rows, in plan order
     cdef int64_t ahead_rows = prefetch_distance(3 * row_bytes)  # table + state rows
     cdef int64_t m = starts[n_rows] if n_rows > 0 else 0
+    cdef int64_t n_grad = grad.shape[0]
+    cdef int flags = SE_MEAN if scale_by_count else 0
+    cdef pool_table fns = pool_table_at(pool_level())
     cdef floating* buf = NULL
     cdef const floating* row
     cdef floating f
@@ -240,7 +281,7 @@ def fused_update(
     if T > n_rows:
         T = n_rows
     with nogil, parallel(num_threads=T):
-        buf = <floating*> malloc(dim * sizeof(floating))
+        buf = <floating*> malloc((FUSED_CHUNK if pooled else 1) * dim * sizeof(floating))
         if buf == NULL:
             failed_ptr[0] = 1
         for t in prange(T, schedule="static"):
@@ -252,19 +293,41 @@ def fused_update(
             # D = 64 SparseAdam 9.0 -> 8.3 ms; uniform batches unchanged
             u_lo = block_start_costed(&starts[0], n_rows, T, t, row_cost)
             u_hi = block_start_costed(&starts[0], n_rows, T, t + 1, row_cost)
+            if buf == NULL:
+                continue
+            if pooled:
+                # FUSED_CHUNK segments at a time: their sums (from zero, in plan
+                # order, in vector registers: the backward's row sums, same bits)
+                # into buf, then their updates
+                u = u_lo
+                while u < u_hi:
+                    u_end = min(u + FUSED_CHUNK, u_hi)
+                    for i in range(u, min(u + ahead_rows, u_end)):
+                        _prefetch_state(&weight[0, 0], &s1[0, 0] if has_s1 else NULL,
+                                        &s2[0, 0] if has_s2 else NULL, rows[i], dim,
+                                        row_bytes, s1_bytes)
+                    pool_sum(&fns, &grad[0, 0], n_grad, dim, &perm[0], m, &starts[u], 0,
+                             u_end - u, -1, <const floating*> NULL, ahead, flags, buf,
+                             NULL, NULL)
+                    for i in range(u, u_end):
+                        if i + ahead_rows < u_end:
+                            _prefetch_state(&weight[0, 0], &s1[0, 0] if has_s1 else NULL,
+                                            &s2[0, 0] if has_s2 else NULL,
+                                            rows[i + ahead_rows], dim, row_bytes, s1_bytes)
+                        r = rows[i]
+                        _update_row(&h, &weight[r, 0], buf + (i - u) * dim,
+                                    &s1[r, 0] if has_s1 else NULL,
+                                    &s2[r, 0] if has_s2 else NULL, dim)
+                    u = u_end
+                continue
             for u in range(u_lo, u_hi):
-                if buf == NULL:
-                    continue
                 lo = starts[u]
                 hi = starts[u + 1]
                 r = rows[u]
                 if u + ahead_rows < n_rows:
-                    r2 = rows[u + ahead_rows]
-                    prefetch_row(&weight[r2, 0], row_bytes)
-                    if has_s1:
-                        prefetch_row(&s1[r2, 0], s1_bytes)
-                    if has_s2:
-                        prefetch_row(&s2[r2, 0], row_bytes)
+                    _prefetch_state(&weight[0, 0], &s1[0, 0] if has_s1 else NULL,
+                                    &s2[0, 0] if has_s2 else NULL, rows[u + ahead_rows],
+                                    dim, row_bytes, s1_bytes)
                 if has_src:
                     bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
                                 argmax_ptr, scale_by_count, buf)
@@ -272,30 +335,17 @@ def fused_update(
                                 &s1[r, 0] if has_s1 else NULL,
                                 &s2[r, 0] if has_s2 else NULL, dim)
                     continue
-                # the first occurrence is copied (scaled), the others added, in input order
-                if lo + ahead < m:
-                    prefetch_row(&grad[perm[lo + ahead], 0], row_bytes)
-                e = perm[lo]
-                row = &grad[e, 0]
-                if has_scale:
-                    f = scale[e]
-                    for j in range(dim):
-                        buf[j] = row[j] * f
-                else:
-                    for j in range(dim):
-                        buf[j] = row[j]
-                for k in range(lo + 1, hi):
+                # scaled entries: each added to zero, in input order
+                for j in range(dim):
+                    buf[j] = 0
+                for k in range(lo, hi):
                     if k + ahead < m:
                         prefetch_row(&grad[perm[k + ahead], 0], row_bytes)
                     e = perm[k]
                     row = &grad[e, 0]
-                    if has_scale:
-                        f = scale[e]
-                        for j in range(dim):
-                            buf[j] = buf[j] + row[j] * f
-                    else:
-                        for j in range(dim):
-                            buf[j] = buf[j] + row[j]
+                    f = scale[e]
+                    for j in range(dim):
+                        buf[j] = buf[j] + row[j] * f
                 if scale_by_count and hi - lo > 1:
                     f = <floating> (hi - lo)
                     for j in range(dim):

@@ -1,5 +1,7 @@
-/* Sum pooling of EmbeddingBag rows, built once per x86 SIMD level and picked at
- * run time.
+/* Sum pooling of rows picked by an index array, built once per x86 SIMD level and
+ * picked at run time. It serves the EmbeddingBag forward (table rows by id) and
+ * every backward row sum (grad_output rows by plan position: a row's segment of the
+ * plan is a bag): the sparse and dense backward and the fused optimizer update.
  *
  * Why: the wheel is built for the baseline ISA (SSE2 on x86-64), whose 4-wide adds
  * leave a bag's sum compute-bound once its rows sit in cache (skewed ids, small
@@ -41,6 +43,23 @@
 #endif
 
 enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
+
+/* flags of the range functions */
+enum { SE_MEAN = 1, SE_STREAM = 2 };
+
+/* Store vector v at p (aligned to its size) with a non-temporal store: a large
+ * output that is not read back soon skips the read-for-ownership of its lines. One
+ * per SIMD level (passed to SE_DEFINE_POOL), since the instruction and register
+ * width differ; the register is printed as xmm / ymm / zmm from v's size. */
+#if SE_X86_DISPATCH
+    #define SE_NT_SSE(p, v) __asm__ volatile("movntps %1, %0" : "=m"(*(VEC*)(p)) : "x"(v))
+    #define SE_NT_AVX(p, v) __asm__ volatile("vmovntps %1, %0" : "=m"(*(VEC*)(p)) : "x"(v))
+    #define SE_NT_AVX512(p, v) __asm__ volatile("vmovntps %1, %0" : "=m"(*(VEC*)(p)) : "v"(v))
+    #define SE_STREAM_FENCE() __asm__ volatile("sfence" ::: "memory")
+#else
+    #define SE_NT_SSE(p, v) memcpy((p), &(v), sizeof(v))
+    #define SE_STREAM_FENCE() ((void)0)
+#endif
 
 /* One pass over a bag's entries for the NV vectors of columns at j0, adding into
  * acc[0:NV] (NV is a constant: the loops unroll and acc lives in registers).
@@ -87,7 +106,7 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
         if (FIRST && !HASPAD) count = hi - lo;                                       \
     } while (0)
 
-#define SE_CHUNK(NV, FIRST)                                                          \
+#define SE_CHUNK(NV, FIRST, NTSTORE)                                                 \
     do {                                                                             \
         VEC acc[NV];                                                                 \
         int i_;                                                                      \
@@ -99,7 +118,10 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
         }                                                                            \
         /* one store per register (a memcpy of the whole array made GCC spill     \
            acc to the stack and copy it from there) */                             \
-        for (i_ = 0; i_ < NV; i_++) memcpy(out + j0 + i_ * LANES, &acc[i_], sizeof(VEC)); \
+        if (stream && ((uintptr_t)(out + j0) & (sizeof(VEC) - 1)) == 0)              \
+            for (i_ = 0; i_ < NV; i_++) NTSTORE(out + j0 + i_ * LANES, acc[i_]);     \
+        else                                                                         \
+            for (i_ = 0; i_ < NV; i_++) memcpy(out + j0 + i_ * LANES, &acc[i_], sizeof(VEC)); \
         j0 += NV * LANES;                                                            \
     } while (0)
 
@@ -141,13 +163,16 @@ enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
  * floats is summed in one pass), the last dim % lanes columns one by one.
  *
  * NAME, bags b0..b1-1 (bag b is entries starts[b]..starts[b+1]-1; its result goes
- * to out[b * dim:], its count or -(e + 1) to counts[b]), divided by their counts
- * when `mean`: one call per thread, so no per-bag call. Returns the number of bags
+ * to out[b * dim:], or to out[dest[b] * dim:] when dest is given, its count or
+ * -(e + 1) to counts[b] unless counts is NULL), divided by their counts when
+ * flags has SE_MEAN, written with non-temporal stores (where aligned) when it has
+ * SE_STREAM: one call per thread, so no per-bag call. Returns the number of bags
  * with an id out of range. */
-#define SE_DEFINE_POOL_BAG(NAME, T, I, ATTR, VBYTES, WIDE)                               \
+#define SE_DEFINE_POOL_BAG(NAME, T, I, ATTR, VBYTES, WIDE, NTSTORE)                      \
 ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                            \
     const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t lo,        \
-    int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, T* out)         \
+    int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, int stream,     \
+    T* out)                                                                          \
 {                                                                                    \
     typedef T SE_T;                                                                  \
     typedef T VEC __attribute__((vector_size(VBYTES)));                              \
@@ -155,20 +180,20 @@ ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                       
     int64_t e, j0 = 0, count = 0;                                                    \
     int64_t vectors = dim / LANES;                                                   \
     int haspad = pad >= 0 && pad < num_rows;                                         \
-    if (WIDE && vectors >= 16) SE_CHUNK(16, 1);                                      \
-    else if (vectors >= 8) SE_CHUNK(8, 1);                                           \
-    else if (vectors >= 4) SE_CHUNK(4, 1);                                           \
-    else if (vectors >= 2) SE_CHUNK(2, 1);                                           \
-    else if (vectors == 1) SE_CHUNK(1, 1);                                           \
+    if (WIDE && vectors >= 16) SE_CHUNK(16, 1, NTSTORE);                             \
+    else if (vectors >= 8) SE_CHUNK(8, 1, NTSTORE);                                  \
+    else if (vectors >= 4) SE_CHUNK(4, 1, NTSTORE);                                  \
+    else if (vectors >= 2) SE_CHUNK(2, 1, NTSTORE);                                  \
+    else if (vectors == 1) SE_CHUNK(1, 1, NTSTORE);                                  \
     else {                                                                           \
         SE_TAIL(1);                                                                  \
         return count;                                                                \
     }                                                                                \
-    while (WIDE && dim - j0 >= 16 * LANES) SE_CHUNK(16, 0);                          \
-    while (dim - j0 >= 8 * LANES) SE_CHUNK(8, 0);                                    \
-    if (dim - j0 >= 4 * LANES) SE_CHUNK(4, 0);                                       \
-    if (dim - j0 >= 2 * LANES) SE_CHUNK(2, 0);                                       \
-    if (dim - j0 >= LANES) SE_CHUNK(1, 0);                                           \
+    while (WIDE && dim - j0 >= 16 * LANES) SE_CHUNK(16, 0, NTSTORE);                 \
+    while (dim - j0 >= 8 * LANES) SE_CHUNK(8, 0, NTSTORE);                           \
+    if (dim - j0 >= 4 * LANES) SE_CHUNK(4, 0, NTSTORE);                              \
+    if (dim - j0 >= 2 * LANES) SE_CHUNK(2, 0, NTSTORE);                              \
+    if (dim - j0 >= LANES) SE_CHUNK(1, 0, NTSTORE);                                  \
     if (j0 < dim) SE_TAIL(0);                                                        \
     return count;                                                                    \
 }
@@ -177,14 +202,15 @@ ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                       
 ATTR static int64_t NAME(                                                            \
     const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t n,         \
     const int64_t* starts, int64_t b0, int64_t b1, int64_t pad, const T* psw,        \
-    int64_t ahead, int mean, T* out, int64_t* counts)                                \
+    int64_t ahead, int flags, T* out, const int64_t* dest, int64_t* counts)         \
 {                                                                                    \
     int64_t b, k, n_bad = 0;                                                         \
+    int mean = flags & SE_MEAN, stream = (flags & SE_STREAM) != 0;                   \
     for (b = b0; b < b1; b++) {                                                      \
-        T* o = out + b * dim;                                                        \
+        T* o = out + (dest ? dest[b] : b) * dim;                                     \
         int64_t c = NAME##_bag(weight, num_rows, dim, idx, starts[b], starts[b + 1], \
-                               n, pad, psw, ahead, o);                               \
-        counts[b] = c;                                                               \
+                               n, pad, psw, ahead, stream, o);                       \
+        if (counts) counts[b] = c;                                                   \
         if (c < 0) {                                                                 \
             n_bad++;                                                                 \
         } else if (mean && c > 1) {                                                  \
@@ -192,6 +218,7 @@ ATTR static int64_t NAME(                                                       
             for (k = 0; k < dim; k++) o[k] = o[k] / inv;                             \
         }                                                                            \
     }                                                                                \
+    if (stream) SE_STREAM_FENCE();                                                   \
     return n_bad;                                                                    \
 }
 
@@ -200,11 +227,13 @@ ATTR static int64_t NAME(                                                       
 #define SE_DEFINE_POOL_BAG_SCALAR(NAME, T, I)                                        \
 static int64_t NAME##_bag(                                                           \
     const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t lo,        \
-    int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, T* out)         \
+    int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, int stream,     \
+    T* out)                                                                          \
 {                                                                                    \
     int64_t e, k, count = 0;                                                         \
     (void)n;                                                                         \
     (void)ahead;                                                                     \
+    (void)stream;                                                                    \
     for (k = 0; k < dim; k++) out[k] = 0;                                            \
     for (e = lo; e < hi; e++) {                                                      \
         int64_t r = (int64_t)idx[e];                                                 \
@@ -225,41 +254,41 @@ static int64_t NAME##_bag(                                                      
 
 /* (SE_NO_VECTOR_EXT forces the scalar body, to check it with GCC.) */
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(SE_NO_VECTOR_EXT)
-    #define SE_DEFINE_POOL(NAME, T, I, ATTR, VBYTES, WIDE)                           \
-        SE_DEFINE_POOL_BAG(NAME, T, I, ATTR, VBYTES, WIDE)                           \
+    #define SE_DEFINE_POOL(NAME, T, I, ATTR, VBYTES, WIDE, NTSTORE)                  \
+        SE_DEFINE_POOL_BAG(NAME, T, I, ATTR, VBYTES, WIDE, NTSTORE)                  \
         SE_DEFINE_POOL_RANGE(NAME, T, I, ATTR)
 #else
-    #define SE_DEFINE_POOL(NAME, T, I, ATTR, VBYTES, WIDE)                           \
+    #define SE_DEFINE_POOL(NAME, T, I, ATTR, VBYTES, WIDE, NTSTORE)                  \
         SE_DEFINE_POOL_BAG_SCALAR(NAME, T, I)                                        \
         SE_DEFINE_POOL_RANGE(NAME, T, I, ATTR)
 #endif
 
 typedef int64_t (*se_pool_f32_i32)(const float*, int64_t, int64_t, const int32_t*, int64_t,
                                    const int64_t*, int64_t, int64_t, int64_t, const float*,
-                                   int64_t, int, float*, int64_t*);
+                                   int64_t, int, float*, const int64_t*, int64_t*);
 typedef int64_t (*se_pool_f32_i64)(const float*, int64_t, int64_t, const int64_t*, int64_t,
                                    const int64_t*, int64_t, int64_t, int64_t, const float*,
-                                   int64_t, int, float*, int64_t*);
+                                   int64_t, int, float*, const int64_t*, int64_t*);
 typedef int64_t (*se_pool_f64_i32)(const double*, int64_t, int64_t, const int32_t*, int64_t,
                                    const int64_t*, int64_t, int64_t, int64_t, const double*,
-                                   int64_t, int, double*, int64_t*);
+                                   int64_t, int, double*, const int64_t*, int64_t*);
 typedef int64_t (*se_pool_f64_i64)(const double*, int64_t, int64_t, const int64_t*, int64_t,
                                    const int64_t*, int64_t, int64_t, int64_t, const double*,
-                                   int64_t, int, double*, int64_t*);
+                                   int64_t, int, double*, const int64_t*, int64_t*);
 
-SE_DEFINE_POOL(se_pool_f32_i32_base, float, int32_t, , 16, 0)
-SE_DEFINE_POOL(se_pool_f32_i64_base, float, int64_t, , 16, 0)
-SE_DEFINE_POOL(se_pool_f64_i32_base, double, int32_t, , 16, 0)
-SE_DEFINE_POOL(se_pool_f64_i64_base, double, int64_t, , 16, 0)
+SE_DEFINE_POOL(se_pool_f32_i32_base, float, int32_t, , 16, 0, SE_NT_SSE)
+SE_DEFINE_POOL(se_pool_f32_i64_base, float, int64_t, , 16, 0, SE_NT_SSE)
+SE_DEFINE_POOL(se_pool_f64_i32_base, double, int32_t, , 16, 0, SE_NT_SSE)
+SE_DEFINE_POOL(se_pool_f64_i64_base, double, int64_t, , 16, 0, SE_NT_SSE)
 #if SE_X86_DISPATCH
-SE_DEFINE_POOL(se_pool_f32_i32_avx2, float, int32_t, SE_TARGET("avx2"), 32, 0)
-SE_DEFINE_POOL(se_pool_f32_i64_avx2, float, int64_t, SE_TARGET("avx2"), 32, 0)
-SE_DEFINE_POOL(se_pool_f64_i32_avx2, double, int32_t, SE_TARGET("avx2"), 32, 0)
-SE_DEFINE_POOL(se_pool_f64_i64_avx2, double, int64_t, SE_TARGET("avx2"), 32, 0)
-SE_DEFINE_POOL(se_pool_f32_i32_avx512, float, int32_t, SE_TARGET("avx512f"), 64, 1)
-SE_DEFINE_POOL(se_pool_f32_i64_avx512, float, int64_t, SE_TARGET("avx512f"), 64, 1)
-SE_DEFINE_POOL(se_pool_f64_i32_avx512, double, int32_t, SE_TARGET("avx512f"), 64, 1)
-SE_DEFINE_POOL(se_pool_f64_i64_avx512, double, int64_t, SE_TARGET("avx512f"), 64, 1)
+SE_DEFINE_POOL(se_pool_f32_i32_avx2, float, int32_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
+SE_DEFINE_POOL(se_pool_f32_i64_avx2, float, int64_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
+SE_DEFINE_POOL(se_pool_f64_i32_avx2, double, int32_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
+SE_DEFINE_POOL(se_pool_f64_i64_avx2, double, int64_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
+SE_DEFINE_POOL(se_pool_f32_i32_avx512, float, int32_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
+SE_DEFINE_POOL(se_pool_f32_i64_avx512, float, int64_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
+SE_DEFINE_POOL(se_pool_f64_i32_avx512, double, int32_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
+SE_DEFINE_POOL(se_pool_f64_i64_avx512, double, int64_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
 #endif
 
 /* -1: not decided yet. Decided under the GIL (sparsembed_pool_level() is called

@@ -1,0 +1,71 @@
+# The SIMD sum pooling of ``_simd_pool.h`` (one C body per x86 SIMD level, picked at
+# run time), shared by the kernels that sum rows picked by an index array: the
+# EmbeddingBag forward (rows of the table by id) and the backward row sums (rows of
+# grad_output by plan position). Each module that cimports this has its own level
+# (``pool_level`` / ``pool_set_level``, both read SPARSEMBED_SIMD on first use).
+
+from cython cimport floating
+from libc.stdint cimport int32_t, int64_t
+
+from sparsembed._kernels._types cimport index_t
+
+cdef extern from "_simd_pool.h":
+    enum:
+        SE_MEAN
+        SE_STREAM
+    ctypedef int64_t (*pool_f32_i32_t)(
+        const float*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
+        int64_t, const float*, int64_t, int, float*, const int64_t*, int64_t*) noexcept nogil
+    ctypedef int64_t (*pool_f32_i64_t)(
+        const float*, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, int64_t,
+        int64_t, const float*, int64_t, int, float*, const int64_t*, int64_t*) noexcept nogil
+    ctypedef int64_t (*pool_f64_i32_t)(
+        const double*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
+        int64_t, const double*, int64_t, int, double*, const int64_t*, int64_t*) noexcept nogil
+    ctypedef int64_t (*pool_f64_i64_t)(
+        const double*, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, int64_t,
+        int64_t, const double*, int64_t, int, double*, const int64_t*, int64_t*) noexcept nogil
+    ctypedef struct pool_table "se_pool_table":
+        pool_f32_i32_t f32_i32
+        pool_f32_i64_t f32_i64
+        pool_f64_i32_t f64_i32
+        pool_f64_i64_t f64_i64
+    pool_table pool_table_at "sparsembed_pool_table"(int level) noexcept nogil
+    int pool_level "sparsembed_pool_level"() noexcept nogil
+    int pool_set_level "sparsembed_pool_set_level"(int level) noexcept nogil
+
+
+cdef inline int64_t pool_sum(
+    const pool_table* fns,      # the sum kernels at the SIMD level in use
+    const floating* weight,     # (num_rows, dim)
+    int64_t num_rows,
+    int64_t dim,
+    const index_t* idx,
+    int64_t n,                  # entries in idx (rows past a bag are prefetched too)
+    const int64_t* starts,      # (n_bags + 1,)
+    int64_t b0,                 # bags b0..b1-1
+    int64_t b1,
+    int64_t pad,
+    const floating* psw,        # (n,) or NULL
+    int64_t ahead,              # prefetch distance in entries
+    int flags,                  # SE_MEAN: divide by the counts; SE_STREAM: non-temporal stores
+    floating* out,              # (n_bags, dim), or (*, dim) with dest
+    const int64_t* dest,        # (n_bags,) output row of each bag, or NULL: bag b -> out[b]
+    int64_t* counts,            # (n_bags,) or NULL
+) noexcept nogil:
+    # the (dtype, index dtype) variant of this specialisation; returns the number of
+    # bags holding an id outside [0, num_rows)
+    if floating is float:
+        if index_t is int32_t:
+            return fns.f32_i32(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
+                               ahead, flags, out, dest, counts)
+        else:
+            return fns.f32_i64(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
+                               ahead, flags, out, dest, counts)
+    else:
+        if index_t is int32_t:
+            return fns.f64_i32(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
+                               ahead, flags, out, dest, counts)
+        else:
+            return fns.f64_i64(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
+                               ahead, flags, out, dest, counts)
