@@ -7,7 +7,7 @@ signatures; :func:`sparsembed._backend.get_backend` picks one from the device.
 import numpy as np
 
 from sparsembed import _half, _rowsparse
-from sparsembed._rowsparse import STREAM_BYTES
+from sparsembed._rowsparse import ROW_SUMS_STREAM_BYTES, STREAM_BYTES
 from sparsembed._rowplan import RowPlan  # noqa: F401 - part of the backend interface
 from sparsembed._kernels import _backward, _bag, _lookup, _plan, _pool
 from sparsembed._threads import get_num_threads, threads_for  # noqa: F401
@@ -111,7 +111,7 @@ def row_grad(grad2d, plan, scale_grad_by_freq):
     """(n_rows, dim) per-row sums, one per distinct planned id, in ``plan.rows`` order."""
     out = _pool.empty((plan.rows.shape[0], grad2d.shape[1]), grad2d.dtype)
     _backward.row_sums(grad2d, plan.perm, plan.starts, scale_grad_by_freq, out,
-                       threads_for(grad2d.size), out.nbytes >= STREAM_BYTES)
+                       threads_for(grad2d.size), out.nbytes >= ROW_SUMS_STREAM_BYTES)
     return out
 
 

@@ -14,12 +14,25 @@ from sparsembed._threads import threads_for
 
 
 # Outputs at least this large are written with non-temporal stores (the gather, the
-# dense backward, row sums, csr indices). A plain store to a line that is not cached
-# first reads it (read-for-ownership); an output this big would not stay in most
-# L2/L3 caches for its consumer anyway, so streaming it halves the write traffic and
-# keeps the table rows cached. Measured on the benchmark machine: the forward of
-# 262,144 ids at D = 256 (256 MB) 1.4-2x faster, at D = 64 (64 MB) 1.25-1.35x.
+# dense backward). A plain store to a line that is not cached first reads it
+# (read-for-ownership); an output this big would not stay in most L2/L3 caches for
+# its consumer anyway, so streaming it halves the write traffic and keeps the table
+# rows cached. Measured on the benchmark machine: the forward of 262,144 ids at
+# D = 256 (256 MB) 1.4-2x faster, at D = 64 (64 MB) 1.25-1.35x.
 STREAM_BYTES = 32 << 20
+
+# Row sums are read once more (by the optimizer step, or the csr's user). Above what
+# the L2 caches of two cores hold (2 x 2 MiB here) they come back from L3 or memory
+# either way, and plain stores would first read every line. Measured, V = 1e6,
+# 2 threads: Adagrad step of 262,144 Zipf ids at D = 256 (30 MB of sums) 33.6 ->
+# 31.8 ms; steps of 16,384-65,536 uniform ids at D = 64 unchanged.
+ROW_SUMS_STREAM_BYTES = 4 << 20
+
+# sparsembed never reads a csr gradient's column indices back (the optimizer trusts
+# the canonical flag), so they are streamed unless tiny. Measured (fill_row_csr,
+# V = 1e6, D = 64, plain vs streamed): 256 KiB 0.21 vs 0.20 ms, 1 MiB 0.30 vs 0.24,
+# 4 MiB 0.67 vs 0.54, 16 MiB 1.8 vs 1.2; 30 MB at D = 256 2.4 vs 1.3.
+CSR_INDEX_STREAM_BYTES = 256 << 10
 
 # The csr structure is plain stores of constants (about 0.1 ns an element), so a
 # second thread pays for its wake-up (~0.1 ms here) only from about 1.5 million
@@ -52,7 +65,7 @@ def from_rows(rows, data, num_rows):
     indices = _pool.empty((n_rows * dim,), idx_dtype)
     _backward.fill_row_csr(np.ascontiguousarray(rows, dtype=np.int64), num_rows, indptr,
                            indices, dim, threads_for(num_rows + n_rows * dim, CSR_FILL_GRAIN),
-                           indices.nbytes >= STREAM_BYTES)
+                           indices.nbytes >= CSR_INDEX_STREAM_BYTES)
     out = sp.csr_array((data.reshape(-1), indices, indptr), shape=(num_rows, dim), copy=False)
     out.has_sorted_indices = True
     out.has_canonical_format = True

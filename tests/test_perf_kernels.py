@@ -386,6 +386,23 @@ def test_large_dense_gradients_stream_and_match(rng, monkeypatch, dtype):
     np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_sparse_gradients_stream_their_sums_and_indices_and_match(rng, monkeypatch, dtype):
+    from sparsembed import _rowsparse
+
+    emb = se.Embedding(500, 40, sparse=True, dtype=dtype, random_state=0)
+    ids = rng.integers(0, 500, size=(60, 3))
+    grad = rng.standard_normal((60, 3, 40)).astype(dtype)
+    emb(ids)
+    plain = emb.backward(grad)
+    emb.zero_grad()
+    monkeypatch.setattr(_cpu, "ROW_SUMS_STREAM_BYTES", 0)
+    monkeypatch.setattr(_rowsparse, "CSR_INDEX_STREAM_BYTES", 0)
+    streamed = emb.backward(grad)
+    assert streamed.data.tobytes() == plain.data.tobytes()
+    assert_array_equal(streamed.indices, plain.indices)
+    assert_array_equal(streamed.indptr, plain.indptr)
+
+
 def test_row_values_trusts_the_canonical_flag_and_checks_otherwise(rng):
     import scipy.sparse as sp
 
