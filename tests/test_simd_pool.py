@@ -287,3 +287,43 @@ def test_fused_update_at_every_level_equals_row_sums_then_update(level, dtype, r
                                     np.empty((0, 0), np.int64), scale, s, none, threads)
                 assert w.tobytes() == w_ref.tobytes(), (dim, scale, threads)
                 assert s.tobytes() == s_ref.tobytes(), (dim, scale, threads)
+
+
+HYPERS = {  # (kind, lr, momentum, weight_decay, eps, c1, c2, c3)
+    "sgd": (_optim.KIND_SGD, 0.1, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0),
+    "sgd_momentum_wd": (_optim.KIND_SGD, 0.1, 0.9, 0.01, 0.0, 0.75, 0.0, 0.0),
+    "sgd_first_step": (_optim.KIND_SGD, 0.1, 0.9, 0.0, 0.0, 1.0, 1.0, 0.0),
+    "sgd_nesterov": (_optim.KIND_SGD, 0.1, 0.9, 0.0, 0.0, 1.0, 0.0, 1.0),
+    "adagrad": (_optim.KIND_ADAGRAD, 0.1, 0.0, 0.0, 1e-10, 0.0, 0.0, 0.0),
+    "adagrad_wd": (_optim.KIND_ADAGRAD, 0.1, 0.0, 0.05, 1e-6, 0.0, 0.0, 0.0),
+    "sparse_adam": (_optim.KIND_SPARSE_ADAM, 0.01, 0.0, 0.0, 1e-8, 0.1, 0.001, 0.0),
+    "rowwise_adagrad": (_optim.KIND_ROWWISE_ADAGRAD, 0.1, 0.0, 0.02, 1e-8, 0.0, 0.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HYPERS))
+def test_optimizer_updates_give_the_same_bits_at_every_level(name, dtype, rng, at_level):
+    """The row updates are compiled per SIMD level too (_simd_update.h): every level
+    gives the baseline's bits, for every kind and a dim with a column tail."""
+    hyper = HYPERS[name]
+    rowwise = hyper[0] == _optim.KIND_ROWWISE_ADAGRAD
+    V = 30
+    for dim in [1, 7, 16, 33, 100]:
+        rows = np.sort(rng.choice(V, 12, replace=False)).astype(np.int64)
+        values = rng.standard_normal((rows.size, dim)).astype(dtype)
+        w0 = rng.standard_normal((V, dim)).astype(dtype)
+        s1_0 = np.abs(rng.standard_normal((V, 1 if rowwise else dim))).astype(dtype)
+        s2_0 = np.abs(rng.standard_normal((V, dim))).astype(dtype)
+        if hyper[0] != _optim.KIND_SPARSE_ADAM:
+            s2_0 = np.empty((0, dim), dtype)
+        if hyper[0] == _optim.KIND_SGD and hyper[2] == 0.0:
+            s1_0 = np.empty((0, dim), dtype)
+        results = {}
+        for level in _levels():
+            assert at_level(level) == level
+            w, s1, s2 = w0.copy(), s1_0.copy(), s2_0.copy()
+            for threads in (1, 2):
+                _optim.update_rows(*hyper, w, rows, False, values, s1, s2, threads)
+            results[level] = (w.tobytes(), s1.tobytes(), s2.tobytes())
+            assert not np.array_equal(w, w0)
+        assert len(set(results.values())) == 1, (dim, sorted(results))

@@ -19,7 +19,6 @@ before use, as torch rounds Python scalars to the tensor's dtype.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -39,11 +38,29 @@ from sparsembed._kernels._split cimport block_start_costed
 # of as many rows (16 KiB at dim 256 in float32: stays in L1 for the updates).
 DEF FUSED_CHUNK = 16
 
-cdef enum:
-    SGD = 0
-    ADAGRAD = 1
-    SPARSE_ADAM = 2
-    ROWWISE_ADAGRAD = 3
+cdef extern from "_simd_update.h":
+    cdef enum:
+        SGD "SE_SGD"
+        ADAGRAD "SE_ADAGRAD"
+        SPARSE_ADAM "SE_SPARSE_ADAM"
+        ROWWISE_ADAGRAD "SE_ROWWISE_ADAGRAD"
+    ctypedef struct Hyper "se_hyper":
+        int kind
+        double lr
+        double momentum
+        double weight_decay
+        double eps
+        double c1
+        double c2
+        double c3
+    ctypedef void (*update_f32_t)(const Hyper*, float*, const float*, float*, float*,
+                                  int64_t) noexcept nogil
+    ctypedef void (*update_f64_t)(const Hyper*, double*, const double*, double*, double*,
+                                  int64_t) noexcept nogil
+    ctypedef struct update_table "se_update_table":
+        update_f32_t f32
+        update_f64_t f64
+    update_table update_table_at "sparsembed_update_table"(int level) noexcept nogil
 
 KIND_SGD = SGD
 KIND_ADAGRAD = ADAGRAD
@@ -51,18 +68,8 @@ KIND_SPARSE_ADAM = SPARSE_ADAM
 KIND_ROWWISE_ADAGRAD = ROWWISE_ADAGRAD
 
 
-cdef struct Hyper:
-    int kind
-    double lr            # SGD, RowWise: lr; Adagrad: clr; SparseAdam: step size
-    double momentum      # SGD
-    double weight_decay  # SGD, Adagrad, RowWise
-    double eps           # Adagrad, SparseAdam, RowWise
-    double c1            # SparseAdam: 1 - beta1; SGD: 1 - dampening
-    double c2            # SparseAdam: 1 - beta2; SGD: 1 on the table's first step (buf = d)
-    double c3            # SGD: 1 for Nesterov momentum
-
-
 cdef inline void _update_row(
+    const update_table* fns,  # the update functions at the SIMD level in use
     const Hyper* h,
     floating* w,          # INOUT (dim,) weight row
     const floating* g,    # IN (dim,) gradient row
@@ -70,75 +77,11 @@ cdef inline void _update_row(
     floating* s2,         # INOUT exp_avg_sq row, or NULL
     int64_t dim,
 ) noexcept nogil:
-    cdef int64_t j
-    cdef floating lr = <floating> h.lr
-    cdef floating wd = <floating> h.weight_decay
-    cdef floating eps = <floating> h.eps
-    cdef floating mom, c1, c2, d, std, m_old, v_old, um, uv
-    cdef double acc
-    if h.kind == SGD:
-        # torch: d = g + wd * w; buf = d on the first step, else
-        # buf = mom * buf + (1 - dampening) * d; d = d + mom * buf (Nesterov) or buf;
-        # w += -lr * d
-        mom = <floating> h.momentum
-        c1 = <floating> h.c1
-        for j in range(dim):
-            d = g[j]
-            if wd != 0:
-                d = d + wd * w[j]
-            if s1 != NULL:
-                if h.c2 != 0:
-                    s1[j] = d
-                elif h.c1 == 1.0:
-                    s1[j] = mom * s1[j] + d
-                else:
-                    s1[j] = mom * s1[j] + c1 * d
-                if h.c3 != 0:
-                    d = d + mom * s1[j]
-                else:
-                    d = s1[j]
-            w[j] = w[j] - lr * d
-    elif h.kind == ADAGRAD:
-        # torch: d = g + wd * w; sum += d * d; w += -clr * (d / (sqrt(sum) + eps))
-        for j in range(dim):
-            d = g[j]
-            if wd != 0:
-                d = d + wd * w[j]
-            s1[j] = s1[j] + d * d
-            std = <floating> sqrt(s1[j]) + eps
-            w[j] = w[j] - lr * (d / std)
-    elif h.kind == SPARSE_ADAM:
-        # torch's sparse_adam, in its order of operations:
-        #   um = (g - m) * (1 - b1); m += um; uv = (g*g - v) * (1 - b2); v += uv
-        #   w += -step_size * ((um + m_old) / (sqrt(uv + v_old) + eps))
-        c1 = <floating> h.c1
-        c2 = <floating> h.c2
-        for j in range(dim):
-            m_old = s1[j]
-            v_old = s2[j]
-            um = (g[j] - m_old) * c1
-            uv = (g[j] * g[j] - v_old) * c2
-            s1[j] = m_old + um
-            s2[j] = v_old + uv
-            std = <floating> sqrt(uv + v_old) + eps
-            w[j] = w[j] + (-lr) * ((um + m_old) / std)
+    # the arithmetic (torch's, per kind) is in _simd_update.h
+    if floating is float:
+        fns.f32(h, w, g, s1, s2, dim)
     else:
-        # row-wise Adagrad: s += mean((g + wd * w)**2); w -= lr * d / (sqrt(s) + eps)
-        if dim == 0:
-            return
-        acc = 0.0
-        for j in range(dim):
-            d = g[j]
-            if wd != 0:
-                d = d + wd * w[j]
-            acc = acc + <double> d * <double> d
-        s1[0] = s1[0] + <floating> (acc / <double> dim)
-        std = <floating> sqrt(s1[0]) + eps
-        for j in range(dim):
-            d = g[j]
-            if wd != 0:
-                d = d + wd * w[j]
-            w[j] = w[j] - lr * (d / std)
+        fns.f64(h, w, g, s1, s2, dim)
 
 
 cdef inline Hyper _hyper(int kind, double lr, double momentum, double weight_decay,
@@ -169,6 +112,7 @@ def update_rows(
 ):
     """Apply one optimizer update to the rows of a built gradient."""
     cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2, c3)
+    cdef update_table ufns = update_table_at(pool_level())
     cdef int64_t n_rows = values.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef bint has_s1 = s1.shape[0] > 0
@@ -190,7 +134,7 @@ def update_rows(
                 if has_s2:
                     prefetch_row(&s2[r2, 0], row_bytes)
             r = u if all_rows else rows[u]
-            _update_row(&h, &weight[r, 0], &values[u, 0],
+            _update_row(&ufns, &h, &weight[r, 0], &values[u, 0],
                         &s1[r, 0] if has_s1 else NULL,
                         &s2[r, 0] if has_s2 else NULL, dim)
 
@@ -249,6 +193,7 @@ def fused_update(
     sends the columns it won), so the result equals the bag backward's row gradient.
     """
     cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2, c3)
+    cdef update_table ufns = update_table_at(pool_level())
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef bint has_s1 = s1.shape[0] > 0
@@ -315,7 +260,7 @@ def fused_update(
                                             &s2[0, 0] if has_s2 else NULL,
                                             rows[i + ahead_rows], dim, row_bytes, s1_bytes)
                         r = rows[i]
-                        _update_row(&h, &weight[r, 0], buf + (i - u) * dim,
+                        _update_row(&ufns, &h, &weight[r, 0], buf + (i - u) * dim,
                                     &s1[r, 0] if has_s1 else NULL,
                                     &s2[r, 0] if has_s2 else NULL, dim)
                     u = u_end
@@ -331,7 +276,7 @@ def fused_update(
                 if has_src:
                     bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
                                 argmax_ptr, scale_by_count, buf)
-                    _update_row(&h, &weight[r, 0], buf,
+                    _update_row(&ufns, &h, &weight[r, 0], buf,
                                 &s1[r, 0] if has_s1 else NULL,
                                 &s2[r, 0] if has_s2 else NULL, dim)
                     continue
@@ -350,7 +295,7 @@ def fused_update(
                     f = <floating> (hi - lo)
                     for j in range(dim):
                         buf[j] = buf[j] / f
-                _update_row(&h, &weight[r, 0], buf,
+                _update_row(&ufns, &h, &weight[r, 0], buf,
                             &s1[r, 0] if has_s1 else NULL,
                             &s2[r, 0] if has_s2 else NULL, dim)
         free(buf)
