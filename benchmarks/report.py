@@ -63,7 +63,37 @@ def main_table(result):
         lines.append("")
         lines.append("Dense backward floor, writing a preallocated (V, D) array once (`out.fill(0)`, "
                      "and a zero-fill with non-temporal stores): " + "; ".join(fills) + ".")
+    floors = [_sparse_floor(row) for row in result["main"] if row["workload"] == "sparse_fwd_bwd"]
+    floors = [f for f in floors if f]
+    if floors:
+        lines.append("")
+        lines.append(
+            "Sparse forward + backward floor, the data it must move at the machine's "
+            "measured bandwidth (streamed writes of the (B, D) output, the (U, D) row sums, "
+            "their (U x D) int32 column indices and the (V + 1) row pointer; reads of the "
+            "(B, D) grad_output and the U table rows; U distinct ids): " + "; ".join(floors) + ".")
     return "\n".join(lines)
+
+
+def sparse_floor_ms(row):
+    """Least time of a sparse forward + backward from the row's two bandwidth probes:
+    ``stream_write`` writes one (B, D) array, ``seq_read`` reads one."""
+    t = row["times_ms"]
+    if "stream_write" not in t or "seq_read" not in t or "unique_rows" not in row:
+        return None
+    B, D, V, U = row["B"], row["D"], row["V"], row["unique_rows"]
+    written = 1 + 2 * U / B + (V + 1) / (B * D)  # in (B, D) float32 arrays
+    read = 1 + U / B
+    return t["stream_write"] * written + t["seq_read"] * read
+
+
+def _sparse_floor(row):
+    floor = sparse_floor_ms(row)
+    t = row["times_ms"]
+    if floor is None or "torch" not in t:
+        return None
+    return (f"D={row['D']} {row['dist']} (U = {row['unique_rows']:,}): {floor:.1f} ms = "
+            f"{floor / t['torch']:.3f} x torch (ours {t['sparsembed'] / floor:.2f} x it)")
 
 
 def threads_table(result):

@@ -253,6 +253,16 @@ def wl_sparse_fwd_bwd(W, idx, g):
 
     cases = {"sparsembed": se_step, "numpy": np_step,
              "bound": _bound((idx.size, D), W.dtype)}
+    # for the least this can cost (report.py: "floor"): a streamed write of a (B, D)
+    # array (sparsembed's dense kernel with no ids) and a sequential read of one (the
+    # bag sum of consecutive rows of g, which writes a 32nd of it)
+    out_bd = np.empty((idx.size, D), dtype=W.dtype)
+    no_ids = np.zeros(0, dtype=np.int64)
+    no_grad = np.zeros((0, D), dtype=W.dtype)
+    cases["stream_write"] = lambda: _backward.dense_backward_fill(
+        no_grad, no_ids, no_ids, np.zeros(1, np.int64), False, out_bd, 2, True)
+    consecutive = np.arange(idx.size - idx.size % 32, dtype=np.int64).reshape(-1, 32)
+    cases["seq_read"] = lambda: SF.embedding_bag(consecutive, g, mode="sum")
     if torch is not None:
         wt = torch.nn.Parameter(torch.from_numpy(W))
         it, gt = torch.from_numpy(idx), torch.from_numpy(g)
@@ -432,6 +442,7 @@ def run_main(cfg, threads, repeat, log):
         W = make_table(rng, V, D)
         for dist in ("uniform", "zipf"):
             idx = make_ids(rng, dist, V, B)
+            unique_rows = int(np.unique(idx).size)
             g = rng.standard_normal((B, D), dtype=np.float32)
             for name, wl in workloads():
                 kw = {"bag": cfg["bag"]} if name.startswith("bag") else {}
@@ -440,6 +451,7 @@ def run_main(cfg, threads, repeat, log):
                 del cases
                 gc.collect()
                 row = dict(workload=name, V=V, D=D, B=B, dist=dist, threads=threads,
+                           unique_rows=unique_rows,
                            times_ms={k: v * 1e3 for k, v in times.items()},
                            ratios=ratios(times))
                 results.append(row)
