@@ -3,6 +3,7 @@ radix sorts), work-balanced row sums, prefetching gather, against numpy."""
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from numpy.testing import assert_array_equal
 
 import sparsembed as se
@@ -448,3 +449,36 @@ def test_stored_rows_uses_the_row_list_only_while_the_row_pointer_agrees(rng):
     # empty gradient
     empty = _rowsparse.from_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), 5)
     assert _rowsparse.stored_rows(empty).size == 0
+
+
+@pytest.mark.parametrize("num_rows,rows", [(6, [0, 2, 5]), (4, []), (3, [0, 1, 2])])
+def test_direct_csr_build_equals_scipys_constructor(num_rows, rows, dtype):
+    from sparsembed import _rowsparse
+
+    rows = np.array(rows, dtype=np.int64)
+    data = np.arange(rows.size * 3, dtype=dtype).reshape(rows.size, 3) - 2
+    if _rowsparse._CSR_TEMPLATE is None:
+        pytest.skip("this scipy's csr constructor sets other attributes: the direct build is off")
+    direct = _rowsparse.from_rows(rows, data, np.int64(num_rows))
+    checked = sp.csr_array(direct.toarray())
+    assert type(direct) is sp.csr_array
+    assert direct.shape == (num_rows, 3) and all(type(n) is int for n in direct.shape)
+    assert set(direct.__dict__) - {_rowsparse._ROWS_KEY} == set(_rowsparse._CSR_ATTRS)
+    assert direct.has_canonical_format and direct.has_sorted_indices
+    assert direct.nnz == rows.size * 3
+    assert_array_equal(direct.toarray(), checked.toarray())
+    assert_array_equal(direct @ np.ones(3, dtype), checked @ np.ones(3, dtype))
+    assert_array_equal((direct + direct).toarray(), 2 * checked.toarray())
+    direct.check_format(full_check=True)  # scipy's own validation passes
+
+
+def test_direct_csr_build_falls_back_when_scipy_changes(monkeypatch, dtype):
+    from sparsembed import _rowsparse
+
+    # a constructor that sets an attribute we do not know: no direct builds
+    monkeypatch.setattr(_rowsparse, "_CSR_ATTRS", _rowsparse._CSR_ATTRS | {"_new_cache"})
+    assert _rowsparse._direct_csr_template() is None
+    monkeypatch.setattr(_rowsparse, "_CSR_TEMPLATE", None)
+    g = _rowsparse.from_rows(np.array([1, 3], np.int64), np.ones((2, 2), dtype), 5)
+    assert g.has_canonical_format and g.shape == (5, 2)
+    assert_array_equal(g.toarray()[[1, 3]], 1)
