@@ -98,6 +98,18 @@ cdef inline Hyper _hyper(int kind, double lr, double momentum, double weight_dec
     return h
 
 
+cdef inline void _prefetch_state(
+    const floating* weight, const floating* s1, const floating* s2, int64_t r,
+    int64_t dim, size_t row_bytes, size_t s1_bytes,
+) noexcept nogil:
+    # the table row r and its state rows, about to be updated
+    prefetch_row(weight + r * dim, row_bytes)
+    if s1 != NULL:
+        prefetch_row(s1 + r * (s1_bytes // sizeof(floating)), s1_bytes)
+    if s2 != NULL:
+        prefetch_row(s2 + r * dim, row_bytes)
+
+
 def update_rows(
     int kind,
     double lr, double momentum, double weight_decay, double eps,
@@ -117,22 +129,20 @@ def update_rows(
     cdef int64_t dim = weight.shape[1]
     cdef bint has_s1 = s1.shape[0] > 0
     cdef bint has_s2 = s2.shape[0] > 0
-    cdef int64_t u, r, r2
+    cdef int64_t u, r
     # the table and state rows are read at random: prefetch those of row u + ahead
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
     cdef int64_t ahead = prefetch_distance(3 * row_bytes)
     if n_rows == 0 or dim == 0:
         return
+    cdef floating* s1_ptr = &s1[0, 0] if has_s1 else NULL
+    cdef floating* s2_ptr = &s2[0, 0] if has_s2 else NULL
     with nogil:
         for u in prange(n_rows, schedule="static", num_threads=n_threads):
             if u + ahead < n_rows and not all_rows:
-                r2 = rows[u + ahead]
-                prefetch_row(&weight[r2, 0], row_bytes)
-                if has_s1:
-                    prefetch_row(&s1[r2, 0], s1_bytes)
-                if has_s2:
-                    prefetch_row(&s2[r2, 0], row_bytes)
+                _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr, rows[u + ahead], dim,
+                                row_bytes, s1_bytes)
             r = u if all_rows else rows[u]
             _update_row(&ufns, &h, &weight[r, 0], &values[u, 0],
                         &s1[r, 0] if has_s1 else NULL,
@@ -150,18 +160,6 @@ def set_simd_level(int level):
     supports); returns the level now in use. For tests: every level gives the same
     bits."""
     return pool_set_level(level)
-
-
-cdef inline void _prefetch_state(
-    const floating* weight, const floating* s1, const floating* s2, int64_t r,
-    int64_t dim, size_t row_bytes, size_t s1_bytes,
-) noexcept nogil:
-    # the table row r and its state rows, about to be updated
-    prefetch_row(weight + r * dim, row_bytes)
-    if s1 != NULL:
-        prefetch_row(s1 + r * (s1_bytes // sizeof(floating)), s1_bytes)
-    if s2 != NULL:
-        prefetch_row(s2 + r * dim, row_bytes)
 
 
 def fused_update(
@@ -205,7 +203,7 @@ def fused_update(
     cdef const int64_t* argmax_ptr = &argmax[0, 0] if argmax.shape[0] > 0 else NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
-    cdef int64_t u, r, k, e, j, lo, hi, r2, t, u_lo, u_hi, u_end, i
+    cdef int64_t u, r, k, e, j, lo, hi, t, u_lo, u_hi, u_end, i
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
@@ -218,6 +216,8 @@ def fused_update(
     cdef floating* buf = NULL
     cdef const floating* row
     cdef floating f
+    cdef floating* s1_ptr = &s1[0, 0] if has_s1 else NULL
+    cdef floating* s2_ptr = &s2[0, 0] if has_s2 else NULL
     if row_cost < 0:
         # the split's cost must grow with the segment index, or blocks could overlap
         raise ValueError(f"row_cost must be >= 0, got {row_cost}")
@@ -248,16 +248,14 @@ def fused_update(
                 while u < u_hi:
                     u_end = min(u + FUSED_CHUNK, u_hi)
                     for i in range(u, min(u + ahead_rows, u_end)):
-                        _prefetch_state(&weight[0, 0], &s1[0, 0] if has_s1 else NULL,
-                                        &s2[0, 0] if has_s2 else NULL, rows[i], dim,
+                        _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr, rows[i], dim,
                                         row_bytes, s1_bytes)
                     pool_sum(&fns, &grad[0, 0], n_grad, dim, &perm[0], m, &starts[u], 0,
                              u_end - u, -1, <const floating*> NULL, ahead, flags, buf,
                              NULL, NULL)
                     for i in range(u, u_end):
                         if i + ahead_rows < u_end:
-                            _prefetch_state(&weight[0, 0], &s1[0, 0] if has_s1 else NULL,
-                                            &s2[0, 0] if has_s2 else NULL,
+                            _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr,
                                             rows[i + ahead_rows], dim, row_bytes, s1_bytes)
                         r = rows[i]
                         _update_row(&ufns, &h, &weight[r, 0], buf + (i - u) * dim,
@@ -270,8 +268,7 @@ def fused_update(
                 hi = starts[u + 1]
                 r = rows[u]
                 if u + ahead_rows < n_rows:
-                    _prefetch_state(&weight[0, 0], &s1[0, 0] if has_s1 else NULL,
-                                    &s2[0, 0] if has_s2 else NULL, rows[u + ahead_rows],
+                    _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr, rows[u + ahead_rows],
                                     dim, row_bytes, s1_bytes)
                 if has_src:
                     bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
