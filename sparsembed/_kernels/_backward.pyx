@@ -48,8 +48,8 @@ cdef void _zero_gaps(
     const int64_t* rows,       # (n_rows,) sorted distinct rows
     int64_t u_lo,              # the gaps just before rows[u_lo .. u_hi - 1]
     int64_t u_hi,
-    int64_t tail_upto,         # >= 0: also rows[n_rows - 1] + 1 .. tail_upto - 1
-    int64_t n_rows,
+    int64_t tail_upto,         # >= 0 for the last block only (u_hi = number of rows):
+                               #    also rows[u_hi - 1] + 1 .. tail_upto - 1
     bint stream,
 ) noexcept nogil:
     """Zero the rows of ``out`` that no segment writes, for one block of segments."""
@@ -63,8 +63,6 @@ cdef void _zero_gaps(
         else:
             break
         prev = rows[u - 1] + 1 if u > 0 else 0
-        if u == u_hi:
-            prev = rows[n_rows - 1] + 1 if n_rows > 0 else 0
         if nxt > prev:
             if stream:
                 stream_zero(out + prev * dim, (nxt - prev) * row_bytes)
@@ -100,8 +98,7 @@ cdef void _sum_all(
         u_lo = block_start(starts, n_rows, T, t)
         u_hi = block_start(starts, n_rows, T, t + 1)
         if zero_upto >= 0:
-            _zero_gaps(out, dim, rows, u_lo, u_hi, zero_upto if t == T - 1 else -1, n_rows,
-                       stream)
+            _zero_gaps(out, dim, rows, u_lo, u_hi, zero_upto if t == T - 1 else -1, stream)
         pool_sum(&fns, grad, n_grad, dim, perm, m, starts, u_lo, u_hi, -1,
                  <const floating*> NULL, ahead, flags, out, rows, NULL)
 
