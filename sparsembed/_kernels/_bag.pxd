@@ -12,7 +12,7 @@ cdef inline void bag_row_sum(
     const int64_t* perm,       # IN plan permutation: entry positions grouped by row
     int64_t lo,                # IN this row's segment is perm[lo:hi]
     int64_t hi,
-    const int64_t* entry_bag,  # IN (n_entries,) bag of each entry
+    const int64_t* entry_bag,  # IN (n_entries,) bag of each entry, or NULL: entry e reads row e
     const floating* scale,     # IN (n_entries,) per-entry factor, or NULL for 1
     const int64_t* argmax,     # IN (n_bags, dim) winning entry per column (max mode), or NULL
     bint scale_by_count,       # IN divide the sum by hi - lo
@@ -27,7 +27,7 @@ cdef inline void bag_row_sum(
     memset(out, 0, dim * sizeof(floating))
     for k in range(lo, hi):
         e = perm[k]
-        b = entry_bag[e]
+        b = entry_bag[e] if entry_bag != NULL else e
         src = grad + b * dim
         if argmax != NULL:
             won = argmax + b * dim

@@ -186,7 +186,8 @@ def fused_update(
 
     Row ``rows[u]`` gets ``sum_k scale[e] * grad[src[e]]`` over the entries
     ``e = perm[k]``, ``k in [starts[u], starts[u+1])`` (in that order; divided by the
-    count with ``scale_by_count``), then one optimizer update. With ``src`` the sum is
+    count with ``scale_by_count``), then one optimizer update. Without ``src`` and
+    ``scale`` the sums are the SIMD pooling's, as in the backward's row sums; otherwise
     EmbeddingBag's own ``bag_row_sum`` (``_bag.pxd``; with ``argmax``, an entry only
     sends the columns it won), so the result equals the bag backward's row gradient.
     """
@@ -203,7 +204,7 @@ def fused_update(
     cdef const int64_t* argmax_ptr = &argmax[0, 0] if argmax.shape[0] > 0 else NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
-    cdef int64_t u, r, k, e, j, lo, hi, t, u_lo, u_hi, u_end, i
+    cdef int64_t u, r, lo, hi, t, u_lo, u_hi, u_end, i
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
@@ -214,8 +215,6 @@ def fused_update(
     cdef int flags = SE_MEAN if scale_by_count else 0
     cdef pool_table fns = pool_table_at(pool_level())
     cdef floating* buf = NULL
-    cdef const floating* row
-    cdef floating f
     cdef floating* s1_ptr = &s1[0, 0] if has_s1 else NULL
     cdef floating* s2_ptr = &s2[0, 0] if has_s2 else NULL
     if row_cost < 0:
@@ -270,28 +269,10 @@ def fused_update(
                 if u + ahead_rows < n_rows:
                     _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr, rows[u + ahead_rows],
                                     dim, row_bytes, s1_bytes)
-                if has_src:
-                    bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0], scale_ptr,
-                                argmax_ptr, scale_by_count, buf)
-                    _update_row(&ufns, &h, &weight[r, 0], buf,
-                                &s1[r, 0] if has_s1 else NULL,
-                                &s2[r, 0] if has_s2 else NULL, dim)
-                    continue
-                # scaled entries: each added to zero, in input order
-                for j in range(dim):
-                    buf[j] = 0
-                for k in range(lo, hi):
-                    if k + ahead < m:
-                        prefetch_row(&grad[perm[k + ahead], 0], row_bytes)
-                    e = perm[k]
-                    row = &grad[e, 0]
-                    f = scale[e]
-                    for j in range(dim):
-                        buf[j] = buf[j] + row[j] * f
-                if scale_by_count and hi - lo > 1:
-                    f = <floating> (hi - lo)
-                    for j in range(dim):
-                        buf[j] = buf[j] / f
+                # EmbeddingBag's row sum (through src) or scaled entries: each added
+                # to zero, in input order
+                bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0] if has_src else NULL,
+                            scale_ptr, argmax_ptr, scale_by_count, buf)
                 _update_row(&ufns, &h, &weight[r, 0], buf,
                             &s1[r, 0] if has_s1 else NULL,
                             &s2[r, 0] if has_s2 else NULL, dim)
