@@ -13,7 +13,7 @@ thread count.
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
