@@ -40,16 +40,16 @@ def plan_rows(flat, num_rows, skip_row=None):
     n = flat.shape[0]
     num_rows = max(int(num_rows), 1)
     skip = -1 if skip_row is None else int(skip_row)
-    # each pass of the sort is a parallel region of its own (5 to 7 of them): a
-    # second thread pays for its wake-ups only from about 2**17 ids on (measured,
-    # V = 1e6: 65,536 ids 0.69 ms on 1 thread vs 1.18 on 2, 131,072 ids level,
-    # 262,144 ids 3.5 vs 2.4)
+    # a second thread pays for its wake-up only from about 2**17 ids on (measured,
+    # V = 1e6, radix path, one parallel region: 65,536 ids 0.38-0.59 ms on 1 thread
+    # vs 0.45-0.57 on 2, 131,072 ids 0.9-1.3 vs 0.7-0.9, 262,144 ids 1.9-2.6 vs
+    # 1.2-1.7)
     T = threads_for(n, PLAN_GRAIN)
     if num_rows <= 1 << 32 and n < 1 << 32:
         perm = _pool.empty((n,), np.int64)
         rows = _pool.empty((n,), np.int64)
         starts = _pool.empty((n + 1,), np.int64)
-        scratch = _pool.empty((4 * n,), np.uint32) if num_rows > max(n, 4096) else None
+        scratch = _pool.empty((2 * n,), np.uint64) if num_rows > max(n, 4096) else None
         m, n_rows = _plan.build_plan(flat, skip, num_rows, perm, rows, starts, T, scratch)
         del scratch
         return RowPlan(perm[:m], rows[:n_rows], starts[: n_rows + 1], m < n, n)

@@ -69,6 +69,35 @@ def test_build_plan_large_batch_matches_numpy(rng):
         assert_array_equal(starts[: u + 1], exp_starts)
 
 
+@pytest.mark.parametrize("dist", ["uniform", "zipf", "one_hot_row"])
+def test_build_plan_one_region_sort_any_team(rng, dist):
+    # the radix plan runs its passes in one parallel region with spinning barriers;
+    # more threads than cores (7) must neither hang nor change a bit, and a hot row
+    # (more than 1/64 of the ids on one digit) takes the interleaved sub-chunk
+    # scatter, an even spread the plain one
+    V, n = 1_000_000, 50_001
+    if dist == "uniform":
+        ids = rng.integers(0, V, size=n)
+    elif dist == "zipf":
+        ids = _zipf_ids(rng, n, V, np.int64)
+    else:
+        ids = rng.integers(0, V, size=n)
+        ids[rng.random(n) < 0.3] = 123_457
+    order, exp_rows, exp_starts = _expected_plan(ids, 99)
+    for T in (1, 2, 3, 7):
+        for scratch in (None, np.empty(2 * n, dtype=np.uint64)):
+            perm = np.full(n, -7, dtype=np.int64)
+            rows = np.full(n, -7, dtype=np.int64)
+            starts = np.full(n + 1, -7, dtype=np.int64)
+            m, u = _plan.build_plan(ids, 99, V, perm, rows, starts, T, scratch)
+            assert (m, u) == (order.size, exp_rows.size)
+            assert_array_equal(perm[:m], order)
+            assert_array_equal(rows[:u], exp_rows)
+            assert_array_equal(starts[: u + 1], exp_starts)
+    with pytest.raises(ValueError, match="2 \\* n"):
+        _plan.build_plan(ids, -1, V, perm, rows, starts, 2, np.empty(n, dtype=np.uint64))
+
+
 def test_build_plan_edge_cases():
     out = np.empty(0, dtype=np.int64)
     starts = np.empty(1, dtype=np.int64)

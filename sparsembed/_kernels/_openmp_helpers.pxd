@@ -9,8 +9,20 @@ cdef extern from *:
         #define SPARSEMBED_OPENMP_ENABLED 0
         #define omp_get_max_threads() 1
         #define omp_get_thread_num() 0
+        #define omp_get_num_threads() 1
     #endif
     """
     bint SPARSEMBED_OPENMP_ENABLED
     int omp_get_max_threads() noexcept nogil
     int omp_get_thread_num() noexcept nogil
+    int omp_get_num_threads() noexcept nogil
+
+
+# Waiting between the passes of a kernel that runs them all in one parallel region
+# (see _spin.h for why): every thread of the team calls se_barrier_wait with the
+# team's size, omp_get_num_threads(), which can be smaller than the size asked for.
+cdef extern from "_spin.h" nogil:
+    ctypedef struct se_barrier:
+        pass
+    void se_barrier_init(se_barrier* barrier)
+    void se_barrier_wait(se_barrier* barrier, int team_size)

@@ -34,7 +34,7 @@ def build_plan(
     rows_out: NDArray[np.int64],
     starts_out: NDArray[np.int64],
     n_threads: int,
-    scratch: NDArray[np.uint32] | None = None,
+    scratch: NDArray[np.uint64] | None = None,
 ) -> tuple[int, int]:
     """Stable sort of the ids other than ``skip_row`` (32-bit ids and positions) and
     its segments; returns ``(m, n_rows)``."""

@@ -6,11 +6,18 @@ answer, so the permutation is identical for every thread count, and each row's
 occurrences stay in input order: later per-row sums run in a fixed order.
 """
 
-from cython.parallel cimport prange
-from libc.stdint cimport int64_t, uint32_t
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memset
+from libc.string cimport memmove, memset
 
+from sparsembed._kernels._openmp_helpers cimport (
+    omp_get_num_threads,
+    omp_get_thread_num,
+    se_barrier,
+    se_barrier_init,
+    se_barrier_wait,
+)
 from sparsembed._kernels._types cimport index_t
 
 cdef enum:
@@ -147,14 +154,21 @@ def segments(
 #
 # Small key range (num_rows <= n): one counting sort -- per-thread histograms of the
 # ids, a prefix sum that also yields the distinct rows and their segment starts, and
-# one stable scatter. Large key range: LSD radix sort on uint32 (key, position) pairs
+# one stable scatter. Large key range: LSD radix sort of (id << 32 | position) words
 # with balanced digits of at most 13 bits (two passes up to 2**26 rows), then one
-# pass that widens the positions to int64 and finds the segments. Every pass splits
-# its input into the same T contiguous chunks, so the result (a stable sort) does not
-# depend on T.
+# pass that splits the words into the positions and the segments. The radix sort
+# runs in one parallel region: its passes wait for each other at a spinning barrier
+# (_spin.h) rather than each starting a region (and waking the sleeping threads).
+# Each thread sorts K contiguous sub-chunks of the input with a histogram each; when
+# one digit holds more than 1/64 of the ids (skewed ids: a hot row), the K sub-chunks
+# are scattered interleaved, so that the hot digit's slot counter is not one long
+# chain of dependent increments. A stable sort has one answer: how the work is split
+# (thread count, team size, K) never changes the result.
 
 cdef enum:
     MAX_DIGIT_BITS = 13
+    SUB_CHUNKS = 4       # K above
+    SKEW_SHARE = 64      # a digit with more than 1/SKEW_SHARE of the ids is hot
 
 
 def build_plan(
@@ -165,7 +179,7 @@ def build_plan(
     int64_t[::1] rows_out,       # OUT (n,) sorted distinct ids, first n_rows valid
     int64_t[::1] starts_out,     # OUT (n + 1,) segment bounds, first n_rows + 1 valid
     int n_threads,
-    uint32_t[::1] scratch=None,  # IN/OUT optional work space of >= 4 * n entries
+    uint64_t[::1] scratch=None,  # IN/OUT optional work space of >= 2 * n entries
 ):
     """Stable sort of the ids other than ``skip_row`` and its segments.
 
@@ -186,8 +200,8 @@ def build_plan(
     if num_rows <= n or num_rows <= 4096:
         m, n_rows = _counting_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T)
     else:
-        if scratch is not None and scratch.shape[0] < 4 * n:
-            raise ValueError("scratch must hold 4 * n entries")
+        if scratch is not None and scratch.shape[0] < 2 * n:
+            raise ValueError("scratch must hold 2 * n entries")
         m, n_rows = _radix_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T,
                                 NULL if scratch is None else &scratch[0])
     return m, n_rows
@@ -239,135 +253,233 @@ cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     return running, u
 
 
+cdef inline int64_t _sub_chunks(int64_t* bounds, int64_t n, int64_t team,
+                                int64_t tid) noexcept nogil:
+    """This thread's SUB_CHUNKS sub-chunks of [0, n) (bounds: SUB_CHUNKS + 1 entries);
+    returns the shortest one's length."""
+    cdef int64_t q, shortest
+    for q in range(SUB_CHUNKS + 1):
+        bounds[q] = _chunk_lo(n, team * SUB_CHUNKS, tid * SUB_CHUNKS + q)
+    shortest = bounds[1] - bounds[0]
+    for q in range(1, SUB_CHUNKS):
+        if bounds[q + 1] - bounds[q] < shortest:
+            shortest = bounds[q + 1] - bounds[q]
+    return shortest
+
+
+cdef inline void _slot_prefix(uint32_t* hist, int64_t n_buckets, int64_t n_sub, int64_t total,
+                              int64_t* shared) noexcept nogil:
+    """Counts per (sub-chunk, bucket) -> first slots, in (bucket, sub-chunk) order;
+    shared[0] = number of words, shared[1] = whether one bucket is hot."""
+    cdef int64_t running = 0, b, s, d, before, hot = 0
+    for b in range(n_buckets):
+        before = running
+        for s in range(n_sub):
+            d = hist[s * n_buckets + b]
+            hist[s * n_buckets + b] = <uint32_t> running
+            running = running + d
+        if (running - before) * SKEW_SHARE > total:
+            hot = 1
+    shared[0] = running
+    shared[1] = hot
+
+
+cdef inline void _count_ids(const index_t* idx, const int64_t* bounds, int64_t shortest,
+                            int64_t skip_row, uint64_t mask, uint32_t* hist,
+                            int64_t n_buckets) noexcept nogil:
+    cdef int64_t j, q, i, k
+    for j in range(shortest):
+        for q in range(SUB_CHUNKS):
+            k = idx[bounds[q] + j]
+            if k != skip_row:
+                hist[q * n_buckets + (<uint64_t> k & mask)] += 1
+    for q in range(SUB_CHUNKS):
+        for i in range(bounds[q] + shortest, bounds[q + 1]):
+            k = idx[i]
+            if k != skip_row:
+                hist[q * n_buckets + (<uint64_t> k & mask)] += 1
+
+
+cdef inline void _put(uint32_t* slots, uint64_t b, uint64_t* dst, uint64_t word) noexcept nogil:
+    cdef uint32_t pos = slots[b]
+    slots[b] = pos + 1
+    dst[pos] = word
+
+
+cdef inline void _scatter_ids(const index_t* idx, const int64_t* bounds, int64_t shortest,
+                              int64_t skip_row, uint64_t mask, uint32_t* slots,
+                              int64_t n_buckets, uint64_t* dst, bint hot) noexcept nogil:
+    cdef int64_t j, q, i, k
+    if not hot:
+        # the sub-chunks are consecutive and so are their slots in every bucket:
+        # the first one's slots serve the whole chunk, read in order
+        for i in range(bounds[0], bounds[SUB_CHUNKS]):
+            k = idx[i]
+            if k != skip_row:
+                _put(slots, <uint64_t> k & mask, dst, (<uint64_t> k << 32) | <uint64_t> i)
+        return
+    for j in range(shortest):
+        for q in range(SUB_CHUNKS):
+            i = bounds[q] + j
+            k = idx[i]
+            if k != skip_row:
+                _put(slots, q * n_buckets + (<uint64_t> k & mask), dst,
+                     (<uint64_t> k << 32) | <uint64_t> i)
+    for q in range(SUB_CHUNKS):
+        for i in range(bounds[q] + shortest, bounds[q + 1]):
+            k = idx[i]
+            if k != skip_row:
+                _put(slots, q * n_buckets + (<uint64_t> k & mask), dst,
+                     (<uint64_t> k << 32) | <uint64_t> i)
+
+
+cdef inline void _count_words(const uint64_t* src, const int64_t* bounds, int64_t shortest,
+                              int shift, uint64_t mask, uint32_t* hist,
+                              int64_t n_buckets) noexcept nogil:
+    cdef int64_t j, q, i
+    for j in range(shortest):
+        for q in range(SUB_CHUNKS):
+            hist[q * n_buckets + ((src[bounds[q] + j] >> shift) & mask)] += 1
+    for q in range(SUB_CHUNKS):
+        for i in range(bounds[q] + shortest, bounds[q + 1]):
+            hist[q * n_buckets + ((src[i] >> shift) & mask)] += 1
+
+
+cdef inline void _scatter_words(const uint64_t* src, const int64_t* bounds, int64_t shortest,
+                                int shift, uint64_t mask, uint32_t* slots, int64_t n_buckets,
+                                uint64_t* dst, bint hot) noexcept nogil:
+    cdef int64_t j, q, i
+    cdef uint64_t word
+    if not hot:
+        for i in range(bounds[0], bounds[SUB_CHUNKS]):
+            word = src[i]
+            _put(slots, (word >> shift) & mask, dst, word)
+        return
+    for j in range(shortest):
+        for q in range(SUB_CHUNKS):
+            word = src[bounds[q] + j]
+            _put(slots, q * n_buckets + ((word >> shift) & mask), dst, word)
+    for q in range(SUB_CHUNKS):
+        for i in range(bounds[q] + shortest, bounds[q + 1]):
+            word = src[i]
+            _put(slots, q * n_buckets + ((word >> shift) & mask), dst, word)
+
+
+cdef inline int64_t _split_words(const uint64_t* words, int64_t lo, int64_t hi,
+                                 int64_t* perm_out, int64_t* rows_out,
+                                 int64_t* starts_out) noexcept nogil:
+    """Positions of sorted words [lo, hi) into perm_out, and the runs starting there
+    into rows_out/starts_out from slot lo on; returns the number of runs."""
+    cdef int64_t i, k, u = lo, prev
+    cdef uint64_t word
+    if lo >= hi:
+        return 0
+    prev = -1 if lo == 0 else <int64_t> (words[lo - 1] >> 32)
+    for i in range(lo, hi):
+        word = words[i]
+        perm_out[i] = <int64_t> (word & 0xffffffffu)
+        k = <int64_t> (word >> 32)
+        if k != prev:
+            rows_out[u] = k
+            starts_out[u] = i
+            u = u + 1
+        prev = k
+    return u - lo
+
+
 cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                  int64_t[::1] perm_out, int64_t[::1] rows_out,
-                 int64_t[::1] starts_out, int64_t T, uint32_t* scratch):
+                 int64_t[::1] starts_out, int64_t T, uint64_t* scratch):
     cdef int64_t n = idx.shape[0]
-    cdef int64_t t, i, b, lo, hi, m, running, d, pos, k, u
-    cdef int64_t n_bits = 0, n_pass, digit_bits, n_buckets, p, shift
-    cdef bint last
-    cdef uint32_t mask
+    cdef int64_t n_bits = 0, n_pass, digit_bits, n_buckets, p, shortest, m, lo, hi, u, t
+    cdef int tid, team
+    cdef int shift
+    cdef uint64_t mask
+    cdef int64_t* bounds
+    cdef uint32_t* slots
+    cdef uint64_t* src
+    cdef uint64_t* dst
+    cdef uint64_t* words0
+    cdef uint64_t* words1
     cdef uint32_t* hist = NULL
-    cdef uint32_t* h
-    cdef uint32_t* buf = NULL
-    cdef uint32_t* src_k
-    cdef uint32_t* src_p
-    cdef uint32_t* dst_k
-    cdef uint32_t* dst_p
-    cdef uint32_t* swap
-    cdef int64_t* counts = NULL
+    cdef int64_t* sub_bounds = NULL
+    cdef int64_t* n_runs = NULL
+    cdef uint64_t* buf = NULL
+    # written by thread 0 between two barriers, read by all: word count, hot flag,
+    # distinct rows
+    cdef int64_t shared[3]
+    cdef se_barrier barrier
     while (R - 1) >> n_bits:
         n_bits += 1
     n_pass = (n_bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
     digit_bits = (n_bits + n_pass - 1) // n_pass
     n_buckets = (<int64_t> 1) << digit_bits
-    mask = <uint32_t> (n_buckets - 1)
+    mask = <uint64_t> (n_buckets - 1)
 
-    hist = <uint32_t*> malloc(T * n_buckets * sizeof(uint32_t))
-    buf = scratch if scratch != NULL else <uint32_t*> malloc(4 * n * sizeof(uint32_t))
-    counts = <int64_t*> calloc(T + 1, sizeof(int64_t))
-    if hist == NULL or buf == NULL or counts == NULL:
-        free(hist); free(counts)
+    hist = <uint32_t*> malloc(T * SUB_CHUNKS * n_buckets * sizeof(uint32_t))
+    sub_bounds = <int64_t*> malloc(T * (SUB_CHUNKS + 1) * sizeof(int64_t))
+    n_runs = <int64_t*> calloc(T, sizeof(int64_t))
+    buf = scratch if scratch != NULL else <uint64_t*> malloc(2 * n * sizeof(uint64_t))
+    if hist == NULL or sub_bounds == NULL or n_runs == NULL or buf == NULL:
+        free(hist); free(sub_bounds); free(n_runs)
         if scratch == NULL:
             free(buf)
         raise MemoryError()
-    src_k = buf
-    src_p = buf + n
-    dst_k = buf + 2 * n
-    dst_p = buf + 3 * n
+    words0 = buf
+    words1 = buf + n
+    se_barrier_init(&barrier)
     try:
-        with nogil:
+        with nogil, parallel(num_threads=T):
+            tid = omp_get_thread_num()
+            team = omp_get_num_threads()
+            bounds = sub_bounds + tid * (SUB_CHUNKS + 1)
+            slots = hist + tid * SUB_CHUNKS * n_buckets
             # pass 0 reads the ids themselves, leaving skip_row out
-            memset(hist, 0, T * n_buckets * sizeof(uint32_t))
-            for t in prange(T, schedule="static", num_threads=T):
-                lo = _chunk_lo(n, T, t)
-                hi = _chunk_lo(n, T, t + 1)
-                h = hist + t * n_buckets
-                for i in range(lo, hi):
-                    if idx[i] != skip_row:
-                        h[<uint32_t> idx[i] & mask] += 1
-            running = 0
-            for b in range(n_buckets):
-                for t in range(T):
-                    d = hist[t * n_buckets + b]
-                    hist[t * n_buckets + b] = <uint32_t> running
-                    running = running + d
-            m = running
-            last = n_pass == 1
-            for t in prange(T, schedule="static", num_threads=T):
-                lo = _chunk_lo(n, T, t)
-                hi = _chunk_lo(n, T, t + 1)
-                h = hist + t * n_buckets
-                for i in range(lo, hi):
-                    k = idx[i]
-                    if k != skip_row:
-                        pos = h[<uint32_t> k & mask]
-                        h[<uint32_t> k & mask] = <uint32_t> (pos + 1)
-                        dst_k[pos] = <uint32_t> k
-                        if last:  # the last pass puts the positions where they go
-                            perm_out[pos] = i
-                        else:
-                            dst_p[pos] = <uint32_t> i
-            swap = src_k; src_k = dst_k; dst_k = swap
-            swap = src_p; src_p = dst_p; dst_p = swap
-
+            shortest = _sub_chunks(bounds, n, team, tid)
+            memset(slots, 0, SUB_CHUNKS * n_buckets * sizeof(uint32_t))
+            _count_ids(&idx[0], bounds, shortest, skip_row, mask, slots, n_buckets)
+            se_barrier_wait(&barrier, team)
+            if tid == 0:
+                _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, n, shared)
+            se_barrier_wait(&barrier, team)
+            m = shared[0]
+            _scatter_ids(&idx[0], bounds, shortest, skip_row, mask, slots, n_buckets,
+                         words0, shared[1])
             for p in range(1, n_pass):
-                shift = p * digit_bits
-                last = p == n_pass - 1
-                memset(hist, 0, T * n_buckets * sizeof(uint32_t))
-                for t in prange(T, schedule="static", num_threads=T):
-                    lo = _chunk_lo(m, T, t)
-                    hi = _chunk_lo(m, T, t + 1)
-                    h = hist + t * n_buckets
-                    for i in range(lo, hi):
-                        h[(src_k[i] >> shift) & mask] += 1
-                running = 0
-                for b in range(n_buckets):
-                    for t in range(T):
-                        d = hist[t * n_buckets + b]
-                        hist[t * n_buckets + b] = <uint32_t> running
-                        running = running + d
-                for t in prange(T, schedule="static", num_threads=T):
-                    lo = _chunk_lo(m, T, t)
-                    hi = _chunk_lo(m, T, t + 1)
-                    h = hist + t * n_buckets
-                    for i in range(lo, hi):
-                        d = (src_k[i] >> shift) & mask
-                        pos = h[d]
-                        h[d] = <uint32_t> (pos + 1)
-                        dst_k[pos] = src_k[i]
-                        if last:
-                            perm_out[pos] = src_p[i]
-                        else:
-                            dst_p[pos] = src_p[i]
-                swap = src_k; src_k = dst_k; dst_k = swap
-                swap = src_p; src_p = dst_p; dst_p = swap
-
-            # the segments: count run starts per chunk, then write them at the
-            # chunk's offset
-            for t in prange(T, schedule="static", num_threads=T):
-                lo = _chunk_lo(m, T, t)
-                hi = _chunk_lo(m, T, t + 1)
-                u = 0
-                for i in range(lo, hi):
-                    if i == 0 or src_k[i] != src_k[i - 1]:
-                        u = u + 1
-                counts[t + 1] = u
-            for t in range(T):
-                counts[t + 1] += counts[t]
-            for t in prange(T, schedule="static", num_threads=T):
-                lo = _chunk_lo(m, T, t)
-                hi = _chunk_lo(m, T, t + 1)
-                u = counts[t]
-                for i in range(lo, hi):
-                    if i == 0 or src_k[i] != src_k[i - 1]:
-                        rows_out[u] = src_k[i]
-                        starts_out[u] = i
-                        u = u + 1
-            u = counts[T]
-            starts_out[u] = m
+                src = words0 if p % 2 == 1 else words1
+                dst = words1 if p % 2 == 1 else words0
+                shift = 32 + p * digit_bits
+                shortest = _sub_chunks(bounds, m, team, tid)
+                memset(slots, 0, SUB_CHUNKS * n_buckets * sizeof(uint32_t))
+                se_barrier_wait(&barrier, team)   # src complete
+                _count_words(src, bounds, shortest, shift, mask, slots, n_buckets)
+                se_barrier_wait(&barrier, team)
+                if tid == 0:
+                    _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, m, shared)
+                se_barrier_wait(&barrier, team)
+                _scatter_words(src, bounds, shortest, shift, mask, slots, n_buckets, dst,
+                               shared[1])
+            se_barrier_wait(&barrier, team)
+            src = words0 if n_pass % 2 == 1 else words1
+            lo = _chunk_lo(m, team, tid)
+            hi = _chunk_lo(m, team, tid + 1)
+            n_runs[tid] = _split_words(src, lo, hi, &perm_out[0], &rows_out[0],
+                                       &starts_out[0])
+            se_barrier_wait(&barrier, team)
+            if tid == 0:
+                # each chunk listed its runs from its own first slot on (a run count
+                # never exceeds the chunk's length): close the gaps, in chunk order
+                u = n_runs[0]
+                for t in range(1, team):
+                    lo = _chunk_lo(m, team, t)
+                    if n_runs[t] > 0 and lo != u:
+                        memmove(&rows_out[u], &rows_out[lo], n_runs[t] * sizeof(int64_t))
+                        memmove(&starts_out[u], &starts_out[lo], n_runs[t] * sizeof(int64_t))
+                    u = u + n_runs[t]
+                starts_out[u] = m
+                shared[2] = u
     finally:
-        free(hist); free(counts)
+        free(hist); free(sub_bounds); free(n_runs)
         if scratch == NULL:
             free(buf)
-    return m, u
+    return shared[0], shared[2]
