@@ -6,7 +6,7 @@ thread count and no atomics are needed.
 """
 
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -17,6 +17,7 @@ from sparsembed._kernels._memory cimport (
     stream_row,
     stream_zero,
 )
+from sparsembed._kernels._openmp_helpers cimport omp_get_num_threads, omp_get_thread_num
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
@@ -188,32 +189,36 @@ def fill_row_csr(
     """CSR structure of a matrix whose non-empty rows are ``rows``, each full."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef int64_t u, r, j, lo, hi, t
+    cdef int64_t u, r, j, lo, hi
+    cdef int t, team
     cdef index_t* pattern = NULL
     cdef index_t* mine
     if stream and n_rows > 0 and dim > 0:
-        # one row of column numbers per thread, streamed into every stored row
         pattern = <index_t*> malloc(T * dim * sizeof(index_t))
         if pattern == NULL:
             raise MemoryError()
     try:
-        with nogil:
+        # one parallel region: the row pointer and the column indices are separate
+        # writes, so each thread does its share of both without waiting
+        with nogil, parallel(num_threads=T):
+            t = omp_get_thread_num()
+            team = omp_get_num_threads()
             # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time
-            for u in prange(n_rows + 1, schedule="static", num_threads=n_threads):
+            for u in range((n_rows + 1) * t // team, (n_rows + 1) * (t + 1) // team):
                 lo = rows[u - 1] + 1 if u > 0 else 0
                 hi = rows[u] if u < n_rows else num_rows
                 for r in range(lo, hi + 1):
                     indptr[r] = <index_t> (u * dim)
             if pattern != NULL:
-                for t in prange(T, schedule="static", num_threads=T):
-                    mine = pattern + t * dim
-                    for j in range(dim):
-                        mine[j] = <index_t> j
-                    for u in range((n_rows * t) // T, (n_rows * (t + 1)) // T):
-                        stream_row(&indices[u * dim], mine, dim * sizeof(index_t))
-                    stream_fence()
+                # one row of column numbers per thread, streamed into every stored row
+                mine = pattern + t * dim
+                for j in range(dim):
+                    mine[j] = <index_t> j
+                for u in range(n_rows * t // team, n_rows * (t + 1) // team):
+                    stream_row(&indices[u * dim], mine, dim * sizeof(index_t))
+                stream_fence()
             else:
-                for u in prange(n_rows, schedule="static", num_threads=n_threads):
+                for u in range(n_rows * t // team, n_rows * (t + 1) // team):
                     for j in range(dim):
                         indices[u * dim + j] = <index_t> j
     finally:
