@@ -121,7 +121,18 @@ def row_grad(grad2d, plan, scale_grad_by_freq):
 
 def sparse_grad(grad2d, plan, num_rows, scale_grad_by_freq):
     """Canonical row-sparse csr_array gradient of shape (num_rows, dim)."""
-    return _rowsparse.from_rows(plan.rows, row_grad(grad2d, plan, scale_grad_by_freq), num_rows)
+    n_rows, dim = plan.rows.shape[0], grad2d.shape[1]
+    out = _pool.empty((n_rows, dim), grad2d.dtype)
+    indptr, indices = _rowsparse.structure_arrays(n_rows, dim, num_rows)
+    # the row sums and the csr structure in one parallel region: one wake-up of the
+    # second thread, not two
+    T = max(threads_for(grad2d.size, ROW_MOVE_GRAIN),
+            threads_for(num_rows + n_rows * dim, _rowsparse.CSR_FILL_GRAIN))
+    _backward.sparse_row_grad(grad2d, plan.perm, plan.starts, plan.rows, scale_grad_by_freq,
+                              out, num_rows, indptr, indices, T,
+                              out.nbytes >= ROW_SUMS_STREAM_BYTES,
+                              _rowsparse.stream_indices(indices))
+    return _rowsparse.wrap_rows(plan.rows, out, indptr, indices, num_rows)
 
 
 def add_grad(a, b):

@@ -60,12 +60,28 @@ def from_rows(rows, data, num_rows):
         Number of rows of the matrix.
     """
     n_rows, dim = data.shape
-    idx_dtype = _index_dtype(num_rows, n_rows * dim)
-    indptr = _pool.empty((num_rows + 1,), idx_dtype)
-    indices = _pool.empty((n_rows * dim,), idx_dtype)
+    indptr, indices = structure_arrays(n_rows, dim, num_rows)
     _backward.fill_row_csr(np.ascontiguousarray(rows, dtype=np.int64), num_rows, indptr,
                            indices, dim, threads_for(num_rows + n_rows * dim, CSR_FILL_GRAIN),
-                           indices.nbytes >= CSR_INDEX_STREAM_BYTES)
+                           stream_indices(indices))
+    return wrap_rows(rows, data, indptr, indices, num_rows)
+
+
+def structure_arrays(n_rows, dim, num_rows):
+    """Uninitialised ``(indptr, indices)`` of a (num_rows, dim) matrix storing n_rows
+    full rows, in the smallest index dtype scipy accepts for it."""
+    idx_dtype = _index_dtype(num_rows, n_rows * dim)
+    return _pool.empty((num_rows + 1,), idx_dtype), _pool.empty((n_rows * dim,), idx_dtype)
+
+
+def stream_indices(indices):
+    """Whether to write ``indices`` with non-temporal stores (see CSR_INDEX_STREAM_BYTES)."""
+    return indices.nbytes >= CSR_INDEX_STREAM_BYTES
+
+
+def wrap_rows(rows, data, indptr, indices, num_rows):
+    """The canonical csr_array of filled structure arrays (see :func:`from_rows`)."""
+    dim = data.shape[1]
     out = _canonical_csr(data.reshape(-1), indices, indptr, (num_rows, dim))
     # the row list, so stored_rows() need not scan the O(num_rows) row pointer (an
     # optimizer step would otherwise pay ~1 ms per million rows for it)

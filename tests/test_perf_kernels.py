@@ -398,6 +398,39 @@ def test_streamed_row_sums_and_csr_structure_equal_the_plain_ones(rng, dtype, di
             _backward.fill_row_csr(plan.rows, V, ptr, ind, dim, T, True)
             assert_array_equal(ptr, plain_ptr)
             assert_array_equal(ind, plain_idx)
+            # both in one region (the sparse backward's kernel), every stream setting
+            for stream_sums in (False, True):
+                for stream_ind in (False, True):
+                    out = np.full((U, dim), np.nan, dtype=dtype)
+                    ptr = np.full(V + 1, -1, idx_dtype)
+                    ind = np.full(U * dim, -1, idx_dtype)
+                    _backward.sparse_row_grad(grad, plan.perm, plan.starts, plan.rows, True,
+                                              out, V, ptr, ind, T, stream_sums, stream_ind)
+                    assert out.tobytes() == plain.tobytes()
+                    assert_array_equal(ptr, plain_ptr)
+                    assert_array_equal(ind, plain_idx)
+
+
+def test_sparse_row_grad_checks_its_arrays(rng):
+    V, dim = 50, 3
+    plan = _cpu.plan_rows(np.array([4, 9, 4]), V, None)
+    grad = np.ones((3, dim))
+    out = np.empty((2, dim))
+    ptr, ind = np.empty(V + 1, np.int64), np.empty(2 * dim, np.int64)
+    with pytest.raises(ValueError, match="out and starts"):
+        _backward.sparse_row_grad(grad, plan.perm, plan.starts, plan.rows, False, out[:1], V,
+                                  ptr, ind, 2)
+    with pytest.raises(ValueError, match="indptr and indices"):
+        _backward.sparse_row_grad(grad, plan.perm, plan.starts, plan.rows, False, out, V,
+                                  ptr[:-1], ind, 2)
+    _backward.sparse_row_grad(grad, plan.perm, plan.starts, plan.rows, False, out, V, ptr,
+                              ind, 2)
+    assert_array_equal(out, [[2, 2, 2], [1, 1, 1]])
+    empty = _cpu.plan_rows(np.array([], np.int64), V, None)
+    ptr0 = np.full(V + 1, -1, np.int64)
+    _backward.sparse_row_grad(np.ones((0, dim)), empty.perm, empty.starts, empty.rows, False,
+                              np.empty((0, dim)), V, ptr0, np.empty(0, np.int64), 2)
+    assert not ptr0.any()
 
 
 def test_large_dense_gradients_stream_and_match(rng, monkeypatch, dtype):

@@ -65,6 +65,23 @@ def fill_row_csr(
     """CSR structure of a matrix whose non-empty rows are ``rows``, each full
     (``stream``: the indices with non-temporal stores)."""
 
+def sparse_row_grad(
+    grad: _Floating,
+    perm: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    rows: NDArray[np.int64],
+    scale_by_count: bool,
+    out: _Floating,
+    num_rows: int,
+    indptr: _Index,
+    indices: _Index,
+    n_threads: int,
+    stream_sums: bool = False,
+    stream_indices: bool = False,
+) -> None:
+    """:func:`row_sums` into ``out`` and :func:`fill_row_csr` into ``indptr`` /
+    ``indices`` in one parallel region."""
+
 def merge_rows(
     rows_a: NDArray[np.int64],
     rows_b: NDArray[np.int64],

@@ -90,18 +90,27 @@ cdef void _sum_all(
     in input order: the result does not depend on the thread count. ``stream``:
     write ``out`` with non-temporal stores (a large output, not read back soon)."""
     cdef int64_t T = max(1, min(n_threads, n_rows))
+    cdef int64_t t
+    for t in prange(T, schedule="static", num_threads=T):
+        _sum_block(grad, n_grad, dim, perm, starts, rows, n_rows, scale_by_count, out,
+                   zero_upto, stream, t, T)
+
+
+cdef void _sum_block(
+    const floating* grad, int64_t n_grad, int64_t dim, const int64_t* perm,
+    const int64_t* starts, const int64_t* rows, int64_t n_rows, bint scale_by_count,
+    floating* out, int64_t zero_upto, bint stream, int64_t t, int64_t T,
+) noexcept nogil:
+    """Block t of T of :func:`_sum_all` (one thread's share)."""
     cdef int64_t ahead = prefetch_distance(dim * sizeof(floating))
     cdef int flags = (SE_MEAN if scale_by_count else 0) | (SE_STREAM if stream else 0)
     cdef pool_table fns = pool_table_at(pool_level())
-    cdef int64_t m = starts[n_rows]
-    cdef int64_t t, u_lo, u_hi
-    for t in prange(T, schedule="static", num_threads=T):
-        u_lo = block_start(starts, n_rows, T, t)
-        u_hi = block_start(starts, n_rows, T, t + 1)
-        if zero_upto >= 0:
-            _zero_gaps(out, dim, rows, u_lo, u_hi, zero_upto if t == T - 1 else -1, stream)
-        pool_sum(&fns, grad, n_grad, dim, perm, m, starts, u_lo, u_hi, -1,
-                 <const floating*> NULL, ahead, flags, out, rows, NULL)
+    cdef int64_t u_lo = block_start(starts, n_rows, T, t)
+    cdef int64_t u_hi = block_start(starts, n_rows, T, t + 1)
+    if zero_upto >= 0:
+        _zero_gaps(out, dim, rows, u_lo, u_hi, zero_upto if t == T - 1 else -1, stream)
+    pool_sum(&fns, grad, n_grad, dim, perm, starts[n_rows], starts, u_lo, u_hi, -1,
+             <const floating*> NULL, ahead, flags, out, rows, NULL)
 
 
 def dense_backward(
@@ -189,10 +198,7 @@ def fill_row_csr(
     """CSR structure of a matrix whose non-empty rows are ``rows``, each full."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef int64_t u, r, j, lo, hi
-    cdef int t, team
     cdef index_t* pattern = NULL
-    cdef index_t* mine
     if stream and n_rows > 0 and dim > 0:
         pattern = <index_t*> malloc(T * dim * sizeof(index_t))
         if pattern == NULL:
@@ -201,26 +207,82 @@ def fill_row_csr(
         # one parallel region: the row pointer and the column indices are separate
         # writes, so each thread does its share of both without waiting
         with nogil, parallel(num_threads=T):
+            _csr_block(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
+                       &indices[0] if n_rows * dim > 0 else NULL, dim, pattern,
+                       omp_get_thread_num(), omp_get_num_threads())
+    finally:
+        free(pattern)
+
+
+cdef void _csr_block(
+    const int64_t* rows, int64_t n_rows, int64_t num_rows, index_t* indptr,
+    index_t* indices, int64_t dim, index_t* pattern, int64_t t, int64_t T,
+) noexcept nogil:
+    """Part t of T of the csr structure of :func:`fill_row_csr`; ``pattern``: NULL
+    for plain stores, else room for T rows of column numbers (streamed stores)."""
+    cdef int64_t u, r, j, lo, hi
+    cdef index_t* mine
+    # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time
+    for u in range((n_rows + 1) * t // T, (n_rows + 1) * (t + 1) // T):
+        lo = rows[u - 1] + 1 if u > 0 else 0
+        hi = rows[u] if u < n_rows else num_rows
+        for r in range(lo, hi + 1):
+            indptr[r] = <index_t> (u * dim)
+    if dim == 0:
+        return
+    if pattern != NULL:
+        # one row of column numbers per thread, streamed into every stored row
+        mine = pattern + t * dim
+        for j in range(dim):
+            mine[j] = <index_t> j
+        for u in range(n_rows * t // T, n_rows * (t + 1) // T):
+            stream_row(&indices[u * dim], mine, dim * sizeof(index_t))
+        stream_fence()
+    else:
+        for u in range(n_rows * t // T, n_rows * (t + 1) // T):
+            for j in range(dim):
+                indices[u * dim + j] = <index_t> j
+
+
+def sparse_row_grad(
+    const floating[:, ::1] grad,     # IN (n, dim) grad_output rows
+    const int64_t[::1] perm,         # IN (m,) plan permutation
+    const int64_t[::1] starts,       # IN (U + 1,) segment bounds into perm
+    const int64_t[::1] rows,         # IN (U,) sorted distinct rows
+    bint scale_by_count,
+    floating[:, ::1] out,            # OUT (U, dim) row sums: the csr's data
+    int64_t num_rows,                # IN number of rows of the matrix
+    index_t[::1] indptr,             # OUT (num_rows + 1,)
+    index_t[::1] indices,            # OUT (U * dim,)
+    int n_threads,
+    bint stream_sums=False,          # IN write out with non-temporal stores
+    bint stream_indices=False,       # IN write indices with non-temporal stores
+):
+    """:func:`row_sums` and :func:`fill_row_csr` of a canonical row-sparse gradient in
+    one parallel region (one wake-up of the waiting threads, not two): each thread
+    sums its block of segments, then writes its share of the csr structure."""
+    cdef int64_t n_rows = rows.shape[0]
+    cdef int64_t dim = grad.shape[1]
+    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef int t, team
+    cdef index_t* pattern = NULL
+    if out.shape[0] != n_rows or starts.shape[0] != n_rows + 1:
+        raise ValueError("out and starts must match rows")
+    if indptr.shape[0] != num_rows + 1 or indices.shape[0] != n_rows * dim:
+        raise ValueError("indptr and indices must hold num_rows + 1 and U * dim entries")
+    if stream_indices and n_rows > 0 and dim > 0:
+        pattern = <index_t*> malloc(T * dim * sizeof(index_t))
+        if pattern == NULL:
+            raise MemoryError()
+    try:
+        with nogil, parallel(num_threads=T):
             t = omp_get_thread_num()
             team = omp_get_num_threads()
-            # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time
-            for u in range((n_rows + 1) * t // team, (n_rows + 1) * (t + 1) // team):
-                lo = rows[u - 1] + 1 if u > 0 else 0
-                hi = rows[u] if u < n_rows else num_rows
-                for r in range(lo, hi + 1):
-                    indptr[r] = <index_t> (u * dim)
-            if pattern != NULL:
-                # one row of column numbers per thread, streamed into every stored row
-                mine = pattern + t * dim
-                for j in range(dim):
-                    mine[j] = <index_t> j
-                for u in range(n_rows * t // team, n_rows * (t + 1) // team):
-                    stream_row(&indices[u * dim], mine, dim * sizeof(index_t))
-                stream_fence()
-            else:
-                for u in range(n_rows * t // team, n_rows * (t + 1) // team):
-                    for j in range(dim):
-                        indices[u * dim + j] = <index_t> j
+            if n_rows > 0 and dim > 0:
+                _sum_block(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], NULL,
+                           n_rows, scale_by_count, &out[0, 0], -1, stream_sums, t, team)
+            _csr_block(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
+                       &indices[0] if n_rows * dim > 0 else NULL, dim, pattern, t, team)
     finally:
         free(pattern)
 
