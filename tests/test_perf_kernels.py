@@ -56,8 +56,9 @@ def test_build_plan_is_a_stable_sort_with_segments(rng, idx_dtype, num_rows, n_t
 
 
 def test_build_plan_large_batch_matches_numpy(rng):
-    # long enough for every thread to own a real chunk, on both sort paths
-    for V in (50_000, 1_000_000):
+    # long enough for every thread to own a real chunk, on both sort paths (on 2
+    # threads counting up to n / 8 rows: 20,000; radix above: 50,000 and 1e6)
+    for V in (20_000, 50_000, 1_000_000):
         ids = rng.integers(0, V, size=200_003)
         perm = np.empty(ids.size, dtype=np.int64)
         rows = np.empty(ids.size, dtype=np.int64)
