@@ -204,19 +204,33 @@ def test_gather_prefetch_tail_and_row_sizes(rng, dtype, dim):
             assert_array_equal(out, weight[ids])
 
 
-@pytest.mark.parametrize("dim", [1, 3, 4, 5, 16, 64, 300])
-@pytest.mark.parametrize("offset", [0, 1])
-def test_gather_with_streaming_stores(rng, dtype, dim, offset):
-    # non-temporal stores on 16-byte aligned rows, plain copies for the rest (an
-    # output that starts off alignment, rows whose size is not a multiple of 16)
+def _at_alignment(count, dtype, misalign):
+    """A NaN-filled 1-D array of ``count`` elements starting ``misalign`` bytes past a
+    64-byte boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.full(count * itemsize + 128, 0xFF, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + misalign
+    return raw[start:start + count * itemsize].view(dtype)
+
+
+@pytest.mark.parametrize("dim", [1, 3, 4, 5, 16, 24, 64, 300])
+@pytest.mark.parametrize("misalign", [0, 16, 4])
+def test_gather_with_streaming_stores(rng, dtype, dim, misalign):
+    # 64-byte non-temporal stores on line-aligned rows (where the CPU has AVX-512F),
+    # 16-byte ones on 16-byte aligned rows, plain copies for the rest (rows whose
+    # size is not a multiple of 16); bits are copied as they are (-0.0, NaN payloads)
     weight = rng.standard_normal((97, dim)).astype(dtype)
+    weight[3, 0] = -0.0
+    payload_nan = {np.float32: np.uint32(0x7FC00001), np.float64: np.uint64(0x7FF8000000000001)}
+    weight[5, :] = payload_nan[np.dtype(dtype).type].view(dtype)  # NaNs with a payload
     for n in (1, 5, 33, 200):
         ids = rng.integers(0, 97, size=n)
+        ids[0] = 5
+        ids[-1] = 3
         for T in (1, 2, 3):
-            buf = np.full(n * dim + offset, np.nan, dtype=dtype)
-            out = buf[offset:].reshape(n, dim)
+            out = _at_alignment(n * dim, dtype, misalign).reshape(n, dim)
             _lookup.gather(weight, ids, out, T, True)
-            assert_array_equal(out, weight[ids])
+            assert out.tobytes() == weight[ids].tobytes()
 
 
 def test_large_lookups_stream_and_match(rng, monkeypatch, dtype):
@@ -366,9 +380,10 @@ def test_streamed_dense_backward_equals_the_plain_one(rng, dtype, dim, scale):
         plain = np.full((V, dim), np.nan, dtype=dtype)
         _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, scale, plain, 1)
         for T in (1, 2, 3):
-            for offset in (0, 1):  # an output off 16-byte alignment: plain stores
-                buf = np.full(V * dim + offset, np.nan, dtype=dtype)
-                out = buf[offset:].reshape(V, dim)
+            # line-aligned (64-byte streams), 16-byte aligned, and off alignment
+            # (plain stores) outputs
+            for offset in (0, 16, 4):
+                out = _at_alignment(V * dim, dtype, offset).reshape(V, dim)
                 _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, scale,
                                               out, T, True)
                 assert out.tobytes() == plain.tobytes(), (T, offset)
