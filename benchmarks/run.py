@@ -220,15 +220,15 @@ def wl_dense_backward(W, idx, g):
     cases["numpy"] = np_addat
     cases["bound"] = _bound((V, D), W.dtype)
     # the floor of any dense gradient: writing every element of a (V, D) array once,
-    # with plain stores (numpy's fill) and with non-temporal ones (no read of each
-    # line before it is written: sparsembed's dense kernel with no id, i.e. a
-    # streamed zero-fill, the least a (V, D) output can cost)
+    # with plain stores (numpy's fill, one thread) and with non-temporal ones (no
+    # read of each line before it is written: sparsembed's dense kernel with no id,
+    # i.e. a streamed zero-fill on every thread, the least a (V, D) output can cost)
     zeros = np.ones((V, D), dtype=W.dtype)
     cases["fill"] = lambda: zeros.fill(0)
     no_ids = np.zeros(0, dtype=np.int64)
     no_grad = np.zeros((0, D), dtype=W.dtype)
     cases["stream_fill"] = lambda: _backward.dense_backward_fill(
-        no_grad, no_ids, no_ids, np.zeros(1, np.int64), False, zeros, 2, True)
+        no_grad, no_ids, no_ids, np.zeros(1, np.int64), False, zeros, se.get_num_threads(), True)
     if torch is not None:
         gt, it = torch.from_numpy(g), torch.from_numpy(idx)
         cases["torch"] = lambda: torch.ops.aten.embedding_dense_backward(gt, it, V, -1, False)
@@ -254,13 +254,13 @@ def wl_sparse_fwd_bwd(W, idx, g):
     cases = {"sparsembed": se_step, "numpy": np_step,
              "bound": _bound((idx.size, D), W.dtype)}
     # for the least this can cost (report.py: "floor"): a streamed write of a (B, D)
-    # array (sparsembed's dense kernel with no ids) and a sequential read of one (the
-    # bag sum of consecutive rows of g, which writes a 32nd of it)
+    # array (sparsembed's dense kernel with no ids, on every thread) and a sequential
+    # read of one (the bag sum of consecutive rows of g, which writes a 32nd of it)
     out_bd = np.empty((idx.size, D), dtype=W.dtype)
     no_ids = np.zeros(0, dtype=np.int64)
     no_grad = np.zeros((0, D), dtype=W.dtype)
     cases["stream_write"] = lambda: _backward.dense_backward_fill(
-        no_grad, no_ids, no_ids, np.zeros(1, np.int64), False, out_bd, 2, True)
+        no_grad, no_ids, no_ids, np.zeros(1, np.int64), False, out_bd, se.get_num_threads(), True)
     consecutive = np.arange(idx.size - idx.size % 32, dtype=np.int64).reshape(-1, 32)
     cases["seq_read"] = lambda: SF.embedding_bag(consecutive, g, mode="sum")
     if torch is not None:

@@ -137,6 +137,10 @@ def test_row_sums_balanced_partition_is_thread_independent(rng, dtype, dist, thr
         _backward.row_sums(grad, plan.perm, plan.starts, False, sums, T)
         dense = np.zeros((V, dim), dtype=dtype)
         _backward.dense_backward(grad, plan.perm, plan.rows, plan.starts, True, dense, T)
+        # the fill variant cuts its blocks by entries and output rows together
+        filled = np.full((V, dim), np.nan, dtype=dtype)
+        _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, True, filled, T)
+        assert filled.tobytes() == dense.tobytes()
         results[T] = (sums, dense)
     ref = np.zeros((V, dim), dtype=np.float64)
     np.add.at(ref, ids, grad.astype(np.float64))

@@ -48,3 +48,34 @@ cdef inline int64_t block_start_costed(
         else:
             hi = mid
     return lo
+
+
+cdef inline int64_t block_start_spanned(
+    const int64_t* starts,     # IN (n_rows + 1,) segment bounds, starts[0] = 0
+    const int64_t* rows,       # IN (n_rows,) the segments' sorted distinct rows
+    int64_t n_rows,
+    int64_t num_rows,          # IN rows of the dense output, > rows[n_rows - 1]
+    int64_t T,                 # IN number of blocks
+    int64_t t,                 # IN a block, 0 <= t <= T
+    int64_t entry_cost,        # IN work of one entry (a grad row read)
+    int64_t row_cost,          # IN work of one output row (written, summed or zeroed)
+) noexcept nogil:
+    """:func:`block_start` for a dense output whose every row is written: block t
+    also writes the rows between its segments, so blocks hold about the same
+    ``entry_cost * entries + row_cost * output rows`` each. Split by entries alone, a
+    Zipf batch whose hot rows sit low in the table left one thread most of the
+    zero-filling (D = 64: 8.6 ms against 7.6 on uniform ids)."""
+    cdef int64_t lo = 0, hi = n_rows, mid, target
+    if t <= 0:
+        return 0
+    if t >= T:
+        return n_rows
+    target = ((starts[n_rows] * entry_cost + num_rows * row_cost) * t) // T
+    # first u whose segments and rows below it reach the target (increasing in u)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if starts[mid] * entry_cost + rows[mid] * row_cost < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
