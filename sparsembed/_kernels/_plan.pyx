@@ -219,8 +219,8 @@ cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     cdef int64_t i, lo, hi, k
     cdef int tid, team
     cdef uint32_t* h
-    # written by thread 0 between two barriers: ids kept, distinct rows
-    cdef int64_t shared[2]
+    # written by thread 0 between two barriers: ids kept, (hot flag), distinct rows
+    cdef int64_t shared[3]
     cdef se_barrier barrier
     cdef uint32_t* hist = <uint32_t*> calloc(T * R, sizeof(uint32_t))
     if hist == NULL:
@@ -238,8 +238,10 @@ cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                 h[idx[i]] += 1
             se_barrier_wait(&barrier, team)
             if tid == 0:
-                _counting_prefix(hist, R, team, skip_row, &rows_out[0], &starts_out[0],
-                                 shared)
+                if 0 <= skip_row < R:
+                    for k in range(team):
+                        hist[k * R + skip_row] = 0
+                _slot_prefix(hist, R, team, n, shared, &rows_out[0], &starts_out[0])
             se_barrier_wait(&barrier, team)
             for i in range(lo, hi):
                 k = idx[i]
@@ -248,31 +250,7 @@ cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                     h[k] += 1
     finally:
         free(hist)
-    return shared[0], shared[1]
-
-
-cdef void _counting_prefix(uint32_t* hist, int64_t R, int64_t team, int64_t skip_row,
-                           int64_t* rows_out, int64_t* starts_out,
-                           int64_t* shared) noexcept nogil:
-    """Counts per (chunk, id) -> chunk t's first slot for id b, in (id, chunk) order,
-    and the segments; shared[0] = ids kept, shared[1] = distinct rows."""
-    cdef int64_t b, t, k, c, running = 0, u = 0
-    if 0 <= skip_row < R:
-        for t in range(team):
-            hist[t * R + skip_row] = 0
-    for b in range(R):
-        c = running
-        for t in range(team):
-            k = hist[t * R + b]
-            hist[t * R + b] = <uint32_t> running
-            running = running + k
-        if running != c:
-            rows_out[u] = b
-            starts_out[u] = c
-            u = u + 1
-    starts_out[u] = running
-    shared[0] = running
-    shared[1] = u
+    return shared[0], shared[2]
 
 
 cdef inline int64_t _sub_chunks(int64_t* bounds, int64_t n, int64_t team,
@@ -290,10 +268,14 @@ cdef inline int64_t _sub_chunks(int64_t* bounds, int64_t n, int64_t team,
 
 
 cdef inline void _slot_prefix(uint32_t* hist, int64_t n_buckets, int64_t n_sub, int64_t total,
-                              int64_t* shared) noexcept nogil:
+                              int64_t* shared, int64_t* rows_out,
+                              int64_t* starts_out) noexcept nogil:
     """Counts per (sub-chunk, bucket) -> first slots, in (bucket, sub-chunk) order;
-    shared[0] = number of words, shared[1] = whether one bucket is hot."""
-    cdef int64_t running = 0, b, s, d, before, hot = 0
+    shared[0] = number of entries, shared[1] = whether one bucket holds more than
+    1/SKEW_SHARE of ``total``. With ``rows_out`` (a counting sort, whose buckets are
+    the ids) also the segments: the non-empty buckets, their first slots and the
+    closing bound in ``starts_out``; shared[2] = their number."""
+    cdef int64_t running = 0, b, s, d, before, hot = 0, u = 0
     for b in range(n_buckets):
         before = running
         for s in range(n_sub):
@@ -302,8 +284,15 @@ cdef inline void _slot_prefix(uint32_t* hist, int64_t n_buckets, int64_t n_sub, 
             running = running + d
         if (running - before) * SKEW_SHARE > total:
             hot = 1
+        if rows_out != NULL and running != before:
+            rows_out[u] = b
+            starts_out[u] = before
+            u = u + 1
     shared[0] = running
     shared[1] = hot
+    if rows_out != NULL:
+        starts_out[u] = running
+        shared[2] = u
 
 
 cdef inline void _count_ids(const index_t* idx, const int64_t* bounds, int64_t shortest,
@@ -462,7 +451,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
             _count_ids(&idx[0], bounds, shortest, skip_row, mask, slots, n_buckets)
             se_barrier_wait(&barrier, team)
             if tid == 0:
-                _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, n, shared)
+                _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, n, shared, NULL, NULL)
             se_barrier_wait(&barrier, team)
             m = shared[0]
             _scatter_ids(&idx[0], bounds, shortest, skip_row, mask, slots, n_buckets,
@@ -477,7 +466,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                 _count_words(src, bounds, shortest, shift, mask, slots, n_buckets)
                 se_barrier_wait(&barrier, team)
                 if tid == 0:
-                    _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, m, shared)
+                    _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, m, shared, NULL, NULL)
                 se_barrier_wait(&barrier, team)
                 _scatter_words(src, bounds, shortest, shift, mask, slots, n_buckets, dst,
                                shared[1])
