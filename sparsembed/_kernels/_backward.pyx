@@ -51,6 +51,18 @@ cdef enum:
     ROW_COST = 2
 
 
+cdef inline void _zero_rows(floating* out, int64_t dim, int64_t lo, int64_t hi,
+                            bint stream) noexcept nogil:
+    """Zero rows [lo, hi) of ``out`` (``stream``: non-temporal stores; the caller
+    fences them once it is done)."""
+    if hi <= lo:
+        return
+    if stream:
+        stream_zero(out + lo * dim, (hi - lo) * dim * sizeof(floating))
+    else:
+        memset(out + lo * dim, 0, (hi - lo) * dim * sizeof(floating))
+
+
 cdef void _zero_gaps(
     floating* out,             # (*, dim)
     int64_t dim,
@@ -62,8 +74,7 @@ cdef void _zero_gaps(
     bint stream,
 ) noexcept nogil:
     """Zero the rows of ``out`` that no segment writes, for one block of segments."""
-    cdef size_t row_bytes = dim * sizeof(floating)
-    cdef int64_t u, prev, nxt
+    cdef int64_t u, nxt
     for u in range(u_lo, u_hi + 1):
         if u < u_hi:
             nxt = rows[u]
@@ -71,26 +82,9 @@ cdef void _zero_gaps(
             nxt = tail_upto
         else:
             break
-        prev = rows[u - 1] + 1 if u > 0 else 0
-        if nxt > prev:
-            if stream:
-                stream_zero(out + prev * dim, (nxt - prev) * row_bytes)
-            else:
-                memset(out + prev * dim, 0, (nxt - prev) * row_bytes)
+        _zero_rows(out, dim, rows[u - 1] + 1 if u > 0 else 0, nxt, stream)
     if stream:
         stream_fence()
-
-
-cdef void _zero_rows(floating* out, int64_t dim, int64_t lo, int64_t hi,
-                     bint stream) noexcept nogil:
-    """Zero rows [lo, hi) of ``out``."""
-    if hi <= lo:
-        return
-    if stream:
-        stream_zero(out + lo * dim, (hi - lo) * dim * sizeof(floating))
-        stream_fence()
-    else:
-        memset(out + lo * dim, 0, (hi - lo) * dim * sizeof(floating))
 
 
 cdef void _sum_all(
@@ -185,6 +179,8 @@ def dense_backward_fill(
             # nothing to sum: every thread zeroes its share of the rows
             for t in prange(T, schedule="static", num_threads=T):
                 _zero_rows(&out[0, 0], dim, num_rows * t // T, num_rows * (t + 1) // T, stream)
+                if stream:
+                    stream_fence()
         else:
             _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], &rows[0],
                      n_rows, scale_by_count, &out[0, 0], num_rows, n_threads, stream)

@@ -47,23 +47,21 @@ cdef extern from *:
                bits are copied as they are. */
             #include <immintrin.h>
             #define SPARSEMBED_WIDE_STREAM 1
+            /* the whole 64-byte lines of [0, nbytes) of a line-aligned d; returns
+               the bytes written (the rest is left to the 16-byte loop) */
             __attribute__((target("avx512f")))
-            static void sparsembed_stream_row_zmm(char* d, const char* s, size_t nbytes) {
+            static size_t sparsembed_stream_lines_zmm(char* d, const char* s, size_t nbytes) {
                 size_t o = 0;
                 for (; o + 64 <= nbytes; o += 64)
                     _mm512_stream_ps((float*)(d + o), _mm512_loadu_ps((const float*)(s + o)));
-                for (; o + 16 <= nbytes; o += 16)
-                    _mm_stream_si128((__m128i*)(d + o), _mm_loadu_si128((const __m128i*)(s + o)));
-                if (o < nbytes) memcpy(d + o, s + o, nbytes - o);
+                return o;
             }
             __attribute__((target("avx512f")))
-            static void sparsembed_stream_zero_zmm(char* d, size_t nbytes) {
+            static size_t sparsembed_zero_lines_zmm(char* d, size_t nbytes) {
                 size_t o = 0;
                 __m512 z = _mm512_setzero_ps();
                 for (; o + 64 <= nbytes; o += 64) _mm512_stream_ps((float*)(d + o), z);
-                for (; o + 16 <= nbytes; o += 16)
-                    _mm_stream_si128((__m128i*)(d + o), _mm_setzero_si128());
-                if (o < nbytes) memset(d + o, 0, nbytes - o);
+                return o;
             }
             static int sparsembed_zmm_streams = -1;
             static inline int sparsembed_has_zmm_streams(void) {
@@ -78,16 +76,14 @@ cdef extern from *:
             char* d = (char*)dst;
             const char* s = (const char*)src;
             size_t o = 0;
-            #if SPARSEMBED_WIDE_STREAM
-            if (((uintptr_t)d & 63) == 0 && nbytes >= 64 && sparsembed_has_zmm_streams()) {
-                sparsembed_stream_row_zmm(d, s, nbytes);
-                return;
-            }
-            #endif
             if (((uintptr_t)d & 15) != 0) {
                 memcpy(d, s, nbytes);
                 return;
             }
+            #if SPARSEMBED_WIDE_STREAM
+            if (((uintptr_t)d & 63) == 0 && nbytes >= 64 && sparsembed_has_zmm_streams())
+                o = sparsembed_stream_lines_zmm(d, s, nbytes);
+            #endif
             for (; o + 16 <= nbytes; o += 16)
                 _mm_stream_si128((__m128i*)(d + o), _mm_loadu_si128((const __m128i*)(s + o)));
             if (o < nbytes) memcpy(d + o, s + o, nbytes - o);
@@ -99,8 +95,7 @@ cdef extern from *:
             #if SPARSEMBED_WIDE_STREAM
             if (nbytes >= 128 && sparsembed_has_zmm_streams()) {
                 while (((uintptr_t)(d + o)) & 63) d[o++] = 0;
-                sparsembed_stream_zero_zmm(d + o, nbytes - o);
-                return;
+                o += sparsembed_zero_lines_zmm(d + o, nbytes - o);
             }
             #endif
             while (o < nbytes && (((uintptr_t)(d + o)) & 15) != 0) d[o++] = 0;
