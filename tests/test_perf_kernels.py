@@ -99,6 +99,60 @@ def test_build_plan_one_region_sort_any_team(rng, dist):
         _plan.build_plan(ids, -1, V, perm, rows, starts, 2, np.empty(n, dtype=np.uint64))
 
 
+def _sorted_batches(rng, V, n):
+    """Sorted id arrays of the radix path (and near misses that are not sorted)."""
+    uniform = np.sort(rng.integers(0, V, size=n))
+    yield "arange", np.arange(n) * (V // n)
+    yield "sorted uniform", uniform
+    yield "sorted zipf", np.sort(_zipf_ids(rng, n, V, np.int64))
+    yield "one id", np.full(n, 777)
+    yield "two runs", np.repeat([5, V - 1], [n // 3, n - n // 3])
+    last_down = uniform.copy()
+    last_down[-1] = 0                         # one descent, at the very end
+    yield "last descends", last_down
+    halves = np.roll(uniform, n // 2)        # each half sorted, not the whole
+    yield "halves swapped", halves
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_build_plan_sorted_ids(rng, idx_dtype):
+    # sorted ids skip the radix passes (their plan is the identity less skip_row's
+    # run); arrays that are sorted in every chunk but one place must still sort
+    V, n = 1_000_000, 50_001
+    for name, ids in _sorted_batches(rng, V, n):
+        ids = ids.astype(idx_dtype)
+        skips = {-1, V + 5, 0, int(ids[0]), int(ids[n // 2]), int(ids[-1]), 777, 5, V - 1}
+        for skip in sorted(skips):
+            order, exp_rows, exp_starts = _expected_plan(ids, skip)
+            for T in (1, 2, 3, 7):
+                perm = np.full(n, -7, dtype=np.int64)
+                rows = np.full(n, -7, dtype=np.int64)
+                starts = np.full(n + 1, -7, dtype=np.int64)
+                m, u = _plan.build_plan(ids, skip, V, perm, rows, starts, T)
+                assert (m, u) == (order.size, exp_rows.size), (name, skip, T)
+                assert_array_equal(perm[:m], order, err_msg=f"{name} skip={skip} T={T}")
+                assert_array_equal(rows[:u], exp_rows, err_msg=f"{name} skip={skip} T={T}")
+                assert_array_equal(starts[: u + 1], exp_starts, err_msg=f"{name} {skip} {T}")
+
+
+def test_build_plan_sorted_tiny_batches():
+    # fewer ids than threads, every id skipped, a skipped run at either end
+    V = 10 ** 6
+    for ids in ([3], [3, 3], [1, 2], [0, 999_999], [4, 4, 4, 9], [1, 9, 9, 9]):
+        ids = np.asarray(ids, dtype=np.int64)
+        for skip in (-1, 3, 4, 9, 1, 0):
+            order, exp_rows, exp_starts = _expected_plan(ids, skip)
+            for T in (1, 2, 7):
+                perm = np.full(ids.size, -7, dtype=np.int64)
+                rows = np.full(ids.size, -7, dtype=np.int64)
+                starts = np.full(ids.size + 1, -7, dtype=np.int64)
+                m, u = _plan.build_plan(ids, skip, V, perm, rows, starts, T)
+                assert (m, u) == (order.size, exp_rows.size)
+                assert_array_equal(perm[:m], order)
+                assert_array_equal(rows[:u], exp_rows)
+                assert_array_equal(starts[: u + 1], exp_starts)
+
+
 def test_build_plan_edge_cases():
     out = np.empty(0, dtype=np.int64)
     starts = np.empty(1, dtype=np.int64)
