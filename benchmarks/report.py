@@ -58,11 +58,17 @@ def main_table(result):
         if "stream_fill" in t:
             text += (f", streamed {t['stream_fill']:.1f} ms = {t['stream_fill'] / t['torch']:.3f} x torch"
                      f" (ours {t['sparsembed'] / t['stream_fill']:.2f} x it)")
+        if "stream_fill_read" in t:
+            text += (f", streamed while reading grad_output in order {t['stream_fill_read']:.1f} ms"
+                     f" = {t['stream_fill_read'] / t['torch']:.3f} x torch"
+                     f" (ours {t['sparsembed'] / t['stream_fill_read']:.2f} x it)")
         fills.append(text)
     if fills:
         lines.append("")
         lines.append("Dense backward floor, writing a preallocated (V, D) array once (`out.fill(0)`, "
-                     "and a zero-fill with non-temporal stores): " + "; ".join(fills) + ".")
+                     "and a zero-fill with non-temporal stores), and the streamed fill that also "
+                     "reads the (B, D) grad_output once in order (a dense backward's whole "
+                     "traffic, no plan): " + "; ".join(fills) + ".")
     floors = [_sparse_floor(row) for row in result["main"] if row["workload"] == "sparse_fwd_bwd"]
     floors = [f for f in floors if f]
     if floors:

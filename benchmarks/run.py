@@ -223,12 +223,23 @@ def wl_dense_backward(W, idx, g):
     # with plain stores (numpy's fill, one thread) and with non-temporal ones (no
     # read of each line before it is written: sparsembed's dense kernel with no id,
     # i.e. a streamed zero-fill on every thread, the least a (V, D) output can cost)
-    zeros = np.ones((V, D), dtype=W.dtype)
+    zeros = aligned_empty((V, D), W.dtype)  # as the kernels' own outputs: line-aligned
+    zeros.fill(1)
     cases["fill"] = lambda: zeros.fill(0)
     no_ids = np.zeros(0, dtype=np.int64)
     no_grad = np.zeros((0, D), dtype=W.dtype)
     cases["stream_fill"] = lambda: _backward.dense_backward_fill(
         no_grad, no_ids, no_ids, np.zeros(1, np.int64), False, zeros, se.get_num_threads(), True)
+    if idx.size <= V:
+        # ... and the same streamed fill while reading grad_output once, in order (ids
+        # spread evenly, one per row: the kernel's sum of each is 0 + its grad row): the
+        # whole traffic of a dense backward (write (V, D), read (B, D)) with no plan and
+        # no random reads. Reads and streamed writes share each core's line buffers, so
+        # this is more than the write alone.
+        order = np.arange(idx.size, dtype=np.int64)  # the plan of those ids: perm, starts
+        spread, starts = order * (V // idx.size), np.arange(idx.size + 1, dtype=np.int64)
+        cases["stream_fill_read"] = lambda: _backward.dense_backward_fill(
+            g, order, spread, starts, False, zeros, se.get_num_threads(), True)
     if torch is not None:
         gt, it = torch.from_numpy(g), torch.from_numpy(idx)
         cases["torch"] = lambda: torch.ops.aten.embedding_dense_backward(gt, it, V, -1, False)

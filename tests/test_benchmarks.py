@@ -29,6 +29,16 @@ def test_runner_smoke_writes_valid_json(tmp_path):
         # every peer that ran has a ratio
         peers = set(row["times_ms"]) - {"sparsembed", "fused"}
         assert {f"vs_{p}" for p in peers} <= set(row["ratios"])
+    # the dense backward's floors: the streamed write alone and with grad_output's read
+    dense = [row for row in result["main"] if row["workload"] == "dense_backward"]
+    assert all({"stream_fill", "stream_fill_read"} <= set(row["times_ms"]) for row in dense)
+    sys.path.insert(0, os.path.dirname(RUNNER))
+    try:
+        import report
+    finally:
+        sys.path.remove(os.path.dirname(RUNNER))
+    table = report.main_table(result)
+    assert "streamed while reading grad_output in order" in table
     assert result["threads"] and all(t["t1_ms"] > 0 and t["t2_ms"] > 0 for t in result["threads"])
     assert result["scaling"]["vs_B"] and result["scaling"]["vs_V"]
     assert result["memory"] and all(m["sparse_backward_tracemalloc"] > 0 for m in result["memory"])
