@@ -485,6 +485,34 @@ def test_streamed_row_sums_and_csr_structure_equal_the_plain_ones(rng, dtype, di
                     assert_array_equal(ind, plain_idx)
 
 
+@pytest.mark.parametrize("dim", [1, 3, 5, 20, 28, 100, 300])
+@pytest.mark.parametrize("scale", [False, True])
+def test_streamed_rows_off_line_boundaries_equal_the_plain_ones(rng, dtype, dim, scale):
+    # rows that are not whole lines, or that are divided by their count, are summed
+    # into a stage and leave it line by line, carrying a line's first bytes over to
+    # the next row (a row of 1-5 elements: several rows to a line); outputs on and
+    # off line boundaries, every thread count, row sums and dense gradient alike
+    V = 700
+    ids = np.concatenate([rng.integers(0, V, size=900), np.full(60, 5), np.arange(40)])
+    grad = rng.standard_normal((ids.size, dim)).astype(dtype)
+    plan = _cpu.plan_rows(ids, V, 7)
+    U = plan.rows.shape[0]
+    plain = np.empty((U, dim), dtype=dtype)
+    _backward.row_sums(grad, plan.perm, plan.starts, scale, plain, 1)
+    plain_dense = np.empty((V, dim), dtype=dtype)
+    _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, scale,
+                                  plain_dense, 1)
+    for T in (1, 2, 3):
+        for offset in (0, 4, 8, 16, 48):
+            out = _at_alignment(U * dim, dtype, offset).reshape(U, dim)
+            _backward.row_sums(grad, plan.perm, plan.starts, scale, out, T, True)
+            assert out.tobytes() == plain.tobytes(), (T, offset)
+            dense = _at_alignment(V * dim, dtype, offset).reshape(V, dim)
+            _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, scale,
+                                          dense, T, True)
+            assert dense.tobytes() == plain_dense.tobytes(), (T, offset)
+
+
 def test_sparse_row_grad_checks_its_arrays(rng):
     V, dim = 50, 3
     plan = _cpu.plan_rows(np.array([4, 9, 4]), V, None)

@@ -61,6 +61,74 @@ enum { SE_MEAN = 1, SE_STREAM = 2 };
     #define SE_STREAM_FENCE() ((void)0)
 #endif
 
+#include "_stream.h"
+
+/* Streamed rows that are not whole lines (a width such as 100 or 300 floats) or
+ * that are divided after summing go through a stage: each row is summed into a
+ * buffer at its destination's offset within a line, right after the bytes the
+ * previous row left in the line they share, then every whole line of the buffer is
+ * streamed out and the rest carried to its front for the next row. So each line is
+ * written whole by one burst of non-temporal stores. Stored in place, such rows
+ * mixed plain stores (vectors off their alignment, the columns past the last whole
+ * vector) and streamed ones in a line, and the division read streamed lines back
+ * (measured, 262,144 uniform ids, 2 threads: row sums at D = 300 28 ms, as slow as
+ * plain stores, against 17 ms at D = 304). A line the rows do not fill from its
+ * start (the first and last of a block, rows that are not consecutive) is written
+ * with plain stores: correct when another thread writes the rest of it. */
+typedef struct {
+    char* mem;       /* malloc'd, NULL when the rows are stored in place */
+    char* buf;       /* mem rounded up to a line; NULL when not staging */
+    char* held_at;   /* where the `held` bytes at buf[0:held] belong */
+    size_t held;
+} se_stage;
+
+static inline void se_stage_init(se_stage* st, int wanted, size_t row_bytes)
+{
+    st->mem = wanted ? (char*)malloc(row_bytes + 128) : NULL;  /* NULL: in place */
+    st->buf = st->mem ? (char*)(((uintptr_t)st->mem + 63) & ~(uintptr_t)63) : NULL;
+    st->held_at = NULL;
+    st->held = 0;
+}
+
+/* the held bytes with plain stores */
+static inline void se_stage_flush(se_stage* st)
+{
+    if (st->held) memcpy(st->held_at, st->buf, st->held);
+    st->held = 0;
+}
+
+/* where to sum the row bound for dst */
+static inline char* se_stage_row(se_stage* st, char* dst)
+{
+    size_t off = (uintptr_t)dst & 63;
+    if (st->held && (st->held != off || st->held_at + off != dst)) se_stage_flush(st);
+    return st->buf + off;
+}
+
+/* the row summed at se_stage_row(st, dst): out with its whole lines */
+static void se_stage_store(se_stage* st, char* dst, size_t row_bytes)
+{
+    size_t off = (uintptr_t)dst & 63, end = off + row_bytes, first = 0, whole;
+    char* line = dst - off;
+    if (off && !st->held) {
+        /* nothing of this line before the row: its part of it with plain stores */
+        first = end < 64 ? end : 64;
+        memcpy(dst, st->buf + off, first - off);
+        if (end <= 64) return;
+    }
+    whole = end & ~(size_t)63;
+    if (whole > first) sparsembed_stream_whole_lines(line + first, st->buf + first, whole - first);
+    st->held = end - whole;
+    st->held_at = line + whole;
+    if (st->held) memmove(st->buf, st->buf + whole, st->held);
+}
+
+static inline void se_stage_done(se_stage* st)
+{
+    se_stage_flush(st);
+    free(st->mem);
+}
+
 /* One pass over a bag's entries for the NV vectors of columns at j0, adding into
  * acc[0:NV] (NV is a constant: the loops unroll and acc lives in registers).
  * FIRST (a constant too): the first pass, which also prefetches the row `ahead`
@@ -165,9 +233,12 @@ enum { SE_MEAN = 1, SE_STREAM = 2 };
  * NAME, bags b0..b1-1 (bag b is entries starts[b]..starts[b+1]-1; its result goes
  * to out[b * dim:], or to out[dest[b] * dim:] when dest is given, its count or
  * -(e + 1) to counts[b] unless counts is NULL), divided by their counts when
- * flags has SE_MEAN, written with non-temporal stores (where aligned) when it has
- * SE_STREAM: one call per thread, so no per-bag call. Returns the number of bags
- * with an id out of range. */
+ * flags has SE_MEAN, written with non-temporal stores when it has SE_STREAM: one
+ * call per thread, so no per-bag call. Returns the number of bags with an id out of
+ * range.
+ *
+ * Streamed rows that are whole vectors on vector boundaries are stored from the
+ * registers, others through a stage (se_stage above). */
 #define SE_DEFINE_POOL_BAG(NAME, T, I, ATTR, VBYTES, WIDE, NTSTORE)                      \
 ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                            \
     const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t lo,        \
@@ -194,6 +265,15 @@ ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                       
     if (dim - j0 >= 4 * LANES) SE_CHUNK(4, 0, NTSTORE);                              \
     if (dim - j0 >= 2 * LANES) SE_CHUNK(2, 0, NTSTORE);                              \
     if (dim - j0 >= LANES) SE_CHUNK(1, 0, NTSTORE);                                  \
+    if (VBYTES > 16 && (dim - j0) * (int64_t)sizeof(T) >= 16) {                      \
+        /* the columns past the last whole vector in 16-byte vectors (here VEC and  \
+           LANES name those): 300 floats at AVX-512 end in 12 such columns, which   \
+           one by one cost more than the 288 before them */                          \
+        typedef T VEC __attribute__((vector_size(16)));                              \
+        enum { LANES = 16 / sizeof(T) };                                             \
+        if (dim - j0 >= 2 * LANES) SE_CHUNK(2, 0, NTSTORE);                          \
+        if (dim - j0 >= LANES) SE_CHUNK(1, 0, NTSTORE);                              \
+    }                                                                                \
     if (j0 < dim) SE_TAIL(0);                                                        \
     return count;                                                                    \
 }
@@ -206,18 +286,27 @@ ATTR static int64_t NAME(                                                       
 {                                                                                    \
     int64_t b, k, n_bad = 0;                                                         \
     int mean = flags & SE_MEAN, stream = (flags & SE_STREAM) != 0;                   \
+    size_t row_bytes = (size_t)dim * sizeof(T);                                      \
+    se_stage st;                                                                     \
+    se_stage_init(&st, stream && (mean || (((uintptr_t)out | row_bytes) & 63)),      \
+                  row_bytes);                                                        \
     for (b = b0; b < b1; b++) {                                                      \
         T* o = out + (dest ? dest[b] : b) * dim;                                     \
+        T* sum = st.buf ? (T*)se_stage_row(&st, (char*)o) : o;                       \
         int64_t c = NAME##_bag(weight, num_rows, dim, idx, starts[b], starts[b + 1], \
-                               n, pad, psw, ahead, stream, o);                       \
+                               n, pad, psw, ahead, stream && !st.buf, sum);          \
         if (counts) counts[b] = c;                                                   \
         if (c < 0) {                                                                 \
             n_bad++;                                                                 \
-        } else if (mean && c > 1) {                                                  \
-            T inv = (T)c;                                                            \
-            for (k = 0; k < dim; k++) o[k] = o[k] / inv;                             \
+            continue;                                                                \
         }                                                                            \
+        if (mean && c > 1) {                                                         \
+            T inv = (T)c;                                                            \
+            for (k = 0; k < dim; k++) sum[k] = sum[k] / inv;                         \
+        }                                                                            \
+        if (st.buf) se_stage_store(&st, (char*)o, row_bytes);                        \
     }                                                                                \
+    se_stage_done(&st);                                                              \
     if (stream) SE_STREAM_FENCE();                                                   \
     return n_bad;                                                                    \
 }
