@@ -385,6 +385,17 @@ cdef inline void _scatter_words(const uint64_t* src, const int64_t* bounds, int6
             _put(slots, q * n_buckets + ((word >> shift) & mask), dst, word)
 
 
+cdef inline int64_t _note_run(int64_t key, int64_t prev, int64_t slot, int64_t* rows_out,
+                              int64_t* starts_out, int64_t u) noexcept nogil:
+    """A run of ``key`` starts at ``slot`` unless the previous key was the same: record
+    it as run u; returns the next run's number."""
+    if key != prev:
+        rows_out[u] = key
+        starts_out[u] = slot
+        return u + 1
+    return u
+
+
 cdef inline int64_t _split_words(const uint64_t* words, int64_t lo, int64_t hi,
                                  int64_t* perm_out, int64_t* rows_out,
                                  int64_t* starts_out) noexcept nogil:
@@ -399,10 +410,7 @@ cdef inline int64_t _split_words(const uint64_t* words, int64_t lo, int64_t hi,
         word = words[i]
         perm_out[i] = <int64_t> (word & 0xffffffffu)
         k = <int64_t> (word >> 32)
-        if k != prev:
-            rows_out[u] = k
-            starts_out[u] = i
-            u = u + 1
+        u = _note_run(k, prev, i, rows_out, starts_out, u)
         prev = k
     return u - lo
 
@@ -444,10 +452,7 @@ cdef inline int64_t _split_sorted(const index_t* idx, int64_t skip_at, int64_t s
         i = k if k < skip_at else k + skip_len
         perm_out[k] = i
         key = idx[i]
-        if key != prev:
-            rows_out[u] = key
-            starts_out[u] = k
-            u = u + 1
+        u = _note_run(key, prev, k, rows_out, starts_out, u)
         prev = key
     return u - lo
 
