@@ -21,8 +21,10 @@ from sparsembed._kernels._openmp_helpers cimport omp_get_num_threads, omp_get_th
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
+    SE_ZERO_GAPS,
     pool_level,
     pool_set_level,
+    pool_stages,
     pool_sum,
     pool_table,
     pool_table_at,
@@ -128,6 +130,14 @@ cdef void _sum_block(
     else:
         u_lo = block_start(starts, n_rows, T, t)
         u_hi = block_start(starts, n_rows, T, t + 1)
+    if zero_upto >= 0 and pool_stages(out, dim * sizeof(floating), flags):
+        # rows summed through a stage (not whole lines, or divided): the pooling
+        # zeroes each gap just before the row after it, so that the lines they share
+        # go out whole; then the last block zeroes the rows after the last one
+        pool_sum(&fns, grad, n_grad, dim, perm, starts[n_rows], starts, u_lo, u_hi, -1,
+                 <const floating*> NULL, ahead, flags | SE_ZERO_GAPS, out, rows, NULL)
+        _zero_gaps(out, dim, rows, u_hi, u_hi, zero_upto if t == T - 1 else -1, stream)
+        return
     if zero_upto >= 0:
         _zero_gaps(out, dim, rows, u_lo, u_hi, zero_upto if t == T - 1 else -1, stream)
     pool_sum(&fns, grad, n_grad, dim, perm, starts[n_rows], starts, u_lo, u_hi, -1,

@@ -13,6 +13,7 @@ cdef extern from "_simd_pool.h":
     enum:
         SE_MEAN
         SE_STREAM
+        SE_ZERO_GAPS
     ctypedef int64_t (*pool_f32_i32_t)(
         const float*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
         int64_t, const float*, int64_t, int, float*, const int64_t*, int64_t*) noexcept nogil
@@ -33,6 +34,9 @@ cdef extern from "_simd_pool.h":
     pool_table pool_table_at "sparsembed_pool_table"(int level) noexcept nogil
     int pool_level "sparsembed_pool_level"() noexcept nogil
     int pool_set_level "sparsembed_pool_set_level"(int level) noexcept nogil
+    # whether the pooling sums rows written with these flags into a stage (and then
+    # zeroes SE_ZERO_GAPS's gaps itself)
+    bint pool_stages "se_stage_wanted"(const void* out, size_t row_bytes, int flags) noexcept nogil
 
 
 cdef inline int64_t pool_sum(

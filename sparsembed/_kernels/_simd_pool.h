@@ -45,7 +45,7 @@
 enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
 
 /* flags of the range functions */
-enum { SE_MEAN = 1, SE_STREAM = 2 };
+enum { SE_MEAN = 1, SE_STREAM = 2, SE_ZERO_GAPS = 4 };
 
 /* Store vector v at p (aligned to its size) with a non-temporal store: a large
  * output that is not read back soon skips the read-for-ownership of its lines. One
@@ -82,6 +82,12 @@ typedef struct {
     size_t held;
 } se_stage;
 
+/* Whether rows of row_bytes at out, written with `flags`, go through a stage */
+static inline int se_stage_wanted(const void* out, size_t row_bytes, int flags)
+{
+    return (flags & SE_STREAM) && ((flags & SE_MEAN) || (((uintptr_t)out | row_bytes) & 63));
+}
+
 static inline void se_stage_init(se_stage* st, int wanted, size_t row_bytes)
 {
     st->mem = wanted ? (char*)malloc(row_bytes + 128) : NULL;  /* NULL: in place */
@@ -103,6 +109,36 @@ static inline char* se_stage_row(se_stage* st, char* dst)
     size_t off = (uintptr_t)dst & 63;
     if (st->held && (st->held != off || st->held_at + off != dst)) se_stage_flush(st);
     return st->buf + off;
+}
+
+/* nbytes of zeros at dst (rows no id touches, between summed ones) through the same
+ * stage: a line they share with the rows around them goes out whole too */
+static void se_stage_zero(se_stage* st, char* dst, size_t nbytes)
+{
+    size_t off = (uintptr_t)dst & 63, k, whole;
+    if (nbytes == 0) return;
+    if (st->held && (st->held != off || st->held_at + off != dst)) se_stage_flush(st);
+    if (off) {
+        k = 64 - off < nbytes ? 64 - off : nbytes;
+        if (st->held) {
+            memset(st->buf + off, 0, k);
+            st->held = off + k;
+            if (st->held < 64) return;
+            sparsembed_stream_whole_lines(st->held_at, st->buf, 64);
+            st->held = 0;
+        } else {
+            memset(dst, 0, k);  /* nothing of this line before the zeros: plain */
+        }
+        dst += k;
+        nbytes -= k;
+    }
+    whole = nbytes & ~(size_t)63;
+    sparsembed_stream_zero(dst, whole);
+    if (nbytes > whole) {
+        st->held = nbytes - whole;
+        st->held_at = dst + whole;
+        memset(st->buf, 0, st->held);
+    }
 }
 
 /* the row summed at se_stage_row(st, dst): out with its whole lines */
@@ -234,8 +270,14 @@ static inline void se_stage_done(se_stage* st)
  * to out[b * dim:], or to out[dest[b] * dim:] when dest is given, its count or
  * -(e + 1) to counts[b] unless counts is NULL), divided by their counts when
  * flags has SE_MEAN, written with non-temporal stores when it has SE_STREAM: one
- * call per thread, so no per-bag call. Returns the number of bags with an id out of
- * range.
+ * call per thread, so no per-bag call. With SE_ZERO_GAPS (a dense gradient: dest
+ * is sorted) and staged rows (se_stage_wanted) the rows between dest[b - 1] (or the
+ * table's start) and dest[b] are zeroed through the stage just before each bag's
+ * row, so that a line shared by zeros and a row goes out whole (rows of 100 floats:
+ * dense gradient of 262,144 uniform ids over 400,000 rows 12.1-12.3 -> 7.6-8.7 ms);
+ * the caller zeroes the gaps of other rows itself (whole lines already; zeroing
+ * them between the rows was 5-10% slower). Returns the number of bags with an id out
+ * of range.
  *
  * Streamed rows that are whole vectors on vector boundaries are stored from the
  * registers, others through a stage (se_stage above). */
@@ -288,11 +330,15 @@ ATTR static int64_t NAME(                                                       
     int mean = flags & SE_MEAN, stream = (flags & SE_STREAM) != 0;                   \
     size_t row_bytes = (size_t)dim * sizeof(T);                                      \
     se_stage st;                                                                     \
-    se_stage_init(&st, stream && (mean || (((uintptr_t)out | row_bytes) & 63)),      \
-                  row_bytes);                                                        \
+    se_stage_init(&st, se_stage_wanted(out, row_bytes, flags), row_bytes);          \
     for (b = b0; b < b1; b++) {                                                      \
         T* o = out + (dest ? dest[b] : b) * dim;                                     \
-        T* sum = st.buf ? (T*)se_stage_row(&st, (char*)o) : o;                       \
+        T* sum;                                                                      \
+        if ((flags & SE_ZERO_GAPS) && dest && st.buf) {                              \
+            T* gap = out + (b > 0 ? dest[b - 1] + 1 : 0) * dim;                      \
+            se_stage_zero(&st, (char*)gap, (size_t)(o - gap) * sizeof(T));          \
+        }                                                                            \
+        sum = st.buf ? (T*)se_stage_row(&st, (char*)o) : o;                          \
         int64_t c = NAME##_bag(weight, num_rows, dim, idx, starts[b], starts[b + 1], \
                                n, pad, psw, ahead, stream && !st.buf, sum);          \
         if (counts) counts[b] = c;                                                   \
