@@ -272,11 +272,12 @@ def _at_alignment(count, dtype, misalign):
 
 
 @pytest.mark.parametrize("dim", [1, 3, 4, 5, 16, 24, 64, 300])
-@pytest.mark.parametrize("misalign", [0, 16, 4])
+@pytest.mark.parametrize("misalign", [0, 16, 32, 48, 4])
 def test_gather_with_streaming_stores(rng, dtype, dim, misalign):
     # 64-byte non-temporal stores on line-aligned rows (where the CPU has AVX-512F),
-    # 16-byte ones on 16-byte aligned rows, plain copies for the rest (rows whose
-    # size is not a multiple of 16); bits are copied as they are (-0.0, NaN payloads)
+    # on 16-byte aligned rows 16-byte ones up to the next line and 64-byte ones from
+    # there, plain copies for the rest (rows whose size is not a multiple of 16);
+    # bits are copied as they are (-0.0, NaN payloads)
     weight = rng.standard_normal((97, dim)).astype(dtype)
     weight[3, 0] = -0.0
     payload_nan = {np.float32: np.uint32(0x7FC00001), np.float64: np.uint64(0x7FF8000000000001)}
