@@ -124,7 +124,7 @@ static void se_stage_zero(se_stage* st, char* dst, size_t nbytes)
             memset(st->buf + off, 0, k);
             st->held = off + k;
             if (st->held < 64) return;
-            sparsembed_stream_whole_lines(st->held_at, st->buf, 64);
+            sparsembed_stream_row(st->held_at, st->buf, 64);
             st->held = 0;
         } else {
             memset(dst, 0, k);  /* nothing of this line before the zeros: plain */
@@ -153,7 +153,7 @@ static void se_stage_store(se_stage* st, char* dst, size_t row_bytes)
         if (end <= 64) return;
     }
     whole = end & ~(size_t)63;
-    if (whole > first) sparsembed_stream_whole_lines(line + first, st->buf + first, whole - first);
+    if (whole > first) sparsembed_stream_row(line + first, st->buf + first, whole - first);
     st->held = end - whole;
     st->held_at = line + whole;
     if (st->held) memmove(st->buf, st->buf + whole, st->held);

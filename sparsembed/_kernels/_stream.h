@@ -97,21 +97,4 @@
     static inline void sparsembed_stream_fence(void) {}
 #endif
 
-
-#if defined(__SSE2__) || defined(_M_X64) || (defined(_M_IX86_FP) && _M_IX86_FP >= 2)
-/* [0, nbytes) of a line-aligned d, nbytes a multiple of 64 */
-static inline void sparsembed_stream_whole_lines(char* d, const char* s, size_t nbytes) {
-    size_t o = 0;
-    #if SPARSEMBED_WIDE_STREAM
-    if (sparsembed_has_zmm_streams()) o = sparsembed_stream_lines_zmm(d, s, nbytes);
-    #endif
-    for (; o < nbytes; o += 16)
-        _mm_stream_si128((__m128i*)(d + o), _mm_loadu_si128((const __m128i*)(s + o)));
-}
-#else
-static inline void sparsembed_stream_whole_lines(char* d, const char* s, size_t nbytes) {
-    memcpy(d, s, nbytes);
-}
-#endif
-
 #endif
