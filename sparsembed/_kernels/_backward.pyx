@@ -121,7 +121,7 @@ cdef void _sum_block(
     cdef int64_t ahead = prefetch_distance(dim * sizeof(floating))
     cdef int flags = (SE_MEAN if scale_by_count else 0) | (SE_STREAM if stream else 0)
     cdef pool_table fns = pool_table_at(pool_level())
-    cdef int64_t u_lo, u_hi
+    cdef int64_t u_lo, u_hi, gaps_from
     if zero_upto >= 0:
         # every output row is written: balance the entries and the rows
         u_lo = block_start_spanned(starts, rows, n_rows, zero_upto, T, t, ENTRY_COST, ROW_COST)
@@ -130,16 +130,15 @@ cdef void _sum_block(
     else:
         u_lo = block_start(starts, n_rows, T, t)
         u_hi = block_start(starts, n_rows, T, t + 1)
+    gaps_from = u_lo
     if zero_upto >= 0 and pool_stages(out, dim * sizeof(floating), flags):
         # rows summed through a stage (not whole lines, or divided): the pooling
         # zeroes each gap just before the row after it, so that the lines they share
-        # go out whole; then the last block zeroes the rows after the last one
-        pool_sum(&fns, grad, n_grad, dim, perm, starts[n_rows], starts, u_lo, u_hi, -1,
-                 <const floating*> NULL, ahead, flags | SE_ZERO_GAPS, out, rows, NULL)
-        _zero_gaps(out, dim, rows, u_hi, u_hi, zero_upto if t == T - 1 else -1, stream)
-        return
+        # go out whole; only the rows after the last one are left to _zero_gaps
+        flags = flags | SE_ZERO_GAPS
+        gaps_from = u_hi
     if zero_upto >= 0:
-        _zero_gaps(out, dim, rows, u_lo, u_hi, zero_upto if t == T - 1 else -1, stream)
+        _zero_gaps(out, dim, rows, gaps_from, u_hi, zero_upto if t == T - 1 else -1, stream)
     pool_sum(&fns, grad, n_grad, dim, perm, starts[n_rows], starts, u_lo, u_hi, -1,
              <const floating*> NULL, ahead, flags, out, rows, NULL)
 

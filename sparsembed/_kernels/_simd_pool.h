@@ -103,21 +103,27 @@ static inline void se_stage_flush(se_stage* st)
     st->held = 0;
 }
 
-/* where to sum the row bound for dst */
-static inline char* se_stage_row(se_stage* st, char* dst)
+/* dst's offset in its line, after storing the held bytes unless dst continues them */
+static inline size_t se_stage_at(se_stage* st, const char* dst)
 {
     size_t off = (uintptr_t)dst & 63;
     if (st->held && (st->held != off || st->held_at + off != dst)) se_stage_flush(st);
-    return st->buf + off;
+    return off;
+}
+
+/* where to sum the row bound for dst */
+static inline char* se_stage_row(se_stage* st, char* dst)
+{
+    return st->buf + se_stage_at(st, dst);
 }
 
 /* nbytes of zeros at dst (rows no id touches, between summed ones) through the same
  * stage: a line they share with the rows around them goes out whole too */
 static void se_stage_zero(se_stage* st, char* dst, size_t nbytes)
 {
-    size_t off = (uintptr_t)dst & 63, k, whole;
+    size_t off, k, whole;
     if (nbytes == 0) return;
-    if (st->held && (st->held != off || st->held_at + off != dst)) se_stage_flush(st);
+    off = se_stage_at(st, dst);
     if (off) {
         k = 64 - off < nbytes ? 64 - off : nbytes;
         if (st->held) {
