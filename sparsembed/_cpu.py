@@ -49,7 +49,9 @@ def plan_rows(flat, num_rows, skip_row=None):
         perm = _pool.empty((n,), np.int64)
         rows = _pool.empty((n,), np.int64)
         starts = _pool.empty((n + 1,), np.int64)
-        scratch = _pool.empty((2 * n,), np.uint64) if num_rows > 4096 else None
+        scratch = None
+        if num_rows > 4096:
+            scratch = _pool.empty((_plan.plan_scratch_size(n, num_rows, T),), np.uint64)
         m, n_rows = _plan.build_plan(flat, skip, num_rows, perm, rows, starts, T, scratch)
         del scratch
         return RowPlan(perm[:m], rows[:n_rows], starts[: n_rows + 1], m < n, n)

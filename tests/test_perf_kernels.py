@@ -86,7 +86,7 @@ def test_build_plan_one_region_sort_any_team(rng, dist):
         ids[rng.random(n) < 0.3] = 123_457
     order, exp_rows, exp_starts = _expected_plan(ids, 99)
     for T in (1, 2, 3, 7):
-        for scratch in (None, np.empty(2 * n, dtype=np.uint64)):
+        for scratch in (None, np.empty(_plan.plan_scratch_size(n, V, T), dtype=np.uint64)):
             perm = np.full(n, -7, dtype=np.int64)
             rows = np.full(n, -7, dtype=np.int64)
             starts = np.full(n + 1, -7, dtype=np.int64)
@@ -95,8 +95,50 @@ def test_build_plan_one_region_sort_any_team(rng, dist):
             assert_array_equal(perm[:m], order)
             assert_array_equal(rows[:u], exp_rows)
             assert_array_equal(starts[: u + 1], exp_starts)
-    with pytest.raises(ValueError, match="2 \\* n"):
-        _plan.build_plan(ids, -1, V, perm, rows, starts, 2, np.empty(n, dtype=np.uint64))
+    with pytest.raises(ValueError, match="plan_scratch_size"):
+        _plan.build_plan(ids, -1, V, perm, rows, starts, 2, np.empty(2 * n, dtype=np.uint64))
+
+
+def _regular_batches(rng, V, n):
+    """Unsorted id arrays of the radix path whose digits are spread evenly (no hot
+    digit): random, regular strides (every bucket's stream advancing in lockstep),
+    and buckets too small to fill a line."""
+    yield "uniform", rng.integers(0, V, size=n)
+    step = max(V // n, 1)
+    yield "reversed arange", (np.arange(n) * step)[::-1] % V
+    yield "tiled arange", np.tile(np.arange(n // 4 + 1) * step, 4)[:n] % V
+    yield "halves swapped", np.roll(np.arange(n) * step % V, n // 2)
+    # 70 low digits (each under 1/64 of the ids) plus random ids scattered over
+    # every bucket, 0-3 of them each: ranges that start and end inside one line
+    few = (rng.integers(0, V >> 13, size=n) << 13) | rng.integers(0, 70, size=n)
+    scattered = rng.integers(0, V, size=n // 100)
+    few[rng.choice(n, size=scattered.size, replace=False)] = scattered
+    yield "few digits", few % V
+
+
+@pytest.mark.parametrize("V", [1_000_000, 2 ** 31 - 1])
+def test_build_plan_write_combined_scatter(rng, V):
+    # from WC_MIN_IDS (2**17) ids on, the scatter of spread-out digits collects each
+    # bucket's words in a line of its own and stores whole lines; a bucket's first
+    # and last lines, shared with its neighbours (other buckets, other threads'
+    # ranges), go out word by word. Every alignment of the scratch moves where the
+    # lines fall; 2**31 - 1 rows sort in 3 passes, 1e6 in 2.
+    n = (1 << 17) + 13
+    for name, ids in _regular_batches(rng, V, n):
+        ids = ids.astype(np.int64)
+        skip = int(ids[n // 3])
+        order, exp_rows, exp_starts = _expected_plan(ids, skip)
+        for T, offset in ((1, 0), (2, 1), (2, 6), (3, 3), (7, 5)):
+            size = _plan.plan_scratch_size(n, V, T)
+            scratch = np.full(size + offset, 2 ** 63, dtype=np.uint64)[offset:]
+            perm = np.full(n, -7, dtype=np.int64)
+            rows = np.full(n, -7, dtype=np.int64)
+            starts = np.full(n + 1, -7, dtype=np.int64)
+            m, u = _plan.build_plan(ids, skip, V, perm, rows, starts, T, scratch)
+            assert (m, u) == (order.size, exp_rows.size), (name, T)
+            assert_array_equal(perm[:m], order, err_msg=f"{name} T={T} offset={offset}")
+            assert_array_equal(rows[:u], exp_rows, err_msg=f"{name} T={T}")
+            assert_array_equal(starts[: u + 1], exp_starts, err_msg=f"{name} T={T}")
 
 
 def _sorted_batches(rng, V, n):

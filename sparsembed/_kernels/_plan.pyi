@@ -26,6 +26,9 @@ def segments(
 ) -> int:
     """Distinct ids of a sorted array and where each one's run starts; returns their number."""
 
+def plan_scratch_size(n: int, num_rows: int, n_threads: int) -> int:
+    """Entries of :func:`build_plan`'s ``scratch`` for ``n`` ids below ``num_rows``."""
+
 def build_plan(
     idx: _Index,
     skip_row: int,

@@ -9,7 +9,7 @@ occurrences stay in input order: later per-row sums run in a fixed order.
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memmove, memset
+from libc.string cimport memcpy, memmove, memset
 
 from sparsembed._kernels._openmp_helpers cimport (
     omp_get_num_threads,
@@ -19,6 +19,17 @@ from sparsembed._kernels._openmp_helpers cimport (
     se_barrier_wait,
 )
 from sparsembed._kernels._types cimport index_t
+
+
+cdef extern from "_radix.h" nogil:
+    void wc_put "sparsembed_wc_put"(uint64_t* lines, const uint32_t* first, uint32_t* slots,
+                                    uint64_t b, uint64_t* dst, uint32_t align,
+                                    uint64_t word) noexcept
+    void wc_flush "sparsembed_wc_flush"(const uint64_t* lines, const uint32_t* first,
+                                        const uint32_t* slots, int64_t n_buckets,
+                                        uint64_t* dst, uint32_t align) noexcept
+    uint32_t wc_align "sparsembed_wc_align"(const uint64_t* dst) noexcept
+    void stream_fence "sparsembed_stream_fence"() noexcept
 
 cdef enum:
     RADIX_BITS = 11
@@ -167,17 +178,57 @@ def segments(
 #
 # Ids that arrive sorted (np.unique's output, an arange, a batch sorted for
 # locality) are already their own plan: each thread checks its chunk while it
-# counts, and when every chunk is sorted the radix passes are skipped. Besides
-# saving them, this avoids their worst case: a regular pattern such as an arange
-# fills every bucket equally, so the scatter's 1024 write streams advance in
-# lockstep at addresses a multiple of 2 KiB apart, all in the same few L1 sets
-# (262,144 ids of an arange, V = 1e6, 2 threads: 3.5 ms against 1.6 ms for random
-# ids).
+# counts, and when every chunk is sorted the radix passes are skipped.
+#
+# A regular pattern that is not sorted (a reversed or tiled arange) fills every
+# bucket equally, so a scatter that stores word by word has its 1024 write streams
+# advance in lockstep at addresses a multiple of 2 KiB apart, all in two of L1's
+# sets (262,144 ids, V = 1e6, 2 threads: 2.7-3.1 ms against 1.6 ms for random ids).
+# From WC_MIN_IDS ids on, the scatter of a batch without a hot digit collects each
+# bucket's words in a line of its own and stores whole lines, streamed (_radix.h):
+# 1.2-1.5 ms for those patterns, and random ids no slower: 1.6 ms alone, and
+# faster inside a training step (262,144 uniform ids timed between a lookup and a
+# backward, alternating builds: 2.0-2.5 -> 1.7 ms; streamed words probably leave
+# the step's other arrays in the caches).
 
 cdef enum:
     MAX_DIGIT_BITS = 13
     SUB_CHUNKS = 4       # K above
     SKEW_SHARE = 64      # a digit with more than 1/SKEW_SHARE of the ids is hot
+    # from this many ids on, the scatter of ids that are not skewed goes through
+    # write-combining lines (_radix.h). Below it the words of a pass stay in the
+    # caches for the next one and plain word stores are faster. Measured, 2 threads,
+    # plan of uniform ids, plain vs combined (ms): 65,536 ids over V = 1e5 / 1e6 /
+    # 1e7 rows 0.58 / 0.57 / 0.68 vs 0.73 / 0.66 / 0.84; 131,072 ids 0.89 / 0.88 /
+    # 1.12 vs 0.92 / 0.83 / 1.00; 262,144 ids 1.53 / 1.60 / 1.85 vs 1.65 / 1.57 /
+    # 1.72; 4,194,304 ids over 1e6 rows 41 vs 25. A reversed arange (see above),
+    # 262,144 ids over 1e6 rows: 2.66 vs 1.37.
+    WC_MIN_IDS = 1 << 17
+
+
+cdef inline int64_t _digit_bits(int64_t num_rows, int64_t* n_pass) noexcept nogil:
+    """Balanced digits of at most MAX_DIGIT_BITS for ids below num_rows: returns the
+    digit width, and the number of passes in n_pass."""
+    cdef int64_t n_bits = 0
+    while (num_rows - 1) >> n_bits:
+        n_bits += 1
+    n_pass[0] = (n_bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
+    return (n_bits + n_pass[0] - 1) // n_pass[0]
+
+
+cdef inline int64_t _wc_words(int64_t num_rows, int64_t n_threads) noexcept nogil:
+    """uint64 words of each thread's write-combining lines and first slots (_radix.h),
+    with room to align them to a line."""
+    cdef int64_t n_pass
+    cdef int64_t n_buckets = (<int64_t> 1) << _digit_bits(num_rows, &n_pass)
+    return n_threads * n_buckets * 8 + (n_threads * n_buckets + 1) // 2 + 8
+
+
+def plan_scratch_size(int64_t n, int64_t num_rows, int n_threads):
+    """Entries of the ``scratch`` that :func:`build_plan` takes for ``n`` ids below
+    ``num_rows`` on ``n_threads``: two copies of the ids and the write-combining
+    lines of the radix scatter."""
+    return 2 * n + _wc_words(max(num_rows, 2), max(n_threads, 1))
 
 
 def build_plan(
@@ -188,7 +239,7 @@ def build_plan(
     int64_t[::1] rows_out,       # OUT (n,) sorted distinct ids, first n_rows valid
     int64_t[::1] starts_out,     # OUT (n + 1,) segment bounds, first n_rows + 1 valid
     int n_threads,
-    uint64_t[::1] scratch=None,  # IN/OUT optional work space of >= 2 * n entries
+    uint64_t[::1] scratch=None,  # IN/OUT optional work space, plan_scratch_size entries
 ):
     """Stable sort of the ids other than ``skip_row`` and its segments.
 
@@ -214,8 +265,9 @@ def build_plan(
     if num_rows <= 4096 or (num_rows <= n and num_rows * 8 * (T - 1) <= n):
         m, n_rows = _counting_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T)
     else:
-        if scratch is not None and scratch.shape[0] < 2 * n:
-            raise ValueError("scratch must hold 2 * n entries")
+        if scratch is not None and scratch.shape[0] < 2 * n + _wc_words(num_rows, T):
+            raise ValueError("scratch must hold plan_scratch_size(n, num_rows, n_threads) "
+                             "entries")
         m, n_rows = _radix_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T,
                                 NULL if scratch is None else &scratch[0])
     return m, n_rows
@@ -328,29 +380,43 @@ cdef inline void _put(uint32_t* slots, uint64_t b, uint64_t* dst, uint64_t word)
 
 cdef inline void _scatter_ids(const index_t* idx, const int64_t* bounds, int64_t shortest,
                               int64_t skip_row, uint64_t mask, uint32_t* slots,
-                              int64_t n_buckets, uint64_t* dst, bint hot) noexcept nogil:
+                              int64_t n_buckets, uint64_t* dst, bint hot,
+                              uint64_t* lines, uint32_t* first) noexcept nogil:
+    """Pass 0's scatter of the words (id << 32 | position); through the
+    write-combining ``lines`` (with ``first``: n_buckets entries) unless NULL."""
     cdef int64_t j, q, i, k
-    if not hot:
-        # the sub-chunks are consecutive and so are their slots in every bucket:
-        # the first one's slots serve the whole chunk, read in order
+    cdef uint32_t align = wc_align(dst)
+    if hot:
+        for j in range(shortest):
+            for q in range(SUB_CHUNKS):
+                i = bounds[q] + j
+                k = idx[i]
+                if k != skip_row:
+                    _put(slots, q * n_buckets + (<uint64_t> k & mask), dst,
+                         (<uint64_t> k << 32) | <uint64_t> i)
+        for q in range(SUB_CHUNKS):
+            for i in range(bounds[q] + shortest, bounds[q + 1]):
+                k = idx[i]
+                if k != skip_row:
+                    _put(slots, q * n_buckets + (<uint64_t> k & mask), dst,
+                         (<uint64_t> k << 32) | <uint64_t> i)
+        return
+    # the sub-chunks are consecutive and so are their slots in every bucket: the
+    # first one's slots serve the whole chunk, read in order
+    if lines == NULL:
         for i in range(bounds[0], bounds[SUB_CHUNKS]):
             k = idx[i]
             if k != skip_row:
                 _put(slots, <uint64_t> k & mask, dst, (<uint64_t> k << 32) | <uint64_t> i)
         return
-    for j in range(shortest):
-        for q in range(SUB_CHUNKS):
-            i = bounds[q] + j
-            k = idx[i]
-            if k != skip_row:
-                _put(slots, q * n_buckets + (<uint64_t> k & mask), dst,
-                     (<uint64_t> k << 32) | <uint64_t> i)
-    for q in range(SUB_CHUNKS):
-        for i in range(bounds[q] + shortest, bounds[q + 1]):
-            k = idx[i]
-            if k != skip_row:
-                _put(slots, q * n_buckets + (<uint64_t> k & mask), dst,
-                     (<uint64_t> k << 32) | <uint64_t> i)
+    memcpy(first, slots, n_buckets * sizeof(uint32_t))
+    for i in range(bounds[0], bounds[SUB_CHUNKS]):
+        k = idx[i]
+        if k != skip_row:
+            wc_put(lines, first, slots, <uint64_t> k & mask, dst, align,
+                   (<uint64_t> k << 32) | <uint64_t> i)
+    wc_flush(lines, first, slots, n_buckets, dst, align)
+    stream_fence()
 
 
 cdef inline void _count_words(const uint64_t* src, const int64_t* bounds, int64_t shortest,
@@ -367,22 +433,33 @@ cdef inline void _count_words(const uint64_t* src, const int64_t* bounds, int64_
 
 cdef inline void _scatter_words(const uint64_t* src, const int64_t* bounds, int64_t shortest,
                                 int shift, uint64_t mask, uint32_t* slots, int64_t n_buckets,
-                                uint64_t* dst, bint hot) noexcept nogil:
+                                uint64_t* dst, bint hot, uint64_t* lines,
+                                uint32_t* first) noexcept nogil:
+    """A later pass's scatter, as :func:`_scatter_ids`."""
     cdef int64_t j, q, i
     cdef uint64_t word
-    if not hot:
+    cdef uint32_t align = wc_align(dst)
+    if hot:
+        for j in range(shortest):
+            for q in range(SUB_CHUNKS):
+                word = src[bounds[q] + j]
+                _put(slots, q * n_buckets + ((word >> shift) & mask), dst, word)
+        for q in range(SUB_CHUNKS):
+            for i in range(bounds[q] + shortest, bounds[q + 1]):
+                word = src[i]
+                _put(slots, q * n_buckets + ((word >> shift) & mask), dst, word)
+        return
+    if lines == NULL:
         for i in range(bounds[0], bounds[SUB_CHUNKS]):
             word = src[i]
             _put(slots, (word >> shift) & mask, dst, word)
         return
-    for j in range(shortest):
-        for q in range(SUB_CHUNKS):
-            word = src[bounds[q] + j]
-            _put(slots, q * n_buckets + ((word >> shift) & mask), dst, word)
-    for q in range(SUB_CHUNKS):
-        for i in range(bounds[q] + shortest, bounds[q + 1]):
-            word = src[i]
-            _put(slots, q * n_buckets + ((word >> shift) & mask), dst, word)
+    memcpy(first, slots, n_buckets * sizeof(uint32_t))
+    for i in range(bounds[0], bounds[SUB_CHUNKS]):
+        word = src[i]
+        wc_put(lines, first, slots, (word >> shift) & mask, dst, align, word)
+    wc_flush(lines, first, slots, n_buckets, dst, align)
+    stream_fence()
 
 
 cdef inline int64_t _note_run(int64_t key, int64_t prev, int64_t slot, int64_t* rows_out,
@@ -461,7 +538,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                  int64_t[::1] perm_out, int64_t[::1] rows_out,
                  int64_t[::1] starts_out, int64_t T, uint64_t* scratch):
     cdef int64_t n = idx.shape[0]
-    cdef int64_t n_bits = 0, n_pass, digit_bits, n_buckets, p, shortest, m, lo, hi, u, t
+    cdef int64_t n_pass, digit_bits, n_buckets, p, shortest, m, lo, hi, u, t
     cdef int64_t skip_at, skip_len
     cdef int tid, team
     cdef int shift
@@ -476,22 +553,24 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     cdef int64_t* sub_bounds = NULL
     cdef int64_t* n_runs = NULL
     cdef uint64_t* buf = NULL
+    cdef uint64_t* wc_lines0
+    cdef uint32_t* wc_first0
+    cdef uint64_t* wc_lines
+    cdef uint32_t* wc_first
     # written by thread 0 between two barriers, read by all: word count, hot flag,
     # distinct rows, whether the ids arrived sorted
     cdef int64_t shared[4]
     cdef int64_t* chunk_sorted = NULL
     cdef se_barrier barrier
-    while (R - 1) >> n_bits:
-        n_bits += 1
-    n_pass = (n_bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
-    digit_bits = (n_bits + n_pass - 1) // n_pass
+    digit_bits = _digit_bits(R, &n_pass)
     n_buckets = (<int64_t> 1) << digit_bits
     mask = <uint64_t> (n_buckets - 1)
 
     hist = <uint32_t*> malloc(T * SUB_CHUNKS * n_buckets * sizeof(uint32_t))
     sub_bounds = <int64_t*> malloc(T * (SUB_CHUNKS + 1) * sizeof(int64_t))
     n_runs = <int64_t*> calloc(2 * T, sizeof(int64_t))
-    buf = scratch if scratch != NULL else <uint64_t*> malloc(2 * n * sizeof(uint64_t))
+    buf = scratch if scratch != NULL else <uint64_t*> malloc(
+        (2 * n + _wc_words(R, T)) * sizeof(uint64_t))
     if hist == NULL or sub_bounds == NULL or n_runs == NULL or buf == NULL:
         free(hist); free(sub_bounds); free(n_runs)
         if scratch == NULL:
@@ -499,6 +578,10 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
         raise MemoryError()
     words0 = buf
     words1 = buf + n
+    # after the words: per thread a line of 8 words per bucket, line-aligned, then
+    # each bucket's first slot
+    wc_lines0 = <uint64_t*> ((<size_t> (buf + 2 * n) + 63) & ~(<size_t> 63))
+    wc_first0 = <uint32_t*> (wc_lines0 + T * n_buckets * 8)
     chunk_sorted = n_runs + T
     se_barrier_init(&barrier)
     try:
@@ -507,6 +590,8 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
             team = omp_get_num_threads()
             bounds = sub_bounds + tid * (SUB_CHUNKS + 1)
             slots = hist + tid * SUB_CHUNKS * n_buckets
+            wc_lines = wc_lines0 + tid * n_buckets * 8 if n >= WC_MIN_IDS else NULL
+            wc_first = wc_first0 + tid * n_buckets
             # pass 0 reads the ids themselves, leaving skip_row out
             chunk_sorted[tid] = _chunk_sorted(&idx[0], _chunk_lo(n, team, tid),
                                               _chunk_lo(n, team, tid + 1))
@@ -536,7 +621,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
             else:
                 m = shared[0]
                 _scatter_ids(&idx[0], bounds, shortest, skip_row, mask, slots, n_buckets,
-                             words0, shared[1])
+                             words0, shared[1], wc_lines, wc_first)
                 for p in range(1, n_pass):
                     src = words0 if p % 2 == 1 else words1
                     dst = words1 if p % 2 == 1 else words0
@@ -551,7 +636,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                                      NULL)
                     se_barrier_wait(&barrier, team)
                     _scatter_words(src, bounds, shortest, shift, mask, slots, n_buckets,
-                                   dst, shared[1])
+                                   dst, shared[1], wc_lines, wc_first)
                 se_barrier_wait(&barrier, team)
                 src = words0 if n_pass % 2 == 1 else words1
                 lo = _chunk_lo(m, team, tid)
