@@ -284,13 +284,13 @@ class Embedding(_Table):
         ndarray of shape ``input.shape + (embedding_dim,)``, weight's dtype
         """
         be = self._backend
-        # without renorm nothing is written before the lookup, which checks the ids
+        # the lookup checks the ids itself, and so does the plan that renorm needs first
         renorm = self.max_norm is not None
-        idx, flat = F.lookup_ids(input, self.num_embeddings, be, check_range=renorm)
+        idx, flat = F.lookup_ids(input, self.num_embeddings, be, check_range=False)
         plan = None
         if renorm:
+            plan = be.plan_rows(flat, self.num_embeddings, self.padding_idx, check_range=True)
             be.check_writable(self.weight)
-            plan = be.plan_rows(flat, self.num_embeddings, self.padding_idx)
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
         out = be.gather(self.weight, flat, check_range=not renorm).reshape(
             idx.shape + (self.embedding_dim,))

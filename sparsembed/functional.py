@@ -88,12 +88,12 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     num_embeddings = weight.shape[0]
     padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
-    # without renorm nothing is written before the lookup, which checks the ids itself
+    # the lookup checks the ids itself, and so does the plan that renorm needs first
     renorm = max_norm is not None
-    idx, flat = lookup_ids(input, num_embeddings, be, check_range=renorm)
+    idx, flat = lookup_ids(input, num_embeddings, be, check_range=False)
     if renorm:
+        plan = be.plan_rows(flat, num_embeddings, check_range=True)
         be.check_writable(weight)
-        plan = be.plan_rows(flat, num_embeddings)
         renorm_(weight, plan, max_norm, norm_type, None, be)
     table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
     return be.gather(table, flat, check_range=not renorm).reshape(idx.shape + (weight.shape[1],))
@@ -129,14 +129,14 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
     num_embeddings = V.check_size(num_embeddings, "num_embeddings")
     padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
     be = backend_of(grad_output)
-    idx, flat = lookup_ids(input, num_embeddings, be)
+    idx, flat = lookup_ids(input, num_embeddings, be, check_range=False)  # by the plan
     g = be.xp.asarray(grad_output)
     if g.ndim != idx.ndim + 1:
         raise ValueError(
             f"grad_output has shape {g.shape}, expected {idx.shape} + (embedding_dim,)"
         )
     grad = be.as_grad_output(g, idx.shape + (g.shape[-1],), _grad_dtype(g.dtype))
-    plan = be.plan_rows(flat, num_embeddings, padding_idx)
+    plan = be.plan_rows(flat, num_embeddings, padding_idx, check_range=True)
     return weight_grad(grad.reshape(flat.shape[0], g.shape[-1]), plan, num_embeddings,
                        scale_grad_by_freq, sparse, be)
 
@@ -169,9 +169,10 @@ def embedding_renorm_(weight, input, max_norm, norm_type=2.0):
     if max_norm is None:
         raise ValueError("max_norm must be > 0, got None")
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
-    _, flat = lookup_ids(input, weight.shape[0], be)
+    _, flat = lookup_ids(input, weight.shape[0], be, check_range=False)  # by the plan
+    plan = be.plan_rows(flat, weight.shape[0], check_range=True)
     be.check_writable(weight)
-    renorm_(weight, be.plan_rows(flat, weight.shape[0]), max_norm, norm_type, None, be)
+    renorm_(weight, plan, max_norm, norm_type, None, be)
     return weight
 
 

@@ -177,6 +177,48 @@ def test_build_plan_sorted_ids(rng, idx_dtype):
                 assert_array_equal(starts[: u + 1], exp_starts, err_msg=f"{name} {skip} {T}")
 
 
+@pytest.mark.parametrize("V", [3000, 1_000_000, 2 ** 31 - 1])
+@pytest.mark.parametrize("n", [3001, (1 << 17) + 13])
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_build_plan_reports_ids_out_of_range(rng, V, n, idx_dtype):
+    # the plan checks the ids while it counts them, on every path: counting (where
+    # a bad id would index the histogram), radix on sorted ids, radix with word by
+    # word and with write-combined scatter; a bad id equal to skip_row is still bad
+    base = rng.integers(0, V, size=n)
+    info = np.iinfo(idx_dtype)
+    bads = [b for b in (V, -1, V + 7, 2 ** 40) if info.min <= b <= info.max]
+    perm = np.empty(n, dtype=np.int64)
+    rows = np.empty(n, dtype=np.int64)
+    starts = np.empty(n + 1, dtype=np.int64)
+    for arr in (base, np.sort(base)):
+        for bad in bads:
+            for where in (0, n - 1):
+                ids = arr.astype(idx_dtype)
+                ids[where] = bad
+                for skip in (-1, bad):
+                    for T in (1, 2, 3):
+                        got = _plan.build_plan(ids, skip, V, perm, rows, starts, T)
+                        assert got == (-1, 0), (bad, where, skip, T)
+
+
+def test_plan_rows_names_the_first_bad_id(rng):
+    # through the Python layer: IndexError names the first bad id of the batch
+    # (not the first one a thread happened to see), on both sort paths
+    from sparsembed import _cpu
+
+    for V in (5000, 1_000_000):
+        ids = rng.integers(0, V, size=200_003)
+        ids[150_001] = V
+        ids[20_000] = -4
+        ids[199_000] = V + 1
+        with pytest.raises(IndexError, match=f"index -4 at position 20000 is out of range for {V}"):
+            _cpu.plan_rows(ids, V, check_range=True)
+        with pytest.raises(IndexError, match="index -4 at position 20000"):
+            _cpu.plan_rows(ids, V)  # said to be checked: a bad id still never passes
+    with pytest.raises(IndexError, match="index 0 at position 0 is out of range for 0"):
+        _cpu.plan_rows(np.zeros(3, dtype=np.int64), 0, check_range=True)
+
+
 def test_build_plan_sorted_tiny_batches():
     # fewer ids than threads, every id skipped, a skipped run at either end
     V = 10 ** 6

@@ -212,13 +212,16 @@ class ArrayBackend:
 
     # ------------------------------------------------------------- plan
 
-    def plan_rows(self, flat, num_rows, skip_row=None):
-        """Sort the validated ids ``flat`` into a :class:`RowPlan`.
+    def plan_rows(self, flat, num_rows, skip_row=None, check_range=False):
+        """Sort the ids ``flat`` into a :class:`RowPlan` (``check_range``: they have
+        not been range-checked yet; IndexError names the first bad one).
 
         The sort key ``id * n + position`` is unique, so any sort gives the stable
         order; when ``num_rows * n`` would overflow int64 a lexicographic sort on
         (id, position) is used instead.
         """
+        if check_range:
+            self.check_index_range(flat, num_rows)
         xp = self.xp
         n = int(flat.shape[0])
         if skip_row is None:

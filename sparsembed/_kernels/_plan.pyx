@@ -232,7 +232,7 @@ def plan_scratch_size(int64_t n, int64_t num_rows, int n_threads):
 
 
 def build_plan(
-    const index_t[::1] idx,      # IN (n,) validated ids in [0, num_rows)
+    const index_t[::1] idx,      # IN (n,) ids, checked here against num_rows
     int64_t skip_row,            # IN an id to leave out (padding), or -1
     int64_t num_rows,            # IN exclusive upper bound of the ids, <= 2**32
     int64_t[::1] perm_out,       # OUT (n,) positions grouped by id, first m valid
@@ -246,6 +246,9 @@ def build_plan(
     Returns ``(m, n_rows)``: ``perm_out[:m]`` lists the positions grouped by id (input
     order within an id), ``rows_out[:n_rows]`` the distinct ids and
     ``perm_out[starts_out[u]:starts_out[u + 1]]`` the positions of ``rows_out[u]``.
+    The ids are range-checked while they are counted (no pass of their own): with
+    one outside ``[0, num_rows)`` the result is ``(-1, 0)`` and the outputs hold
+    garbage.
     """
     cdef int64_t n = idx.shape[0]
     cdef int64_t T = n_threads if n_threads > 0 else 1
@@ -280,11 +283,14 @@ cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     cdef int64_t i, lo, hi, k
     cdef int tid, team
     cdef uint32_t* h
-    # written by thread 0 between two barriers: ids kept, (hot flag), distinct rows
-    cdef int64_t shared[3]
+    # written by thread 0 between two barriers: ids kept, (hot flag), distinct rows,
+    # whether an id is out of range
+    cdef int64_t shared[4]
     cdef se_barrier barrier
     cdef uint32_t* hist = <uint32_t*> calloc(T * R, sizeof(uint32_t))
-    if hist == NULL:
+    cdef int64_t* id_bad = <int64_t*> calloc(T, sizeof(int64_t))
+    if hist == NULL or id_bad == NULL:
+        free(hist); free(id_bad)
         raise MemoryError()
     se_barrier_init(&barrier)
     try:
@@ -296,22 +302,39 @@ cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
             hi = _chunk_lo(n, team, tid + 1)
             h = hist + tid * R
             for i in range(lo, hi):
-                h[idx[i]] += 1
+                k = idx[i]
+                if <uint64_t> k < <uint64_t> R:
+                    h[k] += 1
+                else:
+                    id_bad[tid] = 1
             se_barrier_wait(&barrier, team)
             if tid == 0:
-                if 0 <= skip_row < R:
-                    for k in range(team):
-                        hist[k * R + skip_row] = 0
-                _slot_prefix(hist, R, team, n, shared, &rows_out[0], &starts_out[0])
+                shared[3] = _any(id_bad, team)
+                if not shared[3]:
+                    if 0 <= skip_row < R:
+                        for k in range(team):
+                            hist[k * R + skip_row] = 0
+                    _slot_prefix(hist, R, team, n, shared, &rows_out[0], &starts_out[0])
             se_barrier_wait(&barrier, team)
-            for i in range(lo, hi):
-                k = idx[i]
-                if k != skip_row:
-                    perm_out[h[k]] = i
-                    h[k] += 1
+            if not shared[3]:
+                for i in range(lo, hi):
+                    k = idx[i]
+                    if k != skip_row:
+                        perm_out[h[k]] = i
+                        h[k] += 1
     finally:
-        free(hist)
+        free(hist); free(id_bad)
+    if shared[3]:
+        return -1, 0
     return shared[0], shared[2]
+
+
+cdef inline int64_t _any(const int64_t* flags, int64_t n) noexcept nogil:
+    cdef int64_t t
+    for t in range(n):
+        if flags[t]:
+            return 1
+    return 0
 
 
 cdef inline int64_t _sub_chunks(int64_t* bounds, int64_t n, int64_t team,
@@ -356,20 +379,26 @@ cdef inline void _slot_prefix(uint32_t* hist, int64_t n_buckets, int64_t n_sub, 
         shared[2] = u
 
 
-cdef inline void _count_ids(const index_t* idx, const int64_t* bounds, int64_t shortest,
+cdef inline bint _count_ids(const index_t* idx, const int64_t* bounds, int64_t shortest,
                             int64_t skip_row, uint64_t mask, uint32_t* hist,
-                            int64_t n_buckets) noexcept nogil:
+                            int64_t n_buckets, uint64_t upper) noexcept nogil:
+    """Pass 0's histograms; returns whether an id is outside [0, upper) (a masked
+    digit never indexes out of the histogram, so a bad id does no harm here)."""
     cdef int64_t j, q, i, k
+    cdef bint bad = False
     for j in range(shortest):
         for q in range(SUB_CHUNKS):
             k = idx[bounds[q] + j]
+            bad = bad | (<uint64_t> k >= upper)
             if k != skip_row:
                 hist[q * n_buckets + (<uint64_t> k & mask)] += 1
     for q in range(SUB_CHUNKS):
         for i in range(bounds[q] + shortest, bounds[q + 1]):
             k = idx[i]
+            bad = bad | (<uint64_t> k >= upper)
             if k != skip_row:
                 hist[q * n_buckets + (<uint64_t> k & mask)] += 1
+    return bad
 
 
 cdef inline void _put(uint32_t* slots, uint64_t b, uint64_t* dst, uint64_t word) noexcept nogil:
@@ -558,9 +587,10 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     cdef uint64_t* wc_lines
     cdef uint32_t* wc_first
     # written by thread 0 between two barriers, read by all: word count, hot flag,
-    # distinct rows, whether the ids arrived sorted
-    cdef int64_t shared[4]
+    # distinct rows, whether the ids arrived sorted, whether one is out of range
+    cdef int64_t shared[5]
     cdef int64_t* chunk_sorted = NULL
+    cdef int64_t* id_bad = NULL
     cdef se_barrier barrier
     digit_bits = _digit_bits(R, &n_pass)
     n_buckets = (<int64_t> 1) << digit_bits
@@ -568,7 +598,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
 
     hist = <uint32_t*> malloc(T * SUB_CHUNKS * n_buckets * sizeof(uint32_t))
     sub_bounds = <int64_t*> malloc(T * (SUB_CHUNKS + 1) * sizeof(int64_t))
-    n_runs = <int64_t*> calloc(2 * T, sizeof(int64_t))
+    n_runs = <int64_t*> calloc(3 * T, sizeof(int64_t))
     buf = scratch if scratch != NULL else <uint64_t*> malloc(
         (2 * n + _wc_words(R, T)) * sizeof(uint64_t))
     if hist == NULL or sub_bounds == NULL or n_runs == NULL or buf == NULL:
@@ -583,6 +613,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     wc_lines0 = <uint64_t*> ((<size_t> (buf + 2 * n) + 63) & ~(<size_t> 63))
     wc_first0 = <uint32_t*> (wc_lines0 + T * n_buckets * 8)
     chunk_sorted = n_runs + T
+    id_bad = n_runs + 2 * T
     se_barrier_init(&barrier)
     try:
         with nogil, parallel(num_threads=T):
@@ -597,17 +628,21 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                                               _chunk_lo(n, team, tid + 1))
             shortest = _sub_chunks(bounds, n, team, tid)
             memset(slots, 0, SUB_CHUNKS * n_buckets * sizeof(uint32_t))
-            _count_ids(&idx[0], bounds, shortest, skip_row, mask, slots, n_buckets)
+            id_bad[tid] = _count_ids(&idx[0], bounds, shortest, skip_row, mask, slots,
+                                     n_buckets, <uint64_t> R)
             se_barrier_wait(&barrier, team)
             if tid == 0:
+                shared[4] = _any(id_bad, team)
                 shared[3] = 1
                 for t in range(team):
                     if not chunk_sorted[t]:
                         shared[3] = 0
-                if not shared[3]:
+                if not shared[3] and not shared[4]:
                     _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, n, shared, NULL, NULL)
             se_barrier_wait(&barrier, team)
-            if shared[3]:
+            if shared[4]:
+                pass  # an id out of range: nothing more to do (every thread sees it)
+            elif shared[3]:
                 # sorted ids: the positions in order, less skip_row's one run
                 skip_at = _first_at_least(&idx[0], n, skip_row)
                 skip_len = _first_at_least(&idx[0], n, skip_row + 1) - skip_at
@@ -644,7 +679,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                 n_runs[tid] = _split_words(src, lo, hi, &perm_out[0], &rows_out[0],
                                            &starts_out[0])
             se_barrier_wait(&barrier, team)
-            if tid == 0:
+            if tid == 0 and not shared[4]:
                 # each chunk listed its runs from its own first slot on (a run count
                 # never exceeds the chunk's length): close the gaps, in chunk order
                 u = n_runs[0]
@@ -660,4 +695,6 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
         free(hist); free(sub_bounds); free(n_runs)
         if scratch == NULL:
             free(buf)
+    if shared[4]:
+        return -1, 0
     return shared[0], shared[2]
