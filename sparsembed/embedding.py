@@ -286,7 +286,7 @@ class Embedding(_Table):
         be = self._backend
         # the lookup checks the ids itself, and so does the plan that renorm needs first
         renorm = self.max_norm is not None
-        idx, flat = F.lookup_ids(input, self.num_embeddings, be, check_range=False)
+        idx, flat = F.lookup_ids(input, be)
         plan = None
         if renorm:
             plan = be.plan_rows(flat, self.num_embeddings, self.padding_idx, check_range=True)

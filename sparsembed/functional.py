@@ -25,14 +25,12 @@ def _weight(weight):
     return be
 
 
-def lookup_ids(input, num_embeddings, be, check_range=True):
-    """(ids with input's shape, flat ids) for a table of ``num_embeddings`` rows,
-    range-checked unless ``check_range`` is False (the caller's gather checks them)."""
+def lookup_ids(input, be):
+    """(ids with input's shape, flat ids). Not range-checked here: the kernel that
+    reads them first (the gather or the plan) checks each id on the way and names
+    the first bad one."""
     idx = be.as_index_array(input)
-    flat = idx.reshape(-1)
-    if check_range:
-        be.check_index_range(flat, num_embeddings)
-    return idx, flat
+    return idx, idx.reshape(-1)
 
 
 def renorm_(weight, plan, max_norm, norm_type, padding_idx, be):
@@ -90,7 +88,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
     # the lookup checks the ids itself, and so does the plan that renorm needs first
     renorm = max_norm is not None
-    idx, flat = lookup_ids(input, num_embeddings, be, check_range=False)
+    idx, flat = lookup_ids(input, be)
     if renorm:
         plan = be.plan_rows(flat, num_embeddings, check_range=True)
         be.check_writable(weight)
@@ -129,7 +127,7 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
     num_embeddings = V.check_size(num_embeddings, "num_embeddings")
     padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
     be = backend_of(grad_output)
-    idx, flat = lookup_ids(input, num_embeddings, be, check_range=False)  # by the plan
+    idx, flat = lookup_ids(input, be)
     g = be.xp.asarray(grad_output)
     if g.ndim != idx.ndim + 1:
         raise ValueError(
@@ -169,7 +167,7 @@ def embedding_renorm_(weight, input, max_norm, norm_type=2.0):
     if max_norm is None:
         raise ValueError("max_norm must be > 0, got None")
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
-    _, flat = lookup_ids(input, weight.shape[0], be, check_range=False)  # by the plan
+    _, flat = lookup_ids(input, be)
     plan = be.plan_rows(flat, weight.shape[0], check_range=True)
     be.check_writable(weight)
     renorm_(weight, plan, max_norm, norm_type, None, be)
