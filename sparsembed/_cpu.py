@@ -84,20 +84,23 @@ def plan_rows(flat, num_rows, skip_row=None, check_range=False):
 ROW_MOVE_GRAIN = 1 << 19
 
 
-def gather(weight, flat, check_range=False):
+def gather(weight, flat, check_range=False, ids_out=None):
     """``weight[flat]`` as a new (n, dim) array.
 
     ``check_range``: ``flat`` has not been range-checked yet; the copy kernel checks
     each id before reading its row (no separate pass) and IndexError names the first
-    bad one. Only the new output can have been written by then.
+    bad one. Only the new output (and ``ids_out``) can have been written by then.
+    ``ids_out``: an array like ``flat`` that also receives a copy of it.
     """
     if _half.is_half(weight):
         if check_range:
             check_index_range(flat, weight.shape[0])
+        if ids_out is not None:
+            np.copyto(ids_out, flat)
         return _half.gather(weight, flat)
     out = _pool.empty((flat.shape[0], weight.shape[1]), weight.dtype)
     bad = _lookup.gather(weight, flat, out, threads_for(out.size, ROW_MOVE_GRAIN),
-                         out.nbytes >= STREAM_BYTES)
+                         out.nbytes >= STREAM_BYTES, ids_out)
     if bad >= 0:
         raise _index_error(flat, bad, weight.shape[0])
     return out

@@ -292,10 +292,15 @@ class Embedding(_Table):
             plan = be.plan_rows(flat, self.num_embeddings, self.padding_idx, check_range=True)
             be.check_writable(self.weight)
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
-        out = be.gather(self.weight, flat, check_range=not renorm).reshape(
-            idx.shape + (self.embedding_dim,))
+        # the caller may reuse its index buffer before the backward: keep a copy,
+        # written by the lookup as it reads the ids
+        kept = None
         if isinstance(input, be.xp.ndarray) and be.xp.may_share_memory(flat, input):
-            flat = flat.copy()  # the caller may reuse its index buffer before backward
+            kept = be.xp.empty_like(flat)
+        out = be.gather(self.weight, flat, check_range=not renorm, ids_out=kept).reshape(
+            idx.shape + (self.embedding_dim,))
+        if kept is not None:
+            flat = kept
         self._saved = (flat, idx.shape, plan)
         return out
 

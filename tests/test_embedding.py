@@ -541,6 +541,49 @@ def test_gather_kernel_reports_the_first_bad_position(rng, dtype):
     assert _lookup.gather(np.zeros((0, 3), dtype), np.array([0]), np.empty((1, 3), dtype), 1) == 0
 
 
+def test_gather_kernel_copies_the_ids_it_reads(rng, dtype):
+    from sparsembed._kernels import _lookup
+
+    weight = rng.standard_normal((50, 7)).astype(dtype)
+    for idx_dtype in (np.int32, np.int64):
+        ids = rng.integers(0, 50, size=1001).astype(idx_dtype)
+        for n_threads in (1, 2, 3):
+            for stream in (False, True):
+                out = np.empty((1001, 7), dtype)
+                kept = np.full(1001, -9, dtype=idx_dtype)
+                assert _lookup.gather(weight, ids, out, n_threads, stream, kept) == -1
+                assert_array_equal(kept, ids)
+                assert_array_equal(out, weight[ids])
+        kept = np.full(1001, -9, dtype=idx_dtype)
+        no_cols = np.empty((1001, 0), dtype)
+        assert _lookup.gather(np.zeros((50, 0), dtype), ids, no_cols, 2, False, kept) == -1
+        assert_array_equal(kept, ids)
+        with pytest.raises(ValueError, match="ids_out has 1000 entries, expected 1001"):
+            _lookup.gather(weight, ids, np.empty((1001, 7), dtype), 2, False,
+                           np.empty(1000, dtype=idx_dtype))
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("table", ["float32", "float16", "renorm"])
+def test_backward_uses_the_ids_of_the_forward_on_every_path(rng, idx_dtype, table, threads):
+    # a forward of the caller's own id buffer keeps a copy, written by the lookup
+    # kernel as it reads the ids (each thread its block; the float16 and renorm
+    # paths alike): reusing the buffer before the backward changes nothing
+    threads(2)
+    V, n, D = 5000, 300_001, 4
+    emb = se.Embedding(V, D, sparse=True, random_state=0,
+                       dtype=np.float16 if table == "float16" else np.float32,
+                       max_norm=1.0 if table == "renorm" else None)
+    ids = rng.integers(0, V, size=n).astype(idx_dtype)
+    original = ids.copy()
+    emb(ids)
+    ids[:] = 7
+    grad_out = rng.standard_normal((n, D)).astype(np.float32)
+    g = emb.backward(grad_out)
+    expected = F.embedding_backward(grad_out, original, V, sparse=True)
+    assert_array_equal(g.toarray(), expected.toarray())
+
+
 def test_uint64_beyond_int64_is_an_index_error():
     emb = se.Embedding(10, 3)
     with pytest.raises(IndexError, match=f"index {2**63 + 5} at position 1"):

@@ -114,7 +114,7 @@ def test_stub_checker_sees_a_mismatch():
     from sparsembed._kernels import _lookup
 
     assert _public_compiled_functions(_lookup)["gather"] == ["weight", "idx", "out", "n_threads",
-                                                             "stream"]
+                                                             "stream", "ids_out"]
 
 
 # ------------------------------------------------------------------------ metadata

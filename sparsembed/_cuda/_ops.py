@@ -250,11 +250,14 @@ class ArrayBackend:
 
     # ------------------------------------------------------------- forward
 
-    def gather(self, weight, flat, check_range=False):
+    def gather(self, weight, flat, check_range=False, ids_out=None):
         """``weight[flat]`` as a new (n, dim) array (``check_range``: ``flat`` is
-        range-checked first, on the device)."""
+        range-checked first, on the device; ``ids_out`` also receives a copy of
+        ``flat``)."""
         if check_range:
             self.check_index_range(flat, weight.shape[0])
+        if ids_out is not None:
+            ids_out[...] = flat
         out = self.xp.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype)
         if out.size:
             self.kernels.gather(weight, flat, out)

@@ -16,9 +16,10 @@ def first_out_of_range(idx: _Index, upper: int, n_threads: int) -> int:
 
 def gather(
     weight: _Floating, idx: _Index, out: _Floating, n_threads: int, stream: bool = False,
+    ids_out: _Index | None = None,
 ) -> int:
-    """``out[i, :] = weight[idx[i], :]`` (``stream``: non-temporal stores); returns -1
-    or the position of the first id out of range."""
+    """``out[i, :] = weight[idx[i], :]`` (``stream``: non-temporal stores; ``ids_out``:
+    also a copy of ``idx``); returns -1 or the position of the first id out of range."""
 
 def renorm_rows(
     weight: _Floating,
