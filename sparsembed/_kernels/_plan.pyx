@@ -589,7 +589,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     # written by thread 0 between two barriers, read by all: word count, hot flag,
     # distinct rows, whether the ids arrived sorted, whether one is out of range
     cdef int64_t shared[5]
-    cdef int64_t* chunk_sorted = NULL
+    cdef int64_t* chunk_unsorted = NULL
     cdef int64_t* id_bad = NULL
     cdef se_barrier barrier
     digit_bits = _digit_bits(R, &n_pass)
@@ -612,7 +612,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     # each bucket's first slot
     wc_lines0 = <uint64_t*> ((<size_t> (buf + 2 * n) + 63) & ~(<size_t> 63))
     wc_first0 = <uint32_t*> (wc_lines0 + T * n_buckets * 8)
-    chunk_sorted = n_runs + T
+    chunk_unsorted = n_runs + T
     id_bad = n_runs + 2 * T
     se_barrier_init(&barrier)
     try:
@@ -624,8 +624,8 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
             wc_lines = wc_lines0 + tid * n_buckets * 8 if n >= WC_MIN_IDS else NULL
             wc_first = wc_first0 + tid * n_buckets
             # pass 0 reads the ids themselves, leaving skip_row out
-            chunk_sorted[tid] = _chunk_sorted(&idx[0], _chunk_lo(n, team, tid),
-                                              _chunk_lo(n, team, tid + 1))
+            chunk_unsorted[tid] = not _chunk_sorted(&idx[0], _chunk_lo(n, team, tid),
+                                                    _chunk_lo(n, team, tid + 1))
             shortest = _sub_chunks(bounds, n, team, tid)
             memset(slots, 0, SUB_CHUNKS * n_buckets * sizeof(uint32_t))
             id_bad[tid] = _count_ids(&idx[0], bounds, shortest, skip_row, mask, slots,
@@ -633,10 +633,7 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
             se_barrier_wait(&barrier, team)
             if tid == 0:
                 shared[4] = _any(id_bad, team)
-                shared[3] = 1
-                for t in range(team):
-                    if not chunk_sorted[t]:
-                        shared[3] = 0
+                shared[3] = not _any(chunk_unsorted, team)
                 if not shared[3] and not shared[4]:
                     _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, n, shared, NULL, NULL)
             se_barrier_wait(&barrier, team)
