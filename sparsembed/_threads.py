@@ -1,5 +1,6 @@
 """Thread count used by the compiled kernels."""
 
+import os
 import warnings
 
 from sparsembed._kernels._openmp_helpers import openmp_enabled, openmp_max_threads
@@ -61,6 +62,23 @@ def set_num_threads(n):
 # Below about this many element operations a parallel region costs more than it
 # saves (and on a busy machine a second thread may not even get a core in time).
 PARALLEL_GRAIN = 1 << 16
+
+def workers_spin(environ=None):
+    """Whether idle OpenMP workers spin a while before they sleep, as libgomp reads
+    the environment at start-up: ``GOMP_SPINCOUNT`` above 0 (or ``INFINITE``), or
+    without it any ``OMP_WAIT_POLICY`` but ``PASSIVE`` (libgomp's default spins;
+    LLVM's libomp spins too unless told PASSIVE). A spinning worker starts a
+    parallel region in microseconds; a sleeping one, on a virtual machine, in ~0.1
+    ms, which decides how small a job is still worth a second thread.
+    """
+    environ = os.environ if environ is None else environ
+    count = environ.get("GOMP_SPINCOUNT", "").strip().upper()
+    if count.startswith("INF"):
+        return True
+    if count.rstrip("KMGT").isdigit():
+        return int(count.rstrip("KMGT")) > 0
+    return environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+
 
 # When set, the grain of every threads_for() call: the tests set it small so that
 # tiny inputs run on the threads asked for (results never depend on it).

@@ -405,6 +405,40 @@ def test_threads_for():
         se._threads._num_threads = previous
 
 
+@pytest.mark.parametrize("environ,spin", [
+    ({}, True),                                        # libgomp's default spins
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, False),
+    ({"OMP_WAIT_POLICY": " passive "}, False),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, True),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}, True),  # count wins
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10k"}, True),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "infinite"}, True),
+    ({"GOMP_SPINCOUNT": "0"}, False),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "lots"}, False),  # not a count
+])
+def test_workers_spin_reads_the_environment_as_libgomp(environ, spin):
+    from sparsembed._threads import workers_spin
+
+    assert workers_spin(environ) is spin
+
+
+def test_row_move_grain_follows_the_wait_policy():
+    # a fresh interpreter reads the policy at import, as libgomp does at start-up
+    import os
+    import subprocess
+    import sys
+
+    code = "from sparsembed import _cpu; print(_cpu.ROW_MOVE_GRAIN)"
+    grains = {}
+    for policy in ("PASSIVE", "ACTIVE"):
+        env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+        env["OMP_WAIT_POLICY"] = policy
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True)
+        grains[policy] = int(done.stdout)
+    assert grains == {"PASSIVE": 1 << 19, "ACTIVE": 1 << 18}
+
+
 # --------------------------------------------------------------------------------------
 # the output-buffer cache
 
