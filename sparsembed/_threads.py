@@ -63,6 +63,7 @@ def set_num_threads(n):
 # saves (and on a busy machine a second thread may not even get a core in time).
 PARALLEL_GRAIN = 1 << 16
 
+
 def workers_spin(environ=None):
     """Whether idle OpenMP workers spin a while before they sleep, as libgomp reads
     the environment at start-up: ``GOMP_SPINCOUNT`` above 0 (or ``INFINITE``), or
@@ -75,8 +76,9 @@ def workers_spin(environ=None):
     count = environ.get("GOMP_SPINCOUNT", "").strip().upper()
     if count.startswith("INF"):
         return True
-    if count.rstrip("KMGT").isdigit():
-        return int(count.rstrip("KMGT")) > 0
+    digits = count.rstrip("KMGT")  # libgomp's suffixes: thousands, millions, ...
+    if digits.isdigit():
+        return int(digits) > 0
     return environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
 
 
