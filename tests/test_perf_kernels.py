@@ -422,19 +422,22 @@ def test_workers_spin_reads_the_environment_as_libgomp(environ, spin):
     assert workers_spin(environ) is spin
 
 
-def test_row_move_grain_follows_the_wait_policy():
-    # a fresh interpreter reads the policy at import, as libgomp does at start-up
+def test_row_move_grain_follows_the_wait_policy(tmp_path):
+    # a fresh interpreter reads the policy at import, as libgomp does at start-up;
+    # it imports the package under test (not a source tree in its working folder)
     import os
     import subprocess
     import sys
 
     code = "from sparsembed import _cpu; print(_cpu.ROW_MOVE_GRAIN)"
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(se.__file__)))
     grains = {}
     for policy in ("PASSIVE", "ACTIVE"):
         env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
         env["OMP_WAIT_POLICY"] = policy
+        env["PYTHONPATH"] = package_parent
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, check=True)
+                              text=True, check=True, cwd=tmp_path)
         grains[policy] = int(done.stdout)
     assert grains == {"PASSIVE": 1 << 19, "ACTIVE": 1 << 18}
 
