@@ -120,7 +120,7 @@ def gather(
     cdef int64_t num_rows = weight.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef int64_t t, found = -1
+    cdef int64_t t, lo, hi, found = -1
     cdef int64_t* first = NULL
     cdef index_t* keep = NULL
     if ids_out is not None:
@@ -142,12 +142,12 @@ def gather(
     try:
         with nogil:
             for t in prange(T, schedule="static", num_threads=T):
+                lo = (n * t) // T
+                hi = (n * (t + 1)) // T
                 first[t] = _gather_chunk(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
-                                         &idx[0], (n * t) // T, (n * (t + 1)) // T, dim,
-                                         &out[0, 0], stream)
+                                         &idx[0], lo, hi, dim, &out[0, 0], stream)
                 if keep != NULL:
-                    memcpy(keep + (n * t) // T, &idx[0] + (n * t) // T,
-                           ((n * (t + 1)) // T - (n * t) // T) * sizeof(index_t))
+                    memcpy(keep + lo, &idx[0] + lo, (hi - lo) * sizeof(index_t))
             found = _first_hit(first, T)
     finally:
         free(first)
