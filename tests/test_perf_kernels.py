@@ -475,6 +475,19 @@ def test_pool_reuses_released_buffers_and_arrays_behave():
     assert _pool.stats()["idle_bytes"] == 0
 
 
+def test_pool_takes_any_integer_extents():
+    # shapes arrive as tuples of Python or numpy ints (an array's .shape, n_rows from
+    # a kernel's return, a dim from weight.shape), on both the cached and plain paths
+    from sparsembed._kernels import _pool
+
+    for shape in [(np.int64(1000), 300), [np.int32(3), np.uint8(4)], (np.intp(70_000),), ()]:
+        a = _pool.empty(shape, np.float32)
+        assert a.shape == tuple(int(s) for s in shape) and a.dtype == np.float32
+    with pytest.raises(TypeError):
+        _pool.empty((2.5, 4), np.float32)
+    _pool.clear()
+
+
 def test_pool_serves_mid_sized_outputs_in_small_blocks():
     # outputs from 128 KiB on come from the pool (glibc may return such blocks to
     # the OS between steps: a page fault per 4 KiB on every call); blocks under

@@ -207,10 +207,11 @@ cdef class _Block:
 def empty(shape, dtype):
     """``numpy.empty(shape, dtype)``, from the cache when it is large."""
     dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in shape)
     cdef int64_t count = 1
+    cdef int64_t extent
     for s in shape:
-        count *= s
+        extent = s  # any integer (numpy's too), through __index__
+        count *= extent
     cdef size_t nbytes = count * dtype.itemsize
     if nbytes < MIN_BYTES or _limit == 0:
         return np.empty(shape, dtype=dtype)
