@@ -98,7 +98,9 @@ def threads_for(work, grain=None):
         grain = GRAIN_OVERRIDE
     elif grain is None:
         grain = PARALLEL_GRAIN
+    if work < 2 * grain:  # before get_num_threads(): the common tiny call pays less
+        return 1
     n = get_num_threads()
-    if n <= 1 or work < 2 * grain:
+    if n <= 1:
         return 1
     return int(min(n, work // grain))
