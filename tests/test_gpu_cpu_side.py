@@ -109,7 +109,21 @@ def test_normalize_device_rejects(device):
 
 def test_cpu_backend_is_cpu_module():
     assert _backend.get_backend("cpu") is _cpu
+    assert _backend.get_backend("CPU") is _cpu  # the fast "cpu" answer is not the only one
     assert _backend.backend_of(np.zeros(2)) is _cpu
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        _backend.get_backend(np.zeros(2))  # not a string: parsed, and refused
+
+
+def test_backend_of_routes_by_the_array_types_module(no_cupy):
+    # cupy's own types go to the CUDA backend (here: no CuPy, so its import error);
+    # anything else, even a module whose name starts like it, stays on the CPU
+    cupy_like = type("ndarray", (), {"__module__": "cupy._core.core"})
+    with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
+        _backend.backend_of(cupy_like())
+    for module in ("cupyx.scipy.sparse", "cupyish", "numpy"):
+        other = type("ndarray", (), {"__module__": module})
+        assert _backend.backend_of(other()) is _cpu
 
 
 def test_missing_cupy_is_an_import_error_naming_the_extra(no_cupy):
