@@ -10,6 +10,7 @@ import numpy as np
 
 from sparsembed import _half
 from sparsembed import _validation as V
+from sparsembed._kernels import _bag
 
 MODES = ("sum", "mean", "max")
 
@@ -78,20 +79,18 @@ def _check_offsets(offsets, n, include_last_offset):
                 "offsets must hold at least one entry with include_last_offset=True "
                 "(the end of the last bag)"
             )
-        starts = off.astype(np.int64)
+        starts = np.empty(off.shape[0], dtype=np.int64)
     elif off.shape[0] == 0:
         # torch: no offsets, no bags (the entries belong to none)
         starts = np.zeros(1, dtype=np.int64)
     else:
         starts = np.empty(off.shape[0] + 1, dtype=np.int64)
-        starts[:-1] = off
         starts[-1] = n
     if off.shape[0]:
         if off[0] != 0:
             raise ValueError(f"offsets[0] must be 0 (the first bag starts at 0), got {int(off[0])}")
-        steps = np.diff(off)
-        if steps.size and steps.min() < 0:
-            pos = int(np.argmax(steps < 0)) + 1
+        pos = _bag.offsets_to_starts(off, starts)
+        if pos >= 0:
             raise ValueError(
                 f"offsets must be non-decreasing, got offsets[{pos}] = {int(off[pos])} "
                 f"after offsets[{pos - 1}] = {int(off[pos - 1])}"

