@@ -220,7 +220,8 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
     if n_bags > 0 and dim == 0:
         counts[:] = 0
     n_bad = _bag.bag_forward(weight, flat, starts, pad, _BAG_MODES[mode], psw, out, argmax,
-                             counts, threads_for(flat.shape[0] * dim, ROW_MOVE_GRAIN))
+                             counts, threads_for(flat.shape[0] * dim, ROW_MOVE_GRAIN),
+                             out.nbytes >= STREAM_BYTES)
     if n_bad:
         bag = int(np.flatnonzero(counts < 0)[0])
         raise _index_error(flat, int(-counts[bag] - 1), num_rows)

@@ -387,6 +387,33 @@ def test_large_lookups_stream_and_match(rng, monkeypatch, dtype):
     assert_array_equal(plain, weight[ids])
 
 
+def test_large_bag_outputs_stream_and_match(rng, monkeypatch, dtype):
+    # many small bags make a large output: above STREAM_BYTES the pooling streams it
+    from sparsembed import functional as F
+
+    weight = rng.standard_normal((1000, 24)).astype(dtype)
+    ids = rng.integers(0, 1000, size=90)
+    offsets = np.arange(0, 90, 3)
+    psw = rng.standard_normal(90).astype(dtype)
+    calls = []
+    kernel = _cpu._bag.bag_forward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return kernel(*args)
+
+    monkeypatch.setattr(_cpu._bag, "bag_forward", spy)
+    cases = [dict(mode="sum"), dict(mode="mean", padding_idx=int(ids[0])),
+             dict(mode="sum", per_sample_weights=psw)]
+    plain = [F.embedding_bag(ids, weight, offsets, **kw) for kw in cases]
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)  # every output streamed
+    for kw, want in zip(cases, plain):
+        assert F.embedding_bag(ids, weight, offsets, **kw).tobytes() == want.tobytes()
+    assert calls == [False] * 3 + [True] * 3
+    np.testing.assert_allclose(plain[0], weight[ids].reshape(30, 3, 24).sum(axis=1),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_threads_for():
     from sparsembed._threads import PARALLEL_GRAIN, threads_for
 

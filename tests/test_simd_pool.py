@@ -92,15 +92,29 @@ def test_every_level_gives_the_sequential_sum_bit_for_bit(level, idx_dtype, mode
         flat, starts = _batch(rng, V, 23, dtype, idx_dtype)
         psw = rng.standard_normal(flat.size).astype(dtype) if weighted else None
         for pad in (-1, 3, V + 5):  # no padding, a padding row, a padding id no row has
-            out = np.full((starts.size - 1, dim), np.nan, dtype=dtype)
-            counts = np.full(starts.size - 1, -7, dtype=np.int64)
-            n_bad = _bag.bag_forward(weight, flat, starts, pad, mode,
-                                     np.empty(0, dtype) if psw is None else psw, out,
-                                     np.empty((0, 0), np.int64), counts, 2)
             expected, expected_counts = _sequential_sums(weight, flat, starts, pad, mode, psw)
-            assert n_bad == 0
-            assert_array_equal(counts, expected_counts)
-            assert out.tobytes() == expected.tobytes(), (dim, pad)
+            # plain stores, and streamed ones (large outputs) into a line-aligned output
+            # and into one a single element off (rows staged, then stored whole)
+            for stream, skew in ((False, 0), (True, 0), (True, 1)):
+                out = _aligned_full((starts.size - 1, dim), dtype, skew)
+                counts = np.full(starts.size - 1, -7, dtype=np.int64)
+                n_bad = _bag.bag_forward(weight, flat, starts, pad, mode,
+                                         np.empty(0, dtype) if psw is None else psw, out,
+                                         np.empty((0, 0), np.int64), counts, 2, stream)
+                assert n_bad == 0
+                assert_array_equal(counts, expected_counts)
+                assert out.tobytes() == expected.tobytes(), (dim, pad, stream, skew)
+
+
+def _aligned_full(shape, dtype, skew):
+    """A NaN-filled C-contiguous array starting ``skew`` elements past a 64-byte line."""
+    itemsize = np.dtype(dtype).itemsize
+    n = int(np.prod(shape))
+    buf = np.empty((n + skew) * itemsize + 64, dtype=np.uint8)
+    start = (-buf.ctypes.data) % 64 + skew * itemsize
+    out = buf[start:start + n * itemsize].view(dtype).reshape(shape)
+    out.fill(np.nan)
+    return out
 
 
 @pytest.mark.parametrize("dim", [64, 256, 96])

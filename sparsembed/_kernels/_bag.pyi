@@ -14,9 +14,10 @@ _I64 = NDArray[np.int64]
 
 def bag_forward(
     weight: _Floating, idx: _Index, starts: _I64, pad: int, mode: int, psw: _Floating,
-    out: _Floating, argmax: _I64, counts: _I64, n_threads: int,
+    out: _Floating, argmax: _I64, counts: _I64, n_threads: int, stream: bool = False,
 ) -> int:
-    """Pool each bag's rows: sum (optionally weighted), mean or element-wise max.
+    """Pool each bag's rows: sum (optionally weighted), mean or element-wise max
+    (``stream``: sum/mean written with non-temporal stores).
 
     Returns the number of bags holding an out-of-range id (``counts[b] = -(e + 1)``
     for such a bag, ``e`` its first bad entry)."""

@@ -20,6 +20,7 @@ from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
+    SE_STREAM,
     pool_level,
     pool_set_level,
     pool_sum,
@@ -107,6 +108,7 @@ def bag_forward(
     int64_t[:, ::1] argmax,          # OUT (n_bags, dim) in max mode, else (0, 0)
     int64_t[::1] counts,             # OUT (n_bags,) non-padding entries per bag
     int n_threads,
+    bint stream=False,               # IN sum/mean: write out with non-temporal stores
 ):
     """Pool each bag's rows: sum (optionally weighted), mean or element-wise max.
 
@@ -118,7 +120,8 @@ def bag_forward(
     needs no separate validation pass. Returns the number of bags holding an id
     outside ``[0, num_rows)``; for such a bag ``counts[b]`` is ``-(e + 1)``, ``e``
     its first bad entry, and ``out`` is garbage. Entries past ``starts[-1]`` are not
-    looked at. ``dim`` must be positive.
+    looked at. ``dim`` must be positive. ``stream``: a large output (many small
+    bags) that will not be read back soon goes out past the caches; max mode ignores it.
     """
     cdef int64_t n_bags = starts.shape[0] - 1
     cdef int64_t num_rows = weight.shape[0]
@@ -126,6 +129,7 @@ def bag_forward(
     cdef int64_t n_idx = starts[n_bags] if n_bags >= 0 else 0
     cdef int64_t b, t, c
     cdef int64_t n_bad = 0
+    cdef int flags
     cdef const floating* w = NULL
     cdef const floating* ps = NULL
     cdef const index_t* ix = NULL
@@ -156,12 +160,12 @@ def bag_forward(
     # sum and mean: one kernel call per thread over a contiguous range of bags (the
     # split prange(schedule="static") would make), so there is no call per bag
     n_threads = max(1, min(n_threads, n_bags))
+    flags = (SE_MEAN if mode == MODE_MEAN else 0) | (SE_STREAM if stream else 0)
     with nogil:
         for t in prange(n_threads, schedule="static", num_threads=n_threads):
             n_bad += pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0],
                               t * n_bags // n_threads, (t + 1) * n_bags // n_threads,
-                              pad, ps, ahead, SE_MEAN if mode == MODE_MEAN else 0,
-                              &out[0, 0], NULL, &counts[0])
+                              pad, ps, ahead, flags, &out[0, 0], NULL, &counts[0])
     return n_bad
 
 
