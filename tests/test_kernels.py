@@ -25,6 +25,19 @@ def test_gather_matches_take(rng, dtype, idx_dtype, n):
     assert_array_equal(out, ref.embedding(weight, ids))
 
 
+@pytest.mark.parametrize("dim", [1, 8, 15, 16, 17, 32, 64, 128, 256, 300])
+def test_gather_copies_rows_of_every_width(rng, dtype, dim):
+    # rows of 64, 128, 256 and 512 bytes are copied by fixed-size moves, the others
+    # by a plain memcpy: each row exactly, nothing written past it
+    weight = rng.standard_normal((40, dim)).astype(dtype)
+    ids = _ids(rng, 333, 40, np.int64)
+    for threads in (1, 2):
+        out = np.full((334, dim), np.nan, dtype=dtype)  # one guard row after the output
+        _lookup.gather(weight, ids, out[:333], threads)
+        assert out[:333].tobytes() == weight[ids].tobytes()
+        assert np.isnan(out[333]).all()
+
+
 def test_gather_reads_read_only_arrays(rng, dtype):
     weight = rng.standard_normal((20, 4)).astype(dtype)
     ids = _ids(rng, 30, 20, np.int64)

@@ -7,7 +7,13 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row, stream_fence, stream_row
+from sparsembed._kernels._memory cimport (
+    copy_row,
+    prefetch_distance,
+    prefetch_row,
+    stream_fence,
+    stream_row,
+)
 from sparsembed._kernels._types cimport index_t
 
 
@@ -93,7 +99,7 @@ cdef int64_t _gather_chunk(
         if stream:
             stream_row(out + i * dim, weight + r * dim, row_bytes)
         else:
-            memcpy(out + i * dim, weight + r * dim, row_bytes)
+            copy_row(out + i * dim, weight + r * dim, row_bytes)
     if stream:
         stream_fence()
     return -1

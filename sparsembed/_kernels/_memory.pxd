@@ -4,6 +4,7 @@
 cdef extern from *:
     """
     #include <stddef.h>
+    #include <string.h>
     #if defined(__GNUC__) || defined(__clang__)
         #define SPARSEMBED_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
         /* GCC treats a function that only prefetches as const and deletes calls to
@@ -24,6 +25,19 @@ cdef extern from *:
         for (o = 0; o < nbytes; o += 64) SPARSEMBED_PREFETCH(c + o);
         SPARSEMBED_KEEP();
     }
+    /* copy a row; the common widths (16-128 floats) with a size known at compile
+       time, which the compiler turns into inline moves: a memcpy of a run-time size
+       is a call into libc per row, most of the cost of a 64-512 byte row in cache
+       (a loop of fixed 64-byte copies does not do: GCC turns it back into that call) */
+    static inline void sparsembed_copy_row(void* dst, const void* src, size_t nbytes) {
+        switch (nbytes) {
+        case 64: memcpy(dst, src, 64); return;
+        case 128: memcpy(dst, src, 128); return;
+        case 256: memcpy(dst, src, 256); return;
+        case 512: memcpy(dst, src, 512); return;
+        default: memcpy(dst, src, nbytes);
+        }
+    }
     /* how many rows ahead to prefetch: about 6 KiB in flight, 4 to 32 rows */
     static inline ptrdiff_t sparsembed_prefetch_distance(size_t row_bytes) {
         size_t d = row_bytes ? (size_t)4096 / row_bytes : 32;
@@ -31,6 +45,7 @@ cdef extern from *:
     }
     """
     void prefetch_row "sparsembed_prefetch_row"(const void* p, size_t nbytes) noexcept nogil
+    void copy_row "sparsembed_copy_row"(void* dst, const void* src, size_t nbytes) noexcept nogil
     Py_ssize_t prefetch_distance "sparsembed_prefetch_distance"(size_t row_bytes) noexcept nogil
 
 
