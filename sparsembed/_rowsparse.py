@@ -217,9 +217,9 @@ def add(a, b):
     rows_a = np.ascontiguousarray(rows_a, dtype=np.int64)
     rows_b = np.ascontiguousarray(rows_b, dtype=np.int64)
     cap = rows_a.size + rows_b.size
-    rows = np.empty(cap, dtype=np.int64)
-    from_a = np.empty(cap, dtype=np.int64)
-    from_b = np.empty(cap, dtype=np.int64)
+    # from the output cache: three new 2 MB arrays (two gradients of ~130,000 rows)
+    # cost more in page faults than the merge itself (1.5 ms against 1.0)
+    rows, from_a, from_b = (_pool.empty((cap,), np.int64) for _ in range(3))
     n = _backward.merge_rows(rows_a, rows_b, rows, from_a, from_b)
     from_a, from_b = from_a[:n], from_b[:n]
     dim = a.shape[1]
@@ -227,7 +227,8 @@ def add(a, b):
         values = _pool.empty((n, dim), dtype)
         _backward.add_merged_rows(np.ascontiguousarray(va, dtype=dtype),
                                   np.ascontiguousarray(vb, dtype=dtype),
-                                  from_a, from_b, values, threads_for(n * dim))
+                                  from_a, from_b, values, threads_for(n * dim),
+                                  values.nbytes >= ROW_SUMS_STREAM_BYTES)
     else:  # a grad set by hand (integers): numpy, on the same merge
         values = np.zeros((n, dim), dtype=dtype)
         values[from_a >= 0] += va[from_a[from_a >= 0]]

@@ -190,9 +190,16 @@ def test_grad_accumulates_over_backwards(rng, sparse):
     assert emb.grad is None
 
 
-def test_sparse_grad_accumulation_is_an_exact_elementwise_sum(rng, dtype):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_sparse_grad_accumulation_is_an_exact_elementwise_sum(rng, dtype, streamed,
+                                                              monkeypatch):
     """Two backwards with overlapping rows: the accumulated grad is the dense a + b
-    bit for bit (one addition per element), canonical, the same with 1 and 2 threads."""
+    bit for bit (one addition per element), canonical, the same with 1 and 2 threads;
+    ``streamed``: the sum written with non-temporal stores, as a large one is."""
+    from sparsembed import _rowsparse
+
+    if streamed:
+        monkeypatch.setattr(_rowsparse, "ROW_SUMS_STREAM_BYTES", 0)
     V, D = 5000, 64
     emb = se.Embedding(V, D, sparse=True, dtype=dtype, random_state=0)
     ids_a = rng.integers(0, V, 3000)

@@ -179,12 +179,13 @@ def test_merge_rows_and_add_merged_rows_match_a_dict_sum(rng, dtype, case):
     assert_array_equal(rows[:n], sorted(expected))
     outs = []
     for threads in (1, 2, 3):
-        out = np.full((n, D), np.nan, dtype=dtype)
-        _backward.add_merged_rows(va, vb, fa[:n], fb[:n], out, threads)
-        outs.append(out)
-        for i, r in enumerate(rows[:n]):
-            assert_array_equal(out[i], expected[r])
-    assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
+        for stream in (False, True):  # plain stores, or streamed through a row buffer
+            out = np.full((n, D), np.nan, dtype=dtype)
+            _backward.add_merged_rows(va, vb, fa[:n], fb[:n], out, threads, stream)
+            outs.append(out)
+            for i, r in enumerate(rows[:n]):
+                assert_array_equal(out[i], expected[r])
+    assert len({out.tobytes() for out in outs}) == 1
     if rows_a.size and rows_a[0] not in set(rows_b.tolist()):
         i = int(np.searchsorted(rows[:n], rows_a[0]))
         assert np.signbit(outs[0][i]).all()

@@ -100,6 +100,7 @@ def add_merged_rows(
     from_b: NDArray[np.int64],
     out: _Floating,
     n_threads: int,
+    stream: bool = False,
 ) -> None:
     """``out[i] = values_a[from_a[i]] + values_b[from_b[i]]``, a missing (-1) term
-    left out."""
+    left out (``stream``: written with non-temporal stores)."""

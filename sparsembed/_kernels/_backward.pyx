@@ -12,6 +12,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from sparsembed._kernels._memory cimport (
+    copy_row,
     prefetch_distance,
     stream_fence,
     stream_row,
@@ -358,27 +359,23 @@ def merge_rows(
     :func:`add_merged_rows`."""
     cdef int64_t na = rows_a.shape[0], nb = rows_b.shape[0]
     cdef int64_t i = 0, j = 0, k = 0
+    cdef int64_t x, y, take_a, take_b
     if rows.shape[0] < na + nb or from_a.shape[0] < na + nb or from_b.shape[0] < na + nb:
         raise ValueError(f"merge_rows: outputs hold {min(rows.shape[0], from_a.shape[0], from_b.shape[0])}"
                          f" rows, need {na + nb}")
     with nogil:
+        # without a branch on which side is smaller: two interleaved row lists make
+        # it a coin flip, mispredicted half the time (246,000 rows: 2.6 ms before)
         while i < na and j < nb:
-            if rows_a[i] < rows_b[j]:
-                rows[k] = rows_a[i]
-                from_a[k] = i
-                from_b[k] = -1
-                i += 1
-            elif rows_b[j] < rows_a[i]:
-                rows[k] = rows_b[j]
-                from_a[k] = -1
-                from_b[k] = j
-                j += 1
-            else:
-                rows[k] = rows_a[i]
-                from_a[k] = i
-                from_b[k] = j
-                i += 1
-                j += 1
+            x = rows_a[i]
+            y = rows_b[j]
+            take_a = x <= y
+            take_b = y <= x
+            rows[k] = x if take_a else y
+            from_a[k] = (i + 1) * take_a - 1
+            from_b[k] = (j + 1) * take_b - 1
+            i += take_a
+            j += take_b
             k += 1
         while i < na:
             rows[k] = rows_a[i]
@@ -402,23 +399,62 @@ def add_merged_rows(
     const int64_t[::1] from_b,        # IN (n,) row of values_b for out[i], or -1
     floating[:, ::1] out,             # OUT (n, dim)
     int n_threads,
+    bint stream=False,                # IN write out with non-temporal stores
 ):
     """``out[i] = values_a[from_a[i]] + values_b[from_b[i]]``, a missing term left out
     (so a row held by one side only is copied bit for bit, -0.0 included).
 
-    The caller guarantees from_a / from_b hold valid rows or -1, never both -1."""
+    The caller guarantees from_a / from_b hold valid rows or -1, never both -1.
+    ``stream``: a large output goes out past the caches (each sum through a row
+    buffer per thread), as the sparse backward's row sums do."""
     cdef int64_t n = out.shape[0], dim = out.shape[1]
-    cdef int64_t i, j, ia, ib
-    if dim == 0:
+    cdef int64_t T = max(1, min(n_threads, n))
+    cdef int64_t t
+    cdef floating* bufs = NULL
+    if dim == 0 or n == 0:
         return
-    with nogil:
-        for i in prange(n, schedule="static", num_threads=n_threads):
-            ia = from_a[i]
-            ib = from_b[i]
-            if ia >= 0 and ib >= 0:
+    if stream:
+        bufs = <floating*> malloc(T * dim * sizeof(floating))
+        if bufs == NULL:
+            raise MemoryError()
+    try:
+        with nogil:
+            for t in prange(T, schedule="static", num_threads=T):
+                _add_rows(&values_a[0, 0] if values_a.shape[0] > 0 else NULL,
+                          &values_b[0, 0] if values_b.shape[0] > 0 else NULL,
+                          &from_a[0], &from_b[0], &out[0, 0], dim, n * t // T,
+                          n * (t + 1) // T, bufs + t * dim if stream else NULL)
+    finally:
+        free(bufs)
+
+
+cdef void _add_rows(
+    const floating* values_a, const floating* values_b, const int64_t* from_a,
+    const int64_t* from_b, floating* out, int64_t dim, int64_t lo, int64_t hi,
+    floating* buf,
+) noexcept nogil:
+    """Rows [lo, hi) of :func:`add_merged_rows`; streamed through ``buf`` (dim
+    entries) unless it is NULL."""
+    cdef int64_t i, j, ia, ib
+    cdef size_t row_bytes = dim * sizeof(floating)
+    cdef floating* dst
+    for i in range(lo, hi):
+        ia = from_a[i]
+        ib = from_b[i]
+        dst = out + i * dim
+        if ia >= 0 and ib >= 0:
+            if buf == NULL:
                 for j in range(dim):
-                    out[i, j] = values_a[ia, j] + values_b[ib, j]
-            elif ia >= 0:
-                memcpy(&out[i, 0], &values_a[ia, 0], dim * sizeof(floating))
+                    dst[j] = values_a[ia * dim + j] + values_b[ib * dim + j]
             else:
-                memcpy(&out[i, 0], &values_b[ib, 0], dim * sizeof(floating))
+                for j in range(dim):
+                    buf[j] = values_a[ia * dim + j] + values_b[ib * dim + j]
+                stream_row(dst, buf, row_bytes)
+        elif buf != NULL:
+            stream_row(dst, (values_a + ia * dim) if ia >= 0 else (values_b + ib * dim),
+                       row_bytes)
+        else:
+            copy_row(dst, (values_a + ia * dim) if ia >= 0 else (values_b + ib * dim),
+                     row_bytes)
+    if buf != NULL:
+        stream_fence()
