@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sparsembed._kernels import _backward, _pool
-from sparsembed._threads import threads_for
+from sparsembed._threads import threads_for, workers_spin
 
 
 # Outputs at least this large are written with non-temporal stores (the gather, the
@@ -35,11 +35,18 @@ ROW_SUMS_STREAM_BYTES = 4 << 20
 CSR_INDEX_STREAM_BYTES = 256 << 10
 
 # The csr structure is plain stores of constants (about 0.1 ns an element), so a
-# second thread pays for its wake-up (~0.1 ms here) only from about 1.5 million
-# elements (row pointer + column indices) on. Measured, V = 1e6, D = 64, 2 threads
-# vs 1: 4,096 rows 0.31 vs 0.22 ms, 8,192 rows 0.34 vs 0.30, 16,384 rows 0.45 vs
-# 0.55, 65,536 rows 1.2 vs 1.8.
-CSR_FILL_GRAIN = 3 << 18
+# second thread pays for its wake-up (~0.1 ms here with passive waiting) only from
+# about 1.5 million elements (row pointer + column indices) on. Measured, V = 1e6,
+# D = 64, 2 threads vs 1: 4,096 rows 0.31 vs 0.22 ms, 8,192 rows 0.34 vs 0.30,
+# 16,384 rows 0.45 vs 0.55, 65,536 rows 1.2 vs 1.8 (remeasured later back to back:
+# 0.16-0.19 vs 0.22 at 4,096 rows, but with 10 ms between calls 0.35-0.38 vs 0.29
+# at 256 rows of D = 16: kept). Workers that spin (see workers_spin) start at once,
+# and a row pointer past L2 (4 MB at V = 1e6) is written twice as fast by two
+# cores: D = 16, 256 rows, 1 vs 2 threads, back to back and with 10 ms between
+# calls: V = 1e6 0.18 vs 0.084 and 0.27-0.33 vs 0.14-0.15 ms; V = 5e5 0.076 vs
+# 0.035 and 0.115 vs 0.081; V = 1e5 0.015 vs 0.010 but 0.018 vs 0.05 with the gaps
+# -- so from about half a million elements on.
+CSR_FILL_GRAIN = 1 << 18 if workers_spin() else 3 << 18
 
 
 def _index_dtype(num_rows, nnz):

@@ -449,14 +449,15 @@ def test_workers_spin_reads_the_environment_as_libgomp(environ, spin):
     assert workers_spin(environ) is spin
 
 
-def test_row_move_grain_follows_the_wait_policy(tmp_path):
+def test_grains_follow_the_wait_policy(tmp_path):
     # a fresh interpreter reads the policy at import, as libgomp does at start-up;
     # it imports the package under test (not a source tree in its working folder)
     import os
     import subprocess
     import sys
 
-    code = "from sparsembed import _cpu; print(_cpu.ROW_MOVE_GRAIN)"
+    code = ("from sparsembed import _cpu, _rowsparse; "
+            "print(_cpu.ROW_MOVE_GRAIN, _rowsparse.CSR_FILL_GRAIN)")
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(se.__file__)))
     grains = {}
     for policy in ("PASSIVE", "ACTIVE"):
@@ -465,8 +466,8 @@ def test_row_move_grain_follows_the_wait_policy(tmp_path):
         env["PYTHONPATH"] = package_parent
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                               text=True, check=True, cwd=tmp_path)
-        grains[policy] = int(done.stdout)
-    assert grains == {"PASSIVE": 1 << 19, "ACTIVE": 1 << 18}
+        grains[policy] = tuple(int(g) for g in done.stdout.split())
+    assert grains == {"PASSIVE": (1 << 19, 3 << 18), "ACTIVE": (1 << 18, 1 << 18)}
 
 
 # --------------------------------------------------------------------------------------
