@@ -438,23 +438,23 @@ cdef void _add_rows(
     cdef int64_t i, j, ia, ib
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef floating* dst
+    cdef floating* sum_to
+    cdef const floating* src
     for i in range(lo, hi):
         ia = from_a[i]
         ib = from_b[i]
         dst = out + i * dim
         if ia >= 0 and ib >= 0:
-            if buf == NULL:
-                for j in range(dim):
-                    dst[j] = values_a[ia * dim + j] + values_b[ib * dim + j]
-            else:
-                for j in range(dim):
-                    buf[j] = values_a[ia * dim + j] + values_b[ib * dim + j]
-                stream_row(dst, buf, row_bytes)
-        elif buf != NULL:
-            stream_row(dst, (values_a + ia * dim) if ia >= 0 else (values_b + ib * dim),
-                       row_bytes)
+            # the sum goes to its row, or to the buffer that is then streamed there
+            sum_to = dst if buf == NULL else buf
+            for j in range(dim):
+                sum_to[j] = values_a[ia * dim + j] + values_b[ib * dim + j]
+            src = sum_to
         else:
-            copy_row(dst, (values_a + ia * dim) if ia >= 0 else (values_b + ib * dim),
-                     row_bytes)
+            src = (values_a + ia * dim) if ia >= 0 else (values_b + ib * dim)
+        if buf != NULL:
+            stream_row(dst, src, row_bytes)
+        elif src != dst:
+            copy_row(dst, src, row_bytes)
     if buf != NULL:
         stream_fence()
