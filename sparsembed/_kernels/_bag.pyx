@@ -14,10 +14,10 @@ thread count.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
-from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+from sparsembed._kernels._memory cimport copy_row, prefetch_distance, prefetch_row
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
@@ -70,7 +70,7 @@ cdef inline int64_t _max_bag(
             continue
         w = weight + r * dim
         if c == 0:
-            memcpy(out, w, dim * sizeof(floating))
+            copy_row(out, w, dim * sizeof(floating))
             for j in range(dim):
                 argmax[j] = e
         else:
