@@ -271,20 +271,34 @@ def bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq):
     out = _pool.empty((plan.rows.shape[0], grad2d.shape[1]), grad2d.dtype)
     _bag.bag_row_sums(grad2d, plan.perm, plan.starts, entry_bag,
                       _no_scale(grad2d.dtype) if scale is None else scale,
-                      _NO_ARGMAX if argmax is None else argmax,
-                      scale_grad_by_freq, out, threads_for(plan.perm.shape[0] * grad2d.shape[1]))
+                      _won_masks(argmax, entry_bag), scale_grad_by_freq, out,
+                      threads_for(plan.perm.shape[0] * grad2d.shape[1]))
     return out
 
 
 def bag_dense_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_by_freq):
     """Dense (num_rows, dim) gradient of a bag forward."""
-    out = np.zeros((num_rows, grad2d.shape[1]), dtype=grad2d.dtype)
+    # every row is written (zeros where no id points), as for dense_grad
+    out = _pool.empty((num_rows, grad2d.shape[1]), grad2d.dtype)
     _bag.bag_dense_backward(grad2d, plan.perm, plan.rows, plan.starts, entry_bag,
                             _no_scale(grad2d.dtype) if scale is None else scale,
-                            _NO_ARGMAX if argmax is None else argmax,
-                            scale_grad_by_freq, out,
-                            threads_for(plan.perm.shape[0] * grad2d.shape[1] + out.size // 8))
+                            _won_masks(argmax, entry_bag), scale_grad_by_freq, out,
+                            threads_for(plan.perm.shape[0] * grad2d.shape[1] + out.size // 8),
+                            out.nbytes >= STREAM_BYTES)
     return out
+
+
+_NO_WON = np.empty((0, 0), dtype=np.uint64)
+
+
+def _won_masks(argmax, entry_bag):
+    """Max mode's (n, (dim + 63) // 64) uint64 masks of the columns each entry won
+    (``_bag.won_masks``), or an empty (0, 0) array without ``argmax``."""
+    if argmax is None or argmax.size == 0:
+        return _NO_WON
+    won = _pool.empty((entry_bag.shape[0], (argmax.shape[1] + 63) // 64), np.uint64)
+    _bag.won_masks(argmax, entry_bag, won, threads_for(argmax.size))
+    return won
 
 
 def bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_by_freq):
@@ -326,7 +340,7 @@ def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_b
     _half.fused_update(kind, *hyper, weight, grad, plan.perm, plan.rows, plan.starts,
                        np.empty(0, np.int64) if src is None else src,
                        np.empty(0, _half.compute_dtype(weight.dtype)) if scale is None else scale,
-                       np.empty((0, 0), np.int64) if argmax is None else argmax,
+                       _NO_WON if src is None else _won_masks(argmax, src),
                        bool(scale_grad_by_freq), _state(s1, weight), _state(s2, weight),
                        threads_for(plan.perm.shape[0] * grad.shape[1]
                                    + 3 * plan.rows.shape[0] * weight.shape[1]))

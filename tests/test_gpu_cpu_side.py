@@ -868,7 +868,8 @@ def test_optim_fused_update_equals_cpu(fake_gpu, rng, case, with_src, scale):
                             _cpu.plan_rows(flat, V, 5)),
                         np.empty(0, np.int64) if src is None else src,
                         np.empty(0, dtype) if scale_e is None else scale_e,
-                        np.empty((0, 0), np.int64) if argmax is None else argmax, scale,
+                        _cpu._won_masks(argmax, src),
+                        scale,
                         _cpu_state(st_c[0], dtype), _cpu_state(st_c[1], dtype), 2)
     fake_gpu.optim_fused_update(kind, hyper, w_g, grad, fake_gpu.plan_rows(flat, V, 5), src,
                                 scale_e, scale, st_g[0], st_g[1], argmax=argmax)

@@ -8,7 +8,7 @@ from numpy.testing import assert_array_equal
 
 import sparsembed as se
 from sparsembed import _cpu
-from sparsembed._kernels import _backward, _lookup, _plan
+from sparsembed._kernels import _backward, _bag, _lookup, _plan
 
 
 def _expected_plan(ids, skip):
@@ -321,7 +321,7 @@ def test_fused_update_split_by_row_cost_is_thread_independent(rng, dtype, dist, 
         for row_cost in (0, 1, 4, 10 ** 6):
             w, s1, s2 = w0.copy(), s1_0.copy(), s2_0.copy()
             _optim.fused_update(*hyper, w, grad, plan.perm, plan.rows, plan.starts, empty_i,
-                                empty_f, np.empty((0, 0), np.int64), False, s1, s2, T,
+                                empty_f, np.empty((0, 0), np.uint64), False, s1, s2, T,
                                 row_cost)
             assert w.tobytes() == w_ref.tobytes()
             assert s1.tobytes() == s1_ref.tobytes()
@@ -329,7 +329,7 @@ def test_fused_update_split_by_row_cost_is_thread_independent(rng, dtype, dist, 
     w = w0.copy()
     with pytest.raises(ValueError, match="row_cost must be >= 0, got -1"):
         _optim.fused_update(*hyper, w, grad, plan.perm, plan.rows, plan.starts, empty_i,
-                            empty_f, np.empty((0, 0), np.int64), False, s1_0.copy(),
+                            empty_f, np.empty((0, 0), np.uint64), False, s1_0.copy(),
                             s2_0.copy(), 2, -1)
     assert_array_equal(w, w0)
 
@@ -831,3 +831,85 @@ def test_direct_csr_build_falls_back_when_scipy_changes(monkeypatch, dtype):
     g = _rowsparse.from_rows(np.array([1, 3], np.int64), np.ones((2, 2), dtype), 5)
     assert g.has_canonical_format and g.shape == (5, 2)
     assert_array_equal(g.toarray()[[1, 3]], 1)
+
+
+def _won_reference(argmax, entry_bag, words):
+    won = np.zeros((entry_bag.size, words), np.uint64)
+    for b in range(argmax.shape[0]):
+        for j in range(argmax.shape[1]):
+            e = argmax[b, j]
+            if 0 <= e < entry_bag.size and entry_bag[e] == b:
+                won[e, j // 64] |= np.uint64(1) << np.uint64(j % 64)
+    return won
+
+
+@pytest.mark.parametrize("dim", [1, 5, 63, 64, 65, 130])
+@pytest.mark.parametrize("sorted_bags", [True, False])
+def test_won_masks_against_numpy(rng, dim, sorted_bags):
+    # a bag batch's entry -> bag map is sorted; the fused update takes any map. An
+    # argmax entry counts only for the entry it names when that entry is in the bag:
+    # -1 (empty bag), positions past the entries and entries of other bags set nothing
+    n_bags, n = 9, 60
+    entry_bag = np.sort(rng.integers(0, n_bags, size=n)).astype(np.int64)
+    if not sorted_bags:
+        entry_bag = rng.permutation(entry_bag)
+    argmax = rng.integers(-3, n + 5, size=(n_bags, dim)).astype(np.int64)
+    for b in range(n_bags):  # and many true winners
+        mine = np.flatnonzero(entry_bag == b)
+        if mine.size:
+            cols = rng.random(dim) < 0.7
+            argmax[b, cols] = rng.choice(mine, size=int(cols.sum()))
+    words = (dim + 63) // 64
+    expected = _won_reference(argmax, entry_bag, words)
+    assert expected.any()
+    for T in (1, 2, 3, 7):
+        won = np.full((n, words), np.uint64(2 ** 64 - 1))  # every bit dirty
+        _bag.won_masks(argmax, entry_bag, won, T)
+        assert_array_equal(won, expected)
+    with pytest.raises(ValueError, match=r"won must have shape \(60, %d\)" % words):
+        _bag.won_masks(argmax, entry_bag, np.zeros((n, words + 1), np.uint64), 1)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "psw"])
+@pytest.mark.parametrize("dim", [1, 3, 16, 33, 70])
+def test_bag_dense_backward_fills_dirty_memory(rng, dtype, mode, dim):
+    # every row is written (zeros where no id points) whatever the output held,
+    # streamed or not, at every alignment and thread count; the planned rows equal
+    # the row-sparse sums, bit for bit
+    V, pad = 400, 7
+    ids = np.concatenate([rng.integers(0, V, size=300), np.full(40, 3), np.full(9, pad),
+                          [V - 1, 0]])
+    starts = np.concatenate([[0], np.sort(rng.integers(0, ids.size, size=30)), [ids.size]])
+    starts = starts.astype(np.int64)
+    weight = rng.standard_normal((V, dim)).astype(dtype)
+    grad = rng.standard_normal((starts.size - 1, dim)).astype(dtype)
+    entry_bag = _cpu.entry_bags(starts)
+    plan = _cpu.plan_rows(ids, V, pad)
+    scale = argmax = None
+    if mode == "max":
+        _, argmax, _ = _cpu.bag_forward(weight, ids, starts, "max", pad)
+    elif mode == "mean":
+        counts = _cpu.bag_counts(ids, starts, pad)
+        scale = _cpu.mean_scale(counts, entry_bag, dtype)
+    elif mode == "psw":
+        scale = rng.random(ids.size).astype(dtype)
+    won = _cpu._won_masks(argmax, entry_bag)
+    no_scale = np.empty(0, dtype)
+    for by_freq in (False, True):
+        sums = _cpu.bag_row_grad(grad, plan, entry_bag, scale, argmax, by_freq)
+        expected = np.zeros((V, dim), dtype)
+        expected[plan.rows] = sums
+        for T in (1, 2, 3):
+            for stream in (False, True):
+                for offset in (0, 16, 4):
+                    out = _at_alignment(V * dim, dtype, offset).reshape(V, dim)
+                    _bag.bag_dense_backward(grad, plan.perm, plan.rows, plan.starts,
+                                            entry_bag, no_scale if scale is None else scale,
+                                            won, by_freq, out, T, stream)
+                    assert out.tobytes() == expected.tobytes(), (by_freq, T, stream, offset)
+    # no planned row (every entry padding): all zeros
+    empty = _cpu.plan_rows(np.full(5, pad), V, pad)
+    out = _at_alignment(V * dim, dtype, 0).reshape(V, dim)
+    _bag.bag_dense_backward(grad, empty.perm, empty.rows, empty.starts, entry_bag[:5],
+                            no_scale, _cpu._won_masks(None, None), False, out, 2, True)
+    assert not out.any()

@@ -298,7 +298,7 @@ def test_fused_update_at_every_level_equals_row_sums_then_update(level, dtype, r
                 w, s = w0.copy(), s0.copy()
                 _optim.fused_update(*hyper, w, grad, plan.perm, plan.rows, plan.starts,
                                     np.empty(0, np.int64), np.empty(0, dtype),
-                                    np.empty((0, 0), np.int64), scale, s, none, threads)
+                                    np.empty((0, 0), np.uint64), scale, s, none, threads)
                 assert w.tobytes() == w_ref.tobytes(), (dim, scale, threads)
                 assert s.tobytes() == s_ref.tobytes(), (dim, scale, threads)
 

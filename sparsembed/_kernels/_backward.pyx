@@ -9,14 +9,14 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 
+from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
 from sparsembed._kernels._memory cimport (
     copy_row,
     prefetch_distance,
     stream_fence,
     stream_row,
-    stream_zero,
 )
 from sparsembed._kernels._openmp_helpers cimport omp_get_num_threads, omp_get_thread_num
 from sparsembed._kernels._simd cimport (
@@ -44,50 +44,6 @@ def set_simd_level(int level):
     """Run the row sums at ``level`` (capped at what the CPU supports); returns the
     level now in use. For tests: every level gives the same bits."""
     return pool_set_level(level)
-
-
-cdef enum:
-    # a dense output's work per grad entry (a row read in plan order) and per output
-    # row (streamed), in the same unit: measured ~17 and ~11 ns per row-thread at
-    # D = 64 (row sums of 262,144 entries vs a zero-fill of 1e6 rows)
-    ENTRY_COST = 3
-    ROW_COST = 2
-
-
-cdef inline void _zero_rows(floating* out, int64_t dim, int64_t lo, int64_t hi,
-                            bint stream) noexcept nogil:
-    """Zero rows [lo, hi) of ``out`` (``stream``: non-temporal stores; the caller
-    fences them once it is done)."""
-    if hi <= lo:
-        return
-    if stream:
-        stream_zero(out + lo * dim, (hi - lo) * dim * sizeof(floating))
-    else:
-        memset(out + lo * dim, 0, (hi - lo) * dim * sizeof(floating))
-
-
-cdef void _zero_gaps(
-    floating* out,             # (*, dim)
-    int64_t dim,
-    const int64_t* rows,       # (n_rows,) sorted distinct rows
-    int64_t u_lo,              # the gaps just before rows[u_lo .. u_hi - 1]
-    int64_t u_hi,
-    int64_t tail_upto,         # >= 0 for the last block only (u_hi = number of rows):
-                               #    also rows[u_hi - 1] + 1 .. tail_upto - 1
-    bint stream,
-) noexcept nogil:
-    """Zero the rows of ``out`` that no segment writes, for one block of segments."""
-    cdef int64_t u, nxt
-    for u in range(u_lo, u_hi + 1):
-        if u < u_hi:
-            nxt = rows[u]
-        elif tail_upto >= 0:
-            nxt = tail_upto
-        else:
-            break
-        _zero_rows(out, dim, rows[u - 1] + 1 if u > 0 else 0, nxt, stream)
-    if stream:
-        stream_fence()
 
 
 cdef void _sum_all(
@@ -135,11 +91,11 @@ cdef void _sum_block(
     if zero_upto >= 0 and pool_stages(out, dim * sizeof(floating), flags):
         # rows summed through a stage (not whole lines, or divided): the pooling
         # zeroes each gap just before the row after it, so that the lines they share
-        # go out whole; only the rows after the last one are left to _zero_gaps
+        # go out whole; only the rows after the last one are left to zero_gaps
         flags = flags | SE_ZERO_GAPS
         gaps_from = u_hi
     if zero_upto >= 0:
-        _zero_gaps(out, dim, rows, gaps_from, u_hi, zero_upto if t == T - 1 else -1, stream)
+        zero_gaps(out, dim, rows, gaps_from, u_hi, zero_upto if t == T - 1 else -1, stream)
     pool_sum(&fns, grad, n_grad, dim, perm, starts[n_rows], starts, u_lo, u_hi, -1,
              <const floating*> NULL, ahead, flags, out, rows, NULL)
 
@@ -188,7 +144,7 @@ def dense_backward_fill(
         if n_rows == 0:
             # nothing to sum: every thread zeroes its share of the rows
             for t in prange(T, schedule="static", num_threads=T):
-                _zero_rows(&out[0, 0], dim, num_rows * t // T, num_rows * (t + 1) // T, stream)
+                zero_rows(&out[0, 0], dim, num_rows * t // T, num_rows * (t + 1) // T, stream)
                 if stream:
                     stream_fence()
         else:

@@ -2,8 +2,25 @@
 # optimizer path cimports it): ``from sparsembed._kernels._bag cimport bag_row_sum``.
 
 from cython cimport floating
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #if defined(_MSC_VER) && !defined(__clang__)
+        #include <intrin.h>
+        static inline int sparsembed_ctz64(uint64_t x) {
+            unsigned long i;
+            _BitScanForward64(&i, x);
+            return (int)i;
+        }
+    #else
+        static inline int sparsembed_ctz64(uint64_t x) { return __builtin_ctzll(x); }
+    #endif
+    """
+    # index of the lowest set bit of x != 0
+    int ctz64 "sparsembed_ctz64"(uint64_t x) noexcept nogil
 
 
 cdef inline void bag_row_sum(
@@ -14,26 +31,32 @@ cdef inline void bag_row_sum(
     int64_t hi,
     const int64_t* entry_bag,  # IN (n_entries,) bag of each entry, or NULL: entry e reads row e
     const floating* scale,     # IN (n_entries,) per-entry factor, or NULL for 1
-    const int64_t* argmax,     # IN (n_bags, dim) winning entry per column (max mode), or NULL
+    const uint64_t* won,       # IN (n_entries, words) columns each entry won (max mode:
+                               #    _bag.won_masks), or NULL
+    int64_t words,             # IN (dim + 63) // 64 with won
     bint scale_by_count,       # IN divide the sum by hi - lo
     floating* out,             # OUT (dim,) the row's gradient
 ) noexcept nogil:
     """``out = sum_e grad[entry_bag[e]] * scale[e]`` over the row's entries, in plan
-    order; in max mode an entry only receives the columns it won."""
-    cdef int64_t k, j, e, b
+    order; in max mode an entry only adds the columns it won (the set bits of its
+    mask: about dim / bag length of them, where comparing the bag's argmax row with
+    the entry cost dim int64 reads per entry)."""
+    cdef int64_t k, j, e, b, w
     cdef const floating* src
-    cdef const int64_t* won
+    cdef uint64_t bits
     cdef floating s, inv
     memset(out, 0, dim * sizeof(floating))
     for k in range(lo, hi):
         e = perm[k]
         b = entry_bag[e] if entry_bag != NULL else e
         src = grad + b * dim
-        if argmax != NULL:
-            won = argmax + b * dim
-            for j in range(dim):
-                if won[j] == e:
+        if won != NULL:
+            for w in range(words):
+                bits = won[e * words + w]
+                while bits != 0:
+                    j = (w << 6) + ctz64(bits)
                     out[j] += src[j]
+                    bits = bits & (bits - 1)
         elif scale != NULL:
             s = scale[e]
             for j in range(dim):

@@ -11,6 +11,7 @@ from numpy.typing import NDArray
 _Floating = NDArray[np.float32] | NDArray[np.float64]
 _Index = NDArray[np.int32] | NDArray[np.int64]
 _I64 = NDArray[np.int64]
+_U64 = NDArray[np.uint64]
 
 def bag_forward(
     weight: _Floating, idx: _Index, starts: _I64, pad: int, mode: int, psw: _Floating,
@@ -44,14 +45,20 @@ def per_sample_weights_grad(
 ) -> None:
     """``out[e] = dot(grad[entry_bag[e]], weight[idx[e]])`` (0 for padding entries)."""
 
+def won_masks(argmax: _I64, entry_bag: _I64, won: _U64, n_threads: int) -> None:
+    """Max mode's winners by entry: bit ``j % 64`` of ``won[e, j // 64]`` is set when
+    ``argmax[entry_bag[e], j] == e``; ``won`` has shape (n, (dim + 63) // 64)."""
+
 def bag_dense_backward(
     grad: _Floating, perm: _I64, rows: _I64, starts: _I64, entry_bag: _I64,
-    scale: _Floating, argmax: _I64, scale_by_count: bool, out: _Floating, n_threads: int,
+    scale: _Floating, won: _U64, scale_by_count: bool, out: _Floating, n_threads: int,
+    stream: bool = False,
 ) -> None:
-    """``out[rows[u]] = bag_row_sum(segment u)`` for every planned row."""
+    """``out[rows[u]] = bag_row_sum(segment u)`` for every planned row, zeros in every
+    other row (``out`` need not be zeroed; ``stream``: non-temporal stores)."""
 
 def bag_row_sums(
     grad: _Floating, perm: _I64, starts: _I64, entry_bag: _I64, scale: _Floating,
-    argmax: _I64, scale_by_count: bool, out: _Floating, n_threads: int,
+    won: _U64, scale_by_count: bool, out: _Floating, n_threads: int,
 ) -> None:
     """``out[u] = bag_row_sum(segment u)``: the row-sparse gradient's values."""

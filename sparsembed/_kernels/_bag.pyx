@@ -12,12 +12,20 @@ thread count.
 """
 
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
-from sparsembed._kernels._memory cimport copy_row, prefetch_distance, prefetch_row
+from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
+from sparsembed._kernels._memory cimport (
+    copy_row,
+    prefetch_distance,
+    prefetch_row,
+    stream_fence,
+    stream_row,
+)
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
@@ -27,7 +35,7 @@ from sparsembed._kernels._simd cimport (
     pool_table,
     pool_table_at,
 )
-from sparsembed._kernels._split cimport block_start
+from sparsembed._kernels._split cimport block_start, block_start_spanned
 from sparsembed._kernels._types cimport index_t
 
 cdef enum:
@@ -265,12 +273,55 @@ def per_sample_weights_grad(
             out[e] = <floating> acc
 
 
+def won_masks(
+    const int64_t[:, ::1] argmax,    # IN (n_bags, dim) winning entry per column, -1: none
+    const int64_t[::1] entry_bag,    # IN (n,) bag of each entry
+    uint64_t[:, ::1] won,            # OUT (n, (dim + 63) // 64)
+    int n_threads,
+):
+    """Max mode's winners by entry: bit ``j % 64`` of ``won[e, j // 64]`` is set when
+    ``argmax[entry_bag[e], j] == e`` (no other argmax entry counts), so that the
+    backward reads one word per 64 columns of an entry instead of its bag's argmax
+    row (``dim`` int64 per entry). Each thread owns a range of entries: it zeroes
+    their masks, then looks through the bags they belong to."""
+    cdef int64_t n = entry_bag.shape[0]
+    cdef int64_t n_bags = argmax.shape[0]
+    cdef int64_t dim = argmax.shape[1]
+    cdef int64_t words = won.shape[1]
+    cdef int64_t T = max(1, min(n_threads, n))
+    cdef int64_t t, e_lo, e_hi, b_lo, b_hi, b, j, e
+    if won.shape[0] != n or words != (dim + 63) // 64:
+        raise ValueError(f"won must have shape ({n}, {(dim + 63) // 64}), "
+                         f"got ({won.shape[0]}, {won.shape[1]})")
+    if n == 0 or words == 0:
+        return
+    with nogil:
+        for t in prange(T, schedule="static", num_threads=T):
+            e_lo = n * t // T
+            e_hi = n * (t + 1) // T
+            memset(&won[e_lo, 0], 0, (e_hi - e_lo) * words * sizeof(uint64_t))
+            # the bags of these entries (one contiguous range when entry_bag is
+            # sorted, as a bag batch's is)
+            b_lo = n_bags
+            b_hi = 0
+            for e in range(e_lo, e_hi):
+                b_lo = min(b_lo, entry_bag[e])
+                b_hi = max(b_hi, entry_bag[e] + 1)
+            b_lo = max(b_lo, 0)
+            b_hi = min(b_hi, n_bags)
+            for b in range(b_lo, b_hi):
+                for j in range(dim):
+                    e = argmax[b, j]
+                    if e_lo <= e < e_hi and entry_bag[e] == b:
+                        won[e, j >> 6] |= (<uint64_t> 1) << (j & 63)
+
+
 cdef inline void _pointers(
-    const floating[::1] scale, const int64_t[:, ::1] argmax,
-    const floating** sp, const int64_t** ap,
+    const floating[::1] scale, const uint64_t[:, ::1] won,
+    const floating** sp, const uint64_t** wp,
 ) noexcept nogil:
     sp[0] = &scale[0] if scale.shape[0] > 0 else NULL
-    ap[0] = &argmax[0, 0] if argmax.shape[0] > 0 and argmax.shape[1] > 0 else NULL
+    wp[0] = &won[0, 0] if won.shape[0] > 0 and won.shape[1] > 0 else NULL
 
 
 def bag_dense_backward(
@@ -280,31 +331,70 @@ def bag_dense_backward(
     const int64_t[::1] starts,       # IN (U + 1,) segment bounds into perm
     const int64_t[::1] entry_bag,    # IN (n,) bag of each entry
     const floating[::1] scale,       # IN (n,) per-entry factor, or (0,) for none
-    const int64_t[:, ::1] argmax,    # IN (n_bags, dim) max mode winners, or (0, 0)
+    const uint64_t[:, ::1] won,      # IN (n, words) max mode's won_masks, or (0, 0)
     bint scale_by_count,
-    floating[:, ::1] out,            # OUT (num_embeddings, dim), zero-filled by caller
+    floating[:, ::1] out,            # OUT (num_embeddings, dim), any content
     int n_threads,
+    bint stream=False,               # IN write out with non-temporal stores
 ):
-    """``out[rows[u]] = bag_row_sum(segment u)`` for every planned row."""
+    """``out[rows[u]] = bag_row_sum(segment u)`` for every planned row and zeros in
+    every other row, in one pass (``out`` need not be zero-filled first): each thread
+    writes a contiguous range of rows, its segments' sums and the gaps between them.
+    With ``stream`` every row goes out with non-temporal stores (a large table: no
+    line is read before it is written)."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = grad.shape[1]
+    cdef int64_t num_rows = out.shape[0]
     cdef int64_t u, t, u_lo, u_hi
-    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef int64_t T = max(1, min(n_threads, num_rows))
+    cdef int64_t words = won.shape[1]
     cdef const floating* sp
-    cdef const int64_t* ap
-    if n_rows == 0 or dim == 0:
+    cdef const uint64_t* wp
+    cdef floating* buf = NULL
+    cdef floating* dst
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed
+    if num_rows == 0 or dim == 0:
         return
-    _pointers(scale, argmax, &sp, &ap)
-    if T > n_rows:
-        T = n_rows
-    with nogil:
-        # blocks of rows with about the same number of entries each (_split.pxd)
-        for t in prange(T, schedule="static", num_threads=T):
-            u_lo = block_start(&starts[0], n_rows, T, t)
-            u_hi = block_start(&starts[0], n_rows, T, t + 1)
+    _check_won(won, entry_bag.shape[0], dim)
+    if n_rows > 0 and rows[n_rows - 1] >= num_rows:
+        raise ValueError(f"row {rows[n_rows - 1]} is outside out's {num_rows} rows")
+    _pointers(scale, won, &sp, &wp)
+    with nogil, parallel(num_threads=T):
+        buf = <floating*> malloc(dim * sizeof(floating)) if stream else NULL
+        for t in prange(T, schedule="static"):
+            if stream and buf == NULL:
+                failed_ptr[0] = 1
+                continue
+            # blocks with about the same work each: entries summed plus rows written
+            u_lo = block_start_spanned(&starts[0], &rows[0], n_rows, num_rows, T, t,
+                                       ENTRY_COST, ROW_COST) if n_rows > 0 else 0
+            u_hi = block_start_spanned(&starts[0], &rows[0], n_rows, num_rows, T, t + 1,
+                                       ENTRY_COST, ROW_COST) if n_rows > 0 else 0
+            if n_rows == 0:
+                zero_rows(&out[0, 0], dim, num_rows * t // T, num_rows * (t + 1) // T,
+                          stream)
+            else:
+                zero_gaps(&out[0, 0], dim, &rows[0], u_lo, u_hi,
+                          num_rows if t == T - 1 else -1, stream)
             for u in range(u_lo, u_hi):
+                dst = &out[rows[u], 0]
                 bag_row_sum(&grad[0, 0], dim, &perm[0], starts[u], starts[u + 1],
-                            &entry_bag[0], sp, ap, scale_by_count, &out[rows[u], 0])
+                            &entry_bag[0], sp, wp, words, scale_by_count,
+                            buf if stream else dst)
+                if stream:
+                    stream_row(dst, buf, dim * sizeof(floating))
+            if stream:
+                stream_fence()
+        free(buf)
+    if failed:
+        raise MemoryError("could not allocate the dense backward's row buffer")
+
+
+cdef _check_won(const uint64_t[:, ::1] won, int64_t n, int64_t dim):
+    if won.shape[0] > 0 and (won.shape[0] != n or won.shape[1] != (dim + 63) // 64):
+        raise ValueError(f"won must have shape ({n}, {(dim + 63) // 64}), "
+                         f"got ({won.shape[0]}, {won.shape[1]})")
 
 
 def bag_row_sums(
@@ -313,7 +403,7 @@ def bag_row_sums(
     const int64_t[::1] starts,       # IN (U + 1,)
     const int64_t[::1] entry_bag,    # IN (n,)
     const floating[::1] scale,       # IN (n,) or (0,)
-    const int64_t[:, ::1] argmax,    # IN (n_bags, dim) or (0, 0)
+    const uint64_t[:, ::1] won,      # IN (n, words) max mode's won_masks, or (0, 0)
     bint scale_by_count,
     floating[:, ::1] out,            # OUT (U, dim), one row per distinct id
     int n_threads,
@@ -323,11 +413,13 @@ def bag_row_sums(
     cdef int64_t dim = grad.shape[1]
     cdef int64_t u, t, u_lo, u_hi
     cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef int64_t words = won.shape[1]
     cdef const floating* sp
-    cdef const int64_t* ap
+    cdef const uint64_t* wp
     if n_rows == 0 or dim == 0:
         return
-    _pointers(scale, argmax, &sp, &ap)
+    _check_won(won, entry_bag.shape[0], dim)
+    _pointers(scale, won, &sp, &wp)
     if T > n_rows:
         T = n_rows
     with nogil:
@@ -337,4 +429,4 @@ def bag_row_sums(
             u_hi = block_start(&starts[0], n_rows, T, t + 1)
             for u in range(u_lo, u_hi):
                 bag_row_sum(&grad[0, 0], dim, &perm[0], starts[u], starts[u + 1],
-                            &entry_bag[0], sp, ap, scale_by_count, &out[u, 0])
+                            &entry_bag[0], sp, wp, words, scale_by_count, &out[u, 0])

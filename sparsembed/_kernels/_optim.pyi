@@ -32,7 +32,7 @@ def update_rows(
 def fused_update(
     kind: int, lr: float, momentum: float, weight_decay: float, eps: float,
     c1: float, c2: float, c3: float, weight: _Floating, grad: _Floating, perm: _I64,
-    rows: _I64, starts: _I64, src: _I64, scale: _Floating, argmax: _I64,
+    rows: _I64, starts: _I64, src: _I64, scale: _Floating, won: NDArray[np.uint64],
     scale_by_count: bool, s1: _Floating, s2: _Floating, n_threads: int,
     row_cost: int = 4,
 ) -> None:

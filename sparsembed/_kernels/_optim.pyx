@@ -19,7 +19,7 @@ before use, as torch rounds Python scalars to the tensor's dtype.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 from sparsembed._kernels._bag cimport bag_row_sum
@@ -173,8 +173,8 @@ def fused_update(
     const int64_t[::1] starts,         # IN (U + 1,) plan: segment bounds into perm
     const int64_t[::1] src,            # IN (n,) entry -> grad row, or (0,): entry e reads row e
     const floating[::1] scale,         # IN (n,) per-entry factor, or (0,): none
-    const int64_t[:, ::1] argmax,      # IN (n_src, dim) winning entry per column, or (0, 0);
-                                       #    needs src (EmbeddingBag's max mode)
+    const uint64_t[:, ::1] won,        # IN (n, words) columns each entry won (EmbeddingBag's
+                                       #    max mode: _bag.won_masks), or (0, 0); needs src
     bint scale_by_count,               # IN divide each row's sum by its occurrence count
     floating[:, ::1] s1,               # INOUT state as in update_rows, or (0, *)
     floating[:, ::1] s2,               # INOUT state as in update_rows, or (0, *)
@@ -188,7 +188,7 @@ def fused_update(
     ``e = perm[k]``, ``k in [starts[u], starts[u+1])`` (in that order; divided by the
     count with ``scale_by_count``), then one optimizer update. Without ``src`` and
     ``scale`` the sums are the SIMD pooling's, as in the backward's row sums; otherwise
-    EmbeddingBag's own ``bag_row_sum`` (``_bag.pxd``; with ``argmax``, an entry only
+    EmbeddingBag's own ``bag_row_sum`` (``_bag.pxd``; with ``won``, an entry only
     sends the columns it won), so the result equals the bag backward's row gradient.
     """
     cdef Hyper h = _hyper(kind, lr, momentum, weight_decay, eps, c1, c2, c3)
@@ -201,7 +201,8 @@ def fused_update(
     cdef bint has_scale = scale.shape[0] > 0
     cdef bint pooled = not has_src and not has_scale
     cdef const floating* scale_ptr = &scale[0] if has_scale else NULL
-    cdef const int64_t* argmax_ptr = &argmax[0, 0] if argmax.shape[0] > 0 else NULL
+    cdef const uint64_t* won_ptr = &won[0, 0] if won.shape[0] > 0 and won.shape[1] > 0 else NULL
+    cdef int64_t words = won.shape[1]
     cdef int failed = 0
     cdef int* failed_ptr = &failed
     cdef int64_t u, r, lo, hi, t, u_lo, u_hi, u_end, i
@@ -220,6 +221,9 @@ def fused_update(
     if row_cost < 0:
         # the split's cost must grow with the segment index, or blocks could overlap
         raise ValueError(f"row_cost must be >= 0, got {row_cost}")
+    if won.shape[0] > 0 and (won.shape[0] != src.shape[0] or words != (dim + 63) // 64):
+        raise ValueError(f"won must have shape ({src.shape[0]}, {(dim + 63) // 64}), "
+                         f"got ({won.shape[0]}, {words})")
     if n_rows == 0 or dim == 0:
         return
     if T > n_rows:
@@ -272,7 +276,7 @@ def fused_update(
                 # EmbeddingBag's row sum (through src) or scaled entries: each added
                 # to zero, in input order
                 bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0] if has_src else NULL,
-                            scale_ptr, argmax_ptr, scale_by_count, buf)
+                            scale_ptr, won_ptr, words, scale_by_count, buf)
                 _update_row(&ufns, &h, &weight[r, 0], buf,
                             &s1[r, 0] if has_s1 else NULL,
                             &s2[r, 0] if has_s2 else NULL, dim)
