@@ -1,5 +1,6 @@
-"""EmbeddingBag's sum/mean pooling, built for several SIMD levels and picked at run
-time (``_simd_pool.h``), and the id range check it does on the way (issue 6).
+"""EmbeddingBag's sum/mean and max pooling, built for several SIMD levels and picked at
+run time (``_simd_pool.h``, ``_simd_max.h``), and the id range check it does on the
+way (issue 6).
 
 Every level this CPU supports is run and compared bit for bit with a numpy
 reference that adds the rows in entry order, the order the kernel promises.
@@ -104,6 +105,68 @@ def test_every_level_gives_the_sequential_sum_bit_for_bit(level, idx_dtype, mode
                 assert n_bad == 0
                 assert_array_equal(counts, expected_counts)
                 assert out.tobytes() == expected.tobytes(), (dim, pad, stream, skew)
+
+
+def _sequential_max(weight, flat, starts, pad):
+    """Each bag's column maxima and the entry each came from, entry by entry: an
+    entry wins a column only when strictly larger than every earlier one (the first
+    occurrence wins ties; NaN only as the first entry); zeros and -1 for an empty bag."""
+    n_bags, dim = starts.size - 1, weight.shape[1]
+    out = np.zeros((n_bags, dim), dtype=weight.dtype)
+    argmax = np.full((n_bags, dim), -1, dtype=np.int64)
+    counts = np.zeros(n_bags, dtype=np.int64)
+    for b in range(n_bags):
+        for e in range(starts[b], starts[b + 1]):
+            if flat[e] == pad:
+                continue
+            row = weight[flat[e]]
+            if counts[b] == 0:
+                out[b], argmax[b] = row, e
+            else:
+                wins = row > out[b]
+                out[b, wins], argmax[b, wins] = row[wins], e
+            counts[b] += 1
+    return out, argmax, counts
+
+
+@pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_max_pooling_at_every_level_bit_for_bit(level, idx_dtype, dtype, rng, at_level):
+    # the maxima and winners of _simd_max.h, chunk widths and column tails alike,
+    # with ties (a row repeated, +0.0 against -0.0), NaN first and later, padding
+    # first, last and everywhere, empty bags and a bag of padding only
+    if level not in _levels():
+        pytest.skip(f"this CPU lacks {LEVEL_NAMES[level]}")
+    assert at_level(level) == level
+    V = 50
+    for dim in DIMS:
+        weight = rng.standard_normal((V, dim)).astype(dtype)
+        weight[4] = weight[5]  # ties between distinct rows
+        weight[6, ::2] = 0.0
+        weight[7, ::2] = -0.0
+        weight[8, ::3] = np.nan
+        weight[9] = np.round(weight[9])  # ties with rows of small integers
+        weight[10] = np.round(weight[10])
+        flat, starts = _batch(rng, V, 23, dtype, idx_dtype)
+        long_bags = np.flatnonzero(np.diff(starts) >= 4)
+        b0, b1, b2, b3 = starts[long_bags[:3]].tolist() + [long_bags[-1]]
+        flat[b0:b0 + 4] = [8, 1, 2, 3]  # NaN first
+        flat[b1:b1 + 3] = [1, 8, 2]  # NaN later: loses
+        flat[b2:b2 + 4] = [7, 6, 9, 10]
+        flat[starts[b3]:starts[b3 + 1]] = 3
+        for pad in (-1, 3, V + 5):
+            expected, expected_argmax, expected_counts = _sequential_max(weight, flat, starts,
+                                                                         pad)
+            out = _aligned_full((starts.size - 1, dim), dtype, 0)
+            argmax = np.full((starts.size - 1, dim), -7, dtype=np.int64)
+            counts = np.full(starts.size - 1, -7, dtype=np.int64)
+            for T in (1, 2):
+                n_bad = _bag.bag_forward(weight, flat, starts, pad, 2, np.empty(0, dtype), out,
+                                         argmax, counts, T)
+                assert n_bad == 0
+                assert_array_equal(counts, expected_counts)
+                assert out.tobytes() == expected.tobytes(), (dim, pad)
+                assert_array_equal(argmax, expected_argmax)
 
 
 def _aligned_full(shape, dtype, skew):

@@ -4,11 +4,11 @@ and the row-partitioned backward.
 Bags are given as ``starts`` (n_bags + 1, int64): bag ``b`` holds the entries
 ``starts[b]:starts[b + 1]``. The forward gives each thread a contiguous range of
 bags: sum and mean through the SIMD kernels of ``_simd_pool.h`` (one call per
-thread, the widest vector level the CPU has), max one bag at a time here. The
-backward goes through the row plan of the entries (see ``_plan``): each
-distinct row is summed by one thread in plan order, with the helper
-:func:`bag_row_sum` from ``_bag.pxd``, so results are bitwise identical for every
-thread count.
+thread, the widest vector level the CPU has), max through those of ``_simd_max.h``
+(one call per bag). The backward goes through the row plan of the entries (see
+``_plan``): each distinct row is summed by one thread in plan order, with the
+helper :func:`bag_row_sum` from ``_bag.pxd``, so results are bitwise identical for
+every thread count.
 """
 
 from cython cimport floating
@@ -19,16 +19,13 @@ from libc.string cimport memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
-from sparsembed._kernels._memory cimport (
-    copy_row,
-    prefetch_distance,
-    prefetch_row,
-    stream_fence,
-    stream_row,
-)
+from sparsembed._kernels._memory cimport prefetch_distance, stream_fence, stream_row
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
+    max_bag,
+    max_table,
+    max_table_at,
     pool_level,
     pool_set_level,
     pool_sum,
@@ -44,63 +41,13 @@ cdef enum:
     MODE_MAX = 2
 
 
-cdef inline void _prefetch_row(
-    const floating* weight, int64_t dim, const index_t* idx, int64_t e, int64_t hi,
-) noexcept nogil:
-    # every 64-byte line of the row of entry e (when there is one)
-    if e < hi:
-        prefetch_row(weight + idx[e] * dim, dim * sizeof(floating))
-
-
-cdef inline int64_t _max_bag(
-    const floating* weight,     # (num_rows, dim)
-    int64_t num_rows,
-    int64_t dim,
-    const index_t* idx,
-    int64_t lo,
-    int64_t hi,
-    int64_t n,                  # entries in idx (rows past the bag are prefetched too)
-    int64_t pad,
-    int64_t ahead,              # prefetch distance in entries
-    floating* out,              # (dim,)
-    int64_t* argmax,            # (dim,)
-) noexcept nogil:
-    # returns the count, or -(e + 1) for the first entry e with an id out of range
-    cdef int64_t e, j, r, c = 0
-    cdef const floating* w
-    memset(out, 0, dim * sizeof(floating))
-    for e in range(lo, hi):
-        _prefetch_row(weight, dim, idx, e + ahead, n)
-        r = idx[e]
-        if <uint64_t> r >= <uint64_t> num_rows:
-            return -(e + 1)
-        if r == pad:
-            continue
-        w = weight + r * dim
-        if c == 0:
-            copy_row(out, w, dim * sizeof(floating))
-            for j in range(dim):
-                argmax[j] = e
-        else:
-            # strict >: the first occurrence wins ties (torch's rule)
-            for j in range(dim):
-                if w[j] > out[j]:
-                    out[j] = w[j]
-                    argmax[j] = e
-        c = c + 1
-    if c == 0:
-        for j in range(dim):
-            argmax[j] = -1
-    return c
-
-
 def simd_level():
-    """The SIMD level the sum/mean pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
+    """The SIMD level the pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
     return pool_level()
 
 
 def set_simd_level(int level):
-    """Run the sum/mean pooling at ``level`` (capped at what the CPU supports);
+    """Run the pooling at ``level`` (capped at what the CPU supports);
     returns the level now in use. For tests: every level gives the same bits."""
     return pool_set_level(level)
 
@@ -148,6 +95,7 @@ def bag_forward(
     # D = 512 Zipf 0.77 -> 0.75)
     cdef int64_t ahead = max(8, prefetch_distance(dim * sizeof(floating)))
     cdef pool_table fns = pool_table_at(pool_level())
+    cdef max_table mfns = max_table_at(pool_level())
     if n_bags <= 0 or dim <= 0:
         return 0
     if num_rows > 0:
@@ -159,8 +107,8 @@ def bag_forward(
     if mode == MODE_MAX:
         with nogil:
             for b in prange(n_bags, schedule="static", num_threads=n_threads):
-                c = _max_bag(w, num_rows, dim, ix, starts[b], starts[b + 1], n_idx, pad,
-                             ahead, &out[b, 0], &argmax[b, 0])
+                c = max_bag(&mfns, w, num_rows, dim, ix, starts[b], starts[b + 1], n_idx, pad,
+                            ahead, &out[b, 0], &argmax[b, 0])
                 counts[b] = c
                 if c < 0:
                     n_bad += 1

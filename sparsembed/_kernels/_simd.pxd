@@ -73,3 +73,53 @@ cdef inline int64_t pool_sum(
         else:
             return fns.f64_i64(weight, num_rows, dim, idx, n, starts, b0, b1, pad, psw,
                                ahead, flags, out, dest, counts)
+
+
+# The max pooling of ``_simd_max.h`` (EmbeddingBag mode "max"), at the same level.
+cdef extern from "_simd_max.h":
+    ctypedef int64_t (*max_f32_i32_t)(
+        const float*, int64_t, int64_t, const int32_t*, int64_t, int64_t, int64_t, int64_t,
+        int64_t, float*, int64_t*) noexcept nogil
+    ctypedef int64_t (*max_f32_i64_t)(
+        const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t,
+        int64_t, float*, int64_t*) noexcept nogil
+    ctypedef int64_t (*max_f64_i32_t)(
+        const double*, int64_t, int64_t, const int32_t*, int64_t, int64_t, int64_t, int64_t,
+        int64_t, double*, int64_t*) noexcept nogil
+    ctypedef int64_t (*max_f64_i64_t)(
+        const double*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t,
+        int64_t, double*, int64_t*) noexcept nogil
+    ctypedef struct max_table "se_max_table":
+        max_f32_i32_t f32_i32
+        max_f32_i64_t f32_i64
+        max_f64_i32_t f64_i32
+        max_f64_i64_t f64_i64
+    max_table max_table_at "sparsembed_max_table"(int level) noexcept nogil
+
+
+cdef inline int64_t max_bag(
+    const max_table* fns,       # the max kernels at the SIMD level in use
+    const floating* weight,     # (num_rows, dim)
+    int64_t num_rows,
+    int64_t dim,
+    const index_t* idx,
+    int64_t lo,                 # the bag is entries lo..hi-1
+    int64_t hi,
+    int64_t n,                  # entries in idx (rows past the bag are prefetched too)
+    int64_t pad,
+    int64_t ahead,              # prefetch distance in entries
+    floating* out,              # (dim,) the columns' maxima (zeros for no entry)
+    int64_t* argmax,            # (dim,) the entry each came from (-1 for no entry)
+) noexcept nogil:
+    # the (dtype, index dtype) variant; returns the count of non-padding entries, or
+    # -(e + 1) for the first entry e with an id outside [0, num_rows)
+    if floating is float:
+        if index_t is int32_t:
+            return fns.f32_i32(weight, num_rows, dim, idx, lo, hi, n, pad, ahead, out, argmax)
+        else:
+            return fns.f32_i64(weight, num_rows, dim, idx, lo, hi, n, pad, ahead, out, argmax)
+    else:
+        if index_t is int32_t:
+            return fns.f64_i32(weight, num_rows, dim, idx, lo, hi, n, pad, ahead, out, argmax)
+        else:
+            return fns.f64_i64(weight, num_rows, dim, idx, lo, hi, n, pad, ahead, out, argmax)
