@@ -147,17 +147,23 @@ def row_grad(grad2d, plan, scale_grad_by_freq):
 
 def sparse_grad(grad2d, plan, num_rows, scale_grad_by_freq):
     """Canonical row-sparse csr_array gradient of shape (num_rows, dim)."""
+    return _sparse_grad_of(grad2d, plan.perm, None, plan, num_rows, scale_grad_by_freq)
+
+
+def _sparse_grad_of(grad2d, grad_rows, weights, plan, num_rows, scale_grad_by_freq):
+    """:func:`sparse_grad` where plan entry ``k`` reads grad row ``grad_rows[k]``, times
+    ``weights[k]`` unless None (a bag batch: see :func:`_plan_in_bags`)."""
     n_rows, dim = plan.rows.shape[0], grad2d.shape[1]
     out = _pool.empty((n_rows, dim), grad2d.dtype)
     indptr, indices = _rowsparse.structure_arrays(n_rows, dim, num_rows)
     # the row sums and the csr structure in one parallel region: one wake-up of the
     # second thread, not two
-    T = max(threads_for(grad2d.size, ROW_MOVE_GRAIN),
+    T = max(threads_for(grad_rows.shape[0] * dim, ROW_MOVE_GRAIN),
             threads_for(num_rows + n_rows * dim, _rowsparse.CSR_FILL_GRAIN))
-    _backward.sparse_row_grad(grad2d, plan.perm, plan.starts, plan.rows, scale_grad_by_freq,
+    _backward.sparse_row_grad(grad2d, grad_rows, plan.starts, plan.rows, scale_grad_by_freq,
                               out, num_rows, indptr, indices, T,
                               out.nbytes >= ROW_SUMS_STREAM_BYTES,
-                              _rowsparse.stream_indices(indices))
+                              _rowsparse.stream_indices(indices), weights=weights)
     return _rowsparse.wrap_rows(plan.rows, out, indptr, indices, num_rows)
 
 
@@ -265,14 +271,30 @@ def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan=N
     return out
 
 
+def _plan_in_bags(plan, entry_bag, scale, dtype):
+    """(bag of each plan entry, its factor or None): sum and mean bags then sum through
+    the backward's SIMD row sums (``_backward``), whose ids are grad rows."""
+    m = plan.perm.shape[0]
+    bag_of = _pool.empty((m,), np.int64)
+    scale_of = _pool.empty((m,), dtype) if scale is not None else _no_scale(dtype)
+    _bag.entry_grad_rows(plan.perm, entry_bag, _no_scale(dtype) if scale is None else scale,
+                         bag_of, scale_of, threads_for(m))
+    return bag_of, (scale_of if scale is not None else None)
+
+
 def bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq):
     """(n_rows, dim) per-row sums of ``grad2d[entry_bag[e]] * scale[e]`` over each planned
     row's entries (in max mode only the columns the entry won), in ``plan.rows`` order."""
     out = _pool.empty((plan.rows.shape[0], grad2d.shape[1]), grad2d.dtype)
+    T = threads_for(plan.perm.shape[0] * grad2d.shape[1])
+    if argmax is None:
+        bag_of, scale_of = _plan_in_bags(plan, entry_bag, scale, grad2d.dtype)
+        _backward.row_sums(grad2d, bag_of, plan.starts, scale_grad_by_freq, out, T,
+                           out.nbytes >= ROW_SUMS_STREAM_BYTES, weights=scale_of)
+        return out
     _bag.bag_row_sums(grad2d, plan.perm, plan.starts, entry_bag,
                       _no_scale(grad2d.dtype) if scale is None else scale,
-                      _won_masks(argmax, entry_bag), scale_grad_by_freq, out,
-                      threads_for(plan.perm.shape[0] * grad2d.shape[1]))
+                      _won_masks(argmax, entry_bag), scale_grad_by_freq, out, T)
     return out
 
 
@@ -280,12 +302,26 @@ def bag_dense_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_
     """Dense (num_rows, dim) gradient of a bag forward."""
     # every row is written (zeros where no id points), as for dense_grad
     out = _pool.empty((num_rows, grad2d.shape[1]), grad2d.dtype)
+    T = threads_for(plan.perm.shape[0] * grad2d.shape[1] + out.size // 8)
+    stream = out.nbytes >= STREAM_BYTES
+    if argmax is None:
+        bag_of, scale_of = _plan_in_bags(plan, entry_bag, scale, grad2d.dtype)
+        _backward.dense_backward_fill(grad2d, bag_of, plan.rows, plan.starts,
+                                      scale_grad_by_freq, out, T, stream, weights=scale_of)
+        return out
     _bag.bag_dense_backward(grad2d, plan.perm, plan.rows, plan.starts, entry_bag,
                             _no_scale(grad2d.dtype) if scale is None else scale,
-                            _won_masks(argmax, entry_bag), scale_grad_by_freq, out,
-                            threads_for(plan.perm.shape[0] * grad2d.shape[1] + out.size // 8),
-                            out.nbytes >= STREAM_BYTES)
+                            _won_masks(argmax, entry_bag), scale_grad_by_freq, out, T, stream)
     return out
+
+
+def bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_by_freq):
+    """Canonical row-sparse csr_array gradient of a bag forward."""
+    if argmax is not None:
+        values = bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq)
+        return _rowsparse.from_rows(plan.rows, values, num_rows)
+    bag_of, scale_of = _plan_in_bags(plan, entry_bag, scale, grad2d.dtype)
+    return _sparse_grad_of(grad2d, bag_of, scale_of, plan, num_rows, scale_grad_by_freq)
 
 
 _NO_WON = np.empty((0, 0), dtype=np.uint64)
@@ -299,12 +335,6 @@ def _won_masks(argmax, entry_bag):
     won = _pool.empty((entry_bag.shape[0], (argmax.shape[1] + 63) // 64), np.uint64)
     _bag.won_masks(argmax, entry_bag, won, threads_for(argmax.size))
     return won
-
-
-def bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_by_freq):
-    """Canonical row-sparse csr_array gradient of a bag forward."""
-    values = bag_row_grad(grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq)
-    return _rowsparse.from_rows(plan.rows, values, num_rows)
 
 
 # ---------------------------------------------------------------- optimizers
@@ -337,10 +367,17 @@ def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_b
                        argmax=None):
     """Fused backward + update of the planned rows (``_optim.fused_update``, through
     ``_half`` for float16 tables)."""
-    _half.fused_update(kind, *hyper, weight, grad, plan.perm, plan.rows, plan.starts,
+    dtype = _half.compute_dtype(weight.dtype)
+    perm, weights = plan.perm, None
+    if src is not None and argmax is None:
+        # sum and mean bags sum through the SIMD pooling, as their backward does
+        perm, weights = _plan_in_bags(plan, src, scale, dtype)
+        src = scale = None
+    _half.fused_update(kind, *hyper, weight, grad, perm, plan.rows, plan.starts,
                        np.empty(0, np.int64) if src is None else src,
-                       np.empty(0, _half.compute_dtype(weight.dtype)) if scale is None else scale,
+                       np.empty(0, dtype) if scale is None else scale,
                        _NO_WON if src is None else _won_masks(argmax, src),
                        bool(scale_grad_by_freq), _state(s1, weight), _state(s2, weight),
                        threads_for(plan.perm.shape[0] * grad.shape[1]
-                                   + 3 * plan.rows.shape[0] * weight.shape[1]))
+                                   + 3 * plan.rows.shape[0] * weight.shape[1]),
+                       weights=weights)

@@ -232,7 +232,7 @@ def update_rows(kind, lr, momentum, weight_decay, eps, c1, c2, c3, weight, rows,
 
 
 def fused_update(kind, lr, momentum, weight_decay, eps, c1, c2, c3, weight, grad, perm, rows,
-                 starts, src, scale, won, scale_by_count, s1, s2, n_threads):
+                 starts, src, scale, won, scale_by_count, s1, s2, n_threads, weights=None):
     """``_optim.fused_update`` for every table dtype (same arguments).
 
     A float16 ``weight`` is updated through a float32 copy of the plan's rows (and of
@@ -241,14 +241,15 @@ def fused_update(kind, lr, momentum, weight_decay, eps, c1, c2, c3, weight, grad
     hyper = (kind, lr, momentum, weight_decay, eps, c1, c2, c3)
     if not is_half(weight):
         _optim.fused_update(*hyper, weight, grad, perm, rows, starts, src, scale, won,
-                            scale_by_count, s1, s2, n_threads)
+                            scale_by_count, s1, s2, n_threads, weights=weights)
         return
     if rows.shape[0] == 0 or weight.shape[1] == 0:
         return
     work = _rows32(weight, rows)
     w1, w2 = _state_rows(s1, rows), _state_rows(s2, rows)
     _optim.fused_update(*hyper, work, grad, perm, np.arange(rows.shape[0], dtype=np.int64),
-                        starts, src, scale, won, scale_by_count, w1, w2, n_threads)
+                        starts, src, scale, won, scale_by_count, w1, w2, n_threads,
+                        weights=weights)
     _store(weight, rows, work)
     _put_state(s1, rows, w1)
     _put_state(s2, rows, w2)

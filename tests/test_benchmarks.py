@@ -39,6 +39,11 @@ def test_runner_smoke_writes_valid_json(tmp_path):
         sys.path.remove(os.path.dirname(RUNNER))
     table = report.main_table(result)
     assert "streamed while reading grad_output in order" in table
+    modes = {(r["mode"], r["kind"]) for r in result["bag_modes"]}
+    assert modes == {(m, k) for m in ("sum", "mean", "max")
+                     for k in ("forward", "dense", "sparse")} - {("max", "sparse")}
+    assert all(r["times_ms"]["sparsembed"] > 0 for r in result["bag_modes"])
+    assert "max: forward + dense backward" in report.bag_modes_table(result)
     assert result["threads"] and all(t["t1_ms"] > 0 and t["t2_ms"] > 0 for t in result["threads"])
     assert result["scaling"]["vs_B"] and result["scaling"]["vs_V"]
     assert result["memory"] and all(m["sparse_backward_tracemalloc"] > 0 for m in result["memory"])

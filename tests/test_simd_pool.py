@@ -336,6 +336,87 @@ def test_row_sums_and_dense_backward_at_every_level_are_sequential_sums_from_zer
 
 
 @pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))
+@pytest.mark.parametrize("scale", [False, True])
+def test_bag_row_sums_through_the_plan_in_bags_at_every_level(level, scale, dtype, rng,
+                                                              at_level):
+    """Sum and mean bags' backward: the plan's entries mapped to their bags (and
+    factors) by entry_grad_rows, then the backward's row sums with ``weights``: each
+    row is w[k] * grad[bag of k] added to zero in plan order, at every level, thread
+    count and store kind, for the row sums, the dense fill and the csr kernel."""
+    if level not in _levels():
+        pytest.skip(f"this CPU lacks {LEVEL_NAMES[level]}")
+    assert at_level(level) == level
+    V, pad = 40, 9
+    for dim in [1, 3, 16, 17, 64, 100, 257]:
+        ids = rng.integers(0, V - 1, size=300)
+        ids[::4] = 7  # a long segment
+        ids[::11] = pad
+        starts = np.concatenate([[0], np.sort(rng.integers(0, ids.size, 25)), [ids.size]])
+        entry_bag = _cpu.entry_bags(starts.astype(np.int64))
+        grad = rng.standard_normal((starts.size - 1, dim)).astype(dtype)
+        psw = rng.standard_normal(ids.size).astype(dtype)
+        plan = _cpu.plan_rows(ids, V, pad)
+        m = plan.perm.size
+        bag_of = np.full(m, -5, np.int64)
+        psw_of = np.full(m, np.nan, dtype)
+        for threads in (1, 2):
+            _bag.entry_grad_rows(plan.perm, entry_bag, psw, bag_of, psw_of, threads)
+            assert_array_equal(bag_of, entry_bag[plan.perm])
+            assert_array_equal(psw_of, psw[plan.perm])
+        expected = np.zeros((plan.rows.size, dim), dtype=dtype)
+        for u in range(plan.rows.size):
+            acc = np.zeros(dim, dtype=dtype)
+            for k in range(plan.starts[u], plan.starts[u + 1]):
+                acc = acc + psw_of[k] * grad[bag_of[k]]
+            count = plan.starts[u + 1] - plan.starts[u]
+            expected[u] = acc / np.dtype(dtype).type(count) if scale and count > 1 else acc
+        dense_want = np.zeros((V, dim), dtype=dtype)
+        dense_want[plan.rows] = expected
+        for threads in (1, 2, 3):
+            for stream in (False, True):
+                sums = np.full((plan.rows.size, dim), np.nan, dtype=dtype)
+                _backward.row_sums(grad, bag_of, plan.starts, scale, sums, threads, stream,
+                                   weights=psw_of)
+                assert sums.tobytes() == expected.tobytes(), (dim, threads, stream)
+                dense = np.full((V, dim), np.nan, dtype=dtype)
+                _backward.dense_backward_fill(grad, bag_of, plan.rows, plan.starts, scale,
+                                              dense, threads, stream, weights=psw_of)
+                assert dense.tobytes() == dense_want.tobytes(), (dim, threads, stream)
+                sums = np.full((plan.rows.size, dim), np.nan, dtype=dtype)
+                ptr = np.empty(V + 1, np.int32)
+                ind = np.empty(plan.rows.size * dim, np.int32)
+                _backward.sparse_row_grad(grad, bag_of, plan.starts, plan.rows, scale, sums, V,
+                                          ptr, ind, threads, stream, stream, weights=psw_of)
+                assert sums.tobytes() == expected.tobytes(), (dim, threads, stream)
+            # the fused update sums the same way: bit for bit the sums, then the update
+            hyper = (_optim.KIND_ADAGRAD, 0.1, 0.0, 0.01, 1e-8, 0.0, 0.0, 0.0)
+            w0 = rng.standard_normal((V, dim)).astype(dtype)
+            s0 = np.abs(rng.standard_normal((V, dim))).astype(dtype)
+            none = np.empty((0, dim), dtype)
+            w_ref, s_ref = w0.copy(), s0.copy()
+            _optim.update_rows(*hyper, w_ref, plan.rows, False, expected, s_ref, none, 1)
+            w, s_ = w0.copy(), s0.copy()
+            _optim.fused_update(*hyper, w, grad, bag_of, plan.rows, plan.starts,
+                                np.empty(0, np.int64), np.empty(0, dtype),
+                                np.empty((0, 0), np.uint64), scale, s_, none, threads,
+                                weights=psw_of)
+            assert w.tobytes() == w_ref.tobytes() and s_.tobytes() == s_ref.tobytes()
+        with pytest.raises(ValueError, match=f"weights holds {m - 1} entries, the plan {m}"):
+            _backward.row_sums(grad, bag_of, plan.starts, scale, sums, 1,
+                               weights=psw_of[:-1])
+    with pytest.raises(ValueError, match="weights must hold one factor per plan entry"):
+        _optim.fused_update(*hyper, w, grad, bag_of, plan.rows, plan.starts,
+                            np.empty(0, np.int64), np.empty(0, dtype),
+                            np.empty((0, 0), np.uint64), False, s_, none, 1,
+                            weights=psw_of[:-1])
+    # no scale: the factors are left alone; lengths are checked before anything is written
+    no = np.empty(0, dtype)
+    _bag.entry_grad_rows(plan.perm, entry_bag, no, bag_of, no, 2)
+    with pytest.raises(ValueError, match="bag_of and scale_of must hold"):
+        _bag.entry_grad_rows(plan.perm, entry_bag, psw, bag_of, psw_of[:-1], 1)
+
+
+@pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))
 def test_fused_update_at_every_level_equals_row_sums_then_update(level, dtype, rng, at_level):
     """The fused backward + update sums each row with the same pooling (in chunks of
     segments): bit for bit the row sums followed by the separate update."""

@@ -37,9 +37,11 @@ def dense_backward_fill(
     out: _Floating,
     n_threads: int,
     stream: bool = False,
+    weights: _Floating | None = None,
 ) -> None:
     """:func:`dense_backward` into an uninitialised ``out``: the rows no id touches
-    are zeroed in the same pass (``stream``: non-temporal stores)."""
+    are zeroed in the same pass (``stream``: non-temporal stores; ``weights``: one
+    factor per plan entry, its grad row multiplied by it)."""
 
 def row_sums(
     grad: _Floating,
@@ -49,9 +51,10 @@ def row_sums(
     out: _Floating,
     n_threads: int,
     stream: bool = False,
+    weights: _Floating | None = None,
 ) -> None:
     """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count); ``stream``:
-    non-temporal stores."""
+    non-temporal stores; ``weights``: as for :func:`dense_backward_fill`."""
 
 def fill_row_csr(
     rows: NDArray[np.int64],
@@ -78,6 +81,7 @@ def sparse_row_grad(
     n_threads: int,
     stream_sums: bool = False,
     stream_indices: bool = False,
+    weights: _Floating | None = None,
 ) -> None:
     """:func:`row_sums` into ``out`` and :func:`fill_row_csr` into ``indptr`` /
     ``indices`` in one parallel region."""

@@ -48,11 +48,12 @@ def set_simd_level(int level):
 
 cdef void _sum_all(
     const floating* grad, int64_t n_grad, int64_t dim, const int64_t* perm,
-    const int64_t* starts, const int64_t* rows, int64_t n_rows, bint scale_by_count,
-    floating* out, int64_t zero_upto, int n_threads, bint stream,
+    const floating* weights, const int64_t* starts, const int64_t* rows, int64_t n_rows,
+    bint scale_by_count, floating* out, int64_t zero_upto, int n_threads, bint stream,
 ) noexcept nogil:
     """Sum each segment of the plan from zero, in plan order (= input order), into
-    ``out[rows[u]]`` (or ``out[u]`` when ``rows`` is NULL), divided by its count with
+    ``out[rows[u]]`` (or ``out[u]`` when ``rows`` is NULL), each grad row times
+    ``weights[k]`` unless ``weights`` is NULL, divided by its count with
     ``scale_by_count``; with ``zero_upto >= 0`` (a dense output in unzeroed memory)
     also zero every other row below it, so one pass writes each row once.
 
@@ -65,14 +66,15 @@ cdef void _sum_all(
     cdef int64_t T = max(1, min(n_threads, n_rows))
     cdef int64_t t
     for t in prange(T, schedule="static", num_threads=T):
-        _sum_block(grad, n_grad, dim, perm, starts, rows, n_rows, scale_by_count, out,
-                   zero_upto, stream, t, T)
+        _sum_block(grad, n_grad, dim, perm, weights, starts, rows, n_rows, scale_by_count,
+                   out, zero_upto, stream, t, T)
 
 
 cdef void _sum_block(
     const floating* grad, int64_t n_grad, int64_t dim, const int64_t* perm,
-    const int64_t* starts, const int64_t* rows, int64_t n_rows, bint scale_by_count,
-    floating* out, int64_t zero_upto, bint stream, int64_t t, int64_t T,
+    const floating* weights, const int64_t* starts, const int64_t* rows, int64_t n_rows,
+    bint scale_by_count, floating* out, int64_t zero_upto, bint stream, int64_t t,
+    int64_t T,
 ) noexcept nogil:
     """Block t of T of :func:`_sum_all` (one thread's share)."""
     cdef int64_t ahead = prefetch_distance(dim * sizeof(floating))
@@ -96,8 +98,8 @@ cdef void _sum_block(
         gaps_from = u_hi
     if zero_upto >= 0:
         zero_gaps(out, dim, rows, gaps_from, u_hi, zero_upto if t == T - 1 else -1, stream)
-    pool_sum(&fns, grad, n_grad, dim, perm, starts[n_rows], starts, u_lo, u_hi, -1,
-             <const floating*> NULL, ahead, flags, out, rows, NULL)
+    pool_sum(&fns, grad, n_grad, dim, perm, starts[n_rows], starts, u_lo, u_hi, -1, weights,
+             ahead, flags, out, rows, NULL)
 
 
 def dense_backward(
@@ -115,8 +117,9 @@ def dense_backward(
     if n_rows == 0 or dim == 0:
         return
     with nogil:
-        _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], &rows[0], n_rows,
-                 scale_by_count, &out[0, 0], -1, n_threads, False)
+        _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], <const floating*> NULL,
+                 &starts[0], &rows[0], n_rows, scale_by_count, &out[0, 0], -1, n_threads,
+                 False)
 
 
 def dense_backward_fill(
@@ -128,16 +131,20 @@ def dense_backward_fill(
     floating[:, ::1] out,            # OUT (num_embeddings, dim), any content
     int n_threads,
     bint stream=False,               # IN write out with non-temporal stores
+    const floating[::1] weights=None,  # IN (m,) factor of each plan entry's grad row
 ):
     """:func:`dense_backward` into an uninitialised ``out``: the rows no id touches
     are zeroed in the same pass, so ``out`` need not be zero-filled first. With
     ``stream`` every row is written once with non-temporal stores (a large table:
-    its lines are not read before they are written)."""
+    its lines are not read before they are written). ``weights``: each plan entry's
+    grad row is multiplied by its weight before it is added (EmbeddingBag's
+    per-sample weights and mean factors; ``perm`` then holds each entry's bag)."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = grad.shape[1]
     cdef int64_t num_rows = out.shape[0]
     cdef int64_t T = max(1, min(n_threads, num_rows))
     cdef int64_t t
+    cdef const floating* w = _weights(weights, perm.shape[0])
     if num_rows == 0 or dim == 0:
         return
     with nogil:
@@ -148,7 +155,7 @@ def dense_backward_fill(
                 if stream:
                     stream_fence()
         else:
-            _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], &rows[0],
+            _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], w, &starts[0], &rows[0],
                      n_rows, scale_by_count, &out[0, 0], num_rows, n_threads, stream)
 
 
@@ -160,19 +167,31 @@ def row_sums(
     floating[:, ::1] out,            # OUT (U, dim), one row per distinct id
     int n_threads,
     bint stream=False,               # IN write out with non-temporal stores
+    const floating[::1] weights=None,  # IN (m,) factor of each plan entry's grad row
 ):
     """``out[u] = sum(grad[perm[starts[u]:starts[u+1]]])`` (/ count), each row summed
     from zero in plan order (= input order) by the SIMD pooling of ``_simd_pool.h``:
     a segment is a bag whose ids are plan positions and whose table is ``grad``.
     Its sums stay in vector registers (AVX-512: a 1 KiB row in 16 of them) instead
-    of being added into ``out`` one row at a time."""
+    of being added into ``out`` one row at a time. ``weights``: as for
+    :func:`dense_backward_fill`."""
     cdef int64_t n_rows = out.shape[0]
     cdef int64_t dim = grad.shape[1]
+    cdef const floating* w = _weights(weights, perm.shape[0])
     if n_rows == 0 or dim == 0:
         return
     with nogil:
-        _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], NULL, n_rows,
+        _sum_all(&grad[0, 0], grad.shape[0], dim, &perm[0], w, &starts[0], NULL, n_rows,
                  scale_by_count, &out[0, 0], -1, n_threads, stream)
+
+
+cdef const floating* _weights(const floating[::1] weights, int64_t m) except? NULL:
+    """The weights' data (NULL when None or empty), checked to hold one per plan entry."""
+    if weights is None or weights.shape[0] == 0:
+        return NULL
+    if weights.shape[0] != m:
+        raise ValueError(f"weights holds {weights.shape[0]} entries, the plan {m}")
+    return &weights[0]
 
 
 def fill_row_csr(
@@ -272,6 +291,7 @@ def sparse_row_grad(
     int n_threads,
     bint stream_sums=False,          # IN write out with non-temporal stores
     bint stream_indices=False,       # IN write indices with non-temporal stores
+    const floating[::1] weights=None,  # IN (m,) as for dense_backward_fill
 ):
     """:func:`row_sums` and :func:`fill_row_csr` of a canonical row-sparse gradient in
     one parallel region (one wake-up of the waiting threads, not two): each thread
@@ -281,6 +301,7 @@ def sparse_row_grad(
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef int t, team
     cdef index_t* pattern = NULL
+    cdef const floating* w = _weights(weights, perm.shape[0])
     if out.shape[0] != n_rows or starts.shape[0] != n_rows + 1:
         raise ValueError("out and starts must match rows")
     if indptr.shape[0] != num_rows + 1 or indices.shape[0] != n_rows * dim:
@@ -294,7 +315,7 @@ def sparse_row_grad(
             t = omp_get_thread_num()
             team = omp_get_num_threads()
             if n_rows > 0 and dim > 0:
-                _sum_block(&grad[0, 0], grad.shape[0], dim, &perm[0], &starts[0], NULL,
+                _sum_block(&grad[0, 0], grad.shape[0], dim, &perm[0], w, &starts[0], NULL,
                            n_rows, scale_by_count, &out[0, 0], -1, stream_sums, t, team)
             _csr_block(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
                        &indices[0] if n_rows * dim > 0 else NULL, dim, pattern, t, team)

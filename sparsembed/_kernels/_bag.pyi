@@ -45,6 +45,13 @@ def per_sample_weights_grad(
 ) -> None:
     """``out[e] = dot(grad[entry_bag[e]], weight[idx[e]])`` (0 for padding entries)."""
 
+def entry_grad_rows(
+    perm: _I64, entry_bag: _I64, scale: _Floating, bag_of: _I64, scale_of: _Floating,
+    n_threads: int,
+) -> None:
+    """``bag_of[k] = entry_bag[perm[k]]`` and ``scale_of[k] = scale[perm[k]]`` (scale
+    and scale_of (0,) without scale): the plan in grad_output's rows."""
+
 def won_masks(argmax: _I64, entry_bag: _I64, won: _U64, n_threads: int) -> None:
     """Max mode's winners by entry: bit ``j % 64`` of ``won[e, j // 64]`` is set when
     ``argmax[entry_bag[e], j] == e``; ``won`` has shape (n, (dim + 63) // 64)."""

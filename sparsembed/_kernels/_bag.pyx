@@ -221,6 +221,40 @@ def per_sample_weights_grad(
             out[e] = <floating> acc
 
 
+def entry_grad_rows(
+    const int64_t[::1] perm,         # IN (m,) plan permutation over the entries
+    const int64_t[::1] entry_bag,    # IN (n,) bag of each entry
+    const floating[::1] scale,       # IN (n,) per-entry factor, or (0,) for none
+    int64_t[::1] bag_of,             # OUT (m,) entry_bag[perm[k]]
+    floating[::1] scale_of,          # OUT (m,) scale[perm[k]], or (0,) without scale
+    int n_threads,
+):
+    """The plan in grad_output's terms: the bag (grad row) and the factor of each plan
+    entry, so that sum and mean bags sum through the backward's SIMD row sums
+    (``_backward``, ``weights`` = ``scale_of``) as the Embedding's rows do, in
+    registers, rather than one entry at a time through :func:`bag_row_sum`."""
+    cdef int64_t m = perm.shape[0]
+    cdef int64_t n = entry_bag.shape[0]
+    cdef bint has_scale = scale.shape[0] > 0
+    cdef int64_t k, e
+    cdef int64_t T = max(1, n_threads)
+    if bag_of.shape[0] != m or (has_scale and (scale_of.shape[0] != m or scale.shape[0] != n)):
+        raise ValueError(f"bag_of and scale_of must hold the plan's {m} entries, scale the "
+                         f"{n} entries")
+    with nogil:
+        for k in prange(m, schedule="static", num_threads=T):
+            e = perm[k]
+            if 0 <= e < n:
+                bag_of[k] = entry_bag[e]
+                if has_scale:
+                    scale_of[k] = scale[e]
+            else:
+                # never so in a plan; an id the row sums refuse (they stop the row)
+                bag_of[k] = -1
+                if has_scale:
+                    scale_of[k] = 0
+
+
 def won_masks(
     const int64_t[:, ::1] argmax,    # IN (n_bags, dim) winning entry per column, -1: none
     const int64_t[::1] entry_bag,    # IN (n,) bag of each entry

@@ -34,6 +34,7 @@ def fused_update(
     c1: float, c2: float, c3: float, weight: _Floating, grad: _Floating, perm: _I64,
     rows: _I64, starts: _I64, src: _I64, scale: _Floating, won: NDArray[np.uint64],
     scale_by_count: bool, s1: _Floating, s2: _Floating, n_threads: int,
-    row_cost: int = 4,
+    row_cost: int = 4, weights: _Floating | None = None,
 ) -> None:
-    """Sum each planned row's gradient into a thread-local buffer, then update it."""
+    """Sum each planned row's gradient into a thread-local buffer, then update it
+    (``weights``: one factor per plan entry, without src and scale)."""

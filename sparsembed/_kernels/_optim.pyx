@@ -181,13 +181,17 @@ def fused_update(
     int n_threads,
     int64_t row_cost=4,                # IN work of one row update, in grad rows read
                                        #    (the thread split, see below)
+    const floating[::1] weights=None,  # IN (m,) factor of each plan entry's grad row
+                                       #    (without src and scale: a bag batch's plan
+                                       #    in grad rows, _bag.entry_grad_rows)
 ):
     """Sum each planned row's gradient into a thread-local buffer, then update it.
 
     Row ``rows[u]`` gets ``sum_k scale[e] * grad[src[e]]`` over the entries
     ``e = perm[k]``, ``k in [starts[u], starts[u+1])`` (in that order; divided by the
     count with ``scale_by_count``), then one optimizer update. Without ``src`` and
-    ``scale`` the sums are the SIMD pooling's, as in the backward's row sums; otherwise
+    ``scale`` the sums are the SIMD pooling's, as in the backward's row sums (each grad
+    row times ``weights[k]`` when given); otherwise
     EmbeddingBag's own ``bag_row_sum`` (``_bag.pxd``; with ``won``, an entry only
     sends the columns it won), so the result equals the bag backward's row gradient.
     """
@@ -200,6 +204,7 @@ def fused_update(
     cdef bint has_src = src.shape[0] > 0
     cdef bint has_scale = scale.shape[0] > 0
     cdef bint pooled = not has_src and not has_scale
+    cdef const floating* weights_ptr = NULL
     cdef const floating* scale_ptr = &scale[0] if has_scale else NULL
     cdef const uint64_t* won_ptr = &won[0, 0] if won.shape[0] > 0 and won.shape[1] > 0 else NULL
     cdef int64_t words = won.shape[1]
@@ -221,6 +226,11 @@ def fused_update(
     if row_cost < 0:
         # the split's cost must grow with the segment index, or blocks could overlap
         raise ValueError(f"row_cost must be >= 0, got {row_cost}")
+    if weights is not None and weights.shape[0] > 0:
+        if not pooled or weights.shape[0] != perm.shape[0]:
+            raise ValueError(f"weights must hold one factor per plan entry "
+                             f"({perm.shape[0]}) and come without src and scale")
+        weights_ptr = &weights[0]
     if won.shape[0] > 0 and (won.shape[0] != src.shape[0] or words != (dim + 63) // 64):
         raise ValueError(f"won must have shape ({src.shape[0]}, {(dim + 63) // 64}), "
                          f"got ({won.shape[0]}, {words})")
@@ -254,8 +264,7 @@ def fused_update(
                         _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr, rows[i], dim,
                                         row_bytes, s1_bytes)
                     pool_sum(&fns, &grad[0, 0], n_grad, dim, &perm[0], m, &starts[u], 0,
-                             u_end - u, -1, <const floating*> NULL, ahead, flags, buf,
-                             NULL, NULL)
+                             u_end - u, -1, weights_ptr, ahead, flags, buf, NULL, NULL)
                     for i in range(u, u_end):
                         if i + ahead_rows < u_end:
                             _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr,
