@@ -102,6 +102,23 @@ def _sparse_floor(row):
             f"{floor / t['torch']:.3f} x torch (ours {t['sparsembed'] / floor:.2f} x it)")
 
 
+def bag_modes_table(result):
+    rows = result.get("bag_modes") or []
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [f"| EmbeddingBag (V = {r0['V']:,}, D = {r0['D']}, {r0['n_bags']:,} bags of "
+             f"{r0['bag']}, uniform ids) | sparsembed ms | torch ms | vs torch |",
+             "|---|---|---|---|"]
+    names = {"forward": "forward", "dense": "forward + dense backward",
+             "sparse": "forward + sparse backward"}
+    for r in rows:
+        s, t = r["times_ms"].get("sparsembed"), r["times_ms"].get("torch")
+        ratio = f"{s / t:.3f}" if s and t else ""
+        lines.append(f"| {r['mode']}: {names[r['kind']]} | {_ms(s)} | {_ms(t)} | {ratio} |")
+    return "\n".join(lines)
+
+
 def threads_table(result):
     lines = ["| operation (V = 1e6, D = 64, B = 262,144) | 1 thread ms | 2 threads ms | speedup |",
              "|---|---|---|---|"]
@@ -156,6 +173,7 @@ def main(path):
         result = json.load(fh)
     print("Machine: " + machine_line(result) + "\n")
     print(main_table(result) + "\n")
+    print(bag_modes_table(result) + "\n")
     print(threads_table(result) + "\n")
     print(memory_table(result) + "\n")
     print(scaling_table(result))

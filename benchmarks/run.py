@@ -422,6 +422,65 @@ def wl_bag_backward(W, idx, g, bag=32):
     return cases
 
 
+def _bag_mode_cases(W, ids, go, mode, kind):
+    """sparsembed and torch on one bag mode: ``kind`` "forward", or forward +
+    "dense" / "sparse" backward (the layer's own, its gradient dropped each time)."""
+    V, D = W.shape
+    if kind == "forward":
+        cases = {"sparsembed": lambda: SF.embedding_bag(ids, W, mode=mode)}
+    else:
+        layer = se.EmbeddingBag(V, D, mode=mode, sparse=kind == "sparse", weight=W)
+
+        def se_step():
+            layer.zero_grad()
+            layer(ids)
+            return layer.backward(go)
+
+        cases = {"sparsembed": se_step}
+    if torch is not None:
+        it, gt = torch.from_numpy(ids), torch.from_numpy(go)
+        if kind == "forward":
+            Wt = torch.from_numpy(W)
+            cases["torch"] = lambda: TF.embedding_bag(it, Wt, mode=mode)
+        else:
+            wt = torch.nn.Parameter(torch.from_numpy(W))
+
+            def torch_step():
+                wt.grad = None
+                TF.embedding_bag(it, wt, mode=mode, sparse=kind == "sparse").backward(gt)
+                return wt.grad.coalesce() if kind == "sparse" else wt.grad
+
+            cases["torch"] = torch_step
+    return cases
+
+
+def run_bag_modes(cfg, threads, repeat, log):
+    """EmbeddingBag's three modes at the first D, uniform ids, bags of cfg["bag"]:
+    forward, forward + dense backward, forward + sparse backward (sum and mean:
+    torch has no sparse gradient for max), sparsembed beside torch."""
+    if not _has_bag():
+        return []
+    rng = np.random.default_rng(4)
+    V, B, D, bag = cfg["V"], cfg["B"], cfg["dims"][0], cfg["bag"]
+    set_threads(threads)
+    W = make_table(rng, V, D)
+    ids = _bag_inputs(make_ids(rng, "uniform", V, B), bag)
+    go = rng.standard_normal((ids.shape[0], D), dtype=np.float32)
+    out = []
+    for mode in ("sum", "mean", "max"):
+        for kind in ("forward", "dense", "sparse"):
+            if kind == "sparse" and mode == "max":
+                continue
+            times = time_round_robin(_bag_mode_cases(W, ids, go, mode, kind), repeat)
+            gc.collect()
+            rec = dict(mode=mode, kind=kind, V=V, D=D, n_bags=ids.shape[0], bag=bag,
+                       times_ms={k: v * 1e3 for k, v in times.items()})
+            out.append(rec)
+            log(f"bag {mode:<4} {kind:<8} " + "  ".join(f"{k}={v * 1e3:.2f}ms"
+                                                        for k, v in times.items()))
+    return out
+
+
 def workloads():
     wls = [("forward", wl_forward), ("dense_backward", wl_dense_backward),
            ("sparse_fwd_bwd", wl_sparse_fwd_bwd), ("sparse_accumulate", wl_sparse_accumulate)]
@@ -786,6 +845,7 @@ def main(argv=None):
               "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     log(f"sparsembed benchmarks ({mode_name}), {args.threads} threads, median of {repeat}")
     result["main"] = run_main(cfg, args.threads, repeat, log)
+    result["bag_modes"] = run_bag_modes(cfg, args.threads, repeat, log)
     result["threads"] = run_threads(cfg, repeat, log) if args.threads >= 2 or args.smoke else []
     result["scaling"] = {} if args.no_scaling else run_scaling(cfg, args.threads, repeat, log)
     result["memory"] = [] if args.no_memory else run_memory(cfg, log)
