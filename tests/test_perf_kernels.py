@@ -913,3 +913,37 @@ def test_bag_dense_backward_fills_dirty_memory(rng, dtype, mode, dim):
     _bag.bag_dense_backward(grad, empty.perm, empty.rows, empty.starts, entry_bag[:5],
                             no_scale, _cpu._won_masks(None, None), False, out, 2, True)
     assert not out.any()
+
+
+def _dot8(g, w):
+    """The psw gradient's dot product as the kernel orders it: column j into partial
+    sum j % 8 (in float64), the 8 sums added in a fixed tree."""
+    acc = [0.0] * 8
+    for j in range(g.size):
+        acc[j % 8] = acc[j % 8] + float(g[j]) * float(w[j])
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+@pytest.mark.parametrize("dim", [1, 7, 8, 9, 64, 100])
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_per_sample_weights_grad_against_an_ordered_reference(rng, dtype, dim, idx_dtype):
+    # every entry's dot product in the kernel's order, bit for bit, at every thread
+    # count; padding entries and entries past the last bag get 0
+    V, pad = 300, 5
+    ids = rng.integers(0, V, size=500).astype(idx_dtype)
+    ids[::9] = pad
+    starts = np.concatenate([[0], np.sort(rng.integers(0, 480, 20)), [480]]).astype(np.int64)
+    entry_bag = _cpu.entry_bags(starts)
+    weight = rng.standard_normal((V, dim)).astype(dtype)
+    grad = rng.standard_normal((starts.size - 1, dim)).astype(dtype)
+    expected = np.zeros(ids.size, dtype)
+    for e in range(entry_bag.size):
+        if ids[e] != pad:
+            expected[e] = _dot8(grad[entry_bag[e]], weight[ids[e]])
+    for T in (1, 2, 3):
+        out = np.zeros(ids.size, dtype)
+        _bag.per_sample_weights_grad(grad, weight, ids, entry_bag, pad, out, T)
+        assert out.tobytes() == expected.tobytes(), T
+    np.testing.assert_allclose(expected[:480],
+                               np.einsum("ij,ij->i", grad[entry_bag], weight[ids[:480]])
+                               * (ids[:480] != pad), rtol=1e-5, atol=1e-5)
