@@ -25,6 +25,7 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
+from sparsembed._kernels._reduce cimport dot8
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
@@ -196,25 +197,6 @@ def fill_entry_bag(
                 entry_bag[e] = b
 
 
-cdef inline double _dot(const floating* g, const floating* w, int64_t dim) noexcept nogil:
-    """``sum_j g[j] * w[j]`` in double, in 8 partial sums (column j into sum j % 8,
-    added in a fixed tree at the end): independent chains the compiler keeps in
-    vector registers, where one running sum was a chain of dependent adds (4 cycles
-    each: 256 per row of 64, 24 ms for 262,144 entries). The same order on every
-    machine, so the same bits."""
-    cdef double acc[8]
-    cdef int64_t j0, l
-    cdef int64_t whole = dim - dim % 8
-    for l in range(8):
-        acc[l] = 0.0
-    for j0 in range(0, whole, 8):
-        for l in range(8):
-            acc[l] = acc[l] + <double> g[j0 + l] * <double> w[j0 + l]
-    for l in range(dim - whole):
-        acc[l] = acc[l] + <double> g[whole + l] * <double> w[whole + l]
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-
-
 def per_sample_weights_grad(
     const floating[:, ::1] grad,     # IN (n_bags, dim) grad_output
     const floating[:, ::1] weight,   # IN (num_embeddings, dim)
@@ -225,7 +207,7 @@ def per_sample_weights_grad(
     int n_threads,
 ):
     """``out[e] = dot(grad[entry_bag[e]], weight[idx[e]])`` (0 for padding entries
-    and for entries past the last bag), accumulated in double (see ``_dot``). The
+    and for entries past the last bag), accumulated in double (``_reduce.dot8``). The
     table rows are read at random: each thread prefetches its rows ahead."""
     cdef int64_t m = entry_bag.shape[0]
     cdef int64_t dim = weight.shape[1]
@@ -247,7 +229,7 @@ def per_sample_weights_grad(
                     out[e] = 0
                     continue
                 b = entry_bag[e]
-                out[e] = <floating> _dot(&grad[b, 0], &weight[r, 0], dim)
+                out[e] = <floating> dot8(&grad[b, 0], &weight[r, 0], dim)
 
 
 def entry_grad_rows(

@@ -14,6 +14,7 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
+from sparsembed._kernels._reduce cimport abs_sum8, dot8
 from sparsembed._kernels._types cimport index_t
 
 
@@ -164,13 +165,9 @@ cdef inline double _row_norm(const floating* row, int64_t dim, double p) noexcep
     cdef int64_t j
     cdef double acc = 0.0, a
     if p == 2.0:
-        for j in range(dim):
-            acc += <double> row[j] * <double> row[j]
-        return sqrt(acc)
+        return sqrt(dot8(row, row, dim))
     if p == 1.0:
-        for j in range(dim):
-            acc += fabs(<double> row[j])
-        return acc
+        return abs_sum8(row, dim)
     if p == INFINITY:
         for j in range(dim):
             a = fabs(<double> row[j])
