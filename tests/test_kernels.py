@@ -103,6 +103,24 @@ def test_renorm_rows_matches_reference(rng, dtype, p):
     assert_allclose(weight, expected, **ref.tol(dtype))
 
 
+@pytest.mark.parametrize("dim", [1, 7, 8, 9, 64, 100])
+def test_renorm_rows_is_thread_independent(rng, dtype, dim):
+    # many rows (each thread prefetches its own ahead, up to its share's end), any
+    # thread count, more threads than rows: the same bits, only the listed rows
+    weight0 = rng.standard_normal((3000, dim)).astype(dtype) * 3
+    rows = np.sort(rng.choice(3000, 1200, replace=False)).astype(np.int64)
+    results = []
+    for T in (1, 2, 3, 5000):
+        weight = weight0.copy()
+        _lookup.renorm_rows(weight, rows, 1.5, 2.0, T)
+        results.append(weight.tobytes())
+    assert all(r == results[0] for r in results)
+    weight = np.frombuffer(results[0], dtype).reshape(weight0.shape)
+    untouched = np.setdiff1d(np.arange(3000), rows)
+    assert_array_equal(weight[untouched], weight0[untouched])
+    assert_allclose(weight, ref.renorm(weight0, rows, 1.5, 2.0), **ref.tol(dtype))
+
+
 def _plan_of(ids, V, skip=-1):
     keys = np.empty(ids.size, dtype=np.int64)
     perm = np.empty(ids.size, dtype=np.int64)

@@ -202,21 +202,31 @@ def renorm_rows(
     ``max_norm`` is scaled by ``max_norm / (norm + 1e-7)``.
 
     Rows are distinct, so each is touched by one thread: race-free and identical
-    for every thread count.
+    for every thread count. Each thread prefetches its rows ahead: sorted rows a few
+    apart are no stream the hardware prefetcher follows (230,000 rows of 10^6, D =
+    64, 2 threads: 11.1 ms without, the rows' latency one after another).
     """
     cdef int64_t n = rows.shape[0]
     cdef int64_t dim = weight.shape[1]
-    cdef int64_t k, j, r
+    cdef int64_t k, j, r, t, k_lo, k_hi
+    cdef int64_t T = max(1, min(n_threads, n))
+    cdef size_t row_bytes = dim * sizeof(floating)
+    cdef int64_t ahead = prefetch_distance(row_bytes)
     cdef double norm
     cdef floating scale
     if n == 0 or dim == 0:
         return
     with nogil:
-        for k in prange(n, schedule="static", num_threads=n_threads):
-            r = rows[k]
-            norm = _row_norm(&weight[r, 0], dim, norm_type)
-            if norm > max_norm:
-                # torch multiplies in the table's dtype
-                scale = <floating> (max_norm / (norm + 1e-7))
-                for j in range(dim):
-                    weight[r, j] = weight[r, j] * scale
+        for t in prange(T, schedule="static", num_threads=T):
+            k_lo = n * t // T
+            k_hi = n * (t + 1) // T
+            for k in range(k_lo, k_hi):
+                if k + ahead < k_hi:
+                    prefetch_row(&weight[rows[k + ahead], 0], row_bytes)
+                r = rows[k]
+                norm = _row_norm(&weight[r, 0], dim, norm_type)
+                if norm > max_norm:
+                    # torch multiplies in the table's dtype
+                    scale = <floating> (max_norm / (norm + 1e-7))
+                    for j in range(dim):
+                        weight[r, j] = weight[r, j] * scale
