@@ -99,14 +99,17 @@ def gather(weight, flat, check_range=False, ids_out=None):
     bad one. Only the new output (and ``ids_out``) can have been written by then.
     ``ids_out``: an array like ``flat`` that also receives a copy of it.
     """
-    if _half.is_half(weight):
+    half = _half.is_half(weight)
+    if half and not (weight.flags.c_contiguous and weight.shape[1] % 2 == 0):
         if check_range:
             check_index_range(flat, weight.shape[0])
         if ids_out is not None:
             np.copyto(ids_out, flat)
         return _half.gather(weight, flat)
     out = _pool.empty((flat.shape[0], weight.shape[1]), weight.dtype)
-    bad = _lookup.gather(weight, flat, out, threads_for(out.size, ROW_MOVE_GRAIN),
+    # the copy only moves bytes: an even row of float16 is a row of float32 pairs
+    src, dst = (weight.view(np.float32), out.view(np.float32)) if half else (weight, out)
+    bad = _lookup.gather(src, flat, dst, threads_for(dst.size, ROW_MOVE_GRAIN),
                          out.nbytes >= STREAM_BYTES, ids_out)
     if bad >= 0:
         raise _index_error(flat, bad, weight.shape[0])
@@ -210,24 +213,28 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
     """
     num_rows = weight.shape[0]
     end = int(starts[-1])
-    if check_range and (_half.is_half(weight) or weight.shape[1] == 0):
-        check_index_range(flat, num_rows)  # these paths read no row through the kernel
-        check_range = False
-    if _half.is_half(weight):
-        return _half.bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights,
-                                 plan)
     n_bags = starts.shape[0] - 1
     dim = weight.shape[1]
-    out = _pool.empty((n_bags, dim), weight.dtype)
-    counts = np.empty(n_bags, dtype=np.int64)
-    argmax = np.empty((n_bags, dim), dtype=np.int64) if mode == "max" else _NO_ARGMAX
-    psw = _no_scale(weight.dtype) if per_sample_weights is None else per_sample_weights
-    pad = -1 if padding_idx is None else int(padding_idx)
-    if n_bags > 0 and dim == 0:
-        counts[:] = 0
-    n_bad = _bag.bag_forward(weight, flat, starts, pad, _BAG_MODES[mode], psw, out, argmax,
-                             counts, threads_for(flat.shape[0] * dim, ROW_MOVE_GRAIN),
-                             out.nbytes >= STREAM_BYTES)
+    half = _half.is_half(weight)
+    if check_range and (dim == 0 or (half and not _half.pools_rows(weight, mode))):
+        check_index_range(flat, num_rows)  # these paths read no row through a kernel
+        check_range = False
+    T = threads_for(flat.shape[0] * dim, ROW_MOVE_GRAIN)
+    if half:
+        out, argmax, counts = _half.bag_forward(weight, flat, starts, mode, padding_idx,
+                                                per_sample_weights, plan, T)
+        n_bad = check_range and n_bags > 0 and counts.min() < 0
+    else:
+        out = _pool.empty((n_bags, dim), weight.dtype)
+        counts = np.empty(n_bags, dtype=np.int64)
+        argmax = np.empty((n_bags, dim), dtype=np.int64) if mode == "max" else _NO_ARGMAX
+        psw = _no_scale(weight.dtype) if per_sample_weights is None else per_sample_weights
+        pad = -1 if padding_idx is None else int(padding_idx)
+        if n_bags > 0 and dim == 0:
+            counts[:] = 0
+        n_bad = _bag.bag_forward(weight, flat, starts, pad, _BAG_MODES[mode], psw, out, argmax,
+                                 counts, T, out.nbytes >= STREAM_BYTES)
+        argmax = argmax if mode == "max" else None
     if n_bad:
         bag = int(np.flatnonzero(counts < 0)[0])
         raise _index_error(flat, int(-counts[bag] - 1), num_rows)
@@ -235,7 +242,7 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
         pos = _lookup.first_out_of_range(flat[end:], num_rows, threads_for(flat.shape[0] - end))
         if pos >= 0:
             raise _index_error(flat, end + pos, num_rows)
-    return out, (argmax if mode == "max" else None), counts
+    return out, argmax, counts
 
 
 def bag_counts(flat, starts, padding_idx):

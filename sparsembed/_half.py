@@ -32,13 +32,15 @@ For float32 and float64 tables the wrappers here (:func:`update_rows`,
 
 import numpy as np
 
-from sparsembed._kernels import _bag, _f16, _lookup, _optim
+from sparsembed._kernels import _bag, _f16, _lookup, _optim, _pool
 from sparsembed._threads import get_num_threads
 
 HALF = np.dtype(np.float16)
 
 #: rows converted at a time by a dense optimizer step on a float16 table
 BLOCK_ROWS = 1 << 16
+
+_NO_PSW = np.empty(0, dtype=np.float32)
 
 
 def is_half(a):
@@ -149,21 +151,42 @@ def renorm_rows_(weight, rows, max_norm, norm_type):
     _store(weight, rows, work)
 
 
-def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None, plan=None):
-    """EmbeddingBag pooling of a float16 table: pooled in float32 on the compact copy,
-    the result rounded once to float16. Same returns as ``_cpu.bag_forward``.
+def pools_rows(weight, mode):
+    """Whether :func:`bag_forward` pools ``weight``'s float16 rows as they are (and so
+    range-checks the bagged ids itself) rather than a compact float32 copy."""
+    return mode != "max" and weight.flags.c_contiguous
 
-    ``plan`` is the plan of ``flat[:starts[-1]]`` (padding skipped); computed when None.
+
+def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None, plan=None,
+                n_threads=None):
+    """EmbeddingBag pooling of a float16 table, in float32, the result rounded once to
+    float16. Same returns as ``_cpu.bag_forward``. Sum and mean read the float16 rows
+    as they are (``_bag.half_bag_forward``: see :func:`pools_rows`), checking the ids
+    on the way: a bag holding a bad id gets ``counts[b] = -(e + 1)``, ``e`` its first
+    bad entry, and garbage values. Max pools the compact float32 copy (ids checked by
+    the caller).
+
+    ``plan`` is the plan of ``flat[:starts[-1]]`` (padding skipped); computed when None
+    (max mode only).
     """
     from sparsembed import _cpu
 
+    psw = None
+    if per_sample_weights is not None:
+        psw = np.ascontiguousarray(per_sample_weights, dtype=np.float32)
+    if pools_rows(weight, mode):
+        n_bags = starts.shape[0] - 1
+        out = _pool.empty((n_bags, weight.shape[1]), HALF)
+        counts = np.empty(n_bags, dtype=np.int64)
+        _bag.half_bag_forward(_bits(weight), flat, starts,
+                              -1 if padding_idx is None else int(padding_idx), mode == "mean",
+                              _NO_PSW if psw is None else psw, _bits(out), counts,
+                              get_num_threads() if n_threads is None else n_threads)
+        return out, None, counts
     end = int(starts[-1])
     if plan is None:
         plan = _plan(flat[:end], weight.shape[0], padding_idx)
     table, local, pad = compact(weight, plan, end, padding_idx)
-    psw = None
-    if per_sample_weights is not None:
-        psw = np.ascontiguousarray(per_sample_weights, dtype=np.float32)
     out, argmax, counts = _cpu.bag_forward(table, local, starts, mode, pad, psw)
     return to_half(out), argmax, counts
 

@@ -92,6 +92,22 @@ def test_from_pretrained_and_weight_share_memory(rng):
 
 # ------------------------------------------------------------------ forward
 
+@pytest.mark.parametrize("dim", [1, 2, 3, 64, 65, 256])
+def test_forward_moves_every_bit_pattern(rng, dim):
+    # an even-width contiguous table goes through the compiled gather (rows as float32
+    # pairs), an odd or strided one through numpy: both copy the halves as they are,
+    # NaN payloads and signalling NaNs included; a bad id is named before any write
+    bits = rng.permutation(np.tile(np.arange(65536, dtype=np.uint16), 4))[: 500 * dim]
+    w = bits.reshape(500, dim).view(F16)
+    ids = rng.integers(0, 500, size=3000)
+    for table_ in (w, np.asfortranarray(w)):
+        out = F.embedding(ids, table_)
+        assert out.view(np.uint16).tobytes() == w[ids].view(np.uint16).tobytes()
+    ids[1700] = 500
+    with pytest.raises(IndexError, match="index 500 at position 1700"):
+        F.embedding(ids, w)
+
+
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64, np.uint8])
 def test_forward_gathers_exactly(rng, index_dtype):
     torch = pytest.importorskip("torch")

@@ -169,6 +169,54 @@ def test_max_pooling_at_every_level_bit_for_bit(level, idx_dtype, dtype, rng, at
                 assert_array_equal(argmax, expected_argmax)
 
 
+@pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("mode,weighted", [(0, False), (0, True), (1, False)])
+def test_float16_pooling_at_every_level_bit_for_bit(level, idx_dtype, mode, weighted, rng,
+                                                    at_level):
+    # _simd_half.h reads the float16 rows as they are: the float32 sums of the rows
+    # converted exactly, in entry order, rounded once to float16 (numpy's rounding),
+    # with subnormal, infinite and NaN halves, sums past float16's range, padding,
+    # empty bags, every chunk width and column tail
+    if level not in _levels():
+        pytest.skip(f"this CPU lacks {LEVEL_NAMES[level]}")
+    assert at_level(level) == level
+    V = 50
+    for dim in DIMS:
+        weight = (rng.standard_normal((V, dim)) * 3).astype(np.float16)
+        weight[5] = np.float16(6e-5) * rng.random(dim)  # subnormal halves
+        weight[6, ::3] = np.inf
+        weight[7, ::4] = np.nan
+        weight[8] = 60000.0  # sums overflow float16
+        weight[9] = -0.0
+        flat, starts = _batch(rng, V, 23, np.float16, idx_dtype)
+        psw = rng.standard_normal(flat.size).astype(np.float32) if weighted else None
+        as32 = weight.astype(np.float32)
+        for pad in (-1, 3, V + 5):
+            with np.errstate(over="ignore", invalid="ignore"):  # inf - inf, past float16
+                sums, expected_counts = _sequential_sums(as32, flat, starts, pad, mode, psw)
+                expected = sums.astype(np.float16)
+            out = np.full((starts.size - 1, dim), 0x7777, np.uint16)
+            counts = np.full(starts.size - 1, -7, dtype=np.int64)
+            for T in (1, 2):
+                n_bad = _bag.half_bag_forward(weight.view(np.uint16), flat, starts, pad, mode == 1,
+                                              np.empty(0, np.float32) if psw is None else psw,
+                                              out, counts, T)
+                assert n_bad == 0
+                assert_array_equal(counts, expected_counts)
+                assert out.tobytes() == expected.view(np.uint16).tobytes(), (dim, pad, T)
+    # a bad id: the bag's count names its first bad entry, the others are pooled
+    flat = np.array([1, 2, 3, 60, 4, -1, 5], dtype=idx_dtype)
+    starts = np.array([0, 3, 7], dtype=np.int64)
+    out = np.zeros((2, 4), np.uint16)
+    counts = np.zeros(2, np.int64)
+    weight = np.ones((V, 4), np.float16)
+    assert _bag.half_bag_forward(weight.view(np.uint16), flat, starts, -1, False,
+                                 np.empty(0, np.float32), out, counts, 2) == 1
+    assert counts.tolist() == [3, -(3 + 1)]
+    assert_array_equal(out[0].view(np.float16), 3.0)
+
+
 def _aligned_full(shape, dtype, skew):
     """A NaN-filled C-contiguous array starting ``skew`` elements past a 64-byte line."""
     itemsize = np.dtype(dtype).itemsize

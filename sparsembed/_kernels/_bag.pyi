@@ -29,6 +29,14 @@ def simd_level() -> int:
 def set_simd_level(level: int) -> int:
     """Run the sum/mean pooling at ``level`` (capped at what the CPU supports)."""
 
+def half_bag_forward(
+    weight: NDArray[np.uint16], idx: _Index, starts: _I64, pad: int, mean: bool,
+    psw: NDArray[np.float32], out: NDArray[np.uint16], counts: _I64, n_threads: int,
+) -> int:
+    """Sum or mean pooling of a float16 table (its bits) in float32, rounded once to
+    float16 into ``out`` (bits); returns the number of bags holding an out-of-range
+    id (``counts[b] = -(e + 1)``)."""
+
 def offsets_to_starts(offsets: _Index, starts: _I64) -> int:
     """``starts[:len(offsets)] = offsets``; returns the first position where offsets
     decrease, or -1."""

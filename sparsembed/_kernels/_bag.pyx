@@ -13,7 +13,7 @@ every thread count.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -40,6 +40,20 @@ from sparsembed._kernels._simd cimport (
 )
 from sparsembed._kernels._split cimport block_start, block_start_spanned
 from sparsembed._kernels._types cimport index_t
+
+cdef extern from "_simd_half.h":
+    ctypedef int64_t (*half_pool_i32_t)(
+        const uint16_t*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t,
+        int64_t, int64_t, const float*, int64_t, int, uint16_t*, int64_t*,
+        float*) noexcept nogil
+    ctypedef int64_t (*half_pool_i64_t)(
+        const uint16_t*, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t,
+        int64_t, int64_t, const float*, int64_t, int, uint16_t*, int64_t*,
+        float*) noexcept nogil
+    ctypedef struct half_pool_table "se_half_pool_table":
+        half_pool_i32_t i32
+        half_pool_i64_t i64
+    half_pool_table half_pool_table_at "sparsembed_half_pool_table"(int level) noexcept nogil
 
 cdef enum:
     MODE_SUM = 0
@@ -128,6 +142,61 @@ def bag_forward(
             n_bad += pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0],
                               t * n_bags // n_threads, (t + 1) * n_bags // n_threads,
                               pad, ps, ahead, flags, &out[0, 0], NULL, &counts[0])
+    return n_bad
+
+
+def half_bag_forward(
+    const uint16_t[:, ::1] weight,   # IN (num_rows, dim) float16 table, as its bits
+    const index_t[::1] idx,          # IN (n,) ids, checked here against num_rows
+    const int64_t[::1] starts,       # IN (n_bags + 1,) bag bounds, starts[-1] <= n
+    int64_t pad,                     # IN padding id, or -1
+    bint mean,                       # IN divide each bag's sum by its count
+    const float[::1] psw,            # IN (n,) per-sample weights, or (0,) for none
+    uint16_t[:, ::1] out,            # OUT (n_bags, dim) float16 results, as their bits
+    int64_t[::1] counts,             # OUT (n_bags,) non-padding entries per bag
+    int n_threads,
+):
+    """Sum or mean pooling of a float16 table's rows, read as they are, summed in
+    float32 and rounded once (``_simd_half.h``): the bits of pooling the rows
+    converted to float32, then rounding. Returns the number of bags holding an id
+    outside ``[0, num_rows)`` (then ``counts[b] = -(e + 1)``, ``e`` the bag's first
+    bad entry)."""
+    cdef int64_t n_bags = starts.shape[0] - 1
+    cdef int64_t num_rows = weight.shape[0]
+    cdef int64_t dim = weight.shape[1]
+    cdef int64_t n_idx = starts[n_bags] if n_bags >= 0 else 0
+    cdef int64_t t, T, n_bad = 0
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed
+    cdef float* acc = NULL
+    cdef const uint16_t* w = &weight[0, 0] if num_rows > 0 and dim > 0 else NULL
+    cdef const index_t* ix = &idx[0] if idx.shape[0] > 0 else NULL
+    cdef const float* ps = &psw[0] if psw.shape[0] > 0 else NULL
+    cdef int64_t ahead = max(8, prefetch_distance(dim * sizeof(uint16_t)))
+    cdef half_pool_table fns = half_pool_table_at(pool_level())
+    if out.shape[0] != n_bags or out.shape[1] != dim or counts.shape[0] != n_bags:
+        raise ValueError("out and counts must hold one row / count per bag")
+    if n_idx > idx.shape[0] or (ps != NULL and psw.shape[0] < n_idx):
+        raise ValueError("the bags run past the ids or the per-sample weights")
+    if n_bags <= 0 or dim <= 0:
+        return 0
+    T = max(1, min(n_threads, n_bags))
+    with nogil, parallel(num_threads=T):
+        acc = <float*> malloc(dim * sizeof(float))  # the bag's float32 sums
+        for t in prange(T, schedule="static"):
+            if acc == NULL:
+                failed_ptr[0] = 1
+            elif index_t is int32_t:
+                n_bad += fns.i32(w, num_rows, dim, ix, n_idx, &starts[0], t * n_bags // T,
+                                 (t + 1) * n_bags // T, pad, ps, ahead, mean, &out[0, 0],
+                                 &counts[0], acc)
+            else:
+                n_bad += fns.i64(w, num_rows, dim, ix, n_idx, &starts[0], t * n_bags // T,
+                                 (t + 1) * n_bags // T, pad, ps, ahead, mean, &out[0, 0],
+                                 &counts[0], acc)
+        free(acc)
+    if failed:
+        raise MemoryError("could not allocate the float16 pooling's row buffer")
     return n_bad
 
 
