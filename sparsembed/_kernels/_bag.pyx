@@ -352,9 +352,7 @@ def won_masks(
     cdef int64_t words = won.shape[1]
     cdef int64_t T = max(1, min(n_threads, n))
     cdef int64_t t, e_lo, e_hi, b_lo, b_hi, b, j, e
-    if won.shape[0] != n or words != (dim + 63) // 64:
-        raise ValueError(f"won must have shape ({n}, {(dim + 63) // 64}), "
-                         f"got ({won.shape[0]}, {won.shape[1]})")
+    _check_won(won, n, dim, True)
     if n == 0 or words == 0:
         return
     with nogil:
@@ -453,8 +451,11 @@ def bag_dense_backward(
         raise MemoryError("could not allocate the dense backward's row buffer")
 
 
-cdef _check_won(const uint64_t[:, ::1] won, int64_t n, int64_t dim):
-    if won.shape[0] > 0 and (won.shape[0] != n or won.shape[1] != (dim + 63) // 64):
+cdef _check_won(const uint64_t[:, ::1] won, int64_t n, int64_t dim, bint required=False):
+    """A won-mask array holds one row of (dim + 63) // 64 words per entry (or, when
+    not ``required``, is empty: no max mode)."""
+    if (required or won.shape[0] > 0) and (won.shape[0] != n or
+                                           won.shape[1] != (dim + 63) // 64):
         raise ValueError(f"won must have shape ({n}, {(dim + 63) // 64}), "
                          f"got ({won.shape[0]}, {won.shape[1]})")
 

@@ -21,6 +21,14 @@
 
 #include "_simd_pool.h"
 
+/* every 64-byte line of [p, p + nbytes) for reading */
+static inline void sparsembed_prefetch_lines(const void* p, size_t nbytes)
+{
+    const char* c = (const char*)p;
+    size_t o;
+    for (o = 0; o < nbytes; o += 64) SE_PREFETCH(c + o);
+}
+
 /* Columns j0..j1-1 of one bag one at a time (the tail narrower than a vector, and
  * every column of a very long bag); entries first..hi-1, `first` a non-padding one. */
 #define SE_MAX_COLUMNS(T)                                                            \
@@ -41,6 +49,32 @@
             }                                                                        \
             out[j_] = m_;                                                            \
             argmax[j_] = w_;                                                         \
+        }                                                                            \
+    } while (0)
+
+/* The bag's ids, before any row is read: each range-checked (return -(e + 1) for
+ * the first bad entry e), `first` the first non-padding entry, `count` their
+ * number; the rows `ahead` entries on (below n) prefetched. A bag of padding only
+ * gets zeros and winners -1 (return 0). */
+#define SE_MAX_SCAN(T)                                                               \
+    do {                                                                             \
+        for (e = lo; e < hi; e++) {                                                  \
+            int64_t r;                                                               \
+            if (e + ahead < n)                                                       \
+                sparsembed_prefetch_lines(weight + (int64_t)idx[e + ahead] * dim,    \
+                                          (size_t)dim * sizeof(T));                  \
+            r = (int64_t)idx[e];                                                     \
+            if (SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) return -(e + 1);     \
+            if (r == pad) continue;                                                  \
+            if (first < 0) first = e;                                                \
+            count++;                                                                 \
+        }                                                                            \
+        if (count == 0) {                                                            \
+            for (j1 = 0; j1 < dim; j1++) {                                           \
+                out[j1] = 0;                                                         \
+                argmax[j1] = -1;                                                     \
+            }                                                                        \
+            return 0;                                                                \
         }                                                                            \
     } while (0)
 
@@ -82,11 +116,10 @@
     } while (0)
 
 /* NAME: one bag, entries lo..hi-1 of idx: out[0:dim] = the columns' maxima over the
- * entries whose id is not `pad`, argmax[0:dim] = the entry each came from (zeros
- * and -1 for a bag of padding only). Rows of entries up to `ahead` positions on
- * (below n) are prefetched while the ids are checked. Returns the number of
- * non-padding entries, or -(e + 1) for the first entry e whose id is outside
- * [0, num_rows) (no row is read then). MLANE: a signed integer as wide as T.
+ * entries whose id is not `pad`, argmax[0:dim] = the entry each came from (see
+ * SE_MAX_SCAN for the ids). Returns the number of non-padding entries, or -(e + 1)
+ * for the first entry e whose id is outside [0, num_rows). MLANE: a signed integer
+ * as wide as T.
  * NVMAX: the most vectors a chunk keeps (maxima and winners: 2 NVMAX registers). */
 #define SE_DEFINE_MAX(NAME, T, I, MLANE_T, ATTR, VBYTES, NVMAX)                      \
 ATTR static int64_t NAME(                                                            \
@@ -99,24 +132,7 @@ ATTR static int64_t NAME(                                                       
     typedef MLANE_T MVEC __attribute__((vector_size(VBYTES)));                       \
     enum { LANES = VBYTES / sizeof(T) };                                             \
     int64_t e, first = -1, count = 0, j0 = 0, j1;                                    \
-    for (e = lo; e < hi; e++) {                                                      \
-        int64_t r;                                                                   \
-        if (e + ahead < n)                                                           \
-            sparsembed_prefetch_lines(weight + (int64_t)idx[e + ahead] * dim,        \
-                                      (size_t)dim * sizeof(T));                      \
-        r = (int64_t)idx[e];                                                         \
-        if (SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) return -(e + 1);         \
-        if (r == pad) continue;                                                      \
-        if (first < 0) first = e;                                                    \
-        count++;                                                                     \
-    }                                                                                \
-    if (count == 0) {                                                                \
-        for (j1 = 0; j1 < dim; j1++) {                                               \
-            out[j1] = 0;                                                             \
-            argmax[j1] = -1;                                                         \
-        }                                                                            \
-        return 0;                                                                    \
-    }                                                                                \
+    SE_MAX_SCAN(T);                                                                  \
     if (hi - first <= (int64_t)((((uint64_t)1) << (8 * sizeof(MLANE_T) - 1)) - 1)) { \
         while (NVMAX >= 8 && dim - j0 >= 8 * LANES) SE_MAX_CHUNK(8);                 \
         while (dim - j0 >= 4 * LANES) SE_MAX_CHUNK(4);                               \
@@ -128,14 +144,6 @@ ATTR static int64_t NAME(                                                       
     return count;                                                                    \
 }
 
-/* every 64-byte line of [p, p + nbytes) for reading */
-static inline void sparsembed_prefetch_lines(const void* p, size_t nbytes)
-{
-    const char* c = (const char*)p;
-    size_t o;
-    for (o = 0; o < nbytes; o += 64) SE_PREFETCH(c + o);
-}
-
 /* Compilers without GCC's vector extensions (MSVC): every column one at a time. */
 #define SE_DEFINE_MAX_SCALAR(NAME, T, I)                                             \
 static int64_t NAME(                                                                 \
@@ -143,22 +151,7 @@ static int64_t NAME(                                                            
     int64_t hi, int64_t n, int64_t pad, int64_t ahead, T* out, int64_t* argmax)      \
 {                                                                                    \
     int64_t e, first = -1, count = 0, j0 = 0, j1;                                    \
-    (void)n;                                                                         \
-    (void)ahead;                                                                     \
-    for (e = lo; e < hi; e++) {                                                      \
-        int64_t r = (int64_t)idx[e];                                                 \
-        if ((uint64_t)r >= (uint64_t)num_rows) return -(e + 1);                      \
-        if (r == pad) continue;                                                      \
-        if (first < 0) first = e;                                                    \
-        count++;                                                                     \
-    }                                                                                \
-    if (count == 0) {                                                                \
-        for (j1 = 0; j1 < dim; j1++) {                                               \
-            out[j1] = 0;                                                             \
-            argmax[j1] = -1;                                                         \
-        }                                                                            \
-        return 0;                                                                    \
-    }                                                                                \
+    SE_MAX_SCAN(T);                                                                  \
     j1 = dim;                                                                        \
     SE_MAX_COLUMNS(T);                                                               \
     return count;                                                                    \
