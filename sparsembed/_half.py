@@ -70,7 +70,7 @@ def _rows_to(weight, rows, out):
 
 def _rows32(weight, rows):
     """``weight[rows]`` as a new C-contiguous float32 array (exact for float16)."""
-    out = np.empty((rows.shape[0], weight.shape[1]), dtype=np.float32)
+    out = _pool.empty((rows.shape[0], weight.shape[1]), np.float32)
     _rows_to(weight, rows, out)
     return out
 
@@ -209,13 +209,18 @@ def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan=N
 # ---------------------------------------------------------------- optimizers
 
 def _state_rows(s, rows):
-    """The touched rows of a state array (a copy), or the (0, *) dummy as it is."""
-    return s if s.shape[0] == 0 else np.take(s, rows, axis=0)
+    """The touched rows of a float32 state array (a copy), or the (0, *) dummy as it is."""
+    if s.shape[0] == 0:
+        return s
+    out = _pool.empty((rows.shape[0], s.shape[1]), s.dtype)
+    _lookup.gather(s, rows, out, get_num_threads())
+    return out
 
 
 def _put_state(s, rows, work):
+    """``s[rows] = work`` for the distinct touched rows."""
     if s.shape[0] != 0:
-        s[rows] = work
+        _lookup.scatter_rows(work, rows, s, get_num_threads())
 
 
 def update_rows(kind, lr, momentum, weight_decay, eps, c1, c2, c3, weight, rows, all_rows,

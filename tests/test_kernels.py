@@ -242,3 +242,24 @@ def test_offsets_to_starts_against_numpy(dtype, rng):
         assert (starts[off.shape[0]:] == -7).all()  # nothing past the copy
     with pytest.raises(ValueError, match="starts holds 2 entries, expected at least 3"):
         _bag.offsets_to_starts(np.arange(3, dtype=dtype), np.zeros(2, np.int64))
+
+
+@pytest.mark.parametrize("dim", [1, 16, 33])
+def test_scatter_rows_writes_only_the_listed_rows(rng, dtype, dim):
+    dst0 = rng.standard_normal((50, dim)).astype(dtype)
+    rows = rng.permutation(50)[:20].astype(np.int64)
+    src = rng.standard_normal((20, dim)).astype(dtype)
+    expected = dst0.copy()
+    expected[rows] = src
+    for T in (1, 2, 3):
+        dst = dst0.copy()
+        _lookup.scatter_rows(src, rows, dst, T)
+        assert_array_equal(dst, expected)
+    bad = rows.copy()
+    bad[7] = 50
+    dst = dst0.copy()
+    with pytest.raises(ValueError, match=r"row 50 at position 7 is outside \[0, 50\)"):
+        _lookup.scatter_rows(src, bad, dst, 2)
+    assert_array_equal(dst, dst0)  # nothing written
+    with pytest.raises(ValueError, match="src must be"):
+        _lookup.scatter_rows(src[:3], rows, dst, 2)

@@ -7,6 +7,12 @@ conversions are exact to float32 and round to nearest even back to float16.
 import numpy as np
 from numpy.typing import NDArray
 
+def simd_level() -> int:
+    """The SIMD level of the conversions: 0 portable C, 1 AVX2 + F16C, 2 AVX-512F."""
+
+def set_simd_level(level: int) -> int:
+    """Convert at ``level`` (capped at what the CPU supports); returns the level in use."""
+
 def rows_to_float(table: NDArray[np.uint16], rows: NDArray[np.int64], out: NDArray[np.float32],
                   n_threads: int) -> None:
     """``out[u] = float32(table[rows[u]])`` (exact)."""

@@ -1,11 +1,13 @@
 """float16 <-> float32 row conversions for float16 tables (``sparsembed._half``).
 
 A float16 table reaches these kernels as its ``uint16`` view (``weight.view(np.uint16)``):
-Cython has no half type, and the conversions are done on the bits, in portable C
-(``_half.h``; no F16C/-march flags): float16 -> float32 is exact; float32 -> float16
-rounds to nearest, ties to even, with overflow to +-inf, gradual underflow to
-subnormals and NaN kept NaN, bit for bit what numpy's ``astype(np.float16)`` gives
-(numpy's ``npy_floatbits_to_halfbits``).
+Cython has no half type, and the conversions are done on the bits: float16 -> float32
+is exact; float32 -> float16 rounds to nearest, ties to even, with overflow to +-inf,
+gradual underflow to subnormals and NaN kept NaN, bit for bit what numpy's
+``astype(np.float16)`` gives (numpy's ``npy_floatbits_to_halfbits``). The portable C
+of ``_half.h`` does it one value at a time; where the CPU has F16C or AVX-512F, the
+row conversions of ``_simd_half.h`` do 8 or 16 at once with the same bits (picked at
+run time, capped by SPARSEMBED_SIMD like the pooling: see ``simd_level``).
 
 Rows are distinct and each is converted by one thread: race-free, and the result
 does not depend on the number of threads.
@@ -14,9 +16,28 @@ does not depend on the number of threads.
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint16_t
 
-cdef extern from "_half.h":
-    float h2f "sparsembed_h2f"(uint16_t h) noexcept nogil
-    uint16_t f2h "sparsembed_f2h"(float f) noexcept nogil
+from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+
+cdef extern from "_simd_half.h":
+    ctypedef void (*to_float_t)(const uint16_t*, float*, int64_t) noexcept nogil
+    ctypedef void (*to_half_t)(const float*, uint16_t*, int64_t) noexcept nogil
+    ctypedef struct rows_table "se_half_rows_table":
+        to_float_t to_float
+        to_half_t to_half
+    rows_table rows_table_at "sparsembed_half_rows_table"(int level) noexcept nogil
+    int pool_level "sparsembed_pool_level"() noexcept nogil
+    int pool_set_level "sparsembed_pool_set_level"(int level) noexcept nogil
+
+
+def simd_level():
+    """The SIMD level of the conversions: 0 portable C, 1 AVX2 + F16C, 2 AVX-512F."""
+    return pool_level()
+
+
+def set_simd_level(int level):
+    """Convert at ``level`` (capped at what the CPU supports); returns the level now
+    in use. For tests: every level gives the same bits."""
+    return pool_set_level(level)
 
 
 def rows_to_float(
@@ -25,17 +46,25 @@ def rows_to_float(
     float[:, ::1] out,              # OUT (U, dim)
     int n_threads,
 ):
-    """``out[u] = float32(table[rows[u]])`` (exact)."""
+    """``out[u] = float32(table[rows[u]])`` (exact); the rows, read at random, are
+    prefetched a few ahead."""
     cdef int64_t n = rows.shape[0]
     cdef int64_t dim = table.shape[1]
-    cdef int64_t u, j, r
+    cdef int64_t u, t, u_lo, u_hi
+    cdef int64_t T = max(1, min(n_threads, n))
+    cdef size_t row_bytes = dim * sizeof(uint16_t)
+    cdef int64_t ahead = prefetch_distance(row_bytes)
+    cdef rows_table fns = rows_table_at(pool_level())
     if n == 0 or dim == 0:
         return
     with nogil:
-        for u in prange(n, schedule="static", num_threads=n_threads):
-            r = rows[u]
-            for j in range(dim):
-                out[u, j] = h2f(table[r, j])
+        for t in prange(T, schedule="static", num_threads=T):
+            u_lo = n * t // T
+            u_hi = n * (t + 1) // T
+            for u in range(u_lo, u_hi):
+                if u + ahead < u_hi:
+                    prefetch_row(&table[rows[u + ahead], 0], row_bytes)
+                fns.to_float(&table[rows[u], 0], &out[u, 0], dim)
 
 
 def rows_from_float(
@@ -47,14 +76,13 @@ def rows_from_float(
     """``table[rows[u]] = float16(work[u])``, rounded to nearest even."""
     cdef int64_t n = rows.shape[0]
     cdef int64_t dim = work.shape[1]
-    cdef int64_t u, j, r
+    cdef int64_t u
+    cdef rows_table fns = rows_table_at(pool_level())
     if n == 0 or dim == 0:
         return
     with nogil:
         for u in prange(n, schedule="static", num_threads=n_threads):
-            r = rows[u]
-            for j in range(dim):
-                table[r, j] = f2h(work[u, j])
+            fns.to_half(&work[u, 0], &table[rows[u], 0], dim)
 
 
 def to_half(
@@ -65,10 +93,10 @@ def to_half(
     """``out = float16(src)``, rounded to nearest even."""
     cdef int64_t n = src.shape[0]
     cdef int64_t dim = src.shape[1]
-    cdef int64_t i, j
+    cdef int64_t i
+    cdef rows_table fns = rows_table_at(pool_level())
     if n == 0 or dim == 0:
         return
     with nogil:
         for i in prange(n, schedule="static", num_threads=n_threads):
-            for j in range(dim):
-                out[i, j] = f2h(src[i, j])
+            fns.to_half(&src[i, 0], &out[i, 0], dim)

@@ -161,6 +161,31 @@ def gather(
     return found
 
 
+def scatter_rows(
+    const floating[:, ::1] src,     # IN (U, dim)
+    const int64_t[::1] rows,        # IN (U,) distinct row ids, checked here
+    floating[:, ::1] out,           # INOUT (num_rows, dim)
+    int n_threads,
+):
+    """``out[rows[u]] = src[u]`` for distinct ``rows`` (each row written by one
+    thread: race-free). ValueError, before any write, for a row outside ``out``."""
+    cdef int64_t n = rows.shape[0]
+    cdef int64_t dim = src.shape[1]
+    cdef int64_t num_rows = out.shape[0]
+    cdef int64_t u
+    cdef int64_t T = max(1, min(n_threads, n))
+    if src.shape[0] != n or out.shape[1] != dim:
+        raise ValueError(f"src must be ({n}, {out.shape[1]}), got ({src.shape[0]}, {dim})")
+    u = first_out_of_range(rows, num_rows, 1) if n > 0 else -1
+    if u >= 0:
+        raise ValueError(f"row {rows[u]} at position {u} is outside [0, {num_rows})")
+    if n == 0 or dim == 0:
+        return
+    with nogil:
+        for u in prange(n, schedule="static", num_threads=T):
+            copy_row(&out[rows[u], 0], &src[u, 0], dim * sizeof(floating))
+
+
 cdef inline double _row_norm(const floating* row, int64_t dim, double p) noexcept nogil:
     cdef int64_t j
     cdef double acc = 0.0, a

@@ -14,8 +14,8 @@
  * entry order (w * x, then +; -ffp-contract=off), the mean divides once. Hardware
  * conversion quiets a signalling NaN where the portable one keeps it, but every
  * converted value is then added to (or multiplied into) a float32 sum, which quiets
- * it either way; the rounding to float16 gives sparsembed_f2h's bits for every
- * input but a signalling NaN (checked over all 2^32 float32 inputs).
+ * it either way; the rounding to float16 gives sparsembed_f2h's bits (see the row
+ * conversions below).
  */
 #ifndef SPARSEMBED_SIMD_HALF_H
 #define SPARSEMBED_SIMD_HALF_H
@@ -48,31 +48,121 @@ static inline void se_float_to_half_soft(const float* src, uint16_t* dst, int64_
         ((out) = (VEC)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p))))
 #endif
 
+/* Row conversions for the float16 tables' compact float32 copies (_f16.pyx): n
+ * values, float16 -> float32 exactly, float32 -> float16 rounded to nearest even,
+ * bit for bit sparsembed_h2f / sparsembed_f2h. The hardware conversions differ from
+ * those only on signalling NaNs (they quiet them; checked over every input), which
+ * a row copied back unchanged may hold: a vector holding one is converted in
+ * portable C instead. */
+static inline void se_half_to_float_soft(const uint16_t* src, float* dst, int64_t n)
+{
+    int64_t j;
+    for (j = 0; j < n; j++) dst[j] = sparsembed_h2f(src[j]);
+}
+
 #if SE_X86_DISPATCH
-/* rounded to nearest even, as sparsembed_f2h: the same bits for every float32 but
- * a signalling NaN (checked over all 2^32 inputs), which a sum never is */
 SE_TARGET("avx512f")
-static inline void se_float_to_half_avx512(const float* src, uint16_t* dst, int64_t n)
+static void se_half_to_float_avx512(const uint16_t* src, float* dst, int64_t n)
 {
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        _mm256_storeu_si256((__m256i*)(dst + j),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(src + j),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i exp_quiet = _mm256_set1_epi16(0x7e00), exp_only = _mm256_set1_epi16(0x7c00);
+    const __m256i payload = _mm256_set1_epi16(0x01ff), zero = _mm256_setzero_si256();
+    for (; j + 16 <= n; j += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i*)(src + j));
+        __m256i quiet_clear = _mm256_cmpeq_epi16(_mm256_and_si256(h, exp_quiet), exp_only);
+        __m256i no_payload = _mm256_cmpeq_epi16(_mm256_and_si256(h, payload), zero);
+        if (_mm256_testc_si256(no_payload, quiet_clear))  /* no signalling NaN */
+            _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(h));
+        else
+            se_half_to_float_soft(src + j, dst + j, 16);
+    }
+    se_half_to_float_soft(src + j, dst + j, n - j);
+}
+
+SE_TARGET("avx512f")
+static void se_float_to_half_avx512(const float* src, uint16_t* dst, int64_t n)
+{
+    int64_t j = 0;
+    const __m512i exp_quiet = _mm512_set1_epi32(0x7fc00000), exp_only = _mm512_set1_epi32(0x7f800000);
+    const __m512i payload = _mm512_set1_epi32(0x003fffff);
+    for (; j + 16 <= n; j += 16) {
+        __m512 x = _mm512_loadu_ps(src + j);
+        __m512i b = _mm512_castps_si512(x);
+        __mmask16 sig = _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, exp_quiet), exp_only)
+                        & _mm512_test_epi32_mask(b, payload);
+        if (sig == 0)
+            _mm256_storeu_si256((__m256i*)(dst + j),
+                                _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        else
+            se_float_to_half_soft(src + j, dst + j, 16);
+    }
     se_float_to_half_soft(src + j, dst + j, n - j);
 }
 
 SE_TARGET("avx2,f16c")
-static inline void se_float_to_half_f16c(const float* src, uint16_t* dst, int64_t n)
+static void se_half_to_float_f16c(const uint16_t* src, float* dst, int64_t n)
 {
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        _mm_storeu_si128((__m128i*)(dst + j),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(src + j),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m128i exp_quiet = _mm_set1_epi16(0x7e00), exp_only = _mm_set1_epi16(0x7c00);
+    const __m128i payload = _mm_set1_epi16(0x01ff), zero = _mm_setzero_si128();
+    for (; j + 8 <= n; j += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i*)(src + j));
+        __m128i quiet_clear = _mm_cmpeq_epi16(_mm_and_si128(h, exp_quiet), exp_only);
+        __m128i no_payload = _mm_cmpeq_epi16(_mm_and_si128(h, payload), zero);
+        if (_mm_testc_si128(no_payload, quiet_clear))
+            _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(h));
+        else
+            se_half_to_float_soft(src + j, dst + j, 8);
+    }
+    se_half_to_float_soft(src + j, dst + j, n - j);
+}
+
+SE_TARGET("avx2,f16c")
+static void se_float_to_half_f16c(const float* src, uint16_t* dst, int64_t n)
+{
+    int64_t j = 0;
+    const __m256i exp_quiet = _mm256_set1_epi32(0x7fc00000), exp_only = _mm256_set1_epi32(0x7f800000);
+    const __m256i payload = _mm256_set1_epi32(0x003fffff), zero = _mm256_setzero_si256();
+    for (; j + 8 <= n; j += 8) {
+        __m256 x = _mm256_loadu_ps(src + j);
+        __m256i b = _mm256_castps_si256(x);
+        __m256i quiet_clear = _mm256_cmpeq_epi32(_mm256_and_si256(b, exp_quiet), exp_only);
+        __m256i no_payload = _mm256_cmpeq_epi32(_mm256_and_si256(b, payload), zero);
+        if (_mm256_testc_si256(no_payload, quiet_clear))
+            _mm_storeu_si128((__m128i*)(dst + j),
+                             _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        else
+            se_float_to_half_soft(src + j, dst + j, 8);
+    }
     se_float_to_half_soft(src + j, dst + j, n - j);
 }
 #endif
+
+typedef void (*se_half_to_float_f)(const uint16_t*, float*, int64_t);
+typedef void (*se_float_to_half_f)(const float*, uint16_t*, int64_t);
+
+typedef struct {
+    se_half_to_float_f to_float;
+    se_float_to_half_f to_half;
+} se_half_rows_table;
+
+/* The row conversions at `level` (the AVX2 level only with F16C). */
+static inline se_half_rows_table sparsembed_half_rows_table(int level)
+{
+    se_half_rows_table t;
+    t.to_float = se_half_to_float_soft;
+    t.to_half = se_float_to_half_soft;
+#if SE_X86_DISPATCH
+    if (level == SE_LEVEL_AVX512) {
+        t.to_float = se_half_to_float_avx512;
+        t.to_half = se_float_to_half_avx512;
+    } else if (level == SE_LEVEL_AVX2 && __builtin_cpu_supports("f16c")) {
+        t.to_float = se_half_to_float_f16c;
+        t.to_half = se_float_to_half_f16c;
+    }
+#endif
+    return t;
+}
 
 /* NV vectors of columns at j0, summed over the bag's entries in registers (the
  * sums of _simd_pool.h's SE_CHUNK, on converted float16 rows) into o[j0:]. */

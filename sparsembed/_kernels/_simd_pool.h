@@ -486,7 +486,7 @@ typedef struct {
     se_pool_f64_i64 f64_i64;
 } se_pool_table;
 
-static se_pool_table sparsembed_pool_table(int level) {
+static inline se_pool_table sparsembed_pool_table(int level) {
     se_pool_table t;
     t.f32_i32 = SE_PICK(se_pool_f32_i32);
     t.f32_i64 = SE_PICK(se_pool_f32_i64);
