@@ -212,6 +212,8 @@ def _state_rows(s, rows):
     """The touched rows of a float32 state array (a copy), or the (0, *) dummy as it is."""
     if s.shape[0] == 0:
         return s
+    if not s.flags.c_contiguous:
+        return np.take(s, rows, axis=0)
     out = _pool.empty((rows.shape[0], s.shape[1]), s.dtype)
     _lookup.gather(s, rows, out, get_num_threads())
     return out
@@ -219,8 +221,12 @@ def _state_rows(s, rows):
 
 def _put_state(s, rows, work):
     """``s[rows] = work`` for the distinct touched rows."""
-    if s.shape[0] != 0:
+    if s.shape[0] == 0:
+        return
+    if s.flags.c_contiguous and s.flags.writeable:
         _lookup.scatter_rows(work, rows, s, get_num_threads())
+    else:
+        s[rows] = work
 
 
 def update_rows(kind, lr, momentum, weight_decay, eps, c1, c2, c3, weight, rows, all_rows,
