@@ -1,8 +1,12 @@
 """float16 tables: float16 storage, float32 arithmetic.
 
-A float16 table is never handed to the arithmetic kernels (they are written for
-float32 and float64, and their signatures stay as they are). Every operation that reads or writes a float16 table instead works on
-a *compact float32 working copy* of the rows the batch touches:
+Two operations read a float16 table as it is: the lookup (a copy of bytes: an
+even-width row goes through the compiled gather as float32 pairs, see
+``_cpu.gather``) and the sum/mean bag pooling (``_bag.half_bag_forward``, which
+converts the rows in registers and sums in float32). The arithmetic kernels are
+otherwise written for float32 and float64, and their signatures stay as they are:
+every other operation that reads or writes a float16 table works on a *compact
+float32 working copy* of the rows the batch touches:
 
 1. the batch's row plan (:class:`sparsembed._cpu.RowPlan`, computed once per batch)
    gives the ``U`` distinct rows and, through ``perm``/``starts``, the map from each
@@ -15,8 +19,10 @@ a *compact float32 working copy* of the rows the batch touches:
    scattered back, and the state rows are written back unrounded.
 
 The float16 <-> float32 row conversions are small compiled kernels
-(``_kernels/_f16.pyx``: parallel over rows, bit for bit numpy's ``astype``); the
-other gathers and scatters are vectorised numpy.
+(``_kernels/_f16.pyx``: parallel over rows, 8 or 16 values per instruction where the
+CPU has F16C or AVX-512F, bit for bit numpy's ``astype``); the state rows move
+through the compiled row gather and scatter, the other gathers and scatters are
+vectorised numpy.
 
 So every sum, mean, norm, gradient and optimizer update is computed in float32 and
 rounded once when stored; optimizer state is float32 and so are gradients (torch CPU

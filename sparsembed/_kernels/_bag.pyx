@@ -5,10 +5,13 @@ Bags are given as ``starts`` (n_bags + 1, int64): bag ``b`` holds the entries
 ``starts[b]:starts[b + 1]``. The forward gives each thread a contiguous range of
 bags: sum and mean through the SIMD kernels of ``_simd_pool.h`` (one call per
 thread, the widest vector level the CPU has), max through those of ``_simd_max.h``
-(one call per bag). The backward goes through the row plan of the entries (see
-``_plan``): each distinct row is summed by one thread in plan order, with the
-helper :func:`bag_row_sum` from ``_bag.pxd``, so results are bitwise identical for
-every thread count.
+(one call per bag); float16 tables' sum and mean through ``_simd_half.h``. The
+backward goes through the row plan of the entries (see ``_plan``): each distinct
+row is summed by one thread in plan order, so results are bitwise identical for
+every thread count -- sum and mean bags by ``_backward``'s SIMD row sums, once
+:func:`entry_grad_rows` has mapped the plan's entries to their bags, max mode
+with the helper :func:`bag_row_sum` from ``_bag.pxd`` and the won-column masks of
+:func:`won_masks`.
 """
 
 from cython cimport floating
