@@ -39,6 +39,7 @@ For float32 and float64 tables the wrappers here (:func:`update_rows`,
 import numpy as np
 
 from sparsembed._kernels import _bag, _f16, _lookup, _optim, _pool
+from sparsembed._kernels import _plan as _plan_kernels
 from sparsembed._threads import get_num_threads
 
 HALF = np.dtype(np.float16)
@@ -121,14 +122,15 @@ def compact(weight, plan, n, padding_idx):
     """
     rows = plan.rows
     u = rows.shape[0]
-    table = np.empty((u + 1, weight.shape[1]), dtype=np.float32)
+    table = _pool.empty((u + 1, weight.shape[1]), np.float32)
     _rows_to(weight, rows, table[:u])
     if padding_idx is None:
         table[u] = 0
     else:
         table[u] = weight[padding_idx]
-    local = np.full(n, u, dtype=np.int64)
-    local[plan.perm] = np.repeat(np.arange(u, dtype=np.int64), np.diff(plan.starts))
+    local = _pool.empty((n,), np.int64)
+    local.fill(u)
+    _plan_kernels.segment_of_entries(plan.perm, plan.starts, local, get_num_threads())
     return table, local, (None if padding_idx is None else u)
 
 

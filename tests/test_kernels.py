@@ -263,3 +263,24 @@ def test_scatter_rows_writes_only_the_listed_rows(rng, dtype, dim):
     assert_array_equal(dst, dst0)  # nothing written
     with pytest.raises(ValueError, match="src must be"):
         _lookup.scatter_rows(src[:3], rows, dst, 2)
+
+
+def test_segment_of_entries_against_numpy(rng):
+    # each planned entry gets its segment's index; entries the plan skipped (padding)
+    # keep what the output held; every thread count writes the same
+    ids = rng.integers(0, 40, size=500)
+    ids[::7] = 3  # the padding id, left out of the plan
+    perm, rows, starts = _plan_of(ids, 40, skip=3)
+    expected = np.full(ids.size, -9, np.int64)
+    expected[perm] = np.repeat(np.arange(rows.size), np.diff(starts))
+    assert (expected[ids == 3] == -9).all() and (expected[ids != 3] >= 0).all()
+    for T in (1, 2, 3, 100):
+        out = np.full(ids.size, -9, np.int64)
+        _plan.segment_of_entries(perm, starts, out, T)
+        assert_array_equal(out, expected)
+    bad = perm.copy()
+    bad[5] = ids.size
+    out = np.full(ids.size, -9, np.int64)
+    with pytest.raises(ValueError, match=f"entry {ids.size} at plan position 5 is outside"):
+        _plan.segment_of_entries(bad, starts, out, 2)
+    assert (out == -9).all()

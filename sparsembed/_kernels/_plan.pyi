@@ -19,6 +19,12 @@ def argsort_rows(
 ) -> int:
     """Stable sort of the ids other than ``skip_row``; returns their number m."""
 
+def segment_of_entries(
+    perm: NDArray[np.int64], starts: NDArray[np.int64], out: NDArray[np.int64], n_threads: int,
+) -> None:
+    """``out[perm[k]] = u`` for every k of segment u (ValueError, before any write, for
+    an entry outside ``out``)."""
+
 def segments(
     sorted_keys: NDArray[np.int64],
     rows_out: NDArray[np.int64],

@@ -224,6 +224,36 @@ cdef inline int64_t _wc_words(int64_t num_rows, int64_t n_threads) noexcept nogi
     return n_threads * n_buckets * 8 + (n_threads * n_buckets + 1) // 2 + 8
 
 
+def segment_of_entries(
+    const int64_t[::1] perm,     # IN (m,) plan permutation: distinct entry positions
+    const int64_t[::1] starts,   # IN (U + 1,) segment bounds into perm
+    int64_t[::1] out,            # INOUT (n,) entries not in the plan keep their value
+    int n_threads,
+):
+    """``out[perm[k]] = u`` for every k of segment u: each planned entry's distinct
+    row, as an index into the plan's rows (the float16 path's compact ids). Entries
+    are distinct, so each is written once, by the thread of its segment.
+    ValueError, before any write, for an entry outside ``out``."""
+    cdef int64_t n_rows = starts.shape[0] - 1
+    cdef int64_t n = out.shape[0]
+    cdef int64_t u, k, t, u_lo, u_hi
+    cdef int64_t T = max(1, min(n_threads, n_rows))
+    if n_rows < 0 or starts[n_rows] > perm.shape[0]:
+        raise ValueError("starts must bound segments of perm")
+    for k in range(starts[n_rows] if n_rows >= 0 else 0):
+        if not 0 <= perm[k] < n:
+            raise ValueError(f"entry {perm[k]} at plan position {k} is outside [0, {n})")
+    if n_rows == 0:
+        return
+    with nogil:
+        for t in prange(T, schedule="static", num_threads=T):
+            u_lo = n_rows * t // T
+            u_hi = n_rows * (t + 1) // T
+            for u in range(u_lo, u_hi):
+                for k in range(starts[u], starts[u + 1]):
+                    out[perm[k]] = u
+
+
 def plan_scratch_size(int64_t n, int64_t num_rows, int n_threads):
     """Entries of the ``scratch`` that :func:`build_plan` takes for ``n`` ids below
     ``num_rows`` on ``n_threads``: two copies of the ids and the write-combining
