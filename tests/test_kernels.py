@@ -284,3 +284,7 @@ def test_segment_of_entries_against_numpy(rng):
     with pytest.raises(ValueError, match=f"entry {ids.size} at plan position 5 is outside"):
         _plan.segment_of_entries(bad, starts, out, 2)
     assert (out == -9).all()
+    for bad_starts in (starts[::-1].copy(), np.append(starts[:-1], perm.size + 1)):
+        with pytest.raises(ValueError, match="starts must be an increasing range"):
+            _plan.segment_of_entries(perm, bad_starts, out, 2)
+        assert (out == -9).all()

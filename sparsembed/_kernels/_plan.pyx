@@ -18,6 +18,7 @@ from sparsembed._kernels._openmp_helpers cimport (
     se_barrier_init,
     se_barrier_wait,
 )
+from sparsembed._kernels._split cimport block_start
 from sparsembed._kernels._types cimport index_t
 
 
@@ -232,23 +233,29 @@ def segment_of_entries(
 ):
     """``out[perm[k]] = u`` for every k of segment u: each planned entry's distinct
     row, as an index into the plan's rows (the float16 path's compact ids). Entries
-    are distinct, so each is written once, by the thread of its segment.
-    ValueError, before any write, for an entry outside ``out``."""
+    are distinct, so each is written once, by the thread of its segment; the
+    segments are split between threads by their entries (``_split.block_start``:
+    a Zipf batch's few long segments). ValueError, before any write, for segment
+    bounds that are not an increasing range of ``perm`` or an entry outside ``out``."""
     cdef int64_t n_rows = starts.shape[0] - 1
     cdef int64_t n = out.shape[0]
     cdef int64_t u, k, t, u_lo, u_hi
     cdef int64_t T = max(1, min(n_threads, n_rows))
-    if n_rows < 0 or starts[n_rows] > perm.shape[0]:
-        raise ValueError("starts must bound segments of perm")
-    for k in range(starts[n_rows] if n_rows >= 0 else 0):
+    if n_rows < 0:
+        raise ValueError("starts must hold at least one bound")
+    for u in range(n_rows):
+        if not 0 <= starts[u] <= starts[u + 1] <= perm.shape[0]:
+            raise ValueError(f"starts must be an increasing range of perm's "
+                             f"{perm.shape[0]} entries, got {starts[u]}, {starts[u + 1]}")
+    for k in range(starts[0] if n_rows > 0 else 0, starts[n_rows]):
         if not 0 <= perm[k] < n:
             raise ValueError(f"entry {perm[k]} at plan position {k} is outside [0, {n})")
     if n_rows == 0:
         return
     with nogil:
         for t in prange(T, schedule="static", num_threads=T):
-            u_lo = n_rows * t // T
-            u_hi = n_rows * (t + 1) // T
+            u_lo = block_start(&starts[0], n_rows, T, t)
+            u_hi = block_start(&starts[0], n_rows, T, t + 1)
             for u in range(u_lo, u_hi):
                 for k in range(starts[u], starts[u + 1]):
                     out[perm[k]] = u

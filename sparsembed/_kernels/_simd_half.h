@@ -146,17 +146,29 @@ typedef struct {
     se_float_to_half_f to_half;
 } se_half_rows_table;
 
-/* The row conversions at `level` (the AVX2 level only with F16C). */
+/* The level the float16 code runs at for the pooling's `level`: the AVX2 level
+ * converts with F16C, which CPUs with AVX2 have had since both came (2013), but is
+ * asked for anyway; without it, the portable code. */
+static inline int se_half_level(int level)
+{
+#if SE_X86_DISPATCH
+    if (level == SE_LEVEL_AVX2 && !__builtin_cpu_supports("f16c")) return SE_LEVEL_BASELINE;
+#endif
+    return level;
+}
+
+/* The row conversions at `level`. */
 static inline se_half_rows_table sparsembed_half_rows_table(int level)
 {
     se_half_rows_table t;
     t.to_float = se_half_to_float_soft;
     t.to_half = se_float_to_half_soft;
 #if SE_X86_DISPATCH
+    level = se_half_level(level);
     if (level == SE_LEVEL_AVX512) {
         t.to_float = se_half_to_float_avx512;
         t.to_half = se_float_to_half_avx512;
-    } else if (level == SE_LEVEL_AVX2 && __builtin_cpu_supports("f16c")) {
+    } else if (level == SE_LEVEL_AVX2) {
         t.to_float = se_half_to_float_f16c;
         t.to_half = se_float_to_half_f16c;
     }
@@ -220,11 +232,9 @@ ATTR static int64_t NAME(                                                       
         int64_t count = 0, lo = starts[b], hi = starts[b + 1];                       \
         for (e = lo; e < hi; e++) {                                                  \
             int64_t r;                                                               \
-            if (e + ahead < n) {                                                     \
-                const char* p = (const char*)(weight + (int64_t)idx[e + ahead] * dim); \
-                size_t l;                                                            \
-                for (l = 0; l < row_bytes; l += 64) SE_PREFETCH(p + l);              \
-            }                                                                        \
+            if (e + ahead < n)                                                       \
+                sparsembed_prefetch_lines(weight + (int64_t)idx[e + ahead] * dim,    \
+                                          row_bytes);                                \
             r = (int64_t)idx[e];                                                     \
             if (SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) {                    \
                 count = -(e + 1);                                                    \
@@ -285,14 +295,11 @@ typedef struct {
     se_half_pool_i64 i64;
 } se_half_pool_table;
 
-/* The variants at `level`; the AVX2 level converts with F16C, which a CPU with
- * AVX2 has had since both came (2013), but is asked for anyway. */
+/* The variants at `level` (see se_half_level). */
 static inline se_half_pool_table sparsembed_half_pool_table(int level)
 {
     se_half_pool_table t;
-#if SE_X86_DISPATCH
-    if (level == SE_LEVEL_AVX2 && !__builtin_cpu_supports("f16c")) level = SE_LEVEL_BASELINE;
-#endif
+    level = se_half_level(level);
     t.i32 = SE_PICK(se_half_pool_i32);
     t.i64 = SE_PICK(se_half_pool_i64);
     return t;

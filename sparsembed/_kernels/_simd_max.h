@@ -21,14 +21,6 @@
 
 #include "_simd_pool.h"
 
-/* every 64-byte line of [p, p + nbytes) for reading */
-static inline void sparsembed_prefetch_lines(const void* p, size_t nbytes)
-{
-    const char* c = (const char*)p;
-    size_t o;
-    for (o = 0; o < nbytes; o += 64) SE_PREFETCH(c + o);
-}
-
 /* Columns j0..j1-1 of one bag one at a time (the tail narrower than a vector, and
  * every column of a very long bag); entries first..hi-1, `first` a non-padding one. */
 #define SE_MAX_COLUMNS(T)                                                            \

@@ -42,6 +42,14 @@
     #define SE_UNLIKELY(x) (x)
 #endif
 
+/* every 64-byte line of [p, p + nbytes) for reading */
+static inline void sparsembed_prefetch_lines(const void* p, size_t nbytes)
+{
+    const char* c = (const char*)p;
+    size_t o;
+    for (o = 0; o < nbytes; o += 64) SE_PREFETCH(c + o);
+}
+
 enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
 
 /* flags of the range functions */
