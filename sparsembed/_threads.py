@@ -6,6 +6,12 @@ import warnings
 from sparsembed._kernels._openmp_helpers import openmp_enabled, openmp_max_threads
 
 _num_threads = None  # None: follow OpenMP's default (OMP_NUM_THREADS, else all cores)
+
+# The most threads a kernel is given. libgomp does not survive some team sizes
+# (100,000 threads crash it here, 2**31 - 1 aborts allocating the team), and no
+# kernel gains from more threads than the machine has cores; 1024 leaves room for
+# the largest machines while keeping every team small enough to start.
+MAX_THREADS = 1024
 _warned_no_openmp = False
 
 
@@ -28,13 +34,13 @@ def get_num_threads():
     -------
     int
         The value given to :func:`set_num_threads`, or OpenMP's default
-        (``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS``); always 1 when
-        the package was built without OpenMP.
+        (``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS``) capped at
+        :data:`MAX_THREADS`; always 1 when the package was built without OpenMP.
     """
     if not openmp_enabled():
         return 1
     if _num_threads is None:
-        return max(1, openmp_max_threads())
+        return min(max(1, openmp_max_threads()), MAX_THREADS)
     return _num_threads
 
 
@@ -44,8 +50,10 @@ def set_num_threads(n):
     Parameters
     ----------
     n : int or None
-        A positive thread count, or None to go back to OpenMP's default.
-        Results do not depend on this number: every kernel is deterministic.
+        A thread count in ``[1, MAX_THREADS]`` (1024), or None to go back to
+        OpenMP's default. Results do not depend on this number: every kernel is
+        deterministic. (torch accepts any positive count; OpenMP itself fails on
+        some huge teams, so larger counts are a ValueError here.)
     """
     global _num_threads
     if n is None:
@@ -54,8 +62,8 @@ def set_num_threads(n):
     if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
         raise TypeError(f"n must be a positive int or None, got {n!r}")
     n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be a positive int or None, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be an int in [1, {MAX_THREADS}] or None, got {n}")
     _num_threads = n
 
 

@@ -187,12 +187,25 @@ def restore_threads():
     se.set_num_threads(None)
 
 
-@pytest.mark.parametrize("bad", [0, -1, -8, np.int64(0)])
-def test_set_num_threads_rejects_non_positive(bad, restore_threads):
+@pytest.mark.parametrize("bad", [0, -1, -8, np.int64(0), 1025, 100_000, 2**31 - 1, 2**40])
+def test_set_num_threads_rejects_counts_out_of_range(bad, restore_threads):
+    # above 1024 libgomp itself crashed (100,000) or aborted (2**31 - 1), and 2**40
+    # overflowed the kernels' C int after a step had begun
     before = se.get_num_threads()
-    with pytest.raises(ValueError, match=rf"positive int or None, got {int(bad)}"):
+    with pytest.raises(ValueError, match=rf"an int in \[1, 1024\] or None, got {int(bad)}"):
         se.set_num_threads(bad)
     assert se.get_num_threads() == before
+
+
+def test_set_num_threads_accepts_the_limit(restore_threads):
+    se.set_num_threads(1024)
+    assert se.get_num_threads() == 1024
+
+
+def test_openmp_default_is_capped(run_python):
+    code = "import sparsembed as se; print(se.get_num_threads(), se.show_config()['openmp'])"
+    out = run_python(code, env={"OMP_NUM_THREADS": "5000"}).stdout.split()
+    assert out[0] == ("1024" if out[1] == "True" else "1")
 
 
 @pytest.mark.parametrize("bad", [True, False, 1.5, 2.0, "2", [2], np.float64(2.0)])
