@@ -83,9 +83,41 @@ class _Table:
         self.grad = grad if self.grad is None else self._backend.add_grad(self.grad, grad)
         return grad
 
+    def _table_shape(self):
+        """The shape ``weight`` must have: (num_embeddings, embedding_dim)."""
+        return (self.num_embeddings, self.embedding_dim)
+
+    def _checked_table(self):
+        """``weight``, checked to still have the layer's shape: it is a public
+        attribute, and a table replaced by one of another shape would send the
+        layer's row ids (checked against ``num_embeddings``) past its end."""
+        w = self.weight
+        expected = self._table_shape()
+        shape = getattr(w, "shape", None)
+        if shape != expected:
+            raise ValueError(f"{type(self).__name__}.weight has shape {shape}, expected "
+                             f"{expected}: a table put in place of the layer's must keep "
+                             f"its shape")
+        return w
+
+    def _layout(self):
+        """The shapes a forward's saved ids are valid for (see :meth:`_saved_forward`)."""
+        return self._table_shape()
+
+    def _remember(self, saved):
+        """Keep what the backward needs of this forward, and the table shape it ran on."""
+        self._saved = saved
+        self._saved_table = self._layout()
+
     def _saved_forward(self):
         if self._saved is None:
             raise RuntimeError("backward() called before any forward()")
+        self._checked_table()
+        before = getattr(self, "_saved_table", None)  # None: pickled by an older version
+        if before is not None and before != self._layout():
+            raise ValueError(f"the table's shape changed from {before} to "
+                             f"{self._layout()} since the last forward(): run the "
+                             f"forward again")
         return self._saved
 
     def state_dict(self):
@@ -284,6 +316,7 @@ class Embedding(_Table):
         ndarray of shape ``input.shape + (embedding_dim,)``, weight's dtype
         """
         be = self._backend
+        self._checked_table()
         # the lookup checks the ids itself, and so does the plan that renorm needs first
         renorm = self.max_norm is not None
         idx, flat = F.lookup_ids(input, be)
@@ -301,7 +334,7 @@ class Embedding(_Table):
             idx.shape + (self.embedding_dim,))
         if kept is not None:
             flat = kept
-        self._saved = (flat, idx.shape, plan)
+        self._remember((flat, idx.shape, plan))
         return out
 
     __call__ = forward
@@ -495,6 +528,7 @@ class EmbeddingBag(_Table):
             Empty bags and bags of padding only give zeros.
         """
         be = self._backend
+        self._checked_table()
         # plain pooling checks the ids itself (one pass fewer); renorm and the float16
         # path plan the rows first, which needs ids known to be in range
         deferred = self.max_norm is None and not _half.is_half(self.weight)
@@ -521,8 +555,8 @@ class EmbeddingBag(_Table):
         bags.flat = _own(bags.flat, src)
         bags.starts = _own(bags.starts, src)
         bags.psw = _own(bags.psw, src)
-        self._saved = {"bags": bags, "argmax": argmax, "counts": counts, "plan": plan,
-                       "entry_bag": None}
+        self._remember({"bags": bags, "argmax": argmax, "counts": counts, "plan": plan,
+                        "entry_bag": None})
         self.per_sample_weights_grad = None
         return out
 
@@ -583,17 +617,20 @@ class EmbeddingBag(_Table):
         if optimizer is not None:
             optimizer._locate(self)  # a ValueError before anything changes
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
-        self.per_sample_weights_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag,
-                                                      self.padding_idx, be, plan)
-        if not self.requires_grad:
-            return None
-        if optimizer is not None:
-            optimizer._fused_update(self, grad, plan, self.scale_grad_by_freq,
-                                    src=entry_bag, scale=scale, argmax=argmax)
-            return None
-        g = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax,
-                              self.num_embeddings, self.scale_grad_by_freq, self.sparse, be)
-        return self._accumulate(g)
+        # from the table before any update, but kept only once nothing can fail
+        psw_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag, self.padding_idx, be,
+                                  plan)
+        g = None
+        if self.requires_grad:
+            if optimizer is not None:
+                optimizer._fused_update(self, grad, plan, self.scale_grad_by_freq,
+                                        src=entry_bag, scale=scale, argmax=argmax)
+            else:
+                g = self._accumulate(_bags.weight_grad(
+                    grad, bags, plan, entry_bag, scale, argmax, self.num_embeddings,
+                    self.scale_grad_by_freq, self.sparse, be))
+        self.per_sample_weights_grad = psw_grad
+        return g
 
     def __repr__(self):
         return self._repr_options(self._REPR_DEFAULTS)

@@ -227,6 +227,23 @@ class HashEmbedding(_Table):
             self.importance = HashImportance(np.ones((self.num_weights, self.num_hashes), dtype=dtype),
                                              self.sparse)
 
+    def _table_shape(self):
+        return (self.num_buckets, self.embedding_dim)
+
+    def _layout(self):
+        return (self._table_shape(),
+                None if self.importance is None else (self.num_weights, self.num_hashes))
+
+    def _checked_table(self):
+        w = super()._checked_table()
+        if self.importance is not None:
+            shape = getattr(self.importance.weight, "shape", None)
+            if shape != (self.num_weights, self.num_hashes):
+                raise ValueError(f"importance.weight has shape {shape}, expected "
+                                 f"{(self.num_weights, self.num_hashes)}: a table put in "
+                                 f"place of the layer's must keep its shape")
+        return w
+
     def reset_parameters(self, random_state=None):
         """Redraw ``weight`` from N(0, 1) in place and set the importance weights to 1.
 
@@ -266,11 +283,14 @@ class HashEmbedding(_Table):
         ndarray of shape ``input.shape + (embedding_dim,)``, weight's dtype
         """
         be = self._backend
+        self._checked_table()
         buckets, ids = self.buckets(input)
         shape = ids.shape
         flat = buckets.reshape(-1)
         n, k, d = int(np.prod(shape, dtype=np.int64)), self.num_hashes, self.embedding_dim
-        rows = be.gather(self.weight, flat).reshape(n, k, d)
+        # the buckets are below num_buckets by construction; the copy checks them
+        # against the table anyway, at no extra pass
+        rows = be.gather(self.weight, flat, check_range=True).reshape(n, k, d)
         if self.importance is None:
             out = rows.sum(axis=1)
             saved_rows = p = wid = None
@@ -279,7 +299,7 @@ class HashEmbedding(_Table):
             p = self.importance.weight[wid]  # (n, k)
             out = np.einsum("nk,nkd->nd", p, rows)
             saved_rows = rows
-        self._saved = (flat, shape, None, wid, p, saved_rows)
+        self._remember((flat, shape, None, wid, p, saved_rows))
         return out.reshape(shape + (d,))
 
     __call__ = forward
