@@ -8,7 +8,7 @@ it was.
 
 import numpy as np
 
-from sparsembed import _half
+from sparsembed import _half, _rowsparse
 from sparsembed import _validation as V
 from sparsembed._kernels import _bag
 
@@ -141,12 +141,18 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         if per_sample_weights is not None:
             raise ValueError("per_sample_weights must be None when input is a scipy.sparse "
                              "matrix (its data are the weights)")
-        csr = input.tocsr()
-        if csr.ndim != 2:
-            raise ValueError(f"a sparse input must be 2-D, got shape {csr.shape}")
-        flat = be.as_index_array(csr.indices, "input")
-        starts = np.ascontiguousarray(csr.indptr, dtype=np.int64)
-        data = np.asarray(csr.data)
+        if len(input.shape) != 2:
+            raise ValueError(f"a sparse input must be 2-D, got shape {input.shape}")
+        # scipy reads a matrix's arrays unchecked, and they may have been edited
+        csr = _rowsparse.checked_csr(input, "sparse input")
+        end = int(csr.indptr[-1])
+        try:
+            starts = _check_offsets(csr.indptr, end, include_last_offset=True)
+        except ValueError as e:
+            raise ValueError(f"the sparse input's row pointer (indptr) does not bound its "
+                             f"bags: {e}") from None
+        flat = be.as_index_array(csr.indices[:end], "input")
+        data = np.asarray(csr.data[:end])
         if mode == "sum":
             psw, psw_shape = _check_psw(data, flat.shape, mode, dtype)
         else:

@@ -160,13 +160,104 @@ def _canonical_csr(data, indices, indptr, shape):
     return _canonical_csr_checked(data, indices, indptr, shape)
 
 
+def checked_csr(mat, what="gradient"):
+    """A scipy.sparse matrix (a gradient, or a bag input) as a csr matrix whose
+    structure is safe to read.
+
+    scipy trusts a matrix's arrays (they can be replaced or edited after it was
+    built), and its compiled conversions read them unchecked. A csr matrix is
+    returned as it is after O(1) checks of its row pointer (length, first and last
+    entry; the rest is checked where it is read: :func:`stored_rows`,
+    :func:`row_values`); any other format is checked in full, then converted.
+
+    Raises
+    ------
+    ValueError
+        Naming what does not fit the matrix's shape (the matrix is left unchanged);
+        messages call it "the ``what``".
+    """
+    fmt = mat.format
+    if fmt == "csr":
+        _check_compressed(mat, "row", False, what)
+        return mat
+    if fmt == "csc":
+        _check_compressed(mat, "column", True, what)
+        return sp.csr_array(mat)
+    if fmt == "coo":
+        _check_coords(mat, what)
+        return sp.csr_array(mat)
+    if fmt == "bsr":  # scipy's compiled conversion reads the block structure unchecked
+        mat = mat.copy()
+        mat.check_format(full_check=True)
+    out = sp.csr_array(mat)  # dia, lil, dok: converted by numpy code
+    _check_compressed(out, "row", True, what)
+    return out
+
+
+def _int_vector(a, name, what):
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
+        raise ValueError(f"the {what}'s {name} must be a 1-D integer ndarray, got "
+                         f"{type(a).__name__} {getattr(a, 'dtype', '')} of shape "
+                         f"{getattr(a, 'shape', '?')}")
+    return a
+
+
+def _check_compressed(mat, major, full, what="gradient"):
+    """``mat`` (csr: ``major`` = "row", csc: "column") has a row pointer that fits its
+    shape and its arrays; with ``full`` also a non-decreasing one and minor indices
+    in range (O(rows + nnz))."""
+    n_major, n_minor = mat.shape if major == "row" else mat.shape[::-1]
+    indptr = _int_vector(mat.indptr, f"{major} pointer (indptr)", what)
+    indices = _int_vector(mat.indices, "indices", what)
+    data = mat.data
+    if not isinstance(data, np.ndarray) or data.ndim != 1:
+        raise ValueError(f"the {what}'s data must be a 1-D ndarray, got "
+                         f"{type(data).__name__} of shape {getattr(data, 'shape', '?')}")
+    if indptr.shape[0] != n_major + 1:
+        raise ValueError(f"the {what}'s {major} pointer has {indptr.shape[0]} entries, "
+                         f"expected {n_major + 1} for its shape {mat.shape}")
+    first, last = int(indptr[0]), int(indptr[-1])
+    if first != 0 or last > min(indices.shape[0], data.shape[0]):
+        raise ValueError(f"the {what}'s {major} pointer runs from {first} to {last}, "
+                         f"expected 0 to at most {min(indices.shape[0], data.shape[0])} "
+                         f"(its indices / data lengths)")
+    if full:
+        _check_pointer_order(indptr, major, what)
+        used = indices[:last]
+        if used.size and (int(used.min()) < 0 or int(used.max()) >= n_minor):
+            bad = used[(used < 0) | (used >= n_minor)][0]
+            raise ValueError(f"the {what} holds index {int(bad)}, outside [0, {n_minor})")
+
+
+def _check_pointer_order(indptr, major, what="gradient"):
+    steps = np.diff(indptr)
+    if steps.size and int(steps.min()) < 0:
+        at = int(np.flatnonzero(steps < 0)[0])
+        raise ValueError(f"the {what}'s {major} pointer decreases at {major} {at} "
+                         f"({int(indptr[at])} -> {int(indptr[at + 1])})")
+
+
+def _check_coords(mat, what):
+    row = _int_vector(mat.row, "row indices", what)
+    col = _int_vector(mat.col, "column indices", what)
+    data = mat.data
+    if not (isinstance(data, np.ndarray) and data.ndim == 1
+            and row.shape[0] == col.shape[0] == data.shape[0]):
+        raise ValueError(f"the {what}'s row indices, column indices and data must be 1-D "
+                         "arrays of one length")
+    for name, idx, bound in (("row", row, mat.shape[0]), ("column", col, mat.shape[1])):
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+            bad = idx[(idx < 0) | (idx >= bound)][0]
+            raise ValueError(f"the {what} holds {name} index {int(bad)}, outside [0, {bound})")
+
+
 def stored_rows(mat):
-    """Sorted ids of the non-empty rows of a csr matrix.
+    """Sorted ids of the non-empty rows of a csr matrix (see :func:`checked_csr`).
 
     A matrix built by :func:`from_rows` carries its row list; it is used when the
     matrix still has the same row pointer array and that array still says exactly
     those rows hold entries (checked in O(rows): their lengths add up to nnz, so no
-    other row can hold any). Otherwise the row pointer is scanned.
+    other row can hold any). Otherwise the row pointer is checked and scanned.
     """
     indptr = mat.indptr
     cached = mat.__dict__.get(_ROWS_KEY)
@@ -175,26 +266,32 @@ def stored_rows(mat):
         lengths = indptr[rows + 1] - indptr[rows]
         if indptr[0] == 0 and (lengths > 0).all() and lengths.sum() == indptr[-1]:
             return rows
+    _check_pointer_order(indptr, "row")
     return np.flatnonzero(indptr[1:] != indptr[:-1])
 
 
 def row_values(mat):
-    """(rows, values) of a row-sparse csr matrix; values has shape (n_rows, dim).
+    """(rows, values) of a row-sparse scipy.sparse matrix; values has shape
+    (n_rows, dim).
 
-    Works for any csr matrix (canonical ones are read without a copy); duplicates
-    are summed and missing entries are zeros.
+    Works for any sparse matrix (canonical csr ones are read without a copy; the
+    others are checked, :func:`checked_csr`); duplicates are summed and missing
+    entries are zeros.
     """
+    mat = checked_csr(mat)
     n_rows_total, dim = mat.shape
     rows = stored_rows(mat)
-    if mat.nnz == rows.size * dim and _is_full_rows(mat, rows, dim):
-        return rows, mat.data.reshape(rows.size, dim)
+    nnz = int(mat.indptr[-1])
+    if nnz == rows.size * dim and _is_full_rows(mat, rows, dim, nnz):
+        return rows, mat.data[:nnz].reshape(rows.size, dim)
+    _check_compressed(mat, "row", full=True)  # scipy's tocoo reads it unchecked
     coo = mat.tocoo()
     values = np.zeros((rows.size, dim), dtype=mat.dtype)
     np.add.at(values, (np.searchsorted(rows, coo.row), coo.col), coo.data)
     return rows, values
 
 
-def _is_full_rows(mat, rows, dim):
+def _is_full_rows(mat, rows, dim, nnz):
     """Whether every stored row holds the columns 0..dim-1 in order (the caller has
     checked ``nnz == rows.size * dim``)."""
     if rows.size == 0:
@@ -204,9 +301,9 @@ def _is_full_rows(mat, rows, dim):
         # no duplicates, columns in [0, dim); with nnz == rows * dim each stored row
         # then holds exactly the dim columns -- no O(nnz) scan needed
         return True
-    if not mat.has_sorted_indices:
-        return False
-    cols = mat.indices.reshape(rows.size, dim)
+    # compared here, not through scipy's has_sorted_indices, which reads the
+    # structure with compiled code before anything has checked it
+    cols = mat.indices[:nnz].reshape(rows.size, dim)
     return bool((cols == np.arange(dim, dtype=cols.dtype)).all())
 
 

@@ -80,7 +80,11 @@ class _Table:
         self.grad = None
 
     def _accumulate(self, grad):
-        self.grad = grad if self.grad is None else self._backend.add_grad(self.grad, grad)
+        if self.grad is not None:
+            _check_grad_fits(self.grad, grad)
+            self.grad = self._backend.add_grad(self.grad, grad)
+        else:
+            self.grad = grad
         return grad
 
     def _table_shape(self):
@@ -186,6 +190,21 @@ class _Table:
         if self.device != "cpu":
             parts.append(f"device={self.device!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _check_grad_fits(old, new):
+    """A ``grad`` already there (it may have been set by hand) must be a float array or
+    a sparse matrix of the new gradient's shape for the new one to be added into it."""
+    shape = getattr(old, "shape", None)
+    if not (hasattr(old, "dtype") and shape is not None):
+        raise TypeError(f"grad must be an array or a sparse matrix to add a gradient "
+                        f"into, got {type(old).__name__}")
+    if tuple(shape) != tuple(new.shape):
+        raise ValueError(f"grad has shape {tuple(shape)}, expected {tuple(new.shape)} "
+                         f"to add this gradient into it")
+    if not hasattr(old, "format") and old.dtype.kind != "f":
+        raise TypeError(f"grad must hold floats to add a gradient into it, got dtype "
+                        f"{old.dtype}")
 
 
 def _to_host(a):

@@ -266,9 +266,7 @@ class Optimizer:
         if sp.issparse(g):
             if tuple(g.shape) != w.shape:
                 raise ValueError(f"grad has shape {tuple(g.shape)}, expected {w.shape}")
-            if g.format != "csr":
-                g = sp.csr_array(g)
-            rows, values = _rowsparse.row_values(g)
+            rows, values = _rowsparse.row_values(g)  # any format, structure checked
             rows = np.ascontiguousarray(rows, dtype=np.int64)
             values = np.ascontiguousarray(values, dtype=_half.compute_dtype(w.dtype))
             return rows, values

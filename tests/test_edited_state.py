@@ -1,0 +1,370 @@
+"""State a user edits by hand: a clear error and nothing changed, never a crash.
+
+Every public attribute can be reassigned or edited in place -- a layer's ``weight``
+and ``num_embeddings``, a ``grad`` (often a scipy matrix, whose arrays scipy itself
+never rechecks), an optimizer's state. The kernels run with bounds checks off, so
+each case here once read or wrote past an array (found by a fuzz of the public
+API); now each is caught at the Python boundary. Every test checks that the error
+leaves every array as it was.
+"""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from numpy.testing import assert_allclose, assert_array_equal
+
+import sparsembed as se
+from sparsembed import _cpu
+
+OPTIMIZERS = [("SGD", dict(lr=0.5)), ("Adagrad", dict(lr=0.5)),
+              ("SparseAdam", dict(lr=0.5)), ("RowWiseAdagrad", dict(lr=0.5))]
+V, D = 6, 3
+
+
+def snapshot(*arrays):
+    """Byte copies of arrays and of the arrays inside scipy matrices."""
+    out = []
+    for a in arrays:
+        if sp.issparse(a):
+            for name in ("data", "indices", "indptr", "row", "col"):
+                if isinstance(getattr(a, name, None), np.ndarray):
+                    out.append((getattr(a, name), getattr(a, name).tobytes()))
+        elif isinstance(a, np.ndarray):
+            out.append((a, a.tobytes()))
+    return out
+
+
+def assert_unchanged(snap):
+    for arr, data in snap:
+        assert arr.tobytes() == data
+
+
+def state_snapshot(opt):
+    return {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+            for i, st in opt.state.items()}
+
+
+def assert_state_equal(opt, before):
+    assert set(opt.state) == set(before)
+    for i, st in before.items():
+        assert set(opt.state[i]) == set(st)
+        for k, v in st.items():
+            if isinstance(v, np.ndarray):
+                assert_array_equal(opt.state[i][k], v)
+            else:
+                assert opt.state[i][k] == v
+
+
+def trained_sparse_layer(ids=(0, 2, 2, 5)):
+    emb = se.Embedding(V, D, sparse=True, random_state=0)
+    emb(np.array(ids))
+    emb.backward(np.ones((len(ids), D), np.float32))
+    return emb
+
+
+# -- sparse gradients edited by hand --------------------------------------------------
+
+def _longer_pointer(g):
+    ptr = np.zeros(V + 50, g.indptr.dtype)
+    ptr[-1] = g.nnz
+    g.indptr = ptr
+
+
+def _pointer_past_data(g):
+    g.indptr[-1] = g.indptr[-1] + 1000
+
+
+def _decreasing_pointer(g):
+    g.indptr[2] = g.indptr[-1] + 1
+
+
+def _pointer_not_from_zero(g):
+    g.indptr[0] = -5
+
+
+EDITS = {
+    "longer row pointer": (_longer_pointer, r"row pointer has 56 entries, expected 7"),
+    "pointer past the data": (_pointer_past_data, r"row pointer runs from 0 to \d+"),
+    "decreasing pointer": (_decreasing_pointer, r"row pointer decreases at row 2"),
+    "pointer from -5": (_pointer_not_from_zero, r"row pointer runs from -5"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+@pytest.mark.parametrize("name,kw", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_step_refuses_an_edited_csr_grad(name, kw, edit):
+    emb = trained_sparse_layer()
+    opt = getattr(se.optim, name)([emb], **kw)
+    opt.step()  # state exists: it must be left as it is too
+    emb(np.array([1, 1, 4]))
+    emb.zero_grad()
+    emb.backward(np.ones((3, D), np.float32))
+    mutate, message = EDITS[edit]
+    mutate(emb.grad)
+    snap, state = snapshot(emb.weight, emb.grad), state_snapshot(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert_unchanged(snap)
+    assert_state_equal(opt, state)
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_backward_refuses_to_add_into_an_edited_csr_grad(edit):
+    emb = trained_sparse_layer()
+    mutate, message = EDITS[edit]
+    mutate(emb.grad)
+    grad, snap = emb.grad, snapshot(emb.weight, emb.grad)
+    emb(np.array([1, 3]))
+    with pytest.raises(ValueError, match=message):
+        emb.backward(np.ones((2, D), np.float32))
+    assert emb.grad is grad
+    assert_unchanged(snap)
+
+
+def test_column_index_out_of_range_in_a_partial_row():
+    # not full rows: the slow path converts through scipy, after a full check
+    emb = se.Embedding(V, D, sparse=True, random_state=0)
+    g = sp.csr_array((np.ones(2, np.float32), np.array([0, 1]), np.array([0, 1, 2, 2, 2, 2, 2])),
+                     shape=(V, D))
+    g.indices[1] = 10**6
+    emb.grad = g
+    opt = se.optim.SGD([emb], lr=1.0)
+    snap = snapshot(emb.weight, g)
+    with pytest.raises(ValueError, match=r"holds index 1000000, outside \[0, 3\)"):
+        opt.step()
+    assert_unchanged(snap)
+    assert opt.state == {}
+
+
+def _formats(dense):
+    return {"csc_array": sp.csc_array(dense), "csc_matrix": sp.csc_matrix(dense),
+            "coo_array": sp.coo_array(dense), "lil_array": sp.lil_array(dense),
+            "dok_array": sp.dok_array(dense), "bsr_array": sp.bsr_array(dense)}
+
+
+@pytest.mark.parametrize("fmt", list(_formats(np.eye(2))))
+def test_backward_adds_into_a_grad_of_any_sparse_format(fmt, rng):
+    # a csc grad was read as if it were csr: its column pointer taken for rows
+    dense = rng.standard_normal((V, D)).astype(np.float32)
+    dense[[1, 4]] = 0
+    emb = se.Embedding(V, D, sparse=True, random_state=0)
+    emb.grad = _formats(dense)[fmt]
+    emb(np.array([0, 2, 2]))
+    new = emb.backward(np.ones((3, D), np.float32))
+    assert emb.grad.format == "csr"
+    assert_allclose(emb.grad.toarray(), dense + new.toarray(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", list(_formats(np.eye(2))))
+def test_step_takes_a_grad_of_any_sparse_format(fmt, rng):
+    dense = rng.standard_normal((V, D)).astype(np.float32)
+    dense[[1, 4]] = 0
+    a, b = (se.Embedding(V, D, sparse=True, random_state=0) for _ in range(2))
+    a.grad, b.grad = _formats(dense)[fmt], sp.csr_array(dense)
+    for layer in (a, b):
+        se.optim.Adagrad([layer], lr=0.5).step()
+    assert_array_equal(a.weight, b.weight)
+
+
+def test_coo_grad_with_an_edited_row_index():
+    emb = se.Embedding(V, D, sparse=True, random_state=0)
+    g = sp.coo_array(np.ones((V, D), np.float32))
+    g.row[3] = V + 7
+    emb.grad = g
+    snap = snapshot(emb.weight, g)
+    with pytest.raises(ValueError, match=r"holds row index 13, outside \[0, 6\)"):
+        se.optim.SGD([emb], lr=1.0).step()
+    assert_unchanged(snap)
+
+
+def test_dense_grad_of_another_shape_is_not_broadcast():
+    emb = se.Embedding(V, D, random_state=0)
+    emb.grad = np.zeros((1, D), np.float32)  # numpy would broadcast it silently
+    emb(np.array([1]))
+    with pytest.raises(ValueError, match=r"grad has shape \(1, 3\), expected \(6, 3\)"):
+        emb.backward(np.ones((1, D), np.float32))
+    assert emb.grad.shape == (1, D)
+
+
+def test_integer_dense_grad_is_a_type_error():
+    emb = se.Embedding(V, D, sparse=True, random_state=0)
+    emb.grad = np.zeros((V, D), np.int64)
+    emb(np.array([1]))
+    with pytest.raises(TypeError, match="grad must hold floats"):
+        emb.backward(np.ones((1, D), np.float32))
+    assert_array_equal(emb.grad, 0)
+
+
+# -- a table replaced by one of another shape ------------------------------------------
+
+def _layers():
+    return {
+        "Embedding": lambda: se.Embedding(1000, 4, random_state=0),
+        "Embedding max_norm": lambda: se.Embedding(1000, 4, max_norm=1.0, random_state=0),
+        "EmbeddingBag sum": lambda: se.EmbeddingBag(1000, 4, mode="sum", random_state=0),
+        "EmbeddingBag max": lambda: se.EmbeddingBag(1000, 4, mode="max", random_state=0),
+        "EmbeddingBag float16": lambda: se.EmbeddingBag(1000, 4, mode="sum",
+                                                        dtype=np.float16, random_state=0),
+        "EmbeddingBag max_norm": lambda: se.EmbeddingBag(1000, 4, max_norm=1.0,
+                                                         random_state=0),
+    }
+
+
+def _ids(layer):
+    return np.array([[999, 3]]) if isinstance(layer, se.EmbeddingBag) else np.array([999, 3])
+
+
+@pytest.mark.parametrize("make", list(_layers()))
+def test_forward_refuses_a_smaller_table(make):
+    # ids were checked against num_embeddings and then read (or renormed) rows past
+    # the end of the new table
+    layer = _layers()[make]()
+    layer.weight = np.full((2, 4), 5.0, layer.weight.dtype)
+    snap = snapshot(layer.weight)
+    with pytest.raises(ValueError, match=r"weight has shape \(2, 4\), expected \(1000, 4\)"):
+        layer(_ids(layer))
+    assert_unchanged(snap)
+
+
+def test_forward_refuses_num_embeddings_edited_by_hand():
+    emb = se.Embedding(4, 2, max_norm=1.0, random_state=0)
+    emb.num_embeddings = 1000
+    snap = snapshot(emb.weight)
+    with pytest.raises(ValueError, match=r"weight has shape \(4, 2\), expected \(1000, 2\)"):
+        emb(np.array([999]))
+    assert_unchanged(snap)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["backward", "fused"])
+@pytest.mark.parametrize("make", list(_layers()))
+def test_backward_refuses_a_table_replaced_after_the_forward(make, fused):
+    layer = _layers()[make]()
+    layer.sparse = True
+    opt = se.optim.SGD([layer], lr=1.0)
+    out = layer(_ids(layer))
+    layer.weight = np.zeros((2, 4), layer.weight.dtype)
+    snap = snapshot(layer.weight)
+    with pytest.raises(ValueError, match=r"weight has shape \(2, 4\)"):
+        layer.backward(np.ones_like(out), optimizer=opt if fused else None)
+    assert_unchanged(snap)
+    assert layer.grad is None and opt.state == {}
+
+
+def test_backward_refuses_a_forward_on_another_table_shape():
+    # the layer's sizes edited along with the table: consistent now, but the last
+    # forward's ids were checked against the old, larger table
+    emb = se.Embedding(1000, 4, sparse=True, random_state=0)
+    opt = se.optim.SGD([emb], lr=1.0)
+    emb(np.array([999]))
+    emb.weight = np.zeros((2, 4), np.float32)
+    emb.num_embeddings = 2
+    with pytest.raises(ValueError, match=r"changed from \(1000, 4\) to \(2, 4\) since the last"):
+        emb.backward(np.ones((1, 4), np.float32), optimizer=opt)
+    assert_array_equal(emb.weight, 0)
+    emb(np.array([1]))  # a new forward on the new table works
+    emb.backward(np.ones((1, 4), np.float32), optimizer=opt)
+    assert_array_equal(emb.weight[1], -1)
+
+
+def test_a_table_of_the_same_shape_may_be_put_in_place():
+    emb = se.Embedding(5, 2, sparse=True, random_state=0)
+    out = emb(np.array([4]))
+    emb.weight = np.zeros((5, 2), np.float32)
+    g = emb.backward(np.ones_like(out))
+    assert_array_equal(g.toarray()[4], 1)
+
+
+def test_hash_embedding_refuses_edited_sizes():
+    emb = se.HashEmbedding(8, 3, mode="weighted", random_state=0)
+    emb.num_buckets = 10**6  # buckets past the 8-row table
+    with pytest.raises(ValueError, match=r"weight has shape \(8, 3\), expected \(1000000, 3\)"):
+        emb(np.array([1, 2, 3]))
+    emb.num_buckets = 8
+    out = emb(np.array([1, 2, 3]))
+    emb.importance.weight = np.ones((1, 2), np.float32)
+    with pytest.raises(ValueError, match=r"importance.weight has shape \(1, 2\), expected \(8, 2\)"):
+        emb.backward(np.ones_like(out))
+
+
+# -- errors after validation leave nothing behind ------------------------------------
+
+def test_bag_backward_keeps_the_psw_grad_when_the_fused_update_fails():
+    bag = se.EmbeddingBag(10, 4, mode="sum", sparse=True, random_state=0)
+    opt = se.optim.Adagrad([bag], lr=0.1)
+    ids, psw = np.array([[1, 2], [3, 4]]), np.ones((2, 2), np.float32)
+    out = bag(ids, per_sample_weights=psw)
+    bag.backward(np.ones_like(out), optimizer=opt)
+    opt.state[0]["sum"] = np.zeros((11, 4), np.float32)  # no longer fits the table
+    out = bag(ids, per_sample_weights=2 * psw)
+    snap = snapshot(bag.weight)
+    with pytest.raises(RuntimeError, match="does not fit its table"):
+        bag.backward(np.ones_like(out), optimizer=opt)
+    assert bag.per_sample_weights_grad is None
+    assert_unchanged(snap)
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new state", "existing state"])
+@pytest.mark.parametrize("fused", [False, True], ids=["step", "fused"])
+def test_an_update_the_kernel_refuses_leaves_the_state_as_it_was(monkeypatch, fused, fresh):
+    emb = trained_sparse_layer()
+    opt = se.optim.SparseAdam([emb], lr=0.1)
+    if not fresh:
+        opt.step()
+    before = state_snapshot(opt)
+
+    def refuse(*args, **kwargs):
+        raise TypeError("refused")
+
+    monkeypatch.setattr(_cpu, "optim_fused_update" if fused else "optim_update_rows", refuse)
+    emb(np.array([1, 2]))
+    with pytest.raises(TypeError, match="refused"):
+        if fused:
+            emb.backward(np.ones((2, D), np.float32), optimizer=opt)
+        else:
+            opt.step()
+    assert_state_equal(opt, before)
+
+
+# -- scipy sparse input to EmbeddingBag ----------------------------------------------
+
+def _bag_input():
+    return sp.csr_array((np.ones(3, np.float32), np.array([1, 2, 3]), np.array([0, 2, 3])),
+                        shape=(2, 10))
+
+
+BAD_POINTERS = {
+    "from -1e8": (lambda X: X.indptr.__setitem__(0, -10**8), r"row pointer runs from -100000000"),
+    "past the ids": (lambda X: X.indptr.__setitem__(-1, 10**8), r"runs from 0 to 100000000"),
+    "decreasing": (lambda X: X.indptr.__setitem__(1, 4), r"offsets must be non-decreasing"),
+    "too long": (lambda X: setattr(X, "indptr", np.array([0, 1, 2, 3], np.int32)),
+                 r"row pointer has 4 entries, expected 3"),
+}
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["layer", "functional"])
+@pytest.mark.parametrize("edit", BAD_POINTERS)
+def test_bag_input_with_an_edited_row_pointer(edit, functional):
+    # the row pointer became the bag bounds unchecked: reads before and past the ids
+    bag = se.EmbeddingBag(10, 4, mode="sum", random_state=0)
+    X = _bag_input()
+    mutate, message = BAD_POINTERS[edit]
+    mutate(X)
+    snap = snapshot(bag.weight, X)
+    with pytest.raises(ValueError, match=message):
+        if functional:
+            se.functional.embedding_bag(X, bag.weight, mode="sum")
+        else:
+            bag(X)
+    assert_unchanged(snap)
+
+
+def test_bag_input_in_other_formats_pools_like_csr():
+    bag = se.EmbeddingBag(10, 4, mode="sum", random_state=0)
+    X = sp.csr_array(np.array([[0, 1, 2, 0], [3, 0, 0, 0.5]], np.float32))
+    ref = bag(X)
+    for fmt in (sp.csc_array, sp.coo_array, sp.lil_array, sp.bsr_array):
+        assert_array_equal(bag(fmt(X)), ref)
+    coo = sp.coo_array(X)
+    coo.col[0] = 99
+    with pytest.raises(ValueError, match=r"sparse input holds column index 99"):
+        bag(coo)
