@@ -194,23 +194,29 @@ def checked_csr(mat, what="gradient"):
     return out
 
 
+def _is_vector(a):
+    """A 1-D numpy or CuPy array (duck-typed: either module's ndarray)."""
+    return getattr(a, "ndim", None) == 1 and hasattr(a, "dtype") and hasattr(a, "shape")
+
+
 def _int_vector(a, name, what):
-    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
+    if not _is_vector(a) or a.dtype.kind not in "iu":
         raise ValueError(f"the {what}'s {name} must be a 1-D integer ndarray, got "
                          f"{type(a).__name__} {getattr(a, 'dtype', '')} of shape "
                          f"{getattr(a, 'shape', '?')}")
     return a
 
 
-def _check_compressed(mat, major, full, what="gradient"):
+def _check_compressed(mat, major, full, what="gradient", xp=np):
     """``mat`` (csr: ``major`` = "row", csc: "column") has a row pointer that fits its
     shape and its arrays; with ``full`` also a non-decreasing one and minor indices
-    in range (O(rows + nnz))."""
+    in range (O(rows + nnz)). ``xp``: the array module of the matrix (numpy, or CuPy
+    for the GPU backend's matrices, which cupyx does not recheck either)."""
     n_major, n_minor = mat.shape if major == "row" else mat.shape[::-1]
     indptr = _int_vector(mat.indptr, f"{major} pointer (indptr)", what)
     indices = _int_vector(mat.indices, "indices", what)
     data = mat.data
-    if not isinstance(data, np.ndarray) or data.ndim != 1:
+    if not _is_vector(data):
         raise ValueError(f"the {what}'s data must be a 1-D ndarray, got "
                          f"{type(data).__name__} of shape {getattr(data, 'shape', '?')}")
     if indptr.shape[0] != n_major + 1:
@@ -222,17 +228,17 @@ def _check_compressed(mat, major, full, what="gradient"):
                          f"expected 0 to at most {min(indices.shape[0], data.shape[0])} "
                          f"(its indices / data lengths)")
     if full:
-        _check_pointer_order(indptr, major, what)
+        _check_pointer_order(indptr, major, what, xp)
         used = indices[:last]
         if used.size and (int(used.min()) < 0 or int(used.max()) >= n_minor):
             bad = used[(used < 0) | (used >= n_minor)][0]
             raise ValueError(f"the {what} holds index {int(bad)}, outside [0, {n_minor})")
 
 
-def _check_pointer_order(indptr, major, what="gradient"):
-    steps = np.diff(indptr)
+def _check_pointer_order(indptr, major, what="gradient", xp=np):
+    steps = xp.diff(indptr)
     if steps.size and int(steps.min()) < 0:
-        at = int(np.flatnonzero(steps < 0)[0])
+        at = int(xp.flatnonzero(steps < 0)[0])
         raise ValueError(f"the {what}'s {major} pointer decreases at {major} {at} "
                          f"({int(indptr[at])} -> {int(indptr[at + 1])})")
 
@@ -241,8 +247,7 @@ def _check_coords(mat, what):
     row = _int_vector(mat.row, "row indices", what)
     col = _int_vector(mat.col, "column indices", what)
     data = mat.data
-    if not (isinstance(data, np.ndarray) and data.ndim == 1
-            and row.shape[0] == col.shape[0] == data.shape[0]):
+    if not (_is_vector(data) and row.shape[0] == col.shape[0] == data.shape[0]):
         raise ValueError(f"the {what}'s row indices, column indices and data must be 1-D "
                          "arrays of one length")
     for name, idx, bound in (("row", row, mat.shape[0]), ("column", col, mat.shape[1])):

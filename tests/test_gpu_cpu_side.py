@@ -368,6 +368,29 @@ def test_row_values_of_a_non_canonical_csr(fake_gpu):
     assert_array_equal(vals, [[0.0, 3.0], [3.0, 0.0]])
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: setattr(m, "indptr", np.zeros(40, np.int32)), r"row pointer has 40 entries"),
+    (lambda m: m.indptr.__setitem__(-1, 10**6), r"row pointer runs from 0 to 1000000"),
+    (lambda m: m.indptr.__setitem__(1, 3), r"row pointer decreases at row 1"),
+    (lambda m: m.indices.__setitem__(0, 10**6), r"holds index 1000000, outside \[0, 2\)"),
+])
+@pytest.mark.parametrize("host", [False, True], ids=["device csr", "scipy csr"])
+def test_an_edited_csr_grad_is_refused(fake_gpu, edit, message, host):
+    # the update kernels index the table by the stored rows: an edited row pointer
+    # (which neither scipy nor cupyx rechecks) must not reach them
+    impl = fake_gpu._impl
+    parts = (np.array([1.0, 2.0, 3.0]), np.array([1, 1, 0], np.int32),
+             np.array([0, 0, 2, 3], np.int32))
+    m = sp.csr_array(parts, shape=(3, 2)) if host else impl.csr_type(parts, shape=(3, 2))
+    assert host or impl.is_sparse(m)
+    edit(m)
+    with pytest.raises(ValueError, match=message):
+        impl.optim_grad(m, np.zeros((3, 2)))
+    if not host:
+        with pytest.raises(ValueError, match=message):
+            impl.add_grad(m, m)
+
+
 def test_from_host_and_to_numpy_round_trip(fake_gpu, rng):
     impl = fake_gpu._impl
     plan = _cpu.plan_rows(np.array([4, 1, 4]), 6)

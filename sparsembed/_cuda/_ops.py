@@ -20,6 +20,7 @@ the same order).
 
 import numpy as np
 
+from sparsembed import _rowsparse
 from sparsembed import _validation as V
 from sparsembed._rowplan import RowPlan
 
@@ -149,9 +150,7 @@ class ArrayBackend:
         return xp.ascontiguousarray(xp.asarray(a))
 
     def _csr_from_host(self, a):
-        import scipy.sparse as sp
-
-        a = sp.csr_array(a)
+        a = _rowsparse.checked_csr(a)  # scipy's own conversions read it unchecked
         out = self.csr_type((self.xp.asarray(a.data), self.xp.asarray(a.indices),
                              self.xp.asarray(a.indptr)), shape=a.shape)
         if a.has_canonical_format:
@@ -325,12 +324,17 @@ class ArrayBackend:
         """
         xp = self.xp
         dim = mat.shape[1]
+        # the update kernels index the table by these rows: the row pointer must fit
+        # the shape and never decrease (an edited matrix is not rechecked by cupyx)
+        _rowsparse._check_compressed(mat, "row", False, xp=xp)
+        _rowsparse._check_pointer_order(mat.indptr, "row", xp=xp)
         rows = self.stored_rows(mat)
         n_rows = int(rows.shape[0])
         if mat.nnz == n_rows * dim:
             cols = mat.indices.reshape(n_rows, dim)
             if n_rows == 0 or bool((cols == xp.arange(dim, dtype=cols.dtype)).all()):
                 return rows, mat.data.reshape(n_rows, dim)
+        _rowsparse._check_compressed(mat, "row", True, xp=xp)  # column indices too
         m = mat.copy()
         m.sum_duplicates()
         coo = m.tocoo()
