@@ -236,11 +236,13 @@ def _check_compressed(mat, major, full, what="gradient", xp=np):
 
 
 def _check_pointer_order(indptr, major, what="gradient", xp=np):
+    """ValueError where ``indptr`` decreases; returns its steps (the row lengths)."""
     steps = xp.diff(indptr)
     if steps.size and int(steps.min()) < 0:
         at = int(xp.flatnonzero(steps < 0)[0])
         raise ValueError(f"the {what}'s {major} pointer decreases at {major} {at} "
                          f"({int(indptr[at])} -> {int(indptr[at + 1])})")
+    return steps
 
 
 def _check_coords(mat, what):
@@ -271,8 +273,7 @@ def stored_rows(mat):
         lengths = indptr[rows + 1] - indptr[rows]
         if indptr[0] == 0 and (lengths > 0).all() and lengths.sum() == indptr[-1]:
             return rows
-    _check_pointer_order(indptr, "row")
-    return np.flatnonzero(indptr[1:] != indptr[:-1])
+    return np.flatnonzero(_check_pointer_order(indptr, "row"))
 
 
 def row_values(mat):
