@@ -195,7 +195,12 @@ def _load_binary(path, limit, dtype, unicode_errors):
             raise ValueError(f"{path}: byte offset 0: the header is not ASCII '<count> <dim>'") from None
         count, dim = _parse_header(header, f"{path}: byte offset 0")
         target = count if limit is None else min(count, limit)
-        vectors = _aligned.empty((target, dim), dtype)
+        # each record is at least a one-byte word, a space and its floats: the table
+        # is allocated for no more records than the file can hold, not from the
+        # header alone (a few bytes could otherwise ask for gigabytes); a file that
+        # holds fewer than announced fails below, naming the record it ends in
+        fits = (size - end - 1) // (4 * dim + 2)
+        vectors = _aligned.empty((min(target, fits), dim), dtype)
         words = []
         index = {}
         row_bytes = 4 * dim

@@ -164,6 +164,25 @@ def test_invalid_utf8_strict_and_replace(tmp_path):
     assert vocab.tokens == ["ok", ""]
 
 
+@pytest.mark.parametrize("limit", [None, 1])
+def test_binary_header_promising_gigabytes_allocates_nothing_large(tmp_path, limit):
+    # found by a fuzz: 17 bytes announcing 2 vectors of 10**9 floats made the loader
+    # allocate 8 GB before reading the first record (killed for memory where the
+    # allocation is touched, e.g. under MALLOC_PERTURB_)
+    import tracemalloc
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"2 1000000000\na 1\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"byte offset 15: truncated file: vector 0 \('a'\) "
+                                             r"needs 4000000000 bytes, 2 left"):
+            sio.load_word2vec_format(path, binary=True, limit=limit)
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
+
+
 def test_truncated_and_mismatched_binary_names_the_byte_offset(tmp_path):
     rng = np.random.default_rng(2)
     vectors = rng.standard_normal((3, 5)).astype(np.float32)
