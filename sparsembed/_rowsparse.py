@@ -268,11 +268,8 @@ def stored_rows(mat):
     """
     indptr = mat.indptr
     cached = mat.__dict__.get(_ROWS_KEY)
-    if cached is not None and cached[1] is indptr:
-        rows = cached[0]
-        lengths = indptr[rows + 1] - indptr[rows]
-        if indptr[0] == 0 and (lengths > 0).all() and lengths.sum() == indptr[-1]:
-            return rows
+    if cached is not None and cached[1] is indptr and _backward.rows_hold_all(indptr, cached[0]):
+        return cached[0]
     return np.flatnonzero(_check_pointer_order(indptr, "row"))
 
 

@@ -209,6 +209,37 @@ def test_merge_rows_and_add_merged_rows_match_a_dict_sum(rng, dtype, case):
         assert np.signbit(outs[0][i]).all()
 
 
+def _rows_hold_all_reference(indptr, rows):
+    n = indptr.shape[0]
+    if n == 0 or indptr[0] != 0 or (rows.size and (rows.min() < 0 or rows.max() + 1 >= n)):
+        return False
+    lengths = indptr[rows + 1].astype(np.int64) - indptr[rows]
+    return bool((lengths > 0).all() and lengths.sum() == indptr[-1])
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_rows_hold_all_matches_numpy(rng, idx_dtype):
+    for _ in range(400):
+        V = int(rng.integers(1, 12))
+        lengths = rng.integers(0, 3, V) * (rng.random(V) < 0.6)
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(idx_dtype)
+        rows = np.flatnonzero(lengths).astype(np.int64)
+        assert _backward.rows_hold_all(indptr, rows) == _rows_hold_all_reference(indptr, rows)
+        assert _backward.rows_hold_all(indptr, rows)  # the row list of a real pointer
+        edit = rng.integers(0, 5)
+        if edit == 0 and rows.size:      # a row dropped from the list
+            rows = np.delete(rows, rng.integers(0, rows.size))
+        elif edit == 1:                  # an entry of the pointer changed in place
+            indptr[rng.integers(0, V + 1)] += rng.choice([-2, -1, 1, 2])
+        elif edit == 2:                  # a row outside the pointer
+            rows = np.append(rows, rng.choice([-1, V, V + 5]))
+        elif edit == 3:                  # an empty row listed
+            rows = np.unique(np.append(rows, rng.integers(0, V)))
+        assert _backward.rows_hold_all(indptr, rows) == _rows_hold_all_reference(indptr, rows)
+    assert not _backward.rows_hold_all(np.zeros(0, idx_dtype), np.zeros(0, np.int64))
+    assert _backward.rows_hold_all(np.zeros(1, idx_dtype), np.zeros(0, np.int64))
+
+
 def test_merge_rows_refuses_short_outputs_before_writing():
     a = np.array([1, 2], np.int64)
     b = np.array([2, 3], np.int64)

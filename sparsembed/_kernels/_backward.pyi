@@ -86,6 +86,10 @@ def sparse_row_grad(
     """:func:`row_sums` into ``out`` and :func:`fill_row_csr` into ``indptr`` /
     ``indices`` in one parallel region."""
 
+def rows_hold_all(indptr: _Index, rows: NDArray[np.int64]) -> bool:
+    """Whether ``indptr`` starts at 0 and gives each of ``rows`` at least one entry,
+    their lengths adding up to ``indptr[-1]``; False for a row outside it."""
+
 def merge_rows(
     rows_a: NDArray[np.int64],
     rows_b: NDArray[np.int64],

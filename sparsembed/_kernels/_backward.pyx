@@ -323,6 +323,37 @@ def sparse_row_grad(
         free(pattern)
 
 
+def rows_hold_all(
+    const index_t[::1] indptr,   # IN (num_rows + 1,) a csr row pointer
+    const int64_t[::1] rows,     # IN (U,) row ids
+):
+    """Whether ``indptr`` starts at 0 and gives each of ``rows`` at least one entry,
+    their lengths adding up to ``indptr[-1]`` (so no other row holds any): the O(U)
+    check that a gradient's cached row list still describes its row pointer. False
+    for a row outside ``[0, len(indptr) - 1)``. One pass in C: the same check in
+    numpy cost ~4 us of a 20 us optimizer step on a small batch."""
+    if indptr.shape[0] == 0:
+        return False
+    return _rows_hold_all(&indptr[0], indptr.shape[0],
+                          &rows[0] if rows.shape[0] > 0 else NULL, rows.shape[0])
+
+
+cdef bint _rows_hold_all(const index_t* indptr, int64_t n, const int64_t* rows,
+                         int64_t n_rows) noexcept nogil:
+    cdef int64_t u, r, length, total = 0
+    if indptr[0] != 0:
+        return False
+    for u in range(n_rows):
+        r = rows[u]
+        if r < 0 or r + 1 >= n:
+            return False
+        length = <int64_t> indptr[r + 1] - <int64_t> indptr[r]
+        if length <= 0:
+            return False
+        total += length
+    return total == indptr[n - 1]
+
+
 def merge_rows(
     const int64_t[::1] rows_a,   # IN (Ua,) sorted distinct rows
     const int64_t[::1] rows_b,   # IN (Ub,) sorted distinct rows
