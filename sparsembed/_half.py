@@ -40,7 +40,7 @@ import numpy as np
 
 from sparsembed._kernels import _bag, _f16, _lookup, _optim, _pool
 from sparsembed._kernels import _plan as _plan_kernels
-from sparsembed._threads import get_num_threads
+from sparsembed._threads import ROW_MOVE_GRAIN, threads_for
 
 HALF = np.dtype(np.float16)
 
@@ -70,7 +70,7 @@ def _bits(weight):
 def _rows_to(weight, rows, out):
     """``out[u] = float32(weight[rows[u]])`` (exact); ``rows`` int64."""
     if weight.flags.c_contiguous:
-        _f16.rows_to_float(_bits(weight), rows, out, get_num_threads())
+        _f16.rows_to_float(_bits(weight), rows, out, threads_for(out.size, ROW_MOVE_GRAIN))
     else:
         out[...] = np.take(weight, rows, axis=0)
 
@@ -85,7 +85,7 @@ def _rows32(weight, rows):
 def _store(weight, rows, work):
     """``weight[rows[u]] = float16(work[u])`` for distinct ``rows`` (round to nearest even)."""
     if weight.flags.c_contiguous and weight.flags.writeable:
-        _f16.rows_from_float(work, rows, _bits(weight), get_num_threads())
+        _f16.rows_from_float(work, rows, _bits(weight), threads_for(work.size, ROW_MOVE_GRAIN))
     else:
         weight[rows] = work
 
@@ -93,7 +93,7 @@ def _store(weight, rows, work):
 def to_half(a):
     """A C-contiguous 2-D float32 array rounded to a new float16 array (nearest even)."""
     out = np.empty(a.shape, dtype=HALF)
-    _f16.to_half(a, _bits(out), get_num_threads())
+    _f16.to_half(a, _bits(out), threads_for(a.size, ROW_MOVE_GRAIN))
     return out
 
 
@@ -130,7 +130,7 @@ def compact(weight, plan, n, padding_idx):
         table[u] = weight[padding_idx]
     local = _pool.empty((n,), np.int64)
     local.fill(u)
-    _plan_kernels.segment_of_entries(plan.perm, plan.starts, local, get_num_threads())
+    _plan_kernels.segment_of_entries(plan.perm, plan.starts, local, threads_for(n))
     return table, local, (None if padding_idx is None else u)
 
 
@@ -155,7 +155,7 @@ def renorm_rows_(weight, rows, max_norm, norm_type):
         return
     work = _rows32(weight, rows)
     _lookup.renorm_rows(work, np.arange(rows.shape[0], dtype=np.int64), max_norm, norm_type,
-                        get_num_threads())
+                        threads_for(work.size))
     _store(weight, rows, work)
 
 
@@ -189,7 +189,8 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
         _bag.half_bag_forward(_bits(weight), flat, starts,
                               -1 if padding_idx is None else int(padding_idx), mode == "mean",
                               _NO_PSW if psw is None else psw, _bits(out), counts,
-                              get_num_threads() if n_threads is None else n_threads)
+                              threads_for(flat.shape[0] * weight.shape[1], ROW_MOVE_GRAIN)
+                              if n_threads is None else n_threads)
         return out, None, counts
     end = int(starts[-1])
     if plan is None:
@@ -210,7 +211,7 @@ def per_sample_weights_grad(grad2d, weight, flat, entry_bag, padding_idx, plan=N
     grad2d = np.ascontiguousarray(grad2d, dtype=np.float32)
     out = np.zeros(flat.shape[0], dtype=np.float32)
     _bag.per_sample_weights_grad(grad2d, table, local, entry_bag, -1 if pad is None else pad,
-                                 out, get_num_threads())
+                                 out, threads_for(flat.shape[0] * grad2d.shape[1]))
     return out
 
 
@@ -223,7 +224,7 @@ def _state_rows(s, rows):
     if not s.flags.c_contiguous:
         return np.take(s, rows, axis=0)
     out = _pool.empty((rows.shape[0], s.shape[1]), s.dtype)
-    _lookup.gather(s, rows, out, get_num_threads())
+    _lookup.gather(s, rows, out, threads_for(out.size, ROW_MOVE_GRAIN))
     return out
 
 
@@ -232,7 +233,7 @@ def _put_state(s, rows, work):
     if s.shape[0] == 0:
         return
     if s.flags.c_contiguous and s.flags.writeable:
-        _lookup.scatter_rows(work, rows, s, get_num_threads())
+        _lookup.scatter_rows(work, rows, s, threads_for(work.size, ROW_MOVE_GRAIN))
     else:
         s[rows] = work
 
