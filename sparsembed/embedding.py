@@ -92,36 +92,32 @@ class _Table:
         return (self.num_embeddings, self.embedding_dim)
 
     def _checked_table(self):
-        """``weight``, checked to still have the layer's shape: it is a public
+        """Check that ``weight`` still has the layer's shape -- it is a public
         attribute, and a table replaced by one of another shape would send the
-        layer's row ids (checked against ``num_embeddings``) past its end."""
-        w = self.weight
+        layer's row ids (checked against ``num_embeddings``) past its end -- and
+        return the layout a forward's ids are valid for (here that shape)."""
         expected = self._table_shape()
-        shape = getattr(w, "shape", None)
+        shape = getattr(self.weight, "shape", None)
         if shape != expected:
             raise ValueError(f"{type(self).__name__}.weight has shape {shape}, expected "
                              f"{expected}: a table put in place of the layer's must keep "
                              f"its shape")
-        return w
+        return expected
 
-    def _layout(self):
-        """The shapes a forward's saved ids are valid for (see :meth:`_saved_forward`)."""
-        return self._table_shape()
-
-    def _remember(self, saved):
-        """Keep what the backward needs of this forward, and the table shape it ran on."""
+    def _remember(self, saved, layout):
+        """Keep what the backward needs of this forward, and the layout
+        (:meth:`_checked_table`) it ran on."""
         self._saved = saved
-        self._saved_table = self._layout()
+        self._saved_table = layout
 
     def _saved_forward(self):
         if self._saved is None:
             raise RuntimeError("backward() called before any forward()")
-        self._checked_table()
-        before = getattr(self, "_saved_table", None)  # None: pickled by an older version
-        if before is not None and before != self._layout():
-            raise ValueError(f"the table's shape changed from {before} to "
-                             f"{self._layout()} since the last forward(): run the "
-                             f"forward again")
+        layout = self._checked_table()
+        before = self.__dict__.get("_saved_table")  # None: pickled by an older version
+        if before is not None and before != layout:
+            raise ValueError(f"the table's shape changed from {before} to {layout} since "
+                             f"the last forward(): run the forward again")
         return self._saved
 
     def state_dict(self):
@@ -335,7 +331,7 @@ class Embedding(_Table):
         ndarray of shape ``input.shape + (embedding_dim,)``, weight's dtype
         """
         be = self._backend
-        self._checked_table()
+        layout = self._checked_table()
         # the lookup checks the ids itself, and so does the plan that renorm needs first
         renorm = self.max_norm is not None
         idx, flat = F.lookup_ids(input, be)
@@ -353,13 +349,15 @@ class Embedding(_Table):
             idx.shape + (self.embedding_dim,))
         if kept is not None:
             flat = kept
-        self._remember((flat, idx.shape, plan))
+        self._remember((flat, idx.shape, plan), layout)
         return out
 
     __call__ = forward
 
     def _plan(self):
-        flat, shape, plan = self._saved_forward()
+        """The last forward's row plan, made on first use (the caller has checked the
+        forward with :meth:`_saved_forward`)."""
+        flat, shape, plan = self._saved
         if plan is None:
             plan = self._backend.plan_rows(flat, self.num_embeddings, self.padding_idx)
             self._saved = (flat, shape, plan)
@@ -547,7 +545,7 @@ class EmbeddingBag(_Table):
             Empty bags and bags of padding only give zeros.
         """
         be = self._backend
-        self._checked_table()
+        layout = self._checked_table()
         # plain pooling checks the ids itself (one pass fewer); renorm and the float16
         # path plan the rows first, which needs ids known to be in range
         deferred = self.max_norm is None and not _half.is_half(self.weight)
@@ -575,7 +573,7 @@ class EmbeddingBag(_Table):
         bags.starts = _own(bags.starts, src)
         bags.psw = _own(bags.psw, src)
         self._remember({"bags": bags, "argmax": argmax, "counts": counts, "plan": plan,
-                        "entry_bag": None})
+                        "entry_bag": None}, layout)
         self.per_sample_weights_grad = None
         return out
 

@@ -230,19 +230,16 @@ class HashEmbedding(_Table):
     def _table_shape(self):
         return (self.num_buckets, self.embedding_dim)
 
-    def _layout(self):
-        return (self._table_shape(),
-                None if self.importance is None else (self.num_weights, self.num_hashes))
-
     def _checked_table(self):
-        w = super()._checked_table()
-        if self.importance is not None:
-            shape = getattr(self.importance.weight, "shape", None)
-            if shape != (self.num_weights, self.num_hashes):
-                raise ValueError(f"importance.weight has shape {shape}, expected "
-                                 f"{(self.num_weights, self.num_hashes)}: a table put in "
-                                 f"place of the layer's must keep its shape")
-        return w
+        table = super()._checked_table()
+        if self.importance is None:
+            return table, None
+        expected = (self.num_weights, self.num_hashes)
+        shape = getattr(self.importance.weight, "shape", None)
+        if shape != expected:
+            raise ValueError(f"importance.weight has shape {shape}, expected {expected}: "
+                             f"a table put in place of the layer's must keep its shape")
+        return table, expected
 
     def reset_parameters(self, random_state=None):
         """Redraw ``weight`` from N(0, 1) in place and set the importance weights to 1.
@@ -283,7 +280,7 @@ class HashEmbedding(_Table):
         ndarray of shape ``input.shape + (embedding_dim,)``, weight's dtype
         """
         be = self._backend
-        self._checked_table()
+        layout = self._checked_table()
         buckets, ids = self.buckets(input)
         shape = ids.shape
         flat = buckets.reshape(-1)
@@ -299,7 +296,7 @@ class HashEmbedding(_Table):
             p = self.importance.weight[wid]  # (n, k)
             out = np.einsum("nk,nkd->nd", p, rows)
             saved_rows = rows
-        self._remember((flat, shape, None, wid, p, saved_rows))
+        self._remember((flat, shape, None, wid, p, saved_rows), layout)
         return out.reshape(shape + (d,))
 
     __call__ = forward
