@@ -683,6 +683,30 @@ def test_float_to_half_kernel_matches_numpy_rounding(rng):
         assert_array_equal(out, expected[:, :37], err_msg=str(level))
 
 
+@pytest.mark.parametrize("rows, shape, message", [
+    ([0, 5], (2, 4), r"row 5 at position 1 is outside \[0, 5\)"),
+    ([-1, 2], (2, 4), r"row -1 at position 0 is outside \[0, 5\)"),
+    ([0, 1], (3, 4), r"float32 rows must be \(2, 4\), got \(3, 4\)"),
+    ([0, 1], (2, 3), r"float32 rows must be \(2, 4\), got \(2, 3\)"),
+])
+def test_conversion_kernels_refuse_rows_outside_the_table(rows, shape, message):
+    # they trusted their callers' rows and shapes; a bad row read or wrote past the
+    # table with bounds checks off
+    from sparsembed._kernels import _f16
+
+    rows = np.array(rows, np.int64)
+    bits = np.arange(20, dtype=np.uint16).reshape(5, 4)
+    work = np.full(shape, 7.0, F32)
+    with pytest.raises(ValueError, match=message):
+        _f16.rows_to_float(bits, rows, work, 2)
+    with pytest.raises(ValueError, match=message):
+        _f16.rows_from_float(work, rows, bits, 2)
+    assert_array_equal(bits, np.arange(20).reshape(5, 4))
+    assert_array_equal(work, 7.0)
+    with pytest.raises(ValueError, match=r"out must be \(3, 4\), got \(2, 4\)"):
+        _f16.to_half(np.ones((3, 4), F32), bits[:2], 2)
+
+
 def test_non_contiguous_tables_take_the_numpy_path(rng):
     wide = table(rng, dim=2 * D, scale=3.0)
     odd = wide[:, 1::2].copy()

@@ -319,3 +319,79 @@ def test_segment_of_entries_against_numpy(rng):
         with pytest.raises(ValueError, match="starts must be an increasing range"):
             _plan.segment_of_entries(perm, bad_starts, out, 2)
         assert (out == -9).all()
+
+
+def _optimizer_call(kind, V=6, D=4, dtype=np.float32, **bad):
+    """update_rows and fused_update arguments that fit a (V, D) table, with any of
+    them replaced by ``bad``."""
+    from sparsembed._kernels import _optim
+
+    code = getattr(_optim, "KIND_" + kind)
+    width = 1 if kind == "ROWWISE_ADAGRAD" else D
+    args = dict(
+        weight=np.ones((V, D), dtype), rows=np.array([1, 4], np.int64),
+        values=np.ones((2, D), dtype), grad=np.ones((3, D), dtype),
+        perm=np.array([0, 2, 1], np.int64), starts=np.array([0, 2, 3], np.int64),
+        s1=np.ones((V if kind != "SGD" else 0, width), dtype),
+        s2=np.ones((V if kind == "SPARSE_ADAM" else 0, D), dtype))
+    args.update(bad)
+    hyper = (code, 0.1, 0.0, 0.0, 1e-8, 0.1, 0.001, 0.0)
+    return _optim, hyper, args
+
+
+OPTIMIZER_KINDS = ["SGD", "ADAGRAD", "SPARSE_ADAM", "ROWWISE_ADAGRAD"]
+
+
+def _bad_update_args(kind, V=6, D=4):
+    cases = {
+        "row past the table": (dict(rows=np.array([1, V], np.int64)), r"rows run from 1 to 6"),
+        "negative row": (dict(rows=np.array([-1, 4], np.int64)), r"rows run from -1 to 4"),
+        "narrow values": (dict(values=np.ones((2, D - 1), np.float32), grad=np.ones((3, D - 1), np.float32)),
+                          r"values has shape \(2, 3\)|grad has 3 columns"),
+        "short s2": (dict(s2=np.ones((V - 1, D), np.float32)), r"state s2 has shape \(5, 4\)"),
+    }
+    if kind != "SGD":
+        cases["short s1"] = (dict(s1=np.ones((V - 1, 1 if kind == "ROWWISE_ADAGRAD" else D),
+                                             np.float32)), r"state s1 has shape \(5, ")
+        cases["no s1"] = (dict(s1=np.ones((0, D), np.float32)), r"state s1 has shape \(0, 4\)")
+        cases["s1 of the wrong width"] = (dict(s1=np.ones((V, 2), np.float32)),
+                                          r"state s1 has shape \(6, 2\)")
+    return cases
+
+
+@pytest.mark.parametrize("kind", OPTIMIZER_KINDS)
+@pytest.mark.parametrize("fused", [False, True], ids=["update_rows", "fused_update"])
+def test_optimizer_kernels_refuse_arguments_that_do_not_fit_the_table(kind, fused):
+    # the Python layer validates; the kernels still refuse, in O(1), rows and state
+    # that would send them past the table (a path that skipped the validation)
+    for name, (bad, message) in _bad_update_args(kind).items():
+        if kind == "SGD" and name == "short s2":
+            message = r"state s2 has shape|SGD keeps no second state"
+        _optim, hyper, a = _optimizer_call(kind, **bad)
+        before = {k: v.copy() for k, v in a.items()}
+        with pytest.raises(ValueError, match=message):
+            if fused:
+                _optim.fused_update(*hyper, a["weight"], a["grad"], a["perm"], a["rows"],
+                                    a["starts"], np.empty(0, np.int64),
+                                    np.empty(0, a["weight"].dtype), np.empty((0, 0), np.uint64),
+                                    False, a["s1"], a["s2"], 2)
+            else:
+                _optim.update_rows(*hyper, a["weight"], a["rows"], False, a["values"], a["s1"],
+                                   a["s2"], 2)
+        for k, v in a.items():
+            assert_array_equal(v, before[k], err_msg=f"{name}: {k} changed")
+    _optim, hyper, a = _optimizer_call(kind)  # the fitting arguments run
+    _optim.update_rows(*hyper, a["weight"], a["rows"], False, a["values"], a["s1"], a["s2"], 2)
+    assert not np.array_equal(a["weight"][[1, 4]], 1) and np.array_equal(a["weight"][0], [1] * 4)
+
+
+def test_fused_update_refuses_segment_bounds_past_the_plan():
+    _optim, hyper, a = _optimizer_call("ADAGRAD")
+    empty = (np.empty(0, np.int64), np.empty(0, np.float32), np.empty((0, 0), np.uint64))
+    for starts in (np.array([0, 2], np.int64), np.array([0, 2, 9], np.int64),
+                   np.array([-1, 2, 3], np.int64)):
+        with pytest.raises(ValueError, match="starts must bound 2 segments of perm's 3 entries"):
+            _optim.fused_update(*hyper, a["weight"], a["grad"], a["perm"], a["rows"], starts,
+                                *empty, False, a["s1"], a["s2"], 1)
+    assert_array_equal(a["weight"], 1)
+

@@ -15,11 +15,14 @@ def set_simd_level(level: int) -> int:
 
 def rows_to_float(table: NDArray[np.uint16], rows: NDArray[np.int64], out: NDArray[np.float32],
                   n_threads: int) -> None:
-    """``out[u] = float32(table[rows[u]])`` (exact)."""
+    """``out[u] = float32(table[rows[u]])`` (exact); ValueError for a row outside
+    ``table`` or an ``out`` of another shape."""
 
 def rows_from_float(work: NDArray[np.float32], rows: NDArray[np.int64], table: NDArray[np.uint16],
                     n_threads: int) -> None:
-    """``table[rows[u]] = float16(work[u])``, rounded to nearest even."""
+    """``table[rows[u]] = float16(work[u])``, rounded to nearest even; ValueError for
+    a row outside ``table`` or ``work`` of another shape."""
 
 def to_half(src: NDArray[np.float32], out: NDArray[np.uint16], n_threads: int) -> None:
-    """``out = float16(src)``, rounded to nearest even."""
+    """``out = float16(src)``, rounded to nearest even; ValueError for shapes that
+    differ."""

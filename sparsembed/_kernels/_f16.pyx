@@ -40,14 +40,28 @@ def set_simd_level(int level):
     return pool_set_level(level)
 
 
+cdef _check_rows(const int64_t[::1] rows, int64_t num_rows, int64_t n_floats,
+                 int64_t float_width, int64_t dim):
+    """ValueError, before any write, unless the float32 rows are (len(rows), dim) and
+    every row id is in [0, num_rows): O(U), next to the O(U x dim) conversion."""
+    cdef int64_t u
+    if n_floats != rows.shape[0] or float_width != dim:
+        raise ValueError(f"the float32 rows must be ({rows.shape[0]}, {dim}), got "
+                         f"({n_floats}, {float_width})")
+    for u in range(rows.shape[0]):
+        if rows[u] < 0 or rows[u] >= num_rows:
+            raise ValueError(f"row {rows[u]} at position {u} is outside [0, {num_rows})")
+
+
 def rows_to_float(
     const uint16_t[:, ::1] table,   # IN (num_embeddings, dim) float16 bits
-    const int64_t[::1] rows,        # IN (U,) validated row ids
+    const int64_t[::1] rows,        # IN (U,) row ids, checked here
     float[:, ::1] out,              # OUT (U, dim)
     int n_threads,
 ):
     """``out[u] = float32(table[rows[u]])`` (exact); the rows, read at random, are
-    prefetched a few ahead."""
+    prefetched a few ahead. ValueError, before any write, for a row outside
+    ``table`` or an ``out`` of another shape."""
     cdef int64_t n = rows.shape[0]
     cdef int64_t dim = table.shape[1]
     cdef int64_t u, t, u_lo, u_hi
@@ -55,6 +69,7 @@ def rows_to_float(
     cdef size_t row_bytes = dim * sizeof(uint16_t)
     cdef int64_t ahead = prefetch_distance(row_bytes)
     cdef rows_table fns = rows_table_at(pool_level())
+    _check_rows(rows, table.shape[0], out.shape[0], out.shape[1], dim)
     if n == 0 or dim == 0:
         return
     with nogil:
@@ -69,15 +84,17 @@ def rows_to_float(
 
 def rows_from_float(
     const float[:, ::1] work,       # IN (U, dim)
-    const int64_t[::1] rows,        # IN (U,) distinct validated row ids
+    const int64_t[::1] rows,        # IN (U,) distinct row ids, checked here
     uint16_t[:, ::1] table,         # INOUT (num_embeddings, dim) float16 bits
     int n_threads,
 ):
-    """``table[rows[u]] = float16(work[u])``, rounded to nearest even."""
+    """``table[rows[u]] = float16(work[u])``, rounded to nearest even. ValueError,
+    before any write, for a row outside ``table`` or ``work`` of another shape."""
     cdef int64_t n = rows.shape[0]
-    cdef int64_t dim = work.shape[1]
+    cdef int64_t dim = table.shape[1]
     cdef int64_t u
     cdef rows_table fns = rows_table_at(pool_level())
+    _check_rows(rows, table.shape[0], work.shape[0], work.shape[1], dim)
     if n == 0 or dim == 0:
         return
     with nogil:
@@ -90,11 +107,14 @@ def to_half(
     uint16_t[:, ::1] out,           # OUT (n, dim) float16 bits
     int n_threads,
 ):
-    """``out = float16(src)``, rounded to nearest even."""
+    """``out = float16(src)``, rounded to nearest even (ValueError for shapes that
+    differ)."""
     cdef int64_t n = src.shape[0]
     cdef int64_t dim = src.shape[1]
     cdef int64_t i
     cdef rows_table fns = rows_table_at(pool_level())
+    if out.shape[0] != n or out.shape[1] != dim:
+        raise ValueError(f"out must be ({n}, {dim}), got ({out.shape[0]}, {out.shape[1]})")
     if n == 0 or dim == 0:
         return
     with nogil:

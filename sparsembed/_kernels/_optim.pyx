@@ -110,6 +110,30 @@ cdef inline void _prefetch_state(
         prefetch_row(s2 + r * dim, row_bytes)
 
 
+cdef _check_rows_and_state(int kind, int64_t num_rows, int64_t dim,
+                           const int64_t[::1] rows, int64_t n_rows,
+                           floating[:, ::1] s1, floating[:, ::1] s2):
+    """ValueError, before any write, for rows or state that do not fit the table:
+    the callers validate, and this catches any path that did not (O(1): ``rows`` is
+    sorted, so its ends bound it). Kinds that keep state need it: Adagrad and row-wise
+    Adagrad s1 (one value per row for the latter), SparseAdam s1 and s2; SGD's
+    momentum s1 is optional."""
+    cdef int64_t width = 1 if kind == ROWWISE_ADAGRAD else dim
+    cdef bint needs_s1 = kind != SGD
+    cdef bint needs_s2 = kind == SPARSE_ADAM
+    if n_rows > 0 and (rows[0] < 0 or rows[n_rows - 1] >= num_rows):
+        raise ValueError(f"rows run from {rows[0]} to {rows[n_rows - 1]}, outside a table "
+                         f"of {num_rows} rows")
+    if (s1.shape[0] > 0 or needs_s1) and (s1.shape[0] != num_rows or s1.shape[1] != width):
+        raise ValueError(f"state s1 has shape ({s1.shape[0]}, {s1.shape[1]}), expected "
+                         f"({num_rows}, {width})")
+    if (s2.shape[0] > 0 or needs_s2) and (s2.shape[0] != num_rows or s2.shape[1] != dim):
+        raise ValueError(f"state s2 has shape ({s2.shape[0]}, {s2.shape[1]}), expected "
+                         f"({num_rows}, {dim})")
+    if kind == SGD and s2.shape[0] > 0:
+        raise ValueError("SGD keeps no second state")
+
+
 def update_rows(
     int kind,
     double lr, double momentum, double weight_decay, double eps,
@@ -134,6 +158,13 @@ def update_rows(
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
     cdef int64_t ahead = prefetch_distance(3 * row_bytes)
+    if values.shape[1] != dim or values.shape[0] != (weight.shape[0] if all_rows
+                                                      else rows.shape[0]):
+        raise ValueError(f"values has shape ({values.shape[0]}, {values.shape[1]}), "
+                         f"expected one row of {dim} per "
+                         f"{'table row' if all_rows else 'row in rows'}")
+    _check_rows_and_state(kind, weight.shape[0], dim, rows, 0 if all_rows else n_rows,
+                          s1, s2)
     if n_rows == 0 or dim == 0:
         return
     cdef floating* s1_ptr = &s1[0, 0] if has_s1 else NULL
@@ -216,7 +247,7 @@ def fused_update(
     cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
     cdef int64_t ahead = prefetch_distance(row_bytes)          # grad rows, in plan order
     cdef int64_t ahead_rows = prefetch_distance(3 * row_bytes)  # table + state rows
-    cdef int64_t m = starts[n_rows] if n_rows > 0 else 0
+    cdef int64_t m = 0
     cdef int64_t n_grad = grad.shape[0]
     cdef int flags = SE_MEAN if scale_by_count else 0
     cdef pool_table fns = pool_table_at(pool_level())
@@ -234,6 +265,15 @@ def fused_update(
     if won.shape[0] > 0 and (won.shape[0] != src.shape[0] or words != (dim + 63) // 64):
         raise ValueError(f"won must have shape ({src.shape[0]}, {(dim + 63) // 64}), "
                          f"got ({won.shape[0]}, {words})")
+    if grad.shape[1] != dim:
+        raise ValueError(f"grad has {grad.shape[1]} columns, the table {dim}")
+    if starts.shape[0] != n_rows + 1 or (n_rows > 0 and (starts[0] < 0
+                                                          or starts[n_rows] > perm.shape[0])):
+        raise ValueError(f"starts must bound {n_rows} segments of perm's "
+                         f"{perm.shape[0]} entries")
+    if n_rows > 0:
+        m = starts[n_rows]
+    _check_rows_and_state(kind, weight.shape[0], dim, rows, n_rows, s1, s2)
     if n_rows == 0 or dim == 0:
         return
     if T > n_rows:
