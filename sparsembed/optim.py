@@ -313,32 +313,28 @@ class Optimizer:
     def _check_grad_kind(self, layer):
         pass
 
-    def _step_state(self, i, group, weight):
-        """The table's state for one more update, its step counted, the keys that this
-        call allocated, and what :meth:`_undo_step` needs to take it all back."""
+    def _update(self, i, group, weight, launch):
+        """One update of table ``i``: ``launch(hyper, s1, s2)`` runs the kernel with the
+        state counted one step on. The kernels refuse bad arguments before writing
+        anything, so if it raises the state is put back as it was (new arrays and the
+        step count dropped)."""
         before = dict(self.state[i]) if i in self.state else None
         st, created = self._get_state(i, group, weight)
         st["step"] += 1
-        return st, created, before
-
-    def _undo_step(self, i, before):
-        """Forget :meth:`_step_state` when the update did not run (a kernel refused its
-        arguments before writing anything): an error leaves the state as it was."""
-        if before is None:
-            del self.state[i]
-        else:
-            self.state[i].clear()
-            self.state[i].update(before)
-
-    def _apply(self, i, group, weight, rows, values):
-        st, created, before = self._step_state(i, group, weight)
         try:
             s1, s2 = self._kernel_state(st, self._state_keys_for(group), weight)
-            backend_of(weight).optim_update_rows(self._kind, self._hyper(group, st, created),
-                                                 weight, rows, values, s1, s2)
+            launch(self._hyper(group, st, created), s1, s2)
         except Exception:
-            self._undo_step(i, before)
+            if before is None:
+                del self.state[i]
+            else:
+                st.clear()
+                st.update(before)
             raise
+
+    def _apply(self, i, group, weight, rows, values):
+        self._update(i, group, weight, lambda hyper, s1, s2: backend_of(weight).optim_update_rows(
+            self._kind, hyper, weight, rows, values, s1, s2))
 
     def _apply_rows(self, layer, rows, values):
         """Update the given distinct sorted ``rows`` of ``layer`` with gradient ``values``.
@@ -390,14 +386,9 @@ class Optimizer:
             if src is None:
                 raise ValueError("argmax needs src (the entry -> bag map)")
             argmax = be.xp.ascontiguousarray(argmax, dtype=np.int64)
-        st, created, before = self._step_state(i, group, w)
-        try:
-            s1, s2 = self._kernel_state(st, self._state_keys_for(group), w)
-            be.optim_fused_update(self._kind, self._hyper(group, st, created), w, grad, plan,
-                                  src, scale, bool(scale_grad_by_freq), s1, s2, argmax=argmax)
-        except Exception:
-            self._undo_step(i, before)
-            raise
+        self._update(i, group, w, lambda hyper, s1, s2: be.optim_fused_update(
+            self._kind, hyper, w, grad, plan, src, scale, bool(scale_grad_by_freq), s1, s2,
+            argmax=argmax))
 
     def zero_grad(self, set_to_none=True):
         """Set every layer's ``grad`` to None (torch's default ``set_to_none=True``).
