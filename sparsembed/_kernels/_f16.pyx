@@ -18,6 +18,8 @@ from libc.stdint cimport int64_t, uint16_t
 
 from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
 
+from sparsembed._kernels._lookup import check_row_ids
+
 cdef extern from "_simd_half.h":
     ctypedef void (*to_float_t)(const uint16_t*, float*, int64_t) noexcept nogil
     ctypedef void (*to_half_t)(const float*, uint16_t*, int64_t) noexcept nogil
@@ -44,13 +46,10 @@ cdef _check_rows(const int64_t[::1] rows, int64_t num_rows, int64_t n_floats,
                  int64_t float_width, int64_t dim):
     """ValueError, before any write, unless the float32 rows are (len(rows), dim) and
     every row id is in [0, num_rows): O(U), next to the O(U x dim) conversion."""
-    cdef int64_t u
     if n_floats != rows.shape[0] or float_width != dim:
         raise ValueError(f"the float32 rows must be ({rows.shape[0]}, {dim}), got "
                          f"({n_floats}, {float_width})")
-    for u in range(rows.shape[0]):
-        if rows[u] < 0 or rows[u] >= num_rows:
-            raise ValueError(f"row {rows[u]} at position {u} is outside [0, {num_rows})")
+    check_row_ids(rows, num_rows)
 
 
 def rows_to_float(

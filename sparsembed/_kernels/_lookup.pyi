@@ -14,6 +14,9 @@ _Index = NDArray[np.int32] | NDArray[np.int64]
 def first_out_of_range(idx: _Index, upper: int, n_threads: int) -> int:
     """Position of the first entry outside ``[0, upper)``, or -1 when all are valid."""
 
+def check_row_ids(rows: NDArray[np.int64], num_rows: int) -> None:
+    """ValueError naming the first row id outside ``[0, num_rows)``."""
+
 def scatter_rows(src: _Floating, rows: NDArray[np.int64], out: _Floating,
                  n_threads: int) -> None:
     """``out[rows[u]] = src[u]`` for distinct rows (ValueError, before any write, for a

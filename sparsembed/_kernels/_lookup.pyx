@@ -161,6 +161,17 @@ def gather(
     return found
 
 
+def check_row_ids(
+    const int64_t[::1] rows,  # IN (U,) row ids
+    int64_t num_rows,         # IN valid ids are 0 <= r < num_rows
+):
+    """ValueError naming the first row id outside ``[0, num_rows)``: the check of the
+    kernels that take row ids from their callers and write or read those rows."""
+    cdef int64_t u = first_out_of_range(rows, num_rows, 1) if rows.shape[0] > 0 else -1
+    if u >= 0:
+        raise ValueError(f"row {rows[u]} at position {u} is outside [0, {num_rows})")
+
+
 def scatter_rows(
     const floating[:, ::1] src,     # IN (U, dim)
     const int64_t[::1] rows,        # IN (U,) distinct row ids, checked here
@@ -176,9 +187,7 @@ def scatter_rows(
     cdef int64_t T = max(1, min(n_threads, n))
     if src.shape[0] != n or out.shape[1] != dim:
         raise ValueError(f"src must be ({n}, {out.shape[1]}), got ({src.shape[0]}, {dim})")
-    u = first_out_of_range(rows, num_rows, 1) if n > 0 else -1
-    if u >= 0:
-        raise ValueError(f"row {rows[u]} at position {u} is outside [0, {num_rows})")
+    check_row_ids(rows, num_rows)
     if n == 0 or dim == 0:
         return
     with nogil:
