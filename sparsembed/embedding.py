@@ -263,6 +263,10 @@ class Embedding(_Table):
     Attributes
     ----------
     weight : ndarray of shape (num_embeddings, embedding_dim)
+        May be replaced by another array of that shape. torch also takes a table of
+        another shape (leaving ``num_embeddings`` stale); here the next forward or
+        backward raises ValueError instead, as it does when the shape changed since
+        the forward that a backward would use.
     grad : None, ndarray or csr_array
         Accumulated gradient, None until a backward (and after ``zero_grad``).
     requires_grad : bool
@@ -467,6 +471,7 @@ class EmbeddingBag(_Table):
     Attributes
     ----------
     weight : ndarray of shape (num_embeddings, embedding_dim)
+        May be replaced by another array of that shape (see :class:`Embedding`).
     grad : None, ndarray or csr_array
         Accumulated table gradient.
     per_sample_weights_grad : ndarray or None
