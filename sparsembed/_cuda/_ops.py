@@ -313,8 +313,10 @@ class ArrayBackend:
         return out
 
     def stored_rows(self, mat):
-        indptr = mat.indptr
-        return self.xp.flatnonzero(indptr[1:] != indptr[:-1]).astype(np.int64, copy=False)
+        """Sorted ids of the non-empty rows; ValueError where the row pointer decreases
+        (one diff both checks it and gives the row lengths, as on the CPU)."""
+        steps = _rowsparse._check_pointer_order(mat.indptr, "row", xp=self.xp)
+        return self.xp.flatnonzero(steps).astype(np.int64, copy=False)
 
     def row_values(self, mat):
         """(rows, values) of a row-sparse CSR matrix; values has shape (n_rows, dim).
@@ -325,9 +327,9 @@ class ArrayBackend:
         xp = self.xp
         dim = mat.shape[1]
         # the update kernels index the table by these rows: the row pointer must fit
-        # the shape and never decrease (an edited matrix is not rechecked by cupyx)
+        # the shape and never decrease (an edited matrix is not rechecked by cupyx;
+        # stored_rows checks the order)
         _rowsparse._check_compressed(mat, "row", False, xp=xp)
-        _rowsparse._check_pointer_order(mat.indptr, "row", xp=xp)
         rows = self.stored_rows(mat)
         n_rows = int(rows.shape[0])
         if mat.nnz == n_rows * dim:
