@@ -97,11 +97,20 @@ class _Table:
         layer's row ids (checked against ``num_embeddings``) past its end -- and
         return the layout a forward's ids are valid for (here that shape)."""
         expected = self._table_shape()
-        shape = getattr(self.weight, "shape", None)
+        w = self.weight
+        shape = getattr(w, "shape", None)
         if shape != expected:
             raise ValueError(f"{type(self).__name__}.weight has shape {shape}, expected "
                              f"{expected}: a table put in place of the layer's must keep "
                              f"its shape")
+        # the kernels (a max_norm renorm, the optimizers) work on the table in place:
+        # refuse, before any write, what they cannot take, with the fix in the message
+        if getattr(w, "dtype", None) not in _DTYPES or not w.flags.c_contiguous:
+            raise ValueError(f"{type(self).__name__}.weight must be a C-contiguous "
+                             f"float16, float32 or float64 array, got a "
+                             f"{'' if w.flags.c_contiguous else 'non-contiguous '}"
+                             f"{w.dtype} one: use numpy.ascontiguousarray(table, "
+                             f"dtype=...) to replace it")
         return expected
 
     def _remember(self, saved, layout):
@@ -263,7 +272,9 @@ class Embedding(_Table):
     Attributes
     ----------
     weight : ndarray of shape (num_embeddings, embedding_dim)
-        May be replaced by another array of that shape. torch also takes a table of
+        May be replaced by another C-contiguous float array of that shape (torch
+        also takes a strided one; here the next forward raises ValueError, as the
+        table is updated in place by the kernels). torch also takes a table of
         another shape (leaving ``num_embeddings`` stale); here the next forward or
         backward raises ValueError instead, as it does when the shape changed since
         the forward that a backward would use.
@@ -471,7 +482,8 @@ class EmbeddingBag(_Table):
     Attributes
     ----------
     weight : ndarray of shape (num_embeddings, embedding_dim)
-        May be replaced by another array of that shape (see :class:`Embedding`).
+        May be replaced by another C-contiguous float array of that shape (see
+        :class:`Embedding`).
     grad : None, ndarray or csr_array
         Accumulated table gradient.
     per_sample_weights_grad : ndarray or None

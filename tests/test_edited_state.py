@@ -274,6 +274,31 @@ def test_a_table_of_the_same_shape_may_be_put_in_place():
     assert_array_equal(g.toarray()[4], 1)
 
 
+def _same_shape_tables_the_kernels_cannot_take(dtype):
+    table = np.arange(1000 * 4, dtype=dtype).reshape(1000, 4) % 7 + 2
+    return {
+        "F-order": np.asfortranarray(table),
+        "strided": np.repeat(table, 2, axis=1)[:, ::2],
+        "int32": table.astype(np.int32),
+    }
+
+
+@pytest.mark.parametrize("kind", ["F-order", "strided", "int32"])
+@pytest.mark.parametrize("make", list(_layers()))
+def test_forward_refuses_a_same_shape_table_the_kernels_cannot_take(make, kind):
+    # a non-contiguous table failed inside the kernel call -- after a max_norm renorm
+    # had already rescaled its rows; an integer one with a message about signatures
+    layer = _layers()[make]()
+    layer.weight = _same_shape_tables_the_kernels_cannot_take(layer.weight.dtype)[kind]
+    snap = snapshot(layer.weight)
+    with pytest.raises(ValueError, match=r"weight must be a C-contiguous float16, float32 "
+                                         r"or float64 array.*ascontiguousarray"):
+        layer(_ids(layer))
+    assert_unchanged(snap)
+    layer.weight = np.ascontiguousarray(layer.weight, dtype=np.float32)
+    layer(_ids(layer))  # the fix the message names works
+
+
 def test_hash_embedding_refuses_edited_sizes():
     emb = se.HashEmbedding(8, 3, mode="weighted", random_state=0)
     emb.num_buckets = 10**6  # buckets past the 8-row table
