@@ -70,9 +70,18 @@ def _host(x):
 
 
 def _check_offsets(offsets, n, include_last_offset):
-    off = V.as_index_array(_host(offsets), "offsets")
-    if off.ndim != 1:
-        raise ValueError(f"offsets must be 1-D, got shape {off.shape}")
+    off = _host(offsets)
+    if isinstance(off, (list, tuple)) and len(off):
+        off = np.asarray(off)
+    if np.ndim(off) != 1:
+        raise ValueError(f"offsets must be 1-D, got shape {np.shape(off)}")
+    # past int64 is past the end of any input: a bad offset (ValueError), not the
+    # out-of-range id as_index_array would call it
+    pos = V.first_past_int64(off) if isinstance(off, np.ndarray) else -1
+    if pos >= 0:
+        raise ValueError(f"offsets[{pos}] = {int(off[pos])} is past the end of input "
+                         f"(length {n})")
+    off = V.as_index_array(off, "offsets")
     if include_last_offset:
         if off.shape[0] == 0:
             raise ValueError(

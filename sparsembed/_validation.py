@@ -37,11 +37,19 @@ def as_index_array(input, name="input"):
     # np.asarray(order="C"), not np.ascontiguousarray: 0-d input stays 0-d
     if arr.dtype in _INDEX_DTYPES:
         return np.asarray(arr, order="C")
-    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
-        pos = int(np.argmax(arr > np.iinfo(np.int64).max))
+    pos = first_past_int64(arr)
+    if pos >= 0:
         value = int(arr.reshape(-1)[pos])
         raise IndexError(f"{name}: index {value} at position {pos} is out of range")
     return np.asarray(arr, dtype=np.int64, order="C")
+
+
+def first_past_int64(arr):
+    """Flat position of the first entry of the integer ndarray ``arr`` above int64's
+    range (only uint64 holds such values), or -1."""
+    if arr.dtype != np.uint64 or arr.size == 0 or arr.max() <= np.iinfo(np.int64).max:
+        return -1
+    return int(np.argmax(arr.reshape(-1) > np.iinfo(np.int64).max))
 
 
 def check_index_range(flat, num_embeddings, name="input"):

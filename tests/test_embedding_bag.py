@@ -533,6 +533,12 @@ def _bad_calls():
         (dict(offsets=np.array([1, 2])), ValueError, r"offsets\[0\] must be 0.*got 1"),
         (dict(offsets=np.array([0, 3, 2])), ValueError, r"non-decreasing.*offsets\[2\] = 2"),
         (dict(offsets=np.array([0, 9])), ValueError, r"offsets\[-1\] = 9 .*length 4"),
+        # past int64 (uint64 only): a bad offset, not an out-of-range id
+        (dict(offsets=np.array([0, 2**63 + 5], np.uint64)), ValueError,
+         r"offsets\[1\] = 9223372036854775813 is past the end of input \(length 4\)"),
+        (dict(offsets=np.array([2**64 - 1], np.uint64)), ValueError,
+         r"offsets\[0\] = 18446744073709551615 is past the end"),
+        (dict(offsets=np.zeros((1, 2), np.uint64)), ValueError, r"1-D, got shape \(1, 2\)"),
         (dict(input=ids.reshape(2, 2), offsets=np.array([0])), ValueError, "2-D input"),
         (dict(offsets=None), ValueError, "offsets is required"),
         (dict(mode="median"), ValueError, "'median'"),
