@@ -94,6 +94,23 @@ def test_renorm_matches_reference(rng, dtype, norm_type):
     assert_allclose(w2, expected, **ref.tol(dtype))
 
 
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_renorm_of_rows_holding_nan_matches_torch(dtype, norm_type):
+    # a row holding a NaN has a NaN norm for every p (torch's max and min reductions
+    # propagate it too): no NaN > max_norm, so the row is left as it is. The inf and
+    # -inf norms once skipped the NaN and rescaled the row's other entries.
+    torch = pytest.importorskip("torch")
+    weight = np.array([[2.0, np.nan, 3.0], [np.nan, 0.5, 4.0], [3.0, 4.0, 0.1]], dtype)
+    ids = np.array([0, 1, 2])
+    got = F.embedding_renorm_(weight.copy(), ids, 1.0, norm_type)
+    expected = torch.from_numpy(weight.copy())
+    torch.embedding_renorm_(expected, torch.from_numpy(ids), 1.0, float(norm_type))
+    assert_allclose(got, expected.numpy(), **ref.tol(dtype))
+    if norm_type != 0:  # (p = 0 counts the entries that are not 0, NaN among them)
+        assert_array_equal(got[:2], weight[:2])  # NaN rows untouched
+    assert_allclose(got, ref.renorm(weight, ids, 1.0, norm_type), **ref.tol(dtype))
+
+
 def test_renorm_includes_padding_row_like_torch(rng):
     weight = _table(rng, 6, 4, np.float64, scale=5.0)
     emb = se.Embedding(6, 4, padding_idx=2, max_norm=1.0, weight=weight.copy(), dtype=np.float64)

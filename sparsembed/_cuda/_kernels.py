@@ -35,13 +35,23 @@ __device__ __forceinline__ double se_warp_sum(double v) {
     return v;
 }
 
+// max and min that keep a NaN (fmax / fmin drop it), as torch's reductions and
+// the CPU kernel do: a row holding a NaN has a NaN norm and is not renormed
+__device__ __forceinline__ double se_nan_max(double a, double b) {
+    return (a > b || a != a) ? a : b;
+}
+
+__device__ __forceinline__ double se_nan_min(double a, double b) {
+    return (a < b || a != a) ? a : b;
+}
+
 __device__ __forceinline__ double se_warp_max(double v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = se_nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
 __device__ __forceinline__ double se_warp_min(double v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmin(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = se_nan_min(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
@@ -80,8 +90,8 @@ extern "C" __global__ void se_renorm(T* __restrict__ weight,
             switch (kind) {
                 case 0: acc += a * a; break;
                 case 1: acc += fabs(a); break;
-                case 2: acc = fmax(acc, fabs(a)); break;
-                case 3: acc = fmin(acc, fabs(a)); break;
+                case 2: acc = se_nan_max(fabs(a), acc); break;
+                case 3: acc = se_nan_min(fabs(a), acc); break;
                 case 4: acc += (a != 0.0) ? 1.0 : 0.0; break;
                 default: acc += pow(fabs(a), p);
             }

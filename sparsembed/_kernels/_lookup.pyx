@@ -202,17 +202,19 @@ cdef inline double _row_norm(const floating* row, int64_t dim, double p) noexcep
         return sqrt(dot8(row, row, dim))
     if p == 1.0:
         return abs_sum8(row, dim)
+    # the max and min keep a NaN once met (a != a), as torch's reductions do: a row
+    # holding one has a NaN norm and is left as it is (no NaN > max_norm)
     if p == INFINITY:
         for j in range(dim):
             a = fabs(<double> row[j])
-            if a > acc:
+            if a > acc or a != a:
                 acc = a
         return acc
     if p == -INFINITY:
         acc = INFINITY
         for j in range(dim):
             a = fabs(<double> row[j])
-            if a < acc:
+            if a < acc or a != a:
                 acc = a
         return acc
     if p == 0.0:
