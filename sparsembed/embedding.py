@@ -5,6 +5,7 @@ import numpy as np
 from sparsembed import _aligned, _bags, _half
 from sparsembed import _validation as V
 from sparsembed import functional as F
+from sparsembed import optim as _optim
 from sparsembed._backend import backend_of, get_backend, normalize_device
 
 __all__ = ["Embedding", "EmbeddingBag"]
@@ -86,6 +87,16 @@ class _Table:
         else:
             self.grad = grad
         return grad
+
+    def _check_fused(self, optimizer, locate=True):
+        """Refuse, before anything changes, an ``optimizer`` a fused backward cannot
+        use: TypeError for anything but a ``sparsembed.optim`` optimizer, ValueError
+        (with ``locate``) when this layer is not among its params."""
+        if not isinstance(optimizer, _optim.Optimizer):
+            raise TypeError(f"optimizer must be a sparsembed.optim optimizer (SGD, Adagrad, "
+                            f"SparseAdam, RowWiseAdagrad), got {type(optimizer).__name__}")
+        if locate:
+            optimizer._locate(self)
 
     def _table_shape(self):
         """The shape ``weight`` must have: (num_embeddings, embedding_dim)."""
@@ -406,7 +417,7 @@ class Embedding(_Table):
         grad = be.as_grad_output(grad_output, shape + (self.embedding_dim,),
                                  _half.compute_dtype(self.weight.dtype))
         if optimizer is not None:
-            optimizer._locate(self)  # a ValueError before anything changes
+            self._check_fused(optimizer)
         if not self.requires_grad:
             return None
         _, _, plan = self._plan()
@@ -649,7 +660,7 @@ class EmbeddingBag(_Table):
         """
         be = self._backend
         if optimizer is not None:
-            optimizer._locate(self)  # a ValueError before anything changes
+            self._check_fused(optimizer)
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
         # from the table before any update, but kept only once nothing can fail
         psw_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag, self.padding_idx, be,

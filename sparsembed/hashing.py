@@ -327,10 +327,7 @@ class HashEmbedding(_Table):
         grad = be.as_grad_output(grad_output, shape + (d,), self.weight.dtype).reshape(n, d)
         fuse_importance = False
         if optimizer is not None:
-            if not hasattr(optimizer, "_fused_update"):
-                raise TypeError(f"optimizer must be a sparsembed.optim optimizer, got {type(optimizer).__name__}")
-            if self.requires_grad:
-                optimizer._locate(self)  # a ValueError before anything changes
+            self._check_fused(optimizer, locate=self.requires_grad)
             if self.importance is not None:
                 fuse_importance = any(layer is self.importance for group in optimizer.param_groups
                                       for layer in group["params"])

@@ -239,6 +239,25 @@ def test_fused_on_dense_layer_is_the_sparse_update(name, kw):
     assert_allclose(a.weight, b.weight, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("not_an_optimizer", ["sgd", object(), se.optim.SGD],
+                         ids=["str", "object", "class"])
+@pytest.mark.parametrize("make", [
+    lambda: se.Embedding(N, D, sparse=True, random_state=0),
+    lambda: se.EmbeddingBag(N, D, mode="sum", sparse=True, random_state=0),
+    lambda: se.HashEmbedding(N, D, random_state=0),
+], ids=["Embedding", "EmbeddingBag", "HashEmbedding"])
+def test_fused_backward_refuses_what_is_not_an_optimizer(make, not_an_optimizer):
+    # was an AttributeError about a private method (HashEmbedding alone checked)
+    layer = make()
+    out = layer(np.array([[1, 2]]))
+    w0 = layer.weight.copy()
+    with pytest.raises(TypeError, match=r"optimizer must be a sparsembed.optim optimizer "
+                                        r"\(SGD, Adagrad, SparseAdam, RowWiseAdagrad\), got"):
+        layer.backward(np.ones_like(out), optimizer=not_an_optimizer)
+    assert_array_equal(layer.weight, w0)
+    assert layer.grad is None
+
+
 def test_fused_skips_frozen_and_checks_membership():
     rng = np.random.default_rng(8)
     idx, go = batches(rng, 1)[0]
