@@ -28,6 +28,15 @@ def _normal(rng, mean, std, shape):
     return rng.normal(mean, std, size=shape)
 
 
+def _check_float(array, name):
+    """TypeError for an array that cannot hold the draws (torch: not implemented for
+    integer tensors); numpy would truncate them silently."""
+    dtype = getattr(array, "dtype", None)
+    if dtype is None or np.dtype(dtype).kind != "f":
+        raise TypeError(f"{name} fills floating-point arrays, got "
+                        f"{'dtype ' + str(dtype) if dtype is not None else type(array).__name__}")
+
+
 def _fill(array, values):
     if hasattr(array, "__cuda_array_interface__"):
         import cupy
@@ -49,6 +58,7 @@ def _fans(array):
 
 def normal_(array, mean=0.0, std=1.0, random_state=None):
     """Fill ``array`` with N(mean, std**2) draws."""
+    _check_float(array, "normal_")
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std}")
     return _fill(array, _normal(_rng(random_state), mean, std, array.shape))
@@ -56,6 +66,7 @@ def normal_(array, mean=0.0, std=1.0, random_state=None):
 
 def uniform_(array, a=0.0, b=1.0, random_state=None):
     """Fill ``array`` with U(a, b) draws."""
+    _check_float(array, "uniform_")
     if b < a:
         raise ValueError(f"uniform_ needs a <= b, got a={a}, b={b}")
     return _fill(array, _uniform(_rng(random_state), a, b, array.shape))
@@ -73,6 +84,7 @@ def xavier_uniform_(array, gain=1.0, random_state=None):
     For a (num_embeddings, dim) table fan_in = dim and fan_out = num_embeddings
     (torch's convention for 2-D tensors).
     """
+    _check_float(array, "xavier_uniform_")
     fan_in, fan_out = _fans(array)
     bound = gain * math.sqrt(6.0 / max(fan_in + fan_out, 1))
     return _fill(array, _uniform(_rng(random_state), -bound, bound, array.shape))
@@ -80,6 +92,7 @@ def xavier_uniform_(array, gain=1.0, random_state=None):
 
 def xavier_normal_(array, gain=1.0, random_state=None):
     """Glorot normal: N(0, std**2) with ``std = gain * sqrt(2 / (fan_in + fan_out))``."""
+    _check_float(array, "xavier_normal_")
     fan_in, fan_out = _fans(array)
     std = gain * math.sqrt(2.0 / max(fan_in + fan_out, 1))
     return _fill(array, _normal(_rng(random_state), 0.0, std, array.shape))
@@ -91,6 +104,7 @@ def trunc_normal_(array, mean=0.0, std=1.0, a=-2.0, b=2.0, random_state=None):
     Drawn by inverting the normal CDF on a uniform sample of ``[cdf(a), cdf(b)]``,
     the method torch uses.
     """
+    _check_float(array, "trunc_normal_")
     if not a < b:
         raise ValueError(f"trunc_normal_ needs a < b, got a={a}, b={b}")
     if std <= 0:

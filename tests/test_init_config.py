@@ -65,6 +65,20 @@ def test_initializer_errors():
         init.normal_(np.empty(3), std=-1)
 
 
+@pytest.mark.parametrize("fn", [init.normal_, init.uniform_, init.xavier_uniform_,
+                                init.xavier_normal_, init.trunc_normal_])
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.bool_, np.complex64])
+def test_random_initializers_refuse_integer_arrays_like_torch(fn, dtype):
+    # numpy would store the draws truncated (all zeros for N(0, 1) into int8 ...);
+    # torch raises for integer tensors
+    a = np.full((4, 3), 7, dtype=dtype)
+    with pytest.raises(TypeError, match=f"{fn.__name__} fills floating-point arrays, "
+                                        f"got dtype {np.dtype(dtype)}"):
+        fn(a, random_state=0)
+    assert_array_equal(a, np.full((4, 3), 7, dtype=dtype))
+    assert_array_equal(init.zeros_(a), 0)  # zeros fit any dtype (torch agrees)
+
+
 def test_set_and_get_num_threads(threads):
     default = se.get_num_threads()
     assert default >= 1
