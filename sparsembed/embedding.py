@@ -410,7 +410,12 @@ class Embedding(_Table):
         -------
         ndarray of shape (num_embeddings, embedding_dim), csr_array of that shape, or None
             The dense gradient, or with ``sparse=True`` the canonical row-sparse one;
-            None when ``requires_grad`` is False or ``optimizer`` is given.
+            None when ``requires_grad`` is False or ``optimizer`` is given. When
+            ``grad`` was None the result becomes ``grad`` itself, not a copy (a dense
+            gradient is the table's size), so editing it in place edits ``grad``;
+            later calls return their own gradient and replace ``grad`` by the sum,
+            leaving the arrays returned before as they were (torch's ``backward``
+            returns nothing).
         """
         flat, shape, _ = self._saved_forward()
         be = self._backend
@@ -656,7 +661,8 @@ class EmbeddingBag(_Table):
         -------
         ndarray or csr_array of shape (num_embeddings, embedding_dim), or None
             None when ``requires_grad`` is False (the per-sample weights' gradient is
-            still computed) or ``optimizer`` is given.
+            still computed) or ``optimizer`` is given. The first result after
+            ``grad`` was None is ``grad`` itself (see :meth:`Embedding.backward`).
         """
         be = self._backend
         if optimizer is not None:

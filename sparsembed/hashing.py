@@ -319,7 +319,9 @@ class HashEmbedding(_Table):
         -------
         ndarray or csr_array of shape (num_buckets, embedding_dim), or None
             None when ``requires_grad`` is False (the importance gradient is still
-            computed when ``importance.requires_grad``) or with ``optimizer``.
+            computed when ``importance.requires_grad``) or with ``optimizer``. The
+            first result after ``grad`` was None is ``grad`` itself (see
+            :meth:`Embedding.backward`).
         """
         flat, shape, plan, wid, p, rows = self._saved_forward()
         be = self._backend

@@ -191,8 +191,10 @@ def test_grad_accumulates_over_backwards(rng, sparse):
     gb = rng.standard_normal((2, 4))
     emb(a)
     first = emb.backward(ga)
+    assert first is emb.grad  # documented: the first result is grad itself, no copy
     first_copy = first.copy()
-    emb.backward(ga)  # again for the same forward: adds once more
+    second = emb.backward(ga)  # again for the same forward: adds once more
+    assert second is not emb.grad and first is not emb.grad
     emb(b)
     emb.backward(gb)
     expected = 2 * ref.dense_backward(ga, a, 10, 0) + ref.dense_backward(gb, b, 10, 0)
