@@ -8,6 +8,7 @@ ratings. This module needs scikit-learn (``pip install sparsembed[sklearn]``);
 
 import contextlib
 import numbers
+import sys
 from collections.abc import Hashable
 
 import numpy as np
@@ -535,6 +536,26 @@ def _sigmoid(z):
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
+def _pandas_na_as_nan(X):
+    """``X`` with pandas' ``pd.NA`` as ``np.nan`` in its nullable "string" columns
+    that hold one: sklearn's encoders refuse strings beside ``pd.NA`` ("uniformly
+    strings or numbers") but take ``np.nan`` as a missing value, the category this
+    encoder promises. (They already take the nullable "Int64" and "boolean"
+    columns' ``pd.NA``.) Other inputs are returned as they are."""
+    pd = sys.modules.get("pandas")
+    if pd is None or not isinstance(X, pd.DataFrame):
+        return X
+    na_columns = [i for i, dtype in enumerate(X.dtypes)
+                  if isinstance(dtype, pd.StringDtype) and X.iloc[:, i].isna().any()]
+    if not na_columns:
+        return X
+    X = X.copy()
+    for i in na_columns:
+        col = X.iloc[:, i]
+        X.isetitem(i, col.astype(object).where(col.notna(), np.nan))
+    return X
+
+
 class EmbeddingEncoder(TransformerMixin, BaseEstimator):
     """Encode categorical columns as dense, optionally target-trained, embeddings.
 
@@ -643,7 +664,7 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
                 "Expected a 2-dimensional container but got a 1-D one. Reshape your data "
                 "either using array.reshape(-1, 1) if your data has a single feature or "
                 "array.reshape(1, -1) if it contains a single sample.")
-        X = validate_data(self, X, reset=reset, skip_check_array=True)
+        X = _pandas_na_as_nan(validate_data(self, X, reset=reset, skip_check_array=True))
         if reset:
             unknown = "use_encoded_value" if self.handle_unknown == "use_oov" else "error"
             self._ordinal = OrdinalEncoder(

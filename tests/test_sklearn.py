@@ -505,6 +505,33 @@ def test_encoder_missing_values_are_a_category():
     assert np.isfinite(EmbeddingEncoder(2, random_state=0).fit_transform(Xf)).all()
 
 
+@pytest.mark.parametrize("dtype,values", [
+    ("string", ["a", None, "b", "a", None]),
+    ("Int64", [1, None, 2, 1, None]),
+    ("boolean", [True, None, False, True, None]),
+])
+def test_encoder_pandas_na_is_the_missing_category(dtype, values):
+    # sklearn's encoders refuse pd.NA beside strings ("uniformly strings or numbers")
+    pd = pytest.importorskip("pandas")
+    X = pd.DataFrame({"c": pd.array(values, dtype=dtype), "d": [1, 2, 3, 4, 5]})
+    enc = EmbeddingEncoder(2, random_state=0).fit(X)
+    full = enc.transform(X)
+    out = full[:, :2]  # column "c"
+    assert len(enc.categories_[0]) == 3
+    assert_array_equal(out[1], out[4])
+    assert_array_equal(out[0], out[3])
+    assert not np.array_equal(out[1], out[0])
+    assert not np.array_equal(out[1], enc.embeddings_[0].weight[-1])  # not the OOV row
+    assert list(enc.get_feature_names_out())[:2] == ["c_0", "c_1"]
+    # the same column with the same values in plain object form encodes the same
+    plain = pd.DataFrame({"c": np.array([None if v is None else v for v in values],
+                                        dtype=object), "d": X["d"]})
+    assert_array_equal(EmbeddingEncoder(2, random_state=0).fit(plain).transform(plain), full)
+    # NA only at transform: an unseen category, the OOV row
+    seen = EmbeddingEncoder(2, random_state=0).fit(X.iloc[[0, 2]])
+    assert_array_equal(seen.transform(X.iloc[[1]])[0, :2], seen.embeddings_[0].weight[-1])
+
+
 def test_encoder_training_learns_category_effects():
     X, y = _frame(n=2000)
     X_train, y_train = X.iloc[:1500], y[:1500]
