@@ -77,6 +77,14 @@ def check_size(value, name):
     return value
 
 
+def check_positive_size(value, name):
+    """An int >= 1 (numpy ints accepted)."""
+    value = check_size(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
 def normalize_padding_idx(padding_idx, num_embeddings):
     """torch's rule: ``padding_idx`` in ``[-n, n)``; negative values count from the end."""
     if padding_idx is None:

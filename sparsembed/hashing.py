@@ -78,6 +78,12 @@ def _as_uint64_ids(input):
                     + (" (bool is not an id type)" if kind == "b" else ""))
 
 
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return int(seed)
+
+
 def hash_ids(input, num_buckets, num_hashes=2, seed=0):
     """Bucket ids: ndarray of shape ``input.shape + (num_hashes,)``, int64 in ``[0, num_buckets)``.
 
@@ -89,8 +95,11 @@ def hash_ids(input, num_buckets, num_hashes=2, seed=0):
     seed : int
         Selects the hash functions (any int; taken mod 2**64).
     """
+    num_buckets = V.check_positive_size(num_buckets, "num_buckets")
+    num_hashes = V.check_positive_size(num_hashes, "num_hashes")
+    seed = _check_seed(seed)
     ids = _as_uint64_ids(input)
-    keys = _keys(int(seed) % 2**64, num_hashes)
+    keys = _keys(seed % 2**64, num_hashes)
     h = splitmix64(ids[..., None] ^ keys)
     return (h % np.uint64(num_buckets)).astype(np.int64)
 
@@ -192,25 +201,17 @@ class HashEmbedding(_Table):
 
     def __init__(self, num_buckets, embedding_dim, num_hashes=2, mode="sum", seed=0, sparse=False, *,
                  num_weights=None, weight=None, dtype=np.float32, random_state=None, device="cpu"):
-        self.num_buckets = V.check_size(num_buckets, "num_buckets")
-        if self.num_buckets < 1:
-            raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+        self.num_buckets = V.check_positive_size(num_buckets, "num_buckets")
         self.embedding_dim = V.check_size(embedding_dim, "embedding_dim")
-        self.num_hashes = V.check_size(num_hashes, "num_hashes")
-        if self.num_hashes < 1:
-            raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")
+        self.num_hashes = V.check_positive_size(num_hashes, "num_hashes")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = mode
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
         self.sparse = bool(sparse)
         if mode == "weighted":
-            self.num_weights = V.check_size(self.num_buckets if num_weights is None else num_weights,
-                                            "num_weights")
-            if self.num_weights < 1:
-                raise ValueError(f"num_weights must be >= 1, got {num_weights}")
+            self.num_weights = V.check_positive_size(
+                self.num_buckets if num_weights is None else num_weights, "num_weights")
         elif num_weights is not None:
             raise ValueError("num_weights is only used with mode='weighted'")
         else:
@@ -258,9 +259,11 @@ class HashEmbedding(_Table):
 
     def buckets(self, input):
         """Row ids of ``input``: int64 array of shape ``input.shape + (num_hashes,)``."""
-        ids = _as_uint64_ids(input)
+        return self._buckets(_as_uint64_ids(input))
+
+    def _buckets(self, ids):
         h = splitmix64(ids[..., None] ^ self._keys[: self.num_hashes])
-        return (h % np.uint64(self.num_buckets)).astype(np.int64), ids
+        return (h % np.uint64(self.num_buckets)).astype(np.int64)
 
     def importance_ids(self, input):
         """Rows of the importance table for ``input`` (weighted mode): int64, input's shape."""
@@ -281,7 +284,8 @@ class HashEmbedding(_Table):
         """
         be = self._backend
         layout = self._checked_table()
-        buckets, ids = self.buckets(input)
+        ids = _as_uint64_ids(input)
+        buckets = self._buckets(ids)
         shape = ids.shape
         flat = buckets.reshape(-1)
         n, k, d = int(np.prod(shape, dtype=np.int64)), self.num_hashes, self.embedding_dim

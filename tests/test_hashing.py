@@ -152,7 +152,7 @@ def test_forward_backward_vs_reference(mode, dtype, sparse):
     np.testing.assert_allclose(dense, gw, rtol=RTOL[dtype], atol=RTOL[dtype] * 10)
     if sparse:
         rows, _ = _rowsparse.row_values(g)
-        np.testing.assert_array_equal(rows, np.unique(layer.buckets(ids)[0]))
+        np.testing.assert_array_equal(rows, np.unique(layer.buckets(ids)))
         assert g.nnz == rows.size * 5
     if mode == "weighted":
         gi = layer.importance.grad.toarray() if sparse else layer.importance.grad
@@ -240,7 +240,7 @@ def test_requires_grad_empty_input_and_updates():
     rows, vals = _rowsparse.row_values(g)
     layer.weight[rows] -= 0.1 * vals
     changed = np.flatnonzero((layer.weight != w0).any(axis=1))
-    np.testing.assert_array_equal(changed, np.unique(layer.buckets(np.array([7]))[0]))
+    np.testing.assert_array_equal(changed, np.unique(layer.buckets(np.array([7]))))
 
 
 @pytest.mark.skipif(not hasattr(se, "optim") or not hasattr(getattr(se, "optim", None), "SGD"),
@@ -255,6 +255,36 @@ def test_optimizer_updates_both_tables():
     opt.step()
     np.testing.assert_allclose(layer.weight, w0 - 0.5 * gw, rtol=1e-6)
     np.testing.assert_allclose(layer.importance.weight, p0 - 0.5 * gp, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_buckets=0), "num_buckets must be >= 1, got 0"),
+    (dict(num_buckets=-5), "num_buckets must be a non-negative int, got -5"),
+    (dict(num_buckets=2.5), "num_buckets must be a non-negative int, got 2.5"),
+    (dict(num_hashes=0), "num_hashes must be >= 1, got 0"),
+    (dict(num_hashes=-1), "num_hashes must be a non-negative int, got -1"),
+    (dict(seed=1.5), "seed must be an int, got 1.5"),
+])
+def test_hash_ids_checks_its_arguments_as_the_layer_does(kwargs, match):
+    # hash_ids returned zeros (num_buckets=0), numpy's OverflowError (< 0) or an
+    # (n, 0) array (num_hashes <= 0)
+    args = dict(num_buckets=10, num_hashes=2, seed=0) | kwargs
+    with pytest.raises(ValueError, match=match):
+        hash_ids(np.arange(3), **args)
+    with pytest.raises(ValueError, match=match):
+        HashEmbedding(args["num_buckets"], 2, num_hashes=args["num_hashes"], seed=args["seed"])
+
+
+@pytest.mark.parametrize("seed", [0, 7, -3])
+def test_layer_buckets_are_hash_ids(seed):
+    # buckets() returned a tuple (buckets, uint64 keys) where its docstring promises
+    # the int64 array
+    layer = HashEmbedding(1009, 4, num_hashes=3, seed=seed, random_state=0)
+    ids = np.array([[0, -1, 2**63 - 1], [42, 7, 7]])
+    got = layer.buckets(ids)
+    assert isinstance(got, np.ndarray) and got.dtype == np.int64 and got.shape == (2, 3, 3)
+    np.testing.assert_array_equal(got, hash_ids(ids, 1009, 3, seed))
+    assert layer.buckets(["a", "b"]).tolist() == hash_ids(["a", "b"], 1009, 3, seed).tolist()
 
 
 def test_bad_arguments():
