@@ -85,6 +85,7 @@ import json
 import os
 import struct
 import tempfile
+import tokenize
 import zipfile
 
 import numpy as np
@@ -100,6 +101,14 @@ _ALIGN = 64
 _PAD_EXTRA_ID = 0xD935
 _CHUNK_BYTES = 1 << 24
 _MMAP_MODES = (None, "r", "r+", "c")
+# what zipfile raises on a corrupt archive or member beside BadZipFile: a damaged
+# "version needed" or compression field (NotImplementedError), an "encrypted" flag
+# (RuntimeError, password required)
+_ZIP_ERRORS = (zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError, EOFError)
+# what numpy's .npy header parser raises on a corrupt header (it tokenizes and
+# literal_evals the header's Python dict)
+_NPY_HEADER_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError,
+                      RecursionError)
 
 
 # -- atomic writes --------------------------------------------------------------------
@@ -542,7 +551,7 @@ class _Reader:
         self.mmap_mode = mmap_mode
         try:
             self.zf = zipfile.ZipFile(self.path, "r")
-        except zipfile.BadZipFile as exc:
+        except _ZIP_ERRORS as exc:
             raise ValueError(f"{self.path}: not a sparsembed checkpoint (not a valid zip "
                              f"archive; truncated or corrupt?): {exc}") from None
         self.file_size = os.path.getsize(self.path)
@@ -563,7 +572,7 @@ class _Reader:
             self._fail("corrupt header member (expected a 1-D uint8 array)")
         try:
             header = json.loads(meta.tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             self._fail(f"corrupt header (not UTF-8 JSON): {exc}")
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             self._fail("not a sparsembed checkpoint (header 'format' is not 'sparsembed')")
@@ -584,7 +593,7 @@ class _Reader:
         if name == HEADER_MEMBER:  # small: read through zipfile, CRC checked
             try:
                 return np.load(io.BytesIO(self.zf.read(zinfo)), allow_pickle=False)
-            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            except _ZIP_ERRORS + _NPY_HEADER_ERRORS as exc:
                 self._fail(f"corrupt member {name!r}: {exc}")
         shape, fortran, dtype, offset = self._locate(zinfo)
         order = "F" if fortran else "C"
@@ -624,7 +633,7 @@ class _Reader:
                     shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
                 else:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            except (ValueError, OSError, EOFError) as exc:
+            except _NPY_HEADER_ERRORS as exc:
                 self._fail(f"member {name!r}: corrupt .npy header at byte offset {start}: {exc}")
             if dtype.hasobject:
                 self._fail(f"member {name!r} holds Python objects; refusing to load (no pickle)")
@@ -640,7 +649,7 @@ class _Reader:
         if not isinstance(record, dict):
             self._fail(f"corrupt header: record {where} is not an object")
         kind = record.get("kind")
-        if kind not in _KINDS:
+        if not isinstance(kind, str) or kind not in _KINDS:
             self._fail(f"unknown kind {kind!r} in record {where} (known: {sorted(_KINDS)})")
         config, attrs = record.get("config"), record.get("attrs", {})
         specs, children = record.get("arrays"), record.get("children", [])

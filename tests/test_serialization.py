@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import pickle
@@ -143,6 +144,51 @@ def test_not_a_zip_truncated_and_corrupt_files(tmp_path):
     np.savez(tmp_path / "plain.npz", weight=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="no __sparsembed__.npy member"):
         se.load(tmp_path / "plain.npz")
+
+
+def _corrupted(data, what):
+    """``data`` (a checkpoint's bytes) with one field damaged."""
+    b = bytearray(data)
+    central = b.index(b"PK\x01\x02")  # the first member's central directory entry
+    if what == "npy header dict":
+        b[b.rindex(b"{'descr'")] = ord("z")  # the last member's .npy header
+    elif what == "npy header bracket":
+        b[b.rindex(b"(6, 3)") + 5] = ord("]")
+    elif what == "compression method":
+        b[central + 10] = 1  # "shrunk": zipfile cannot read it
+    elif what == "encrypted flag":
+        b[central + 8] |= 1
+    elif what == "version needed":
+        b[central + 6] = 173
+    return bytes(b)
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+@pytest.mark.parametrize("what", ["npy header dict", "npy header bracket", "compression method",
+                                  "encrypted flag", "version needed"])
+def test_damaged_fields_are_a_value_error(tmp_path, what, mmap_mode):
+    # numpy's .npy header parser and zipfile raise TokenError, SyntaxError,
+    # NotImplementedError or RuntimeError on these (load's docstring: ValueError)
+    path = tmp_path / "e.npz"
+    se.save(se.Embedding(6, 3, random_state=0), path)
+    path.write_bytes(_corrupted(path.read_bytes(), what))
+    with pytest.raises(ValueError, match="corrupt|not a valid zip"):
+        se.load(path, mmap_mode=mmap_mode)
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_crafted_headers_are_a_value_error(tmp_path, mmap_mode):
+    path = tmp_path / "x.npz"
+    w = np.ones((4, 3), dtype=np.float32)
+    write_raw(path, _good_header(kind=["Embedding"]), [("weight.npy", w)])  # unhashable
+    with pytest.raises(ValueError, match=r"unknown kind \['Embedding'\]"):
+        se.load(path, mmap_mode=mmap_mode)
+    nested = io.BytesIO()  # a header of JSON nested 100,000 deep: RecursionError
+    np.save(nested, np.frombuffer(b"[" * 100_000 + b"]" * 100_000, np.uint8))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("__sparsembed__.npy", nested.getvalue())
+    with pytest.raises(ValueError, match="corrupt header"):
+        se.load(path, mmap_mode=mmap_mode)
 
 
 def _good_header(n=4, d=3, **root_changes):
