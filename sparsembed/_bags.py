@@ -38,12 +38,16 @@ class Bags:
         Per-sample weights in the table's dtype.
     psw_shape : tuple or None
         The shape the per-sample weights had (their gradient gets it back).
+    psw_order : ndarray of shape (n,) or None
+        Where each of the given per-sample weights sits in ``psw`` (a csc or coo
+        input, whose data were regrouped by row), None when in order.
     """
 
-    __slots__ = ("flat", "starts", "end", "psw", "psw_shape")
+    __slots__ = ("flat", "starts", "end", "psw", "psw_shape", "psw_order")
 
-    def __init__(self, flat, starts, psw, psw_shape):
+    def __init__(self, flat, starts, psw, psw_shape, psw_order=None):
         self.flat, self.starts, self.psw, self.psw_shape = flat, starts, psw, psw_shape
+        self.psw_order = psw_order
         self.end = int(starts[-1])
 
     @property
@@ -153,7 +157,7 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         if len(input.shape) != 2:
             raise ValueError(f"a sparse input must be 2-D, got shape {input.shape}")
         # scipy reads a matrix's arrays unchecked, and they may have been edited
-        csr = _rowsparse.checked_csr(input, "sparse input")
+        csr, data_order = _rowsparse.entries_by_row(input, "sparse input")
         end = int(csr.indptr[-1])
         try:
             starts = _check_offsets(csr.indptr, end, include_last_offset=True)
@@ -173,7 +177,8 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
             psw, psw_shape = None, None
         if check_range:
             be.check_index_range(flat, num_embeddings)
-        return _on_backend(be, flat, starts, psw, psw_shape)
+        return _on_backend(be, flat, starts, psw, psw_shape,
+                           data_order if psw is not None else None)
 
     idx = be.as_index_array(input)
     if idx.ndim == 2:
@@ -200,10 +205,11 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
     return _on_backend(be, flat, starts, psw, psw_shape)
 
 
-def _on_backend(be, flat, starts, psw, psw_shape):
+def _on_backend(be, flat, starts, psw, psw_shape, psw_order=None):
     """Bags whose arrays live where the table does (host-checked bounds and weights are
     moved once to the GPU; on the CPU nothing is copied)."""
-    return Bags(flat, be.asarray(starts), None if psw is None else be.asarray(psw), psw_shape)
+    return Bags(flat, be.asarray(starts), None if psw is None else be.asarray(psw), psw_shape,
+                None if psw_order is None else be.asarray(psw_order))
 
 
 def entry_scale(bags, mode, counts, entry_bag, dtype, be):
@@ -233,4 +239,6 @@ def psw_grad(grad2d, weight, bags, entry_bag, padding_idx, be, plan=None):
         return None
     half = {"plan": plan} if plan is not None and _half.is_half(weight) else {}
     g = be.per_sample_weights_grad(grad2d, weight, bags.flat, entry_bag, padding_idx, **half)
+    if bags.psw_order is not None:
+        g = g[bags.psw_order]
     return g.reshape(bags.psw_shape)

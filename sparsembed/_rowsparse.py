@@ -194,6 +194,40 @@ def checked_csr(mat, what="gradient"):
     return out
 
 
+def entries_by_row(mat, what="sparse input"):
+    """(csr, data_order): ``mat`` as a csr matrix whose entries are ``mat``'s stored
+    entries grouped by row, each row's in their order in ``mat`` (duplicates kept),
+    and ``data_order[i]`` the csr position of ``mat.data[i]`` (None when the entries
+    are those of ``mat.data`` in order: a csr matrix, or a format with no flat data).
+
+    An EmbeddingBag batch given as a csc or coo matrix: the per-sample weights'
+    gradient is returned aligned with the matrix's own data. (scipy's conversion
+    orders each row by column and sums a coo matrix's duplicates.) Structure checked
+    as :func:`checked_csr` checks it.
+    """
+    fmt = mat.format
+    if fmt == "csc":
+        _check_compressed(mat, "column", True, what)
+        nnz = int(mat.indptr[-1])
+        row = np.asarray(mat.indices[:nnz], dtype=np.int64)
+        col = np.repeat(np.arange(mat.shape[1], dtype=np.int64), np.diff(mat.indptr))
+        data = mat.data[:nnz]
+    elif fmt == "coo":
+        _check_coords(mat, what)
+        row = np.asarray(mat.row, dtype=np.int64)
+        col = np.asarray(mat.col, dtype=np.int64)
+        data = mat.data
+    else:
+        return checked_csr(mat, what), None
+    order = np.argsort(row, kind="stable")
+    indptr = np.zeros(mat.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=mat.shape[0]), out=indptr[1:])
+    csr = sp.csr_array((data[order], col[order], indptr), shape=mat.shape)
+    data_order = np.empty_like(order)
+    data_order[order] = np.arange(order.shape[0], dtype=order.dtype)
+    return csr, data_order
+
+
 def _is_vector(a):
     """A 1-D numpy or CuPy array (duck-typed: either module's ndarray)."""
     return getattr(a, "ndim", None) == 1 and hasattr(a, "dtype") and hasattr(a, "shape")

@@ -188,9 +188,12 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
     input : array_like of int, or scipy.sparse matrix
         1-D ids with ``offsets``, or 2-D ids of shape (n_bags, bag_len) (one bag per
         row, ``offsets=None``); int32 and int64 are used as they are, other integer
-        dtypes converted once. A scipy.sparse matrix (converted to CSR) is a batch of
-        bags: rows are bags, column indices the ids, data the per-sample weights in
-        mode "sum" (in modes "mean" and "max" its data must all be 1).
+        dtypes converted once. A scipy.sparse matrix is a batch of bags: rows are
+        bags, column indices the ids, data the per-sample weights in mode "sum" (in
+        modes "mean" and "max" its data must all be 1). Each bag pools its row's
+        stored entries in their order in the matrix (csr, csc, coo; duplicates are
+        entries of their own, as repeated ids in a 1-D bag); other formats are taken
+        as ``tocsr()`` gives them.
     weight : ndarray of shape (num_embeddings, embedding_dim), float32 or float64
         The table. Renormalised in place when ``max_norm`` is given. A float16 table
         is pooled in float32 (per-sample weights too) and the result rounded once to
@@ -284,7 +287,9 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
         its entries' rows; max mode sends each column's gradient to the row that won
         it (the first occurrence wins ties). Padding gets nothing.
     grad_per_sample_weights : ndarray shaped as ``per_sample_weights``, or None
-        0 for padding entries. For a scipy.sparse input, shaped as its data.
+        0 for padding entries. For a scipy.sparse input one per stored entry,
+        aligned with its ``data`` (csr, csc, coo), or with ``input.tocsr().data``
+        for the other formats.
     """
     be = _weight(weight)
     num_embeddings, dim = weight.shape

@@ -439,6 +439,47 @@ def test_csr_input_is_a_batch_of_weighted_bags(dtype, rng):
           ref.embedding_bag(weight, x.indices, ref.bag_starts(0, x.indptr, True), "mean"), dtype)
 
 
+def _entries(fmt):
+    """A 3-bag batch of 6 stored entries in ``fmt``, out of row order (coo: with a
+    duplicate entry (2, 5)), and the same entries as (row, col, data) lists."""
+    row = np.array([2, 0, 2, 0, 2, 1])
+    col = np.array([5, 3, 1, 6, 5, 3])
+    data = np.array([0.5, 2.0, -1.0, 3.0, 4.0, 1.5])
+    if fmt == "coo":
+        return sp.coo_array((data, (row, col)), shape=(4, 8)), row, col, data
+    csc = sp.csc_array((data[:5], (row[:5], col[:5])), shape=(4, 8))  # no duplicate
+    c = csc.tocoo()  # the csc's own entry order (column-major)
+    return csc, c.row, c.col, csc.data
+
+
+@pytest.mark.parametrize("fmt", ["csc", "coo"])
+def test_sparse_input_psw_grad_is_aligned_with_its_data(fmt, dtype, rng):
+    # the csc / coo input was regrouped by row (and a coo's duplicates summed), and the
+    # per-sample weights' gradient came back in that csr order: permuted against the
+    # input's data (and shorter than it with a duplicate)
+    x, row, col, data = _entries(fmt)
+    weight = rng.standard_normal((8, 4)).astype(dtype)
+    grad = rng.standard_normal((4, 4)).astype(dtype)
+    expected = np.einsum("ed,ed->e", grad[row].astype(np.float64),
+                         weight[col].astype(np.float64))
+    bag = se.EmbeddingBag.from_pretrained(weight.copy(), freeze=False, mode="sum")
+    out = bag(x)
+    dense_x = np.zeros((4, 8))
+    np.add.at(dense_x, (row, col), data)
+    close(out, dense_x @ weight.astype(np.float64), dtype)
+    close(bag.backward(grad), dense_x.T @ grad.astype(np.float64), dtype)
+    assert bag.per_sample_weights_grad.shape == data.shape
+    close(bag.per_sample_weights_grad, expected, dtype)
+    _, gp = F.embedding_bag_backward(grad, x, weight, mode="sum")
+    close(gp, expected, dtype)
+    # each bag pools its entries in their order in the matrix: the bits of the same
+    # entries as 1-D ids + offsets + per-sample weights
+    order = np.argsort(row, kind="stable")
+    offsets = np.searchsorted(row[order], np.arange(4))
+    assert_array_equal(out, F.embedding_bag(col[order], weight, offsets, mode="sum",
+                                            per_sample_weights=data[order]))
+
+
 def test_csr_input_errors(rng):
     weight = rng.standard_normal((4, 2))
     x = sp.csr_array(np.array([[0, 2.0, 0, 0], [1, 0, 0, 0]]))
