@@ -1,18 +1,22 @@
 """The one place that maps a device (or an array) to the backend implementing it."""
 
+import re
+
 from sparsembed import _cpu
 
-_DEVICES = ("cpu", "cuda")
+# "cpu" or "cuda" (any case; the caller lowers it), then an optional ":index"
+_DEVICE_RE = re.compile(r"(cpu|cuda)(?::[0-9]+)?")
 
 
 def normalize_device(device):
-    """'cpu' or 'cuda' ('cuda:0' is accepted as 'cuda'); anything else is a ValueError."""
-    dev = str(device).lower()
-    if dev.startswith("cuda"):
-        dev = "cuda"
-    if dev not in _DEVICES:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    return dev
+    """'cpu' or 'cuda', in any case, with an optional device index as torch writes
+    it ('cuda:0', 'cpu:0'; sparsembed uses CuPy's current device whatever the
+    index); anything else is a ValueError."""
+    match = _DEVICE_RE.fullmatch(str(device).lower())
+    if match is None:
+        raise ValueError(f"device must be 'cpu' or 'cuda' (optionally with an index, "
+                         f"'cuda:0'), got {device!r}")
+    return match.group(1)
 
 
 def get_backend(device):

@@ -29,6 +29,7 @@ import hashlib
 import numpy as np
 
 from sparsembed import _validation as V
+from sparsembed._backend import normalize_device
 from sparsembed.embedding import _Table, _check_dtype
 
 __all__ = ["HashEmbedding", "hash_ids", "splitmix64"]
@@ -216,7 +217,7 @@ class HashEmbedding(_Table):
             raise ValueError("num_weights is only used with mode='weighted'")
         else:
             self.num_weights = None
-        if str(device).lower() != "cpu":
+        if normalize_device(device) != "cpu":
             raise ValueError(f"HashEmbedding supports device 'cpu' only, got {device!r}")
         self.num_embeddings = self.num_buckets  # what _Table and the optimizers read
         self.padding_idx = None
@@ -396,7 +397,7 @@ class HashEmbedding(_Table):
 
     def to(self, device):
         """Only "cpu" is supported; returns self."""
-        if str(device).lower() != "cpu":
+        if normalize_device(device) != "cpu":
             raise ValueError(f"HashEmbedding supports device 'cpu' only, got {device!r}")
         return self
 

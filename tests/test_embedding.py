@@ -484,7 +484,7 @@ def test_to_cpu_is_identity():
     emb = se.Embedding(3, 2)
     w = emb.weight
     assert emb.to("cpu") is emb and emb.weight is w
-    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'.*, got 'tpu'"):
         emb.to("tpu")
 
 
@@ -652,7 +652,7 @@ def test_backward_before_forward():
     (dict(num_embeddings=5, embedding_dim=3, max_norm=0.0), "max_norm must be > 0, got 0.0"),
     (dict(num_embeddings=5, embedding_dim=3, max_norm=-1), "max_norm must be > 0, got -1"),
     (dict(num_embeddings=5, embedding_dim=3, dtype=np.int32), "dtype must be float16, float32 or float64, got int32"),
-    (dict(num_embeddings=5, embedding_dim=3, device="tpu"), "device must be 'cpu' or 'cuda', got 'tpu'"),
+    (dict(num_embeddings=5, embedding_dim=3, device="tpu"), "device must be 'cpu' or 'cuda'.*, got 'tpu'"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

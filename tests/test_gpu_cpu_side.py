@@ -94,15 +94,19 @@ def fake_gpu(monkeypatch):
 
 @pytest.mark.parametrize("device, expected", [
     ("cpu", "cpu"), ("CPU", "cpu"), ("cuda", "cuda"), ("cuda:0", "cuda"), ("CUDA", "cuda"),
-    ("Cuda:1", "cuda"),
+    ("Cuda:1", "cuda"), ("cpu:0", "cpu"),
 ])
 def test_normalize_device(device, expected):
     assert _backend.normalize_device(device) == expected
 
 
-@pytest.mark.parametrize("device", ["gpu", "tpu", "", None, 0, "mps", "cu da"])
+@pytest.mark.parametrize("device", ["gpu", "tpu", "", None, 0, "mps", "cu da",
+                                    # once all taken as "cuda" (then an error about CuPy)
+                                    "cudaXYZ", "cuda:abc", "cuda:-7", " cuda", "cuda:",
+                                    "cpux"])
 def test_normalize_device_rejects(device):
-    match = r"device must be 'cpu' or 'cuda', got " + repr(device).replace("(", r"\(")
+    match = (r"device must be 'cpu' or 'cuda' \(optionally with an index, 'cuda:0'\), got "
+             + repr(device).replace("(", r"\("))
     with pytest.raises(ValueError, match=match):
         _backend.normalize_device(device)
 
