@@ -451,6 +451,11 @@ def _register_builtin_kinds():
 # -- writing --------------------------------------------------------------------------
 def _build(obj, prefix, members):
     kind = _kind_of(obj)
+    checked_table = getattr(obj, "_checked_table", None)
+    if checked_table is not None:
+        # a layer whose weight was replaced by a table of another shape or layout
+        # would be written and then refused by load: refuse it before any write
+        checked_table()
     config, attrs, arrays, children = _KINDS[kind][1](obj)
     record = {"kind": kind, "config": config, "attrs": attrs, "arrays": {}, "children": []}
     for name, arr in arrays.items():

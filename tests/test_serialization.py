@@ -256,6 +256,23 @@ def test_mismatched_headers_and_members(tmp_path, mmap_mode):
         se.load(path, mmap_mode=mmap_mode)
 
 
+@pytest.mark.parametrize("replacement", ["smaller", "F-order"])
+@pytest.mark.parametrize("inside_optimizer", [False, True])
+def test_save_refuses_a_layer_whose_table_was_replaced(tmp_path, replacement, inside_optimizer):
+    # it wrote the checkpoint (over the good one) and load refused it
+    path = tmp_path / "m.npz"
+    emb = se.Embedding(5, 2, sparse=True, random_state=0)
+    obj = se.optim.Adagrad([emb], lr=0.1) if inside_optimizer else emb
+    se.save(obj, path)
+    before = path.read_bytes()
+    emb.weight = (np.zeros((4, 2), np.float32) if replacement == "smaller"
+                  else np.asfortranarray(np.zeros((5, 2), np.float32)))
+    with pytest.raises(ValueError, match=r"Embedding.weight (has shape \(4, 2\)|must be a "
+                                         r"C-contiguous)"):
+        se.save(obj, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.npz"]
+
+
 def test_object_arrays_are_refused(tmp_path):
     path = tmp_path / "obj.npz"
     write_raw(path, _good_header(), [])
