@@ -154,6 +154,9 @@ class Optimizer:
         for layer in self._layers():
             self._check_layer_kind(layer)
         self.state = {}  # layer index -> dict of state (torch's state_dict keys)
+        # layer index -> a one-entry int64 array in a checkpoint loaded with
+        # mmap_mode="r+" that mirrors the step count (see sparsembed.serialization)
+        self._step_files = {}
         self._reindex()
 
     # -- bookkeeping --------------------------------------------------------------
@@ -180,10 +183,12 @@ class Optimizer:
     def __getstate__(self):
         state = dict(self.__dict__)
         del state["_where"]
+        state.pop("_step_files", None)  # a copy would mirror no file
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._step_files = {}
         self._reindex()
 
     def __repr__(self):
@@ -331,6 +336,9 @@ class Optimizer:
                 st.clear()
                 st.update(before)
             raise
+        step_file = self._step_files.get(i)
+        if step_file is not None:
+            step_file[0] = st["step"]
 
     def _apply(self, i, group, weight, rows, values):
         self._update(i, group, weight, lambda hyper, s1, s2: backend_of(weight).optim_update_rows(
@@ -490,6 +498,7 @@ class Optimizer:
             group.clear()
             group.update(hyper)
         self.state = new_state
+        self._step_files = {}  # the new state is no mapped checkpoint's
         self._reindex()
 
 

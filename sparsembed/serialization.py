@@ -44,7 +44,10 @@ weighted mode, ``importance_requires_grad``; arrays ``weight`` and, in weighted 
 ``"optim.RowWiseAdagrad"`` (config: ``defaults`` and ``param_groups`` as in the
 optimizer's ``state_dict()``, layers numbered in order across groups; attrs ``steps``:
 each layer's step count, or null before its first update; arrays
-``state/<i>/<name>``; children: the layers, in that order). A weighted HashEmbedding's
+``state/<i>/<name>`` and ``state/<i>/step``, the step count again as a one-entry
+int64 array, which training on a checkpoint loaded with ``mmap_mode="r+"`` keeps up
+to date in the file and which :func:`load` reads first; children: the layers, in
+that order). A weighted HashEmbedding's
 importance table, when it is one of an optimizer's params, is written as the child
 ``{"kind": "HashImportance", "config": {"owner": j}}``: the importance table of child
 ``j``. Further kinds register themselves with :func:`register_kind`.
@@ -77,7 +80,10 @@ them), which is what resuming training of a live model needs; the given layers k
 their own configuration (padding_idx, sparse, ...). With ``mmap_mode`` the layers'
 weights and the optimizer's state arrays are memory-mapped; in the writable modes the
 mapped state arrays become the optimizer's own, so steps update the file in place (a
-table and its Adagrad accumulator can both be larger than RAM).
+table and its Adagrad accumulator can both be larger than RAM), step counts included:
+the file stays a checkpoint of the training so far. Only state that did not exist at
+``save`` time (a layer's first update comes after it) lives in memory alone; ``save``
+again to keep it.
 """
 
 import io
@@ -362,6 +368,9 @@ def _optimizer_to_record(opt):
             steps.append(None)
             continue
         steps.append(int(st.get("step", 0)))
+        # also as an array: training on a checkpoint loaded with mmap_mode="r+" keeps
+        # it up to date in the file, beside the state arrays it updates there
+        arrays[f"state/{i}/step"] = np.array([steps[-1]], dtype=np.int64)
         for name, value in st.items():
             if name != "step" and value is not None:
                 arrays[f"state/{i}/{name}"] = value
@@ -395,23 +404,33 @@ def _optimizer_from_record_for(cls):
         groups = [dict({k: v for k, v in g.items() if k != "params"},
                        params=[layers[i] for i in g["params"]]) for g in groups_cfg]
         opt = cls(groups, **config["defaults"])
-        state = {}
+        state, step_files = {}, {}
         for i, step in enumerate(steps):
             if step is None:
                 continue
-            st = {"step": step}
             prefix = f"state/{i}/"
-            st.update({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            st = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            step_file = st.pop("step", None)  # absent from files of older versions
+            if step_file is not None:
+                if step_file.shape != (1,) or step_file.dtype.kind not in "iu":
+                    raise ValueError(f"state/{i}/step must hold one integer, got shape "
+                                     f"{step_file.shape} and dtype {step_file.dtype}")
+                step = int(step_file[0])  # the file's, if training updated it in place
+                if isinstance(step_file, np.memmap) and step_file.flags.writeable:
+                    step_files[i] = step_file
+            st["step"] = step
             state[i] = st
         unknown = [k for k in arrays if int(k.split("/")[1]) not in state]
         if unknown:
             raise ValueError(f"state arrays {unknown} belong to no layer with state")
         opt.load_state_dict({"state": state, "param_groups": [dict(g) for g in groups_cfg]})
-        # keep memory-mapped state arrays mapped (load_state_dict copies)
+        # keep memory-mapped state arrays mapped (load_state_dict copies), and the step
+        # counts in step with the file
         for i, st in state.items():
             for name, arr in st.items():
                 if isinstance(arr, np.memmap) and arr.flags.writeable and name in opt.state.get(i, {}):
                     opt.state[i][name] = arr
+        opt._step_files = step_files
         if params is not None:  # everything is checked: now overwrite the live weights
             for live, saved in zip(layers, children):
                 if hasattr(live, "load_state_dict"):

@@ -473,6 +473,62 @@ def test_optimizer_checkpoint_mmap_and_bad_params(tmp_path):
     assert not (tmp_path / "x.npz").exists()
 
 
+@needs_optim
+@pytest.mark.parametrize("fused", [False, True])
+def test_training_on_a_mapped_checkpoint_keeps_its_step_counts(tmp_path, fused):
+    # the step counts lived in the JSON header only: after training on the mapped
+    # file, reloading it gave step 1 beside moments of step 4 (SparseAdam's bias
+    # correction, Adagrad's lr_decay went wrong from there)
+    emb = se.Embedding(40, 3, sparse=True, random_state=0)
+    opt = se.optim.SparseAdam([emb], lr=0.1)
+    _train([emb], opt, 1, seed=0)
+    path = tmp_path / "a.npz"
+    se.save(opt, path)
+    m = se.load(path, mmap_mode="r+")
+    layer = m.param_groups[0]["params"][0]
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        ids = rng.integers(0, 40, size=6)
+        for lay, o in ((layer, m), (emb, opt)):
+            out = lay(ids)
+            if fused:
+                lay.backward(np.sin(out), optimizer=o)
+            else:
+                lay.backward(np.sin(out))
+                o.step()
+                o.zero_grad()
+    assert m.state[0]["step"] == opt.state[0]["step"] == 4
+    del m, layer
+    again = se.load(path)  # what a restart after the training finds in the file
+    assert again.state[0]["step"] == 4
+    resumed = again.param_groups[0]["params"][0]
+    _train([resumed], again, 1, seed=9)
+    _train([emb], opt, 1, seed=9)
+    np.testing.assert_array_equal(resumed.weight, emb.weight)
+    # a mapped optimizer given other state no longer writes to the file
+    m = se.load(path, mmap_mode="r+")
+    m.load_state_dict(opt.state_dict())
+    _train([m.param_groups[0]["params"][0]], m, 1, seed=1)
+    del m
+    assert se.load(path).state[0]["step"] == 4
+
+
+@needs_optim
+def test_checkpoint_without_step_arrays_loads(tmp_path):
+    # files written before the step counts were also arrays: the header's count
+    emb = se.Embedding(10, 2, sparse=True, random_state=0)
+    opt = se.optim.Adagrad([emb], lr=0.1)
+    _train([emb], opt, 2, seed=0)
+    root = S._build(opt, "", members := [])
+    del root["arrays"]["state/0/step"]
+    members = [(name, arr) for name, arr in members if name != "state/0/step.npy"]
+    path = tmp_path / "old.npz"
+    write_raw(path, {"format": "sparsembed", "format_version": 1, "root": root}, members)
+    back = se.load(path)
+    assert back.state[0]["step"] == 2
+    np.testing.assert_array_equal(back.state[0]["sum"], opt.state[0]["sum"])
+
+
 @pytest.mark.parametrize("mmap_mode", [None, "r+"])
 def test_embedding_bag_roundtrip(tmp_path, mmap_mode, monkeypatch):
     bag = se.EmbeddingBag(20, 3, max_norm=2.0, mode="max", sparse=True, include_last_offset=True,
