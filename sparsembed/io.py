@@ -25,6 +25,7 @@ binary (word2vec ``-binary 1``)
     one; some writers do not).
 """
 
+import codecs
 import mmap
 import os
 
@@ -128,6 +129,8 @@ def _load_text(path, no_header, limit, dtype, unicode_errors):
         lineno = 0
         for raw in f:
             lineno += 1
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark (editors on Windows write one)
             try:
                 line = raw.decode("utf-8", errors=unicode_errors)
             except UnicodeDecodeError as exc:
@@ -283,6 +286,11 @@ def load_word2vec_format(path, *, binary=False, no_header=False, limit=None, dty
         byte offset (binary). Nothing partial is ever returned.
     """
     limit = _check_limit(limit)
+    try:
+        codecs.lookup_error(unicode_errors)
+    except (LookupError, TypeError):
+        raise ValueError(f"unicode_errors must be an error handler of bytes.decode "
+                         f"('strict', 'replace', 'ignore', ...), got {unicode_errors!r}") from None
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
@@ -326,6 +334,9 @@ def save_word2vec_format(path, vocab, vectors, *, binary=False, header=True):
     """
     from sparsembed.serialization import _atomic_write
 
+    if isinstance(vocab, (str, bytes)):  # list("ab") would be the words "a", "b"
+        raise TypeError("vocab must be a Vocabulary or a sequence of words, got a single "
+                        f"{type(vocab).__name__}")
     words = vocab.tokens if isinstance(vocab, Vocabulary) else list(vocab)
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.dtype.kind not in "fiu":

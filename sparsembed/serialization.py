@@ -732,6 +732,10 @@ def load(path, mmap_mode=None, *, params=None):
     reader = _Reader(path, mmap_mode)
     try:
         header = reader.header()
+        kind = header["root"].get("kind")
+        if params is not None and not (isinstance(kind, str) and kind.startswith("optim.")):
+            raise ValueError(f"params is for optimizer checkpoints; {reader.path} holds a "
+                             f"{kind!r}")
         return reader.rebuild(header["root"], "root", params)
     finally:
         reader.close()

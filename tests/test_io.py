@@ -236,6 +236,25 @@ def test_save_rejects_bad_input_and_keeps_old_file(tmp_path):
         sio.load_word2vec_format(path, limit=-1)
     with pytest.raises(ValueError, match="no_header"):
         sio.load_word2vec_format(path, binary=True, no_header=True)
+    # a bare string was taken as its characters: the words "a", "b"
+    with pytest.raises(TypeError, match="got a single str"):
+        sio.save_word2vec_format(path, "ab", np.ones((2, 2)))
+    assert path.read_bytes() == before
+    # an unknown handler was only refused once a bad byte needed it
+    with pytest.raises(ValueError, match="unicode_errors must be an error handler.*'nope'"):
+        sio.load_word2vec_format(path, unicode_errors="nope")
+
+
+@pytest.mark.parametrize("no_header", [False, True])
+def test_utf8_byte_order_mark_is_skipped(tmp_path, no_header):
+    # editors on Windows start UTF-8 files with one: it broke the header, or became
+    # part of a GloVe file's first word
+    body = "é 1.5 2\nb 3 4\n"
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + ((body if no_header else "2 2\n" + body).encode()))
+    vocab, vectors = sio.load_word2vec_format(path, no_header=no_header)
+    assert list(vocab.tokens) == ["é", "b"]
+    np.testing.assert_array_equal(vectors, [[1.5, 2], [3, 4]])
 
 
 def test_add_special_tokens_lines_up_with_from_pretrained():

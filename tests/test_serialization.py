@@ -513,6 +513,15 @@ def test_training_on_a_mapped_checkpoint_keeps_its_step_counts(tmp_path, fused):
     assert se.load(path).state[0]["step"] == 4
 
 
+def test_params_with_a_layer_checkpoint_is_an_error(tmp_path):
+    # params was ignored without a word
+    path = tmp_path / "e.npz"
+    se.save(se.Embedding(4, 2), path)
+    with pytest.raises(ValueError, match="params is for optimizer checkpoints; .* holds a "
+                                         "'Embedding'"):
+        se.load(path, params=[se.Embedding(4, 2)])
+
+
 @needs_optim
 def test_checkpoint_without_step_arrays_loads(tmp_path):
     # files written before the step counts were also arrays: the header's count
