@@ -116,7 +116,7 @@ def _check_offsets(offsets, n, include_last_offset):
     return starts
 
 
-def _check_psw(per_sample_weights, shape, mode, dtype):
+def _check_psw(per_sample_weights, shape, mode, dtype, name="per_sample_weights"):
     if per_sample_weights is None:
         return None, None
     if mode != "sum":
@@ -125,7 +125,7 @@ def _check_psw(per_sample_weights, shape, mode, dtype):
         )
     w = np.asarray(_host(per_sample_weights))
     if w.dtype.kind not in "biuf":
-        raise TypeError(f"per_sample_weights must be a real array, got dtype {w.dtype}")
+        raise TypeError(f"{name} must be a real array, got dtype {w.dtype}")
     if w.shape != tuple(shape):
         raise ValueError(
             f"per_sample_weights has shape {w.shape}, expected {tuple(shape)} (the shape of input)"
@@ -167,7 +167,8 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         flat = be.as_index_array(csr.indices[:end], "input")
         data = np.asarray(csr.data[:end])
         if mode == "sum":
-            psw, psw_shape = _check_psw(data, flat.shape, mode, dtype)
+            psw, psw_shape = _check_psw(data, flat.shape, mode, dtype,
+                                        "a sparse input's data (its per-sample weights)")
         else:
             if data.size and not np.all(data == 1):
                 raise ValueError(

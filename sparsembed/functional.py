@@ -215,7 +215,8 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
         Mode "sum" only: each entry's row is multiplied by its weight.
     include_last_offset : bool, default False
         ``offsets`` has n_bags + 1 entries, the last one the end of the last bag
-        (entries past it belong to no bag and are ignored, as in torch).
+        (entries past it belong to no bag and are ignored, as in torch). Ignored for
+        a scipy.sparse input, whose row pointer bounds every bag already.
     padding_idx : int, optional
         Entries equal to it are left out of the reduction and of the mean's count.
 

@@ -491,6 +491,11 @@ def test_csr_input_errors(rng):
         F.embedding_bag(x, weight, mode="sum", per_sample_weights=np.ones(2))
     with pytest.raises(IndexError, match="index 4 at position 4"):
         F.embedding_bag(sp.csr_array(np.ones((1, 6))), weight, mode="sum")
+    text = sp.csr_array((np.array([1, "a"], dtype=object), np.array([0, 1]), np.array([0, 2])),
+                        shape=(1, 4))
+    with pytest.raises(TypeError, match=r"a sparse input's data \(its per-sample weights\) "
+                                        "must be a real array, got dtype object"):
+        F.embedding_bag(text, weight, mode="sum")
 
 
 def test_readonly_and_noncontiguous_inputs(rng):
