@@ -211,7 +211,7 @@ class Vocabulary:
         KeyError
             An unknown token and no ``oov_token``.
         TypeError
-            A single str (ambiguous: wrap it in a list).
+            A single str (ambiguous: wrap it in a list); bytes tokens.
         """
         if isinstance(tokens, str):
             raise TypeError(f"encode takes a sequence of tokens, got the str {tokens!r}; "
@@ -224,6 +224,9 @@ class Vocabulary:
             return self._encode_flat(tokens)
         docs = []
         for i, doc in enumerate(tokens):
+            if isinstance(doc, (bytes, bytearray)):  # list(b"ab") would be [97, 98]
+                raise TypeError(f"tokens are str, got bytes {bytes(doc)[:40]!r} at position "
+                                f"{i}; decode them first")
             if isinstance(doc, str):
                 raise TypeError(f"batch element {i} is a str; expected every element to be "
                                 "a sequence of tokens (or pass one flat sequence)")

@@ -48,6 +48,9 @@ def test_unknown_token_without_oov_is_key_error_naming_it():
         v["q"]
     with pytest.raises(TypeError, match="str"):
         v.encode("ab")
+    # bytes were taken as a bag of ints (b"ab" -> [97, 98]), out of vocabulary
+    with pytest.raises(TypeError, match="got bytes b'a' at position 0; decode them"):
+        Vocabulary(["a"], oov_token="<unk>").encode([b"a"])
     with pytest.raises(IndexError, match="id 7"):
         v.token_of(7)
     with pytest.raises(IndexError, match="id -1 at position 1"):
