@@ -441,15 +441,22 @@ def test_optimizer_checkpoint_resumes_exactly(tmp_path, name, hyper):
         np.testing.assert_array_equal(l1.weight, l3.weight)
 
 
-@needs_optim
-def test_optimizer_checkpoint_mmap_and_bad_params(tmp_path):
+def _saved_and_mapped(tmp_path, optimizer, steps):
+    """A layer trained ``steps`` steps by ``optimizer`` (lr 0.1), the optimizer saved,
+    and the file loaded with mmap_mode="r+": (layer, optimizer, path, the mapped
+    optimizer, its layer)."""
     emb = se.Embedding(40, 3, sparse=True, random_state=0)
-    opt = se.optim.Adagrad([emb], lr=0.1)
-    _train([emb], opt, 2, seed=0)
+    opt = optimizer([emb], lr=0.1)
+    _train([emb], opt, steps, seed=0)
     path = tmp_path / "a.npz"
     se.save(opt, path)
     m = se.load(path, mmap_mode="r+")
-    layer = m.param_groups[0]["params"][0]
+    return emb, opt, path, m, m.param_groups[0]["params"][0]
+
+
+@needs_optim
+def test_optimizer_checkpoint_mmap_and_bad_params(tmp_path):
+    emb, opt, path, m, layer = _saved_and_mapped(tmp_path, se.optim.Adagrad, 2)
     assert isinstance(layer.weight, np.memmap) and isinstance(m.state[0]["sum"], np.memmap)
     _train([layer], m, 1, seed=5)
     _train([emb], opt, 1, seed=5)
@@ -479,13 +486,7 @@ def test_training_on_a_mapped_checkpoint_keeps_its_step_counts(tmp_path, fused):
     # the step counts lived in the JSON header only: after training on the mapped
     # file, reloading it gave step 1 beside moments of step 4 (SparseAdam's bias
     # correction, Adagrad's lr_decay went wrong from there)
-    emb = se.Embedding(40, 3, sparse=True, random_state=0)
-    opt = se.optim.SparseAdam([emb], lr=0.1)
-    _train([emb], opt, 1, seed=0)
-    path = tmp_path / "a.npz"
-    se.save(opt, path)
-    m = se.load(path, mmap_mode="r+")
-    layer = m.param_groups[0]["params"][0]
+    emb, opt, path, m, layer = _saved_and_mapped(tmp_path, se.optim.SparseAdam, 1)
     rng = np.random.default_rng(3)
     for _ in range(3):
         ids = rng.integers(0, 40, size=6)
