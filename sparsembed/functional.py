@@ -61,7 +61,11 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
         Accepted for torch compatibility; it only matters for the gradient.
     max_norm : float, optional
         Referenced rows whose ``norm_type``-norm exceeds it are scaled in place by
-        ``max_norm / (norm + 1e-7)`` before the lookup. Must be > 0.
+        ``max_norm / (norm + 1e-7)`` before the lookup. Must be > 0. The norm is
+        computed in float64: a float32 row whose norm overflows float32 (entries
+        near 3e38, or a large p) is still scaled to ``max_norm``, where torch's
+        float32 norm becomes inf and the row is zeroed. A row holding a NaN has a
+        NaN norm and is left as it is (as in torch).
     norm_type : float, default 2.0
         The p of the norm: any real, ``inf``, ``-inf``, 0 (count of non-zeros) or
         negative p included.
@@ -215,8 +219,10 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
         Mode "sum" only: each entry's row is multiplied by its weight.
     include_last_offset : bool, default False
         ``offsets`` has n_bags + 1 entries, the last one the end of the last bag
-        (entries past it belong to no bag and are ignored, as in torch). Ignored for
-        a scipy.sparse input, whose row pointer bounds every bag already.
+        (entries past it belong to no bag and are ignored, as in torch, but their
+        ids are still range-checked: an IndexError, where torch reads nothing).
+        Ignored for a scipy.sparse input, whose row pointer bounds every bag
+        already.
     padding_idx : int, optional
         Entries equal to it are left out of the reduction and of the mean's count.
 

@@ -718,8 +718,10 @@ class RowWiseAdagrad(Optimizer):
     Notes
     -----
     A dense gradient updates every row (rows with a zero gradient and no weight decay
-    do not move). The mean of squares is accumulated in float64. State: ``sum``
-    (num_embeddings,) and ``step``.
+    do not move, given ``eps > 0``: with ``eps = 0`` a row whose ``sum`` is still 0
+    gets 0 / 0 = NaN, as torch's Adagrad does). Each row's mean of squares is
+    computed in float64, then added to ``sum``, which has the table's dtype (float32
+    for a float16 table). State: ``sum`` (num_embeddings,) and ``step``.
     """
 
     _kind = _optim.KIND_ROWWISE_ADAGRAD
