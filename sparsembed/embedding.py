@@ -1,5 +1,7 @@
 """Layers: a trainable table of vectors looked up by integer ids."""
 
+import types
+
 import numpy as np
 
 from sparsembed import _aligned, _bags, _half
@@ -124,15 +126,31 @@ class _Table:
                              f"dtype=...) to replace it")
         return expected
 
+    # the options a backward reads, as they were at the forward it differentiates
+    # (torch records them in the autograd graph), not as they are when it runs
+    _FORWARD_OPTIONS = ("padding_idx", "scale_grad_by_freq", "sparse")
+
     def _remember(self, saved, layout):
-        """Keep what the backward needs of this forward, and the layout
-        (:meth:`_checked_table`) it ran on."""
+        """Keep what the backward needs of this forward, the layout
+        (:meth:`_checked_table`) it ran on and its options."""
         self._saved = saved
         self._saved_table = layout
+        self._dropped_by_move = None
+        self._saved_options = {name: getattr(self, name) for name in self._FORWARD_OPTIONS}
+
+    def _forward_options(self):
+        """The last forward's options (:attr:`_FORWARD_OPTIONS`): a namespace."""
+        saved = self.__dict__.get("_saved_options")  # None: pickled by an older version
+        if saved is None:
+            saved = {name: getattr(self, name) for name in self._FORWARD_OPTIONS}
+        return types.SimpleNamespace(**saved)
 
     def _saved_forward(self):
         if self._saved is None:
-            raise RuntimeError("backward() called before any forward()")
+            moved = self.__dict__.get("_dropped_by_move")
+            raise RuntimeError("backward() called before any forward()" if moved is None else
+                               f"backward() needs a forward() since the layer moved to "
+                               f"{moved!r}")
         layout = self._checked_table()
         before = self.__dict__.get("_saved_table")  # None: pickled by an older version
         if before is not None and before != layout:
@@ -168,8 +186,14 @@ class _Table:
         self.weight[...] = self._backend.xp.asarray(new, dtype=self.weight.dtype)
 
     def to(self, device):
-        """Move the table (and its gradient) to ``device`` ("cpu" or "cuda"); returns self."""
-        self._move(normalize_device(device))
+        """Move the table (and its gradient) to ``device`` ("cpu" or "cuda"); returns self.
+
+        Moving to the device the layer is on changes nothing. A move to another one
+        drops the last forward (its arrays stay on the old device): run the forward
+        again before a backward."""
+        device = normalize_device(device)
+        if device != self.device:
+            self._move(device)
         return self
 
     def _move(self, device):
@@ -177,7 +201,9 @@ class _Table:
         self.weight = be.from_host(self.weight) if device != "cpu" else _to_host(self.weight)
         if self.grad is not None:
             self.grad = be.from_host(self.grad) if device != "cpu" else _to_host(self.grad)
-        self._saved = None
+        if self._saved is not None:
+            self._saved = None
+            self._dropped_by_move = device
         self.device = device
 
     def __getstate__(self):
@@ -385,12 +411,17 @@ class Embedding(_Table):
         forward with :meth:`_saved_forward`)."""
         flat, shape, plan = self._saved
         if plan is None:
-            plan = self._backend.plan_rows(flat, self.num_embeddings, self.padding_idx)
+            plan = self._backend.plan_rows(flat, self.num_embeddings,
+                                           self._forward_options().padding_idx)
             self._saved = (flat, shape, plan)
         return flat, shape, plan
 
     def backward(self, grad_output, optimizer=None):
         """Gradient of the last forward w.r.t. ``weight``, also added into ``grad``.
+
+        With the options that forward ran with (``padding_idx``,
+        ``scale_grad_by_freq``, ``sparse``), as torch's autograd graph records them:
+        an option changed since applies from the next forward.
 
         Parameters
         ----------
@@ -426,12 +457,13 @@ class Embedding(_Table):
         if not self.requires_grad:
             return None
         _, _, plan = self._plan()
+        opts = self._forward_options()
         if optimizer is not None:
             optimizer._fused_update(self, grad.reshape(flat.shape[0], self.embedding_dim), plan,
-                                    self.scale_grad_by_freq)
+                                    opts.scale_grad_by_freq)
             return None
         g = F.weight_grad(grad.reshape(flat.shape[0], self.embedding_dim), plan,
-                          self.num_embeddings, self.scale_grad_by_freq, self.sparse, be)
+                          self.num_embeddings, opts.scale_grad_by_freq, opts.sparse, be)
         return self._accumulate(g)
 
     def __repr__(self):
@@ -524,6 +556,8 @@ class EmbeddingBag(_Table):
     _REPR_DEFAULTS = (("max_norm", None), ("norm_type", 2.0), ("scale_grad_by_freq", False),
                       ("mode", None), ("sparse", False), ("include_last_offset", False),
                       ("padding_idx", None))
+
+    _FORWARD_OPTIONS = _Table._FORWARD_OPTIONS + ("mode",)
 
     def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0,
                  scale_grad_by_freq=False, mode="mean", sparse=False,
@@ -623,16 +657,17 @@ class EmbeddingBag(_Table):
         ``scale_grad_by_freq``.
         """
         saved = self._saved_forward()
+        opts = self._forward_options()
         be = self._backend
         bags = saved["bags"]
         grad = be.as_grad_output(grad_output, (bags.n_bags, self.embedding_dim),
                                  _half.compute_dtype(self.weight.dtype))
         if saved["plan"] is None:
-            saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
+            saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, opts.padding_idx)
         if saved["entry_bag"] is None:
             saved["entry_bag"] = be.entry_bags(bags.starts)
         entry_bag = saved["entry_bag"]
-        scale = _bags.entry_scale(bags, self.mode, saved["counts"], entry_bag,
+        scale = _bags.entry_scale(bags, opts.mode, saved["counts"], entry_bag,
                                   _half.compute_dtype(self.weight.dtype), be)
         return grad, saved["plan"], entry_bag, scale, saved["argmax"], bags
 
@@ -642,7 +677,8 @@ class EmbeddingBag(_Table):
         Sum and mean modes add each bag's gradient (times the per-sample weight, or
         divided by the bag's count) to its entries' rows; max mode sends each
         column's gradient to the row that won it (first occurrence wins ties);
-        padding gets nothing. When the forward had per-sample weights, their
+        padding gets nothing. The options are those the forward ran with (``mode``,
+        ``padding_idx``, ``scale_grad_by_freq``, ``sparse``), as in torch. When the forward had per-sample weights, their
         gradient is left in ``per_sample_weights_grad`` (computed with the table as
         it is now, which is the forward's table unless it was changed since).
 
@@ -669,17 +705,18 @@ class EmbeddingBag(_Table):
             self._check_fused(optimizer)
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
         # from the table before any update, but kept only once nothing can fail
-        psw_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag, self.padding_idx, be,
+        opts = self._forward_options()
+        psw_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag, opts.padding_idx, be,
                                   plan)
         g = None
         if self.requires_grad:
             if optimizer is not None:
-                optimizer._fused_update(self, grad, plan, self.scale_grad_by_freq,
+                optimizer._fused_update(self, grad, plan, opts.scale_grad_by_freq,
                                         src=entry_bag, scale=scale, argmax=argmax)
             else:
                 g = self._accumulate(_bags.weight_grad(
                     grad, bags, plan, entry_bag, scale, argmax, self.num_embeddings,
-                    self.scale_grad_by_freq, self.sparse, be))
+                    opts.scale_grad_by_freq, opts.sparse, be))
         self.per_sample_weights_grad = psw_grad
         return g
 

@@ -200,6 +200,8 @@ class HashEmbedding(_Table):
     (2, 8)
     """
 
+    _FORWARD_OPTIONS = ("sparse",)
+
     def __init__(self, num_buckets, embedding_dim, num_hashes=2, mode="sum", seed=0, sparse=False, *,
                  num_weights=None, weight=None, dtype=np.float32, random_state=None, device="cpu"):
         self.num_buckets = V.check_positive_size(num_buckets, "num_buckets")
@@ -329,6 +331,7 @@ class HashEmbedding(_Table):
             :meth:`Embedding.backward`).
         """
         flat, shape, plan, wid, p, rows = self._saved_forward()
+        sparse = self._forward_options().sparse
         be = self._backend
         n, k, d = flat.shape[0] // self.num_hashes, self.num_hashes, self.embedding_dim
         grad = be.as_grad_output(grad_output, shape + (d,), self.weight.dtype).reshape(n, d)
@@ -345,7 +348,7 @@ class HashEmbedding(_Table):
                 optimizer._fused_update(self.importance, dp, wplan)
             else:
                 self.importance._accumulate(
-                    be.sparse_grad(dp, wplan, self.num_weights, False) if self.sparse
+                    be.sparse_grad(dp, wplan, self.num_weights, False) if sparse
                     else be.dense_grad(dp, wplan, self.num_weights, False))
         if not self.requires_grad:
             return None
@@ -362,7 +365,7 @@ class HashEmbedding(_Table):
             per_hash = np.repeat(grad, k, axis=0)
         else:
             per_hash = (p[:, :, None] * grad[:, None, :]).reshape(n * k, d)
-        g = (be.sparse_grad(per_hash, plan, self.num_buckets, False) if self.sparse
+        g = (be.sparse_grad(per_hash, plan, self.num_buckets, False) if sparse
              else be.dense_grad(per_hash, plan, self.num_buckets, False))
         return self._accumulate(g)
 

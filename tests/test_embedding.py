@@ -486,6 +486,41 @@ def test_to_cpu_is_identity():
     assert emb.to("cpu") is emb and emb.weight is w
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'.*, got 'tpu'"):
         emb.to("tpu")
+    # it dropped the last forward ("backward() called before any forward()")
+    out = emb(np.array([1, 1]))
+    emb.to("cpu:0")
+    assert_array_equal(emb.backward(np.ones_like(out))[1], 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: se.Embedding(6, 3, random_state=0),
+    lambda: se.EmbeddingBag(6, 3, mode="mean", random_state=0),
+    lambda: se.HashEmbedding(6, 3, random_state=0),
+], ids=["Embedding", "EmbeddingBag", "HashEmbedding"])
+def test_backward_uses_the_options_of_its_forward_like_torch(make):
+    # options edited between a forward and its backward were read at the backward
+    # (a "mean" forward then mode="max" gave a sum-mode gradient); torch records them
+    # in the autograd graph at the forward
+    ids = np.array([[1, 2, 2, 5]])
+    reference = make()
+    out = reference(ids)
+    expected = reference.backward(np.ones_like(out))
+    layer = make()
+    out = layer(ids)
+    if hasattr(layer, "padding_idx") and not isinstance(layer, se.HashEmbedding):
+        layer.padding_idx = 2
+        layer.scale_grad_by_freq = True
+    if isinstance(layer, se.EmbeddingBag):
+        layer.mode = "max"
+    layer.sparse = True
+    got = layer.backward(np.ones_like(out))
+    assert isinstance(got, np.ndarray)  # dense, as the forward's sparse=False
+    assert_array_equal(got, expected)
+    out = layer(ids)  # a new forward takes the new options
+    got = layer.backward(np.ones_like(out))
+    assert sp.issparse(got)
+    if not isinstance(layer, se.HashEmbedding):
+        assert_array_equal(got.toarray()[2], 0)  # padding row now
 
 
 # ------------------------------------------------------------------------ errors
