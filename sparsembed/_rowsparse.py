@@ -333,10 +333,13 @@ def _is_full_rows(mat, rows, dim, nnz):
     checked ``nnz == rows.size * dim``)."""
     if rows.size == 0:
         return True
-    if mat.__dict__.get("_has_canonical_format", False):
-        # scipy's own flag (set by from_rows, trusted as scipy trusts it): sorted,
-        # no duplicates, columns in [0, dim); with nnz == rows * dim each stored row
-        # then holds exactly the dim columns -- no O(nnz) scan needed
+    if mat.__dict__.get("_has_canonical_format", False) \
+            and mat.__dict__.get("_has_sorted_indices", True):
+        # scipy's own flags (set by from_rows, trusted as scipy trusts them; a
+        # has_sorted_indices set False after an edit overrides the canonical one, as
+        # in scipy's has_canonical_format): sorted, no duplicates, columns in
+        # [0, dim); with nnz == rows * dim each stored row then holds exactly the dim
+        # columns -- no O(nnz) scan needed
         return True
     # compared here, not through scipy's has_sorted_indices, which reads the
     # structure with compiled code before anything has checked it

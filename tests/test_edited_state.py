@@ -121,6 +121,28 @@ def test_backward_refuses_to_add_into_an_edited_csr_grad(edit):
     assert_unchanged(snap)
 
 
+@pytest.mark.parametrize("flag", ["has_sorted_indices", "has_canonical_format"])
+def test_edited_column_indices_count_once_the_flags_say_so(flag):
+    # the columns of a matrix flagged canonical are trusted as scipy trusts them; a
+    # has_sorted_indices reset after an edit was ignored (only the canonical flag
+    # was read), so permuted columns were applied in their old order
+    emb = se.Embedding(V, D, sparse=True, random_state=0, dtype=np.float64)
+    opt = se.optim.SGD([emb], lr=1.0)
+    emb(np.array([1, 2]))
+    emb.backward(np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    emb.grad.indices[:3] = [2, 1, 0]  # a legal csr, unsorted
+    setattr(emb.grad, flag, False)
+    w0 = emb.weight.copy()
+    opt.step()
+    assert_array_equal(w0[1] - emb.weight[1], [3.0, 2.0, 1.0])
+    emb.grad.indices[0] = 99  # out of range: refused once the flags are reset
+    setattr(emb.grad, flag, False)
+    snap = snapshot(emb.weight, emb.grad)
+    with pytest.raises(ValueError, match=r"holds index 99, outside \[0, 3\)"):
+        opt.step()
+    assert_unchanged(snap)
+
+
 def test_column_index_out_of_range_in_a_partial_row():
     # not full rows: the slow path converts through scipy, after a full check
     emb = se.Embedding(V, D, sparse=True, random_state=0)
