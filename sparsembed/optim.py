@@ -303,8 +303,12 @@ class Optimizer:
         work = []
         i = 0
         for group in self.param_groups:
+            checked = False
             for layer in group["params"]:
                 if layer.requires_grad and layer.grad is not None:
+                    if not checked:  # hyper-parameters may have been edited since
+                        self._check_group(group)
+                        checked = True
                     self._check_grad_kind(layer)
                     rows, values = self._prepare_grad(layer)
                     self._check_state(i, group, layer.weight)
@@ -323,6 +327,7 @@ class Optimizer:
         state counted one step on. The kernels refuse bad arguments before writing
         anything, so if it raises the state is put back as it was (new arrays and the
         step count dropped)."""
+        self._check_group(group)  # (step checked it already; a fused update has not)
         before = dict(self.state[i]) if i in self.state else None
         st, created = self._get_state(i, group, weight)
         st["step"] += 1

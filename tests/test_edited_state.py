@@ -121,6 +121,29 @@ def test_backward_refuses_to_add_into_an_edited_csr_grad(edit):
     assert_unchanged(snap)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["step", "fused"])
+@pytest.mark.parametrize("name,kw", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_a_hyper_parameter_edited_in_a_later_group_changes_nothing(name, kw, fused):
+    # step() updated group 0's layer, then failed on group 1's lr with a TypeError
+    # from inside the arithmetic
+    a, b = trained_sparse_layer(), trained_sparse_layer()
+    opt = getattr(se.optim, name)([{"params": [a]}, {"params": [b]}], **kw)
+    opt.step()
+    for layer in (a, b):
+        out = layer(np.array([1, 4]))
+        if not fused:
+            layer.backward(np.ones_like(out))
+    opt.param_groups[1]["lr"] = None
+    snap, state = snapshot(a.weight, b.weight), state_snapshot(opt)
+    with pytest.raises(ValueError, match="Invalid learning rate value: None"):
+        if fused:
+            b.backward(np.ones((2, D), np.float32), optimizer=opt)
+        else:
+            opt.step()
+    assert_unchanged(snap)
+    assert_state_equal(opt, state)
+
+
 @pytest.mark.parametrize("flag", ["has_sorted_indices", "has_canonical_format"])
 def test_edited_column_indices_count_once_the_flags_say_so(flag):
     # the columns of a matrix flagged canonical are trusted as scipy trusts them; a
