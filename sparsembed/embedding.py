@@ -311,7 +311,9 @@ class Embedding(_Table):
     weight : ndarray of shape (num_embeddings, embedding_dim)
         May be replaced by another C-contiguous float array of that shape (torch
         also takes a strided one; here the next forward raises ValueError, as the
-        table is updated in place by the kernels). torch also takes a table of
+        table is updated in place by the kernels), best of the same dtype: an
+        optimizer's existing state keeps the old one and refuses the new table
+        (RuntimeError at its next update) until it is reloaded. torch also takes a table of
         another shape (leaving ``num_embeddings`` stale); here the next forward or
         backward raises ValueError instead, as it does when the shape changed since
         the forward that a backward would use.

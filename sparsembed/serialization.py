@@ -708,8 +708,10 @@ def load(path, mmap_mode=None, *, params=None):
         optimizer state) are ``numpy.memmap`` views of the file with this mode (see
         ``numpy.memmap``): with "r+" lookups read only the rows they touch and in-place
         updates (sparse optimizer steps) write only those rows back to the file
-        (call ``layer.weight.flush()`` to force them to disk). "r" gives read-only
-        tables; "c" is copy-on-write (updates stay in memory).
+        (call ``layer.weight.flush()`` to force them to disk), optimizer state and
+        step counts included; state a layer gets only after the load (it had none
+        when saved) lives in memory until the next :func:`save`. "r" gives
+        read-only tables; "c" is copy-on-write (updates stay in memory).
     params : list of layers, optional
         Only for an optimizer checkpoint: restore into these existing layers (their
         weights are overwritten with the saved ones; shapes and dtypes must match)
