@@ -1,6 +1,6 @@
 """Layers: a trainable table of vectors looked up by integer ids."""
 
-import types
+import operator
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from sparsembed._backend import backend_of, get_backend, normalize_device
 __all__ = ["Embedding", "EmbeddingBag"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+_DTYPE_CHARS = tuple(dtype.char for dtype in _DTYPES)
 
 
 def _check_dtype(dtype):
@@ -118,7 +119,8 @@ class _Table:
                              f"its shape")
         # the kernels (a max_norm renorm, the optimizers) work on the table in place:
         # refuse, before any write, what they cannot take, with the fix in the message
-        if getattr(w, "dtype", None) not in _DTYPES or not w.flags.c_contiguous:
+        if getattr(getattr(w, "dtype", None), "char", "") not in _DTYPE_CHARS \
+                or not w.flags.c_contiguous:
             raise ValueError(f"{type(self).__name__}.weight must be a C-contiguous "
                              f"float16, float32 or float64 array, got a "
                              f"{'' if w.flags.c_contiguous else 'non-contiguous '}"
@@ -127,8 +129,10 @@ class _Table:
         return expected
 
     # the options a backward reads, as they were at the forward it differentiates
-    # (torch records them in the autograd graph), not as they are when it runs
-    _FORWARD_OPTIONS = ("padding_idx", "scale_grad_by_freq", "sparse")
+    # (torch records them in the autograd graph), not as they are when it runs; read
+    # at every forward by one C call (a small batch's forward takes ~6 us)
+    _OPTION_NAMES = ("padding_idx", "scale_grad_by_freq", "sparse")
+    _OPTION_GETTER = operator.attrgetter(*_OPTION_NAMES)
 
     def _remember(self, saved, layout):
         """Keep what the backward needs of this forward, the layout
@@ -136,14 +140,12 @@ class _Table:
         self._saved = saved
         self._saved_table = layout
         self._dropped_by_move = None
-        self._saved_options = {name: getattr(self, name) for name in self._FORWARD_OPTIONS}
+        self._saved_options = self._OPTION_GETTER(self)
 
     def _forward_options(self):
-        """The last forward's options (:attr:`_FORWARD_OPTIONS`): a namespace."""
+        """The last forward's options: a tuple in :attr:`_OPTION_NAMES` order."""
         saved = self.__dict__.get("_saved_options")  # None: pickled by an older version
-        if saved is None:
-            saved = {name: getattr(self, name) for name in self._FORWARD_OPTIONS}
-        return types.SimpleNamespace(**saved)
+        return self._OPTION_GETTER(self) if saved is None else saved
 
     def _saved_forward(self):
         if self._saved is None:
@@ -413,8 +415,8 @@ class Embedding(_Table):
         forward with :meth:`_saved_forward`)."""
         flat, shape, plan = self._saved
         if plan is None:
-            plan = self._backend.plan_rows(flat, self.num_embeddings,
-                                           self._forward_options().padding_idx)
+            padding_idx, _, _ = self._forward_options()
+            plan = self._backend.plan_rows(flat, self.num_embeddings, padding_idx)
             self._saved = (flat, shape, plan)
         return flat, shape, plan
 
@@ -459,13 +461,13 @@ class Embedding(_Table):
         if not self.requires_grad:
             return None
         _, _, plan = self._plan()
-        opts = self._forward_options()
+        _, scale_grad_by_freq, sparse = self._forward_options()
         if optimizer is not None:
             optimizer._fused_update(self, grad.reshape(flat.shape[0], self.embedding_dim), plan,
-                                    opts.scale_grad_by_freq)
+                                    scale_grad_by_freq)
             return None
         g = F.weight_grad(grad.reshape(flat.shape[0], self.embedding_dim), plan,
-                          self.num_embeddings, opts.scale_grad_by_freq, opts.sparse, be)
+                          self.num_embeddings, scale_grad_by_freq, sparse, be)
         return self._accumulate(g)
 
     def __repr__(self):
@@ -559,7 +561,8 @@ class EmbeddingBag(_Table):
                       ("mode", None), ("sparse", False), ("include_last_offset", False),
                       ("padding_idx", None))
 
-    _FORWARD_OPTIONS = _Table._FORWARD_OPTIONS + ("mode",)
+    _OPTION_NAMES = _Table._OPTION_NAMES + ("mode",)
+    _OPTION_GETTER = operator.attrgetter(*_OPTION_NAMES)
 
     def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0,
                  scale_grad_by_freq=False, mode="mean", sparse=False,
@@ -659,17 +662,17 @@ class EmbeddingBag(_Table):
         ``scale_grad_by_freq``.
         """
         saved = self._saved_forward()
-        opts = self._forward_options()
+        padding_idx, _, _, mode = self._forward_options()
         be = self._backend
         bags = saved["bags"]
         grad = be.as_grad_output(grad_output, (bags.n_bags, self.embedding_dim),
                                  _half.compute_dtype(self.weight.dtype))
         if saved["plan"] is None:
-            saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, opts.padding_idx)
+            saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, padding_idx)
         if saved["entry_bag"] is None:
             saved["entry_bag"] = be.entry_bags(bags.starts)
         entry_bag = saved["entry_bag"]
-        scale = _bags.entry_scale(bags, opts.mode, saved["counts"], entry_bag,
+        scale = _bags.entry_scale(bags, mode, saved["counts"], entry_bag,
                                   _half.compute_dtype(self.weight.dtype), be)
         return grad, saved["plan"], entry_bag, scale, saved["argmax"], bags
 
@@ -707,18 +710,18 @@ class EmbeddingBag(_Table):
             self._check_fused(optimizer)
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
         # from the table before any update, but kept only once nothing can fail
-        opts = self._forward_options()
-        psw_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag, opts.padding_idx, be,
+        padding_idx, scale_grad_by_freq, sparse, _ = self._forward_options()
+        psw_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag, padding_idx, be,
                                   plan)
         g = None
         if self.requires_grad:
             if optimizer is not None:
-                optimizer._fused_update(self, grad, plan, opts.scale_grad_by_freq,
+                optimizer._fused_update(self, grad, plan, scale_grad_by_freq,
                                         src=entry_bag, scale=scale, argmax=argmax)
             else:
                 g = self._accumulate(_bags.weight_grad(
                     grad, bags, plan, entry_bag, scale, argmax, self.num_embeddings,
-                    opts.scale_grad_by_freq, opts.sparse, be))
+                    scale_grad_by_freq, sparse, be))
         self.per_sample_weights_grad = psw_grad
         return g
 

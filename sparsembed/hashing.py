@@ -200,7 +200,8 @@ class HashEmbedding(_Table):
     (2, 8)
     """
 
-    _FORWARD_OPTIONS = ("sparse",)
+    _OPTION_NAMES = ("sparse",)
+    _OPTION_GETTER = staticmethod(lambda layer: (layer.sparse,))
 
     def __init__(self, num_buckets, embedding_dim, num_hashes=2, mode="sum", seed=0, sparse=False, *,
                  num_weights=None, weight=None, dtype=np.float32, random_state=None, device="cpu"):
@@ -331,7 +332,7 @@ class HashEmbedding(_Table):
             :meth:`Embedding.backward`).
         """
         flat, shape, plan, wid, p, rows = self._saved_forward()
-        sparse = self._forward_options().sparse
+        (sparse,) = self._forward_options()
         be = self._backend
         n, k, d = flat.shape[0] // self.num_hashes, self.num_hashes, self.embedding_dim
         grad = be.as_grad_output(grad_output, shape + (d,), self.weight.dtype).reshape(n, d)

@@ -46,7 +46,10 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16
 
 def _check_number(value, name, *, low=0.0, low_inclusive=True, high=None):
     """A real number in range, else ValueError naming it (torch's "Invalid ..." style)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # plain floats and ints skip the ABC check (0.4 us of 0.6: the optimizers check
+    # their groups at every step)
+    if type(value) is not float and type(value) is not int and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise ValueError(f"Invalid {name} value: {value!r} (expected a real number)")
     v = float(value)
     ok = v >= low if low_inclusive else v > low
@@ -179,6 +182,13 @@ class Optimizer:
             raise ValueError(
                 f"{type(layer).__name__} is not among this optimizer's params"
             ) from None
+
+    def _locate_checked(self, layer):
+        """:meth:`_locate`, and the group's hyper-parameters checked again (they may
+        have been edited since): an update of one layer outside :meth:`step`."""
+        i, group = self._locate(layer)
+        self._check_group(group)
+        return i, group
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -327,7 +337,6 @@ class Optimizer:
         state counted one step on. The kernels refuse bad arguments before writing
         anything, so if it raises the state is put back as it was (new arrays and the
         step count dropped)."""
-        self._check_group(group)  # (step checked it already; a fused update has not)
         before = dict(self.state[i]) if i in self.state else None
         st, created = self._get_state(i, group, weight)
         st["step"] += 1
@@ -355,7 +364,7 @@ class Optimizer:
         The touched-rows form of one step for one layer (used by the layers' fused
         backward where the row gradient must be built first, e.g. max-mode bags).
         """
-        i, group = self._locate(layer)
+        i, group = self._locate_checked(layer)
         w = _writable_weight(layer)
         xp = backend_of(w).xp
         rows = xp.ascontiguousarray(rows, dtype=np.int64)
@@ -387,7 +396,7 @@ class Optimizer:
             With ``src``: entry ``e`` only sends the columns ``j`` where
             ``argmax[src[e], j] == e`` (EmbeddingBag's max mode).
         """
-        i, group = self._locate(layer)
+        i, group = self._locate_checked(layer)
         w = _writable_weight(layer)
         be = backend_of(w)
         dtype = _half.compute_dtype(w.dtype)  # float32 for a float16 table
