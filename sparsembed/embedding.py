@@ -119,13 +119,13 @@ class _Table:
                              f"its shape")
         # the kernels (a max_norm renorm, the optimizers) work on the table in place:
         # refuse, before any write, what they cannot take, with the fix in the message
-        if getattr(getattr(w, "dtype", None), "char", "") not in _DTYPE_CHARS \
-                or not w.flags.c_contiguous:
+        contiguous = getattr(getattr(w, "flags", None), "c_contiguous", False)
+        if getattr(getattr(w, "dtype", None), "char", "") not in _DTYPE_CHARS or not contiguous:
             raise ValueError(f"{type(self).__name__}.weight must be a C-contiguous "
                              f"float16, float32 or float64 array, got a "
-                             f"{'' if w.flags.c_contiguous else 'non-contiguous '}"
-                             f"{w.dtype} one: use numpy.ascontiguousarray(table, "
-                             f"dtype=...) to replace it")
+                             f"{'' if contiguous else 'non-contiguous '}"
+                             f"{getattr(w, 'dtype', type(w).__name__)} one: use "
+                             f"numpy.ascontiguousarray(table, dtype=...) to replace it")
         return expected
 
     # the options a backward reads, as they were at the forward it differentiates
@@ -315,10 +315,10 @@ class Embedding(_Table):
         also takes a strided one; here the next forward raises ValueError, as the
         table is updated in place by the kernels), best of the same dtype: an
         optimizer's existing state keeps the old one and refuses the new table
-        (RuntimeError at its next update) until it is reloaded. torch also takes a table of
-        another shape (leaving ``num_embeddings`` stale); here the next forward or
-        backward raises ValueError instead, as it does when the shape changed since
-        the forward that a backward would use.
+        (RuntimeError at its next update) until it is reloaded. torch also takes a
+        table of another shape (leaving ``num_embeddings`` stale); here the next
+        forward or backward raises ValueError instead, as it does when the shape
+        changed since the forward that a backward would use.
     grad : None, ndarray or csr_array
         Accumulated gradient, None until a backward (and after ``zero_grad``).
     requires_grad : bool
@@ -683,9 +683,10 @@ class EmbeddingBag(_Table):
         divided by the bag's count) to its entries' rows; max mode sends each
         column's gradient to the row that won it (first occurrence wins ties);
         padding gets nothing. The options are those the forward ran with (``mode``,
-        ``padding_idx``, ``scale_grad_by_freq``, ``sparse``), as in torch. When the forward had per-sample weights, their
-        gradient is left in ``per_sample_weights_grad`` (computed with the table as
-        it is now, which is the forward's table unless it was changed since).
+        ``padding_idx``, ``scale_grad_by_freq``, ``sparse``), as in torch. When the
+        forward had per-sample weights, their gradient is left in
+        ``per_sample_weights_grad`` (computed with the table as it is now, which is
+        the forward's table unless it was changed since).
 
         Parameters
         ----------
