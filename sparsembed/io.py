@@ -1,7 +1,9 @@
 """Pretrained vectors: word2vec (text and binary), GloVe and fastText ``.vec`` files.
 
 >>> import sparsembed as se
->>> vocab, vectors = se.io.load_word2vec_format("glove.6B.50d.txt", no_header=True)
+>>> from importlib.resources import files
+>>> path = files("sparsembed.datasets") / "test_glove.txt"  # or your glove.6B.50d.txt
+>>> vocab, vectors = se.io.load_word2vec_format(path, no_header=True)
 >>> vocab, vectors = se.io.add_special_tokens(vocab, vectors, pad_token="<pad>",
 ...                                           oov_token="<unk>")
 >>> emb = se.Embedding.from_pretrained(vectors, freeze=False, sparse=True,
