@@ -100,9 +100,13 @@ def hash_ids(input, num_buckets, num_hashes=2, seed=0):
     num_hashes = V.check_positive_size(num_hashes, "num_hashes")
     seed = _check_seed(seed)
     ids = _as_uint64_ids(input)
-    keys = _keys(seed % 2**64, num_hashes)
-    h = splitmix64(ids[..., None] ^ keys)
-    return (h % np.uint64(num_buckets)).astype(np.int64)
+    return _hash_rows(ids[..., None], _keys(seed % 2**64, num_hashes), num_buckets)
+
+
+def _hash_rows(ids, keys, num_rows):
+    """``splitmix64(ids ^ keys) mod num_rows`` as int64 (numpy broadcasting): the row
+    ids of every hash of :func:`hash_ids` and of the layer."""
+    return (splitmix64(ids ^ keys) % np.uint64(num_rows)).astype(np.int64)
 
 
 class HashImportance:
@@ -266,8 +270,7 @@ class HashEmbedding(_Table):
         return self._buckets(_as_uint64_ids(input))
 
     def _buckets(self, ids):
-        h = splitmix64(ids[..., None] ^ self._keys[: self.num_hashes])
-        return (h % np.uint64(self.num_buckets)).astype(np.int64)
+        return _hash_rows(ids[..., None], self._keys[: self.num_hashes], self.num_buckets)
 
     def importance_ids(self, input):
         """Rows of the importance table for ``input`` (weighted mode): int64, input's shape."""
@@ -276,8 +279,7 @@ class HashEmbedding(_Table):
         return self._importance_ids(_as_uint64_ids(input))
 
     def _importance_ids(self, ids):
-        h = splitmix64(ids ^ self._keys[self.num_hashes])
-        return (h % np.uint64(self.num_weights)).astype(np.int64)
+        return _hash_rows(ids, self._keys[self.num_hashes], self.num_weights)
 
     def forward(self, input):
         """Vectors of ``input`` (ints of any value, or strings).
