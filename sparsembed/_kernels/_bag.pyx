@@ -112,11 +112,13 @@ def bag_forward(
     cdef const floating* ps = NULL
     cdef const index_t* ix = NULL
     # rows are read at random: keep upcoming rows in flight (past the end of a bag:
-    # the first rows of the next bag are requested while this one is summed), about
-    # 4 KiB of them but at least 8 rows: with 1 KiB rows 4 rows ahead came too late
-    # (bag sum forward vs torch, 2 threads, V = 1e6: D = 256 1.02-1.04 -> 0.98-1.01,
-    # D = 512 Zipf 0.77 -> 0.75)
-    cdef int64_t ahead = max(8, prefetch_distance(dim * sizeof(floating)))
+    # the first rows of the next bag are requested while this one is summed), 32 KiB
+    # of them, 8 to 64 rows. On an Intel Xeon 4 rows of 1 KiB came too late and 8 were
+    # enough (D = 256 vs torch 1.02-1.04 -> 0.98-1.01); on an AMD EPYC (Zen 5), whose
+    # shared L3 holds less of a skewed batch's rows, 4 KiB ahead came too late at
+    # every width (2 threads, V = 1e6, against 4 KiB: D = 64 uniform 1.64 -> 1.21 ms
+    # with 64 rows, D = 256 Zipf 2.42 -> 1.74 with 32)
+    cdef int64_t ahead = min(64, max(8, 32768 // (dim * <int64_t>sizeof(floating))))
     cdef pool_table fns = pool_table_at(pool_level())
     cdef max_table mfns = max_table_at(pool_level())
     if n_bags <= 0 or dim <= 0:
