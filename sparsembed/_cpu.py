@@ -11,6 +11,7 @@ from sparsembed._rowsparse import ROW_SUMS_STREAM_BYTES, STREAM_BYTES
 from sparsembed._rowplan import RowPlan  # noqa: F401 - part of the backend interface
 from sparsembed._kernels import _backward, _bag, _lookup, _plan, _pool
 from sparsembed._threads import (  # noqa: F401
+    ROW_GATHER_GRAIN,
     ROW_MOVE_GRAIN,
     get_num_threads,
     threads_for,
@@ -101,7 +102,7 @@ def gather(weight, flat, check_range=False, ids_out=None):
     out = _pool.empty((flat.shape[0], weight.shape[1]), weight.dtype)
     # the copy only moves bytes: an even row of float16 is a row of float32 pairs
     src, dst = (weight.view(np.float32), out.view(np.float32)) if half else (weight, out)
-    bad = _lookup.gather(src, flat, dst, threads_for(dst.size, ROW_MOVE_GRAIN),
+    bad = _lookup.gather(src, flat, dst, threads_for(dst.nbytes >> 2, ROW_GATHER_GRAIN),
                          out.nbytes >= STREAM_BYTES, ids_out)
     if bad >= 0:
         raise _index_error(flat, bad, weight.shape[0])
@@ -211,7 +212,12 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
     if check_range and (dim == 0 or (half and not _half.pools_rows(weight, mode))):
         check_index_range(flat, num_rows)  # these paths read no row through a kernel
         check_range = False
-    T = threads_for(flat.shape[0] * dim, ROW_MOVE_GRAIN)
+    # sum and mean move rows (ROW_GATHER_GRAIN counts their bytes); max mode and the
+    # float16 kernels compare or convert every element: their work counts elements
+    if half or mode == "max":
+        T = threads_for(flat.shape[0] * dim, ROW_MOVE_GRAIN)
+    else:
+        T = threads_for(flat.shape[0] * dim * weight.itemsize >> 2, ROW_GATHER_GRAIN)
     if half:
         out, argmax, counts = _half.bag_forward(weight, flat, starts, mode, padding_idx,
                                                 per_sample_weights, plan, T)
