@@ -115,9 +115,10 @@ def bag_forward(
     # the first rows of the next bag are requested while this one is summed), 32 KiB
     # of them, 8 to 64 rows. On an Intel Xeon 4 rows of 1 KiB came too late and 8 were
     # enough (D = 256 vs torch 1.02-1.04 -> 0.98-1.01); on an AMD EPYC (Zen 5), whose
-    # shared L3 holds less of a skewed batch's rows, 4 KiB ahead came too late at
-    # every width (2 threads, V = 1e6, against 4 KiB: D = 64 uniform 1.64 -> 1.21 ms
-    # with 64 rows, D = 256 Zipf 2.42 -> 1.74 with 32)
+    # shared L3 holds less of a skewed batch's rows, 4 KiB ahead came too late
+    # (bag sum forward, 2 threads, V = 1e6, A/B with the prefetches of _simd_pool.h
+    # spread among the adds: D = 64 uniform 1.27-1.45 -> 1.06-1.15 ms with 64 rows,
+    # D = 256 Zipf 2.01-2.15 -> 1.55-1.57 with 32; D = 256 uniform level)
     cdef int64_t ahead = min(64, max(8, 32768 // (dim * <int64_t>sizeof(floating))))
     cdef pool_table fns = pool_table_at(pool_level())
     cdef max_table mfns = max_table_at(pool_level())

@@ -214,10 +214,11 @@ static inline void se_stage_done(se_stage* st)
         w = weight + r * dim + j0;                                                   \
         for (v_ = 0; v_ < NV; v_++) {                                                \
             VEC x_;                                                                  \
-            /* else one prefetch per line among the adds, as FBGEMM's kernel does,  \
-               not in a burst before them: 2-5% on an AMD EPYC (bag sum forward, 2  \
-               threads, 32 rows ahead: D = 256 uniform 7.15 -> 6.97 ms, Zipf 1.69  \
-               -> 1.60; D = 64 uniform, 64 rows ahead, 1.25 -> 1.21) */             \
+            /* else one prefetch per line among the adds, as FBGEMM's kernel         \
+               does, not in a burst before them: 2-5% on an AMD EPYC (bag sum        \
+               forward, 2 threads, one build, 32 rows ahead: D = 256 uniform         \
+               7.15 -> 6.97 ms, Zipf 1.69 -> 1.60; D = 64 uniform, 64 rows           \
+               ahead, 1.25 -> 1.21) */                                               \
             if (!HASPAD && ((v_ * sizeof(VEC)) & 63) == 0) SE_PREFETCH(p + v_ * sizeof(VEC)); \
             memcpy(&x_, w + v_ * LANES, sizeof(VEC));                                \
             if (WEIGHTED) x_ = psw[e] * x_;                                          \
