@@ -249,6 +249,7 @@ ATTR static int64_t NAME(                                                       
         }                                                                            \
         j0 = 0;                                                                      \
         while (dim - j0 >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD);                \
+        if (NVMAX > 8 && dim - j0 >= 8 * LANES) SE_HALF_CHUNK(8, LOAD);              \
         if (dim - j0 >= 4 * LANES) SE_HALF_CHUNK(4, LOAD);                           \
         if (dim - j0 >= 2 * LANES) SE_HALF_CHUNK(2, LOAD);                           \
         if (dim - j0 >= LANES) SE_HALF_CHUNK(1, LOAD);                               \
@@ -277,9 +278,9 @@ SE_DEFINE_HALF_POOL(se_half_pool_i32_avx2, int32_t, SE_TARGET("avx2,f16c"), 32, 
                     SE_HALF_LOAD_F16C, se_float_to_half_f16c)
 SE_DEFINE_HALF_POOL(se_half_pool_i64_avx2, int64_t, SE_TARGET("avx2,f16c"), 32, 8,
                     SE_HALF_LOAD_F16C, se_float_to_half_f16c)
-SE_DEFINE_HALF_POOL(se_half_pool_i32_avx512, int32_t, SE_TARGET("avx512f"), 64, 8,
+SE_DEFINE_HALF_POOL(se_half_pool_i32_avx512, int32_t, SE_TARGET("avx512f"), 64, 16,
                     SE_HALF_LOAD_AVX512, se_float_to_half_avx512)
-SE_DEFINE_HALF_POOL(se_half_pool_i64_avx512, int64_t, SE_TARGET("avx512f"), 64, 8,
+SE_DEFINE_HALF_POOL(se_half_pool_i64_avx512, int64_t, SE_TARGET("avx512f"), 64, 16,
                     SE_HALF_LOAD_AVX512, se_float_to_half_avx512)
 #endif
 
