@@ -57,6 +57,7 @@ cdef extern from "_simd_half.h":
         half_pool_i32_t i32
         half_pool_i64_t i64
     half_pool_table half_pool_table_at "sparsembed_half_pool_table"(int level) noexcept nogil
+    int64_t HALF_SPREAD "SE_HALF_SPREAD"
 
 cdef enum:
     MODE_SUM = 0
@@ -178,7 +179,11 @@ def half_bag_forward(
     cdef const uint16_t* w = &weight[0, 0] if num_rows > 0 and dim > 0 else NULL
     cdef const index_t* ix = &idx[0] if idx.shape[0] > 0 else NULL
     cdef const float* ps = &psw[0] if psw.shape[0] > 0 else NULL
-    cdef int64_t ahead = max(8, prefetch_distance(dim * sizeof(uint16_t)))
+    # rows past SE_HALF_SPREAD bytes 32 KiB ahead, 8 to 64 (as the float32 pooling);
+    # narrower ones ~4 KiB, at least 8, a bag's worth at a time
+    cdef int64_t row_bytes = dim * <int64_t>sizeof(uint16_t)
+    cdef int64_t ahead = (min(64, max(8, 32768 // row_bytes)) if row_bytes > HALF_SPREAD
+                          else max(8, prefetch_distance(row_bytes)))
     cdef half_pool_table fns = half_pool_table_at(pool_level())
     if out.shape[0] != n_bags or out.shape[1] != dim or counts.shape[0] != n_bags:
         raise ValueError("out and counts must hold one row / count per bag")
