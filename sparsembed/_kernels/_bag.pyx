@@ -23,6 +23,7 @@ from libc.string cimport memset
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
 from sparsembed._kernels._memory cimport (
+    pool_prefetch_distance,
     prefetch_distance,
     prefetch_row,
     stream_fence,
@@ -120,7 +121,7 @@ def bag_forward(
     # (bag sum forward, 2 threads, V = 1e6, A/B with the prefetches of _simd_pool.h
     # spread among the adds: D = 64 uniform 1.27-1.45 -> 1.06-1.15 ms with 64 rows,
     # D = 256 Zipf 2.01-2.15 -> 1.55-1.57 with 32; D = 256 uniform level)
-    cdef int64_t ahead = min(64, max(8, 32768 // (dim * <int64_t>sizeof(floating))))
+    cdef int64_t ahead = pool_prefetch_distance(dim * sizeof(floating))
     cdef pool_table fns = pool_table_at(pool_level())
     cdef max_table mfns = max_table_at(pool_level())
     if n_bags <= 0 or dim <= 0:
@@ -179,10 +180,10 @@ def half_bag_forward(
     cdef const uint16_t* w = &weight[0, 0] if num_rows > 0 and dim > 0 else NULL
     cdef const index_t* ix = &idx[0] if idx.shape[0] > 0 else NULL
     cdef const float* ps = &psw[0] if psw.shape[0] > 0 else NULL
-    # rows past SE_HALF_SPREAD bytes 32 KiB ahead, 8 to 64 (as the float32 pooling);
-    # narrower ones ~4 KiB, at least 8, a bag's worth at a time
+    # rows past SE_HALF_SPREAD bytes as far ahead as the float32 pooling's; narrower
+    # ones ~4 KiB, at least 8, a bag's worth at a time
     cdef int64_t row_bytes = dim * <int64_t>sizeof(uint16_t)
-    cdef int64_t ahead = (min(64, max(8, 32768 // row_bytes)) if row_bytes > HALF_SPREAD
+    cdef int64_t ahead = (pool_prefetch_distance(row_bytes) if row_bytes > HALF_SPREAD
                           else max(8, prefetch_distance(row_bytes)))
     cdef half_pool_table fns = half_pool_table_at(pool_level())
     if out.shape[0] != n_bags or out.shape[1] != dim or counts.shape[0] != n_bags:

@@ -49,10 +49,18 @@ cdef extern from *:
         size_t d = row_bytes ? (size_t)4096 / row_bytes : 32;
         return (ptrdiff_t)(d < 4 ? 4 : (d > 32 ? 32 : d));
     }
+    /* rows ahead for the bag pooling, whose prefetches go out one line per add:
+       32 KiB of rows, 8 to 64 (see _bag.pyx: bag_forward) */
+    static inline ptrdiff_t sparsembed_pool_prefetch_distance(size_t row_bytes) {
+        size_t d = row_bytes ? (size_t)32768 / row_bytes : 64;
+        return (ptrdiff_t)(d < 8 ? 8 : (d > 64 ? 64 : d));
+    }
     """
     void prefetch_row "sparsembed_prefetch_row"(const void* p, size_t nbytes) noexcept nogil
     void copy_row "sparsembed_copy_row"(void* dst, const void* src, size_t nbytes) noexcept nogil
     Py_ssize_t prefetch_distance "sparsembed_prefetch_distance"(size_t row_bytes) noexcept nogil
+    Py_ssize_t pool_prefetch_distance "sparsembed_pool_prefetch_distance"(
+        size_t row_bytes) noexcept nogil
 
 
 # Streamed (non-temporal) row stores: see _stream.h.
