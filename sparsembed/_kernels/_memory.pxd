@@ -5,6 +5,7 @@ cdef extern from *:
     """
     #include <stddef.h>
     #include <string.h>
+    #include "_lines.h"
     #if defined(__GNUC__) || defined(__clang__)
         #define SPARSEMBED_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
         /* GCC treats a function that only prefetches as const and deletes calls to
@@ -18,11 +19,13 @@ cdef extern from *:
         #define SPARSEMBED_PREFETCH(p) ((void)0)
         #define SPARSEMBED_KEEP() ((void)0)
     #endif
-    /* prefetch every 64-byte line of [p, p + nbytes) for reading */
+    /* prefetch every 64-byte line that [p, p + nbytes) touches, for reading */
     static inline void sparsembed_prefetch_row(const void* p, size_t nbytes) {
         const char* c = (const char*)p;
         size_t o;
         for (o = 0; o < nbytes; o += 64) SPARSEMBED_PREFETCH(c + o);
+        if (nbytes && SE_SPANS_EXTRA_LINE(c, nbytes))
+            SPARSEMBED_PREFETCH(c + nbytes - 1);
         SPARSEMBED_KEEP();
     }
     /* copy a row; the common widths (16-128 floats) with a size known at compile

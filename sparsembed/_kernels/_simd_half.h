@@ -218,6 +218,8 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
                     acc[v_] += x_;                                                   \
                 }                                                                    \
             }                                                                        \
+            if (SPREAD && SE_SPANS_EXTRA_LINE(p_, NV * LANES * 2))                   \
+                SE_PREFETCH(p_ + NV * LANES * 2 - 1);                                \
         }                                                                            \
         if (mean && count > 1)                                                       \
             for (v_ = 0; v_ < NV; v_++) acc[v_] = acc[v_] / (float)count;            \

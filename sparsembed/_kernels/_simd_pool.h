@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_lines.h"
+
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
     #define SE_X86_DISPATCH 1
     #define SE_TARGET(isa) __attribute__((target(isa)))
@@ -42,12 +44,13 @@
     #define SE_UNLIKELY(x) (x)
 #endif
 
-/* every 64-byte line of [p, p + nbytes) for reading */
+/* every 64-byte line that [p, p + nbytes) touches, for reading */
 static inline void sparsembed_prefetch_lines(const void* p, size_t nbytes)
 {
     const char* c = (const char*)p;
     size_t o;
     for (o = 0; o < nbytes; o += 64) SE_PREFETCH(c + o);
+    if (nbytes && SE_SPANS_EXTRA_LINE(c, nbytes)) SE_PREFETCH(c + nbytes - 1);
 }
 
 enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
@@ -202,6 +205,8 @@ static inline void se_stage_done(se_stage* st)
             int l_;                                                                  \
             for (l_ = 0; l_ < (int)((NV * sizeof(VEC) + 63) / 64); l_++)             \
                 SE_PREFETCH(p + 64 * l_);                                            \
+            if (SE_SPANS_EXTRA_LINE(p, NV * sizeof(VEC)))                            \
+                SE_PREFETCH(p + NV * sizeof(VEC) - 1);                               \
         }                                                                            \
         r = (int64_t)idx[e];                                                         \
         if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) return -(e + 1); \
@@ -224,6 +229,8 @@ static inline void se_stage_done(se_stage* st)
             if (WEIGHTED) x_ = psw[e] * x_;                                          \
             acc[v_] += x_;                                                           \
         }                                                                            \
+        if (!HASPAD && SE_SPANS_EXTRA_LINE(p, NV * sizeof(VEC)))                     \
+            SE_PREFETCH(p + NV * sizeof(VEC) - 1);                                   \
     }
 
 #define SE_ROW_LOOP(NV, FIRST, WEIGHTED, HASPAD)                                     \
