@@ -75,9 +75,10 @@ def main_table(result):
         lines.append("")
         lines.append(
             "Sparse forward + backward floor, the data it must move at the machine's "
-            "measured bandwidth (streamed writes of the (B, D) output, the (U, D) row sums, "
-            "their (U x D) int32 column indices and the (V + 1) row pointer; reads of the "
-            "(B, D) grad_output and the U table rows; U distinct ids): " + "; ".join(floors) + ".")
+            "measured bandwidth (streamed writes of the (B, D) output, the (U, D) row sums "
+            "and the (V + 1) row pointer -- the column indices are one array shared by every "
+            "gradient of width D, written once; reads of the (B, D) grad_output and the U "
+            "table rows; U distinct ids): " + "; ".join(floors) + ".")
     return "\n".join(lines)
 
 
@@ -88,7 +89,7 @@ def sparse_floor_ms(row):
     if "stream_write" not in t or "seq_read" not in t or "unique_rows" not in row:
         return None
     B, D, V, U = row["B"], row["D"], row["V"], row["unique_rows"]
-    written = 1 + 2 * U / B + (V + 1) / (B * D)  # in (B, D) float32 arrays
+    written = 1 + U / B + (V + 1) / (B * D)  # in (B, D) float32 arrays
     read = 1 + U / B
     return t["stream_write"] * written + t["seq_read"] * read
 

@@ -151,15 +151,15 @@ def _sparse_grad_of(grad2d, grad_rows, weights, plan, num_rows, scale_grad_by_fr
     ``weights[k]`` unless None (a bag batch: see :func:`_plan_in_bags`)."""
     n_rows, dim = plan.rows.shape[0], grad2d.shape[1]
     out = _pool.empty((n_rows, dim), grad2d.dtype)
-    indptr, indices = _rowsparse.structure_arrays(n_rows, dim, num_rows)
+    indptr, indices, to_fill = _rowsparse.structure_arrays(n_rows, dim, num_rows)
     # the row sums and the csr structure in one parallel region: one wake-up of the
     # second thread, not two
     T = max(threads_for(grad_rows.shape[0] * dim, ROW_MOVE_GRAIN),
-            threads_for(num_rows + n_rows * dim, _rowsparse.CSR_FILL_GRAIN))
+            threads_for(_rowsparse.csr_work(num_rows, to_fill), _rowsparse.CSR_FILL_GRAIN))
     _backward.sparse_row_grad(grad2d, grad_rows, plan.starts, plan.rows, scale_grad_by_freq,
-                              out, num_rows, indptr, indices, T,
+                              out, num_rows, indptr, to_fill, T,
                               out.nbytes >= ROW_SUMS_STREAM_BYTES,
-                              _rowsparse.stream_indices(indices), weights=weights)
+                              _rowsparse.stream_indices(to_fill), weights=weights)
     return _rowsparse.wrap_rows(plan.rows, out, indptr, indices, num_rows)
 
 

@@ -295,7 +295,9 @@ class Embedding(_Table):
         ``sparse=True`` too, unlike torch).
     sparse : bool, default False
         Gradients as canonical ``scipy.sparse.csr_array``: sorted distinct rows, each
-        a full row of ``embedding_dim`` entries.
+        a full row of ``embedding_dim`` entries. Their column indices (``indices``)
+        are one read-only array shared by gradients of the same width (they are the
+        same numbers); ``grad.copy()`` owns its arrays, to edit the structure.
     weight : ndarray of shape (num_embeddings, embedding_dim), optional
         Initial table, used as is (no copy, padding row not zeroed, like torch's
         ``_weight``) when it is C-contiguous and of ``dtype``; otherwise converted.
@@ -522,7 +524,8 @@ class EmbeddingBag(_Table):
     mode : {"sum", "mean", "max"}, default "mean"
     sparse : bool, default False
         Gradients as canonical ``scipy.sparse.csr_array`` (sorted distinct rows, each a
-        full row of ``embedding_dim`` entries). Allowed in max mode (torch refuses).
+        full row of ``embedding_dim`` entries; read-only shared column indices, as for
+        :class:`Embedding`). Allowed in max mode (torch refuses).
     include_last_offset : bool, default False
         ``offsets`` holds n_bags + 1 entries, the last one the end of the last bag.
     padding_idx : int, optional

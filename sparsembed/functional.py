@@ -119,7 +119,9 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
     scale_grad_by_freq : bool, default False
         Divide each row's sum by how often its id occurs in ``input``.
     sparse : bool, default False
-        Return a canonical ``scipy.sparse.csr_array`` instead of a dense array.
+        Return a canonical ``scipy.sparse.csr_array`` instead of a dense array (its
+        column indices are a read-only array shared by gradients of the same width;
+        ``.copy()`` owns its arrays).
 
     Returns
     -------
@@ -285,7 +287,8 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
         in max mode, where torch refuses.
     sparse : bool, default False
         Return a canonical ``scipy.sparse.csr_array`` (sorted distinct rows, each a
-        full row, explicit zeros kept); allowed in max mode too, where torch refuses.
+        full row, explicit zeros kept; read-only shared column indices, as for
+        :func:`embedding_backward`); allowed in max mode too, where torch refuses.
 
     Returns
     -------

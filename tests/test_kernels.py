@@ -158,6 +158,13 @@ def test_fill_row_csr(idx_dtype):
     empty_ptr = np.empty(4, dtype=idx_dtype)
     _backward.fill_row_csr(rows[:0], 3, empty_ptr, indices[:0], 2, 2)
     assert_array_equal(empty_ptr, 0)
+    # no indices: the row pointer only (the column indices are a shared array)
+    indptr[:] = -1
+    _backward.fill_row_csr(rows, 10, indptr, indices[:0], 2, 2)
+    assert_array_equal(indptr, [0, 2, 2, 2, 4, 6, 6, 6, 6, 6, 8])
+    for bad_ptr, bad_ind in ((indptr, indices[:7]), (indptr[:-1], indices)):
+        with pytest.raises(ValueError, match="indptr and indices"):
+            _backward.fill_row_csr(rows, 10, bad_ptr, bad_ind, 2, 2)
 
 
 def _row_lists(rng, case):

@@ -563,6 +563,70 @@ def test_pool_limit_and_off_switch():
         _pool.clear()
 
 
+def test_sparse_gradients_share_read_only_column_indices(rng):
+    from sparsembed import _rowsparse
+    from sparsembed import functional as F
+
+    _rowsparse.clear_column_indices()
+    V, dim = 1000, 5
+    small = F.embedding_backward(np.ones((3, dim)), np.array([4, 1, 4]), V, sparse=True)
+    grads = [F.embedding_backward(rng.standard_normal((n, dim)), rng.integers(0, V, n), V,
+                                  sparse=True) for n in (50, 40, 400)]
+    for g in [small] + grads:
+        assert not g.indices.flags.writeable
+        assert_array_equal(g.indices.reshape(-1, dim), np.broadcast_to(np.arange(dim),
+                                                                      (g.nnz // dim, dim)))
+    assert np.shares_memory(grads[0].indices, grads[1].indices)  # one pattern, kept
+    # an edit through one gradient cannot reach the others: it is refused
+    before = grads[1].indices.copy()
+    with pytest.raises(ValueError, match="read-only"):
+        grads[0].indices[0] = 3
+    with pytest.raises(ValueError):
+        grads[0].eliminate_zeros()
+    assert_array_equal(grads[1].indices, before)
+    own = grads[0].copy()
+    own.indices[:dim] = own.indices[:dim][::-1]  # a copy owns its arrays
+    assert own.indices.flags.writeable
+    # a larger gradient grew a new pattern; the older gradients keep theirs
+    assert_array_equal(small.toarray()[[1, 4]], [[1.0] * dim, [2.0] * dim])
+    # accumulated gradients (merged rows) share the pattern too
+    total = _rowsparse.add(grads[0], grads[2])
+    assert not total.indices.flags.writeable
+    assert_array_equal(total.indices.reshape(-1, dim)[-1], np.arange(dim))
+    _rowsparse.clear_column_indices()
+
+
+def test_column_index_patterns_stay_within_the_cache_limit():
+    from sparsembed import _rowsparse
+    from sparsembed import functional as F
+    from sparsembed._kernels import _pool
+
+    old = _pool.set_limit(1 << 20)
+    try:
+        _rowsparse.clear_column_indices()
+        V = 100_000
+        # 4 bytes x 1,000 rows x 300 columns x 9/8 does not fit in 1 MiB: own indices
+        big = F.embedding_backward(np.ones((1000, 300), np.float32), np.arange(1000), V,
+                                   sparse=True)
+        assert big.indices.flags.writeable
+        assert_array_equal(big.indices[-300:], np.arange(300))
+        assert not _rowsparse._COLUMN_PATTERNS
+        # patterns of several widths: together at most the limit, oldest dropped
+        for dim in (200, 210, 220, 230):
+            g = F.embedding_backward(np.ones((900, dim), np.float32), np.arange(900), V,
+                                     sparse=True)
+            assert not g.indices.flags.writeable
+            assert sum(p.nbytes for p in _rowsparse._COLUMN_PATTERNS.values()) <= 1 << 20
+        assert [k[0] for k in _rowsparse._COLUMN_PATTERNS] == [230]
+        _pool.set_limit(0)  # the cache off: every gradient writes its own indices
+        g = F.embedding_backward(np.ones((2, 4), np.float32), np.array([0, 9]), V, sparse=True)
+        assert g.indices.flags.writeable
+        assert_array_equal(g.indices, [0, 1, 2, 3] * 2)
+    finally:
+        _pool.set_limit(old)
+        _rowsparse.clear_column_indices()
+
+
 def test_dense_grad_in_reused_dirty_memory_is_zero_elsewhere(rng, dtype, threads):
     # a released gradient leaves garbage behind; the next dense gradient reuses the
     # memory and must still be exactly zero on every row no id touches

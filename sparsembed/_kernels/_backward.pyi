@@ -66,7 +66,8 @@ def fill_row_csr(
     stream: bool = False,
 ) -> None:
     """CSR structure of a matrix whose non-empty rows are ``rows``, each full
-    (``stream``: the indices with non-temporal stores)."""
+    (``stream``: the indices with non-temporal stores; an empty ``indices``: the row
+    pointer only)."""
 
 def sparse_row_grad(
     grad: _Floating,
@@ -84,7 +85,7 @@ def sparse_row_grad(
     weights: _Floating | None = None,
 ) -> None:
     """:func:`row_sums` into ``out`` and :func:`fill_row_csr` into ``indptr`` /
-    ``indices`` in one parallel region."""
+    ``indices`` (unless empty) in one parallel region."""
 
 def rows_hold_all(indptr: _Index, rows: NDArray[np.int64]) -> bool:
     """Whether ``indptr`` starts at 0 and gives each of ``rows`` at least one entry,

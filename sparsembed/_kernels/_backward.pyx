@@ -198,16 +198,19 @@ def fill_row_csr(
     const int64_t[::1] rows,   # IN (U,) sorted distinct rows
     int64_t num_rows,          # IN number of rows of the matrix
     index_t[::1] indptr,       # OUT (num_rows + 1,)
-    index_t[::1] indices,      # OUT (U * dim,)
+    index_t[::1] indices,      # OUT (U * dim,), or (0,): not written
     int64_t dim,
     int n_threads,
     bint stream=False,         # IN write indices with non-temporal stores
 ):
-    """CSR structure of a matrix whose non-empty rows are ``rows``, each full."""
+    """CSR structure of a matrix whose non-empty rows are ``rows``, each full. An
+    empty ``indices`` leaves the column indices to the caller (a shared array of
+    them: see ``sparsembed._rowsparse.column_indices``)."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef index_t* pattern = NULL
-    if stream and n_rows > 0 and dim > 0:
+    cdef bint fill = _fills_indices(indices.shape[0], n_rows, dim, num_rows, indptr.shape[0])
+    if stream and fill and n_rows > 0 and dim > 0:
         pattern = <index_t*> malloc(T * dim * sizeof(index_t))
         if pattern == NULL:
             raise MemoryError()
@@ -216,10 +219,21 @@ def fill_row_csr(
         # writes, so each thread does its share of both without waiting
         with nogil, parallel(num_threads=T):
             _csr_block(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
-                       &indices[0] if n_rows * dim > 0 else NULL, dim, pattern,
+                       &indices[0] if fill and n_rows * dim > 0 else NULL, dim, pattern,
                        omp_get_thread_num(), omp_get_num_threads())
     finally:
         free(pattern)
+
+
+cdef bint _fills_indices(int64_t n_indices, int64_t n_rows, int64_t dim, int64_t num_rows,
+                         int64_t n_indptr) except -1:
+    """Whether the csr kernels write the column indices (``indices`` holds U * dim
+    entries) or leave them (it is empty); ValueError for any other length, or a row
+    pointer that is not num_rows + 1 long."""
+    if n_indptr != num_rows + 1 or (n_indices != n_rows * dim and n_indices != 0):
+        raise ValueError("indptr and indices must hold num_rows + 1 and U * dim (or no) "
+                         "entries")
+    return n_indices > 0
 
 
 cdef inline void _fill_run(index_t* dst, int64_t lo, int64_t hi, index_t value,
@@ -262,7 +276,7 @@ cdef void _csr_block(
             lo = rows[u - 1] + 1 if u > 0 else 0
             hi = rows[u] + 1 if u < n_rows else num_rows + 1
             _fill_run(indptr, lo, hi, <index_t> (u * dim), end)
-    if dim == 0:
+    if dim == 0 or indices == NULL:
         return
     if pattern != NULL:
         # one row of column numbers per thread, streamed into every stored row
@@ -287,7 +301,7 @@ def sparse_row_grad(
     floating[:, ::1] out,            # OUT (U, dim) row sums: the csr's data
     int64_t num_rows,                # IN number of rows of the matrix
     index_t[::1] indptr,             # OUT (num_rows + 1,)
-    index_t[::1] indices,            # OUT (U * dim,)
+    index_t[::1] indices,            # OUT (U * dim,), or (0,): not written
     int n_threads,
     bint stream_sums=False,          # IN write out with non-temporal stores
     bint stream_indices=False,       # IN write indices with non-temporal stores
@@ -295,7 +309,8 @@ def sparse_row_grad(
 ):
     """:func:`row_sums` and :func:`fill_row_csr` of a canonical row-sparse gradient in
     one parallel region (one wake-up of the waiting threads, not two): each thread
-    sums its block of segments, then writes its share of the csr structure."""
+    sums its block of segments, then writes its share of the csr structure (an
+    empty ``indices``: the row pointer only, as for :func:`fill_row_csr`)."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = grad.shape[1]
     cdef int64_t T = n_threads if n_threads > 0 else 1
@@ -304,9 +319,8 @@ def sparse_row_grad(
     cdef const floating* w = _weights(weights, perm.shape[0])
     if out.shape[0] != n_rows or starts.shape[0] != n_rows + 1:
         raise ValueError("out and starts must match rows")
-    if indptr.shape[0] != num_rows + 1 or indices.shape[0] != n_rows * dim:
-        raise ValueError("indptr and indices must hold num_rows + 1 and U * dim entries")
-    if stream_indices and n_rows > 0 and dim > 0:
+    cdef bint fill = _fills_indices(indices.shape[0], n_rows, dim, num_rows, indptr.shape[0])
+    if stream_indices and fill and n_rows > 0 and dim > 0:
         pattern = <index_t*> malloc(T * dim * sizeof(index_t))
         if pattern == NULL:
             raise MemoryError()
@@ -318,7 +332,8 @@ def sparse_row_grad(
                 _sum_block(&grad[0, 0], grad.shape[0], dim, &perm[0], w, &starts[0], NULL,
                            n_rows, scale_by_count, &out[0, 0], -1, stream_sums, t, team)
             _csr_block(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
-                       &indices[0] if n_rows * dim > 0 else NULL, dim, pattern, t, team)
+                       &indices[0] if fill and n_rows * dim > 0 else NULL, dim, pattern, t,
+                       team)
     finally:
         free(pattern)
 
