@@ -9,6 +9,7 @@ from libc.string cimport memcpy
 
 from sparsembed._kernels._memory cimport (
     copy_row,
+    gather_prefetch_distance,
     prefetch_distance,
     prefetch_row,
     stream_fence,
@@ -85,7 +86,7 @@ cdef int64_t _gather_chunk(
     # returns -1, or the first i in [lo, hi) whose id is outside [0, num_rows) (no
     # row is read for it; the rows before it are copied)
     cdef size_t row_bytes = dim * sizeof(floating)
-    cdef int64_t i, r, ahead = prefetch_distance(row_bytes)
+    cdef int64_t i, r, ahead = gather_prefetch_distance(row_bytes)
     cdef int64_t pf_end = hi - ahead
     # rows are read in random order: ask for row i + ahead while copying row i (a
     # prefetch never faults, even for an id still to be checked)
