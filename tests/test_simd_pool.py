@@ -205,16 +205,21 @@ def test_float16_pooling_at_every_level_bit_for_bit(level, idx_dtype, mode, weig
                 assert n_bad == 0
                 assert_array_equal(counts, expected_counts)
                 assert out.tobytes() == expected.view(np.uint16).tobytes(), (dim, pad, T)
-    # a bad id: the bag's count names its first bad entry, the others are pooled
-    flat = np.array([1, 2, 3, 60, 4, -1, 5], dtype=idx_dtype)
-    starts = np.array([0, 3, 7], dtype=np.int64)
-    out = np.zeros((2, 4), np.uint16)
-    counts = np.zeros(2, np.int64)
-    weight = np.ones((V, 4), np.float16)
-    assert _bag.half_bag_forward(weight.view(np.uint16), flat, starts, -1, False,
-                                 np.empty(0, np.float32), out, counts, 2) == 1
-    assert counts.tolist() == [3, -(3 + 1)]
-    assert_array_equal(out[0].view(np.float16), 3.0)
+    # a bad id: the bag's count names its first bad entry (after a valid one: the
+    # first pass over the columns checks the ids as it sums), its row is left as it
+    # was, the other bags are pooled
+    for dim in (4, 64, 300):
+        flat = np.array([1, 2, 3, 4, 60, -1, 5, 6], dtype=idx_dtype)
+        starts = np.array([0, 3, 7, 8], dtype=np.int64)
+        out = np.full((3, dim), 0x7777, np.uint16)
+        counts = np.zeros(3, np.int64)
+        weight = np.ones((V, dim), np.float16)
+        assert _bag.half_bag_forward(weight.view(np.uint16), flat, starts, -1, False,
+                                     np.empty(0, np.float32), out, counts, 2) == 1
+        assert counts.tolist() == [3, -(4 + 1), 1]
+        assert_array_equal(out[0].view(np.float16), 3.0)
+        assert (out[1] == 0x7777).all()
+        assert_array_equal(out[2].view(np.float16), 1.0)
 
 
 def _aligned_full(shape, dtype, skew):

@@ -186,18 +186,39 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
 #define SE_HALF_SPREAD 256
 
 /* NV vectors of columns at j0, summed over the bag's entries in registers (the
- * sums of _simd_pool.h's SE_CHUNK, on converted float16 rows) into o[j0:]. */
-#define SE_HALF_CHUNK(NV, LOAD, SPREAD)                                              \
+ * sums of _simd_pool.h's SE_CHUNK, on converted float16 rows) into o[j0:].
+ * FIRST (a constant): the bag's first pass, which also range-checks each id (goto
+ * bad_bag with count = -(e + 1) at the first bad one: nothing is written then),
+ * counts the non-padding entries and, for rows of up to SE_HALF_SPREAD bytes,
+ * prefetches the whole row `ahead` entries on; later passes find the rows in cache.
+ * One pass over the ids instead of a pass of their own before the sums, as the
+ * float32 pooling does. SPREAD: wider rows, whose prefetches go one line per add,
+ * in every pass for its own columns. */
+#define SE_HALF_CHUNK(NV, LOAD, SPREAD, FIRST)                                       \
     do {                                                                             \
         VEC acc[NV];                                                                 \
         int v_;                                                                      \
+        int64_t npad_ = 0;                                                           \
         for (v_ = 0; v_ < NV; v_++) acc[v_] = (VEC){0};                              \
         for (e = lo; e < hi; e++) {                                                  \
-            int64_t r = (int64_t)idx[e];                                             \
+            int64_t r;                                                               \
             const uint16_t* w;                                                       \
-            const char* p_ = SPREAD ? (const char*)(weight + (int64_t)idx[e + ahead < n ? \
-                                       e + ahead : n - 1] * dim + j0) : NULL;        \
-            if (r == pad) continue;                                                  \
+            const char* p_ = NULL;                                                   \
+            if (SPREAD || FIRST) {                                                   \
+                /* (a prefetch never faults, even for an id still to be checked) */ \
+                int64_t pe_ = e + ahead < n ? e + ahead : n - 1;                     \
+                p_ = (const char*)(weight + (int64_t)idx[pe_] * dim + j0);           \
+                if (FIRST && !SPREAD) sparsembed_prefetch_lines(p_, row_bytes);      \
+            }                                                                        \
+            r = (int64_t)idx[e];                                                     \
+            if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) {           \
+                count = -(e + 1);                                                    \
+                goto bad_bag;                                                        \
+            }                                                                        \
+            if (r == pad) {                                                          \
+                if (FIRST) npad_++;                                                  \
+                continue;                                                            \
+            }                                                                        \
             w = weight + r * dim + j0;                                               \
             if (psw) {                                                               \
                 float s_ = psw[e];                                                   \
@@ -221,20 +242,28 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
             if (SPREAD && SE_SPANS_EXTRA_LINE(p_, NV * LANES * 2))                   \
                 SE_PREFETCH(p_ + NV * LANES * 2 - 1);                                \
         }                                                                            \
+        if (FIRST) count = hi - lo - npad_;                                          \
         if (mean && count > 1)                                                       \
             for (v_ = 0; v_ < NV; v_++) acc[v_] = acc[v_] / (float)count;            \
         for (v_ = 0; v_ < NV; v_++) memcpy(o + j0 + v_ * LANES, &acc[v_], sizeof(VEC)); \
         j0 += NV * LANES;                                                            \
     } while (0)
 
-/* every whole vector of columns from j0 = 0 on, in chunks of NVMAX, 8, 4, 2, 1 */
+/* every whole vector of columns (dim >= LANES), in chunks of NVMAX, 8, 4, 2, 1: the
+ * first chunk, the widest that fits, with FIRST */
 #define SE_HALF_CHUNKS(NVMAX, LOAD, SPREAD)                                          \
     do {                                                                             \
-        while (dim - j0 >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, SPREAD);        \
-        if (NVMAX > 8 && dim - j0 >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, SPREAD);      \
-        if (dim - j0 >= 4 * LANES) SE_HALF_CHUNK(4, LOAD, SPREAD);                   \
-        if (dim - j0 >= 2 * LANES) SE_HALF_CHUNK(2, LOAD, SPREAD);                   \
-        if (dim - j0 >= LANES) SE_HALF_CHUNK(1, LOAD, SPREAD);                       \
+        j0 = 0;                                                                      \
+        if (dim >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, SPREAD, 1);             \
+        else if (NVMAX > 8 && dim >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, SPREAD, 1);   \
+        else if (dim >= 4 * LANES) SE_HALF_CHUNK(4, LOAD, SPREAD, 1);                \
+        else if (dim >= 2 * LANES) SE_HALF_CHUNK(2, LOAD, SPREAD, 1);                \
+        else SE_HALF_CHUNK(1, LOAD, SPREAD, 1);                                      \
+        while (dim - j0 >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, SPREAD, 0);     \
+        if (NVMAX > 8 && dim - j0 >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, SPREAD, 0);   \
+        if (dim - j0 >= 4 * LANES) SE_HALF_CHUNK(4, LOAD, SPREAD, 0);                \
+        if (dim - j0 >= 2 * LANES) SE_HALF_CHUNK(2, LOAD, SPREAD, 0);                \
+        if (dim - j0 >= LANES) SE_HALF_CHUNK(1, LOAD, SPREAD, 0);                    \
     } while (0)
 
 /* NAME: bags b0..b1-1 (bag b is entries starts[b]..starts[b+1]-1 of idx) of the
@@ -242,8 +271,8 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
  * 1) * float(weight[idx[e]])) over entries whose id is not `pad`, the float32 sum
  * divided by the count when `mean` and rounded once; counts[b] = that count, or
  * -(e + 1) for the first entry e whose id is outside [0, num_rows) (no row is read
- * then; out[b] is left as it was). Rows `ahead` entries on (below n) are
- * prefetched while the ids are checked, or with the adds for rows wider than
+ * for it or after it; out[b] is left as it was). Rows `ahead` entries on are
+ * prefetched as the ids are checked, or with the adds for rows wider than
  * SE_HALF_SPREAD bytes. `o`: room for dim floats. Returns the number of bad bags. */
 #define SE_DEFINE_HALF_POOL(NAME, I, ATTR, VBYTES, NVMAX, LOAD, CVT_OUT)              \
 ATTR static int64_t NAME(                                                            \
@@ -254,31 +283,29 @@ ATTR static int64_t NAME(                                                       
     typedef float VEC __attribute__((vector_size(VBYTES)));                          \
     enum { LANES = VBYTES / sizeof(float) };                                         \
     size_t row_bytes = (size_t)dim * sizeof(uint16_t);                               \
-    /* rows of up to 4 lines: a bag's prefetches in a burst while its ids are      \
-       checked; wider ones: one per line among the adds (see SE_HALF_SPREAD) */    \
+    /* rows of up to 4 lines: a row's prefetches in a burst as its id is checked;  \
+       wider ones: one per line among the adds (see SE_HALF_SPREAD) */             \
     int spread = row_bytes > SE_HALF_SPREAD;                                         \
-    int64_t b, e, j, j0, n_bad = 0;                                                  \
+    int64_t b, e, j, j0 = 0, n_bad = 0;                                              \
     for (b = b0; b < b1; b++) {                                                      \
         int64_t count = 0, lo = starts[b], hi = starts[b + 1];                       \
-        for (e = lo; e < hi; e++) {                                                  \
-            int64_t r;                                                               \
-            if (!spread && e + ahead < n)                                            \
-                sparsembed_prefetch_lines(weight + (int64_t)idx[e + ahead] * dim,    \
-                                          row_bytes);                                \
-            r = (int64_t)idx[e];                                                     \
-            if (SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) {                    \
-                count = -(e + 1);                                                    \
-                break;                                                               \
+        if (dim < LANES) {                                                           \
+            /* no whole vector to check the ids with: a pass of their own */        \
+            for (e = lo; e < hi; e++) {                                              \
+                int64_t r;                                                           \
+                if (e + ahead < n)                                                   \
+                    sparsembed_prefetch_lines(weight + (int64_t)idx[e + ahead] * dim, \
+                                              row_bytes);                            \
+                r = (int64_t)idx[e];                                                 \
+                if (SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) {                \
+                    count = -(e + 1);                                                \
+                    goto bad_bag;                                                    \
+                }                                                                    \
+                count += r != pad;                                                   \
             }                                                                        \
-            count += r != pad;                                                       \
+            j0 = 0;                                                                  \
         }                                                                            \
-        counts[b] = count;                                                           \
-        if (count < 0) {                                                             \
-            n_bad++;                                                                 \
-            continue;                                                                \
-        }                                                                            \
-        j0 = 0;                                                                      \
-        if (spread) SE_HALF_CHUNKS(NVMAX, LOAD, 1);                                 \
+        else if (spread) SE_HALF_CHUNKS(NVMAX, LOAD, 1);                             \
         else SE_HALF_CHUNKS(NVMAX, LOAD, 0);                                         \
         for (j = j0; j < dim; j++) {                                                 \
             /* the columns past the last whole vector, one at a time */              \
@@ -292,6 +319,11 @@ ATTR static int64_t NAME(                                                       
             o[j] = mean && count > 1 ? a_ / (float)count : a_;                       \
         }                                                                            \
         CVT_OUT(o, out + b * dim, dim);                                              \
+        counts[b] = count;                                                           \
+        continue;                                                                    \
+    bad_bag:                                                                         \
+        counts[b] = count;                                                           \
+        n_bad++;                                                                     \
     }                                                                                \
     return n_bad;                                                                    \
 }
