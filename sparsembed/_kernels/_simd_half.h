@@ -193,7 +193,8 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
  * prefetches the whole row `ahead` entries on; later passes find the rows in cache.
  * One pass over the ids instead of a pass of their own before the sums, as the
  * float32 pooling does. SPREAD: wider rows, whose prefetches go one line per add,
- * in every pass for its own columns. */
+ * in every pass for its own columns; 2: rows that may start off a line boundary,
+ * whose last byte is prefetched too (see _simd_pool.h's SKEW). */
 #define SE_HALF_CHUNK(NV, LOAD, SPREAD, FIRST)                                       \
     do {                                                                             \
         VEC acc[NV];                                                                 \
@@ -239,8 +240,7 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
                     acc[v_] += x_;                                                   \
                 }                                                                    \
             }                                                                        \
-            if (SPREAD && SE_SPANS_EXTRA_LINE(p_, NV * LANES * 2))                   \
-                SE_PREFETCH(p_ + NV * LANES * 2 - 1);                                \
+            if (SPREAD == 2) SE_PREFETCH(p_ + NV * LANES * 2 - 1);                   \
         }                                                                            \
         if (FIRST) count = hi - lo - npad_;                                          \
         if (mean && count > 1)                                                       \
@@ -286,6 +286,7 @@ ATTR static int64_t NAME(                                                       
     /* rows of up to 4 lines: a row's prefetches in a burst as its id is checked;  \
        wider ones: one per line among the adds (see SE_HALF_SPREAD) */             \
     int spread = row_bytes > SE_HALF_SPREAD;                                         \
+    int skew = (((uintptr_t)weight | (uintptr_t)row_bytes) & 63) != 0;               \
     int64_t b, e, j, j0 = 0, n_bad = 0;                                              \
     for (b = b0; b < b1; b++) {                                                      \
         int64_t count = 0, lo = starts[b], hi = starts[b + 1];                       \
@@ -305,6 +306,7 @@ ATTR static int64_t NAME(                                                       
             }                                                                        \
             j0 = 0;                                                                  \
         }                                                                            \
+        else if (spread && skew) SE_HALF_CHUNKS(NVMAX, LOAD, 2);                     \
         else if (spread) SE_HALF_CHUNKS(NVMAX, LOAD, 1);                             \
         else SE_HALF_CHUNKS(NVMAX, LOAD, 0);                                         \
         for (j = j0; j < dim; j++) {                                                 \
