@@ -16,4 +16,10 @@
 #define SE_SPANS_EXTRA_LINE(p, nbytes)                                               \
     ((((uintptr_t)(p) & 63) + (size_t)(nbytes) - 1) / 64 >= ((size_t)(nbytes) + 63) / 64)
 
+/* Whether a row of a table at `base`, rows `row_bytes` apart, may start off a line
+ * boundary: checked once per call, to pick the loop variant that prefetches each
+ * row's last byte too (a check per row cost aligned tables instructions). */
+#define SE_ROWS_MAY_SKEW(base, row_bytes)                                            \
+    ((((uintptr_t)(base) | (uintptr_t)(row_bytes)) & 63) != 0)
+
 #endif

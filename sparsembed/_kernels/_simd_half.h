@@ -286,7 +286,7 @@ ATTR static int64_t NAME(                                                       
     /* rows of up to 4 lines: a row's prefetches in a burst as its id is checked;  \
        wider ones: one per line among the adds (see SE_HALF_SPREAD) */             \
     int spread = row_bytes > SE_HALF_SPREAD;                                         \
-    int skew = (((uintptr_t)weight | (uintptr_t)row_bytes) & 63) != 0;               \
+    int skew = SE_ROWS_MAY_SKEW(weight, row_bytes);                                  \
     int64_t b, e, j, j0 = 0, n_bad = 0;                                              \
     for (b = b0; b < b1; b++) {                                                      \
         int64_t count = 0, lo = starts[b], hi = starts[b + 1];                       \

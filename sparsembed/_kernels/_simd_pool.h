@@ -334,7 +334,7 @@ ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                       
        the one-per-add prefetches miss (SE_SPANS_EXTRA_LINE): such tables get one    \
        more prefetch per row, of its last byte (a check of each row among the adds   \
        cost 4.5% more instructions in the cached bag sums of aligned tables) */     \
-    int skew = (((uintptr_t)weight | (uintptr_t)(dim * sizeof(T))) & 63) != 0;     \
+    int skew = SE_ROWS_MAY_SKEW(weight, dim * sizeof(T));                           \
     if (WIDE && vectors >= 16) SE_CHUNK(16, 1, NTSTORE);                             \
     else if (vectors >= 8) SE_CHUNK(8, 1, NTSTORE);                                  \
     else if (vectors >= 4) SE_CHUNK(4, 1, NTSTORE);                                  \
