@@ -15,6 +15,7 @@ from sparsembed._threads import (  # noqa: F401
     ROW_MOVE_GRAIN,
     get_num_threads,
     threads_for,
+    threads_for_rows_read,
     workers_spin,
 )
 from sparsembed._validation import (  # noqa: F401 - part of the backend interface
@@ -102,7 +103,7 @@ def gather(weight, flat, check_range=False, ids_out=None):
     out = _pool.empty((flat.shape[0], weight.shape[1]), weight.dtype)
     # the copy only moves bytes: an even row of float16 is a row of float32 pairs
     src, dst = (weight.view(np.float32), out.view(np.float32)) if half else (weight, out)
-    bad = _lookup.gather(src, flat, dst, threads_for(dst.nbytes >> 2, ROW_GATHER_GRAIN),
+    bad = _lookup.gather(src, flat, dst, threads_for_rows_read(dst.nbytes),
                          out.nbytes >= STREAM_BYTES, ids_out)
     if bad >= 0:
         raise _index_error(flat, bad, weight.shape[0])
@@ -217,7 +218,7 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
     if half or mode == "max":
         T = threads_for(flat.shape[0] * dim, ROW_MOVE_GRAIN)
     else:
-        T = threads_for(flat.shape[0] * dim * weight.itemsize >> 2, ROW_GATHER_GRAIN)
+        T = threads_for_rows_read(flat.shape[0] * dim * weight.itemsize)
     if half:
         out, argmax, counts = _half.bag_forward(weight, flat, starts, mode, padding_idx,
                                                 per_sample_weights, plan, T)

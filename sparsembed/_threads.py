@@ -136,3 +136,9 @@ ROW_MOVE_GRAIN = 1 << 18 if workers_spin() else 1 << 19
 # 0.129 and 0.121 vs 0.127, 16,384 ids 0.193 vs 0.165 and 0.321 vs 0.237). With
 # spinning workers as ROW_MOVE_GRAIN.
 ROW_GATHER_GRAIN = 1 << 18 if workers_spin() else 1 << 20
+
+
+def threads_for_rows_read(nbytes):
+    """Threads for a pass that reads ``nbytes`` of table rows and moves them (the
+    lookup, the sum and mean bag forward): ROW_GATHER_GRAIN counts 4-byte words."""
+    return threads_for(nbytes >> 2, ROW_GATHER_GRAIN)

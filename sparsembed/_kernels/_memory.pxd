@@ -47,24 +47,28 @@ cdef extern from *:
         default: memcpy(dst, src, nbytes);
         }
     }
-    /* how many rows ahead to prefetch: about 6 KiB in flight, 4 to 32 rows */
+    /* how many rows of row_bytes make `span` bytes, clamped to [lo, hi] (hi for
+       empty rows): the prefetch distances below */
+    static inline ptrdiff_t sparsembed_rows_ahead(size_t row_bytes, size_t span,
+                                                  size_t lo, size_t hi) {
+        size_t d = row_bytes ? span / row_bytes : hi;
+        return (ptrdiff_t)(d < lo ? lo : (d > hi ? hi : d));
+    }
+    /* how many rows ahead to prefetch: 4 KiB of rows, 4 to 32 */
     static inline ptrdiff_t sparsembed_prefetch_distance(size_t row_bytes) {
-        size_t d = row_bytes ? (size_t)4096 / row_bytes : 32;
-        return (ptrdiff_t)(d < 4 ? 4 : (d > 32 ? 32 : d));
+        return sparsembed_rows_ahead(row_bytes, 4096, 4, 32);
     }
     /* rows ahead for the lookup's copies: 8 KiB of rows, 4 to 32. On an AMD EPYC
        (262,144 ids, V = 1e6, 2 threads, distances switched in one process, two
        runs): D = 64 uniform 3.12 / 3.31 -> 2.93 / 2.87 ms against 4 KiB, D = 256
        Zipf 7.87 / 6.12 -> 7.29 / 5.68; D = 64 Zipf and D = 256 uniform level */
     static inline ptrdiff_t sparsembed_gather_prefetch_distance(size_t row_bytes) {
-        size_t d = row_bytes ? (size_t)8192 / row_bytes : 32;
-        return (ptrdiff_t)(d < 4 ? 4 : (d > 32 ? 32 : d));
+        return sparsembed_rows_ahead(row_bytes, 8192, 4, 32);
     }
     /* rows ahead for the bag pooling, whose prefetches go out one line per add:
        32 KiB of rows, 8 to 64 (see _bag.pyx: bag_forward) */
     static inline ptrdiff_t sparsembed_pool_prefetch_distance(size_t row_bytes) {
-        size_t d = row_bytes ? (size_t)32768 / row_bytes : 64;
-        return (ptrdiff_t)(d < 8 ? 8 : (d > 64 ? 64 : d));
+        return sparsembed_rows_ahead(row_bytes, 32768, 8, 64);
     }
     """
     void prefetch_row "sparsembed_prefetch_row"(const void* p, size_t nbytes) noexcept nogil
