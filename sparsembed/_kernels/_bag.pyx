@@ -181,7 +181,7 @@ def half_bag_forward(
     cdef const index_t* ix = &idx[0] if idx.shape[0] > 0 else NULL
     cdef const float* ps = &psw[0] if psw.shape[0] > 0 else NULL
     # rows past SE_HALF_SPREAD bytes as far ahead as the float32 pooling's; narrower
-    # ones ~4 KiB, at least 8, a bag's worth at a time
+    # ones ~4 KiB, at least 8, a row's lines at once as its id is checked
     cdef int64_t row_bytes = dim * <int64_t>sizeof(uint16_t)
     cdef int64_t ahead = (pool_prefetch_distance(row_bytes) if row_bytes > HALF_SPREAD
                           else max(8, prefetch_distance(row_bytes)))

@@ -177,8 +177,10 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
 }
 
 /* Rows wider than this many bytes are prefetched one line per add, `ahead` entries
- * on (as _simd_pool.h does); narrower ones a bag at a time while its ids are
- * checked. On an AMD EPYC (float16 bag sum forward, 2 threads, V = 1e6, bags of 32,
+ * on (as _simd_pool.h does); narrower ones a row's lines at once as its id is
+ * checked, in the bag's first pass. Measured when narrow rows went a bag at a time
+ * in a pass of their own (before that pass was folded into the first chunk's),
+ * on an AMD EPYC (float16 bag sum forward, 2 threads, V = 1e6, bags of 32,
  * alternating A/B): D = 256 uniform 5.8-6.9 -> 3.9-4.1 ms and Zipf 1.47-1.74 ->
  * 1.27-1.50 spread 64 rows ahead, against all of a bag's 256 lines in a burst 8
  * rows ahead; but D = 64 uniform took 2.35-2.44 ms spread (8 to 64 rows ahead)
