@@ -48,6 +48,26 @@ static inline void se_float_to_half_soft(const float* src, uint16_t* dst, int64_
         ((out) = (VEC)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p))))
 #endif
 
+/* Store the float sums of vector v at p (VEC's lanes) as float16, one per level.
+ * A sum is the result of float arithmetic (0 + x, w * x, / count), which is never
+ * a signalling NaN, so the hardware conversion gives sparsembed_f2h's bits here
+ * without the check the row conversions below need. */
+#define SE_HALF_STORE_SOFT(p, v)                                                     \
+    do {                                                                             \
+        float t_[4];                                                                 \
+        int l_;                                                                      \
+        memcpy(t_, &(v), sizeof(t_));                                                \
+        for (l_ = 0; l_ < 4; l_++) (p)[l_] = sparsembed_f2h(t_[l_]);                 \
+    } while (0)
+#if SE_X86_DISPATCH
+    #define SE_HALF_STORE_F16C(p, v)                                                 \
+        _mm_storeu_si128((__m128i*)(p), _mm256_cvtps_ph((__m256)(v),                 \
+                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+    #define SE_HALF_STORE_AVX512(p, v)                                               \
+        _mm256_storeu_si256((__m256i*)(p), _mm512_cvtps_ph((__m512)(v),              \
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+#endif
+
 /* Row conversions for the float16 tables' compact float32 copies (_f16.pyx): n
  * values, float16 -> float32 exactly, float32 -> float16 rounded to nearest even,
  * bit for bit sparsembed_h2f / sparsembed_f2h. The hardware conversions differ from
@@ -187,22 +207,10 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
  * against 1.9-2.0 in a burst. */
 #define SE_HALF_SPREAD 256
 
-/* NV vectors of columns at j0, summed over the bag's entries in registers (the
- * sums of _simd_pool.h's SE_CHUNK, on converted float16 rows) into o[j0:].
- * FIRST (a constant): the bag's first pass, which also range-checks each id (goto
- * bad_bag with count = -(e + 1) at the first bad one: nothing is written then),
- * counts the non-padding entries and, for rows of up to SE_HALF_SPREAD bytes,
- * prefetches the whole row `ahead` entries on; later passes find the rows in cache.
- * One pass over the ids instead of a pass of their own before the sums, as the
- * float32 pooling does. SPREAD: wider rows, whose prefetches go one line per add,
- * in every pass for its own columns; 2: rows that may start off a line boundary,
- * whose last byte is prefetched too (see _simd_pool.h's SKEW). */
-#define SE_HALF_CHUNK(NV, LOAD, SPREAD, FIRST)                                       \
+/* The entries of a bag for SE_HALF_CHUNK (its arguments, and WEIGHTED: psw is
+ * given; a constant, so that the common unweighted loop carries no test of it). */
+#define SE_HALF_ROWS(NV, LOAD, SPREAD, FIRST, WEIGHTED)                              \
     do {                                                                             \
-        VEC acc[NV];                                                                 \
-        int v_;                                                                      \
-        int64_t npad_ = 0;                                                           \
-        for (v_ = 0; v_ < NV; v_++) acc[v_] = (VEC){0};                              \
         for (e = lo; e < hi; e++) {                                                  \
             int64_t r;                                                               \
             const uint16_t* w;                                                       \
@@ -211,7 +219,20 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
                 /* (a prefetch never faults, even for an id still to be checked) */ \
                 int64_t pe_ = e + ahead < n ? e + ahead : n - 1;                     \
                 p_ = (const char*)(weight + (int64_t)idx[pe_] * dim + j0);           \
-                if (FIRST && !SPREAD) sparsembed_prefetch_lines(p_, row_bytes);      \
+                if (FIRST && !SPREAD) {                                              \
+                    /* the chunk's lines by a count known when compiling; the row   \
+                       past the chunk and a skewed row's last line by tests that    \
+                       are the same for every row (sparsembed_prefetch_lines' loop  \
+                       of a run-time length per row cost 20% of a D = 64 bag sum   \
+                       in cache: a C loop of the same sums 0.28 -> 0.35 ms) */       \
+                    int l_;                                                          \
+                    for (l_ = 0; l_ < (int)((NV * LANES * 2 + 63) / 64); l_++)       \
+                        SE_PREFETCH(p_ + 64 * l_);                                   \
+                    if (row_bytes > NV * LANES * 2)                                  \
+                        sparsembed_prefetch_lines(p_ + NV * LANES * 2,               \
+                                                  row_bytes - NV * LANES * 2);       \
+                    if (skew) SE_PREFETCH(p_ + row_bytes - 1);                       \
+                }                                                                    \
             }                                                                        \
             r = (int64_t)idx[e];                                                     \
             if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) {           \
@@ -223,49 +244,61 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
                 continue;                                                            \
             }                                                                        \
             w = weight + r * dim + j0;                                               \
-            if (psw) {                                                               \
-                float s_ = psw[e];                                                   \
-                for (v_ = 0; v_ < NV; v_++) {                                        \
-                    VEC x_;                                                          \
-                    if (SPREAD && ((v_ * LANES * 2) & 63) == 0)                      \
-                        SE_PREFETCH(p_ + v_ * LANES * 2);                            \
-                    LOAD(w + v_ * LANES, x_);                                        \
-                    x_ = s_ * x_;                                                    \
-                    acc[v_] += x_;                                                   \
-                }                                                                    \
-            } else {                                                                 \
-                for (v_ = 0; v_ < NV; v_++) {                                        \
-                    VEC x_;                                                          \
-                    if (SPREAD && ((v_ * LANES * 2) & 63) == 0)                      \
-                        SE_PREFETCH(p_ + v_ * LANES * 2);                            \
-                    LOAD(w + v_ * LANES, x_);                                        \
-                    acc[v_] += x_;                                                   \
-                }                                                                    \
+            for (v_ = 0; v_ < NV; v_++) {                                            \
+                VEC x_;                                                              \
+                if (SPREAD && ((v_ * LANES * 2) & 63) == 0)                          \
+                    SE_PREFETCH(p_ + v_ * LANES * 2);                                \
+                LOAD(w + v_ * LANES, x_);                                            \
+                if (WEIGHTED) x_ = psw[e] * x_;                                      \
+                acc[v_] += x_;                                                       \
             }                                                                        \
             if (SPREAD == 2) SE_PREFETCH(p_ + NV * LANES * 2 - 1);                   \
         }                                                                            \
+    } while (0)
+
+/* NV vectors of columns at j0, summed over the bag's entries in registers (the
+ * sums of _simd_pool.h's SE_CHUNK, on converted float16 rows), rounded to float16
+ * into out_row[j0:] by STORE.
+ * FIRST (a constant): the bag's first pass, which also range-checks each id (goto
+ * bad_bag with count = -(e + 1) at the first bad one: nothing is written then),
+ * counts the non-padding entries and, for rows of up to SE_HALF_SPREAD bytes,
+ * prefetches the whole row `ahead` entries on; later passes find the rows in cache.
+ * One pass over the ids instead of a pass of their own before the sums, as the
+ * float32 pooling does. SPREAD: wider rows, whose prefetches go one line per add,
+ * in every pass for its own columns; 2: rows that may start off a line boundary,
+ * whose last byte is prefetched too (see _simd_pool.h's SKEW). */
+#define SE_HALF_CHUNK(NV, LOAD, STORE, SPREAD, FIRST)                                \
+    do {                                                                             \
+        VEC acc[NV];                                                                 \
+        int v_;                                                                      \
+        int64_t npad_ = 0;                                                           \
+        for (v_ = 0; v_ < NV; v_++) acc[v_] = (VEC){0};                              \
+        if (psw) SE_HALF_ROWS(NV, LOAD, SPREAD, FIRST, 1);                           \
+        else SE_HALF_ROWS(NV, LOAD, SPREAD, FIRST, 0);                               \
         if (FIRST) count = hi - lo - npad_;                                          \
         if (mean && count > 1)                                                       \
             for (v_ = 0; v_ < NV; v_++) acc[v_] = acc[v_] / (float)count;            \
-        for (v_ = 0; v_ < NV; v_++) memcpy(o + j0 + v_ * LANES, &acc[v_], sizeof(VEC)); \
+        /* rounded to float16 from the registers (no bag reaches here with a bad id: \
+           the first chunk leaves before any store) */                             \
+        for (v_ = 0; v_ < NV; v_++) STORE(out_row + j0 + v_ * LANES, acc[v_]);       \
         j0 += NV * LANES;                                                            \
     } while (0)
 
 /* every whole vector of columns (dim >= LANES), in chunks of NVMAX, 8, 4, 2, 1: the
  * first chunk, the widest that fits, with FIRST */
-#define SE_HALF_CHUNKS(NVMAX, LOAD, SPREAD)                                          \
+#define SE_HALF_CHUNKS(NVMAX, LOAD, STORE, SPREAD)                                   \
     do {                                                                             \
         j0 = 0;                                                                      \
-        if (dim >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, SPREAD, 1);             \
-        else if (NVMAX > 8 && dim >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, SPREAD, 1);   \
-        else if (dim >= 4 * LANES) SE_HALF_CHUNK(4, LOAD, SPREAD, 1);                \
-        else if (dim >= 2 * LANES) SE_HALF_CHUNK(2, LOAD, SPREAD, 1);                \
-        else SE_HALF_CHUNK(1, LOAD, SPREAD, 1);                                      \
-        while (dim - j0 >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, SPREAD, 0);     \
-        if (NVMAX > 8 && dim - j0 >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, SPREAD, 0);   \
-        if (dim - j0 >= 4 * LANES) SE_HALF_CHUNK(4, LOAD, SPREAD, 0);                \
-        if (dim - j0 >= 2 * LANES) SE_HALF_CHUNK(2, LOAD, SPREAD, 0);                \
-        if (dim - j0 >= LANES) SE_HALF_CHUNK(1, LOAD, SPREAD, 0);                    \
+        if (dim >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, STORE, SPREAD, 1);      \
+        else if (NVMAX > 8 && dim >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, STORE, SPREAD, 1); \
+        else if (dim >= 4 * LANES) SE_HALF_CHUNK(4, LOAD, STORE, SPREAD, 1);         \
+        else if (dim >= 2 * LANES) SE_HALF_CHUNK(2, LOAD, STORE, SPREAD, 1);         \
+        else SE_HALF_CHUNK(1, LOAD, STORE, SPREAD, 1);                               \
+        while (dim - j0 >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, STORE, SPREAD, 0); \
+        if (NVMAX > 8 && dim - j0 >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, STORE, SPREAD, 0); \
+        if (dim - j0 >= 4 * LANES) SE_HALF_CHUNK(4, LOAD, STORE, SPREAD, 0);         \
+        if (dim - j0 >= 2 * LANES) SE_HALF_CHUNK(2, LOAD, STORE, SPREAD, 0);         \
+        if (dim - j0 >= LANES) SE_HALF_CHUNK(1, LOAD, STORE, SPREAD, 0);             \
     } while (0)
 
 /* NAME: bags b0..b1-1 (bag b is entries starts[b]..starts[b+1]-1 of idx) of the
@@ -275,8 +308,9 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
  * -(e + 1) for the first entry e whose id is outside [0, num_rows) (no row is read
  * for it or after it; out[b] is left as it was). Rows `ahead` entries on are
  * prefetched as the ids are checked, or with the adds for rows wider than
- * SE_HALF_SPREAD bytes. `o`: room for dim floats. Returns the number of bad bags. */
-#define SE_DEFINE_HALF_POOL(NAME, I, ATTR, VBYTES, NVMAX, LOAD, CVT_OUT)              \
+ * SE_HALF_SPREAD bytes. `o`: room for dim floats (the sums of the columns past the
+ * last whole vector, rounded from there). Returns the number of bad bags. */
+#define SE_DEFINE_HALF_POOL(NAME, I, ATTR, VBYTES, NVMAX, LOAD, STORE, CVT_OUT)      \
 ATTR static int64_t NAME(                                                            \
     const uint16_t* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t n,  \
     const int64_t* starts, int64_t b0, int64_t b1, int64_t pad, const float* psw,    \
@@ -292,6 +326,7 @@ ATTR static int64_t NAME(                                                       
     int64_t b, e, j, j0 = 0, n_bad = 0;                                              \
     for (b = b0; b < b1; b++) {                                                      \
         int64_t count = 0, lo = starts[b], hi = starts[b + 1];                       \
+        uint16_t* out_row = out + b * dim;                                           \
         if (dim < LANES) {                                                           \
             /* no whole vector to check the ids with: a pass of their own */        \
             for (e = lo; e < hi; e++) {                                              \
@@ -308,9 +343,9 @@ ATTR static int64_t NAME(                                                       
             }                                                                        \
             j0 = 0;                                                                  \
         }                                                                            \
-        else if (spread && skew) SE_HALF_CHUNKS(NVMAX, LOAD, 2);                     \
-        else if (spread) SE_HALF_CHUNKS(NVMAX, LOAD, 1);                             \
-        else SE_HALF_CHUNKS(NVMAX, LOAD, 0);                                         \
+        else if (spread && skew) SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 2);              \
+        else if (spread) SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 1);                      \
+        else SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 0);                                  \
         for (j = j0; j < dim; j++) {                                                 \
             /* the columns past the last whole vector, one at a time */              \
             float a_ = 0;                                                            \
@@ -322,7 +357,7 @@ ATTR static int64_t NAME(                                                       
             }                                                                        \
             o[j] = mean && count > 1 ? a_ / (float)count : a_;                       \
         }                                                                            \
-        CVT_OUT(o, out + b * dim, dim);                                              \
+        if (j0 < dim) CVT_OUT(o + j0, out_row + j0, dim - j0);                       \
         counts[b] = count;                                                           \
         continue;                                                                    \
     bad_bag:                                                                         \
@@ -333,18 +368,18 @@ ATTR static int64_t NAME(                                                       
 }
 
 SE_DEFINE_HALF_POOL(se_half_pool_i32_base, int32_t, , 16, 8, SE_HALF_LOAD_SOFT,
-                    se_float_to_half_soft)
+                    SE_HALF_STORE_SOFT, se_float_to_half_soft)
 SE_DEFINE_HALF_POOL(se_half_pool_i64_base, int64_t, , 16, 8, SE_HALF_LOAD_SOFT,
-                    se_float_to_half_soft)
+                    SE_HALF_STORE_SOFT, se_float_to_half_soft)
 #if SE_X86_DISPATCH
 SE_DEFINE_HALF_POOL(se_half_pool_i32_avx2, int32_t, SE_TARGET("avx2,f16c"), 32, 8,
-                    SE_HALF_LOAD_F16C, se_float_to_half_f16c)
+                    SE_HALF_LOAD_F16C, SE_HALF_STORE_F16C, se_float_to_half_f16c)
 SE_DEFINE_HALF_POOL(se_half_pool_i64_avx2, int64_t, SE_TARGET("avx2,f16c"), 32, 8,
-                    SE_HALF_LOAD_F16C, se_float_to_half_f16c)
+                    SE_HALF_LOAD_F16C, SE_HALF_STORE_F16C, se_float_to_half_f16c)
 SE_DEFINE_HALF_POOL(se_half_pool_i32_avx512, int32_t, SE_TARGET("avx512f"), 64, 16,
-                    SE_HALF_LOAD_AVX512, se_float_to_half_avx512)
+                    SE_HALF_LOAD_AVX512, SE_HALF_STORE_AVX512, se_float_to_half_avx512)
 SE_DEFINE_HALF_POOL(se_half_pool_i64_avx512, int64_t, SE_TARGET("avx512f"), 64, 16,
-                    SE_HALF_LOAD_AVX512, se_float_to_half_avx512)
+                    SE_HALF_LOAD_AVX512, SE_HALF_STORE_AVX512, se_float_to_half_avx512)
 #endif
 
 typedef int64_t (*se_half_pool_i32)(const uint16_t*, int64_t, int64_t, const int32_t*, int64_t,
