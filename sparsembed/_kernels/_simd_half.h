@@ -207,53 +207,63 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
  * against 1.9-2.0 in a burst. */
 #define SE_HALF_SPREAD 256
 
+/* One entry e of SE_HALF_ROWS; CLAMP (a constant): the entry `ahead` on may be
+ * past the end (the last `ahead` entries of the batch, a loop of their own). */
+#define SE_HALF_ENTRY(NV, LOAD, SPREAD, FIRST, WEIGHTED, CLAMP)                      \
+    {                                                                                \
+        int64_t r;                                                                   \
+        const uint16_t* w;                                                           \
+        const char* p_ = NULL;                                                       \
+        if (SPREAD || FIRST) {                                                       \
+            /* (a prefetch never faults, even for an id still to be checked) */      \
+            int64_t pe_ = CLAMP ? (e + ahead < n ? e + ahead : n - 1) : e + ahead;   \
+            p_ = (const char*)(weight + (int64_t)idx[pe_] * dim + j0);               \
+            if (FIRST && !SPREAD) {                                                  \
+                /* the chunk's lines by a count known when compiling; the row        \
+                   past the chunk and a skewed row's last line by tests that         \
+                   are the same for every row (sparsembed_prefetch_lines' loop       \
+                   of a run-time length per row cost 20% of a D = 64 bag sum         \
+                   in cache: a C loop of the same sums 0.28 -> 0.35 ms) */           \
+                int l_;                                                              \
+                for (l_ = 0; l_ < (int)((NV * LANES * 2 + 63) / 64); l_++)           \
+                    SE_PREFETCH(p_ + 64 * l_);                                       \
+                if (row_bytes > NV * LANES * 2)                                      \
+                    sparsembed_prefetch_lines(p_ + NV * LANES * 2,                   \
+                                              row_bytes - NV * LANES * 2);           \
+                if (skew) SE_PREFETCH(p_ + row_bytes - 1);                           \
+            }                                                                        \
+        }                                                                            \
+        r = (int64_t)idx[e];                                                         \
+        if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) {               \
+            count = -(e + 1);                                                        \
+            goto bad_bag;                                                            \
+        }                                                                            \
+        if (r == pad) {                                                              \
+            if (FIRST) npad_++;                                                      \
+            continue;                                                                \
+        }                                                                            \
+        w = weight + r * dim + j0;                                                   \
+        for (v_ = 0; v_ < NV; v_++) {                                                \
+            VEC x_;                                                                  \
+            if (SPREAD && ((v_ * LANES * 2) & 63) == 0)                              \
+                SE_PREFETCH(p_ + v_ * LANES * 2);                                    \
+            LOAD(w + v_ * LANES, x_);                                                \
+            if (WEIGHTED) x_ = psw[e] * x_;                                          \
+            acc[v_] += x_;                                                           \
+        }                                                                            \
+        if (SPREAD == 2) SE_PREFETCH(p_ + NV * LANES * 2 - 1);                       \
+    }
+
 /* The entries of a bag for SE_HALF_CHUNK (its arguments, and WEIGHTED: psw is
- * given; a constant, so that the common unweighted loop carries no test of it). */
+ * given; a constant, so that the common unweighted loop carries no test of it),
+ * those whose entry `ahead` on is inside the batch first, without the clamp. */
 #define SE_HALF_ROWS(NV, LOAD, SPREAD, FIRST, WEIGHTED)                              \
     do {                                                                             \
-        for (e = lo; e < hi; e++) {                                                  \
-            int64_t r;                                                               \
-            const uint16_t* w;                                                       \
-            const char* p_ = NULL;                                                   \
-            if (SPREAD || FIRST) {                                                   \
-                /* (a prefetch never faults, even for an id still to be checked) */ \
-                int64_t pe_ = e + ahead < n ? e + ahead : n - 1;                     \
-                p_ = (const char*)(weight + (int64_t)idx[pe_] * dim + j0);           \
-                if (FIRST && !SPREAD) {                                              \
-                    /* the chunk's lines by a count known when compiling; the row   \
-                       past the chunk and a skewed row's last line by tests that    \
-                       are the same for every row (sparsembed_prefetch_lines' loop  \
-                       of a run-time length per row cost 20% of a D = 64 bag sum   \
-                       in cache: a C loop of the same sums 0.28 -> 0.35 ms) */       \
-                    int l_;                                                          \
-                    for (l_ = 0; l_ < (int)((NV * LANES * 2 + 63) / 64); l_++)       \
-                        SE_PREFETCH(p_ + 64 * l_);                                   \
-                    if (row_bytes > NV * LANES * 2)                                  \
-                        sparsembed_prefetch_lines(p_ + NV * LANES * 2,               \
-                                                  row_bytes - NV * LANES * 2);       \
-                    if (skew) SE_PREFETCH(p_ + row_bytes - 1);                       \
-                }                                                                    \
-            }                                                                        \
-            r = (int64_t)idx[e];                                                     \
-            if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) {           \
-                count = -(e + 1);                                                    \
-                goto bad_bag;                                                        \
-            }                                                                        \
-            if (r == pad) {                                                          \
-                if (FIRST) npad_++;                                                  \
-                continue;                                                            \
-            }                                                                        \
-            w = weight + r * dim + j0;                                               \
-            for (v_ = 0; v_ < NV; v_++) {                                            \
-                VEC x_;                                                              \
-                if (SPREAD && ((v_ * LANES * 2) & 63) == 0)                          \
-                    SE_PREFETCH(p_ + v_ * LANES * 2);                                \
-                LOAD(w + v_ * LANES, x_);                                            \
-                if (WEIGHTED) x_ = psw[e] * x_;                                      \
-                acc[v_] += x_;                                                       \
-            }                                                                        \
-            if (SPREAD == 2) SE_PREFETCH(p_ + NV * LANES * 2 - 1);                   \
-        }                                                                            \
+        int64_t split_ = n - ahead < hi ? n - ahead : hi;                            \
+        if (split_ < lo) split_ = lo;                                                \
+        for (e = lo; e < split_; e++)                                                \
+            SE_HALF_ENTRY(NV, LOAD, SPREAD, FIRST, WEIGHTED, 0)                      \
+        for (; e < hi; e++) SE_HALF_ENTRY(NV, LOAD, SPREAD, FIRST, WEIGHTED, 1)      \
     } while (0)
 
 /* NV vectors of columns at j0, summed over the bag's entries in registers (the
