@@ -259,8 +259,7 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
  * those whose entry `ahead` on is inside the batch first, without the clamp. */
 #define SE_HALF_ROWS(NV, LOAD, SPREAD, FIRST, WEIGHTED)                              \
     do {                                                                             \
-        int64_t split_ = n - ahead < hi ? n - ahead : hi;                            \
-        if (split_ < lo) split_ = lo;                                                \
+        int64_t split_ = se_clamp_from(lo, hi, n, ahead);                            \
         for (e = lo; e < split_; e++)                                                \
             SE_HALF_ENTRY(NV, LOAD, SPREAD, FIRST, WEIGHTED, 0)                      \
         for (; e < hi; e++) SE_HALF_ENTRY(NV, LOAD, SPREAD, FIRST, WEIGHTED, 1)      \

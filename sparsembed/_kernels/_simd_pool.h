@@ -234,10 +234,18 @@ static inline void se_stage_done(se_stage* st)
         if (SKEW) SE_PREFETCH(p + NV * sizeof(VEC) - 1);                             \
     }
 
+/* The first entry of [lo, hi) whose row `ahead` entries on lies past the batch's n
+ * entries (hi if none): the entry loops run up to it without clamping that row's
+ * position, and the rest with the clamp. */
+static inline int64_t se_clamp_from(int64_t lo, int64_t hi, int64_t n, int64_t ahead)
+{
+    int64_t split = n - ahead < hi ? n - ahead : hi;
+    return split < lo ? lo : split;
+}
+
 #define SE_ROW_LOOP(NV, FIRST, WEIGHTED, HASPAD, SKEW)                               \
     do {                                                                             \
-        int64_t split_ = n - ahead < hi ? n - ahead : hi;                            \
-        if (split_ < lo) split_ = lo;                                                \
+        int64_t split_ = se_clamp_from(lo, hi, n, ahead);                            \
         for (e = lo; e < split_; e++) SE_ROW_STEP(NV, FIRST, WEIGHTED, HASPAD, 0, SKEW) \
         for (; e < hi; e++) SE_ROW_STEP(NV, FIRST, WEIGHTED, HASPAD, 1, SKEW)        \
         if (FIRST) count = hi - lo - (HASPAD ? count : 0);                           \
