@@ -8,7 +8,10 @@ Operations (one table of ``--num-embeddings`` x ``--dim``, a batch of ``--batch`
   per-row segment sums, CSR assembly), against torch's sparse backward followed by
   ``coalesce()`` (the same canonical form);
 - SparseAdam step: ``se.optim.SparseAdam.step()`` on that gradient, against
-  ``torch.optim.SparseAdam.step()`` (skipped when se.optim has no GPU path).
+  ``torch.optim.SparseAdam.step()`` (skipped when se.optim has no GPU path);
+- bag sum forward: ``se.functional.embedding_bag(ids, weight, offsets, mode="sum")``
+  over the same ids cut into bags of ``--bag-size``, against torch's
+  ``F.embedding_bag`` (ids and offsets already on the device for both).
 
 Each time is the median of ``--repeat`` runs after ``--warmup`` runs, measured with
 CUDA events around the operation only.
@@ -38,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--dist", choices=["uniform", "zipf"], default="uniform",
                    help="id distribution (zipf: a=1.2, clipped to V)")
+    p.add_argument("--bag-size", type=int, default=32, help="ids per bag (default 32)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
@@ -74,6 +78,7 @@ def make_ids(args, V, rng):
 
 def bench_sparsembed(args, cp, ids_host, time_ms):
     import sparsembed as se
+    import sparsembed.functional  # noqa: F401 - se.functional
 
     V, D = int(args.num_embeddings), args.dim
     res = {}
@@ -82,6 +87,10 @@ def bench_sparsembed(args, cp, ids_host, time_ms):
     ids = cp.asarray(ids_host)
     out = emb(ids)
     res["forward_ms"] = time_ms(lambda: emb(ids), args.repeat, args.warmup)
+    offsets = cp.arange(0, args.batch, args.bag_size, dtype=cp.int64)
+    res["bag_sum_forward_ms"] = time_ms(
+        lambda: se.functional.embedding_bag(ids, emb.weight, offsets, mode="sum"),
+        args.repeat, args.warmup)
     copy_dst = cp.empty_like(out)
     res["copy_bound_ms"] = time_ms(lambda: cp.copyto(copy_dst, out), args.repeat, args.warmup)
     grad_out = cp.random.standard_normal(out.shape, dtype=args.dtype)
@@ -127,6 +136,9 @@ def bench_torch(args, ids_host, cp):
 
     with torch.no_grad():
         res["forward_ms"] = time_ms(lambda: emb(ids))
+        offsets = torch.arange(0, args.batch, args.bag_size, device=dev)
+        res["bag_sum_forward_ms"] = time_ms(lambda: torch.nn.functional.embedding_bag(
+            ids, emb.weight, offsets, mode="sum"))
     grad_out = torch.randn(args.batch, D, device=dev, dtype=dtype)
     state = {}
 
@@ -168,7 +180,8 @@ def main(argv=None):
     results = {
         "machine": {"gpu": gpu_name, "cupy": cp.__version__, "python": platform.python_version()},
         "config": {"num_embeddings": V, "dim": args.dim, "batch": args.batch,
-                   "dtype": args.dtype, "dist": args.dist, "repeat": args.repeat,
+                   "dtype": args.dtype, "dist": args.dist, "bag_size": args.bag_size,
+                   "repeat": args.repeat,
                    "warmup": args.warmup},
         "sparsembed": bench_sparsembed(args, cp, ids_host, cuda_timer(cp)),
     }
@@ -182,7 +195,8 @@ def main(argv=None):
     print(f"GPU: {gpu_name}  V={V:.0e} D={args.dim} B={args.batch} {args.dtype} ({args.dist} ids)")
     print(f"{'operation':<22}{'sparsembed ms':>15}{'torch ms':>12}{'torch/se':>10}")
     for key, label in [("forward_ms", "forward"), ("sparse_backward_ms", "sparse backward"),
-                       ("sparse_adam_step_ms", "SparseAdam step")]:
+                       ("sparse_adam_step_ms", "SparseAdam step"),
+                       ("bag_sum_forward_ms", f"bag sum forward ({args.bag_size})")]:
         a = s.get(key)
         b = t.get(key) if t else None
         print(f"{label:<22}{_fmt(a, 15)}{_fmt(b, 12)}{_fmt(b / a if a and b else None, 10, 2)}")

@@ -8,9 +8,11 @@
 #    index is reachable; offline, put wheels in ./wheels first);
 # 2. builds the kernels in place and checks the package imports and sees the device;
 # 3. runs the GPU tests (tests/test_gpu.py, marked gpu) and the CPU-side GPU tests;
-# 4. runs the benchmark at V=1e7, D=128, B=2**20 (float32) against torch on the same GPU
-#    (BENCH_ARGS overrides its arguments).
-# Logs and bench_gpu.json land in $OUT. The exit status is the tests' (0: all passed).
+# 4. runs the benchmark at V=1e7, D=128, B=2**20 (float32), uniform and Zipf ids, against
+#    torch on the same GPU (BENCH_ARGS adds arguments to both runs).
+# Each step runs under a time limit (TEST_TIMEOUT / BENCH_TIMEOUT seconds), so a hung
+# kernel cannot eat a lease.
+# Logs and bench_gpu_{uniform,zipf}.json land in $OUT. The exit status is the tests' (0: all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,13 +42,18 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import sparsembed as se, sparsembed._cuda as c; print(se.show_config()); print('cupy_available:', c.cupy_available())"
 
 echo "== GPU tests"
-$PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE --tb=short 2>&1 \
+    | tee "$OUT/test_gpu.log"
 status=${PIPESTATUS[0]}
 echo "== CPU-side GPU tests"
-$PY -m pytest tests/test_gpu_cpu_side.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu_cpu_side.log"
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest tests/test_gpu_cpu_side.py -q -p no:cacheprovider -rfE --tb=short 2>&1 \
+    | tee "$OUT/test_gpu_cpu_side.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmark"
-# shellcheck disable=SC2086
-$PY benchmarks/bench_gpu.py ${BENCH_ARGS:-} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+for dist in uniform zipf; do
+    # shellcheck disable=SC2086
+    timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/bench_gpu.py --dist $dist ${BENCH_ARGS:-} \
+        --json "$OUT/bench_gpu_$dist.json" 2>&1 | tee "$OUT/bench_gpu_$dist.txt"
+done
 exit "$status"
