@@ -166,6 +166,29 @@ def test_finite_differences_float64(rng):
         assert_allclose(g[r, j], num, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dim", [8, 7])
+def test_unaligned_and_odd_width_tables_equal_cpu(rng, dtype, dim):
+    # a table view 4 bytes off a 16-byte boundary (or of an odd width) takes the
+    # kernels' scalar loops instead of the 16-byte vector ones: same results
+    w = rng.standard_normal((40, dim)).astype(dtype)
+    big = cp.zeros(40 * dim + 1, dtype=dtype)
+    wd = big[1:].reshape(40, dim)
+    wd[...] = cp.asarray(w)
+    assert wd.flags.c_contiguous and wd.data.ptr % 16 != 0
+    ids = _ids(rng, (6, 9), 40)  # a hot id: segments longer than the kernels' batch
+    assert_array_equal(host(F.embedding(ids, wd)), F.embedding(ids, w))
+    go = rng.standard_normal((6, 9, dim)).astype(dtype)
+    a = F.embedding_backward(go, ids, 40, sparse=True)
+    gd = cp.zeros(6 * 9 * dim + 1, dtype=dtype)[1:].reshape(6, 9, dim)
+    gd[...] = cp.asarray(go)
+    b = F.embedding_backward(gd, ids, 40, sparse=True)
+    assert_array_equal(host(b).toarray(), a.toarray())
+    off = np.array([0, 20, 20, 51])
+    for mode in ("sum", "mean", "max"):
+        assert_array_equal(host(F.embedding_bag(ids.reshape(-1), wd, off, mode=mode)),
+                           F.embedding_bag(ids.reshape(-1), w, off, mode=mode))
+
+
 # --------------------------------------------------------------------- errors
 
 def test_index_error_same_message_and_nothing_written(rng):

@@ -18,7 +18,7 @@ Scalar arguments are passed as numpy scalars of the exact C type (``np.int64`` f
 
 import numpy as np
 
-from sparsembed._cuda._ops import launch_shape
+from sparsembed._cuda._ops import WARP, launch_shape
 
 C_TYPES = {
     np.dtype(np.float32): "float",
@@ -55,12 +55,136 @@ __device__ __forceinline__ double se_warp_min(double v) {
     return v;
 }
 
+// ---------------------------------------------------------------- 16-byte vectors
+// Where a row's length is a multiple of 16 bytes and the arrays are 16-byte aligned,
+// the kernels move float4 / double2 vectors: one load brings 16 bytes per lane. The
+// arithmetic stays per element (each component is its own column), so results are
+// the scalar loops' bit for bit. Loops over a row's entries load SE_BATCH rows before
+// adding them, in order: the loads are independent, only the adds chain, so a long
+// segment (a hot id) keeps SE_BATCH reads in flight instead of one.
+template <typename S> struct se_vec_of;
+template <> struct se_vec_of<float> { typedef float4 type; };
+template <> struct se_vec_of<double> { typedef double2 type; };
+typedef se_vec_of<T>::type TV;
+#define SE_VW ((i64)(sizeof(TV) / sizeof(T)))
+#define SE_BATCH 16
+
+__device__ __forceinline__ bool se_aligned(const void* p) {
+    return ((unsigned long long)p & 15ULL) == 0;
+}
+
+__device__ __forceinline__ float se_vadd(float a, float b) { return a + b; }
+__device__ __forceinline__ double se_vadd(double a, double b) { return a + b; }
+__device__ __forceinline__ float4 se_vadd(float4 a, float4 b) {
+    a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
+    return a;
+}
+__device__ __forceinline__ double2 se_vadd(double2 a, double2 b) {
+    a.x += b.x; a.y += b.y;
+    return a;
+}
+// s * v per element (rounded products, as the scalar code's s * v)
+__device__ __forceinline__ float se_vmul(float s, float v) { return s * v; }
+__device__ __forceinline__ double se_vmul(double s, double v) { return s * v; }
+__device__ __forceinline__ float4 se_vmul(float s, float4 v) {
+    v.x = s * v.x; v.y = s * v.y; v.z = s * v.z; v.w = s * v.w;
+    return v;
+}
+__device__ __forceinline__ double2 se_vmul(double s, double2 v) {
+    v.x = s * v.x; v.y = s * v.y;
+    return v;
+}
+__device__ __forceinline__ float se_vdiv(float v, float s) { return v / s; }
+__device__ __forceinline__ double se_vdiv(double v, double s) { return v / s; }
+__device__ __forceinline__ float4 se_vdiv(float4 v, float s) {
+    v.x /= s; v.y /= s; v.z /= s; v.w /= s;
+    return v;
+}
+__device__ __forceinline__ double2 se_vdiv(double2 v, double s) {
+    v.x /= s; v.y /= s;
+    return v;
+}
+template <typename U> __device__ __forceinline__ U se_vzero() {
+    U z;
+    T* e = (T*)&z;
+    for (int q = 0; q < (int)(sizeof(U) / sizeof(T)); ++q) e[q] = (T)0;
+    return z;
+}
+
+// acc plus, in order k = k0 .. hi - 1, the term of entry e = perm[k]: the row
+// g[src, c] of src = entry_bag[e] (or e when entry_bag is null), times scale[e] when
+// scale is not null.
+template <typename U>
+__device__ __forceinline__ U se_rows_sum(U acc, const U* __restrict__ g,
+                                         const i64* __restrict__ perm,
+                                         const i64* __restrict__ entry_bag,
+                                         const T* __restrict__ scale,
+                                         i64 k, const i64 hi, const i64 nv, const i64 c) {
+    for (; k + SE_BATCH <= hi; k += SE_BATCH) {
+        U v[SE_BATCH];
+#pragma unroll
+        for (int q = 0; q < SE_BATCH; ++q) {
+            const i64 e = perm[k + q];
+            v[q] = g[(entry_bag ? entry_bag[e] : e) * nv + c];
+            if (scale) v[q] = se_vmul(scale[e], v[q]);
+        }
+#pragma unroll
+        for (int q = 0; q < SE_BATCH; ++q) acc = se_vadd(acc, v[q]);
+    }
+    for (; k < hi; ++k) {
+        const i64 e = perm[k];
+        U v = g[(entry_bag ? entry_bag[e] : e) * nv + c];
+        if (scale) v = se_vmul(scale[e], v);
+        acc = se_vadd(acc, v);
+    }
+    return acc;
+}
+
+// the flat lookup: vector t of the output is vector t % nv of row idx[t / nv];
+// SE_GATHER_UNROLL (GATHER_UNROLL, set by module_source) vectors per thread, all
+// loaded before any is stored. J: the index type (32-bit when the output has fewer
+// than 2**31 vectors: a cheaper division)
+template <typename J>
+__device__ __forceinline__ void se_gather_vec(const TV* __restrict__ w,
+                                              const I* __restrict__ idx,
+                                              TV* __restrict__ o,
+                                              const J total, const J nv) {
+    const J nthreads = (J)gridDim.x * blockDim.y * blockDim.x;
+    const J tid = ((J)blockIdx.x * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    for (J base = tid; base < total; base += (J)SE_GATHER_UNROLL * nthreads) {
+        TV v[SE_GATHER_UNROLL];
+#pragma unroll
+        for (int q = 0; q < SE_GATHER_UNROLL; ++q) {
+            const J t = base + (J)q * nthreads;
+            if (t < total) {
+                const J i = t / nv;
+                v[q] = w[(i64)idx[i] * (i64)nv + (i64)(t - i * nv)];
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < SE_GATHER_UNROLL; ++q) {
+            const J t = base + (J)q * nthreads;
+            if (t < total) o[t] = v[q];
+        }
+    }
+}
+
 // out[i, :] = weight[idx[i], :]
 extern "C" __global__ void se_gather(const T* __restrict__ weight,
                                      const I* __restrict__ idx,
                                      T* __restrict__ out,
                                      const i64 n,
                                      const i64 dim) {
+    if (dim % SE_VW == 0 && se_aligned(weight) && se_aligned(out)) {
+        const i64 total = n * (dim / SE_VW);
+        // the loop's last step adds at most 4 * 2**28 threads: no wrap below 2**31
+        if (total < 0x80000000LL)
+            se_gather_vec<unsigned>((const TV*)weight, idx, (TV*)out, (unsigned)total,
+                                    (unsigned)(dim / SE_VW));
+        else
+            se_gather_vec<i64>((const TV*)weight, idx, (TV*)out, total, dim / SE_VW);
+        return;
+    }
     const i64 step = (i64)gridDim.x * blockDim.y;
     for (i64 i = (i64)blockIdx.x * blockDim.y + threadIdx.y; i < n; i += step) {
         const T* src = weight + (i64)idx[i] * dim;
@@ -113,6 +237,30 @@ extern "C" __global__ void se_renorm(T* __restrict__ weight,
 // [starts[u], starts[u+1]), in that order (the first term copied, not added to 0,
 // as on the CPU), divided by the count when scale_by_count and count > 1; written
 // to out[rows[u], :] (dense) or out[u, :].
+template <typename U>
+__device__ __forceinline__ void se_segment_sum_rows(const U* __restrict__ g,
+                                                    const i64* __restrict__ perm,
+                                                    const i64* __restrict__ starts,
+                                                    const i64* __restrict__ rows,
+                                                    const int dense,
+                                                    const i64 n_rows,
+                                                    const i64 nv,
+                                                    const int scale_by_count,
+                                                    U* __restrict__ out) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
+        const i64 lo = starts[u];
+        const i64 hi = starts[u + 1];
+        U* dst = out + (dense ? rows[u] : u) * nv;
+        for (i64 c = threadIdx.x; c < nv; c += blockDim.x) {
+            U acc = g[perm[lo] * nv + c];
+            acc = se_rows_sum<U>(acc, g, perm, (const i64*)0, (const T*)0, lo + 1, hi, nv, c);
+            if (scale_by_count && hi - lo > 1) acc = se_vdiv(acc, (T)(hi - lo));
+            dst[c] = acc;
+        }
+    }
+}
+
 extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
                                           const i64* __restrict__ perm,
                                           const i64* __restrict__ starts,
@@ -122,18 +270,12 @@ extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
                                           const i64 dim,
                                           const int scale_by_count,
                                           T* __restrict__ out) {
-    const i64 step = (i64)gridDim.x * blockDim.y;
-    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
-        const i64 lo = starts[u];
-        const i64 hi = starts[u + 1];
-        T* dst = out + (dense ? rows[u] : u) * dim;
-        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
-            T acc = grad[perm[lo] * dim + j];
-            for (i64 k = lo + 1; k < hi; ++k) acc += grad[perm[k] * dim + j];
-            if (scale_by_count && hi - lo > 1) acc /= (T)(hi - lo);
-            dst[j] = acc;
-        }
-    }
+    if (dim % SE_VW == 0 && se_aligned(grad) && se_aligned(out))
+        se_segment_sum_rows<TV>((const TV*)grad, perm, starts, rows, dense, n_rows,
+                                dim / SE_VW, scale_by_count, (TV*)out);
+    else
+        se_segment_sum_rows<T>(grad, perm, starts, rows, dense, n_rows, dim,
+                               scale_by_count, out);
 }
 
 // ---------------------------------------------------------------- EmbeddingBag
@@ -143,6 +285,39 @@ extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
 // count > 1), 2 max (strict >: the first occurrence wins ties; argmax[b, j] = the
 // winning entry, -1 for an empty bag). counts[b] = non-padding entries. Empty bags
 // give zeros. Same arithmetic, in the same order, as the CPU kernel.
+// sum (mode 0) and mean (mode 1) pooling of bag b's columns c (vectors of U): the
+// entries' rows loaded SE_BATCH at a time (a padding entry's row is never read),
+// then added in entry order
+template <typename U>
+__device__ __forceinline__ U se_bag_pool(const U* __restrict__ w,
+                                         const I* __restrict__ idx,
+                                         const i64 lo, const i64 hi, const i64 pad,
+                                         const T* __restrict__ psw, const int has_psw,
+                                         const i64 nv, const i64 c) {
+    U acc = se_vzero<U>();
+    i64 e = lo;
+    for (; e + SE_BATCH <= hi; e += SE_BATCH) {
+        U v[SE_BATCH];
+        i64 r[SE_BATCH];
+#pragma unroll
+        for (int q = 0; q < SE_BATCH; ++q) {
+            r[q] = (i64)idx[e + q];
+            if (r[q] != pad) v[q] = w[r[q] * nv + c];
+        }
+#pragma unroll
+        for (int q = 0; q < SE_BATCH; ++q) {
+            if (r[q] != pad) acc = se_vadd(acc, has_psw ? se_vmul(psw[e + q], v[q]) : v[q]);
+        }
+    }
+    for (; e < hi; ++e) {
+        const i64 r = (i64)idx[e];
+        if (r == pad) continue;
+        const U v = w[r * nv + c];
+        acc = se_vadd(acc, has_psw ? se_vmul(psw[e], v) : v);
+    }
+    return acc;
+}
+
 extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
                                           const I* __restrict__ idx,
                                           const i64* __restrict__ starts,
@@ -155,13 +330,35 @@ extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
                                           T* __restrict__ out,
                                           i64* __restrict__ argmax,
                                           i64* __restrict__ counts) {
+    const bool vec = dim % SE_VW == 0 && se_aligned(weight) && se_aligned(out);
     const i64 step = (i64)gridDim.x * blockDim.y;
     for (i64 b = (i64)blockIdx.x * blockDim.y + threadIdx.y; b < n_bags; b += step) {
         const i64 lo = starts[b];
         const i64 hi = starts[b + 1];
-        i64 c = 0;
-        for (i64 e = lo; e < hi; ++e) c += ((i64)idx[e] != pad);
+        i64 c = hi - lo;  // ids are >= 0: pad = -1 (none) matches no entry
+        if (pad >= 0) {
+            c = 0;
+            for (i64 e = lo; e < hi; ++e) c += ((i64)idx[e] != pad);
+        }
         if (threadIdx.x == 0) counts[b] = c;
+        if (mode != 2 && vec) {
+            const i64 nv = dim / SE_VW;
+            for (i64 cv = threadIdx.x; cv < nv; cv += blockDim.x) {
+                TV acc = se_bag_pool<TV>((const TV*)weight, idx, lo, hi, pad, psw, has_psw,
+                                         nv, cv);
+                if (mode == 1 && c > 1) acc = se_vdiv(acc, (T)c);
+                ((TV*)out)[b * nv + cv] = acc;
+            }
+            continue;
+        }
+        if (mode != 2) {
+            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+                T acc = se_bag_pool<T>(weight, idx, lo, hi, pad, psw, has_psw, dim, j);
+                if (mode == 1 && c > 1) acc /= (T)c;
+                out[b * dim + j] = acc;
+            }
+            continue;
+        }
         for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
             T acc = (T)0;
             i64 won = -1;
@@ -230,11 +427,32 @@ extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
                                               const i64 dim,
                                               const int scale_by_count,
                                               T* __restrict__ out) {
+    const bool vec = dim % SE_VW == 0 && se_aligned(grad) && se_aligned(out);
     const i64 step = (i64)gridDim.x * blockDim.y;
     for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
         const i64 lo = starts[u];
         const i64 hi = starts[u + 1];
+        const T* sc = has_scale ? scale : (const T*)0;
+        if (!has_argmax && vec) {
+            const i64 nv = dim / SE_VW;
+            TV* dst = (TV*)out + (dense ? rows[u] : u) * nv;
+            for (i64 c = threadIdx.x; c < nv; c += blockDim.x) {
+                TV acc = se_rows_sum<TV>(se_vzero<TV>(), (const TV*)grad, perm, entry_bag, sc,
+                                         lo, hi, nv, c);
+                if (scale_by_count && hi - lo > 1) acc = se_vdiv(acc, (T)(hi - lo));
+                dst[c] = acc;
+            }
+            continue;
+        }
         T* dst = out + (dense ? rows[u] : u) * dim;
+        if (!has_argmax) {
+            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+                T acc = se_rows_sum<T>((T)0, grad, perm, entry_bag, sc, lo, hi, dim, j);
+                if (scale_by_count && hi - lo > 1) acc /= (T)(hi - lo);
+                dst[j] = acc;
+            }
+            continue;
+        }
         for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
             T acc = (T)0;
             for (i64 k = lo; k < hi; ++k) {
@@ -352,6 +570,9 @@ extern "C" __global__ void se_update_rows(const int kind,
 # the CPU kernels bit for bit where the summation order is the same
 COMPILE_OPTIONS = ("--fmad=false",)
 
+# vectors each thread of se_gather's flat loop moves per step (SE_GATHER_UNROLL)
+GATHER_UNROLL = 4
+
 # se_update_rows' doubles: lr, momentum, weight_decay, eps, c1, c2, c3 (shorter tuples
 # are padded with zeros)
 N_HYPER = 7
@@ -360,7 +581,8 @@ N_HYPER = 7
 def module_source(t_dtype, i_dtype):
     """The source compiled for table dtype ``t_dtype`` and id dtype ``i_dtype``."""
     return (f"typedef {C_TYPES[np.dtype(t_dtype)]} T;\n"
-            f"typedef {C_TYPES[np.dtype(i_dtype)]} I;\n" + SOURCE)
+            f"typedef {C_TYPES[np.dtype(i_dtype)]} I;\n"
+            f"#define SE_GATHER_UNROLL {GATHER_UNROLL}\n" + SOURCE)
 
 
 class CudaKernels:
@@ -387,7 +609,11 @@ class CudaKernels:
 
     def gather(self, weight, idx, out):
         n, dim = out.shape
-        grid, block = launch_shape(n)
+        vw = 16 // weight.itemsize  # the kernel's vector width (float4 / double2)
+        if dim % vw == 0:  # flat over the output's vectors, GATHER_UNROLL per thread
+            grid, block = launch_shape(-(-(n * dim // vw) // (WARP * GATHER_UNROLL)))
+        else:  # one warp per row
+            grid, block = launch_shape(n)
         self._function("se_gather", weight.dtype, idx.dtype)(
             grid, block, (weight, idx, out, np.int64(n), np.int64(dim)))
 
