@@ -145,6 +145,20 @@ def _segment_sum(grad, perm, starts, rows, dense, n_rows, dim, scale_by_count, o
         dst[...] = acc
 
 
+def chunked_sum(terms, chunk, from_zero):
+    """A long row's sum as the GPU backend computes it (``_ops.split_segments``):
+    chunks of ``chunk`` terms summed in order (the first term copied, or added to 0
+    when ``from_zero``, as the bag kernel does), then the chunk sums in order."""
+    def in_order(ts, zero):
+        acc = np.zeros_like(ts[0]) + ts[0] if zero else ts[0].copy()
+        for t in ts[1:]:
+            acc = acc + t
+        return acc
+
+    return in_order([in_order(terms[i:i + chunk], from_zero)
+                     for i in range(0, len(terms), chunk)], False)
+
+
 def _bag_forward(weight, idx, starts, pad, mode, psw, has_psw, n_bags, dim, out, argmax, counts):
     """Each bag pooled entry by entry, in order, in the table's dtype (a loop over the
     bags: the emulation runs on small test batches)."""

@@ -150,6 +150,33 @@ def test_backward_is_deterministic(rng):
     assert_array_equal(a.data, b.data)
 
 
+def test_long_segments_are_summed_in_chunks(rng, dtype, monkeypatch):
+    # rows with more entries than the backend's chunk are summed chunk by chunk, then
+    # the chunk sums in order (deterministic; the CPU's sums up to rounding)
+    from reference_gpu import chunked_sum
+    from sparsembed._cuda import backend
+
+    monkeypatch.setattr(backend._impl, "segment_chunk", 3)
+    V, D, n = 20, 8, 200
+    flat = rng.integers(0, V, size=n)
+    flat[::2] = 5
+    go = rng.standard_normal((n, D)).astype(dtype)
+    expected = np.zeros((V, D), dtype)
+    for r in np.unique(flat):
+        expected[r] = chunked_sum(go[flat == r], 3, False)
+    assert_array_equal(host(F.embedding_backward(cp.asarray(go), flat, V)), expected)
+    got = host(F.embedding_backward(cp.asarray(go), flat, V, sparse=True))
+    assert_array_equal(got.toarray(), expected)
+    off = np.arange(0, n, 4)
+    bag_go = rng.standard_normal((off.shape[0], D)).astype(dtype)
+    bag_of = np.arange(n) // 4
+    for r in np.unique(flat):
+        expected[r] = chunked_sum(bag_go[bag_of[flat == r]], 3, True)
+    w = cp.asarray(rng.standard_normal((V, D)).astype(dtype))
+    got, _ = F.embedding_bag_backward(cp.asarray(bag_go), flat, w, off, mode="sum", sparse=True)
+    assert_array_equal(host(got).toarray(), expected)
+
+
 def test_finite_differences_float64(rng):
     emb = se.Embedding(12, 4, dtype=np.float64, device="cuda", random_state=1)
     ids = rng.integers(0, 12, size=(3, 5))

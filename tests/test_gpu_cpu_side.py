@@ -718,6 +718,82 @@ def test_bag_helpers_equal_cpu(fake_gpu, rng, dtype, padding_idx):
                     rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
+def test_split_segments():
+    starts = np.array([0, 1, 8, 9, 15], dtype=np.int64)
+    assert _ops.split_segments(np, starts, 7) is None
+    sub, first = _ops.split_segments(np, starts, 3)
+    assert_array_equal(sub, [0, 1, 4, 7, 8, 9, 12, 15])
+    assert_array_equal(first, [0, 1, 4, 5, 7])
+    assert _ops.split_segments(np, np.zeros(1, np.int64), 3) is None
+
+
+@pytest.fixture
+def small_chunks(fake_gpu):
+    impl = fake_gpu.module._impl
+    impl.segment_chunk = 3
+    yield fake_gpu
+    impl.segment_chunk = _ops.SEGMENT_CHUNK
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_long_segments_are_summed_in_chunks(small_chunks, rng, dtype, scale):
+    V, D, n = 20, 3, 200
+    flat = rng.integers(0, V, size=n)
+    flat[::2] = 5  # row 5: over 100 entries, 34 and more chunks of 3
+    grad = rng.standard_normal((n, D)).astype(dtype)
+    plan = small_chunks.plan_rows(flat, V)
+    expected = np.zeros((V, D), dtype)
+    for r in np.unique(flat):
+        terms = grad[np.flatnonzero(flat == r)]
+        expected[r] = reference_gpu.chunked_sum(terms, 3, False)
+        if scale and len(terms) > 1:
+            expected[r] = expected[r] / dtype.type(len(terms))
+    assert_array_equal(small_chunks.dense_grad(grad, plan, V, scale), expected)
+    assert_array_equal(small_chunks.row_grad(grad, plan, scale), expected[np.unique(flat)])
+    _assert_same_csr(small_chunks.sparse_grad(grad, plan, V, scale),
+                     sp.csr_array(expected * (np.isin(np.arange(V), flat))[:, None]))
+    # the same sums up to rounding
+    assert_allclose(expected, _cpu.dense_grad(grad, _cpu.plan_rows(flat, V), V, scale),
+                    rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+@needs_bag
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "psw"])
+@pytest.mark.parametrize("scale", [False, True])
+def test_long_bag_segments_are_summed_in_chunks(small_chunks, rng, dtype, mode, scale):
+    V, D = 30, 5
+    w = rng.standard_normal((V, D)).astype(dtype)
+    flat, starts = _bag_batch(rng, V, n=120)
+    flat[1::3] = 7  # row 7: 40 entries, 14 chunks of 3
+    pad = 4
+    grad = rng.standard_normal((starts.shape[0] - 1, D)).astype(dtype)
+    real_mode = "sum" if mode == "psw" else mode
+    psw = rng.standard_normal(flat.shape[0]).astype(dtype) if mode == "psw" else None
+    _, argmax, counts = _cpu.bag_forward(w, flat, starts, real_mode, pad, psw)
+    eb = _cpu.entry_bags(starts)
+    scale_e = _cpu.mean_scale(counts, eb, dtype) if mode == "mean" else psw
+    expected = np.zeros((V, D), dtype)
+    for r in np.unique(flat[flat != pad]):
+        entries = np.flatnonzero(flat == r)
+        g = grad[eb[entries]]
+        if mode == "max":
+            g = np.where(argmax[eb[entries]] == entries[:, None], g, dtype.type(0))
+        elif scale_e is not None:
+            g = scale_e[entries][:, None] * g
+        expected[r] = reference_gpu.chunked_sum(g, 3, True)
+        if scale and len(entries) > 1:
+            expected[r] = expected[r] / dtype.type(len(entries))
+    plan = small_chunks.plan_rows(flat, V, pad)
+    assert_array_equal(small_chunks.bag_dense_grad(grad, plan, eb, scale_e, argmax, V, scale),
+                       expected)
+    assert_array_equal(small_chunks.bag_row_grad(grad, plan, eb, scale_e, argmax, scale),
+                       expected[np.unique(flat[flat != pad])])
+    assert_allclose(expected,
+                    _cpu.bag_dense_grad(grad, _cpu.plan_rows(flat, V, pad), eb, scale_e,
+                                        argmax, V, scale),
+                    rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
 @needs_bag
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "psw"])
 @pytest.mark.parametrize("scale", [False, True])
