@@ -38,7 +38,7 @@ MAX_BLOCKS = 1 << 20  # the kernels loop (grid-stride) beyond this
 
 # A row's entries are summed by one warp, at ~0.2 us per entry on an H200 whatever
 # the loads in flight (measured: batches of 4 to 32 rows time the same), so a hot id
-# (188,000 of 2**20 Zipf(1.2) ids) alone took 35 ms. Segments longer than this are cut
+# (187,000 of 2**20 Zipf(1.2) ids) alone took 35 ms. Segments longer than this are cut
 # into chunks of this many entries, summed in parallel, and the chunks' partial sums
 # then added in chunk order: still deterministic, but for those rows equal to the
 # CPU's sums only up to rounding (shorter segments: bit for bit).
