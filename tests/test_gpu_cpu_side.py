@@ -718,6 +718,24 @@ def test_bag_helpers_equal_cpu(fake_gpu, rng, dtype, padding_idx):
                     rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
+def _bag_backward_inputs(rng, dtype, mode, hot=None):
+    """A bag batch (padding id 4; ``hot``: an id at every third entry) and what its
+    backward takes: (V, flat, pad, grad, argmax, entry_bag, scale)."""
+    V, D = 30, 5
+    w = rng.standard_normal((V, D)).astype(dtype)
+    flat, starts = _bag_batch(rng, V, n=60 if hot is None else 120)
+    if hot is not None:
+        flat[1::3] = hot  # 40 entries of one row: 14 chunks of 3
+    pad = 4
+    grad = rng.standard_normal((starts.shape[0] - 1, D)).astype(dtype)
+    real_mode = "sum" if mode == "psw" else mode
+    psw = rng.standard_normal(flat.shape[0]).astype(dtype) if mode == "psw" else None
+    _, argmax, counts = _cpu.bag_forward(w, flat, starts, real_mode, pad, psw)
+    eb = _cpu.entry_bags(starts)
+    scale_e = _cpu.mean_scale(counts, eb, dtype) if mode == "mean" else psw
+    return V, flat, pad, grad, argmax, eb, scale_e
+
+
 def test_split_segments():
     starts = np.array([0, 1, 8, 9, 15], dtype=np.int64)
     assert _ops.split_segments(np, starts, 7) is None
@@ -761,18 +779,8 @@ def test_long_segments_are_summed_in_chunks(small_chunks, rng, dtype, scale):
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "psw"])
 @pytest.mark.parametrize("scale", [False, True])
 def test_long_bag_segments_are_summed_in_chunks(small_chunks, rng, dtype, mode, scale):
-    V, D = 30, 5
-    w = rng.standard_normal((V, D)).astype(dtype)
-    flat, starts = _bag_batch(rng, V, n=120)
-    flat[1::3] = 7  # row 7: 40 entries, 14 chunks of 3
-    pad = 4
-    grad = rng.standard_normal((starts.shape[0] - 1, D)).astype(dtype)
-    real_mode = "sum" if mode == "psw" else mode
-    psw = rng.standard_normal(flat.shape[0]).astype(dtype) if mode == "psw" else None
-    _, argmax, counts = _cpu.bag_forward(w, flat, starts, real_mode, pad, psw)
-    eb = _cpu.entry_bags(starts)
-    scale_e = _cpu.mean_scale(counts, eb, dtype) if mode == "mean" else psw
-    expected = np.zeros((V, D), dtype)
+    V, flat, pad, grad, argmax, eb, scale_e = _bag_backward_inputs(rng, dtype, mode, hot=7)
+    expected = np.zeros((V, grad.shape[1]), dtype)
     for r in np.unique(flat[flat != pad]):
         entries = np.flatnonzero(flat == r)
         g = grad[eb[entries]]
@@ -798,16 +806,7 @@ def test_long_bag_segments_are_summed_in_chunks(small_chunks, rng, dtype, mode, 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "psw"])
 @pytest.mark.parametrize("scale", [False, True])
 def test_bag_backward_equals_cpu(fake_gpu, rng, dtype, mode, scale):
-    V, D = 30, 5
-    w = rng.standard_normal((V, D)).astype(dtype)
-    flat, starts = _bag_batch(rng, V)
-    pad = 4
-    grad = rng.standard_normal((starts.shape[0] - 1, D)).astype(dtype)
-    real_mode = "sum" if mode == "psw" else mode
-    psw = rng.standard_normal(flat.shape[0]).astype(dtype) if mode == "psw" else None
-    _, argmax, counts = _cpu.bag_forward(w, flat, starts, real_mode, pad, psw)
-    eb = _cpu.entry_bags(starts)
-    scale_e = _cpu.mean_scale(counts, eb, dtype) if mode == "mean" else psw
+    V, flat, pad, grad, argmax, eb, scale_e = _bag_backward_inputs(rng, dtype, mode)
     pa = _cpu.plan_rows(flat, V, pad)
     pb = fake_gpu.plan_rows(flat, V, pad)
     assert_array_equal(fake_gpu.bag_dense_grad(grad, pb, eb, scale_e, argmax, V, scale),
