@@ -1,16 +1,19 @@
 """CUDA kernels of the GPU backend (CuPy ``RawModule``) and their launchers.
 
 One source, compiled (lazily, once per table dtype ``T`` and id dtype ``I``) by NVRTC
-through CuPy; CuPy caches the binaries on disk. Every kernel gives one warp (32
-lanes striding over the columns) to one item (a looked-up row, a table row, a
-segment of the row plan) and loops grid-stride over the items, so any size fits the
-grid limits. Launch shape: :func:`sparsembed._cuda._ops.launch_shape`.
+through CuPy; CuPy caches the binaries on disk. Every kernel but the lookup gives one
+warp (32 lanes striding over the columns, in 16-byte vectors where the rows allow) to
+one item (a table row, a segment of the row plan, a bag) and loops grid-stride over
+the items, so any size fits the grid limits; the lookup runs flat over the output's
+vectors. Launch shape: :func:`sparsembed._cuda._ops.launch_shape`.
 
 Determinism: no atomics. Reductions over a table row's occurrences go through the
 row plan (ids sorted once, one segment per distinct row); each lane sums its column
 over the segment in input order, exactly as the CPU kernels do, so the gradients are
-bitwise equal to the CPU backend's. The renorm's norm is a fixed-shape warp
-reduction (deterministic; equal to the CPU's up to rounding).
+bitwise equal to the CPU backend's (the backend cuts segments longer than
+``_ops.SEGMENT_CHUNK`` into chunks first: those rows are equal up to rounding). The
+renorm's norm is a fixed-shape warp reduction (deterministic; equal to the CPU's up
+to rounding).
 
 Scalar arguments are passed as numpy scalars of the exact C type (``np.int64`` for
 ``i64``, ``np.float64`` for ``double``, ``np.int32`` for ``int``).

@@ -15,7 +15,9 @@ the ids by the unique key ``id * n + position`` (so the order is the stable orde
 whatever sort the array module uses), cuts the sorted ids into one segment per
 distinct row, and the segment kernel sums each row's gradient rows in input order.
 The result is bitwise reproducible, and the same as the CPU backend's (which sums in
-the same order).
+the same order), except for rows with more than :data:`SEGMENT_CHUNK` entries in the
+batch: those are summed in chunks, then the chunk sums in order (equal up to
+rounding).
 """
 
 import numpy as np
