@@ -284,11 +284,6 @@ extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
 
 // ---------------------------------------------------------------- EmbeddingBag
 
-// Bag b pools weight rows of entries [starts[b], starts[b+1]) in entry order,
-// skipping pad: mode 0 sum (times psw[e] when has_psw), 1 mean (sum / count when
-// count > 1), 2 max (strict >: the first occurrence wins ties; argmax[b, j] = the
-// winning entry, -1 for an empty bag). counts[b] = non-padding entries. Empty bags
-// give zeros. Same arithmetic, in the same order, as the CPU kernel.
 // sum (mode 0) and mean (mode 1) pooling of bag b's columns c (vectors of U): the
 // entries' rows loaded SE_BATCH at a time (a padding entry's row is never read),
 // then added in entry order
@@ -322,6 +317,11 @@ __device__ __forceinline__ U se_bag_pool(const U* __restrict__ w,
     return acc;
 }
 
+// Bag b pools weight rows of entries [starts[b], starts[b+1]) in entry order,
+// skipping pad: mode 0 sum (times psw[e] when has_psw), 1 mean (sum / count when
+// count > 1), 2 max (strict >: the first occurrence wins ties; argmax[b, j] = the
+// winning entry, -1 for an empty bag). counts[b] = non-padding entries. Empty bags
+// give zeros. Same arithmetic, in the same order, as the CPU kernel.
 extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
                                           const I* __restrict__ idx,
                                           const i64* __restrict__ starts,
@@ -363,7 +363,7 @@ extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
             }
             continue;
         }
-        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {  // max
             T acc = (T)0;
             i64 won = -1;
             i64 seen = 0;
@@ -371,18 +371,11 @@ extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
                 const i64 r = (i64)idx[e];
                 if (r == pad) continue;
                 const T w = weight[r * dim + j];
-                if (mode == 2) {
-                    if (seen == 0 || w > acc) { acc = w; won = e; }
-                } else if (has_psw) {
-                    acc += psw[e] * w;
-                } else {
-                    acc += w;
-                }
+                if (seen == 0 || w > acc) { acc = w; won = e; }
                 ++seen;
             }
-            if (mode == 1 && c > 1) acc /= (T)c;
             out[b * dim + j] = acc;
-            if (mode == 2) argmax[b * dim + j] = won;
+            argmax[b * dim + j] = won;
         }
     }
 }
@@ -432,11 +425,11 @@ extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
                                               const int scale_by_count,
                                               T* __restrict__ out) {
     const bool vec = dim % SE_VW == 0 && se_aligned(grad) && se_aligned(out);
+    const T* sc = has_scale ? scale : (const T*)0;
     const i64 step = (i64)gridDim.x * blockDim.y;
     for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
         const i64 lo = starts[u];
         const i64 hi = starts[u + 1];
-        const T* sc = has_scale ? scale : (const T*)0;
         if (!has_argmax && vec) {
             const i64 nv = dim / SE_VW;
             TV* dst = (TV*)out + (dense ? rows[u] : u) * nv;
@@ -457,19 +450,12 @@ extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
             }
             continue;
         }
-        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {  // max: the columns e won
             T acc = (T)0;
             for (i64 k = lo; k < hi; ++k) {
                 const i64 e = perm[k];
                 const i64 b = entry_bag[e];
-                const T g = grad[b * dim + j];
-                if (has_argmax) {
-                    if (argmax[b * dim + j] == e) acc += g;
-                } else if (has_scale) {
-                    acc += scale[e] * g;
-                } else {
-                    acc += g;
-                }
+                if (argmax[b * dim + j] == e) acc += grad[b * dim + j];
             }
             if (scale_by_count && hi - lo > 1) acc /= (T)(hi - lo);
             dst[j] = acc;
