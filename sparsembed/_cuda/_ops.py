@@ -311,24 +311,28 @@ class ArrayBackend:
     # ------------------------------------------------------------- backward
 
     def _segment_sum(self, grad2d, plan, out, dense, scale_grad_by_freq):
-        if plan.rows.shape[0] and grad2d.shape[1]:
-            split = split_segments(self.xp, plan.starts, self.segment_chunk)
-            if split is None:
-                self.kernels.segment_sum(grad2d, plan.perm, plan.starts, plan.rows, dense,
-                                         bool(scale_grad_by_freq), out)
-            else:
-                partial = self.xp.empty((split[0].shape[0] - 1, grad2d.shape[1]),
-                                        dtype=grad2d.dtype)
-                self.kernels.segment_sum(grad2d, plan.perm, split[0], split[0][:-1], False,
-                                         False, partial)
-                self._add_chunks(partial, split[1], plan, out, dense, scale_grad_by_freq)
-        return out
+        def run(starts, rows, dense_, scale_by_count, dst):
+            self.kernels.segment_sum(grad2d, plan.perm, starts, rows, dense_, scale_by_count,
+                                     dst)
 
-    def _add_chunks(self, partial, chunk_starts, plan, out, dense, scale_grad_by_freq):
-        """Each planned row's chunk sums ``partial`` added in chunk order into its row
-        of ``out`` (row ``rows[u]`` when dense, else ``u``), then divided by the row's
-        count (``scale_grad_by_freq``) as the one-pass kernels do."""
+        return self._planned_sums(run, plan, out, dense, scale_grad_by_freq)
+
+    def _planned_sums(self, run, plan, out, dense, scale_grad_by_freq):
+        """Each planned row's sum into ``out`` (row ``rows[u]`` when dense, else ``u``)
+        through ``run(starts, rows, dense, scale_by_count, out)``, a segment kernel's
+        launch; rows longer than ``segment_chunk`` entries are summed in chunks, then
+        the chunk sums in chunk order, then divided by the row's count
+        (``scale_grad_by_freq``) as the one-pass kernels do."""
         xp = self.xp
+        if not (plan.rows.shape[0] and out.shape[1]):
+            return out
+        split = split_segments(xp, plan.starts, self.segment_chunk)
+        if split is None:
+            run(plan.starts, plan.rows, dense, bool(scale_grad_by_freq), out)
+            return out
+        sub_starts, chunk_starts = split
+        partial = xp.empty((sub_starts.shape[0] - 1, out.shape[1]), dtype=out.dtype)
+        run(sub_starts, sub_starts[:-1], False, False, partial)  # (rows unread: not dense)
         self.kernels.segment_sum(partial, xp.arange(partial.shape[0], dtype=np.int64),
                                  chunk_starts, plan.rows, dense, False, out)
         if scale_grad_by_freq:
@@ -336,6 +340,7 @@ class ArrayBackend:
             many = xp.flatnonzero(counts > 1)
             dst = plan.rows[many] if dense else many
             out[dst] = out[dst] / counts[many].astype(out.dtype)[:, None]
+        return out
 
     def dense_grad(self, grad2d, plan, num_rows, scale_grad_by_freq):
         """Dense (num_rows, dim) gradient: each planned row gets its sum of grad rows."""
@@ -492,19 +497,11 @@ class ArrayBackend:
 
     def _bag_segment_sum(self, grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq,
                          out, dense):
-        if plan.rows.shape[0] and grad2d.shape[1]:
-            split = split_segments(self.xp, plan.starts, self.segment_chunk)
-            if split is None:
-                self.kernels.bag_segment_sum(grad2d, plan.perm, plan.starts, plan.rows, dense,
-                                             entry_bag, scale, argmax,
-                                             bool(scale_grad_by_freq), out)
-            else:
-                partial = self.xp.empty((split[0].shape[0] - 1, grad2d.shape[1]),
-                                        dtype=grad2d.dtype)
-                self.kernels.bag_segment_sum(grad2d, plan.perm, split[0], split[0][:-1], False,
-                                             entry_bag, scale, argmax, False, partial)
-                self._add_chunks(partial, split[1], plan, out, dense, scale_grad_by_freq)
-        return out
+        def run(starts, rows, dense_, scale_by_count, dst):
+            self.kernels.bag_segment_sum(grad2d, plan.perm, starts, rows, dense_, entry_bag,
+                                         scale, argmax, scale_by_count, dst)
+
+        return self._planned_sums(run, plan, out, dense, scale_grad_by_freq)
 
     def bag_row_grad(self, grad2d, plan, entry_bag, scale, argmax, scale_grad_by_freq):
         """(n_rows, dim) per-row sums of ``grad2d[entry_bag[e]] * scale[e]`` over each
