@@ -403,3 +403,54 @@ def fake_cupy_modules(device_count=1):
     cupyx_scipy.sparse = cupyx_sparse
     return {"cupy": cp, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
             "cupyx.scipy.sparse": cupyx_sparse}
+
+
+# ----------------------------------------------------------------- NVRTC
+
+def nvrtc_compiler():
+    """CUDA's runtime compiler from the ``nvidia-cuda-nvrtc`` wheel (a test extra on
+    Linux), as ``compile(source, options) -> (ok, log, ptx)``; None where the wheel is
+    not installed. NVRTC needs no GPU: it compiles CUDA C++ to PTX, as CuPy does on
+    a machine with one."""
+    import ctypes
+    import glob
+    import os
+
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    found = None
+    for base in nvidia.__path__:  # nvidia/cu13/lib (13.x), nvidia/cuda_nvrtc/lib (12.x)
+        libs = sorted(glob.glob(os.path.join(base, "*", "lib", "libnvrtc.so.*")))
+        builtins = sorted(glob.glob(os.path.join(base, "*", "lib", "libnvrtc-builtins.so.*")))
+        if libs and builtins:
+            found = libs[-1], builtins[-1]
+    if found is None:
+        return None
+    # libnvrtc opens its builtins by name at compile time: loaded first, globally
+    ctypes.CDLL(found[1], mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(found[0])
+
+    def compile_(source, options):
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernels.cu",
+                                      0, None, None) == 0
+        try:
+            opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+            ok = lib.nvrtcCompileProgram(prog, len(options), opts) == 0
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            ptx = b""
+            if ok:
+                lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+                buf = ctypes.create_string_buffer(size.value)
+                lib.nvrtcGetPTX(prog, buf)
+                ptx = buf.value
+            return ok, log.value.decode(errors="replace"), ptx.decode(errors="replace")
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+    return compile_

@@ -635,6 +635,27 @@ def test_cuda_source_compiles_as_cpp(tmp_path, t_dtype, i_dtype):
     assert res.returncode == 0, res.stderr
 
 
+@pytest.fixture(scope="module")
+def nvrtc():
+    compile_ = reference_gpu.nvrtc_compiler()
+    if compile_ is None:
+        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc; Linux)")
+    return compile_
+
+
+@pytest.mark.parametrize("arch", ["compute_75", "compute_90"])  # CUDA 13's oldest; Hopper
+@pytest.mark.parametrize("t_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("i_dtype", [np.int32, np.int64])
+def test_cuda_source_compiles_with_nvrtc(nvrtc, arch, t_dtype, i_dtype):
+    # the compiler CuPy uses, with the backend's options: no GPU needed to compile
+    ok, log, ptx = nvrtc(_kernels.module_source(t_dtype, i_dtype),
+                         [*_kernels.COMPILE_OPTIONS, f"-arch={arch}"])
+    assert ok, log
+    assert "warning" not in log.lower(), log
+    for name in reference_gpu.parse_signatures(_kernels.SOURCE):
+        assert f".entry {name}(" in ptx, f"{name} is not an unmangled kernel in the PTX"
+
+
 def test_every_kernel_is_launched_by_a_launcher():
     sigs = reference_gpu.parse_signatures(_kernels.SOURCE)
     assert set(sigs) == set(reference_gpu.EMULATIONS)
