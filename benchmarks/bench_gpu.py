@@ -16,6 +16,11 @@ Operations (one table of ``--num-embeddings`` x ``--dim``, a batch of ``--batch`
 Each time is the median of ``--repeat`` runs after ``--warmup`` runs, measured with
 CUDA events around the operation only.
 
+``--breakdown`` also times the pieces of sparsembed's operations (the id range check,
+the lookup kernel, the row plan and its sort, the row sums, the CSR assembly, a
+backward that adds to a gradient not zeroed, the bag checks and the pooling kernel):
+where the time goes. It calls the backend's internals, so it follows them.
+
 Usage::
 
     python benchmarks/bench_gpu.py                       # V=1e7, D=128, B=2**20
@@ -45,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the pieces of sparsembed's operations")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -107,6 +114,53 @@ def bench_sparsembed(args, cp, ids_host, time_ms):
         res["sparse_adam_note"] = f"se.optim has no GPU path here: {exc}"
     else:
         res["sparse_adam_step_ms"] = time_ms(opt.step, args.repeat, args.warmup)
+    return res
+
+
+def bench_breakdown(args, cp, ids_host, time_ms):
+    """Milliseconds of the pieces of sparsembed's forward, sparse backward and bag forward
+    (the CUDA backend's internals, called directly)."""
+    import sparsembed as se
+    from sparsembed import _bags
+    from sparsembed._cuda import backend
+
+    be = backend._impl
+    V, D, B = int(args.num_embeddings), args.dim, args.batch
+    dtype = np.dtype(args.dtype)
+    weight = cp.random.standard_normal((V, D), dtype=dtype)
+    grad = cp.random.standard_normal((B, D), dtype=dtype)
+    flat = cp.asarray(ids_host)
+    out = cp.empty((B, D), dtype=dtype)
+
+    def t(fn):
+        return time_ms(fn, args.repeat, args.warmup)
+
+    res = {"check_range": t(lambda: be.check_index_range(flat, V)),
+           "lookup_kernel": t(lambda: be.kernels.gather(weight, flat, out)),
+           "device_copy_of_output": t(lambda: cp.copyto(out, grad)),
+           "plan_rows": t(lambda: be.plan_rows(flat, V))}
+    keys = flat * B + cp.arange(B, dtype=flat.dtype)
+    res["plan_argsort"] = t(lambda: cp.argsort(keys))
+    plan = be.plan_rows(flat, V)
+    res["row_sums"] = t(lambda: be.row_grad(grad, plan, False))
+    values = be.row_grad(grad, plan, False)
+    res["csr_assembly"] = t(lambda: be.from_rows(plan.rows, values, V))
+    emb = se.Embedding(V, D, sparse=True, dtype=dtype, device="cuda", weight=weight)
+    emb(flat)
+    emb.backward(grad)
+    res["backward_adding_to_grad"] = time_ms(lambda: emb.backward(grad), 3, 1)
+    emb = values = None
+    offsets = cp.arange(0, B, args.bag_size, dtype=cp.int64)
+
+    def bags():
+        return _bags.bags_of(flat, offsets, None, "sum", False, V, dtype, be)
+
+    res["bag_checks"] = t(bags)
+    b = bags()
+    n_bags = b.starts.shape[0] - 1
+    pooled, counts = cp.empty((n_bags, D), dtype=dtype), cp.empty(n_bags, dtype=cp.int64)
+    res["bag_pool_kernel"] = t(lambda: be.kernels.bag_forward(weight, b.flat, b.starts, -1, 0,
+                                                              None, pooled, None, counts))
     return res
 
 
@@ -185,6 +239,8 @@ def main(argv=None):
                    "warmup": args.warmup},
         "sparsembed": bench_sparsembed(args, cp, ids_host, cuda_timer(cp)),
     }
+    if args.breakdown:
+        results["breakdown"] = bench_breakdown(args, cp, ids_host, cuda_timer(cp))
     if not args.no_torch:
         try:
             results["torch"] = bench_torch(args, ids_host, cp)
@@ -204,6 +260,8 @@ def main(argv=None):
           f"(device copy of the output: {2 * out_bytes / s['copy_bound_ms'] / 1e6:.0f} GB/s)")
     if s.get("sparse_adam_note"):
         print(s["sparse_adam_note"])
+    for key, ms in results.get("breakdown", {}).items():
+        print(f"  {key:<28}{ms:9.3f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -9,7 +9,8 @@
 # 2. builds the kernels in place and checks the package imports and sees the device;
 # 3. runs the GPU tests (tests/test_gpu.py, marked gpu) and the CPU-side GPU tests;
 # 4. runs the benchmark at V=1e7, D=128, B=2**20 (float32), uniform and Zipf ids, against
-#    torch on the same GPU (BENCH_ARGS adds arguments to both runs).
+#    torch on the same GPU, with the per-piece breakdown (BENCH_ARGS adds arguments to
+#    both runs).
 # Each step runs under a time limit (TEST_TIMEOUT / BENCH_TIMEOUT seconds), so a hung
 # kernel cannot eat a lease.
 # Logs and bench_gpu_{uniform,zipf}.json land in $OUT. The exit status is the tests' (0: all passed).
@@ -53,7 +54,7 @@ timeout "${TEST_TIMEOUT:-300}" $PY -m pytest tests/test_gpu_cpu_side.py -q -p no
 echo "== benchmark"
 for dist in uniform zipf; do
     # shellcheck disable=SC2086
-    timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/bench_gpu.py --dist $dist ${BENCH_ARGS:-} \
+    timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/bench_gpu.py --dist $dist --breakdown ${BENCH_ARGS:-} \
         --json "$OUT/bench_gpu_$dist.json" 2>&1 | tee "$OUT/bench_gpu_$dist.txt"
 done
 exit "$status"

@@ -1097,6 +1097,45 @@ def test_bag_fused_optimizer_on_fake_cuda_equals_cpu(fake_gpu, counted, rng, mod
 
 # ----------------------------------------------------------------- the GPU benchmark
 
+def test_bench_gpu_breakdown_runs_on_the_stand_in(fake_gpu, monkeypatch):
+    # the breakdown calls the backend's internals: run it (tiny sizes, numpy standing
+    # in for CuPy, every kernel launch checked) so that it follows them
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    if not script.exists():
+        pytest.skip("benchmarks/ is not next to the tests")
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cp = sys.modules["cupy"]
+
+    class Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(cp, "cuda", types.SimpleNamespace(
+        runtime=cp.cuda.runtime, Event=Event, get_elapsed_time=lambda a, b: 0.5))
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(cp, "random", types.SimpleNamespace(
+        standard_normal=lambda shape, dtype: cp.asarray(
+            rng.standard_normal(shape).astype(dtype))))
+    args = bench.parse_args(["--num-embeddings", "50", "--dim", "8", "--batch", "64",
+                             "--bag-size", "4", "--repeat", "2", "--warmup", "1",
+                             "--breakdown"])
+    ids = np.minimum(rng.zipf(1.2, size=64) - 1, 49).astype(np.int64)
+    res = bench.bench_breakdown(args, cp, ids, bench.cuda_timer(cp))
+    assert set(res) == {"check_range", "lookup_kernel", "device_copy_of_output", "plan_rows",
+                        "plan_argsort", "row_sums", "csr_assembly", "backward_adding_to_grad",
+                        "bag_checks", "bag_pool_kernel"}
+    assert all(v == 0.5 for v in res.values())
+
+
 def test_bench_gpu_without_a_gpu_says_so():
     from pathlib import Path
 
