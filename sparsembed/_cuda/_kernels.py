@@ -284,9 +284,9 @@ extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
 
 // ---------------------------------------------------------------- EmbeddingBag
 
-// sum (mode 0) and mean (mode 1) pooling of bag b's columns c (vectors of U): the
-// entries' rows loaded SE_BATCH at a time (a padding entry's row is never read),
-// then added in entry order
+// the sum of one bag's (entries lo .. hi - 1) column c, in vectors of U: the entries'
+// rows loaded SE_BATCH at a time (a padding entry's row is never read), then added in
+// entry order (times psw[e] when has_psw)
 template <typename U>
 __device__ __forceinline__ U se_bag_pool(const U* __restrict__ w,
                                          const I* __restrict__ idx,
@@ -317,6 +317,22 @@ __device__ __forceinline__ U se_bag_pool(const U* __restrict__ w,
     return acc;
 }
 
+// sum (mode 0) and mean (mode 1: divided by count when count > 1) pooling of one bag
+// into dst, a row of nv vectors of U (each lane its columns)
+template <typename U>
+__device__ __forceinline__ void se_bag_pool_row(const U* __restrict__ w,
+                                                const I* __restrict__ idx,
+                                                const i64 lo, const i64 hi, const i64 pad,
+                                                const T* __restrict__ psw, const int has_psw,
+                                                const int mode, const i64 count,
+                                                const i64 nv, U* __restrict__ dst) {
+    for (i64 c = threadIdx.x; c < nv; c += blockDim.x) {
+        U acc = se_bag_pool<U>(w, idx, lo, hi, pad, psw, has_psw, nv, c);
+        if (mode == 1 && count > 1) acc = se_vdiv(acc, (T)count);
+        dst[c] = acc;
+    }
+}
+
 // Bag b pools weight rows of entries [starts[b], starts[b+1]) in entry order,
 // skipping pad: mode 0 sum (times psw[e] when has_psw), 1 mean (sum / count when
 // count > 1), 2 max (strict >: the first occurrence wins ties; argmax[b, j] = the
@@ -345,22 +361,13 @@ extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
             for (i64 e = lo; e < hi; ++e) c += ((i64)idx[e] != pad);
         }
         if (threadIdx.x == 0) counts[b] = c;
-        if (mode != 2 && vec) {
-            const i64 nv = dim / SE_VW;
-            for (i64 cv = threadIdx.x; cv < nv; cv += blockDim.x) {
-                TV acc = se_bag_pool<TV>((const TV*)weight, idx, lo, hi, pad, psw, has_psw,
-                                         nv, cv);
-                if (mode == 1 && c > 1) acc = se_vdiv(acc, (T)c);
-                ((TV*)out)[b * nv + cv] = acc;
-            }
-            continue;
-        }
         if (mode != 2) {
-            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
-                T acc = se_bag_pool<T>(weight, idx, lo, hi, pad, psw, has_psw, dim, j);
-                if (mode == 1 && c > 1) acc /= (T)c;
-                out[b * dim + j] = acc;
-            }
+            if (vec)
+                se_bag_pool_row<TV>((const TV*)weight, idx, lo, hi, pad, psw, has_psw, mode, c,
+                                    dim / SE_VW, (TV*)out + b * (dim / SE_VW));
+            else
+                se_bag_pool_row<T>(weight, idx, lo, hi, pad, psw, has_psw, mode, c, dim,
+                                   out + b * dim);
             continue;
         }
         for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {  // max
@@ -406,6 +413,23 @@ extern "C" __global__ void se_psw_grad(const T* __restrict__ grad,
     }
 }
 
+// One bag-plan segment's sum (entries perm[lo .. hi - 1], starting from 0) into dst, a
+// row of nv vectors of U: each lane's columns, through se_rows_sum
+template <typename U>
+__device__ __forceinline__ void se_bag_row_sum(const U* __restrict__ g,
+                                               const i64* __restrict__ perm,
+                                               const i64* __restrict__ entry_bag,
+                                               const T* __restrict__ scale,
+                                               const i64 lo, const i64 hi,
+                                               const int scale_by_count,
+                                               const i64 nv, U* __restrict__ dst) {
+    for (i64 c = threadIdx.x; c < nv; c += blockDim.x) {
+        U acc = se_rows_sum<U>(se_vzero<U>(), g, perm, entry_bag, scale, lo, hi, nv, c);
+        if (scale_by_count && hi - lo > 1) acc = se_vdiv(acc, (T)(hi - lo));
+        dst[c] = acc;
+    }
+}
+
 // Segment u of the bag row plan (entries of row rows[u], in input order): acc =
 // sum over its entries e of grad[entry_bag[e], :] * scale[e] (has_scale), or only
 // the columns e won (has_argmax, max mode), or plain; divided by the count when
@@ -430,26 +454,17 @@ extern "C" __global__ void se_bag_segment_sum(const T* __restrict__ grad,
     for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
         const i64 lo = starts[u];
         const i64 hi = starts[u + 1];
-        if (!has_argmax && vec) {
-            const i64 nv = dim / SE_VW;
-            TV* dst = (TV*)out + (dense ? rows[u] : u) * nv;
-            for (i64 c = threadIdx.x; c < nv; c += blockDim.x) {
-                TV acc = se_rows_sum<TV>(se_vzero<TV>(), (const TV*)grad, perm, entry_bag, sc,
-                                         lo, hi, nv, c);
-                if (scale_by_count && hi - lo > 1) acc = se_vdiv(acc, (T)(hi - lo));
-                dst[c] = acc;
-            }
-            continue;
-        }
-        T* dst = out + (dense ? rows[u] : u) * dim;
+        const i64 r = dense ? rows[u] : u;
         if (!has_argmax) {
-            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {
-                T acc = se_rows_sum<T>((T)0, grad, perm, entry_bag, sc, lo, hi, dim, j);
-                if (scale_by_count && hi - lo > 1) acc /= (T)(hi - lo);
-                dst[j] = acc;
-            }
+            if (vec)
+                se_bag_row_sum<TV>((const TV*)grad, perm, entry_bag, sc, lo, hi, scale_by_count,
+                                   dim / SE_VW, (TV*)out + r * (dim / SE_VW));
+            else
+                se_bag_row_sum<T>(grad, perm, entry_bag, sc, lo, hi, scale_by_count, dim,
+                                  out + r * dim);
             continue;
         }
+        T* dst = out + r * dim;
         for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {  // max: the columns e won
             T acc = (T)0;
             for (i64 k = lo; k < hi; ++k) {
