@@ -16,10 +16,12 @@ Operations (one table of ``--num-embeddings`` x ``--dim``, a batch of ``--batch`
 Each time is the median of ``--repeat`` runs after ``--warmup`` runs, measured with
 CUDA events around the operation only.
 
-``--breakdown`` also times the pieces of sparsembed's operations (the id range check,
-the lookup kernel, the row plan and its sort, the row sums, the CSR assembly, a
-backward that adds to a gradient not zeroed, the bag checks and the pooling kernel):
-where the time goes. It calls the backend's internals, so it follows them.
+``--breakdown`` also times the pieces of sparsembed's operations (the id range check
+on its own, the lookup kernel, the lookup with its range check and read of the flag,
+the row plan and its sort, the row sums, the CSR assembly, a backward that adds to a
+gradient not zeroed, the bag checks, the pooling kernel, and the pooling with its
+range check): where the time goes. It calls the backend's internals, so it follows
+them.
 
 Usage::
 
@@ -135,8 +137,10 @@ def bench_breakdown(args, cp, ids_host, time_ms):
     def t(fn):
         return time_ms(fn, args.repeat, args.warmup)
 
+    bad = cp.zeros(1, dtype=cp.int64)
     res = {"check_range": t(lambda: be.check_index_range(flat, V)),
-           "lookup_kernel": t(lambda: be.kernels.gather(weight, flat, out)),
+           "lookup_kernel": t(lambda: be.kernels.gather(weight, flat, out, bad)),
+           "lookup_checked": t(lambda: be.gather(weight, flat, check_range=True)),
            "device_copy_of_output": t(lambda: cp.copyto(out, grad)),
            "plan_rows": t(lambda: be.plan_rows(flat, V))}
     keys = flat * B + cp.arange(B, dtype=flat.dtype)
@@ -152,15 +156,17 @@ def bench_breakdown(args, cp, ids_host, time_ms):
     emb = values = None
     offsets = cp.arange(0, B, args.bag_size, dtype=cp.int64)
 
-    def bags():
-        return _bags.bags_of(flat, offsets, None, "sum", False, V, dtype, be)
+    def bags():  # as the forward calls it: the ids are checked by the pooling
+        return _bags.bags_of(flat, offsets, None, "sum", False, V, dtype, be, check_range=False)
 
     res["bag_checks"] = t(bags)
     b = bags()
     n_bags = b.starts.shape[0] - 1
     pooled, counts = cp.empty((n_bags, D), dtype=dtype), cp.empty(n_bags, dtype=cp.int64)
     res["bag_pool_kernel"] = t(lambda: be.kernels.bag_forward(weight, b.flat, b.starts, -1, 0,
-                                                              None, pooled, None, counts))
+                                                              None, pooled, None, counts, bad))
+    res["bag_pool_checked"] = t(lambda: be.bag_forward(weight, b.flat, b.starts, "sum", None,
+                                                       check_range=True))
     return res
 
 

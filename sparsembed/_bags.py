@@ -45,10 +45,11 @@ class Bags:
 
     __slots__ = ("flat", "starts", "end", "psw", "psw_shape", "psw_order")
 
-    def __init__(self, flat, starts, psw, psw_shape, psw_order=None):
+    def __init__(self, flat, starts, psw, psw_shape, psw_order=None, end=None):
         self.flat, self.starts, self.psw, self.psw_shape = flat, starts, psw, psw_shape
         self.psw_order = psw_order
-        self.end = int(starts[-1])
+        # given when known on the host (a GPU's starts[-1] would cost a transfer)
+        self.end = int(starts[-1]) if end is None else int(end)
 
     @property
     def n_bags(self):
@@ -73,7 +74,14 @@ def _host(x):
     return x.get() if hasattr(x, "__cuda_array_interface__") and hasattr(x, "get") else x
 
 
-def _check_offsets(offsets, n, include_last_offset):
+def _offsets_array(offsets, n, be):
+    """``offsets`` as a C-contiguous 1-D int32/int64 array of the backend: an array of
+    the backend's own kind with such a dtype is kept where it is (a GPU's offsets are
+    checked on the GPU); anything else is checked and converted on the host."""
+    xp = be.xp
+    if (isinstance(offsets, xp.ndarray) and offsets.ndim == 1
+            and np.dtype(offsets.dtype) in (np.dtype(np.int32), np.dtype(np.int64))):
+        return xp.ascontiguousarray(offsets)
     off = _host(offsets)
     if isinstance(off, (list, tuple)) and len(off):
         off = np.asarray(off)
@@ -85,52 +93,54 @@ def _check_offsets(offsets, n, include_last_offset):
     if pos >= 0:
         raise ValueError(f"offsets[{pos}] = {int(off[pos])} is past the end of input "
                          f"(length {n})")
-    off = V.as_index_array(off, "offsets")
-    if include_last_offset:
-        if off.shape[0] == 0:
+    return be.asarray(V.as_index_array(off, "offsets"))
+
+
+def _check_offsets(offsets, n, include_last_offset, be):
+    """Validated bag starts from ``offsets`` over an input of ``n`` entries:
+    ``(starts, end)``, ``starts`` an int64 array of the backend (see :class:`Bags`),
+    ``end`` its last entry, an int."""
+    off = _offsets_array(offsets, n, be)
+    if off.shape[0] == 0:
+        if include_last_offset:
             raise ValueError(
                 "offsets must hold at least one entry with include_last_offset=True "
                 "(the end of the last bag)"
             )
-        starts = np.empty(off.shape[0], dtype=np.int64)
-    elif off.shape[0] == 0:
-        # torch: no offsets, no bags (the entries belong to none)
-        starts = np.zeros(1, dtype=np.int64)
-    else:
-        starts = np.empty(off.shape[0] + 1, dtype=np.int64)
-        starts[-1] = n
-    if off.shape[0]:
-        if off[0] != 0:
-            raise ValueError(f"offsets[0] must be 0 (the first bag starts at 0), got {int(off[0])}")
-        pos = _bag.offsets_to_starts(off, starts)
-        if pos >= 0:
-            raise ValueError(
-                f"offsets must be non-decreasing, got offsets[{pos}] = {int(off[pos])} "
-                f"after offsets[{pos - 1}] = {int(off[pos - 1])}"
-            )
-        last = int(off[-1])
-        if last > n:
-            raise ValueError(
-                f"offsets[-1] = {last} is past the end of input (length {n})"
-            )
-    return starts
+        return be.asarray(np.zeros(1, dtype=np.int64)), 0  # torch: no offsets, no bags
+    starts, pos, first, last = be.bag_starts(off, n, include_last_offset)
+    if first != 0:
+        raise ValueError(f"offsets[0] must be 0 (the first bag starts at 0), got {first}")
+    if pos >= 0:
+        raise ValueError(
+            f"offsets must be non-decreasing, got offsets[{pos}] = {int(off[pos])} "
+            f"after offsets[{pos - 1}] = {int(off[pos - 1])}"
+        )
+    if last > n:
+        raise ValueError(f"offsets[-1] = {last} is past the end of input (length {n})")
+    return starts, (last if include_last_offset else n)
 
 
-def _check_psw(per_sample_weights, shape, mode, dtype, name="per_sample_weights"):
+def _check_psw(per_sample_weights, shape, mode, dtype, be, name="per_sample_weights"):
+    """Per-sample weights as a flat array of ``dtype``, and the shape they had; an
+    array of the backend's own kind stays where it is (no transfer to check it)."""
     if per_sample_weights is None:
         return None, None
     if mode != "sum":
         raise ValueError(
             f"per_sample_weights are only supported with mode='sum', got mode={mode!r}"
         )
-    w = np.asarray(_host(per_sample_weights))
-    if w.dtype.kind not in "biuf":
+    on_backend = isinstance(per_sample_weights, be.xp.ndarray)
+    w = per_sample_weights if on_backend else np.asarray(_host(per_sample_weights))
+    if np.dtype(w.dtype).kind not in "biuf":
         raise TypeError(f"{name} must be a real array, got dtype {w.dtype}")
-    if w.shape != tuple(shape):
+    w_shape = tuple(w.shape)
+    if w_shape != tuple(shape):
         raise ValueError(
-            f"per_sample_weights has shape {w.shape}, expected {tuple(shape)} (the shape of input)"
+            f"per_sample_weights has shape {w_shape}, expected {tuple(shape)} (the shape of input)"
         )
-    return np.ascontiguousarray(w, dtype=dtype).reshape(-1), w.shape
+    xp = be.xp if on_backend else np
+    return xp.ascontiguousarray(w, dtype=dtype).reshape(-1), w_shape
 
 
 def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_embeddings,
@@ -160,14 +170,14 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         csr, data_order = _rowsparse.entries_by_row(input, "sparse input")
         end = int(csr.indptr[-1])
         try:
-            starts = _check_offsets(csr.indptr, end, include_last_offset=True)
+            starts, _ = _check_offsets(csr.indptr, end, True, be)
         except ValueError as e:
             raise ValueError(f"the sparse input's row pointer (indptr) does not bound its "
                              f"bags: {e}") from None
         flat = be.as_index_array(csr.indices[:end], "input")
         data = np.asarray(csr.data[:end])
         if mode == "sum":
-            psw, psw_shape = _check_psw(data, flat.shape, mode, dtype,
+            psw, psw_shape = _check_psw(data, flat.shape, mode, dtype, be,
                                         "a sparse input's data (its per-sample weights)")
         else:
             if data.size and not np.all(data == 1):
@@ -178,7 +188,7 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
             psw, psw_shape = None, None
         if check_range:
             be.check_index_range(flat, num_embeddings)
-        return _on_backend(be, flat, starts, psw, psw_shape,
+        return _on_backend(be, flat, starts, end, psw, psw_shape,
                            data_order if psw is not None else None)
 
     idx = be.as_index_array(input)
@@ -189,28 +199,28 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
                 f"{idx.shape} with offsets"
             )
         n_bags, bag_len = idx.shape
-        if bag_len:  # one allocation (arange(n_bags + 1) * bag_len takes two)
-            starts = np.arange(0, (n_bags + 1) * bag_len, bag_len, dtype=np.int64)
-        else:
-            starts = np.zeros(n_bags + 1, dtype=np.int64)
+        end = n_bags * bag_len
+        # made where the table is; one allocation (arange(n_bags + 1) * bag_len takes two)
+        starts = (be.xp.arange(0, end + bag_len, bag_len, dtype=np.int64) if bag_len
+                  else be.xp.zeros(n_bags + 1, dtype=np.int64))
     elif idx.ndim == 1:
         if offsets is None:
             raise ValueError("offsets is required for 1-D input (or pass 2-D input, one bag per row)")
-        starts = _check_offsets(offsets, idx.shape[0], include_last_offset)
+        starts, end = _check_offsets(offsets, idx.shape[0], include_last_offset, be)
     else:
         raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape {idx.shape}")
-    psw, psw_shape = _check_psw(per_sample_weights, idx.shape, mode, dtype)
+    psw, psw_shape = _check_psw(per_sample_weights, idx.shape, mode, dtype, be)
     flat = idx.reshape(-1)
     if check_range:
         be.check_index_range(flat, num_embeddings)
-    return _on_backend(be, flat, starts, psw, psw_shape)
+    return _on_backend(be, flat, starts, end, psw, psw_shape)
 
 
-def _on_backend(be, flat, starts, psw, psw_shape, psw_order=None):
-    """Bags whose arrays live where the table does (host-checked bounds and weights are
+def _on_backend(be, flat, starts, end, psw, psw_shape, psw_order=None):
+    """Bags whose arrays live where the table does (weights checked on the host are
     moved once to the GPU; on the CPU nothing is copied)."""
-    return Bags(flat, be.asarray(starts), None if psw is None else be.asarray(psw), psw_shape,
-                None if psw_order is None else be.asarray(psw_order))
+    return Bags(flat, starts, None if psw is None else be.asarray(psw), psw_shape,
+                None if psw_order is None else be.asarray(psw_order), end=end)
 
 
 def entry_scale(bags, mode, counts, entry_bag, dtype, be):

@@ -244,6 +244,20 @@ def bag_forward(weight, flat, starts, mode, padding_idx, per_sample_weights=None
     return out, argmax, counts
 
 
+def bag_starts(offsets, n, include_last_offset):
+    """Bag starts from ``offsets`` (1-D int32/int64, at least one entry) over an input
+    of ``n`` entries, unchecked: ``(starts, pos, first, last)``. ``starts`` (int64)
+    holds the offsets, then ``n`` unless ``include_last_offset``; ``pos`` is the first
+    position where the offsets decrease (-1: never); ``first`` and ``last`` are the
+    first and last offsets (the caller checks them)."""
+    k = offsets.shape[0]
+    starts = np.empty(k if include_last_offset else k + 1, dtype=np.int64)
+    if not include_last_offset:
+        starts[k] = n
+    pos = _bag.offsets_to_starts(offsets, starts)
+    return starts, pos, int(offsets[0]), int(offsets[k - 1])
+
+
 def bag_counts(flat, starts, padding_idx):
     """Non-padding entries of each bag, (n_bags,) int64."""
     counts = np.empty(starts.shape[0] - 1, dtype=np.int64)

@@ -96,8 +96,38 @@ class FakeRawModule:
 
 # ----------------------------------------------------------------- emulations
 
-def _gather(weight, idx, out, n, dim):
-    out.reshape(int(n), int(dim))[...] = weight.reshape(-1, int(dim))[idx]
+def _flag_first_bad(idx, lo, hi, n, num_rows, bad):
+    """``se_flag_bad`` over ``idx[lo:hi]``: bad[0] = max(bad[0], n - i) for the first
+    position i there holding an id outside [0, num_rows)."""
+    ids = np.asarray(idx[int(lo):int(hi)], dtype=np.int64)
+    hit = np.flatnonzero((ids < 0) | (ids >= num_rows))
+    if hit.size:
+        bad[0] = max(int(bad[0]), int(n) - (int(lo) + int(hit[0])))
+
+
+def _gather(weight, idx, out, n, dim, num_rows, bad):
+    """Rows of the ids in range; a bad id's row is not read (zeros) and flagged."""
+    ids = np.asarray(idx, dtype=np.int64)
+    ok = (ids >= 0) & (ids < num_rows)
+    o = out.reshape(int(n), int(dim))
+    o[ok] = weight.reshape(-1, int(dim))[ids[ok]]
+    o[~ok] = 0
+    _flag_first_bad(idx, 0, n, n, num_rows, bad)
+
+
+def _check_ids(idx, n, num_rows, bad):
+    _flag_first_bad(idx, 0, n, n, num_rows, bad)
+
+
+def _bag_starts(offsets, k, n, include_last, starts, result):
+    k = int(k)
+    starts[:k] = offsets
+    if not include_last:
+        starts[k] = n
+    dec = np.flatnonzero(offsets[1:] < offsets[:-1])
+    if dec.size:
+        result[0] = max(int(result[0]), k - (int(dec[0]) + 1))
+    result[1], result[2] = offsets[0], offsets[k - 1]
 
 
 def row_norms(values, p):
@@ -159,14 +189,23 @@ def chunked_sum(terms, chunk, from_zero):
                      for i in range(0, len(terms), chunk)], False)
 
 
-def _bag_forward(weight, idx, starts, pad, mode, psw, has_psw, n_bags, dim, out, argmax, counts):
+def _bag_forward(weight, idx, starts, pad, mode, psw, has_psw, n_bags, dim, out, argmax, counts,
+                 n_ids, num_rows, bad):
     """Each bag pooled entry by entry, in order, in the table's dtype (a loop over the
-    bags: the emulation runs on small test batches)."""
+    bags: the emulation runs on small test batches). A bag holding an id out of range
+    gets its count, is flagged in ``bad`` and is not pooled; the ids past the last bag
+    are checked too."""
     d = int(dim)
     w = weight.reshape(-1, d)
     o = out.reshape(-1, d)
     am = argmax.reshape(-1, d) if int(mode) == 2 else None
+    _flag_first_bad(idx, starts[int(n_bags)], n_ids, n_ids, num_rows, bad)
     for b in range(int(n_bags)):
+        ids = np.asarray(idx[int(starts[b]):int(starts[b + 1])], dtype=np.int64)
+        counts[b] = int((ids != pad).sum())
+        if ((ids < 0) | (ids >= num_rows)).any():
+            _flag_first_bad(idx, starts[b], starts[b + 1], n_ids, num_rows, bad)
+            continue
         acc = np.zeros(d, dtype=w.dtype)
         won = np.full(d, -1, dtype=np.int64)
         seen = 0
@@ -279,7 +318,8 @@ def _update_rows(kind, h_lr, h_momentum, h_weight_decay, h_eps, h_c1, h_c2, h_c3
 EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm": _renorm,
               "se_segment_sum": _segment_sum,
               "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
-              "se_bag_segment_sum": _bag_segment_sum}
+              "se_bag_segment_sum": _bag_segment_sum, "se_check_ids": _check_ids,
+              "se_bag_starts": _bag_starts}
 
 
 # ----------------------------------------------------------------- the fake modules
@@ -454,3 +494,50 @@ def nvrtc_compiler():
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
     return compile_
+
+
+# ----------------------------------------------------------------- shared error cases
+
+BAG_CHECK_ROWS = 20
+
+
+def bag_check_cases():
+    """``(ids, offsets, include_last_offset)`` batches an EmbeddingBag forward over a
+    table of :data:`BAG_CHECK_ROWS` rows must refuse (the GPU with the CPU's error, word
+    for word): bad offsets (ValueError; they win over bad ids, as on the CPU), and ids
+    out of range (IndexError naming the first) in a bag or past the last bag."""
+    ids = np.arange(12) % BAG_CHECK_ROWS
+    cases = [
+        (ids, [1, 4], False),            # offsets[0] != 0
+        (ids, [0, 5, 3, 8], False),      # decreasing
+        (ids, [0, 2, 3, 1, 0], True),    # decreasing twice: the first is named
+        (ids, [0, -2], False),           # decreasing below 0
+        (ids, [0, 5, 13], False),        # past the end of input
+        (ids, [0, 4, 13], True),
+        (ids, [], True),                 # include_last_offset needs an entry
+    ]
+    for pos, value in ((0, BAG_CHECK_ROWS), (5, -1), (11, 25)):
+        bad = ids.copy()
+        bad[pos] = value
+        cases.append((bad, [0, 4, 4, 9], False))
+    bad = ids.copy()
+    bad[[3, 10]] = [-7, 99]
+    cases += [
+        (bad, [0, 6, 9], True),          # in bag 0, and one past the last bag
+        (bad, [0, 2], True),             # both past the last bag
+        (bad, [0, 5, 3], False),         # bad offsets win over bad ids
+    ]
+    past = ids.copy()
+    past[10] = BAG_CHECK_ROWS
+    cases.append((past, [0, 4, 8], True))  # only past the last bag
+    return [(i, np.array(o, dtype=np.int64), last) for i, o, last in cases]
+
+
+def ids_with_bad(rng, n, num_rows, n_bad=40):
+    """``n`` ids with ``n_bad`` out of range (negative or >= num_rows) at random
+    positions, and the first such position (the one an error must name)."""
+    ids = rng.integers(0, num_rows, size=n)
+    where = rng.choice(n, size=n_bad, replace=False)
+    ids[where] = np.where(rng.random(n_bad) < 0.5, -1 - rng.integers(0, 5, n_bad),
+                          num_rows + rng.integers(0, 5, n_bad))
+    return ids, int(where.min())

@@ -30,6 +30,7 @@ else:  # the module is skipped; keep the names defined
 
 NORM_TYPES = [2.0, 1.0, 0.0, 3.5, 0.5, -1.5, np.inf, -np.inf]
 RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
+needs_bag = pytest.mark.skipif(not hasattr(se, "EmbeddingBag"), reason="no EmbeddingBag yet")
 
 
 def host(a):
@@ -238,6 +239,86 @@ def test_index_error_same_message_and_nothing_written(rng):
         gpu.backward(cp.zeros((3, 8), cp.float32))
 
 
+def _raised(fn):
+    with pytest.raises((ValueError, IndexError)) as err:
+        fn()
+    return err.value
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dim", [8, 7])  # vector and scalar lookup loops
+def test_first_bad_id_named_among_many(rng, idx_dtype, dim):
+    # many bad ids over many blocks: the kernels' flag (an atomic max) names the first
+    from reference_gpu import ids_with_bad
+
+    n, V = 300_000, 1000
+    for _ in range(3):
+        ids, first = ids_with_bad(rng, n, V)
+        ids_d = cp.asarray(ids.astype(idx_dtype))
+        msg = f"index {ids[first]} at position {first} is out of range for {V} embeddings"
+        wd = cp.asarray(rng.standard_normal((V, dim)).astype(np.float32))
+        for call in (lambda: se.Embedding(V, dim, device="cuda")(ids_d),
+                     lambda: se.Embedding(V, dim, max_norm=1.0, device="cuda")(ids_d),
+                     lambda: F.embedding_bag(ids_d, wd, cp.arange(0, n, 30), mode="sum"),
+                     lambda: F.embedding_bag(ids_d.reshape(-1, 40), wd, mode="max")):
+            with pytest.raises(IndexError, match=msg):
+                call()
+
+
+@needs_bag
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_bag_checks_equal_cpu(rng, mode):
+    from reference_gpu import BAG_CHECK_ROWS, bag_check_cases
+
+    w = rng.standard_normal((BAG_CHECK_ROWS, 8)).astype(np.float32)
+    wd = cp.asarray(w)
+    for ids, off, last in bag_check_cases():
+        e_cpu = _raised(lambda: F.embedding_bag(ids, w, off, mode=mode,
+                                                include_last_offset=last))
+        for ids_g, off_g in ((cp.asarray(ids), cp.asarray(off)),
+                             (cp.asarray(ids, dtype=cp.int32), cp.asarray(off, dtype=cp.int32)),
+                             (ids, off)):
+            e_gpu = _raised(lambda: F.embedding_bag(ids_g, wd, off_g, mode=mode,
+                                                    include_last_offset=last))
+            assert type(e_gpu) is type(e_cpu) and str(e_gpu) == str(e_cpu), (ids, off, last)
+    assert_array_equal(host(wd), w)
+    cpu = se.EmbeddingBag(BAG_CHECK_ROWS, 8, mode=mode, max_norm=0.5, random_state=3)
+    gpu = se.EmbeddingBag(BAG_CHECK_ROWS, 8, mode=mode, max_norm=0.5, random_state=3,
+                          device="cuda")
+    before = host(gpu.weight).copy()
+    for ids, off, last in bag_check_cases():
+        cpu.include_last_offset = gpu.include_last_offset = last
+        e_cpu = _raised(lambda: cpu(ids, off))
+        e_gpu = _raised(lambda: gpu(cp.asarray(ids), cp.asarray(off)))
+        assert type(e_gpu) is type(e_cpu) and str(e_gpu) == str(e_cpu)
+    assert_array_equal(host(gpu.weight), before)
+
+
+@needs_bag
+@pytest.mark.parametrize("off_dtype", [np.int32, np.int64])
+def test_device_offsets_equal_cpu(rng, off_dtype):
+    # offsets checked and turned into bag starts on the device (se_bag_starts)
+    w = rng.standard_normal((40, 8)).astype(np.float32)
+    wd = cp.asarray(w)
+    ids = rng.integers(0, 40, size=50)
+    for off in ([0, 7, 7, 30, 45], [0, 0, 50], [0]):
+        for last in (False, True):
+            o = np.array(off, dtype=off_dtype)
+            a = F.embedding_bag(ids, w, o, mode="sum", include_last_offset=last)
+            b = F.embedding_bag(cp.asarray(ids), wd, cp.asarray(o), mode="sum",
+                                include_last_offset=last)
+            assert_array_equal(host(b), a)
+    # entries past the last bag (include_last_offset): the backward leaves them out
+    kw = dict(mode="mean", sparse=True, include_last_offset=True, random_state=2)
+    cpu, gpu = se.EmbeddingBag(40, 8, **kw), se.EmbeddingBag(40, 8, device="cuda", **kw)
+    o = np.array([0, 7, 7, 30], dtype=off_dtype)
+    out_c, out_g = cpu(ids, o), gpu(cp.asarray(ids), cp.asarray(o))
+    assert_array_equal(host(out_g), out_c)
+    go = rng.standard_normal(out_c.shape).astype(np.float32)
+    assert_array_equal(host(gpu.backward(cp.asarray(go))).toarray(),
+                       cpu.backward(go).toarray())
+
+
 # --------------------------------------------------------------------- the seam
 
 def test_to_and_back_and_pickle(rng):
@@ -265,7 +346,6 @@ def test_to_and_back_and_pickle(rng):
 
 # --------------------------------------------------------------------- EmbeddingBag
 
-needs_bag = pytest.mark.skipif(not hasattr(se, "EmbeddingBag"), reason="no EmbeddingBag yet")
 
 
 @needs_bag

@@ -448,9 +448,11 @@ def test_index_range_message_equals_cpu(fake_gpu, ids, pos):
         fake_gpu.check_index_range(flat, 10)
     assert str(gpu_err.value) == str(cpu_err.value)
     assert f"at position {pos}" in str(gpu_err.value)
-    assert _ops.first_out_of_range(np, flat, 10) == pos
-    assert _ops.first_out_of_range(np, np.array([0, 9]), 10) == -1
-    assert _ops.first_out_of_range(np, np.zeros(0, np.int64), 10) == -1
+    impl = fake_gpu.module._impl
+    for dtype in (np.int32, np.int64):
+        assert impl.first_out_of_range(_view(flat.astype(dtype)), 10) == pos
+    assert impl.first_out_of_range(_view(np.array([0, 9])), 10) == -1
+    assert impl.first_out_of_range(_view(np.zeros(0, np.int64)), 10) == -1
 
 
 def test_check_weight_and_grad_output(fake_gpu):
@@ -526,7 +528,7 @@ def test_embedding_on_fake_cuda_index_error_changes_nothing(fake_gpu, counted):
     with pytest.raises(IndexError, match=msg):
         emb(np.array([1, 2, 3, 10]))
     assert_array_equal(emb.weight, before)
-    assert counted == {}
+    assert counted == {"se_check_ids": 1}  # the range check (it writes its flag only)
     with pytest.raises(TypeError, match="integers"):
         emb(np.array([1.0]))
 
@@ -612,6 +614,8 @@ using std::fabs; using std::fmax; using std::fmin; using std::pow; using std::sq
 struct se_dim3 { unsigned x, y, z; };
 extern se_dim3 blockIdx, threadIdx, blockDim, gridDim;
 double __shfl_xor_sync(unsigned mask, double v, int lane);
+long long __shfl_xor_sync(unsigned mask, long long v, int lane);
+long long atomicMax(long long* address, long long v);
 double __longlong_as_double(long long x);
 void __syncwarp(unsigned mask = 0xffffffffu);
 struct float4 { float x, y, z, w; };
@@ -900,6 +904,61 @@ def test_embedding_bag_functional_on_fake_cuda(fake_gpu, rng):
         _bags.bags_of(np.array([1, 2, 3, 15]), np.array([0]), None, "sum", False, 15, w.dtype, be)
 
 
+def _raised(fn):
+    """The exception ``fn()`` raises (the test fails when it raises none)."""
+    with pytest.raises((ValueError, IndexError)) as err:
+        fn()
+    return err.value
+
+
+@needs_bag
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_bag_checks_on_fake_cuda_equal_cpu(fake_gpu, counted, rng, mode):
+    # offsets checked by se_bag_starts, ids by the pooling kernel: the CPU's errors
+    dev = reference_gpu.to_device
+    w = rng.standard_normal((reference_gpu.BAG_CHECK_ROWS, 4)).astype(np.float32)
+    wd = dev(w)
+    for ids, off, last in reference_gpu.bag_check_cases():
+        e_cpu = _raised(lambda: F.embedding_bag(ids, w, off, mode=mode,
+                                                include_last_offset=last))
+        for ids_g, off_g in ((dev(ids), dev(off)), (dev(ids.astype(np.int32)),
+                                                    dev(off.astype(np.int32))),
+                             (ids, list(off))):
+            e_gpu = _raised(lambda: F.embedding_bag(ids_g, wd, off_g, mode=mode,
+                                                    include_last_offset=last))
+            assert type(e_gpu) is type(e_cpu) and str(e_gpu) == str(e_cpu), (ids, off, last)
+    assert counted.get("se_bag_starts", 0) >= 3 * 12  # device offsets: checked there
+    assert_array_equal(wd, w)
+
+
+@needs_bag
+def test_bag_checks_with_renorm_on_fake_cuda_change_nothing(fake_gpu, rng):
+    kw = dict(mode="sum", max_norm=0.5, random_state=3)
+    cpu = se.EmbeddingBag(reference_gpu.BAG_CHECK_ROWS, 4, **kw)
+    gpu = se.EmbeddingBag(reference_gpu.BAG_CHECK_ROWS, 4, device="cuda", **kw)
+    before = gpu.weight.copy()
+    for ids, off, last in reference_gpu.bag_check_cases():
+        cpu.include_last_offset = gpu.include_last_offset = last
+        e_cpu, e_gpu = _raised(lambda: cpu(ids, off)), _raised(lambda: gpu(ids, off))
+        assert type(e_gpu) is type(e_cpu) and str(e_gpu) == str(e_cpu)
+    assert_array_equal(gpu.weight, before)
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_first_bad_id_named_among_many_on_fake_cuda(fake_gpu, rng, idx_dtype):
+    ids, first = reference_gpu.ids_with_bad(rng, 3000, 50)
+    ids = reference_gpu.to_device(ids.astype(idx_dtype))
+    msg = f"index {int(ids[first])} at position {first} is out of range"
+    w = reference_gpu.to_device(rng.standard_normal((50, 4)).astype(np.float32))
+    for call in (lambda: se.Embedding(50, 4, device="cuda")(ids),
+                 lambda: se.Embedding(50, 4, max_norm=1.0, device="cuda")(ids),
+                 lambda: F.embedding_bag(ids, w, reference_gpu.to_device(
+                     np.arange(0, 3000, 30)), mode="mean"),
+                 lambda: F.embedding_bag(ids.reshape(100, 30), w, mode="max")):
+        with pytest.raises(IndexError, match=msg):
+            call()
+
+
 # ----------------------------------------------------------------- optimizer kernels
 
 try:
@@ -1130,9 +1189,10 @@ def test_bench_gpu_breakdown_runs_on_the_stand_in(fake_gpu, monkeypatch):
                              "--breakdown"])
     ids = np.minimum(rng.zipf(1.2, size=64) - 1, 49).astype(np.int64)
     res = bench.bench_breakdown(args, cp, ids, bench.cuda_timer(cp))
-    assert set(res) == {"check_range", "lookup_kernel", "device_copy_of_output", "plan_rows",
-                        "plan_argsort", "row_sums", "csr_assembly", "backward_adding_to_grad",
-                        "bag_checks", "bag_pool_kernel"}
+    assert set(res) == {"check_range", "lookup_kernel", "lookup_checked",
+                        "device_copy_of_output", "plan_rows", "plan_argsort", "row_sums",
+                        "csr_assembly", "backward_adding_to_grad", "bag_checks",
+                        "bag_pool_kernel", "bag_pool_checked"}
     assert all(v == 0.5 for v in res.values())
 
 

@@ -7,7 +7,8 @@ one item (a table row, a segment of the row plan, a bag) and loops grid-stride o
 the items, so any size fits the grid limits; the lookup runs flat over the output's
 vectors. Launch shape: :func:`sparsembed._cuda._ops.launch_shape`.
 
-Determinism: no atomics. Reductions over a table row's occurrences go through the
+Determinism: no atomics on values (the only atomic is a max over the positions of
+out-of-range ids, the same whatever order the threads run in). Reductions over a table row's occurrences go through the
 row plan (ids sorted once, one segment per distinct row); each lane sums its column
 over the segment in input order, exactly as the CPU kernels do, so the gradients are
 bitwise equal to the CPU backend's (the backend cuts segments longer than
@@ -56,6 +57,91 @@ __device__ __forceinline__ double se_warp_max(double v) {
 __device__ __forceinline__ double se_warp_min(double v) {
     for (int o = 16; o > 0; o >>= 1) v = se_nan_min(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+
+__device__ __forceinline__ i64 se_warp_sum_i64(i64 v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ i64 se_warp_max_i64(i64 v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const i64 u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = u > v ? u : v;
+    }
+    return v;
+}
+
+// ---------------------------------------------------------------- id checks
+// Kernels that read rows by id check each id first and skip the rows of bad ones, so
+// the host needs no separate pass and one read: *bad (zeroed before the launch)
+// becomes the largest n - i over the bad positions i, 0 when there is none. A max is
+// the same whatever order the threads run in, and gives the first bad position, the
+// one the CPU's error names. Only error paths reach the atomics.
+__device__ __forceinline__ bool se_in_range(const i64 r, const i64 num_rows) {
+    return (unsigned long long)r < (unsigned long long)num_rows;  // r < 0 wraps high
+}
+
+__device__ __forceinline__ void se_flag_bad(i64* bad, const i64 mark) {
+    atomicMax(bad, mark);
+}
+
+__device__ __forceinline__ i64 se_global_thread() {
+    return ((i64)blockIdx.x * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ i64 se_global_threads() {
+    return (i64)gridDim.x * blockDim.y * blockDim.x;
+}
+
+// *bad = max(n - i) over the i in [lo, n) with idx[i] outside [0, num_rows)
+// (unchanged when all are in range); at most one atomic per warp
+__device__ __forceinline__ void se_check_range(const I* __restrict__ idx, const i64 lo,
+                                               const i64 n, const i64 num_rows,
+                                               i64* __restrict__ bad) {
+    i64 mark = 0;
+    for (i64 i = lo + se_global_thread(); i < n; i += se_global_threads()) {
+        if (!se_in_range((i64)idx[i], num_rows)) {
+            mark = n - i;  // this thread's first: i only grows
+            break;
+        }
+    }
+    mark = se_warp_max_i64(mark);
+    if (threadIdx.x == 0 && mark > 0) se_flag_bad(bad, mark);
+}
+
+// the id range check on its own (ids not read by a row kernel: plans, renorm)
+extern "C" __global__ void se_check_ids(const I* __restrict__ idx,
+                                        const i64 n,
+                                        const i64 num_rows,
+                                        i64* __restrict__ bad) {
+    se_check_range(idx, 0, n, num_rows, bad);
+}
+
+// Bag starts from k >= 1 offsets: starts[i] = offsets[i], and starts[k] = n unless
+// include_last (then starts holds k entries). result (zeroed before the launch):
+// [0] max(k - i) over the i >= 1 with offsets[i] < offsets[i - 1] (0: never
+// decreasing), [1] offsets[0], [2] offsets[k - 1], so one read gives the host every
+// check it makes.
+extern "C" __global__ void se_bag_starts(const i64* __restrict__ offsets,
+                                         const i64 k,
+                                         const i64 n,
+                                         const int include_last,
+                                         i64* __restrict__ starts,
+                                         i64* __restrict__ result) {
+    i64 mark = 0;
+    for (i64 i = se_global_thread(); i < k; i += se_global_threads()) {
+        const i64 o = offsets[i];
+        starts[i] = o;
+        if (mark == 0 && i > 0 && o < offsets[i - 1]) mark = k - i;
+    }
+    mark = se_warp_max_i64(mark);
+    if (threadIdx.x == 0 && mark > 0) se_flag_bad(result, mark);
+    if (se_global_thread() == 0) {
+        result[1] = offsets[0];
+        result[2] = offsets[k - 1];
+        if (!include_last) starts[k] = n;
+    }
 }
 
 // ---------------------------------------------------------------- 16-byte vectors
@@ -152,7 +238,9 @@ template <typename J>
 __device__ __forceinline__ void se_gather_vec(const TV* __restrict__ w,
                                               const I* __restrict__ idx,
                                               TV* __restrict__ o,
-                                              const J total, const J nv) {
+                                              const J total, const J nv,
+                                              const i64 n, const i64 num_rows,
+                                              i64* __restrict__ bad) {
     const J nthreads = (J)gridDim.x * blockDim.y * blockDim.x;
     const J tid = ((J)blockIdx.x * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
     for (J base = tid; base < total; base += (J)SE_GATHER_UNROLL * nthreads) {
@@ -162,7 +250,13 @@ __device__ __forceinline__ void se_gather_vec(const TV* __restrict__ w,
             const J t = base + (J)q * nthreads;
             if (t < total) {
                 const J i = t / nv;
-                v[q] = w[(i64)idx[i] * (i64)nv + (i64)(t - i * nv)];
+                const i64 r = (i64)idx[i];
+                if (se_in_range(r, num_rows)) {
+                    v[q] = w[r * (i64)nv + (i64)(t - i * nv)];
+                } else {
+                    v[q] = se_vzero<TV>();
+                    if (t == i * nv) se_flag_bad(bad, n - (i64)i);  // once per row
+                }
             }
         }
 #pragma unroll
@@ -173,25 +267,34 @@ __device__ __forceinline__ void se_gather_vec(const TV* __restrict__ w,
     }
 }
 
-// out[i, :] = weight[idx[i], :]
+// out[i, :] = weight[idx[i], :] for the ids in [0, num_rows); a row of a bad id is
+// not read, and flagged in *bad (see se_flag_bad)
 extern "C" __global__ void se_gather(const T* __restrict__ weight,
                                      const I* __restrict__ idx,
                                      T* __restrict__ out,
                                      const i64 n,
-                                     const i64 dim) {
+                                     const i64 dim,
+                                     const i64 num_rows,
+                                     i64* __restrict__ bad) {
     if (dim % SE_VW == 0 && se_aligned(weight) && se_aligned(out)) {
         const i64 total = n * (dim / SE_VW);
         // a step adds SE_GATHER_UNROLL (<= 4) * at most 2**28 threads: no wrap below 2**31
         if (total < 0x80000000LL)
             se_gather_vec<unsigned>((const TV*)weight, idx, (TV*)out, (unsigned)total,
-                                    (unsigned)(dim / SE_VW));
+                                    (unsigned)(dim / SE_VW), n, num_rows, bad);
         else
-            se_gather_vec<i64>((const TV*)weight, idx, (TV*)out, total, dim / SE_VW);
+            se_gather_vec<i64>((const TV*)weight, idx, (TV*)out, total, dim / SE_VW, n,
+                               num_rows, bad);
         return;
     }
     const i64 step = (i64)gridDim.x * blockDim.y;
     for (i64 i = (i64)blockIdx.x * blockDim.y + threadIdx.y; i < n; i += step) {
-        const T* src = weight + (i64)idx[i] * dim;
+        const i64 r = (i64)idx[i];
+        if (!se_in_range(r, num_rows)) {
+            if (threadIdx.x == 0) se_flag_bad(bad, n - i);
+            continue;
+        }
+        const T* src = weight + r * dim;
         T* dst = out + i * dim;
         for (i64 j = threadIdx.x; j < dim; j += blockDim.x) dst[j] = src[j];
     }
@@ -337,7 +440,10 @@ __device__ __forceinline__ void se_bag_pool_row(const U* __restrict__ w,
 // skipping pad: mode 0 sum (times psw[e] when has_psw), 1 mean (sum / count when
 // count > 1), 2 max (strict >: the first occurrence wins ties; argmax[b, j] = the
 // winning entry, -1 for an empty bag). counts[b] = non-padding entries. Empty bags
-// give zeros. Same arithmetic, in the same order, as the CPU kernel.
+// give zeros. Same arithmetic, in the same order, as the CPU kernel. Every id of
+// idx[0 .. n_ids) is checked against [0, num_rows), those past the last bag too (as
+// the CPU does): a bag holding a bad one is not pooled, and *bad is flagged (see
+// se_flag_bad; the host raises and drops the outputs).
 extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
                                           const I* __restrict__ idx,
                                           const i64* __restrict__ starts,
@@ -349,18 +455,31 @@ extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
                                           const i64 dim,
                                           T* __restrict__ out,
                                           i64* __restrict__ argmax,
-                                          i64* __restrict__ counts) {
+                                          i64* __restrict__ counts,
+                                          const i64 n_ids,
+                                          const i64 num_rows,
+                                          i64* __restrict__ bad) {
     const bool vec = dim % SE_VW == 0 && se_aligned(weight) && se_aligned(out);
     const i64 step = (i64)gridDim.x * blockDim.y;
     for (i64 b = (i64)blockIdx.x * blockDim.y + threadIdx.y; b < n_bags; b += step) {
         const i64 lo = starts[b];
         const i64 hi = starts[b + 1];
-        i64 c = hi - lo;  // ids are >= 0: pad = -1 (none) matches no entry
-        if (pad >= 0) {
-            c = 0;
-            for (i64 e = lo; e < hi; ++e) c += ((i64)idx[e] != pad);
+        // the lanes read the bag's ids once, side by side (the pooling then finds them
+        // in cache): the count of non-padding entries and the first bad id
+        i64 c = 0;
+        i64 mark = 0;
+        for (i64 e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+            const i64 r = (i64)idx[e];
+            c += (r != pad);  // ids are >= 0: pad = -1 (none) matches no entry
+            if (mark == 0 && !se_in_range(r, num_rows)) mark = n_ids - e;
         }
-        if (threadIdx.x == 0) counts[b] = c;
+        c = se_warp_sum_i64(c);
+        mark = se_warp_max_i64(mark);
+        if (threadIdx.x == 0) {
+            counts[b] = c;
+            if (mark > 0) se_flag_bad(bad, mark);
+        }
+        if (mark > 0) continue;  // warp-uniform: the reductions gave every lane the same
         if (mode != 2) {
             if (vec)
                 se_bag_pool_row<TV>((const TV*)weight, idx, lo, hi, pad, psw, has_psw, mode, c,
@@ -385,6 +504,7 @@ extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
             argmax[b * dim + j] = won;
         }
     }
+    se_check_range(idx, starts[n_bags], n_ids, num_rows, bad);  // past the last bag
 }
 
 // out[e] = dot(grad[entry_bag[e]], weight[idx[e]]) for e < m, in double (a warp
@@ -614,7 +734,17 @@ class CudaKernels:
                                                              options=COMPILE_OPTIONS)
         return module.get_function(name)
 
-    def gather(self, weight, idx, out):
+    def _untyped_function(self, name, i_dtype=None):
+        """A kernel that does not use the table dtype ``T`` (nor ``I`` when ``i_dtype``
+        is None): taken from a module already compiled, when one fits, rather than
+        compiling another."""
+        for (_, module_i), module in self._modules.items():
+            if i_dtype is None or module_i == np.dtype(i_dtype):
+                return module.get_function(name)
+        return self._function(name, np.float32, np.int64 if i_dtype is None else i_dtype)
+
+    def gather(self, weight, idx, out, bad):
+        """``bad``: (1,) int64, zeroed; flagged for ids outside the table (se_flag_bad)."""
         n, dim = out.shape
         vw = 16 // weight.itemsize  # the kernel's vector width (float4 / double2)
         if dim % vw == 0:  # flat over the output's vectors, GATHER_UNROLL per thread
@@ -622,7 +752,23 @@ class CudaKernels:
         else:  # one warp per row
             grid, block = launch_shape(n)
         self._function("se_gather", weight.dtype, idx.dtype)(
-            grid, block, (weight, idx, out, np.int64(n), np.int64(dim)))
+            grid, block, (weight, idx, out, np.int64(n), np.int64(dim),
+                          np.int64(weight.shape[0]), bad))
+
+    def check_ids(self, idx, num_rows, bad):
+        """Flag ``bad`` ((1,) int64, zeroed) when an id is outside [0, num_rows)."""
+        n = idx.shape[0]
+        grid, block = launch_shape(-(-n // WARP))
+        self._untyped_function("se_check_ids", idx.dtype)(
+            grid, block, (idx, np.int64(n), np.int64(num_rows), bad))
+
+    def bag_starts(self, offsets, n, include_last, starts, result):
+        """``starts`` from int64 ``offsets`` (k >= 1); ``result`` (3,) int64, zeroed."""
+        k = offsets.shape[0]
+        grid, block = launch_shape(-(-k // WARP))
+        self._untyped_function("se_bag_starts")(
+            grid, block, (offsets, np.int64(k), np.int64(n), np.int32(include_last), starts,
+                          result))
 
     def renorm(self, weight, rows, max_norm, p, kind):
         n_rows = rows.shape[0]
@@ -638,7 +784,8 @@ class CudaKernels:
             grid, block, (grad, perm, starts, rows, np.int32(dense), np.int64(n_rows),
                           np.int64(grad.shape[1]), np.int32(scale_by_count), out))
 
-    def bag_forward(self, weight, idx, starts, pad, mode, psw, out, argmax, counts):
+    def bag_forward(self, weight, idx, starts, pad, mode, psw, out, argmax, counts, bad):
+        """``bad``: (1,) int64, zeroed; flagged for ids outside the table (se_flag_bad)."""
         n_bags = starts.shape[0] - 1
         grid, block = launch_shape(n_bags)
         has_psw = psw is not None
@@ -647,7 +794,8 @@ class CudaKernels:
         self._function("se_bag_forward", weight.dtype, idx.dtype)(
             grid, block, (weight, idx, starts, np.int64(pad), np.int32(mode), psw,
                           np.int32(has_psw), np.int64(n_bags), np.int64(weight.shape[1]),
-                          out, argmax, counts))
+                          out, argmax, counts, np.int64(idx.shape[0]), np.int64(weight.shape[0]),
+                          bad))
 
     def psw_grad(self, grad, weight, idx, entry_bag, pad, out):
         m = entry_bag.shape[0]

@@ -78,14 +78,11 @@ def device_index_array(xp, arr, name="input"):
     return xp.asarray(arr, dtype=np.int64, order="C")
 
 
-def first_out_of_range(xp, flat, upper):
-    """Position of the first id outside ``[0, upper)``, or -1: one reduction on the
-    device (an argmax over the flags, which returns the first hit) and one scalar read."""
-    if flat.shape[0] == 0:
-        return -1
-    bad = (flat < 0) | (flat >= upper)
-    pos = int(xp.argmax(bad.view(xp.uint8)))
-    return pos if bool(bad[pos]) else -1
+def first_flagged(bad, n):
+    """The position a kernel's ``bad`` flag names (``se_flag_bad``: the largest
+    ``n - i`` over the bad positions ``i``, 0 for none), or -1: one scalar read."""
+    mark = int(bad[0])
+    return n - mark if mark else -1
 
 
 def split_segments(xp, starts, chunk):
@@ -211,9 +208,19 @@ class ArrayBackend:
     def check_index_range(self, flat, num_embeddings, name="input"):
         """IndexError naming the first id outside ``[0, num_embeddings)``; checked on the
         device before anything is written."""
-        pos = first_out_of_range(self.xp, flat, num_embeddings)
+        pos = self.first_out_of_range(flat, num_embeddings)
         if pos >= 0:
             raise V.index_error(flat, pos, num_embeddings, name)
+
+    def first_out_of_range(self, flat, upper):
+        """Position of the first id of ``flat`` (1-D, C-contiguous) outside
+        ``[0, upper)``, or -1: one kernel and one scalar read."""
+        n = int(flat.shape[0])
+        if n == 0:
+            return -1
+        bad = self.xp.zeros(1, dtype=np.int64)
+        self.kernels.check_ids(self.xp.ascontiguousarray(flat), upper, bad)
+        return first_flagged(bad, n)
 
     def check_weight(self, weight, name="weight"):
         """A 2-D float32/float64 device array."""
@@ -289,16 +296,28 @@ class ArrayBackend:
     # ------------------------------------------------------------- forward
 
     def gather(self, weight, flat, check_range=False, ids_out=None):
-        """``weight[flat]`` as a new (n, dim) array (``check_range``: ``flat`` is
-        range-checked first, on the device; ``ids_out`` also receives a copy of
-        ``flat``)."""
-        if check_range:
-            self.check_index_range(flat, weight.shape[0])
+        """``weight[flat]`` as a new (n, dim) array; ``ids_out`` also receives a copy
+        of ``flat``.
+
+        ``check_range``: ``flat`` has not been range-checked yet; the lookup kernel
+        checks each id before reading its row (no separate pass) and IndexError names
+        the first bad one. Only the new output (and ``ids_out``) can have been written
+        by then.
+        """
+        xp = self.xp
         if ids_out is not None:
             ids_out[...] = flat
-        out = self.xp.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype)
-        if out.size:
-            self.kernels.gather(weight, flat, out)
+        out = xp.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype)
+        if not out.size:
+            if check_range:  # no row to read: the ids alone
+                self.check_index_range(flat, weight.shape[0])
+            return out
+        bad = xp.zeros(1, dtype=np.int64)
+        self.kernels.gather(weight, flat, out, bad)
+        if check_range:
+            pos = first_flagged(bad, flat.shape[0])
+            if pos >= 0:
+                raise V.index_error(flat, pos, weight.shape[0])
         return out
 
     def renorm_rows_(self, weight, rows, max_norm, norm_type):
@@ -439,8 +458,10 @@ class ArrayBackend:
                     plan=None, check_range=False):
         """Pool the validated bags; returns (out, argmax or None, counts).
 
-        ``check_range``: ``flat`` has not been range-checked yet (here checked first,
-        on the device, before any kernel runs).
+        ``check_range``: ``flat`` has not been range-checked yet; the pooling kernel
+        checks each id before reading its row (those past the last bag too), and
+        IndexError names the first bad one. Only the new outputs can have been written
+        by then.
 
         (``plan`` is the CPU float16 path's; float16 tables are not supported on the
         GPU, so it is ignored here.)
@@ -450,18 +471,41 @@ class ArrayBackend:
         (-1 for an empty bag); ``counts`` the non-padding entries per bag.
         """
         xp = self.xp
-        if check_range:
-            self.check_index_range(flat, weight.shape[0])
         n_bags = starts.shape[0] - 1
         dim = weight.shape[1]
-        out = xp.zeros((max(n_bags, 0), dim), dtype=weight.dtype)
-        counts = xp.zeros(max(n_bags, 0), dtype=np.int64)
-        argmax = xp.full((max(n_bags, 0), dim), -1, dtype=np.int64) if mode == "max" else None
-        if n_bags > 0 and dim > 0:
-            pad = -1 if padding_idx is None else int(padding_idx)
-            self.kernels.bag_forward(weight, flat, starts, pad, BAG_MODES[mode],
-                                     per_sample_weights, out, argmax, counts)
+        if n_bags <= 0 or dim == 0:  # no row to read: the ids alone
+            if check_range:
+                self.check_index_range(flat, weight.shape[0])
+            argmax = xp.full((n_bags, dim), -1, dtype=np.int64) if mode == "max" else None
+            # counts 0 with no columns, as the CPU kernel gives
+            return (xp.zeros((n_bags, dim), dtype=weight.dtype), argmax,
+                    xp.zeros(n_bags, dtype=np.int64))
+        # the kernel writes every bag's row, count and winners
+        out = xp.empty((n_bags, dim), dtype=weight.dtype)
+        counts = xp.empty(n_bags, dtype=np.int64)
+        argmax = xp.empty((n_bags, dim), dtype=np.int64) if mode == "max" else None
+        bad = xp.zeros(1, dtype=np.int64)
+        pad = -1 if padding_idx is None else int(padding_idx)
+        self.kernels.bag_forward(weight, flat, starts, pad, BAG_MODES[mode],
+                                 per_sample_weights, out, argmax, counts, bad)
+        if check_range:
+            pos = first_flagged(bad, flat.shape[0])
+            if pos >= 0:
+                raise V.index_error(flat, pos, weight.shape[0])
         return out, argmax, counts
+
+    def bag_starts(self, offsets, n, include_last_offset):
+        """As ``sparsembed._cpu.bag_starts``: one kernel writes the starts and finds
+        the first decrease, and one transfer brings it with the first and last
+        offsets to the host."""
+        xp = self.xp
+        off = xp.ascontiguousarray(offsets, dtype=np.int64)
+        k = int(off.shape[0])
+        starts = xp.empty(k if include_last_offset else k + 1, dtype=np.int64)
+        result = xp.zeros(3, dtype=np.int64)
+        self.kernels.bag_starts(off, n, include_last_offset, starts, result)
+        mark, first, last = (int(v) for v in self.to_numpy(result))
+        return starts, (k - mark if mark else -1), first, last
 
     def bag_counts(self, flat, starts, padding_idx):
         """Non-padding entries of each bag, (n_bags,) int64 (a prefix sum, no kernel)."""
@@ -603,7 +647,7 @@ BACKEND_FUNCTIONS = (
     "row_grad", "sparse_grad", "add_grad", "as_index_array", "check_index_range",
     "check_weight", "check_writable", "as_grad_output",
     # EmbeddingBag
-    "bag_forward", "bag_counts", "entry_bags", "mean_scale", "per_sample_weights_grad",
+    "bag_starts", "bag_forward", "bag_counts", "entry_bags", "mean_scale", "per_sample_weights_grad",
     "bag_row_grad", "bag_dense_grad", "bag_sparse_grad",
     # optimizers
     "optim_grad", "optim_update_rows", "optim_fused_update",

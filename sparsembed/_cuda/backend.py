@@ -40,6 +40,7 @@ check_writable = _impl.check_writable
 as_grad_output = _impl.as_grad_output
 
 # EmbeddingBag
+bag_starts = _impl.bag_starts
 bag_forward = _impl.bag_forward
 bag_counts = _impl.bag_counts
 entry_bags = _impl.entry_bags
