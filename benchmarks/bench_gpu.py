@@ -18,10 +18,10 @@ CUDA events around the operation only.
 
 ``--breakdown`` also times the pieces of sparsembed's operations (the id range check
 on its own, the lookup kernel, the lookup with its range check and read of the flag,
-the row plan and its sort, the row sums, the CSR assembly, a backward that adds to a
-gradient not zeroed, the bag checks, the pooling kernel, and the pooling with its
-range check): where the time goes. It calls the backend's internals, so it follows
-them.
+the row plan and its sort, the row sums, the CSR assembly (and its column indices and
+row pointer apart), a backward that adds to a gradient not zeroed, the bag checks, the
+pooling kernel, and the pooling with its range check): where the time goes. It calls
+the backend's internals, so it follows them.
 
 Usage::
 
@@ -149,6 +149,19 @@ def bench_breakdown(args, cp, ids_host, time_ms):
     res["row_sums"] = t(lambda: be.row_grad(grad, plan, False))
     values = be.row_grad(grad, plan, False)
     res["csr_assembly"] = t(lambda: be.from_rows(plan.rows, values, V))
+    cols = cp.empty(values.size, dtype=cp.int32)
+
+    def columns_broadcast():  # what from_rows did before se_fill_columns
+        cols.reshape(-1, D)[...] = cp.arange(D, dtype=cp.int32)
+
+    def indptr():  # from_rows' row pointer
+        steps = cp.zeros(V + 1, dtype=cp.int32)
+        steps[plan.rows + 1] = D
+        return cp.cumsum(steps, dtype=cp.int32)
+
+    res["csr_columns_kernel"] = t(lambda: be.kernels.fill_columns(cols, D))
+    res["csr_columns_broadcast"] = t(columns_broadcast)
+    res["csr_indptr"] = t(indptr)
     emb = se.Embedding(V, D, sparse=True, dtype=dtype, device="cuda", weight=weight)
     emb(flat)
     emb.backward(grad)

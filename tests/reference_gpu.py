@@ -119,6 +119,10 @@ def _check_ids(idx, n, num_rows, bad):
     _flag_first_bad(idx, 0, n, n, num_rows, bad)
 
 
+def _fill_columns(cols, total, dim):
+    cols[:] = np.arange(int(total)) % int(dim)
+
+
 def _bag_starts(offsets, k, n, include_last, starts, result):
     k = int(k)
     starts[:k] = offsets
@@ -319,7 +323,7 @@ EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm":
               "se_segment_sum": _segment_sum,
               "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
               "se_bag_segment_sum": _bag_segment_sum, "se_check_ids": _check_ids,
-              "se_bag_starts": _bag_starts}
+              "se_bag_starts": _bag_starts, "se_fill_columns": _fill_columns}
 
 
 # ----------------------------------------------------------------- the fake modules

@@ -118,6 +118,16 @@ extern "C" __global__ void se_check_ids(const I* __restrict__ idx,
     se_check_range(idx, 0, n, num_rows, bad);
 }
 
+// the column indices of a canonical row-sparse CSR matrix: cols[t] = t % dim, flat
+// over the n_rows * dim values (a broadcast assignment of arange(dim) does the same
+// with a 2-D index computation per element)
+extern "C" __global__ void se_fill_columns(I* __restrict__ cols,
+                                           const i64 total,
+                                           const i64 dim) {
+    for (i64 t = se_global_thread(); t < total; t += se_global_threads())
+        cols[t] = (I)(t % dim);
+}
+
 // Bag starts from k >= 1 offsets: starts[i] = offsets[i], and starts[k] = n unless
 // include_last (then starts holds k entries). result (zeroed before the launch):
 // [0] max(k - i) over the i >= 1 with offsets[i] < offsets[i - 1] (0: never
@@ -761,6 +771,13 @@ class CudaKernels:
         grid, block = launch_shape(-(-n // WARP))
         self._untyped_function("se_check_ids", idx.dtype)(
             grid, block, (idx, np.int64(n), np.int64(num_rows), bad))
+
+    def fill_columns(self, cols, dim):
+        """``cols`` (int32 or int64, C-contiguous) = 0 .. dim - 1 repeated."""
+        total = cols.shape[0]
+        grid, block = launch_shape(-(-total // WARP))
+        self._untyped_function("se_fill_columns", cols.dtype)(
+            grid, block, (cols, np.int64(total), np.int64(dim)))
 
     def bag_starts(self, offsets, n, include_last, starts, result):
         """``starts`` from int64 ``offsets`` (k >= 1); ``result`` (3,) int64, zeroed."""

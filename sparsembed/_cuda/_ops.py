@@ -392,7 +392,8 @@ class ArrayBackend:
         steps[rows + 1] = dim  # rows are distinct
         indptr = xp.cumsum(steps, dtype=idx_dtype)
         indices = xp.empty(nnz, dtype=idx_dtype)
-        indices.reshape(n_rows, dim)[...] = xp.arange(dim, dtype=idx_dtype)
+        if nnz:
+            self.kernels.fill_columns(indices, dim)
         out = self.csr_type((data.reshape(-1), indices, indptr), shape=(int(num_rows), dim))
         out.has_canonical_format = True
         return out
