@@ -119,8 +119,8 @@ def _check_ids(idx, n, num_rows, bad):
     _flag_first_bad(idx, 0, n, n, num_rows, bad)
 
 
-def _fill_columns(cols, total, dim):
-    cols[:] = np.arange(int(total)) % int(dim)
+def _fill_columns(cols, n_rows, dim):
+    cols.reshape(int(n_rows), int(dim))[...] = np.arange(int(dim))
 
 
 def _bag_starts(offsets, k, n, include_last, starts, result):

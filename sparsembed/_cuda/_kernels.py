@@ -118,14 +118,18 @@ extern "C" __global__ void se_check_ids(const I* __restrict__ idx,
     se_check_range(idx, 0, n, num_rows, bad);
 }
 
-// the column indices of a canonical row-sparse CSR matrix: cols[t] = t % dim, flat
-// over the n_rows * dim values (a broadcast assignment of arange(dim) does the same
-// with a 2-D index computation per element)
+// the column indices of a canonical row-sparse CSR matrix: each of the n_rows rows of
+// dim values gets the columns 0 .. dim - 1. One warp per row, lanes over the columns,
+// so no index is divided (the flat form's 64-bit t % dim per element held it to a
+// quarter of the copy rate on an H200: 0.54 ms for 512 MB)
 extern "C" __global__ void se_fill_columns(I* __restrict__ cols,
-                                           const i64 total,
+                                           const i64 n_rows,
                                            const i64 dim) {
-    for (i64 t = se_global_thread(); t < total; t += se_global_threads())
-        cols[t] = (I)(t % dim);
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
+        I* row = cols + u * dim;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) row[j] = (I)j;
+    }
 }
 
 // Bag starts from k >= 1 offsets: starts[i] = offsets[i], and starts[k] = n unless
@@ -773,11 +777,12 @@ class CudaKernels:
             grid, block, (idx, np.int64(n), np.int64(num_rows), bad))
 
     def fill_columns(self, cols, dim):
-        """``cols`` (int32 or int64, C-contiguous) = 0 .. dim - 1 repeated."""
-        total = cols.shape[0]
-        grid, block = launch_shape(-(-total // WARP))
+        """``cols`` (int32 or int64, C-contiguous, a multiple of ``dim`` long) =
+        0 .. dim - 1 repeated."""
+        n_rows = cols.shape[0] // dim
+        grid, block = launch_shape(n_rows)
         self._untyped_function("se_fill_columns", cols.dtype)(
-            grid, block, (cols, np.int64(total), np.int64(dim)))
+            grid, block, (cols, np.int64(n_rows), np.int64(dim)))
 
     def bag_starts(self, offsets, n, include_last, starts, result):
         """``starts`` from int64 ``offsets`` (k >= 1); ``result`` (3,) int64, zeroed."""
