@@ -16,12 +16,13 @@ Operations (one table of ``--num-embeddings`` x ``--dim``, a batch of ``--batch`
 Each time is the median of ``--repeat`` runs after ``--warmup`` runs, measured with
 CUDA events around the operation only.
 
-``--breakdown`` also times the pieces of sparsembed's operations (the id range check
+``--breakdown`` also times the pieces of sparsembed's operations: the id range check
 on its own, the lookup kernel, the lookup with its range check and read of the flag,
-the row plan and its sort, the row sums, the CSR assembly (and its column indices and
-row pointer apart), a backward that adds to a gradient not zeroed, the bag checks, the
-pooling kernel, and the pooling with its range check): where the time goes. It calls
-the backend's internals, so it follows them.
+the row plan and its sort (and a stable sort of the ids alone), the row sums, the CSR
+assembly (and its column indices and row pointer apart), a backward that adds to a
+gradient not zeroed (and two of its pieces), the bag checks, the pooling kernel, and
+the pooling with its range check: where the time goes. It calls the backend's
+internals, so it follows them.
 
 Usage::
 
@@ -145,6 +146,10 @@ def bench_breakdown(args, cp, ids_host, time_ms):
            "plan_rows": t(lambda: be.plan_rows(flat, V))}
     keys = flat * B + cp.arange(B, dtype=flat.dtype)
     res["plan_argsort"] = t(lambda: cp.argsort(keys))
+    # the plan's sort if it ordered the ids alone, stably (CuPy's argsort is stable),
+    # on 32-bit keys where the table has fewer than 2**31 rows
+    ids32 = flat.astype(cp.int32)
+    res["plan_argsort_ids32_stable"] = t(lambda: cp.argsort(ids32, kind="stable"))
     plan = be.plan_rows(flat, V)
     res["row_sums"] = t(lambda: be.row_grad(grad, plan, False))
     values = be.row_grad(grad, plan, False)
@@ -166,7 +171,11 @@ def bench_breakdown(args, cp, ids_host, time_ms):
     emb(flat)
     emb.backward(grad)
     res["backward_adding_to_grad"] = time_ms(lambda: emb.backward(grad), 3, 1)
-    emb = values = None
+    # its pieces: reading one gradient's rows back (checks included), their union
+    g1 = be.from_rows(plan.rows, values, V)
+    res["add_grad_row_values"] = t(lambda: be.row_values(g1))
+    res["add_grad_row_union"] = t(lambda: cp.unique(cp.concatenate([plan.rows, plan.rows])))
+    emb = values = g1 = None
     offsets = cp.arange(0, B, args.bag_size, dtype=cp.int64)
 
     def bags():  # as the forward calls it: the ids are checked by the pooling

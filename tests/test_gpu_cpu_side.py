@@ -1190,9 +1190,11 @@ def test_bench_gpu_breakdown_runs_on_the_stand_in(fake_gpu, monkeypatch):
     ids = np.minimum(rng.zipf(1.2, size=64) - 1, 49).astype(np.int64)
     res = bench.bench_breakdown(args, cp, ids, bench.cuda_timer(cp))
     assert set(res) == {"check_range", "lookup_kernel", "lookup_checked",
-                        "device_copy_of_output", "plan_rows", "plan_argsort", "row_sums",
+                        "device_copy_of_output", "plan_rows", "plan_argsort",
+                        "plan_argsort_ids32_stable", "row_sums",
                         "csr_assembly", "csr_columns_kernel", "csr_columns_broadcast",
-                        "csr_indptr", "backward_adding_to_grad", "bag_checks",
+                        "csr_indptr", "backward_adding_to_grad", "add_grad_row_values",
+                        "add_grad_row_union", "bag_checks",
                         "bag_pool_kernel", "bag_pool_checked"}
     assert all(v == 0.5 for v in res.values())
 
