@@ -1,11 +1,12 @@
 """CUDA kernels of the GPU backend (CuPy ``RawModule``) and their launchers.
 
 One source, compiled (lazily, once per table dtype ``T`` and id dtype ``I``) by NVRTC
-through CuPy; CuPy caches the binaries on disk. Every kernel but the lookup gives one
-warp (32 lanes striding over the columns, in 16-byte vectors where the rows allow) to
-one item (a table row, a segment of the row plan, a bag) and loops grid-stride over
+through CuPy; CuPy caches the binaries on disk. The row kernels give one warp (32
+lanes striding over the columns, in 16-byte vectors where the rows allow) to one item
+(a table row, a segment of the row plan, a bag, a CSR row) and loop grid-stride over
 the items, so any size fits the grid limits; the lookup runs flat over the output's
-vectors. Launch shape: :func:`sparsembed._cuda._ops.launch_shape`.
+vectors, and the id and offset checks flat over their arrays. Launch shape:
+:func:`sparsembed._cuda._ops.launch_shape`.
 
 Determinism: no atomics on values (the only atomic is a max over the positions of
 out-of-range ids, the same whatever order the threads run in). Reductions over a table row's occurrences go through the
