@@ -7,13 +7,16 @@
 # 1. makes sure CuPy is importable (installs cupy-cuda12x when missing and a package
 #    index is reachable; offline, put wheels in ./wheels first);
 # 2. builds the kernels in place and checks the package imports and sees the device;
-# 3. runs the GPU tests (tests/test_gpu.py, marked gpu) and the CPU-side GPU tests;
+# 3. runs the GPU tests (tests/test_gpu.py, marked gpu) and the CPU-side GPU tests,
+#    then the kernels' error paths under compute-sanitizer memcheck where it is installed
+#    (benchmarks/gpu_memcheck.py);
 # 4. runs the benchmark at V=1e7, D=128, B=2**20 (float32), uniform and Zipf ids, against
 #    torch on the same GPU, with the per-piece breakdown (BENCH_ARGS adds arguments to
 #    both runs).
 # Each step runs under a time limit (TEST_TIMEOUT / BENCH_TIMEOUT seconds), so a hung
 # kernel cannot eat a lease.
-# Logs and bench_gpu_{uniform,zipf}.json land in $OUT. The exit status is the tests' (0: all passed).
+# Logs and bench_gpu_{uniform,zipf}.json land in $OUT (8 files). The exit status is the
+# tests' and memcheck's (0: all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -50,6 +53,17 @@ echo "== CPU-side GPU tests"
 timeout "${TEST_TIMEOUT:-300}" $PY -m pytest tests/test_gpu_cpu_side.py -q -p no:cacheprovider -rfE --tb=short 2>&1 \
     | tee "$OUT/test_gpu_cpu_side.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== memcheck (the kernels' error paths under compute-sanitizer)"
+if command -v compute-sanitizer > /dev/null; then
+    timeout "${TEST_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+        $PY benchmarks/gpu_memcheck.py > "$OUT/memcheck.log" 2>&1
+    mc=$?
+    tail -5 "$OUT/memcheck.log"
+    [ "$mc" -eq 0 ] || { echo "memcheck failed ($mc)"; status=1; }
+else
+    echo "compute-sanitizer not found: skipped"
+fi
 
 echo "== benchmark"
 for dist in uniform zipf; do

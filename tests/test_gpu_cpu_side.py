@@ -1156,19 +1156,35 @@ def test_bag_fused_optimizer_on_fake_cuda_equals_cpu(fake_gpu, counted, rng, mod
 
 # ----------------------------------------------------------------- the GPU benchmark
 
+def _load_benchmark_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    if not script.exists():
+        pytest.skip("benchmarks/ is not next to the tests")
+    spec = importlib.util.spec_from_file_location(name[:-3] + "_under_test", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_memcheck_script_runs_on_the_stand_in(fake_gpu):
+    # gpu_check.sh runs it under compute-sanitizer on a GPU: here every error it
+    # expects must be raised, through the same launches (checked against the kernels'
+    # signatures)
+    import sys
+
+    memcheck = _load_benchmark_script("gpu_memcheck.py")
+    assert memcheck.main(sys.modules["cupy"]) == 2 * 2 * (2 + 3 * 3 + 2)
+
+
 def test_bench_gpu_breakdown_runs_on_the_stand_in(fake_gpu, monkeypatch):
     # the breakdown calls the backend's internals: run it (tiny sizes, numpy standing
     # in for CuPy, every kernel launch checked) so that it follows them
-    import importlib.util
     import types
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
-    if not script.exists():
-        pytest.skip("benchmarks/ is not next to the tests")
-    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark_script("bench_gpu.py")
     cp = sys.modules["cupy"]
 
     class Event:
