@@ -107,7 +107,7 @@ def _check_offsets(offsets, n, include_last_offset, be):
                 "offsets must hold at least one entry with include_last_offset=True "
                 "(the end of the last bag)"
             )
-        return be.asarray(np.zeros(1, dtype=np.int64)), 0  # torch: no offsets, no bags
+        return be.xp.zeros(1, dtype=np.int64), 0  # torch: no offsets, no bags
     starts, pos, first, last = be.bag_starts(off, n, include_last_offset)
     if first != 0:
         raise ValueError(f"offsets[0] must be 0 (the first bag starts at 0), got {first}")

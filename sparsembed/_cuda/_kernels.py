@@ -9,13 +9,13 @@ vectors, and the id and offset checks flat over their arrays. Launch shape:
 :func:`sparsembed._cuda._ops.launch_shape`.
 
 Determinism: no atomics on values (the only atomic is a max over the positions of
-out-of-range ids, the same whatever order the threads run in). Reductions over a table row's occurrences go through the
-row plan (ids sorted once, one segment per distinct row); each lane sums its column
-over the segment in input order, exactly as the CPU kernels do, so the gradients are
-bitwise equal to the CPU backend's (the backend cuts segments longer than
-``_ops.SEGMENT_CHUNK`` into chunks first: those rows are equal up to rounding). The
-renorm's norm is a fixed-shape warp reduction (deterministic; equal to the CPU's up
-to rounding).
+out-of-range ids, the same whatever order the threads run in). Reductions over a
+table row's occurrences go through the row plan (ids sorted once, one segment per
+distinct row); each lane sums its column over the segment in input order, exactly as
+the CPU kernels do, so the gradients are bitwise equal to the CPU backend's (the
+backend cuts segments longer than ``_ops.SEGMENT_CHUNK`` into chunks first: those
+rows are equal up to rounding). The renorm's norm is a fixed-shape warp reduction
+(deterministic; equal to the CPU's up to rounding).
 
 Scalar arguments are passed as numpy scalars of the exact C type (``np.int64`` for
 ``i64``, ``np.float64`` for ``double``, ``np.int32`` for ``int``).

@@ -212,6 +212,12 @@ class ArrayBackend:
         if pos >= 0:
             raise V.index_error(flat, pos, num_embeddings, name)
 
+    def _raise_if_flagged(self, bad, flat, num_rows):
+        """IndexError naming the id a row kernel flagged in ``bad`` (one scalar read)."""
+        pos = first_flagged(bad, flat.shape[0])
+        if pos >= 0:
+            raise V.index_error(flat, pos, num_rows)
+
     def first_out_of_range(self, flat, upper):
         """Position of the first id of ``flat`` (1-D, C-contiguous) outside
         ``[0, upper)``, or -1: one kernel and one scalar read."""
@@ -315,9 +321,7 @@ class ArrayBackend:
         bad = xp.zeros(1, dtype=np.int64)
         self.kernels.gather(weight, flat, out, bad)
         if check_range:
-            pos = first_flagged(bad, flat.shape[0])
-            if pos >= 0:
-                raise V.index_error(flat, pos, weight.shape[0])
+            self._raise_if_flagged(bad, flat, weight.shape[0])
         return out
 
     def renorm_rows_(self, weight, rows, max_norm, norm_type):
@@ -490,9 +494,7 @@ class ArrayBackend:
         self.kernels.bag_forward(weight, flat, starts, pad, BAG_MODES[mode],
                                  per_sample_weights, out, argmax, counts, bad)
         if check_range:
-            pos = first_flagged(bad, flat.shape[0])
-            if pos >= 0:
-                raise V.index_error(flat, pos, weight.shape[0])
+            self._raise_if_flagged(bad, flat, weight.shape[0])
         return out, argmax, counts
 
     def bag_starts(self, offsets, n, include_last_offset):
@@ -648,8 +650,8 @@ BACKEND_FUNCTIONS = (
     "row_grad", "sparse_grad", "add_grad", "as_index_array", "check_index_range",
     "check_weight", "check_writable", "as_grad_output",
     # EmbeddingBag
-    "bag_starts", "bag_forward", "bag_counts", "entry_bags", "mean_scale", "per_sample_weights_grad",
-    "bag_row_grad", "bag_dense_grad", "bag_sparse_grad",
+    "bag_starts", "bag_forward", "bag_counts", "entry_bags", "mean_scale",
+    "per_sample_weights_grad", "bag_row_grad", "bag_dense_grad", "bag_sparse_grad",
     # optimizers
     "optim_grad", "optim_update_rows", "optim_fused_update",
 )
