@@ -18,11 +18,11 @@ CUDA events around the operation only.
 
 ``--breakdown`` also times the pieces of sparsembed's operations: the id range check
 on its own, the lookup kernel, the lookup with its range check and read of the flag,
-the row plan and its sort (and a stable sort of the ids alone), the row sums, the CSR
-assembly (and its column indices and row pointer apart), a backward that adds to a
-gradient not zeroed (and two of its pieces), the bag checks, the pooling kernel, and
-the pooling with its range check: where the time goes. It calls the backend's
-internals, so it follows them.
+the row plan, its sort (and a stable sort of the ids alone) and its other steps, the
+row sums, the CSR assembly (and its column indices and row pointer apart), a
+backward that adds to a gradient not zeroed (and two of its pieces), the bag checks,
+the pooling kernel, and the pooling with its range check: where the time goes. It
+calls the backend's internals, so it follows them.
 
 Usage::
 
@@ -150,6 +150,19 @@ def bench_breakdown(args, cp, ids_host, time_ms):
     # on 32-bit keys where the table has fewer than 2**31 rows
     ids32 = flat.astype(cp.int32)
     res["plan_argsort_ids32_stable"] = t(lambda: cp.argsort(ids32, kind="stable"))
+    # the plan's steps after the sort (plan_rows): the two gathers by the order, then
+    # the segment heads and their positions (flatnonzero: a scan and a read of its size)
+    order = cp.argsort(keys)
+    pos = cp.arange(B, dtype=cp.int64)
+    res["plan_gathers"] = t(lambda: (pos[order], flat[order]))
+    sorted_ids = flat[order]
+
+    def segment_heads():
+        head = cp.ones(B, dtype=bool)
+        head[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        return cp.flatnonzero(head)
+
+    res["plan_segment_heads"] = t(segment_heads)
     plan = be.plan_rows(flat, V)
     res["row_sums"] = t(lambda: be.row_grad(grad, plan, False))
     values = be.row_grad(grad, plan, False)

@@ -1207,7 +1207,8 @@ def test_bench_gpu_breakdown_runs_on_the_stand_in(fake_gpu, monkeypatch):
     res = bench.bench_breakdown(args, cp, ids, bench.cuda_timer(cp))
     assert set(res) == {"check_range", "lookup_kernel", "lookup_checked",
                         "device_copy_of_output", "plan_rows", "plan_argsort",
-                        "plan_argsort_ids32_stable", "row_sums",
+                        "plan_argsort_ids32_stable", "plan_gathers", "plan_segment_heads",
+                        "row_sums",
                         "csr_assembly", "csr_columns_kernel", "csr_columns_broadcast",
                         "csr_indptr", "backward_adding_to_grad", "add_grad_row_values",
                         "add_grad_row_union", "bag_checks",
