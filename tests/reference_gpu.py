@@ -15,7 +15,9 @@ arguments are numpy scalars of the exact C type, and the block is one warp wide.
 So a launcher passing arguments in the wrong order or of the wrong type fails here,
 on a machine without a GPU. The emulations follow the kernels' arithmetic (segment
 sums in input order, in the table's dtype; norms in float64), not their thread
-layout; the CUDA source itself only gets a C++ syntax check (see the tests).
+layout. :class:`CudaSourceOnCpu` runs the CUDA source itself instead: compiled by
+the host C++ compiler against ``warp_emulator.h``, thread layout, vector loads and
+warp shuffles included.
 """
 
 import importlib.machinery
@@ -46,8 +48,9 @@ def parse_signatures(source):
 
 
 class FakeKernel:
-    def __init__(self, name, params, typedefs):
+    def __init__(self, name, params, typedefs, runner=None):
         self.name, self.params, self.typedefs = name, params, typedefs
+        self.runner = runner  # a CudaSourceOnCpu, or None: the numpy emulation
         self.launches = 0
 
     def _dtype(self, ctype):
@@ -75,23 +78,107 @@ class FakeKernel:
                     f"{self.name}.{pname}: scalar {type(arg).__name__}, kernel wants {want}")
             named[pname] = arg
         self.launches += 1
-        EMULATIONS[self.name](**named)
+        if self.runner is not None:
+            self.runner.launch(self.name, grid, block, args)
+        else:
+            EMULATIONS[self.name](**named)
 
 
 class FakeRawModule:
-    """``cupy.RawModule(code=...)``: its functions run the numpy emulations."""
+    """``cupy.RawModule(code=...)``: its functions run the numpy emulations, or, when
+    ``on_cpu`` is set (``CudaSourceOnCpu.of``), the CUDA source itself on the CPU."""
 
     instances = []
+    on_cpu = None
 
     def __init__(self, code, **kwargs):
         self.code = code
         self.typedefs = dict((alias, ctype) for ctype, alias in
                              re.findall(r"typedef ([\w ]+?) (\w+);", code))
         self.signatures = parse_signatures(code)
+        self.runner = FakeRawModule.on_cpu(code) if FakeRawModule.on_cpu else None
         FakeRawModule.instances.append(self)
 
     def get_function(self, name):
-        return FakeKernel(name, self.signatures[name], self.typedefs)
+        return FakeKernel(name, self.signatures[name], self.typedefs, self.runner)
+
+
+class CudaSourceOnCpu:
+    """A module's CUDA source, compiled by the host C++ compiler against
+    ``tests/warp_emulator.h`` (the CUDA device environment: warps of 32 lanes run as
+    cooperatively scheduled contexts, warp shuffles performed when all lanes reach
+    them), so the kernels themselves run on a machine without a GPU.
+
+    Each kernel gets a C wrapper ``run_<name>(grid_x, block_y, args...)``. A launch
+    runs at most :attr:`GRID_CAP` blocks: the kernels loop grid-stride, so fewer
+    blocks give the same result and go round their loops more often. A lane that
+    diverges at a warp collective fails the launch (AssertionError), as it would be
+    undefined on a GPU.
+    """
+
+    GRID_CAP = 3
+    _built = {}
+    _SCALARS = {"i64": "c_longlong", "long long": "c_longlong", "int": "c_int",
+                "double": "c_double", "float": "c_float"}
+
+    @classmethod
+    def of(cls, code):
+        """The compiled module of ``code`` (built once per source and process)."""
+        if code not in cls._built:
+            cls._built[code] = cls(code)
+        return cls._built[code]
+
+    @staticmethod
+    def compiler():
+        """A working host C++ compiler, or None."""
+        import shutil
+        import subprocess
+
+        cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        # CI's installed-wheel step puts /bin/false where the compilers were
+        if cxx is None or subprocess.run([cxx, "--version"], capture_output=True).returncode:
+            return None
+        return cxx
+
+    def __init__(self, code):
+        import ctypes
+        import os
+        import subprocess
+        import tempfile
+
+        header = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warp_emulator.h")
+        self.typedefs = dict((alias, ctype) for ctype, alias in
+                             re.findall(r"typedef ([\w ]+?) (\w+);", code))
+        self.signatures = parse_signatures(code)
+        wrappers = []
+        for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', code):
+            names = ", ".join(" ".join(d.split()).split()[-1] for d in m.group(2).split(","))
+            wrappers.append(f'extern "C" const char* run_{m.group(1)}(unsigned gx, unsigned by, '
+                            f'{m.group(2)}) {{\n    return se_emu::run(gx, by, [=] {{ '
+                            f'{m.group(1)}({names}); }});\n}}')
+        workdir = tempfile.mkdtemp(prefix="cuda_on_cpu_")
+        src, lib = os.path.join(workdir, "kernels.cpp"), os.path.join(workdir, "kernels.so")
+        with open(src, "w") as f:
+            f.write(f'#include "{header}"\n{code}\n' + "\n".join(wrappers) + "\n")
+        res = subprocess.run([self.compiler(), "-std=c++17", "-O1", "-fPIC", "-shared",
+                              "-ffp-contract=off", "-Wno-unknown-pragmas", "-o", lib, src],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        self.lib = ctypes.CDLL(lib)
+        for name, params in self.signatures.items():
+            fn = getattr(self.lib, f"run_{name}")
+            fn.restype = ctypes.c_char_p
+            fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [
+                ctypes.c_void_p if is_ptr
+                else getattr(ctypes, self._SCALARS[self.typedefs.get(ctype, ctype)])
+                for ctype, is_ptr, _, _ in params]
+
+    def launch(self, name, grid, block, args):
+        values = [min(int(grid[0]), self.GRID_CAP), int(block[1])]
+        values += [a.ctypes.data if is_ptr else a.item()
+                   for a, (_, is_ptr, _, _) in zip(args, self.signatures[name])]
+        error = getattr(self.lib, f"run_{name}")(*values)
+        assert not error, f"{name} on the CPU: {error.decode()}"
 
 
 # ----------------------------------------------------------------- emulations

@@ -6,16 +6,19 @@
   segment sums, CSR assembly, validation and accumulation are compared with the CPU
   backend, and every kernel launch is checked against the kernel's C signature;
 - the layer seam: Embedding(device="cuda"), .to(), pickling, through that backend;
-- the CUDA source compiles as C++ against stub CUDA declarations (a syntax and type
-  check; the kernels themselves only run on a GPU, in tests/test_gpu.py).
+- the kernels themselves: each test using ``fake_gpu`` runs twice, with the kernels'
+  numpy emulations and with the CUDA source compiled for the CPU against
+  tests/warp_emulator.h (warps of 32 lanes in lockstep at their shuffles); the source
+  also compiles as strict C++ and with NVRTC, CUDA's own compiler. Speed and the
+  hardware's own behaviour are checked on a GPU only, in tests/test_gpu.py.
 """
 
 import copy
 import inspect
 import pickle
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,10 +81,18 @@ def _view(x):
     return x
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
+@pytest.fixture(params=["numpy-kernels", "cuda-source-kernels"])
+def fake_gpu(monkeypatch, request):
     """numpy standing in for CuPy, one "device": yields ``sparsembed._cuda.backend``
-    (wrapped in :class:`_DeviceArgs`; ``.module`` is the module itself)."""
+    (wrapped in :class:`_DeviceArgs`; ``.module`` is the module itself). The kernels
+    run as their numpy emulations, and again as the CUDA source itself, compiled by
+    the host C++ compiler against tests/warp_emulator.h (each warp's 32 lanes in
+    lockstep at its shuffles): every test below checks the kernels' own code too."""
+    if request.param == "cuda-source-kernels":
+        if reference_gpu.CudaSourceOnCpu.compiler() is None:
+            pytest.skip("no working C++ compiler to build the CUDA source for the CPU")
+        monkeypatch.setattr(reference_gpu.FakeRawModule, "on_cpu",
+                            reference_gpu.CudaSourceOnCpu.of)
     _install_fake(monkeypatch)
     reference_gpu.FakeRawModule.instances.clear()
     be = _backend.get_backend("cuda")
@@ -604,39 +615,55 @@ def test_float16_tables_stay_on_the_cpu(fake_gpu, rng):
 
 # ----------------------------------------------------------------- the CUDA source
 
-_STUB_PRELUDE = r"""
-#include <cmath>
-using std::fabs; using std::fmax; using std::fmin; using std::pow; using std::sqrt;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__ __restrict
-struct se_dim3 { unsigned x, y, z; };
-extern se_dim3 blockIdx, threadIdx, blockDim, gridDim;
-double __shfl_xor_sync(unsigned mask, double v, int lane);
-long long __shfl_xor_sync(unsigned mask, long long v, int lane);
-long long atomicMax(long long* address, long long v);
-double __longlong_as_double(long long x);
-void __syncwarp(unsigned mask = 0xffffffffu);
-struct float4 { float x, y, z, w; };
-struct double2 { double x, y; };
-"""
-
-
 @pytest.mark.parametrize("t_dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("i_dtype", [np.int32, np.int64])
 def test_cuda_source_compiles_as_cpp(tmp_path, t_dtype, i_dtype):
-    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    # CI's installed-wheel step puts /bin/false where the compilers were
-    if cxx is None or subprocess.run([cxx, "--version"], capture_output=True).returncode != 0:
+    # strict C++ (-Wall -Werror) against the CUDA environment the CPU runs it in
+    cxx = reference_gpu.CudaSourceOnCpu.compiler()
+    if cxx is None:
         pytest.skip("no working C++ compiler")
     src = tmp_path / "kernels.cpp"
-    src.write_text(_STUB_PRELUDE + _kernels.module_source(t_dtype, i_dtype))
+    header = Path(reference_gpu.__file__).with_name("warp_emulator.h")
+    src.write_text(f'#include "{header}"\n' + _kernels.module_source(t_dtype, i_dtype))
     # (#pragma unroll is nvcc's)
-    res = subprocess.run([cxx, "-std=c++14", "-fsyntax-only", "-Wall", "-Werror",
+    res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror",
                           "-Wno-unused-function", "-Wno-unknown-pragmas", str(src)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+_WARP_PROBES = r"""
+typedef long long i64;
+extern "C" __global__ void whole_warp(double* out, const int offset) {
+    out[threadIdx.y * 32 + threadIdx.x] =
+        __shfl_xor_sync(0xffffffffu, (double)(threadIdx.y * 32 + threadIdx.x), offset);
+}
+extern "C" __global__ void half_warp(double* out, const int offset) {
+    double v = threadIdx.x;
+    if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, offset);
+    out[threadIdx.x] = v;
+}
+extern "C" __global__ void flag_max(i64* bad, const int offset) {
+    atomicMax(bad, (i64)(blockIdx.x * 1000 + threadIdx.y * 32 + threadIdx.x + offset));
+}
+"""
+
+
+def test_warp_emulator_shuffles_in_lockstep_and_refuses_divergence():
+    # the CPU's CUDA environment that the cuda-source-kernels tests run the kernels in
+    if reference_gpu.CudaSourceOnCpu.compiler() is None:
+        pytest.skip("no working C++ compiler")
+    runner = reference_gpu.CudaSourceOnCpu.of(_WARP_PROBES)
+    out = np.zeros(64)
+    for offset in (1, 16, 5):
+        runner.launch("whole_warp", (1,), (32, 2), [out, np.int32(offset)])
+        assert_array_equal(out, np.arange(64) ^ offset)  # each warp within itself
+    with pytest.raises(AssertionError, match="half_warp on the CPU: a warp collective that "
+                                             "not every lane reaches"):
+        runner.launch("half_warp", (1,), (32, 1), [out, np.int32(1)])
+    bad = np.zeros(1, np.int64)
+    runner.launch("flag_max", (2,), (32, 2), [bad, np.int32(7)])
+    assert bad[0] == 1000 + 63 + 7  # every block and warp ran
 
 
 @pytest.fixture(scope="module")
