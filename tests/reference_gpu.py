@@ -513,6 +513,9 @@ def fake_cupy_modules(device_count=1):
         setattr(cp, key, obj)
     for key in ("asarray", "array", "ascontiguousarray"):
         setattr(cp, key, _transfer(getattr(np, key)))
+    # CuPy sorts stably, always (thrust's stable sort; kind=None means "stable")
+    cp.argsort = _wrap(lambda a, axis=-1, kind=None: np.argsort(a, axis=axis, kind="stable"))
+    cp.sort = _wrap(lambda a, axis=-1, kind=None: np.sort(a, axis=axis, kind="stable"))
     cp.ndarray = FakeDeviceArray
     cp.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
     cp.RawModule = FakeRawModule
