@@ -60,11 +60,6 @@ __device__ __forceinline__ double se_warp_min(double v) {
     return v;
 }
 
-__device__ __forceinline__ i64 se_warp_sum_i64(i64 v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 __device__ __forceinline__ i64 se_warp_max_i64(i64 v) {
     for (int o = 16; o > 0; o >>= 1) {
         const i64 u = __shfl_xor_sync(0xffffffffu, v, o);
@@ -402,50 +397,73 @@ extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
 
 // ---------------------------------------------------------------- EmbeddingBag
 
+// One entry of a bag as the pooling reads it: counted when not padding; its row taken
+// when in range and not padding; the first out-of-range entry remembered (the caller
+// flags it). Every lane reads the same ids, so all that ran agree on count and bad.
+__device__ __forceinline__ bool se_bag_take(const i64 r, const i64 e, const i64 pad,
+                                            const i64 num_rows, i64& count, i64& first_bad) {
+    count += (r != pad);  // ids in range are >= 0: pad = -1 (none) matches none of them
+    if (!se_in_range(r, num_rows)) {
+        if (first_bad < 0) first_bad = e;
+        return false;
+    }
+    return r != pad;
+}
+
 // the sum of one bag's (entries lo .. hi - 1) column c, in vectors of U: the entries'
-// rows loaded SE_BATCH at a time (a padding entry's row is never read), then added in
-// entry order (times psw[e] when has_psw)
+// rows loaded SE_BATCH at a time (a padding or out-of-range entry's row is never
+// read), then added in entry order (times psw[e] when has_psw); count and first_bad
+// as se_bag_take leaves them
 template <typename U>
 __device__ __forceinline__ U se_bag_pool(const U* __restrict__ w,
                                          const I* __restrict__ idx,
                                          const i64 lo, const i64 hi, const i64 pad,
+                                         const i64 num_rows,
                                          const T* __restrict__ psw, const int has_psw,
-                                         const i64 nv, const i64 c) {
+                                         const i64 nv, const i64 c,
+                                         i64& count, i64& first_bad) {
     U acc = se_vzero<U>();
+    count = 0;
+    first_bad = -1;
     i64 e = lo;
     for (; e + SE_BATCH <= hi; e += SE_BATCH) {
         U v[SE_BATCH];
-        i64 r[SE_BATCH];
+        bool take[SE_BATCH];
 #pragma unroll
         for (int q = 0; q < SE_BATCH; ++q) {
-            r[q] = (i64)idx[e + q];
-            if (r[q] != pad) v[q] = w[r[q] * nv + c];
+            const i64 r = (i64)idx[e + q];
+            take[q] = se_bag_take(r, e + q, pad, num_rows, count, first_bad);
+            if (take[q]) v[q] = w[r * nv + c];
         }
 #pragma unroll
         for (int q = 0; q < SE_BATCH; ++q) {
-            if (r[q] != pad) acc = se_vadd(acc, has_psw ? se_vmul(psw[e + q], v[q]) : v[q]);
+            if (take[q]) acc = se_vadd(acc, has_psw ? se_vmul(psw[e + q], v[q]) : v[q]);
         }
     }
     for (; e < hi; ++e) {
         const i64 r = (i64)idx[e];
-        if (r == pad) continue;
+        if (!se_bag_take(r, e, pad, num_rows, count, first_bad)) continue;
         const U v = w[r * nv + c];
         acc = se_vadd(acc, has_psw ? se_vmul(psw[e], v) : v);
     }
     return acc;
 }
 
-// sum (mode 0) and mean (mode 1: divided by count when count > 1) pooling of one bag
-// into dst, a row of nv vectors of U (each lane its columns)
+// sum (mode 0) and mean (mode 1: divided by the count of non-padding entries when
+// more than 1) pooling of one bag into dst, a row of nv vectors of U (each lane its
+// columns); count and first_bad from the lane's pass (lane 0 always makes one)
 template <typename U>
 __device__ __forceinline__ void se_bag_pool_row(const U* __restrict__ w,
                                                 const I* __restrict__ idx,
                                                 const i64 lo, const i64 hi, const i64 pad,
+                                                const i64 num_rows,
                                                 const T* __restrict__ psw, const int has_psw,
-                                                const int mode, const i64 count,
-                                                const i64 nv, U* __restrict__ dst) {
+                                                const int mode, const i64 nv,
+                                                U* __restrict__ dst,
+                                                i64& count, i64& first_bad) {
     for (i64 c = threadIdx.x; c < nv; c += blockDim.x) {
-        U acc = se_bag_pool<U>(w, idx, lo, hi, pad, psw, has_psw, nv, c);
+        U acc = se_bag_pool<U>(w, idx, lo, hi, pad, num_rows, psw, has_psw, nv, c, count,
+                               first_bad);
         if (mode == 1 && count > 1) acc = se_vdiv(acc, (T)count);
         dst[c] = acc;
     }
@@ -457,8 +475,8 @@ __device__ __forceinline__ void se_bag_pool_row(const U* __restrict__ w,
 // winning entry, -1 for an empty bag). counts[b] = non-padding entries. Empty bags
 // give zeros. Same arithmetic, in the same order, as the CPU kernel. Every id of
 // idx[0 .. n_ids) is checked against [0, num_rows), those past the last bag too (as
-// the CPU does): a bag holding a bad one is not pooled, and *bad is flagged (see
-// se_flag_bad; the host raises and drops the outputs).
+// the CPU does): a bad id's row is not read, and *bad is flagged (see se_flag_bad;
+// the host raises and drops the outputs).
 extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
                                           const I* __restrict__ idx,
                                           const i64* __restrict__ starts,
@@ -479,44 +497,39 @@ extern "C" __global__ void se_bag_forward(const T* __restrict__ weight,
     for (i64 b = (i64)blockIdx.x * blockDim.y + threadIdx.y; b < n_bags; b += step) {
         const i64 lo = starts[b];
         const i64 hi = starts[b + 1];
-        // the lanes read the bag's ids once, side by side (the pooling then finds them
-        // in cache): the count of non-padding entries and the first bad id
+        // the pooling checks each id as it reads it (no pass of its own over the bag):
+        // a bad one's row is not read, and lane 0, which always pools, flags the first
         i64 c = 0;
-        i64 mark = 0;
-        for (i64 e = lo + threadIdx.x; e < hi; e += blockDim.x) {
-            const i64 r = (i64)idx[e];
-            c += (r != pad);  // ids are >= 0: pad = -1 (none) matches no entry
-            if (mark == 0 && !se_in_range(r, num_rows)) mark = n_ids - e;
-        }
-        c = se_warp_sum_i64(c);
-        mark = se_warp_max_i64(mark);
-        if (threadIdx.x == 0) {
-            counts[b] = c;
-            if (mark > 0) se_flag_bad(bad, mark);
-        }
-        if (mark > 0) continue;  // warp-uniform: the reductions gave every lane the same
+        i64 first_bad = -1;
         if (mode != 2) {
             if (vec)
-                se_bag_pool_row<TV>((const TV*)weight, idx, lo, hi, pad, psw, has_psw, mode, c,
-                                    dim / SE_VW, (TV*)out + b * (dim / SE_VW));
+                se_bag_pool_row<TV>((const TV*)weight, idx, lo, hi, pad, num_rows, psw,
+                                    has_psw, mode, dim / SE_VW,
+                                    (TV*)out + b * (dim / SE_VW), c, first_bad);
             else
-                se_bag_pool_row<T>(weight, idx, lo, hi, pad, psw, has_psw, mode, c, dim,
-                                   out + b * dim);
-            continue;
-        }
-        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {  // max
-            T acc = (T)0;
-            i64 won = -1;
-            i64 seen = 0;
-            for (i64 e = lo; e < hi; ++e) {
-                const i64 r = (i64)idx[e];
-                if (r == pad) continue;
-                const T w = weight[r * dim + j];
-                if (seen == 0 || w > acc) { acc = w; won = e; }
-                ++seen;
+                se_bag_pool_row<T>(weight, idx, lo, hi, pad, num_rows, psw, has_psw, mode,
+                                   dim, out + b * dim, c, first_bad);
+        } else {
+            for (i64 j = threadIdx.x; j < dim; j += blockDim.x) {  // max
+                T acc = (T)0;
+                i64 won = -1;
+                i64 seen = 0;
+                c = 0;
+                first_bad = -1;
+                for (i64 e = lo; e < hi; ++e) {
+                    const i64 r = (i64)idx[e];
+                    if (!se_bag_take(r, e, pad, num_rows, c, first_bad)) continue;
+                    const T w = weight[r * dim + j];
+                    if (seen == 0 || w > acc) { acc = w; won = e; }
+                    ++seen;
+                }
+                out[b * dim + j] = acc;
+                argmax[b * dim + j] = won;
             }
-            out[b * dim + j] = acc;
-            argmax[b * dim + j] = won;
+        }
+        if (threadIdx.x == 0) {
+            counts[b] = c;
+            if (first_bad >= 0) se_flag_bad(bad, n_ids - first_bad);
         }
     }
     se_check_range(idx, starts[n_bags], n_ids, num_rows, bad);  // past the last bag
