@@ -210,6 +210,15 @@ def _fill_columns(cols, n_rows, dim):
     cols.reshape(int(n_rows), int(dim))[...] = np.arange(int(dim))
 
 
+def _add_rows(a, src_a, b, src_b, n_rows, dim, out):
+    d = int(dim)
+    o = out.reshape(int(n_rows), d)
+    o[...] = 0
+    has_a, has_b = src_a >= 0, src_b >= 0
+    o[has_a] += a.reshape(-1, d)[src_a[has_a]]
+    o[has_b] += b.reshape(-1, d)[src_b[has_b]]
+
+
 def _bag_starts(offsets, k, n, include_last, starts, result):
     k = int(k)
     starts[:k] = offsets
@@ -410,7 +419,8 @@ EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm":
               "se_segment_sum": _segment_sum,
               "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
               "se_bag_segment_sum": _bag_segment_sum, "se_check_ids": _check_ids,
-              "se_bag_starts": _bag_starts, "se_fill_columns": _fill_columns}
+              "se_bag_starts": _bag_starts, "se_fill_columns": _fill_columns,
+              "se_add_rows": _add_rows}
 
 
 # ----------------------------------------------------------------- the fake modules

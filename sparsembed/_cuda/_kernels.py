@@ -395,6 +395,43 @@ extern "C" __global__ void se_segment_sum(const T* __restrict__ grad,
                                scale_by_count, out);
 }
 
+// The sum of two row-sparse gradients on their union of rows: out[u, :] = (0 + a[ia, :])
+// + b[ib, :], ia = src_a[u], ib = src_b[u], a term left out where its index is -1 (the
+// same operations, in the same order, as adding each into a zero-filled array).
+template <typename U>
+__device__ __forceinline__ void se_add_rows_of(const U* __restrict__ a,
+                                               const i64* __restrict__ src_a,
+                                               const U* __restrict__ b,
+                                               const i64* __restrict__ src_b,
+                                               const i64 n_rows, const i64 nv,
+                                               U* __restrict__ out) {
+    const i64 step = (i64)gridDim.x * blockDim.y;
+    for (i64 u = (i64)blockIdx.x * blockDim.y + threadIdx.y; u < n_rows; u += step) {
+        const i64 ia = src_a[u];
+        const i64 ib = src_b[u];
+        for (i64 c = threadIdx.x; c < nv; c += blockDim.x) {
+            U acc = se_vzero<U>();
+            if (ia >= 0) acc = se_vadd(acc, a[ia * nv + c]);
+            if (ib >= 0) acc = se_vadd(acc, b[ib * nv + c]);
+            out[u * nv + c] = acc;
+        }
+    }
+}
+
+extern "C" __global__ void se_add_rows(const T* __restrict__ a,
+                                       const i64* __restrict__ src_a,
+                                       const T* __restrict__ b,
+                                       const i64* __restrict__ src_b,
+                                       const i64 n_rows,
+                                       const i64 dim,
+                                       T* __restrict__ out) {
+    if (dim % SE_VW == 0 && se_aligned(a) && se_aligned(b) && se_aligned(out))
+        se_add_rows_of<TV>((const TV*)a, src_a, (const TV*)b, src_b, n_rows, dim / SE_VW,
+                           (TV*)out);
+    else
+        se_add_rows_of<T>(a, src_a, b, src_b, n_rows, dim, out);
+}
+
 // ---------------------------------------------------------------- EmbeddingBag
 
 // One entry of a bag as the pooling reads it: counted when not padding; its row taken
@@ -819,6 +856,14 @@ class CudaKernels:
         self._function("se_segment_sum", grad.dtype)(
             grid, block, (grad, perm, starts, rows, np.int32(dense), np.int64(n_rows),
                           np.int64(grad.shape[1]), np.int32(scale_by_count), out))
+
+    def add_rows(self, a, src_a, b, src_b, out):
+        """``out`` (n_rows, dim) = rows ``src_a`` of ``a`` plus rows ``src_b`` of ``b``
+        (-1: no term), one dtype."""
+        n_rows = out.shape[0]
+        grid, block = launch_shape(n_rows)
+        self._function("se_add_rows", out.dtype)(
+            grid, block, (a, src_a, b, src_b, np.int64(n_rows), np.int64(out.shape[1]), out))
 
     def bag_forward(self, weight, idx, starts, pad, mode, psw, out, argmax, counts, bad):
         """``bad``: (1,) int64, zeroed; flagged for ids outside the table (se_flag_bad)."""

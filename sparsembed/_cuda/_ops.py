@@ -450,9 +450,21 @@ class ArrayBackend:
         rows_b, vb = self.row_values(b)
         rows = xp.unique(xp.concatenate([rows_a, rows_b]))
         dtype = np.result_type(va.dtype, vb.dtype)
-        values = xp.zeros((rows.shape[0], a.shape[1]), dtype=dtype)
-        values[xp.searchsorted(rows, rows_a)] += va
-        values[xp.searchsorted(rows, rows_b)] += vb
+        n_rows, dim = rows.shape[0], a.shape[1]
+        if va.dtype != vb.dtype or not (n_rows and dim):
+            values = xp.zeros((n_rows, dim), dtype=dtype)
+            values[xp.searchsorted(rows, rows_a)] += va
+            values[xp.searchsorted(rows, rows_b)] += vb
+            return self.from_rows(rows, values, a.shape[0])
+        # one kernel reads both gradients' rows once (the scatter-adds into a zero-filled
+        # array read and wrote each value several times)
+        src_a = xp.full(n_rows, -1, dtype=np.int64)
+        src_a[xp.searchsorted(rows, rows_a)] = xp.arange(rows_a.shape[0], dtype=np.int64)
+        src_b = xp.full(n_rows, -1, dtype=np.int64)
+        src_b[xp.searchsorted(rows, rows_b)] = xp.arange(rows_b.shape[0], dtype=np.int64)
+        values = xp.empty((n_rows, dim), dtype=dtype)
+        self.kernels.add_rows(xp.ascontiguousarray(va), src_a, xp.ascontiguousarray(vb), src_b,
+                              values)
         return self.from_rows(rows, values, a.shape[0])
 
 
