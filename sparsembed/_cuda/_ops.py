@@ -267,29 +267,36 @@ class ArrayBackend:
         """Sort the ids ``flat`` into a :class:`RowPlan` (``check_range``: they have
         not been range-checked yet; IndexError names the first bad one).
 
-        The sort key ``id * n + position`` is unique, so any sort gives the stable
-        order; when ``num_rows * n`` would overflow int64 a lexicographic sort on
-        (id, position) is used instead.
+        Equal ids keep their input order: a stable sort of the ids alone, on 32-bit
+        keys, for tables of at most 2**31 rows (CuPy's argsort is stable, as numpy's
+        is with ``kind="stable"``); beyond that the unique key ``id * n + position``
+        (any sort gives the stable order), or a lexicographic sort on (id, position)
+        when ``num_rows * n`` would overflow int64.
         """
         if check_range:
             self.check_index_range(flat, num_rows)
         xp = self.xp
         n = int(flat.shape[0])
         if skip_row is None:
-            pos = xp.arange(n, dtype=np.int64)
+            pos = None  # every position: the order is the permutation itself
+            ids = flat.astype(np.int64, copy=False)
         else:
             pos = xp.flatnonzero(flat != skip_row).astype(np.int64, copy=False)
-        m = int(pos.shape[0])
-        ids = flat[pos].astype(np.int64, copy=False) if skip_row is not None else \
-            flat.astype(np.int64, copy=False)
+            ids = flat[pos].astype(np.int64, copy=False)
+        m = int(ids.shape[0])
         if m == 0:
             empty = xp.zeros(0, dtype=np.int64)
             return RowPlan(empty, empty, xp.zeros(1, dtype=np.int64), m < n, n)
-        if max(int(num_rows), 1) <= _INT64_MAX // max(n, 1):
-            order = xp.argsort(ids * n + pos)
-        else:  # pragma: no cover - needs more than 2**63 (id, position) pairs
-            order = xp.lexsort(xp.stack([pos, ids]))
-        perm = pos[order]
+        if int(num_rows) <= _INT32_MAX + 1:
+            keys = flat if pos is None and flat.dtype == np.int32 else ids.astype(np.int32)
+            order = xp.argsort(keys, kind="stable").astype(np.int64, copy=False)
+        else:
+            at = xp.arange(n, dtype=np.int64) if pos is None else pos
+            if int(num_rows) <= _INT64_MAX // max(n, 1):
+                order = xp.argsort(ids * n + at)
+            else:  # pragma: no cover - needs more than 2**63 (id, position) pairs
+                order = xp.lexsort(xp.stack([at, ids]))
+        perm = order if pos is None else pos[order]
         sorted_ids = ids[order]
         head = xp.ones(m, dtype=bool)
         head[1:] = sorted_ids[1:] != sorted_ids[:-1]
