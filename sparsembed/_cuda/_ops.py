@@ -268,8 +268,9 @@ class ArrayBackend:
         not been range-checked yet; IndexError names the first bad one).
 
         Equal ids keep their input order: a stable sort of the ids alone, on 32-bit
-        keys, for tables of at most 2**31 rows (CuPy's argsort is stable, as numpy's
-        is with ``kind="stable"``); beyond that the unique key ``id * n + position``
+        keys, for tables of at most 2**31 rows (CuPy's argsort is always stable: a
+        thrust stable sort; the numpy stand-in sorts stably too); beyond that the
+        unique key ``id * n + position``
         (any sort gives the stable order), or a lexicographic sort on (id, position)
         when ``num_rows * n`` would overflow int64.
         """
@@ -289,7 +290,7 @@ class ArrayBackend:
             return RowPlan(empty, empty, xp.zeros(1, dtype=np.int64), m < n, n)
         if int(num_rows) <= _INT32_MAX + 1:
             keys = flat if pos is None and flat.dtype == np.int32 else ids.astype(np.int32)
-            order = xp.argsort(keys, kind="stable").astype(np.int64, copy=False)
+            order = xp.argsort(keys).astype(np.int64, copy=False)
         else:
             at = xp.arange(n, dtype=np.int64) if pos is None else pos
             if int(num_rows) <= _INT64_MAX // max(n, 1):
