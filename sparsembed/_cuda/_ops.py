@@ -11,9 +11,9 @@ against the CPU backend on a machine without a GPU.
 Nothing here imports CuPy.
 
 Determinism: the backward never scatter-adds with atomics. :meth:`plan_rows` sorts
-the ids by the unique key ``id * n + position`` (so the order is the stable order,
-whatever sort the array module uses), cuts the sorted ids into one segment per
-distinct row, and the segment kernel sums each row's gradient rows in input order.
+the ids stably (equal ids keep their input order), cuts the sorted ids into one
+segment per distinct row, and the segment kernel sums each row's gradient rows in
+input order.
 The result is bitwise reproducible, and the same as the CPU backend's (which sums in
 the same order), except for rows with more than :data:`SEGMENT_CHUNK` entries in the
 batch: those are summed in chunks, then the chunk sums in order (equal up to
