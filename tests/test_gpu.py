@@ -2,7 +2,9 @@
 
 Marked ``gpu`` and skipped unless CuPy imports and sees a device (CI has none).
 Run on a GPU machine with ``pytest -m gpu tests/test_gpu.py`` (see
-benchmarks/gpu_check.sh).
+benchmarks/gpu_check.sh). Without a GPU, ``pytest -p gpu_suite_on_cpu
+tests/test_gpu.py`` runs it on the numpy stand-in for CuPy with the CUDA kernels'
+own code run on the CPU (tests/gpu_suite_on_cpu.py; test_gpu_cpu_side runs it).
 """
 
 import copy
@@ -202,7 +204,7 @@ def test_unaligned_and_odd_width_tables_equal_cpu(rng, dtype, dim):
     big = cp.zeros(40 * dim + 1, dtype=dtype)
     wd = big[1:].reshape(40, dim)
     wd[...] = cp.asarray(w)
-    assert wd.flags.c_contiguous and wd.data.ptr % 16 != 0
+    assert wd.flags.c_contiguous and wd.__cuda_array_interface__["data"][0] % 16 != 0
     ids = _ids(rng, (6, 9), 40)  # a hot id: segments longer than the kernels' batch
     assert_array_equal(host(F.embedding(ids, wd)), F.embedding(ids, w))
     go = rng.standard_normal((6, 9, dim)).astype(dtype)

@@ -649,6 +649,25 @@ extern "C" __global__ void flag_max(i64* bad, const int offset) {
 """
 
 
+@pytest.mark.slow
+def test_the_gpu_suite_passes_with_the_kernels_run_on_the_cpu(tmp_path):
+    # tests/test_gpu.py, every test, with the CUDA source run on the CPU (the plugin
+    # tests/gpu_suite_on_cpu.py stands in for CuPy and the device)
+    import os
+
+    if reference_gpu.CudaSourceOnCpu.compiler() is None:
+        pytest.skip("no working C++ compiler")
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests)] + [p for p in sys.path if p]))
+    res = subprocess.run([sys.executable, "-m", "pytest", str(tests / "test_gpu.py"),
+                          "-p", "gpu_suite_on_cpu", "-p", "no:cacheprovider", "-q"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    summary = res.stdout.strip().splitlines()[-1]
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 290 and "skipped" not in summary and "failed" not in summary, summary
+
+
 def test_warp_emulator_shuffles_in_lockstep_and_refuses_divergence():
     # the CPU's CUDA environment that the cuda-source-kernels tests run the kernels in
     if reference_gpu.CudaSourceOnCpu.compiler() is None:
