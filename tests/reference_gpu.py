@@ -143,6 +143,7 @@ class CudaSourceOnCpu:
     def __init__(self, code):
         import ctypes
         import os
+        import shutil
         import subprocess
         import tempfile
 
@@ -165,6 +166,7 @@ class CudaSourceOnCpu:
                              capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         self.lib = ctypes.CDLL(lib)
+        shutil.rmtree(workdir)  # the loaded library stays mapped
         for name, params in self.signatures.items():
             fn = getattr(self.lib, f"run_{name}")
             fn.restype = ctypes.c_char_p
