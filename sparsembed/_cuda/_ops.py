@@ -270,9 +270,9 @@ class ArrayBackend:
         Equal ids keep their input order: a stable sort of the ids alone, on 32-bit
         keys, for tables of at most 2**31 rows (CuPy's argsort is always stable: a
         thrust stable sort; the numpy stand-in sorts stably too); beyond that the
-        unique key ``id * n + position``
-        (any sort gives the stable order), or a lexicographic sort on (id, position)
-        when ``num_rows * n`` would overflow int64.
+        unique key ``id * n + position`` (any sort gives the stable order), or a
+        lexicographic sort on (id, position) when ``num_rows * n`` would overflow
+        int64.
         """
         if check_range:
             self.check_index_range(flat, num_rows)
