@@ -140,6 +140,24 @@ class CudaSourceOnCpu:
             return None
         return cxx
 
+    @classmethod
+    def asan_runtime(cls):
+        """The compiler's AddressSanitizer runtime library (to LD_PRELOAD into a
+        process whose kernels are built with ``CUDA_ON_CPU_CFLAGS=-fsanitize=address``:
+        out-of-bounds reads and writes of the kernels are then caught, as
+        compute-sanitizer's memcheck does on a GPU), or None."""
+        import os
+        import subprocess
+
+        cxx = cls.compiler()
+        if cxx is None:
+            return None
+        res = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
+                             text=True)
+        path = res.stdout.strip()
+        return path if res.returncode == 0 and os.path.isabs(path) and os.path.exists(path) \
+            else None
+
     def __init__(self, code):
         import ctypes
         import os
@@ -161,7 +179,8 @@ class CudaSourceOnCpu:
         src, lib = os.path.join(workdir, "kernels.cpp"), os.path.join(workdir, "kernels.so")
         with open(src, "w") as f:
             f.write(f'#include "{header}"\n{code}\n' + "\n".join(wrappers) + "\n")
-        res = subprocess.run([self.compiler(), "-std=c++17", "-O1", "-fPIC", "-shared",
+        extra = os.environ.get("CUDA_ON_CPU_CFLAGS", "").split()  # e.g. -fsanitize=address
+        res = subprocess.run([self.compiler(), "-std=c++17", "-O1", "-fPIC", "-shared", *extra,
                               "-ffp-contract=off", "-Wno-unknown-pragmas", "-o", lib, src],
                              capture_output=True, text=True)
         assert res.returncode == 0, res.stderr

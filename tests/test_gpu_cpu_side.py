@@ -652,16 +652,26 @@ extern "C" __global__ void flag_max(i64* bad, const int offset) {
 @pytest.mark.slow
 def test_the_gpu_suite_passes_with_the_kernels_run_on_the_cpu(tmp_path):
     # tests/test_gpu.py, every test, with the CUDA source run on the CPU (the plugin
-    # tests/gpu_suite_on_cpu.py stands in for CuPy and the device)
+    # tests/gpu_suite_on_cpu.py stands in for CuPy and the device); where the
+    # compiler has AddressSanitizer, the kernels are built with it and every memory
+    # access they make is checked (the CPU's compute-sanitizer memcheck)
     import os
 
-    if reference_gpu.CudaSourceOnCpu.compiler() is None:
+    on_cpu = reference_gpu.CudaSourceOnCpu
+    if on_cpu.compiler() is None:
         pytest.skip("no working C++ compiler")
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests)] + [p for p in sys.path if p]))
+    asan = on_cpu.asan_runtime()
+    log = tmp_path / "asan"
+    if asan:
+        env.update(LD_PRELOAD=asan, CUDA_ON_CPU_CFLAGS="-fsanitize=address -fno-omit-frame-pointer",
+                   ASAN_OPTIONS=f"detect_leaks=0:log_path={log}")
     res = subprocess.run([sys.executable, "-m", "pytest", str(tests / "test_gpu.py"),
                           "-p", "gpu_suite_on_cpu", "-p", "no:cacheprovider", "-q"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
+    assert "ERROR: AddressSanitizer" not in reports, reports[:6000]
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     summary = res.stdout.strip().splitlines()[-1]
     passed = int(summary.split(" passed")[0].split()[-1])
