@@ -31,6 +31,11 @@ C_DTYPES = {"float": np.float32, "double": np.float64, "int": np.int32,
             "long long": np.int64, "i64": np.int64}
 
 
+def parse_typedefs(source):
+    """{alias: c type} of the source's typedefs (T, I, i64)."""
+    return {alias: ctype for ctype, alias in re.findall(r"typedef ([\w ]+?) (\w+);", source)}
+
+
 def parse_signatures(source):
     """{kernel name: [(c type, is_pointer, is_const, arg name), ...]}."""
     out = {}
@@ -93,8 +98,7 @@ class FakeRawModule:
 
     def __init__(self, code, **kwargs):
         self.code = code
-        self.typedefs = dict((alias, ctype) for ctype, alias in
-                             re.findall(r"typedef ([\w ]+?) (\w+);", code))
+        self.typedefs = parse_typedefs(code)
         self.signatures = parse_signatures(code)
         self.runner = FakeRawModule.on_cpu(code) if FakeRawModule.on_cpu else None
         FakeRawModule.instances.append(self)
@@ -166,8 +170,7 @@ class CudaSourceOnCpu:
         import tempfile
 
         header = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warp_emulator.h")
-        self.typedefs = dict((alias, ctype) for ctype, alias in
-                             re.findall(r"typedef ([\w ]+?) (\w+);", code))
+        self.typedefs = parse_typedefs(code)
         self.signatures = parse_signatures(code)
         wrappers = []
         for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', code):
@@ -656,6 +659,20 @@ def bag_check_cases():
     past[10] = BAG_CHECK_ROWS
     cases.append((past, [0, 4, 8], True))  # only past the last bag
     return [(i, np.array(o, dtype=np.int64), last) for i, o, last in cases]
+
+
+def assert_same_error(cpu_call, gpu_call, context=None):
+    """Both calls raise a ValueError or IndexError, of one type and one message (the
+    GPU path's validation words its errors as the CPU's)."""
+    def raised(call):
+        try:
+            call()
+        except (ValueError, IndexError) as e:
+            return e
+        raise AssertionError(f"no ValueError or IndexError raised ({context})")
+
+    e_cpu, e_gpu = raised(cpu_call), raised(gpu_call)
+    assert type(e_gpu) is type(e_cpu) and str(e_gpu) == str(e_cpu), (context, e_cpu, e_gpu)
 
 
 def ids_with_bad(rng, n, num_rows, n_bad=40):
