@@ -82,6 +82,13 @@ __device__ __forceinline__ void se_flag_bad(i64* bad, const i64 mark) {
     atomicMax(bad, mark);
 }
 
+// se_flag_bad with the largest of the warp's marks (0: none), one atomic per warp at
+// most; every lane must call it
+__device__ __forceinline__ void se_flag_bad_of_warp(i64* bad, const i64 mark) {
+    const i64 top = se_warp_max_i64(mark);
+    if (threadIdx.x == 0 && top > 0) se_flag_bad(bad, top);
+}
+
 __device__ __forceinline__ i64 se_global_thread() {
     return ((i64)blockIdx.x * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
 }
@@ -91,7 +98,7 @@ __device__ __forceinline__ i64 se_global_threads() {
 }
 
 // *bad = max(n - i) over the i in [lo, n) with idx[i] outside [0, num_rows)
-// (unchanged when all are in range); at most one atomic per warp
+// (unchanged when all are in range)
 __device__ __forceinline__ void se_check_range(const I* __restrict__ idx, const i64 lo,
                                                const i64 n, const i64 num_rows,
                                                i64* __restrict__ bad) {
@@ -102,8 +109,7 @@ __device__ __forceinline__ void se_check_range(const I* __restrict__ idx, const 
             break;
         }
     }
-    mark = se_warp_max_i64(mark);
-    if (threadIdx.x == 0 && mark > 0) se_flag_bad(bad, mark);
+    se_flag_bad_of_warp(bad, mark);
 }
 
 // the id range check on its own (ids not read by a row kernel: plans, renorm)
@@ -145,8 +151,7 @@ extern "C" __global__ void se_bag_starts(const i64* __restrict__ offsets,
         starts[i] = o;
         if (mark == 0 && i > 0 && o < offsets[i - 1]) mark = k - i;
     }
-    mark = se_warp_max_i64(mark);
-    if (threadIdx.x == 0 && mark > 0) se_flag_bad(result, mark);
+    se_flag_bad_of_warp(result, mark);
     if (se_global_thread() == 0) {
         result[1] = offsets[0];
         result[2] = offsets[k - 1];
