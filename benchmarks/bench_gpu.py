@@ -172,14 +172,16 @@ def bench_breakdown(args, cp, ids_host, time_ms):
     def columns_broadcast():  # what from_rows did before se_fill_columns
         cols.reshape(-1, D)[...] = cp.arange(D, dtype=cp.int32)
 
-    def indptr():  # from_rows' row pointer
+    def indptr_scan():  # what from_rows did before se_row_pointer
         steps = cp.zeros(V + 1, dtype=cp.int32)
         steps[plan.rows + 1] = D
         return cp.cumsum(steps, dtype=cp.int32)
 
+    indptr = cp.empty(V + 1, dtype=cp.int32)
     res["csr_columns_kernel"] = t(lambda: be.kernels.fill_columns(cols, D))
     res["csr_columns_broadcast"] = t(columns_broadcast)
-    res["csr_indptr"] = t(indptr)
+    res["csr_indptr_kernel"] = t(lambda: be.kernels.row_pointer(plan.rows, V, D, indptr))
+    res["csr_indptr_scan"] = t(indptr_scan)
     emb = se.Embedding(V, D, sparse=True, dtype=dtype, device="cuda", weight=weight)
     emb(flat)
     emb.backward(grad)

@@ -234,6 +234,10 @@ def _fill_columns(cols, n_rows, dim):
     cols.reshape(int(n_rows), int(dim))[...] = np.arange(int(dim))
 
 
+def _row_pointer(rows, n_rows, num_rows, dim, indptr):
+    indptr[...] = np.searchsorted(rows[:int(n_rows)], np.arange(int(num_rows) + 1)) * int(dim)
+
+
 def _add_rows(a, src_a, b, src_b, n_rows, dim, out):
     d = int(dim)
     o = out.reshape(int(n_rows), d)
@@ -444,7 +448,7 @@ EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm":
               "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
               "se_bag_segment_sum": _bag_segment_sum, "se_check_ids": _check_ids,
               "se_bag_starts": _bag_starts, "se_fill_columns": _fill_columns,
-              "se_add_rows": _add_rows}
+              "se_row_pointer": _row_pointer, "se_add_rows": _add_rows}
 
 
 # ----------------------------------------------------------------- the fake modules

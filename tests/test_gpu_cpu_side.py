@@ -28,7 +28,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 import reference_gpu
 import sparsembed as se
 import sparsembed.functional as F
-from sparsembed import _backend, _cpu
+from sparsembed import _backend, _cpu, _rowsparse
 from sparsembed import _cuda as cuda_pkg
 from sparsembed._cuda import _kernels, _ops
 
@@ -323,6 +323,19 @@ def test_sparse_grad_empty(fake_gpu):
     assert g.shape == (6, 3) and g.nnz == 0
     assert_array_equal(g.indptr, np.zeros(7))
 
+
+
+@pytest.mark.parametrize("pick", ["random", "none", "first", "last", "ends", "all"])
+def test_from_rows_row_pointer_equals_cpu(fake_gpu, rng, pick):
+    # more table rows than the CPU's emulated launch has threads (3 blocks of 256),
+    # so each thread's search goes round the grid-stride loop from its last answer
+    V, D = 2000 if pick != "all" else 900, 3
+    rows = {"random": np.flatnonzero(rng.random(V) < 0.05), "none": [], "first": [0],
+            "last": [V - 1], "ends": [0, 1, V - 2, V - 1], "all": np.arange(V)}[pick]
+    rows = np.asarray(rows, dtype=np.int64)
+    data = rng.standard_normal((rows.shape[0], D)).astype(np.float32)
+    gpu = _DeviceArgs(fake_gpu.module._impl).from_rows(rows, data, V)  # (not exported)
+    _assert_same_csr(gpu, _rowsparse.from_rows(rows, data, V))
 
 def test_gather_equals_cpu(fake_gpu, rng, dtype):
     w = rng.standard_normal((30, 5)).astype(dtype)
@@ -1259,8 +1272,8 @@ def test_bench_gpu_breakdown_runs_on_the_stand_in(fake_gpu, monkeypatch):
                         "plan_argsort_ids32_stable", "plan_gathers", "plan_segment_heads",
                         "row_sums",
                         "csr_assembly", "csr_columns_kernel", "csr_columns_broadcast",
-                        "csr_indptr", "backward_adding_to_grad", "add_grad_row_values",
-                        "add_grad_row_union", "bag_checks",
+                        "csr_indptr_kernel", "csr_indptr_scan", "backward_adding_to_grad",
+                        "add_grad_row_values", "add_grad_row_union", "bag_checks",
                         "bag_pool_kernel", "bag_pool_checked"}
     assert all(v == 0.5 for v in res.values())
 

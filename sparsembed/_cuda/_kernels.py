@@ -134,6 +134,29 @@ extern "C" __global__ void se_fill_columns(I* __restrict__ cols,
     }
 }
 
+// The row pointer of a canonical row-sparse CSR matrix whose stored rows are the
+// sorted distinct rows[0 .. n_rows): indptr[r] = dim * #(rows < r) for r in
+// [0, num_rows]. One pass writing indptr, each entry's count found by a binary search
+// of rows (the zero-fill, scatter and scan this replaces made three passes over it and
+// a multi-kernel scan: 0.21 ms for 10^7 rows on an H200). The lanes of a warp search
+// for consecutive r, so their loads mostly hit the same entries; a thread's next r is
+// larger, so its last answer bounds the next search from below.
+extern "C" __global__ void se_row_pointer(const i64* __restrict__ rows,
+                                          const i64 n_rows,
+                                          const i64 num_rows,
+                                          const i64 dim,
+                                          I* __restrict__ indptr) {
+    i64 lo = 0;
+    for (i64 r = se_global_thread(); r <= num_rows; r += se_global_threads()) {
+        i64 hi = n_rows;  // the first u >= lo with rows[u] >= r (n_rows: none)
+        while (lo < hi) {
+            const i64 mid = lo + ((hi - lo) >> 1);
+            if (rows[mid] < r) lo = mid + 1; else hi = mid;
+        }
+        indptr[r] = (I)(lo * dim);
+    }
+}
+
 // Bag starts from k >= 1 offsets: starts[i] = offsets[i], and starts[k] = n unless
 // include_last (then starts holds k entries). result (zeroed before the launch):
 // [0] max(k - i) over the i >= 1 with offsets[i] < offsets[i - 1] (0: never
@@ -839,6 +862,14 @@ class CudaKernels:
         grid, block = launch_shape(n_rows)
         self._untyped_function("se_fill_columns", cols.dtype)(
             grid, block, (cols, np.int64(n_rows), np.int64(dim)))
+
+    def row_pointer(self, rows, num_rows, dim, indptr):
+        """``indptr`` ((num_rows + 1,), int32 or int64) = ``dim`` x the number of the
+        sorted distinct int64 ``rows`` below each row."""
+        grid, block = launch_shape(-(-(int(num_rows) + 1) // WARP))
+        self._untyped_function("se_row_pointer", indptr.dtype)(
+            grid, block, (rows, np.int64(rows.shape[0]), np.int64(num_rows), np.int64(dim),
+                          indptr))
 
     def bag_starts(self, offsets, n, include_last, starts, result):
         """``starts`` from int64 ``offsets`` (k >= 1); ``result`` (3,) int64, zeroed."""

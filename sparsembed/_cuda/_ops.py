@@ -393,16 +393,17 @@ class ArrayBackend:
     def from_rows(self, rows, data, num_rows):
         """The canonical CSR matrix holding ``data[u]`` as the full row ``rows[u]``.
 
-        ``indptr[r] = dim * #(rows < r)``: a prefix sum of ``dim`` at every stored row;
-        the index arrays are int32 when they fit (CuPy's sparse matrices want int32).
+        ``rows``: sorted, distinct. ``indptr[r] = dim * #(rows < r)``, written by one
+        kernel; the index arrays are int32 when they fit (CuPy's sparse matrices want
+        int32).
         """
         xp = self.xp
         n_rows, dim = data.shape
         nnz = n_rows * dim
         idx_dtype = np.int32 if max(int(num_rows), nnz) <= _INT32_MAX else np.int64
-        steps = xp.zeros(int(num_rows) + 1, dtype=idx_dtype)
-        steps[rows + 1] = dim  # rows are distinct
-        indptr = xp.cumsum(steps, dtype=idx_dtype)
+        indptr = xp.empty(int(num_rows) + 1, dtype=idx_dtype)
+        self.kernels.row_pointer(xp.ascontiguousarray(rows, dtype=np.int64), int(num_rows),
+                                 dim, indptr)
         indices = xp.empty(nnz, dtype=idx_dtype)
         if nnz:
             self.kernels.fill_columns(indices, dim)
