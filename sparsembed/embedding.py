@@ -55,6 +55,11 @@ class _Table:
         if self.device != "cpu" or not isinstance(self.weight, np.ndarray):
             self._move(self.device)
 
+    def __call__(self, *args, **kwargs):
+        """``layer(...)`` is ``layer.forward(...)``, a subclass's own forward included
+        (as torch's ``Module.__call__`` dispatches)."""
+        return self.forward(*args, **kwargs)
+
     @property
     def _backend(self):
         return get_backend(self.device)
@@ -410,7 +415,6 @@ class Embedding(_Table):
         self._remember((flat, idx.shape, plan), layout)
         return out
 
-    __call__ = forward
 
     def _plan(self):
         """The last forward's row plan, made on first use (the caller has checked the
@@ -652,7 +656,6 @@ class EmbeddingBag(_Table):
         self.per_sample_weights_grad = None
         return out
 
-    __call__ = forward
 
     def _grad_parts(self, grad_output):
         """The pieces every backward form needs, from the last forward:

@@ -309,8 +309,6 @@ class HashEmbedding(_Table):
         self._remember((flat, shape, None, wid, p, saved_rows), layout)
         return out.reshape(shape + (d,))
 
-    __call__ = forward
-
     def backward(self, grad_output, optimizer=None):
         """Gradient w.r.t. ``weight`` (returned and added into ``grad``); in weighted
         mode the importance table's gradient is added into ``importance.grad``.

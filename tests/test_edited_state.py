@@ -272,6 +272,19 @@ def test_forward_refuses_a_smaller_table(make):
     assert_unchanged(snap)
 
 
+@pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
+def test_a_subclass_forward_is_what_calling_the_layer_runs(bag):
+    base = se.EmbeddingBag if bag else se.Embedding
+
+    class Doubled(base):
+        def forward(self, *args, **kwargs):
+            return 2 * super().forward(*args, **kwargs)
+
+    layer = Doubled(5, 2, random_state=0)
+    ids = np.array([[1, 3]])
+    assert_array_equal(layer(ids), 2 * base.forward(layer, ids))
+
+
 def test_forward_refuses_num_embeddings_edited_by_hand():
     emb = se.Embedding(4, 2, max_norm=1.0, random_state=0)
     emb.num_embeddings = 1000
