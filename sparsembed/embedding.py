@@ -110,11 +110,28 @@ class _Table:
         """The shape ``weight`` must have: (num_embeddings, embedding_dim)."""
         return (self.num_embeddings, self.embedding_dim)
 
+    # options a forward reads that are public attributes (torch's too, which its
+    # F.embedding checks at every call): edited by hand, they are checked and
+    # normalised again, as the constructor does, before the forward writes anything
+    # (a max_norm of 0 would zero rows in place, a padding_idx of -1 count from the
+    # front). Compared with the values last checked, so an unedited layer pays one
+    # tuple comparison.
+    _EDITABLE_OPTIONS = operator.attrgetter("padding_idx", "max_norm", "norm_type")
+
+    def _check_options(self):
+        if self._EDITABLE_OPTIONS(self) == self.__dict__.get("_options_checked"):
+            return
+        self.padding_idx = V.normalize_padding_idx(self.padding_idx, self.num_embeddings)
+        self.max_norm, self.norm_type = V.check_max_norm(self.max_norm, self.norm_type)
+        self._options_checked = self._EDITABLE_OPTIONS(self)
+
     def _checked_table(self):
         """Check that ``weight`` still has the layer's shape -- it is a public
         attribute, and a table replaced by one of another shape would send the
         layer's row ids (checked against ``num_embeddings``) past its end -- and
-        return the layout a forward's ids are valid for (here that shape)."""
+        return the layout a forward's ids are valid for (here that shape). The
+        options a user may have edited are checked here too (:meth:`_check_options`)."""
+        self._check_options()
         expected = self._table_shape()
         w = self.weight
         shape = getattr(w, "shape", None)

@@ -239,6 +239,9 @@ class HashEmbedding(_Table):
     def _table_shape(self):
         return (self.num_buckets, self.embedding_dim)
 
+    def _check_options(self):
+        pass  # no padding_idx or max_norm to edit
+
     def _checked_table(self):
         table = super()._checked_table()
         if self.importance is None:

@@ -273,6 +273,41 @@ def test_forward_refuses_a_smaller_table(make):
 
 
 @pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
+def test_options_edited_by_hand_are_checked_again(bag):
+    # as the constructor checks them (torch's F.embedding checks padding_idx at every
+    # call): max_norm 0 zeroed rows in place, -1 flipped them; padding_idx -1 counted
+    # from the front, one past the table was taken for "no padding"
+    def layer(**kw):
+        table = np.array([[3.0, 4.0], [6.0, 8.0], [1.0, 1.0]], np.float32)
+        if bag:
+            return se.EmbeddingBag.from_pretrained(table, freeze=False, mode="sum", **kw)
+        return se.Embedding.from_pretrained(table, freeze=False, **kw)
+
+    ids = np.array([[1, 2]])
+    for name, value, message in (("max_norm", 0.0, "max_norm must be > 0, got 0.0"),
+                                 ("max_norm", -1.0, "max_norm must be > 0, got -1.0"),
+                                 ("norm_type", float("nan"), "norm_type must be a real"),
+                                 ("padding_idx", 3, r"padding_idx 3 must be within \[-3, 3\)"),
+                                 ("padding_idx", 1.5, "padding_idx must be an int or None")):
+        emb = layer(max_norm=1.0)
+        setattr(emb, name, value)
+        snap = snapshot(emb.weight)
+        with pytest.raises(ValueError, match=message):
+            emb(ids)
+        assert_unchanged(snap)
+    emb = layer(padding_idx=0)
+    emb.padding_idx = -1  # torch's rule: the last row
+    out = emb(ids)
+    assert emb.padding_idx == 2
+    grad = emb.backward(np.ones_like(out))
+    assert_array_equal(grad[2], [0, 0])
+    assert_array_equal(grad[1], [1, 1])
+    emb.max_norm = 5.0  # a valid edit takes effect
+    emb(np.array([[0, 1]]))
+    assert_allclose(np.linalg.norm(emb.weight[1]), 5.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
 def test_a_subclass_forward_is_what_calling_the_layer_runs(bag):
     base = se.EmbeddingBag if bag else se.Embedding
 
