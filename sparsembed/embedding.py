@@ -16,6 +16,15 @@ _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 _DTYPE_CHARS = tuple(dtype.char for dtype in _DTYPES)
 
 
+def _check_real(arr, name):
+    """TypeError for a table of anything but real numbers (floats, or integers, which
+    convert exactly enough): numpy would turn objects into NaN, drop an imaginary
+    part with only a warning, or fail on strings with its own message."""
+    if np.dtype(arr.dtype).kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers (a float or integer array), got "
+                        f"dtype {arr.dtype}")
+
+
 def _check_dtype(dtype):
     dtype = np.dtype(dtype)
     if dtype not in _DTYPES:
@@ -47,6 +56,7 @@ class _Table:
                 arr = weight  # keep the memmap object itself (flush(), filename)
             if tuple(arr.shape) != shape:
                 raise ValueError(f"weight has shape {tuple(arr.shape)}, expected {shape}")
+            _check_real(arr, "weight")
             if isinstance(arr, np.ndarray) and (arr.dtype != dtype or not arr.flags.c_contiguous):
                 arr = _aligned.copy(arr, dtype)  # a copy is made anyway: make it aligned
             elif arr.dtype != dtype or not arr.flags.c_contiguous:  # a device array
@@ -201,6 +211,9 @@ class _Table:
                 f"missing keys {sorted({'weight'} - keys)}, unexpected keys {sorted(keys - {'weight'})}"
             )
         new = state_dict["weight"]
+        if not hasattr(new, "__cuda_array_interface__"):
+            new = np.asarray(new)
+        _check_real(new, "state_dict['weight']")
         if tuple(new.shape) != tuple(self.weight.shape):
             raise RuntimeError(
                 f"Error(s) in loading state_dict for {type(self).__name__}: size mismatch "

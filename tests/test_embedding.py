@@ -736,3 +736,24 @@ def test_property_sparse_equals_dense():
 
     assert hypothesis
     check()
+
+
+@pytest.mark.parametrize("table, dtype", [
+    (np.array([[1, None]], dtype=object), "object"),   # numpy made it [1, nan]
+    (np.ones((1, 2), np.complex64), "complex64"),      # imaginary part dropped, a warning
+    (np.array([["1", "x"]]), "<U1"),                   # numpy's own message
+])
+def test_a_table_of_anything_but_real_numbers_is_a_type_error(table, dtype):
+    message = f"weight must hold real numbers \\(a float or integer array\\), got dtype {dtype}"
+    with pytest.raises(TypeError, match=message):
+        se.Embedding.from_pretrained(table)
+    with pytest.raises(TypeError, match=message):
+        se.Embedding(1, 2, weight=table)
+    emb = se.Embedding(1, 2, random_state=0)
+    before = emb.weight.copy()
+    with pytest.raises(TypeError, match="state_dict\\['weight'\\] must hold real numbers"):
+        emb.load_state_dict({"weight": table})
+    assert_array_equal(emb.weight, before)
+    emb.load_state_dict({"weight": [[1, 2]]})  # a nested list, as np.asarray takes it
+    assert_array_equal(emb.weight, [[1, 2]])
+
