@@ -29,6 +29,8 @@ def as_index_array(input, name="input"):
         return np.zeros(0, dtype=np.int64)
     arr = np.asarray(input)
     kind = arr.dtype.kind
+    if kind == "O":  # Python ints past int64 make numpy fall back to objects
+        _raise_if_int_past_int64(arr, name)
     if kind not in "iu":
         raise TypeError(
             f"{name} must be an array of integers, got dtype {arr.dtype}"
@@ -40,8 +42,23 @@ def as_index_array(input, name="input"):
     pos = first_past_int64(arr)
     if pos >= 0:
         value = int(arr.reshape(-1)[pos])
-        raise IndexError(f"{name}: index {value} at position {pos} is out of range")
+        raise _past_int64_error(name, value, pos)
     return np.asarray(arr, dtype=np.int64, order="C")
+
+
+def _past_int64_error(name, value, pos):
+    return IndexError(f"{name}: index {value} at position {pos} is out of range (ids are "
+                      f"int64: no table has a row {value})")
+
+
+def _raise_if_int_past_int64(arr, name):
+    """IndexError for the first Python int of the object array ``arr`` outside int64
+    (nothing when there is none: the caller's TypeError follows)."""
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    for pos, value in enumerate(arr.reshape(-1)):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) \
+                and not lo <= value <= hi:
+            raise _past_int64_error(name, int(value), pos)
 
 
 def first_past_int64(arr):

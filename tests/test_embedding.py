@@ -757,3 +757,14 @@ def test_a_table_of_anything_but_real_numbers_is_a_type_error(table, dtype):
     emb.load_state_dict({"weight": [[1, 2]]})  # a nested list, as np.asarray takes it
     assert_array_equal(emb.weight, [[1, 2]])
 
+
+@pytest.mark.parametrize("ids, value", [
+    (np.array([1, 2**63 + 5], dtype=np.uint64), 2**63 + 5),
+    ([1, 2**70], 2**70),        # numpy falls back to an object array
+    ([1, -2**70], -2**70),
+])
+def test_ids_past_int64_name_the_value_and_position(ids, value):
+    emb = se.Embedding(10, 2)
+    with pytest.raises(IndexError, match=f"input: index {value} at position 1 is out of range "
+                                         f"\\(ids are int64: no table has a row {value}\\)"):
+        emb(ids)
