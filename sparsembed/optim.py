@@ -133,11 +133,7 @@ class Optimizer:
                 )
             if "params" not in group:
                 raise ValueError("a parameter group must have a 'params' entry")
-            unknown = set(group) - set(self.defaults) - {"params"}
-            if unknown:
-                raise ValueError(
-                    f"unknown hyper-parameters in a parameter group: {sorted(unknown)}"
-                )
+            self._check_known(group)
             layers = group["params"]
             layers = [layers] if hasattr(layers, "weight") else list(layers)
             for layer in layers:
@@ -281,6 +277,8 @@ class Optimizer:
         if sp.issparse(g):
             if tuple(g.shape) != w.shape:
                 raise ValueError(f"grad has shape {tuple(g.shape)}, expected {w.shape}")
+            if g.dtype.kind != "f":
+                raise TypeError(f"grad must be a float array, got dtype {g.dtype}")
             rows, values = _rowsparse.row_values(g)  # any format, structure checked
             rows = np.ascontiguousarray(rows, dtype=np.int64)
             values = np.ascontiguousarray(values, dtype=_half.compute_dtype(w.dtype))
@@ -331,6 +329,13 @@ class Optimizer:
 
     def _check_grad_kind(self, layer):
         pass
+
+    def _check_known(self, group):
+        """ValueError naming the keys of a parameter group that are not this
+        optimizer's hyper-parameters (nor ``params``)."""
+        unknown = set(group) - set(self.defaults) - {"params"}
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters in a parameter group: {sorted(unknown)}")
 
     def _update(self, i, group, weight, launch):
         """One update of table ``i``: ``launch(hyper, s1, s2)`` runs the kernel with the
@@ -456,7 +461,8 @@ class Optimizer:
         ------
         ValueError
             A different number of groups or of layers per group, an unknown layer index,
-            or a state array whose shape does not fit its table.
+            a hyper-parameter this optimizer does not have (as the constructor), or a
+            state array whose shape does not fit its table.
         """
         try:
             groups = state_dict["param_groups"]
@@ -478,6 +484,8 @@ class Optimizer:
                     "loaded state dict contains a parameter group that doesn't match "
                     f"the size of optimizer's group ({len(ids)} vs {len(group['params'])})"
                 )
+            # (a torch checkpoint's maximize=True would otherwise be dropped silently)
+            self._check_known(saved)
             hyper = dict(self.defaults)
             hyper.update({k: v for k, v in saved.items() if k != "params"})
             self._check_group(hyper)

@@ -412,6 +412,12 @@ def test_load_state_dict_errors_change_nothing():
     bad["param_groups"][0]["betas"] = (0.9, 1.5)
     with pytest.raises(ValueError, match="1.5"):
         opt.load_state_dict(bad)
+    bad = copy.deepcopy(good)
+    bad["param_groups"][0]["maximize"] = True  # torch's, not ours: not dropped silently
+    with pytest.raises(ValueError, match=r"unknown hyper-parameters in a parameter group: "
+                                         r"\['maximize'\]"):
+        opt.load_state_dict(bad)
+    assert "maximize" not in opt.param_groups[0]
     assert_array_equal(opt.state[0]["exp_avg"], good["state"][0]["exp_avg"])
     assert opt.param_groups[0]["betas"] == (0.9, 0.999)
 
@@ -507,6 +513,12 @@ def test_bad_grads_change_nothing():
     b.grad = "grad"
     with pytest.raises(TypeError, match="str"):
         opt.step()
+    for dtype in (np.int64, np.complex64):  # as a dense grad is refused (complex: not
+        # cast with only a warning that drops its imaginary part)
+        b.grad = sp.csr_array(np.ones((N, D), dtype))
+        with pytest.raises(TypeError, match=f"grad must be a float array, got dtype "
+                                            f"{np.dtype(dtype)}"):
+            opt.step()
     assert_array_equal(a.weight, wa)
     assert_array_equal(b.weight, wb)
     assert opt.state == {}

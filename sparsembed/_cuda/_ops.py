@@ -604,6 +604,8 @@ class ArrayBackend:
             if tuple(grad.shape) != tuple(weight.shape):
                 raise ValueError(
                     f"grad has shape {tuple(grad.shape)}, expected {tuple(weight.shape)}")
+            if np.dtype(grad.dtype).kind != "f":
+                raise TypeError(f"grad must be a float array, got dtype {grad.dtype}")
             if _is_scipy_sparse(grad):
                 grad = self._csr_from_host(grad)
             elif grad.format != "csr":
