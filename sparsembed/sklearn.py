@@ -449,6 +449,9 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         check_is_fitted(self)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"k must be a non-negative int, got {k!r}")
+        if np.ndim(user) != 0:
+            raise ValueError(f"user must be a single user id (recommend takes one user at "
+                             f"a time), got an array of shape {np.shape(user)}")
         urow = int(_lookup_ids(self.user_ids_, np.asarray([user]))[0])
         n_items = self.item_ids_.size
         scores = np.full(n_items, self.global_mean_ if self.biased else 0.0)

@@ -311,6 +311,10 @@ def test_mf_recommend(sample):
     assert mf.recommend(user, k=0).size == 0
     with pytest.raises(ValueError, match="k must be"):
         mf.recommend(user, k=-1)
+    with pytest.raises(ValueError, match=r"user must be a single user id .* got an array of "
+                                         r"shape \(2,\)"):
+        mf.recommend(np.array([user, 8]))
+    assert_array_equal(mf.recommend(np.int64(user), k=5), rec)  # a numpy scalar is one id
 
 
 def test_mf_deterministic_per_seed_and_thread_count(sample, monkeypatch):
