@@ -522,8 +522,12 @@ class FakeCsr(scipy.sparse.csr_matrix):
 
     def __getattribute__(self, name):
         value = super().__getattribute__(name)
-        if name in ("data", "indices", "indptr") and isinstance(value, np.ndarray):
-            return value.view(FakeDeviceArray)
+        if name in ("data", "indices", "indptr") and isinstance(value, np.ndarray) \
+                and not isinstance(value, FakeDeviceArray):
+            # kept as the device view, so that the attribute is one array object from
+            # read to read, as a CuPy matrix's is (the backend keys on that identity)
+            value = value.view(FakeDeviceArray)
+            object.__setattr__(self, name, value)
         return value
 
     def get(self):

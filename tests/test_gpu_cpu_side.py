@@ -419,6 +419,41 @@ def test_an_edited_csr_grad_is_refused(fake_gpu, edit, message, host):
             impl.add_grad(m, m)
 
 
+def test_a_gradients_own_rows_are_read_back_without_a_scan(fake_gpu, rng, monkeypatch):
+    # from_rows' matrices carry their row list, as the CPU's do: an optimizer step or
+    # a backward adding into the gradient checks it in O(rows), not by scanning the
+    # row pointer of every table row; the columns are trusted while the matrix's own
+    # flags say canonical (as cupyx and, on the CPU, scipy trust them)
+    impl = fake_gpu._impl
+    V, D = 40, 2
+    flat = _ids(rng, 30, V)
+    grad = rng.standard_normal((30, D))
+    g = fake_gpu.sparse_grad(grad, fake_gpu.plan_rows(flat, V), V, False)
+    expected = _rowsparse.row_values(_cpu.sparse_grad(grad, _cpu.plan_rows(flat, V), V, False))
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the row pointer was scanned")
+
+    with monkeypatch.context() as m:
+        m.setattr(_rowsparse, "_check_pointer_order", no_scan)
+        rows, values = impl.row_values(g)
+        assert_array_equal(rows, expected[0])
+        assert_array_equal(values, expected[1])
+        assert np.shares_memory(values, g.data)
+        g.indices[:] = 0  # an edit the flags do not know of: still read as full rows
+        assert_array_equal(impl.row_values(g)[1], expected[1])
+    g.indices.reshape(-1, D)[:] = [1, 0]  # a legal csr, each row's columns swapped ...
+    g.has_canonical_format = False  # ... and said so: now the columns are read
+    assert_array_equal(impl.row_values(g)[1], expected[1][:, ::-1])
+    # a row pointer edited in place (same array) fails the O(rows) check: the scan
+    # finds it and names it
+    g = fake_gpu.sparse_grad(grad, fake_gpu.plan_rows(flat, V), V, False)
+    r = int(expected[0][1])
+    g.indptr[r] = g.indptr[r + 1] + 1
+    with pytest.raises(ValueError, match=f"row pointer decreases at row {r}"):
+        impl.optim_grad(g, np.zeros((V, D)))
+
+
 def test_from_host_and_to_numpy_round_trip(fake_gpu, rng):
     impl = fake_gpu._impl
     plan = _cpu.plan_rows(np.array([4, 1, 4]), 6)

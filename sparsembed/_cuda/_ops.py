@@ -409,13 +409,37 @@ class ArrayBackend:
             self.kernels.fill_columns(indices, dim)
         out = self.csr_type((data.reshape(-1), indices, indptr), shape=(int(num_rows), dim))
         out.has_canonical_format = True
+        # the row list, as the CPU's matrices carry it (_rowsparse.wrap_rows), so that
+        # reading the gradient back (an optimizer step, a backward adding into it)
+        # need not scan the row pointer over every table row
+        out.__dict__[_rowsparse._ROWS_KEY] = (rows, out.indptr)
         return out
 
     def stored_rows(self, mat):
         """Sorted ids of the non-empty rows; ValueError where the row pointer decreases
-        (one diff both checks it and gives the row lengths, as on the CPU)."""
-        steps = _rowsparse._check_pointer_order(mat.indptr, "row", xp=self.xp)
-        return self.xp.flatnonzero(steps).astype(np.int64, copy=False)
+        (one diff both checks it and gives the row lengths, as on the CPU).
+
+        A matrix made by :meth:`from_rows` carries its row list: used, as on the CPU
+        (``_rowsparse.stored_rows``), while the matrix keeps that row pointer array
+        and it still starts at 0 and gives each listed row at least one entry, their
+        lengths adding up to nnz -- O(rows) and one read, where the scan is O(table
+        rows) and two.
+        """
+        xp = self.xp
+        indptr = mat.indptr
+        cached = mat.__dict__.get(_rowsparse._ROWS_KEY)
+        if cached is not None and cached[1] is indptr:
+            rows = cached[0]
+            if not rows.shape[0]:
+                if int(indptr[-1]) == 0 and int(indptr[0]) == 0:
+                    return rows
+            else:
+                lengths = indptr[rows + 1] - indptr[rows]
+                if bool((indptr[0] == 0) & (lengths.min() > 0)
+                        & (lengths.sum(dtype=np.int64) == indptr[-1])):
+                    return rows
+        steps = _rowsparse._check_pointer_order(indptr, "row", xp=xp)
+        return xp.flatnonzero(steps).astype(np.int64, copy=False)
 
     def row_values(self, mat):
         """(rows, values) of a row-sparse CSR matrix; values has shape (n_rows, dim).
@@ -432,6 +456,8 @@ class ArrayBackend:
         rows = self.stored_rows(mat)
         n_rows = int(rows.shape[0])
         if mat.nnz == n_rows * dim:
+            if _trusted_canonical(mat):  # every row holds 0 .. dim - 1: no O(nnz) read
+                return rows, mat.data.reshape(n_rows, dim)
             cols = mat.indices.reshape(n_rows, dim)
             if n_rows == 0 or bool((cols == xp.arange(dim, dtype=cols.dtype)).all()):
                 return rows, mat.data.reshape(n_rows, dim)
@@ -660,6 +686,16 @@ class ArrayBackend:
 
 
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _trusted_canonical(mat):
+    """Whether the matrix's own flags say canonical (sorted, no duplicates, columns in
+    range), trusted as cupyx trusts them and as the CPU trusts scipy's
+    (``_rowsparse._is_full_rows``): read from the instance, never through cupyx's
+    properties, which compute an unknown flag with a kernel over every index."""
+    flags = mat.__dict__
+    return bool(flags.get("_has_canonical_format", False)) \
+        and bool(flags.get("_has_sorted_indices", True))
 
 
 def _is_scipy_sparse(a):
