@@ -8,7 +8,7 @@ from sparsembed import _aligned, _bags, _half
 from sparsembed import _validation as V
 from sparsembed import functional as F
 from sparsembed import optim as _optim
-from sparsembed._backend import backend_of, get_backend, normalize_device
+from sparsembed._backend import backend_of, get_backend, requested_device
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
@@ -40,7 +40,7 @@ class _Table:
     """
 
     def _init_weight(self, weight, dtype, random_state, device):
-        self.device = normalize_device(device)
+        self.device = requested_device(device)
         get_backend(self.device)  # no CuPy / no GPU: fail before any work
         self.random_state = random_state
         self.requires_grad = True
@@ -227,8 +227,10 @@ class _Table:
 
         Moving to the device the layer is on changes nothing. A move to another one
         drops the last forward (its arrays stay on the old device): run the forward
-        again before a backward."""
-        device = normalize_device(device)
+        again before a backward. "cuda:N" must name CuPy's current device (where
+        sparsembed's arrays and kernels go): another index is a ValueError saying how
+        to select it."""
+        device = requested_device(device)
         if device != self.device:
             self._move(device)
         return self

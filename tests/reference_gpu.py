@@ -568,7 +568,8 @@ def fake_cupy_modules(device_count=1):
             raise device_count
         return device_count
 
-    cp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    cp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(
+        getDeviceCount=get_device_count, getDevice=lambda: 0))  # the current device
     cupyx = types.ModuleType("cupyx")
     cupyx.__spec__ = importlib.machinery.ModuleSpec("cupyx", None)
     cupyx_scipy = types.ModuleType("cupyx.scipy")

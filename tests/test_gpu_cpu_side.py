@@ -195,6 +195,29 @@ def test_to_cuda_failure_leaves_layer_unchanged(monkeypatch, request, make_env):
         _drop_backend_module()
 
 
+def test_a_gpu_index_must_be_cupys_current_device(monkeypatch):
+    # torch honours "cuda:1"; sparsembed uses CuPy's current device: another index is
+    # an error saying how to select it (it was dropped silently), the layer unchanged
+    _install_fake(monkeypatch, device_count=2)  # the fake's current device is 0
+    try:
+        message = (r"device 'cuda:1': sparsembed runs on CuPy's current device, cuda:0; "
+                   r"select device 1 first with cupy.cuda.Device\(1\).use\(\)")
+        with pytest.raises(ValueError, match=message):
+            se.Embedding(4, 2, device="cuda:1")
+        with pytest.raises(ValueError, match=message.replace("'cuda:1'", "'CUDA:1'")):
+            se.EmbeddingBag(4, 2, device="CUDA:1")
+        emb = se.Embedding(4, 2, random_state=0)
+        weight, values = emb.weight, emb.weight.copy()
+        with pytest.raises(ValueError, match=message):
+            emb.to("cuda:1")
+        _assert_layer_unchanged(emb, weight, values, None)
+        assert se.Embedding(4, 2, device="cuda:0").device == "cuda"
+        assert emb.to("cuda:0").device == "cuda"
+        assert emb.to("cpu:3").device == "cpu"  # (the host has one device, any index)
+    finally:
+        _drop_backend_module()
+
+
 def test_embedding_cuda_constructor_errors(no_cupy):
     with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
         se.Embedding(4, 2, device="cuda")
