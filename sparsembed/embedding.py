@@ -1,5 +1,6 @@
 """Layers: a trainable table of vectors looked up by integer ids."""
 
+import collections
 import operator
 
 import numpy as np
@@ -13,6 +14,9 @@ from sparsembed._backend import backend_of, get_backend, requested_device
 __all__ = ["Embedding", "EmbeddingBag"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+# what load_state_dict returns, as torch's Module.load_state_dict does
+IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 _DTYPE_CHARS = tuple(dtype.char for dtype in _DTYPES)
 
 
@@ -196,31 +200,56 @@ class _Table:
         """``{"weight": weight}`` (the array itself, as torch shares storage)."""
         return {"weight": self.weight}
 
-    def load_state_dict(self, state_dict):
-        """Copy ``state_dict["weight"]`` into the table (same shape; cast to its dtype).
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy the arrays of a :meth:`state_dict` into the layer's (same shapes; cast
+        to their dtypes).
+
+        Parameters
+        ----------
+        state_dict : mapping of name -> array_like
+        strict : bool, default True
+            As in torch: keys missing from ``state_dict`` or not the layer's are an
+            error; with False they are skipped (and listed in the result).
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``, sorted lists of names (torch's result).
 
         Raises
         ------
         RuntimeError
-            Missing or unexpected keys, or a shape mismatch (torch's behaviour).
+            With ``strict``, missing or unexpected keys; a shape mismatch (torch's
+            messages). TypeError for an array of anything but real numbers. Nothing is
+            copied unless every array fits.
         """
+        targets = self.state_dict()
         keys = set(state_dict)
-        if keys != {"weight"}:
+        missing, unexpected = sorted(set(targets) - keys), sorted(keys - set(targets))
+        if strict and (missing or unexpected):
             raise RuntimeError(
                 f"Error(s) in loading state_dict for {type(self).__name__}: "
-                f"missing keys {sorted({'weight'} - keys)}, unexpected keys {sorted(keys - {'weight'})}"
+                f"missing keys {missing}, unexpected keys {unexpected}"
             )
-        new = state_dict["weight"]
-        if not hasattr(new, "__cuda_array_interface__"):
-            new = np.asarray(new)
-        _check_real(new, "state_dict['weight']")
-        if tuple(new.shape) != tuple(self.weight.shape):
-            raise RuntimeError(
-                f"Error(s) in loading state_dict for {type(self).__name__}: size mismatch "
-                f"for weight: copying a param with shape {tuple(new.shape)}, the shape in "
-                f"the current model is {tuple(self.weight.shape)}"
-            )
-        self.weight[...] = self._backend.xp.asarray(new, dtype=self.weight.dtype)
+        loaded = {}
+        for name, target in targets.items():
+            if name not in keys:
+                continue
+            new = state_dict[name]
+            if not hasattr(new, "__cuda_array_interface__"):
+                new = np.asarray(new)
+            _check_real(new, f"state_dict[{name!r}]")
+            if tuple(new.shape) != tuple(target.shape):
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: size "
+                    f"mismatch for {name}: copying a param with shape {tuple(new.shape)}, "
+                    f"the shape in the current model is {tuple(target.shape)}"
+                )
+            loaded[name] = new
+        xp = self._backend.xp
+        for name, new in loaded.items():
+            targets[name][...] = xp.asarray(new, dtype=targets[name].dtype)
+        return IncompatibleKeys(missing, unexpected)
 
     def to(self, device):
         """Move the table (and its gradient) to ``device`` ("cpu" or "cuda"); returns self.

@@ -386,22 +386,6 @@ class HashEmbedding(_Table):
             d["importance"] = self.importance.weight
         return d
 
-    def load_state_dict(self, state_dict):
-        """Copy the arrays of :meth:`state_dict` in (same keys and shapes)."""
-        expected = set(self.state_dict())
-        keys = set(state_dict)
-        if keys != expected:
-            raise RuntimeError(f"Error(s) in loading state_dict for HashEmbedding: missing keys "
-                               f"{sorted(expected - keys)}, unexpected keys {sorted(keys - expected)}")
-        for name, target in self.state_dict().items():
-            new = np.asarray(state_dict[name])
-            if new.shape != target.shape:
-                raise RuntimeError(f"Error(s) in loading state_dict for HashEmbedding: size mismatch "
-                                   f"for {name}: copying a param with shape {new.shape}, the shape in "
-                                   f"the current model is {target.shape}")
-        for name, target in self.state_dict().items():
-            target[...] = np.asarray(state_dict[name], dtype=target.dtype)
-
     def to(self, device):
         """Only "cpu" is supported; returns self."""
         if normalize_device(device) != "cpu":

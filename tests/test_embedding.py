@@ -462,6 +462,14 @@ def test_state_dict_round_trip():
     with pytest.raises(RuntimeError, match="unexpected keys \\['bias'\\]"):
         b.load_state_dict({"weight": a.weight, "bias": 1})
     assert_array_equal(a.weight, b.weight)
+    # torch's strict=False: what fits is loaded, the rest listed, not refused
+    c = se.Embedding(5, 3, random_state=2)
+    assert c.load_state_dict({"weight": a.weight, "bias": 1}, strict=False) == ([], ["bias"])
+    assert_array_equal(c.weight, a.weight)
+    keys = c.load_state_dict({}, strict=False)
+    assert keys.missing_keys == ["weight"] and keys.unexpected_keys == []
+    assert_array_equal(c.weight, a.weight)
+    assert b.load_state_dict(a.state_dict()) == ([], [])
 
 
 @pytest.mark.parametrize("clone", [lambda e: pickle.loads(pickle.dumps(e)), copy.deepcopy])

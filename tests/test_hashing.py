@@ -399,3 +399,8 @@ def test_reset_copy_and_pickle():
     np.testing.assert_array_equal(other(ids), layer(ids))
     with pytest.raises(RuntimeError, match="missing keys"):
         other.load_state_dict({"weight": state["weight"]})
+    before = other.importance.weight.copy()
+    assert other.load_state_dict({"weight": state["weight"] * 2}, strict=False) == (
+        ["importance"], [])
+    np.testing.assert_array_equal(other.weight, state["weight"] * 2)
+    np.testing.assert_array_equal(other.importance.weight, before)
