@@ -150,8 +150,9 @@ def bench_breakdown(args, cp, ids_host, time_ms):
     # on 32-bit keys where the table has fewer than 2**31 rows
     ids32 = flat.astype(cp.int32)
     res["plan_argsort_ids32_stable"] = t(lambda: cp.argsort(ids32))
-    # the plan's steps after the sort (plan_rows): the two gathers by the order, then
-    # the segment heads and their positions (flatnonzero: a scan and a read of its size)
+    # the plan's steps after the sort as CuPy operations (what plan_rows did before
+    # se_plan_heads / se_plan_segments): the two gathers by the order, then the
+    # segment heads and their positions (flatnonzero: a scan and a read of its size)
     order = cp.argsort(keys)
     pos = cp.arange(B, dtype=cp.int64)
     res["plan_gathers"] = t(lambda: (pos[order], flat[order]))
@@ -163,6 +164,19 @@ def bench_breakdown(args, cp, ids_host, time_ms):
         return cp.flatnonzero(head)
 
     res["plan_segment_heads"] = t(segment_heads)
+    # ... and as plan_rows does it now: two kernels, a scan and one read of its total
+    ids64 = cp.ascontiguousarray(flat, dtype=cp.int64)
+
+    def plan_segments_kernels():
+        sorted_out = cp.empty(B, dtype=cp.int64)
+        head = cp.empty(B, dtype=cp.int32)
+        be.kernels.plan_heads(ids64, order, sorted_out, head)
+        at = cp.cumsum(head, dtype=cp.int64)
+        k = int(at[-1])
+        starts, rows = cp.empty(k + 1, dtype=cp.int64), cp.empty(k, dtype=cp.int64)
+        be.kernels.plan_segments(head, at, sorted_out, starts, rows)
+
+    res["plan_segments_kernels"] = t(plan_segments_kernels)
     plan = be.plan_rows(flat, V)
     res["row_sums"] = t(lambda: be.row_grad(grad, plan, False))
     values = be.row_grad(grad, plan, False)

@@ -234,6 +234,19 @@ def _fill_columns(cols, n_rows, dim):
     cols.reshape(int(n_rows), int(dim))[...] = np.arange(int(dim))
 
 
+def _plan_heads(ids, order, m, sorted_ids, head):
+    sorted_ids[...] = ids[order]
+    head[0] = 1
+    head[1:] = sorted_ids[1:] != sorted_ids[:-1]
+
+
+def _plan_segments(head, pos, sorted_ids, m, starts, rows):
+    first = np.flatnonzero(head)
+    starts[pos[first] - 1] = first
+    rows[pos[first] - 1] = sorted_ids[first]
+    starts[pos[int(m) - 1]] = m
+
+
 def _row_pointer(rows, n_rows, num_rows, dim, indptr):
     indptr[...] = np.searchsorted(rows[:int(n_rows)], np.arange(int(num_rows) + 1)) * int(dim)
 
@@ -448,7 +461,8 @@ EMULATIONS = {"se_update_rows": _update_rows, "se_gather": _gather, "se_renorm":
               "se_bag_forward": _bag_forward, "se_psw_grad": _psw_grad,
               "se_bag_segment_sum": _bag_segment_sum, "se_check_ids": _check_ids,
               "se_bag_starts": _bag_starts, "se_fill_columns": _fill_columns,
-              "se_row_pointer": _row_pointer, "se_add_rows": _add_rows}
+              "se_row_pointer": _row_pointer, "se_add_rows": _add_rows,
+              "se_plan_heads": _plan_heads, "se_plan_segments": _plan_segments}
 
 
 # ----------------------------------------------------------------- the fake modules

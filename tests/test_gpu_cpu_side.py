@@ -272,7 +272,8 @@ def _ids(rng, n, V, shape=None):
 @pytest.mark.parametrize("skip", [None, 0, 3])
 @pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
 def test_plan_rows_equals_cpu(fake_gpu, rng, skip, idx_dtype):
-    for n, V in [(0, 5), (1, 5), (7, 5), (200, 13), (500, 1000)]:
+    # (3,000 ids: more than the CPU's emulated launch has threads, 3 blocks of 256)
+    for n, V in [(0, 5), (1, 5), (7, 5), (200, 13), (500, 1000), (3000, 5000)]:
         flat = _ids(rng, n, V).astype(idx_dtype)
         if n:
             flat[: n // 3] = 3  # a hot id
@@ -1328,6 +1329,7 @@ def test_bench_gpu_breakdown_runs_on_the_stand_in(fake_gpu, monkeypatch):
     assert set(res) == {"check_range", "lookup_kernel", "lookup_checked",
                         "device_copy_of_output", "plan_rows", "plan_argsort",
                         "plan_argsort_ids32_stable", "plan_gathers", "plan_segment_heads",
+                        "plan_segments_kernels",
                         "row_sums",
                         "csr_assembly", "csr_columns_kernel", "csr_columns_broadcast",
                         "csr_indptr_kernel", "csr_indptr_scan", "backward_adding_to_grad",

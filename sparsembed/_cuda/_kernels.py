@@ -157,6 +157,40 @@ extern "C" __global__ void se_row_pointer(const i64* __restrict__ rows,
     }
 }
 
+// The row plan after its sort: sorted_ids[i] = ids[order[i]] for i in [0, m), and head[i]
+// = 1 where a row's segment starts (i == 0 or a new id), else 0. The id before is
+// read again through order (a neighbour's: in cache) rather than shuffled in.
+extern "C" __global__ void se_plan_heads(const i64* __restrict__ ids,
+                                         const i64* __restrict__ order,
+                                         const i64 m,
+                                         i64* __restrict__ sorted_ids,
+                                         int* __restrict__ head) {
+    for (i64 i = se_global_thread(); i < m; i += se_global_threads()) {
+        const i64 v = ids[order[i]];
+        sorted_ids[i] = v;
+        head[i] = (i == 0 || v != ids[order[i - 1]]) ? 1 : 0;
+    }
+}
+
+// ... then, with pos the inclusive prefix sum of head (m >= 1): segment u = pos[i] - 1
+// starts at each head i, starts[u] = i and rows[u] = sorted_ids[i], and starts[n_rows] = m
+// (n_rows = pos[m - 1]).
+extern "C" __global__ void se_plan_segments(const int* __restrict__ head,
+                                            const i64* __restrict__ pos,
+                                            const i64* __restrict__ sorted_ids,
+                                            const i64 m,
+                                            i64* __restrict__ starts,
+                                            i64* __restrict__ rows) {
+    for (i64 i = se_global_thread(); i < m; i += se_global_threads()) {
+        if (head[i]) {
+            const i64 u = pos[i] - 1;
+            starts[u] = i;
+            rows[u] = sorted_ids[i];
+        }
+    }
+    if (se_global_thread() == 0) starts[pos[m - 1]] = m;
+}
+
 // Bag starts from k >= 1 offsets: starts[i] = offsets[i], and starts[k] = n unless
 // include_last (then starts holds k entries). result (zeroed before the launch):
 // [0] max(k - i) over the i >= 1 with offsets[i] < offsets[i - 1] (0: never
@@ -862,6 +896,22 @@ class CudaKernels:
         grid, block = launch_shape(n_rows)
         self._untyped_function("se_fill_columns", cols.dtype)(
             grid, block, (cols, np.int64(n_rows), np.int64(dim)))
+
+    def plan_heads(self, ids, order, sorted_ids, head):
+        """``sorted_ids`` = ``ids[order]`` and ``head`` (int32) its segment starts (1/0);
+        all int64 but ``head``, of one length m >= 1."""
+        m = order.shape[0]
+        grid, block = launch_shape(-(-m // WARP))
+        self._untyped_function("se_plan_heads")(
+            grid, block, (ids, order, np.int64(m), sorted_ids, head))
+
+    def plan_segments(self, head, pos, sorted_ids, starts, rows):
+        """``starts`` / ``rows`` of the segments that ``head`` marks; ``pos`` (int64) is
+        head's inclusive prefix sum (m >= 1)."""
+        m = head.shape[0]
+        grid, block = launch_shape(-(-m // WARP))
+        self._untyped_function("se_plan_segments")(
+            grid, block, (head, pos, sorted_ids, np.int64(m), starts, rows))
 
     def row_pointer(self, rows, num_rows, dim, indptr):
         """``indptr`` ((num_rows + 1,), int32 or int64) = ``dim`` x the number of the

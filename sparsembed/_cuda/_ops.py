@@ -298,14 +298,18 @@ class ArrayBackend:
             else:  # pragma: no cover - needs more than 2**63 (id, position) pairs
                 order = xp.lexsort(xp.stack([at, ids]))
         perm = order if pos is None else pos[order]
-        sorted_ids = ids[order]
-        head = xp.ones(m, dtype=bool)
-        head[1:] = sorted_ids[1:] != sorted_ids[:-1]
-        first = xp.flatnonzero(head).astype(np.int64, copy=False)
-        starts = xp.empty(first.shape[0] + 1, dtype=np.int64)
-        starts[:-1] = first
-        starts[-1] = m
-        return RowPlan(perm, sorted_ids[first], starts, m < n, n)
+        # the segments: two kernels and a scan with one read of its total, where
+        # CuPy operations took ten launches and nonzero's own scan and read
+        ids = xp.ascontiguousarray(ids)
+        sorted_ids = xp.empty(m, dtype=np.int64)
+        head = xp.empty(m, dtype=np.int32)
+        self.kernels.plan_heads(ids, order, sorted_ids, head)
+        at = xp.cumsum(head, dtype=np.int64)
+        n_rows = int(at[-1])
+        starts = xp.empty(n_rows + 1, dtype=np.int64)
+        rows = xp.empty(n_rows, dtype=np.int64)
+        self.kernels.plan_segments(head, at, sorted_ids, starts, rows)
+        return RowPlan(perm, rows, starts, m < n, n)
 
     # ------------------------------------------------------------- forward
 
