@@ -6,6 +6,8 @@ order. scipy's own ``+`` drops explicit zeros, so accumulation goes through
 :func:`add` instead.
 """
 
+import types
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -247,12 +249,48 @@ def checked_csr(mat, what="gradient"):
     if fmt == "coo":
         _check_coords(mat, what)
         return sp.csr_array(mat)
-    if fmt == "bsr":  # scipy's compiled conversion reads the block structure unchecked
-        mat = mat.copy()
-        mat.check_format(full_check=True)
-    out = sp.csr_array(mat)  # dia, lil, dok: converted by numpy code
+    if fmt == "bsr":  # scipy's compiled conversions read these unchecked
+        _check_blocks(mat, what)
+    elif fmt == "lil":
+        _check_lists(mat, what)
+    out = sp.csr_array(mat)  # dia, dok: converted by numpy code
     _check_compressed(out, "row", True, what)
     return out
+
+
+def _check_blocks(mat, what):
+    """A bsr matrix's block structure fits its shape and arrays: the checks of
+    :func:`_check_compressed` on its block rows (scipy's own check_format skips them
+    when the matrix has no stored block, and its conversion then walks the pointer)."""
+    data = mat.data
+    shape = mat.shape
+    if not (isinstance(data, np.ndarray) and data.ndim == 3 and data.shape[1] >= 1
+            and data.shape[2] >= 1 and shape[0] % data.shape[1] == 0
+            and shape[1] % data.shape[2] == 0):
+        raise ValueError(f"the {what}'s data must be a 3-D ndarray of blocks that tile its "
+                         f"shape {shape}, got {type(data).__name__} of shape "
+                         f"{getattr(data, 'shape', '?')}")
+    r, c = data.shape[1:]
+    # the block grid, as a compressed matrix of one value per block
+    blocks = types.SimpleNamespace(shape=(shape[0] // r, shape[1] // c), indptr=mat.indptr,
+                                   indices=mat.indices, data=data[:, 0, 0])
+    _check_compressed(blocks, "block row", True, what)
+
+
+def _check_lists(mat, what):
+    """A lil matrix holds one list of columns and one of values per row, of one length
+    (scipy's conversion sizes its arrays by the columns and copies the values into
+    them unchecked: a longer list of values writes past their end)."""
+    n = mat.shape[0]
+    rows, data = mat.rows, mat.data
+    for name, lists in (("rows", rows), ("data", data)):
+        if not (isinstance(lists, np.ndarray) and lists.shape == (n,)
+                and all(isinstance(x, list) for x in lists)):
+            raise ValueError(f"the {what}'s {name} must be an object array of {n} lists")
+    for i, (cols, values) in enumerate(zip(rows, data)):
+        if len(cols) != len(values):
+            raise ValueError(f"the {what}'s row {i} lists {len(cols)} columns but "
+                             f"{len(values)} values")
 
 
 def entries_by_row(mat, what="sparse input"):
@@ -307,7 +345,7 @@ def _check_compressed(mat, major, full, what="gradient", xp=np):
     shape and its arrays; with ``full`` also a non-decreasing one and minor indices
     in range (O(rows + nnz)). ``xp``: the array module of the matrix (numpy, or CuPy
     for the GPU backend's matrices, which cupyx does not recheck either)."""
-    n_major, n_minor = mat.shape if major == "row" else mat.shape[::-1]
+    n_major, n_minor = mat.shape[::-1] if major == "column" else mat.shape
     indptr = _int_vector(mat.indptr, f"{major} pointer (indptr)", what)
     indices = _int_vector(mat.indices, "indices", what)
     data = mat.data
@@ -331,13 +369,19 @@ def _check_compressed(mat, major, full, what="gradient", xp=np):
 
 
 def _check_pointer_order(indptr, major, what="gradient", xp=np):
-    """ValueError where ``indptr`` decreases; returns its steps (the row lengths)."""
-    steps = xp.diff(indptr)
-    if steps.size and int(steps.min()) < 0:
-        at = int(xp.flatnonzero(steps < 0)[0])
+    """ValueError where ``indptr`` decreases; returns its steps (the row lengths).
+
+    Neighbours are compared, not the steps' signs: in a narrow integer type a drop
+    of more than half its range wraps to a positive step (int16: 30000 -> -30000 is
+    +5536), which scipy's compiled conversions then take for a row length. The
+    callers have checked that ``indptr`` starts at 0, so once it never decreases its
+    steps fit its type."""
+    down = indptr[1:] < indptr[:-1]
+    if down.size and bool(down.any()):
+        at = int(xp.flatnonzero(down)[0])
         raise ValueError(f"the {what}'s {major} pointer decreases at {major} {at} "
                          f"({int(indptr[at])} -> {int(indptr[at + 1])})")
-    return steps
+    return xp.diff(indptr)
 
 
 def _check_coords(mat, what):

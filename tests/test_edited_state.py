@@ -167,6 +167,76 @@ def test_edited_column_indices_count_once_the_flags_say_so(flag):
     assert_unchanged(snap)
 
 
+def _bsr_with_pointer(shape, indptr):
+    m = sp.bsr_array(np.zeros(shape, np.float32), blocksize=(1, 1))  # no stored block
+    m.indptr = np.array(indptr, dtype=np.int32)
+    return m
+
+
+def _lil_with_long_values(shape):
+    m = sp.lil_array(np.eye(*shape, dtype=np.float32))
+    m.data[0] = [1.0] * 100_000  # row 0 still lists one column
+    return m
+
+
+def _csr_with_int16_pointer(shape):
+    # a drop of 60,000 wraps to a step of +5,536 in int16
+    m = sp.csr_array((np.ones(2, np.float32), np.array([0, 1]), [0, 1] + [2] * (shape[0] - 1)),
+                     shape=shape)
+    m.indptr = np.array([0, 30_000, -30_000] + [2] * (shape[0] - 2), dtype=np.int16)
+    return m
+
+
+def _csc_with_int16_pointer(shape):
+    m = sp.csc_array((np.ones(2, np.float32), np.array([0, 1]), [0, 1] + [2] * (shape[1] - 1)),
+                     shape=shape)
+    m.indptr = np.array([0, 30_000, -30_000] + [2] * (shape[1] - 2), dtype=np.int16)
+    return m
+
+
+# each once wrote past scipy's own arrays in its compiled conversion (heap corruption,
+# then an abort or a segfault), found by a fuzz of the public API
+SCIPY_OVERRUNS = {
+    "bsr pointer past its blocks": (
+        lambda shape: _bsr_with_pointer(shape, [0, 100_000] + [0] * (shape[0] - 1)),
+        r"block row pointer decreases at block row 1 \(100000 -> 0\)"),
+    "lil values longer than columns": (
+        _lil_with_long_values, r"row 0 lists 1 columns but 100000 values"),
+    "int16 pointer wrapping": (
+        _csr_with_int16_pointer, r"row pointer decreases at row 1 \(30000 -> -30000\)",
+        # (a csr bag input's row pointer is its offsets, checked as such)
+        r"row pointer \(indptr\) does not bound its bags: offsets must be non-decreasing, "
+        r"got offsets\[2\] = -30000 after offsets\[1\] = 30000"),
+    "int16 csc pointer wrapping": (
+        _csc_with_int16_pointer, r"column pointer decreases at column 1 \(30000 -> -30000\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(SCIPY_OVERRUNS))
+@pytest.mark.parametrize("use", ["step", "backward into it", "bag input"])
+def test_edited_scipy_structures_that_overran_scipy_are_refused(case, use):
+    make, message, *as_bags = SCIPY_OVERRUNS[case]
+    if use == "bag input":
+        bag = se.EmbeddingBag(V, D, mode="sum", random_state=0)
+        x = make((3, V))
+        snap = snapshot(bag.weight, x)
+        with pytest.raises(ValueError, match="sparse input's " + (as_bags or [message])[0]):
+            bag(x)
+        assert_unchanged(snap)
+        return
+    emb = se.Embedding(V, D, sparse=True, random_state=0)
+    opt = se.optim.SGD([emb], lr=0.1)
+    emb.grad = make((V, D))
+    snap = snapshot(emb.weight, emb.grad)
+    with pytest.raises(ValueError, match="gradient's " + message):
+        if use == "step":
+            opt.step()
+        else:
+            emb(np.array([1, 2]))
+            emb.backward(np.ones((2, D), np.float32))
+    assert_unchanged(snap)
+
+
 def test_column_index_out_of_range_in_a_partial_row():
     # not full rows: the slow path converts through scipy, after a full check
     emb = se.Embedding(V, D, sparse=True, random_state=0)
