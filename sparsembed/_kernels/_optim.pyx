@@ -230,8 +230,9 @@ def fused_update(
     cdef update_table ufns = update_table_at(pool_level())
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = weight.shape[1]
-    cdef bint has_s1 = s1.shape[0] > 0
-    cdef bint has_s2 = s2.shape[0] > 0
+    # (a state of width 0, at dim 0, has no element to point at: nothing to update)
+    cdef bint has_s1 = s1.shape[0] > 0 and s1.shape[1] > 0
+    cdef bint has_s2 = s2.shape[0] > 0 and s2.shape[1] > 0
     cdef bint has_src = src.shape[0] > 0
     cdef bint has_scale = scale.shape[0] > 0
     cdef bint pooled = not has_src and not has_scale
