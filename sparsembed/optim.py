@@ -223,8 +223,14 @@ class Optimizer:
         return xp.zeros(shape, dtype=dtype)
 
     def _check_state(self, i, group, weight):
-        """Raise if the table's existing state arrays do not fit it (before any write)."""
+        """Raise if the table's existing state does not fit it (before any write)."""
         st = self.state.get(i, {})
+        step = st.get("step", 0)
+        # a public dict: a counter edited by hand failed only at its own table's
+        # update, after the tables before it had been updated
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise RuntimeError(f"optimizer state 'step' of param {i} must be a "
+                               f"non-negative integer, got {step!r}")
         for key, shape in self._state_shapes(group, weight).items():
             arr = st.get(key)
             if arr is None:

@@ -144,6 +144,25 @@ def test_a_hyper_parameter_edited_in_a_later_group_changes_nothing(name, kw, fus
     assert_state_equal(opt, state)
 
 
+@pytest.mark.parametrize("name, kw", OPTIMIZERS)
+@pytest.mark.parametrize("step", [None, "x", -1, 1.5, True])
+def test_a_step_counter_edited_in_a_later_table_changes_nothing(name, kw, step):
+    # step() updated table 0, then failed on table 1's counter (a TypeError from
+    # its increment; SparseAdam at -1: a bare ZeroDivisionError)
+    a, b = trained_sparse_layer(), trained_sparse_layer()
+    opt = getattr(se.optim, name)([a, b], **kw)
+    opt.step()
+    for layer in (a, b):
+        layer.backward(np.ones((4, D), np.float32))
+    opt.state[1]["step"] = step
+    snap, state = snapshot(a.weight, b.weight), state_snapshot(opt)
+    with pytest.raises(RuntimeError, match=f"optimizer state 'step' of param 1 must be a "
+                                           f"non-negative integer, got {step!r}"):
+        opt.step()
+    assert_unchanged(snap)
+    assert_state_equal(opt, state)
+
+
 @pytest.mark.parametrize("flag", ["has_sorted_indices", "has_canonical_format"])
 def test_edited_column_indices_count_once_the_flags_say_so(flag):
     # the columns of a matrix flagged canonical are trusted as scipy trusts them; a
