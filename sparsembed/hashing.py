@@ -28,6 +28,7 @@ import hashlib
 
 import numpy as np
 
+from sparsembed import _half
 from sparsembed import _validation as V
 from sparsembed._backend import normalize_device
 from sparsembed.embedding import _Table, _check_dtype
@@ -337,8 +338,12 @@ class HashEmbedding(_Table):
         flat, shape, plan, wid, p, rows = self._saved_forward()
         (sparse,) = self._forward_options()
         be = self._backend
-        n, k, d = flat.shape[0] // self.num_hashes, self.num_hashes, self.embedding_dim
-        grad = be.as_grad_output(grad_output, shape + (d,), self.weight.dtype).reshape(n, d)
+        # the forward's sizes (num_hashes is a public attribute, and may have been
+        # edited since); gradients of a float16 table are float32, as Embedding's
+        n, d = int(np.prod(shape, dtype=np.int64)), self.embedding_dim
+        k = flat.shape[0] // n if n else self.num_hashes
+        grad = be.as_grad_output(grad_output, shape + (d,),
+                                 _half.compute_dtype(self.weight.dtype)).reshape(n, d)
         fuse_importance = False
         if optimizer is not None:
             self._check_fused(optimizer, locate=self.requires_grad)

@@ -404,3 +404,33 @@ def test_reset_copy_and_pickle():
         ["importance"], [])
     np.testing.assert_array_equal(other.weight, state["weight"] * 2)
     np.testing.assert_array_equal(other.importance.weight, before)
+
+
+@pytest.mark.parametrize("mode", ["sum", "weighted"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_float16_table_backward(mode, sparse):
+    # a float16 table's gradients are float32, as Embedding's: the grad_output was
+    # cast to float16 and no kernel took it (Cython's "No matching signature found")
+    ids = np.array([[1, 2, 3], [3, 9, 1]])
+    grads = []
+    for dtype in (np.float16, np.float32):
+        emb = HashEmbedding(10, 4, mode=mode, sparse=sparse, dtype=dtype, random_state=0)
+        if dtype == np.float32:  # the same table values as the float16 one
+            emb.weight[...] = HashEmbedding(10, 4, mode=mode, dtype=np.float16,
+                                            random_state=0).weight
+        out = emb(ids)
+        g = emb.backward(np.full(out.shape, 0.5, np.float32))
+        grads.append(g.toarray() if sparse else g)
+    assert grads[0].dtype == np.float32
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-3, atol=1e-3)
+
+
+def test_backward_uses_the_forwards_num_hashes():
+    # num_hashes edited between forward and backward: the backward is the forward's
+    # (a bare ZeroDivisionError at 0)
+    emb = HashEmbedding(50, 4, random_state=0)
+    out = emb(np.array([1, 2, 3]))
+    expected = emb.backward(np.ones_like(out))
+    emb.zero_grad()
+    emb.num_hashes = 0
+    np.testing.assert_array_equal(emb.backward(np.ones_like(out)), expected)
