@@ -412,6 +412,12 @@ class Optimizer:
         be = backend_of(w)
         dtype = _half.compute_dtype(w.dtype)  # float32 for a float16 table
         grad = be.xp.ascontiguousarray(grad, dtype=dtype)
+        # the update writes the table and its state rows while it reads grad's: a
+        # grad_output sharing their memory (the table itself, say) would be read
+        # after its rows were updated
+        if any(isinstance(a, be.xp.ndarray) and be.xp.may_share_memory(grad, a)
+               for a in (w, *self.state.get(i, {}).values())):
+            grad = grad.copy()
         src = None if src is None else be.xp.ascontiguousarray(src, dtype=np.int64)
         scale = (None if scale is None
                  else be.xp.ascontiguousarray(scale, dtype=dtype).reshape(-1))
