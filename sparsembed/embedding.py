@@ -160,7 +160,11 @@ class _Table:
         # the kernels (a max_norm renorm, the optimizers) work on the table in place:
         # refuse, before any write, what they cannot take, with the fix in the message
         contiguous = getattr(getattr(w, "flags", None), "c_contiguous", False)
-        if getattr(getattr(w, "dtype", None), "char", "") not in _DTYPE_CHARS or not contiguous:
+        dtype = getattr(w, "dtype", None)
+        # (a dtype's char ignores its byte order: a big-endian table passed it, and
+        # Cython's buffer check then refused it with its own message)
+        if getattr(dtype, "char", "") not in _DTYPE_CHARS or not dtype.isnative \
+                or not contiguous:
             raise ValueError(f"{type(self).__name__}.weight must be a C-contiguous "
                              f"float16, float32 or float64 array, got a "
                              f"{'' if contiguous else 'non-contiguous '}"
@@ -179,6 +183,7 @@ class _Table:
         (:meth:`_checked_table`) it ran on and its options."""
         self._saved = saved
         self._saved_table = layout
+        self._saved_dtype = self.weight.dtype
         self._dropped_by_move = None
         self._saved_options = self._OPTION_GETTER(self)
 
@@ -198,6 +203,12 @@ class _Table:
         if before is not None and before != layout:
             raise ValueError(f"the table's shape changed from {before} to {layout} since "
                              f"the last forward(): run the forward again")
+        # a table of another dtype put in place since: the forward's saved arrays
+        # (per-sample weights, pooled rows) are of the old one
+        dtype = self.__dict__.get("_saved_dtype", self.weight.dtype)
+        if dtype != self.weight.dtype:
+            raise ValueError(f"the table's dtype changed from {dtype} to {self.weight.dtype} "
+                             f"since the last forward(): run the forward again")
         return self._saved
 
     def state_dict(self):

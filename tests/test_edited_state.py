@@ -409,6 +409,36 @@ def test_a_subclass_forward_is_what_calling_the_layer_runs(bag):
     assert_array_equal(layer(ids), 2 * base.forward(layer, ids))
 
 
+@pytest.mark.parametrize("make", list(_layers()))
+def test_a_big_endian_table_is_refused_by_name(make):
+    # a dtype's char ignores byte order: '>f4' passed the check and Cython's buffer
+    # code refused it with "Big-endian buffer not supported" or a dispatch error
+    layer = _layers()[make]()
+    dtype = layer.weight.dtype.newbyteorder(">")
+    layer.weight = layer.weight.astype(dtype)
+    snap = snapshot(layer.weight)
+    with pytest.raises(ValueError, match=f"weight must be a C-contiguous float16, float32 or "
+                                         f"float64 array, got a {dtype.str} one"):
+        layer(_ids(layer))
+    assert_unchanged(snap)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["backward", "fused"])
+def test_backward_refuses_a_table_of_another_dtype_since_the_forward(fused):
+    # the forward's per-sample weights are of the old dtype: Cython's "Buffer dtype
+    # mismatch" from the per-sample weights' gradient
+    bag = se.EmbeddingBag(V, D, mode="sum", sparse=True, random_state=0)
+    opt = se.optim.SGD([bag], lr=1.0)
+    out = bag(np.array([[1, 2]]), per_sample_weights=np.ones((1, 2), np.float32))
+    bag.weight = bag.weight.astype(np.float64)
+    snap = snapshot(bag.weight)
+    with pytest.raises(ValueError, match="the table's dtype changed from float32 to float64 "
+                                         "since the last forward"):
+        bag.backward(np.ones_like(out), optimizer=opt if fused else None)
+    assert_unchanged(snap)
+    assert bag.grad is None and bag.per_sample_weights_grad is None
+
+
 def test_forward_refuses_num_embeddings_edited_by_hand():
     emb = se.Embedding(4, 2, max_norm=1.0, random_state=0)
     emb.num_embeddings = 1000
