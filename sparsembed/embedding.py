@@ -106,11 +106,7 @@ class _Table:
         self.grad = None
 
     def _accumulate(self, grad):
-        if self.grad is not None:
-            _check_grad_fits(self.grad, grad)
-            self.grad = self._backend.add_grad(self.grad, grad)
-        else:
-            self.grad = grad
+        self.grad = _summed(self.grad, grad, self._backend)
         return grad
 
     def _check_fused(self, optimizer, locate=True):
@@ -315,6 +311,15 @@ class _Table:
         if self.device != "cpu":
             parts.append(f"device={self.device!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _summed(old, new, be):
+    """The gradient ``old`` (None, or one set by hand) becomes with ``new`` added:
+    checked (:func:`_check_grad_fits`) and summed, nothing assigned."""
+    if old is None:
+        return new
+    _check_grad_fits(old, new)
+    return be.add_grad(old, new)
 
 
 def _check_grad_fits(old, new):

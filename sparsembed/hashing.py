@@ -31,7 +31,7 @@ import numpy as np
 from sparsembed import _half
 from sparsembed import _validation as V
 from sparsembed._backend import normalize_device
-from sparsembed.embedding import _Table, _check_dtype
+from sparsembed.embedding import _Table, _check_dtype, _summed
 
 __all__ = ["HashEmbedding", "hash_ids", "splitmix64"]
 
@@ -141,11 +141,6 @@ class HashImportance:
     def zero_grad(self):
         """``grad = None``."""
         self.grad = None
-
-    def _accumulate(self, grad):
-        from sparsembed._cpu import add_grad
-
-        self.grad = grad if self.grad is None else add_grad(self.grad, grad)
 
     def __repr__(self):
         return f"HashImportance({self.weight.shape[0]}, {self.weight.shape[1]})"
@@ -350,33 +345,47 @@ class HashEmbedding(_Table):
             if self.importance is not None:
                 fuse_importance = any(layer is self.importance for group in optimizer.param_groups
                                       for layer in group["params"])
-        if self.importance is not None and self.importance.requires_grad:
+        # both tables' gradients and checks before either table or gradient is written:
+        # a refused embedding table left the importance table updated
+        importance = self.importance is not None and self.importance.requires_grad
+        if importance:
             dp = np.einsum("nd,nkd->nk", grad, rows)  # d out / d p[n, k] = rows[n, k]
             wplan = be.plan_rows(wid, self.num_weights)
             if fuse_importance:
+                optimizer._check_update(self.importance)
+            else:
+                importance_grad = _summed(self.importance.grad, (
+                    be.sparse_grad(dp, wplan, self.num_weights, False) if sparse
+                    else be.dense_grad(dp, wplan, self.num_weights, False)), be)
+        if self.requires_grad:
+            if plan is None:
+                plan = be.plan_rows(flat, self.num_buckets)
+                self._saved = (flat, shape, plan, wid, p, rows)
+            if optimizer is not None:
+                optimizer._check_update(self)
+            else:
+                if self.importance is None:
+                    per_hash = np.repeat(grad, k, axis=0)
+                else:
+                    per_hash = (p[:, :, None] * grad[:, None, :]).reshape(n * k, d)
+                g = (be.sparse_grad(per_hash, plan, self.num_buckets, False) if sparse
+                     else be.dense_grad(per_hash, plan, self.num_buckets, False))
+                total = _summed(self.grad, g, be)
+        if importance:
+            if fuse_importance:
                 optimizer._fused_update(self.importance, dp, wplan)
             else:
-                self.importance._accumulate(
-                    be.sparse_grad(dp, wplan, self.num_weights, False) if sparse
-                    else be.dense_grad(dp, wplan, self.num_weights, False))
+                self.importance.grad = importance_grad
         if not self.requires_grad:
             return None
-        if plan is None:
-            plan = be.plan_rows(flat, self.num_buckets)
-            self._saved = (flat, shape, plan, wid, p, rows)
         if optimizer is not None:
             # entry e (bucket occurrence) reads gradient row e // k, scaled by p[e]
             src = np.repeat(np.arange(n, dtype=np.int64), k)
             scale = None if self.importance is None else p.reshape(-1)
             optimizer._fused_update(self, grad, plan, False, src=src, scale=scale)
             return None
-        if self.importance is None:
-            per_hash = np.repeat(grad, k, axis=0)
-        else:
-            per_hash = (p[:, :, None] * grad[:, None, :]).reshape(n * k, d)
-        g = (be.sparse_grad(per_hash, plan, self.num_buckets, False) if sparse
-             else be.dense_grad(per_hash, plan, self.num_buckets, False))
-        return self._accumulate(g)
+        self.grad = total
+        return g
 
     def zero_grad(self):
         """Forget the accumulated gradients (of the importance table too)."""

@@ -186,6 +186,12 @@ class Optimizer:
         self._check_group(group)
         return i, group
 
+    def _check_update(self, layer):
+        """Every check an update of ``layer`` outside :meth:`step` makes before it
+        writes (a caller updating two tables checks both before either is written)."""
+        i, group = self._locate_checked(layer)
+        self._check_state(i, group, _writable_weight(layer))
+
     def __getstate__(self):
         state = dict(self.__dict__)
         del state["_where"]

@@ -1,3 +1,4 @@
+import copy
 import hashlib
 from pathlib import Path
 
@@ -434,3 +435,40 @@ def test_backward_uses_the_forwards_num_hashes():
     emb.zero_grad()
     emb.num_hashes = 0
     np.testing.assert_array_equal(emb.backward(np.ones_like(out)), expected)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["backward", "fused"])
+def test_a_refused_table_leaves_the_importance_table_as_it_was(fused):
+    # both tables are checked before either is written: the importance table (its
+    # weights and state, or its grad) was updated before the embedding table was
+    # refused
+    emb = HashEmbedding(50, 4, mode="weighted", sparse=True, random_state=0)
+    opt = se.optim.Adagrad([emb, emb.importance], lr=0.5)
+    out = emb(np.array([3, 4, 5]))
+    emb.backward(np.ones_like(out), optimizer=opt)
+    out = emb(np.array([3, 4, 5]))
+    if fused:
+        table = emb.weight.copy()
+        table.flags.writeable = False
+        emb.weight = table
+        match = "HashEmbedding.weight must be a writable C-contiguous array"
+    else:
+        emb.grad = np.zeros((2, 2), np.float32)
+        match = r"grad has shape \(2, 2\), expected \(50, 4\)"
+    importance, state = emb.importance.weight.copy(), copy.deepcopy(opt.state)
+    with pytest.raises(ValueError, match=match):
+        emb.backward(np.ones_like(out), optimizer=opt if fused else None)
+    np.testing.assert_array_equal(emb.importance.weight, importance)
+    assert emb.importance.grad is None
+    assert opt.state[1]["step"] == state[1]["step"]
+    np.testing.assert_array_equal(opt.state[1]["sum"], state[1]["sum"])
+
+
+def test_a_hand_set_importance_grad_of_another_shape_is_refused():
+    # added into with numpy's broadcasting before (a (1, k) grad took any batch)
+    emb = HashEmbedding(50, 4, mode="weighted", random_state=0)
+    out = emb(np.array([3, 4, 5]))
+    emb.importance.grad = np.zeros((1, emb.num_hashes), np.float32)
+    with pytest.raises(ValueError, match=r"grad has shape \(1, 2\), expected \(50, 2\)"):
+        emb.backward(np.ones_like(out))
+    assert emb.grad is None
