@@ -14,10 +14,10 @@ from sparsembed._backend import backend_of, get_backend, requested_device
 __all__ = ["Embedding", "EmbeddingBag"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+_DTYPE_CHARS = tuple(dtype.char for dtype in _DTYPES)
 
 # what load_state_dict returns, as torch's Module.load_state_dict does
 IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
-_DTYPE_CHARS = tuple(dtype.char for dtype in _DTYPES)
 
 
 def _check_real(arr, name):
@@ -496,7 +496,6 @@ class Embedding(_Table):
         self._remember((flat, idx.shape, plan), layout)
         return out
 
-
     def _plan(self):
         """The last forward's row plan, made on first use (the caller has checked the
         forward with :meth:`_saved_forward`)."""
@@ -736,7 +735,6 @@ class EmbeddingBag(_Table):
                         "entry_bag": None}, layout)
         self.per_sample_weights_grad = None
         return out
-
 
     def _grad_parts(self, grad_output):
         """The pieces every backward form needs, from the last forward:
