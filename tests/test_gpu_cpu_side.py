@@ -348,7 +348,6 @@ def test_sparse_grad_empty(fake_gpu):
     assert_array_equal(g.indptr, np.zeros(7))
 
 
-
 @pytest.mark.parametrize("pick", ["random", "none", "first", "last", "ends", "all"])
 def test_from_rows_row_pointer_equals_cpu(fake_gpu, rng, pick):
     # more table rows than the CPU's emulated launch has threads (3 blocks of 256),
@@ -360,6 +359,7 @@ def test_from_rows_row_pointer_equals_cpu(fake_gpu, rng, pick):
     data = rng.standard_normal((rows.shape[0], D)).astype(np.float32)
     gpu = _DeviceArgs(fake_gpu.module._impl).from_rows(rows, data, V)  # (not exported)
     _assert_same_csr(gpu, _rowsparse.from_rows(rows, data, V))
+
 
 def test_gather_equals_cpu(fake_gpu, rng, dtype):
     w = rng.standard_normal((30, 5)).astype(dtype)
