@@ -123,18 +123,24 @@ class _Table:
         """The shape ``weight`` must have: (num_embeddings, embedding_dim)."""
         return (self.num_embeddings, self.embedding_dim)
 
-    # options a forward reads that are public attributes (torch's too, which its
-    # F.embedding checks at every call): edited by hand, they are checked and
-    # normalised again, as the constructor does, before the forward writes anything
-    # (a max_norm of 0 would zero rows in place, a padding_idx of -1 count from the
-    # front). Compared with the values last checked, so an unedited layer pays one
-    # tuple comparison.
-    _EDITABLE_OPTIONS = operator.attrgetter("padding_idx", "max_norm", "norm_type")
+    # sizes and options a forward reads that are public attributes (torch's too,
+    # which its F.embedding checks at every call): edited by hand, they are checked
+    # and normalised again, as the constructor does, before the forward writes
+    # anything (a max_norm of 0 would zero rows in place, a padding_idx of -1 count
+    # from the front, an embedding_dim of 2.0 pass the table's shape check, equal to
+    # 2, and fail after a renorm). Compared with the values last checked, the sizes'
+    # types too (2.0 == 2), so an unedited layer pays one tuple comparison.
+    _EDITABLE_OPTIONS = operator.attrgetter("num_embeddings", "embedding_dim", "padding_idx",
+                                            "max_norm", "norm_type")
     _options_checked = None  # (the class's: none checked yet, or pickled before this)
 
     def _check_options(self):
-        if self._EDITABLE_OPTIONS(self) == self._options_checked:
+        options = self._EDITABLE_OPTIONS(self)
+        if options == self._options_checked and type(options[0]) is int \
+                and type(options[1]) is int:
             return
+        self.num_embeddings = V.check_size(self.num_embeddings, "num_embeddings")
+        self.embedding_dim = V.check_size(self.embedding_dim, "embedding_dim")
         self.padding_idx = V.normalize_padding_idx(self.padding_idx, self.num_embeddings)
         self.max_norm, self.norm_type = V.check_max_norm(self.max_norm, self.norm_type)
         self._options_checked = self._EDITABLE_OPTIONS(self)

@@ -377,7 +377,13 @@ def test_options_edited_by_hand_are_checked_again(bag):
                                  ("max_norm", -1.0, "max_norm must be > 0, got -1.0"),
                                  ("norm_type", float("nan"), "norm_type must be a real"),
                                  ("padding_idx", 3, r"padding_idx 3 must be within \[-3, 3\)"),
-                                 ("padding_idx", 1.5, "padding_idx must be an int or None")):
+                                 ("padding_idx", 1.5, "padding_idx must be an int or None"),
+                                 # equal to 2: passed the shape check, failed after the
+                                 # renorm had written the table
+                                 ("embedding_dim", 2.0,
+                                  "embedding_dim must be a non-negative int, got 2.0"),
+                                 ("num_embeddings", True,
+                                  "num_embeddings must be a non-negative int, got True")):
         emb = layer(max_norm=1.0)
         setattr(emb, name, value)
         snap = snapshot(emb.weight)
