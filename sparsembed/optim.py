@@ -186,11 +186,16 @@ class Optimizer:
         self._check_group(group)
         return i, group
 
+    def _target(self, layer):
+        """``(i, group, weight)`` of a layer updated outside :meth:`step`: located, its
+        group's hyper-parameters and its table checked again."""
+        i, group = self._locate_checked(layer)
+        return i, group, _writable_weight(layer)
+
     def _check_update(self, layer):
         """Every check an update of ``layer`` outside :meth:`step` makes before it
         writes (a caller updating two tables checks both before either is written)."""
-        i, group = self._locate_checked(layer)
-        self._check_state(i, group, _writable_weight(layer))
+        self._check_state(*self._target(layer))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -381,8 +386,7 @@ class Optimizer:
         The touched-rows form of one step for one layer (used by the layers' fused
         backward where the row gradient must be built first, e.g. max-mode bags).
         """
-        i, group = self._locate_checked(layer)
-        w = _writable_weight(layer)
+        i, group, w = self._target(layer)
         xp = backend_of(w).xp
         rows = xp.ascontiguousarray(rows, dtype=np.int64)
         values = xp.ascontiguousarray(values, dtype=_half.compute_dtype(w.dtype))
@@ -413,8 +417,7 @@ class Optimizer:
             With ``src``: entry ``e`` only sends the columns ``j`` where
             ``argmax[src[e], j] == e`` (EmbeddingBag's max mode).
         """
-        i, group = self._locate_checked(layer)
-        w = _writable_weight(layer)
+        i, group, w = self._target(layer)
         be = backend_of(w)
         dtype = _half.compute_dtype(w.dtype)  # float32 for a float16 table
         grad = be.xp.ascontiguousarray(grad, dtype=dtype)
