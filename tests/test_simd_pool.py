@@ -349,6 +349,40 @@ def test_kernel_counts_the_bags_with_bad_ids():
         assert counts[0] == -(1 + 1) and counts[1] == 2 and counts[2] == -(4 + 1)
 
 
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("n_bags", [1, 5, 31, 32, 33, 1000])
+def test_bag_ranges_taken_in_turn_give_the_bits_of_one_thread(mode, n_bags, rng):
+    """Sum and mean bags go out in ranges (16 per thread, taken as threads come
+    free): every thread count gives the bytes, counts and bad-bag count of one
+    thread, with bags of any length (empty ones too) and bad ids in several ranges."""
+    V, dim = 70, 24
+    weight = rng.standard_normal((V, dim)).astype(np.float32)
+    lengths = rng.integers(0, 9, size=n_bags)
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = rng.integers(0, V, size=int(starts[-1]) + 3).astype(np.int64)  # 3 past the bags
+    if flat.size > 40:
+        flat[[7, flat.size // 2, starts[-1] - 1]] = [V, -2, V + 9]
+    results = []
+    for threads in (1, 2, 3):
+        for stream in (False, True):
+            out = np.full((n_bags, dim), np.nan, np.float32)
+            counts = np.full(n_bags, -7, np.int64)
+            n_bad = _bag.bag_forward(weight, flat, starts, 4, mode, np.empty(0, np.float32),
+                                     out, np.empty((0, 0), np.int64), counts, threads, stream)
+            good = counts >= 0
+            results.append((n_bad, counts, out[good].tobytes()))
+    for r in results[1:]:
+        assert r[0] == results[0][0]
+        assert_array_equal(r[1], results[0][1])
+        assert r[2] == results[0][2]
+    expected, expected_counts = _sequential_sums(weight, np.clip(flat, 0, V - 1), starts, 4,
+                                                 mode, None)
+    good = results[0][1] >= 0
+    assert_array_equal(results[0][1][good], expected_counts[good])
+    assert results[0][2] == expected[good].tobytes()
+    assert results[0][0] == (~good).sum() == (3 if flat.size > 40 else 0)
+
+
 @pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))
 @pytest.mark.parametrize("scale", [False, True])
 def test_row_sums_and_dense_backward_at_every_level_are_sequential_sums_from_zero(
