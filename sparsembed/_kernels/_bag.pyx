@@ -2,10 +2,11 @@
 and the row-partitioned backward.
 
 Bags are given as ``starts`` (n_bags + 1, int64): bag ``b`` holds the entries
-``starts[b]:starts[b + 1]``. The forward gives each thread a contiguous range of
-bags: sum and mean through the SIMD kernels of ``_simd_pool.h`` (one call per
-thread, the widest vector level the CPU has), max through those of ``_simd_max.h``
-(one call per bag); float16 tables' sum and mean through ``_simd_half.h``. The
+``starts[b]:starts[b + 1]``. The forward sums and averages ranges of consecutive
+bags, which the threads claim as they come free, through the SIMD kernels of
+``_simd_pool.h`` (one call per range, the widest vector level the CPU has); max
+mode gives each thread a contiguous range of bags through those of ``_simd_max.h``
+(one call per bag); float16 tables' sum and mean go through ``_simd_half.h``. The
 backward goes through the row plan of the entries (see ``_plan``): each distinct
 row is summed by one thread in plan order, so results are bitwise identical for
 every thread count -- sum and mean bags by ``_backward``'s SIMD row sums, once
@@ -17,7 +18,7 @@ with the helper :func:`bag_row_sum` from ``_bag.pxd`` and the won-column masks o
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
 from sparsembed._kernels._bag cimport bag_row_sum
@@ -29,6 +30,7 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
+from sparsembed._kernels._openmp_helpers cimport omp_get_thread_num, se_claim
 from sparsembed._kernels._reduce cimport dot8
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
@@ -144,23 +146,38 @@ def bag_forward(
                     n_bad += 1
         return n_bad
     # sum and mean: one kernel call per range of consecutive bags (no call per bag),
-    # 16 ranges per thread taken in turn as threads come free. A static split (one
-    # range per thread) waits for the last thread to start: with passive waiting (the
-    # benchmarks' setting) a sleeping worker wakes ~30-50 us late on a virtual
-    # machine, and the call ends that much after the caller's half. Measured (2
-    # threads, passive, bags of 32, D = 64, kernel alone, A/B in one process, ratio to
-    # torch): 256 bags 1.36 -> 0.57, 2,048 bags 1.35 -> 0.95, 8,192 in cache 1.22 ->
-    # 1.10, V = 1e6 Zipf 1.06 -> 1.03, uniform 0.79 -> 0.82 (noise level); D = 256
-    # level but 256 bags (1.22 -> 0.99). A bag's sum never depends on its thread.
+    # 16 ranges per thread, each thread claiming the next one as it comes free. A
+    # static split (one range per thread) waits for the last thread to start: with
+    # passive waiting (the benchmarks' setting) a sleeping worker wakes 30-50 us late
+    # on a virtual machine, and the call ends that much after the caller's half.
+    # The ranges are claimed in a parallel block, not a prange, whose start barrier
+    # would make the caller wait for the late worker anyway (see _spin.h: se_claim).
+    # Measured (2 threads, passive, bags of 32, D = 64, kernel alone, A/B in one
+    # process, ratio to torch; static halves -> claimed ranges): 256 bags 1.35 ->
+    # 0.45, 2,048 bags 1.47 -> 1.04, 8,192 bags in cache 1.19 -> 0.99, V = 1e6 Zipf
+    # 1.09-1.13 -> 0.98-1.01; V = 1e6 uniform and D = 256 level. A bag's sum never
+    # depends on its thread.
     n_threads = max(1, min(n_threads, n_bags))
     cdef int64_t n_ranges = (1 if n_threads == 1
                              else min(n_bags, n_threads * BAG_RANGES_PER_THREAD))
+    cdef long long next_range = 0
+    cdef int tid
+    cdef int64_t* bad_per_thread = <int64_t*> calloc(n_threads, sizeof(int64_t))
+    if bad_per_thread == NULL:
+        raise MemoryError()
     flags = (SE_MEAN if mode == MODE_MEAN else 0) | (SE_STREAM if stream else 0)
-    with nogil:
-        for t in prange(n_ranges, schedule="dynamic", num_threads=n_threads):
-            n_bad += pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0],
-                              t * n_bags // n_ranges, (t + 1) * n_bags // n_ranges,
-                              pad, ps, ahead, flags, &out[0, 0], NULL, &counts[0])
+    with nogil, parallel(num_threads=n_threads):
+        tid = omp_get_thread_num()
+        c = se_claim(&next_range)
+        while c < n_ranges:
+            bad_per_thread[tid] += pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0],
+                                            c * n_bags // n_ranges,
+                                            (c + 1) * n_bags // n_ranges, pad, ps, ahead,
+                                            flags, &out[0, 0], NULL, &counts[0])
+            c = se_claim(&next_range)
+    for t in range(n_threads):
+        n_bad += bad_per_thread[t]
+    free(bad_per_thread)
     return n_bad
 
 

@@ -26,3 +26,5 @@ cdef extern from "_spin.h" nogil:
         pass
     void se_barrier_init(se_barrier* barrier)
     void se_barrier_wait(se_barrier* barrier, int team_size)
+    # the next unclaimed item of a counter shared by the team (see _spin.h)
+    long long se_claim(long long* counter)

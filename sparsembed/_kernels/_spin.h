@@ -69,4 +69,19 @@ static inline void se_barrier_wait(se_barrier* b, int team_size)
 #endif
 }
 
+/* The next unclaimed item of a shared counter (0, 1, 2, ... across the team), for
+   work handed out as threads come free inside a parallel block. A worksharing
+   prange would do it too, but Cython gives its loop variable firstprivate and
+   lastprivate, for which GCC puts a barrier at the loop's start: with passive
+   waiting every thread then sleeps until the last one has woken (10-17 us more per
+   call, measured on a VM). */
+static inline long long se_claim(long long* counter)
+{
+#if defined(_MSC_VER)
+    return _InterlockedExchangeAdd64(counter, 1);
+#else
+    return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+#endif
+}
+
 #endif
