@@ -607,6 +607,14 @@ def test_gather_kernel_reports_the_first_bad_position(rng, dtype):
         assert _lookup.gather(weight, ids, out, n_threads, True) == 400
         ids[400] = 3
         assert _lookup.gather(weight, ids, out, n_threads) == 990
+        # fewer ids than ranges, and a bad id in the last one only
+        for n in (1, 2, 5, 47):
+            small = rng.integers(0, 50, size=n)
+            out = np.full((n, 7), np.nan, dtype)
+            assert _lookup.gather(weight, small, out, n_threads) == -1
+            assert_array_equal(out, weight[small])
+            small[-1] = 50
+            assert _lookup.gather(weight, small, out, n_threads) == n - 1
     assert _lookup.gather(np.zeros((0, 3), dtype), np.array([0]), np.empty((1, 3), dtype), 1) == 0
 
 

@@ -15,8 +15,13 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
+from sparsembed._kernels._openmp_helpers cimport se_claim
 from sparsembed._kernels._reduce cimport abs_sum8, dot8
 from sparsembed._kernels._types cimport index_t
+
+cdef enum:
+    # a gather's ids are handed out in this many ranges per thread (see gather)
+    GATHER_RANGES_PER_THREAD = 16
 
 
 cdef inline int64_t _first_hit(const int64_t* first, int64_t n_chunks) noexcept nogil:
@@ -118,17 +123,22 @@ def gather(
     """``out[i, :] = weight[idx[i], :]``; returns -1, or the position of the first id
     outside ``[0, num_rows)`` (``out`` and ``ids_out`` are then partly written).
 
-    Each thread copies one contiguous block of ``out`` and prefetches the table rows
-    a few ids ahead, so that the random reads overlap. Ids are checked on the way, so
-    a lookup needs no separate validation pass. With ``ids_out`` each thread also
-    copies its block of ids, just read (a forward that keeps its ids for the backward
-    needs no copy of its own: 0.15 ms on one thread for 262,144 ids).
+    The ids go out in ranges of consecutive positions (16 per thread), each thread
+    claiming the next range as it comes free, copying that block of ``out`` and
+    prefetching the table rows a few ids ahead, so that the random reads overlap.
+    Claimed in a parallel block, not split by a prange: a worker that wakes late
+    (passive waiting on a virtual machine: 30-50 us) leaves its ranges to the
+    others, and there is no start barrier (see _spin.h: se_claim). Ids are checked
+    on the way, so a lookup needs no separate validation pass. With ``ids_out``
+    each range's ids are copied too, just read (a forward that keeps its ids for the
+    backward needs no copy of its own: 0.15 ms on one thread for 262,144 ids).
     """
     cdef int64_t n = idx.shape[0]
     cdef int64_t num_rows = weight.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef int64_t t, lo, hi, found = -1
+    cdef int64_t c, lo, hi, n_ranges, found = -1
+    cdef long long next_range = 0
     cdef int64_t* first = NULL
     cdef index_t* keep = NULL
     if ids_out is not None:
@@ -144,19 +154,22 @@ def gather(
         return first_out_of_range(idx, num_rows, n_threads)
     if T > n:
         T = n
-    first = <int64_t*> malloc(T * sizeof(int64_t))
+    n_ranges = 1 if T == 1 else min(n, T * GATHER_RANGES_PER_THREAD)
+    first = <int64_t*> malloc(n_ranges * sizeof(int64_t))
     if first == NULL:
         raise MemoryError()
     try:
-        with nogil:
-            for t in prange(T, schedule="static", num_threads=T):
-                lo = (n * t) // T
-                hi = (n * (t + 1)) // T
-                first[t] = _gather_chunk(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
+        with nogil, parallel(num_threads=T):
+            c = se_claim(&next_range)
+            while c < n_ranges:
+                lo = (n * c) // n_ranges
+                hi = (n * (c + 1)) // n_ranges
+                first[c] = _gather_chunk(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
                                          &idx[0], lo, hi, dim, &out[0, 0], stream)
                 if keep != NULL:
                     memcpy(keep + lo, &idx[0] + lo, (hi - lo) * sizeof(index_t))
-            found = _first_hit(first, T)
+                c = se_claim(&next_range)
+        found = _first_hit(first, n_ranges)
     finally:
         free(first)
     return found
