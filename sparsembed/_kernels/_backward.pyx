@@ -18,7 +18,11 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
-from sparsembed._kernels._openmp_helpers cimport omp_get_num_threads, omp_get_thread_num
+from sparsembed._kernels._openmp_helpers cimport (
+    omp_get_num_threads,
+    omp_get_thread_num,
+    se_claim,
+)
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
@@ -32,6 +36,10 @@ from sparsembed._kernels._simd cimport (
 )
 from sparsembed._kernels._split cimport block_start, block_start_spanned
 from sparsembed._kernels._types cimport index_t
+
+cdef enum:
+    # row sums go out in this many blocks per thread (see _sum_all)
+    SUM_BLOCKS_PER_THREAD = 16
 
 
 def simd_level():
@@ -57,17 +65,25 @@ cdef void _sum_all(
     ``scale_by_count``; with ``zero_upto >= 0`` (a dense output in unzeroed memory)
     also zero every other row below it, so one pass writes each row once.
 
-    The segments are split into one block per thread with about the same number of
-    grad rows each (a Zipf batch has a few very long segments); each segment is one
-    bag of the SIMD pooling of ``_simd_pool.h`` (ids: plan positions, table:
-    ``grad``), whose sums stay in vector registers. Each row is summed by one thread
-    in input order: the result does not depend on the thread count. ``stream``:
-    write ``out`` with non-temporal stores (a large output, not read back soon)."""
+    The segments are split into 16 blocks per thread with about the same number of
+    grad rows each (a Zipf batch has a few very long segments), each thread claiming
+    the next block as it comes free (a worker that wakes late leaves its blocks to
+    the others; a parallel block, not a prange, has no start barrier: see _spin.h,
+    se_claim). Each segment is one bag of the SIMD pooling of ``_simd_pool.h`` (ids:
+    plan positions, table: ``grad``), whose sums stay in vector registers. Each row
+    is summed by one thread in input order: the result does not depend on the
+    thread count. ``stream``: write ``out`` with non-temporal stores (a large
+    output, not read back soon)."""
     cdef int64_t T = max(1, min(n_threads, n_rows))
-    cdef int64_t t
-    for t in prange(T, schedule="static", num_threads=T):
-        _sum_block(grad, n_grad, dim, perm, weights, starts, rows, n_rows, scale_by_count,
-                   out, zero_upto, stream, t, T)
+    cdef int64_t n_blocks = 1 if T == 1 else min(n_rows, T * SUM_BLOCKS_PER_THREAD)
+    cdef long long next_block = 0
+    cdef int64_t c
+    with parallel(num_threads=T):
+        c = se_claim(&next_block)
+        while c < n_blocks:
+            _sum_block(grad, n_grad, dim, perm, weights, starts, rows, n_rows,
+                       scale_by_count, out, zero_upto, stream, c, n_blocks)
+            c = se_claim(&next_block)
 
 
 cdef void _sum_block(
@@ -76,7 +92,7 @@ cdef void _sum_block(
     bint scale_by_count, floating* out, int64_t zero_upto, bint stream, int64_t t,
     int64_t T,
 ) noexcept nogil:
-    """Block t of T of :func:`_sum_all` (one thread's share)."""
+    """Block t of T of :func:`_sum_all`."""
     cdef int64_t ahead = prefetch_distance(dim * sizeof(floating))
     cdef int flags = (SE_MEAN if scale_by_count else 0) | (SE_STREAM if stream else 0)
     cdef pool_table fns = pool_table_at(pool_level())
