@@ -18,11 +18,7 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
-from sparsembed._kernels._openmp_helpers cimport (
-    omp_get_num_threads,
-    omp_get_thread_num,
-    se_claim,
-)
+from sparsembed._kernels._openmp_helpers cimport omp_get_thread_num, se_claim
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
@@ -75,15 +71,31 @@ cdef void _sum_all(
     thread count. ``stream``: write ``out`` with non-temporal stores (a large
     output, not read back soon)."""
     cdef int64_t T = max(1, min(n_threads, n_rows))
-    cdef int64_t n_blocks = 1 if T == 1 else min(n_rows, T * SUM_BLOCKS_PER_THREAD)
+    cdef int64_t n_blocks = _n_blocks(n_rows, T)
     cdef long long next_block = 0
-    cdef int64_t c
     with parallel(num_threads=T):
-        c = se_claim(&next_block)
-        while c < n_blocks:
-            _sum_block(grad, n_grad, dim, perm, weights, starts, rows, n_rows,
-                       scale_by_count, out, zero_upto, stream, c, n_blocks)
-            c = se_claim(&next_block)
+        _sum_claimed(grad, n_grad, dim, perm, weights, starts, rows, n_rows, scale_by_count,
+                     out, zero_upto, stream, &next_block, n_blocks)
+
+
+cdef inline int64_t _n_blocks(int64_t n_items, int64_t T) noexcept nogil:
+    """Blocks that T threads claim (see _sum_all) for n_items rows or segments."""
+    return 1 if T <= 1 else max(1, min(n_items, T * SUM_BLOCKS_PER_THREAD))
+
+
+cdef void _sum_claimed(
+    const floating* grad, int64_t n_grad, int64_t dim, const int64_t* perm,
+    const floating* weights, const int64_t* starts, const int64_t* rows, int64_t n_rows,
+    bint scale_by_count, floating* out, int64_t zero_upto, bint stream,
+    long long* next_block, int64_t n_blocks,
+) noexcept nogil:
+    """One thread's part of :func:`_sum_all`: blocks claimed from ``next_block``
+    (shared by the team, from 0) until all ``n_blocks`` are taken."""
+    cdef int64_t c = se_claim(next_block)
+    while c < n_blocks:
+        _sum_block(grad, n_grad, dim, perm, weights, starts, rows, n_rows, scale_by_count,
+                   out, zero_upto, stream, c, n_blocks)
+        c = se_claim(next_block)
 
 
 cdef void _sum_block(
@@ -230,13 +242,16 @@ def fill_row_csr(
         pattern = <index_t*> malloc(T * dim * sizeof(index_t))
         if pattern == NULL:
             raise MemoryError()
+    cdef long long next_block = 0
+    cdef int64_t n_blocks = _n_blocks(n_rows + 1, T)
     try:
         # one parallel region: the row pointer and the column indices are separate
-        # writes, so each thread does its share of both without waiting
+        # writes, so each block does its share of both without waiting
         with nogil, parallel(num_threads=T):
-            _csr_block(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
-                       &indices[0] if fill and n_rows * dim > 0 else NULL, dim, pattern,
-                       omp_get_thread_num(), omp_get_num_threads())
+            _csr_claimed(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
+                         &indices[0] if fill and n_rows * dim > 0 else NULL, dim,
+                         pattern + omp_get_thread_num() * dim if pattern != NULL else NULL,
+                         &next_block, n_blocks)
     finally:
         free(pattern)
 
@@ -275,15 +290,28 @@ cdef inline void _fill_run(index_t* dst, int64_t lo, int64_t hi, index_t value,
         r = r + 8
 
 
+cdef void _csr_claimed(
+    const int64_t* rows, int64_t n_rows, int64_t num_rows, index_t* indptr,
+    index_t* indices, int64_t dim, index_t* mine, long long* next_block, int64_t n_blocks,
+) noexcept nogil:
+    """One thread's part of the csr structure of :func:`fill_row_csr`: blocks claimed
+    from ``next_block`` (shared by the team, from 0), as the row sums' (_sum_all);
+    ``mine``: NULL for plain stores, else this thread's row of dim column numbers
+    (streamed stores)."""
+    cdef int64_t c = se_claim(next_block)
+    while c < n_blocks:
+        _csr_block(rows, n_rows, num_rows, indptr, indices, dim, mine, c, n_blocks)
+        c = se_claim(next_block)
+
+
 cdef void _csr_block(
     const int64_t* rows, int64_t n_rows, int64_t num_rows, index_t* indptr,
-    index_t* indices, int64_t dim, index_t* pattern, int64_t t, int64_t T,
+    index_t* indices, int64_t dim, index_t* mine, int64_t t, int64_t T,
 ) noexcept nogil:
-    """Part t of T of the csr structure of :func:`fill_row_csr`; ``pattern``: NULL
-    for plain stores, else room for T rows of column numbers (streamed stores)."""
+    """Part t of T of the csr structure of :func:`fill_row_csr`; ``mine``: NULL for
+    plain stores, else room for a row of column numbers (streamed stores)."""
     cdef int64_t u, j, lo, hi, end
     cdef int64_t u_lo = (n_rows + 1) * t // T, u_hi = (n_rows + 1) * (t + 1) // T
-    cdef index_t* mine
     # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time, up
     # to this thread's last entry
     if u_hi > u_lo:
@@ -294,9 +322,8 @@ cdef void _csr_block(
             _fill_run(indptr, lo, hi, <index_t> (u * dim), end)
     if dim == 0 or indices == NULL:
         return
-    if pattern != NULL:
+    if mine != NULL:
         # one row of column numbers per thread, streamed into every stored row
-        mine = pattern + t * dim
         for j in range(dim):
             mine[j] = <index_t> j
         for u in range(n_rows * t // T, n_rows * (t + 1) // T):
@@ -325,12 +352,15 @@ def sparse_row_grad(
 ):
     """:func:`row_sums` and :func:`fill_row_csr` of a canonical row-sparse gradient in
     one parallel region (one wake-up of the waiting threads, not two): each thread
-    sums its block of segments, then writes its share of the csr structure (an
-    empty ``indices``: the row pointer only, as for :func:`fill_row_csr`)."""
+    sums the blocks of segments it claims, then writes the blocks of the csr
+    structure it claims (an empty ``indices``: the row pointer only, as for
+    :func:`fill_row_csr`)."""
     cdef int64_t n_rows = rows.shape[0]
     cdef int64_t dim = grad.shape[1]
     cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef int t, team
+    cdef int t
+    cdef long long next_sum = 0, next_csr = 0
+    cdef int64_t n_sum_blocks = _n_blocks(n_rows, T), n_csr_blocks = _n_blocks(n_rows + 1, T)
     cdef index_t* pattern = NULL
     cdef const floating* w = _weights(weights, perm.shape[0])
     if out.shape[0] != n_rows or starts.shape[0] != n_rows + 1:
@@ -343,13 +373,14 @@ def sparse_row_grad(
     try:
         with nogil, parallel(num_threads=T):
             t = omp_get_thread_num()
-            team = omp_get_num_threads()
             if n_rows > 0 and dim > 0:
-                _sum_block(&grad[0, 0], grad.shape[0], dim, &perm[0], w, &starts[0], NULL,
-                           n_rows, scale_by_count, &out[0, 0], -1, stream_sums, t, team)
-            _csr_block(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
-                       &indices[0] if fill and n_rows * dim > 0 else NULL, dim, pattern, t,
-                       team)
+                _sum_claimed(&grad[0, 0], grad.shape[0], dim, &perm[0], w, &starts[0], NULL,
+                             n_rows, scale_by_count, &out[0, 0], -1, stream_sums, &next_sum,
+                             n_sum_blocks)
+            _csr_claimed(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
+                         &indices[0] if fill and n_rows * dim > 0 else NULL, dim,
+                         pattern + t * dim if pattern != NULL else NULL, &next_csr,
+                         n_csr_blocks)
     finally:
         free(pattern)
 
