@@ -381,6 +381,20 @@ def test_bag_ranges_taken_in_turn_give_the_bits_of_one_thread(mode, n_bags, rng)
     assert_array_equal(results[0][1][good], expected_counts[good])
     assert results[0][2] == expected[good].tobytes()
     assert results[0][0] == (~good).sum() == (3 if flat.size > 40 else 0)
+    # the float16 pooling hands out its ranges the same way
+    half = weight.astype(np.float16)
+    results16 = []
+    for threads in (1, 2, 3):
+        out = np.full((n_bags, dim), 0x7E00, np.uint16)  # float16 NaN bits
+        counts = np.full(n_bags, -7, np.int64)
+        n_bad = _bag.half_bag_forward(half.view(np.uint16), flat, starts, 4, mode == 1,
+                                      np.empty(0, np.float32), out, counts, threads)
+        results16.append((n_bad, counts, out[counts >= 0].tobytes()))
+    for r in results16:
+        assert r[0] == results[0][0]
+        assert_array_equal(r[1], results[0][1])
+        assert r[2] == results16[0][2]
+    assert 0x7E00 not in np.frombuffer(results16[0][2], np.uint16)
 
 
 @pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))

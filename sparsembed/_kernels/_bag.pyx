@@ -201,7 +201,10 @@ def half_bag_forward(
     cdef int64_t num_rows = weight.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef int64_t n_idx = starts[n_bags] if n_bags >= 0 else 0
-    cdef int64_t t, T, n_bad = 0
+    cdef int64_t t, c, T, n_ranges, n_bad = 0
+    cdef long long next_range = 0
+    cdef int tid
+    cdef int64_t* bad_per_thread = NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
     cdef float* acc = NULL
@@ -221,20 +224,33 @@ def half_bag_forward(
     if n_bags <= 0 or dim <= 0:
         return 0
     T = max(1, min(n_threads, n_bags))
+    # ranges of bags claimed as threads come free, as in bag_forward
+    n_ranges = 1 if T == 1 else min(n_bags, T * BAG_RANGES_PER_THREAD)
+    bad_per_thread = <int64_t*> calloc(T, sizeof(int64_t))
+    if bad_per_thread == NULL:
+        raise MemoryError()
     with nogil, parallel(num_threads=T):
+        tid = omp_get_thread_num()
         acc = <float*> malloc(dim * sizeof(float))  # the bag's float32 sums
-        for t in prange(T, schedule="static"):
-            if acc == NULL:
-                failed_ptr[0] = 1
-            elif index_t is int32_t:
-                n_bad += fns.i32(w, num_rows, dim, ix, n_idx, &starts[0], t * n_bags // T,
-                                 (t + 1) * n_bags // T, pad, ps, ahead, mean, &out[0, 0],
-                                 &counts[0], acc)
+        if acc == NULL:
+            failed_ptr[0] = 1
+        c = se_claim(&next_range)
+        while c < n_ranges and acc != NULL:
+            if index_t is int32_t:
+                bad_per_thread[tid] += fns.i32(w, num_rows, dim, ix, n_idx, &starts[0],
+                                               c * n_bags // n_ranges,
+                                               (c + 1) * n_bags // n_ranges, pad, ps, ahead,
+                                               mean, &out[0, 0], &counts[0], acc)
             else:
-                n_bad += fns.i64(w, num_rows, dim, ix, n_idx, &starts[0], t * n_bags // T,
-                                 (t + 1) * n_bags // T, pad, ps, ahead, mean, &out[0, 0],
-                                 &counts[0], acc)
+                bad_per_thread[tid] += fns.i64(w, num_rows, dim, ix, n_idx, &starts[0],
+                                               c * n_bags // n_ranges,
+                                               (c + 1) * n_bags // n_ranges, pad, ps, ahead,
+                                               mean, &out[0, 0], &counts[0], acc)
+            c = se_claim(&next_range)
         free(acc)
+    for t in range(T):
+        n_bad += bad_per_thread[t]
+    free(bad_per_thread)
     if failed:
         raise MemoryError("could not allocate the float16 pooling's row buffer")
     return n_bad
