@@ -315,7 +315,7 @@ static inline int64_t se_clamp_from(int64_t lo, int64_t hi, int64_t n, int64_t a
  * to out[b * dim:], or to out[dest[b] * dim:] when dest is given, its count or
  * -(e + 1) to counts[b] unless counts is NULL), divided by their counts when
  * flags has SE_MEAN, written with non-temporal stores when it has SE_STREAM: one
- * call per thread, so no per-bag call. With SE_ZERO_GAPS (a dense gradient: dest
+ * call per range of bags a thread takes, so no per-bag call. With SE_ZERO_GAPS (a dense gradient: dest
  * is sorted) and staged rows (se_stage_wanted) the rows between dest[b - 1] (or the
  * table's start) and dest[b] are zeroed through the stage just before each bag's
  * row, so that a line shared by zeros and a row goes out whole (rows of 100 floats:
