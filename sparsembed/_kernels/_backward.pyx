@@ -18,7 +18,11 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
-from sparsembed._kernels._openmp_helpers cimport omp_get_thread_num, se_claim
+from sparsembed._kernels._openmp_helpers cimport (
+    claimed_parts,
+    omp_get_thread_num,
+    se_claim,
+)
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     SE_STREAM,
@@ -32,10 +36,6 @@ from sparsembed._kernels._simd cimport (
 )
 from sparsembed._kernels._split cimport block_start, block_start_spanned
 from sparsembed._kernels._types cimport index_t
-
-cdef enum:
-    # row sums go out in this many blocks per thread (see _sum_all)
-    SUM_BLOCKS_PER_THREAD = 16
 
 
 def simd_level():
@@ -71,16 +71,11 @@ cdef void _sum_all(
     thread count. ``stream``: write ``out`` with non-temporal stores (a large
     output, not read back soon)."""
     cdef int64_t T = max(1, min(n_threads, n_rows))
-    cdef int64_t n_blocks = _n_blocks(n_rows, T)
+    cdef int64_t n_blocks = claimed_parts(n_rows, T)
     cdef long long next_block = 0
     with parallel(num_threads=T):
         _sum_claimed(grad, n_grad, dim, perm, weights, starts, rows, n_rows, scale_by_count,
                      out, zero_upto, stream, &next_block, n_blocks)
-
-
-cdef inline int64_t _n_blocks(int64_t n_items, int64_t T) noexcept nogil:
-    """Blocks that T threads claim (see _sum_all) for n_items rows or segments."""
-    return 1 if T <= 1 else max(1, min(n_items, T * SUM_BLOCKS_PER_THREAD))
 
 
 cdef void _sum_claimed(
@@ -243,7 +238,7 @@ def fill_row_csr(
         if pattern == NULL:
             raise MemoryError()
     cdef long long next_block = 0
-    cdef int64_t n_blocks = _n_blocks(n_rows + 1, T)
+    cdef int64_t n_blocks = claimed_parts(n_rows + 1, T)
     try:
         # one parallel region: the row pointer and the column indices are separate
         # writes, so each block does its share of both without waiting
@@ -360,7 +355,8 @@ def sparse_row_grad(
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef int t
     cdef long long next_sum = 0, next_csr = 0
-    cdef int64_t n_sum_blocks = _n_blocks(n_rows, T), n_csr_blocks = _n_blocks(n_rows + 1, T)
+    cdef int64_t n_sum_blocks = claimed_parts(n_rows, T)
+    cdef int64_t n_csr_blocks = claimed_parts(n_rows + 1, T)
     cdef index_t* pattern = NULL
     cdef const floating* w = _weights(weights, perm.shape[0])
     if out.shape[0] != n_rows or starts.shape[0] != n_rows + 1:

@@ -30,7 +30,11 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
-from sparsembed._kernels._openmp_helpers cimport omp_get_thread_num, se_claim
+from sparsembed._kernels._openmp_helpers cimport (
+    claimed_parts,
+    omp_get_thread_num,
+    se_claim,
+)
 from sparsembed._kernels._reduce cimport dot8
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
@@ -66,8 +70,6 @@ cdef enum:
     MODE_SUM = 0
     MODE_MEAN = 1
     MODE_MAX = 2
-    # sum / mean bags are handed out in this many ranges per thread (see bag_forward)
-    BAG_RANGES_PER_THREAD = 16
 
 
 def simd_level():
@@ -158,8 +160,7 @@ def bag_forward(
     # 1.09-1.13 -> 0.98-1.01; V = 1e6 uniform and D = 256 level. A bag's sum never
     # depends on its thread.
     n_threads = max(1, min(n_threads, n_bags))
-    cdef int64_t n_ranges = (1 if n_threads == 1
-                             else min(n_bags, n_threads * BAG_RANGES_PER_THREAD))
+    cdef int64_t n_ranges = claimed_parts(n_bags, n_threads)
     cdef long long next_range = 0
     cdef int tid
     cdef int64_t* bad_per_thread = <int64_t*> calloc(n_threads, sizeof(int64_t))
@@ -225,7 +226,7 @@ def half_bag_forward(
         return 0
     T = max(1, min(n_threads, n_bags))
     # ranges of bags claimed as threads come free, as in bag_forward
-    n_ranges = 1 if T == 1 else min(n_bags, T * BAG_RANGES_PER_THREAD)
+    n_ranges = claimed_parts(n_bags, T)
     bad_per_thread = <int64_t*> calloc(T, sizeof(int64_t))
     if bad_per_thread == NULL:
         raise MemoryError()

@@ -15,13 +15,9 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
-from sparsembed._kernels._openmp_helpers cimport se_claim
+from sparsembed._kernels._openmp_helpers cimport claimed_parts, se_claim
 from sparsembed._kernels._reduce cimport abs_sum8, dot8
 from sparsembed._kernels._types cimport index_t
-
-cdef enum:
-    # a gather's ids are handed out in this many ranges per thread (see gather)
-    GATHER_RANGES_PER_THREAD = 16
 
 
 cdef inline int64_t _first_hit(const int64_t* first, int64_t n_chunks) noexcept nogil:
@@ -154,7 +150,7 @@ def gather(
         return first_out_of_range(idx, num_rows, n_threads)
     if T > n:
         T = n
-    n_ranges = 1 if T == 1 else min(n, T * GATHER_RANGES_PER_THREAD)
+    n_ranges = claimed_parts(n, T)
     first = <int64_t*> malloc(n_ranges * sizeof(int64_t))
     if first == NULL:
         raise MemoryError()

@@ -1,5 +1,8 @@
 # The only place OpenMP names come from, so that every kernel builds and runs
 # (serially) when the compiler has no OpenMP (scikit-learn's pattern).
+
+from libc.stdint cimport int64_t
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -28,3 +31,19 @@ cdef extern from "_spin.h" nogil:
     void se_barrier_wait(se_barrier* barrier, int team_size)
     # the next unclaimed item of a counter shared by the team (see _spin.h)
     long long se_claim(long long* counter)
+
+
+cdef enum:
+    # parts of a job per thread when the team claims them as threads come free
+    # (se_claim): enough that a thread waking 30-50 us late leaves its share to the
+    # others, few enough that a part's start (a prefetch pipeline, a binary search
+    # for its bounds) stays small against it
+    CLAIMED_PARTS_PER_THREAD = 16
+
+
+cdef inline int64_t claimed_parts(int64_t n_items, int64_t n_threads) noexcept nogil:
+    """Parts of a job of n_items (bags, ids, segments) that n_threads claim: 1 on
+    one thread, else CLAIMED_PARTS_PER_THREAD a thread, at most one an item."""
+    if n_threads <= 1 or n_items <= 1:
+        return 1
+    return min(n_items, n_threads * CLAIMED_PARTS_PER_THREAD)
