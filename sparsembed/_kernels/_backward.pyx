@@ -19,9 +19,9 @@ from sparsembed._kernels._memory cimport (
     stream_row,
 )
 from sparsembed._kernels._openmp_helpers cimport (
+    claim_part,
     claimed_parts,
     omp_get_thread_num,
-    se_claim,
 )
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
@@ -75,22 +75,22 @@ cdef void _sum_all(
     cdef long long next_block = 0
     with parallel(num_threads=T):
         _sum_claimed(grad, n_grad, dim, perm, weights, starts, rows, n_rows, scale_by_count,
-                     out, zero_upto, stream, &next_block, n_blocks)
+                     out, zero_upto, stream, &next_block, n_blocks, T)
 
 
 cdef void _sum_claimed(
     const floating* grad, int64_t n_grad, int64_t dim, const int64_t* perm,
     const floating* weights, const int64_t* starts, const int64_t* rows, int64_t n_rows,
     bint scale_by_count, floating* out, int64_t zero_upto, bint stream,
-    long long* next_block, int64_t n_blocks,
+    long long* next_block, int64_t n_blocks, int64_t n_threads,
 ) noexcept nogil:
     """One thread's part of :func:`_sum_all`: blocks claimed from ``next_block``
     (shared by the team, from 0) until all ``n_blocks`` are taken."""
-    cdef int64_t c = se_claim(next_block)
+    cdef int64_t c = claim_part(next_block, n_blocks, n_threads)
     while c < n_blocks:
         _sum_block(grad, n_grad, dim, perm, weights, starts, rows, n_rows, scale_by_count,
                    out, zero_upto, stream, c, n_blocks)
-        c = se_claim(next_block)
+        c = claim_part(next_block, n_blocks, n_threads)
 
 
 cdef void _sum_block(
@@ -246,7 +246,7 @@ def fill_row_csr(
             _csr_claimed(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
                          &indices[0] if fill and n_rows * dim > 0 else NULL, dim,
                          pattern + omp_get_thread_num() * dim if pattern != NULL else NULL,
-                         &next_block, n_blocks)
+                         &next_block, n_blocks, T)
     finally:
         free(pattern)
 
@@ -288,15 +288,16 @@ cdef inline void _fill_run(index_t* dst, int64_t lo, int64_t hi, index_t value,
 cdef void _csr_claimed(
     const int64_t* rows, int64_t n_rows, int64_t num_rows, index_t* indptr,
     index_t* indices, int64_t dim, index_t* mine, long long* next_block, int64_t n_blocks,
+    int64_t n_threads,
 ) noexcept nogil:
     """One thread's part of the csr structure of :func:`fill_row_csr`: blocks claimed
     from ``next_block`` (shared by the team, from 0), as the row sums' (_sum_all);
     ``mine``: NULL for plain stores, else this thread's row of dim column numbers
     (streamed stores)."""
-    cdef int64_t c = se_claim(next_block)
+    cdef int64_t c = claim_part(next_block, n_blocks, n_threads)
     while c < n_blocks:
         _csr_block(rows, n_rows, num_rows, indptr, indices, dim, mine, c, n_blocks)
-        c = se_claim(next_block)
+        c = claim_part(next_block, n_blocks, n_threads)
 
 
 cdef void _csr_block(
@@ -372,11 +373,11 @@ def sparse_row_grad(
             if n_rows > 0 and dim > 0:
                 _sum_claimed(&grad[0, 0], grad.shape[0], dim, &perm[0], w, &starts[0], NULL,
                              n_rows, scale_by_count, &out[0, 0], -1, stream_sums, &next_sum,
-                             n_sum_blocks)
+                             n_sum_blocks, T)
             _csr_claimed(&rows[0] if n_rows > 0 else NULL, n_rows, num_rows, &indptr[0],
                          &indices[0] if fill and n_rows * dim > 0 else NULL, dim,
                          pattern + t * dim if pattern != NULL else NULL, &next_csr,
-                         n_csr_blocks)
+                         n_csr_blocks, T)
     finally:
         free(pattern)
 

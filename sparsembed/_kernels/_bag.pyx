@@ -31,9 +31,9 @@ from sparsembed._kernels._memory cimport (
     stream_row,
 )
 from sparsembed._kernels._openmp_helpers cimport (
+    claim_part,
     claimed_parts,
     omp_get_thread_num,
-    se_claim,
 )
 from sparsembed._kernels._reduce cimport dot8
 from sparsembed._kernels._simd cimport (
@@ -169,13 +169,13 @@ def bag_forward(
     flags = (SE_MEAN if mode == MODE_MEAN else 0) | (SE_STREAM if stream else 0)
     with nogil, parallel(num_threads=n_threads):
         tid = omp_get_thread_num()
-        c = se_claim(&next_range)
+        c = claim_part(&next_range, n_ranges, n_threads)
         while c < n_ranges:
             bad_per_thread[tid] += pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0],
                                             c * n_bags // n_ranges,
                                             (c + 1) * n_bags // n_ranges, pad, ps, ahead,
                                             flags, &out[0, 0], NULL, &counts[0])
-            c = se_claim(&next_range)
+            c = claim_part(&next_range, n_ranges, n_threads)
     for t in range(n_threads):
         n_bad += bad_per_thread[t]
     free(bad_per_thread)
@@ -235,7 +235,7 @@ def half_bag_forward(
         acc = <float*> malloc(dim * sizeof(float))  # the bag's float32 sums
         if acc == NULL:
             failed_ptr[0] = 1
-        c = se_claim(&next_range)
+        c = claim_part(&next_range, n_ranges, T)
         while c < n_ranges and acc != NULL:
             if index_t is int32_t:
                 bad_per_thread[tid] += fns.i32(w, num_rows, dim, ix, n_idx, &starts[0],
@@ -247,7 +247,7 @@ def half_bag_forward(
                                                c * n_bags // n_ranges,
                                                (c + 1) * n_bags // n_ranges, pad, ps, ahead,
                                                mean, &out[0, 0], &counts[0], acc)
-            c = se_claim(&next_range)
+            c = claim_part(&next_range, n_ranges, T)
         free(acc)
     for t in range(T):
         n_bad += bad_per_thread[t]

@@ -15,7 +15,7 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
-from sparsembed._kernels._openmp_helpers cimport claimed_parts, se_claim
+from sparsembed._kernels._openmp_helpers cimport claim_part, claimed_parts
 from sparsembed._kernels._reduce cimport abs_sum8, dot8
 from sparsembed._kernels._types cimport index_t
 
@@ -156,7 +156,7 @@ def gather(
         raise MemoryError()
     try:
         with nogil, parallel(num_threads=T):
-            c = se_claim(&next_range)
+            c = claim_part(&next_range, n_ranges, T)
             while c < n_ranges:
                 lo = (n * c) // n_ranges
                 hi = (n * (c + 1)) // n_ranges
@@ -164,7 +164,7 @@ def gather(
                                          &idx[0], lo, hi, dim, &out[0, 0], stream)
                 if keep != NULL:
                     memcpy(keep + lo, &idx[0] + lo, (hi - lo) * sizeof(index_t))
-                c = se_claim(&next_range)
+                c = claim_part(&next_range, n_ranges, T)
         found = _first_hit(first, n_ranges)
     finally:
         free(first)
@@ -248,24 +248,30 @@ def renorm_rows(
     ``max_norm`` is scaled by ``max_norm / (norm + 1e-7)``.
 
     Rows are distinct, so each is touched by one thread: race-free and identical
-    for every thread count. Each thread prefetches its rows ahead: sorted rows a few
+    for every thread count. The rows go out in ranges claimed as threads come free
+    (``claim_part``, as the gather's; A/B, 2 threads, D = 64, passive waiting:
+    2,046-8,161 rows 0.43-0.60x the time of the static split, 32,000 0.74x,
+    205,000 1.02-1.03x). Each thread prefetches its rows ahead: sorted rows a few
     apart are no stream the hardware prefetcher follows (230,000 rows of 10^6, D =
     64, 2 threads: 11.1 ms without, the rows' latency one after another).
     """
     cdef int64_t n = rows.shape[0]
     cdef int64_t dim = weight.shape[1]
-    cdef int64_t k, j, r, t, k_lo, k_hi
+    cdef int64_t k, j, r, c, k_lo, k_hi
     cdef int64_t T = max(1, min(n_threads, n))
+    cdef int64_t n_ranges = claimed_parts(n, T)
+    cdef long long next_range = 0
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef int64_t ahead = prefetch_distance(row_bytes)
     cdef double norm
     cdef floating scale
     if n == 0 or dim == 0:
         return
-    with nogil:
-        for t in prange(T, schedule="static", num_threads=T):
-            k_lo = n * t // T
-            k_hi = n * (t + 1) // T
+    with nogil, parallel(num_threads=T):
+        c = claim_part(&next_range, n_ranges, T)
+        while c < n_ranges:
+            k_lo = n * c // n_ranges
+            k_hi = n * (c + 1) // n_ranges
             for k in range(k_lo, k_hi):
                 if k + ahead < k_hi:
                     prefetch_row(&weight[rows[k + ahead], 0], row_bytes)
@@ -276,3 +282,4 @@ def renorm_rows(
                     scale = <floating> (max_norm / (norm + 1e-7))
                     for j in range(dim):
                         weight[r, j] = weight[r, j] * scale
+            c = claim_part(&next_range, n_ranges, T)

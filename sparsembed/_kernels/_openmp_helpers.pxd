@@ -42,8 +42,27 @@ cdef enum:
 
 
 cdef inline int64_t claimed_parts(int64_t n_items, int64_t n_threads) noexcept nogil:
-    """Parts of a job of n_items (bags, ids, segments) that n_threads claim: 1 on
-    one thread, else CLAIMED_PARTS_PER_THREAD a thread, at most one an item."""
-    if n_threads <= 1 or n_items <= 1:
+    """Parts of a job of n_items (bags, ids, segments) that n_threads claim with
+    :func:`claim_part`: 1 on one thread, else a multiple of n_threads, up to
+    CLAIMED_PARTS_PER_THREAD a thread and about one an item (parts may be empty)."""
+    if n_threads <= 1:
         return 1
-    return min(n_items, n_threads * CLAIMED_PARTS_PER_THREAD)
+    return n_threads * max(1, min(n_items // n_threads, CLAIMED_PARTS_PER_THREAD))
+
+
+cdef inline int64_t claim_part(long long* counter, int64_t n_parts,
+                               int64_t n_threads) noexcept nogil:
+    """The next part of ``n_parts`` (from :func:`claimed_parts` with the same
+    ``n_threads``) for the calling thread, or ``n_parts`` or more when all are
+    taken; ``counter`` is shared by the team and starts at 0.
+
+    Claims go round the blocks a static split would give each thread (block t:
+    parts t * P to t * P + P - 1, P = n_parts / n_threads), so the parts worked on
+    at once lie a block apart, as in that split, while a late thread's parts still
+    go to whoever is free. Claimed in plain order, two threads walked neighbouring
+    parts of a table at once: max-norm renorm of 205,000 sorted rows was 1.22x
+    slower than the static split, 1.02-1.03x this way."""
+    cdef int64_t q = se_claim(counter)
+    if q >= n_parts or n_threads <= 1:
+        return q
+    return (q % n_threads) * (n_parts // n_threads) + q // n_threads
