@@ -40,6 +40,13 @@ def to_numpy(a):
 
 
 PLAN_GRAIN = 1 << 16
+# With workers that spin (see workers_spin) and more rows than ids -- the radix
+# plan on any number of threads -- a second thread pays from 65,536 ids on (V =
+# 1e6, 1 vs 2 threads, back to back / with 20 ms of other work between calls:
+# 65,536 ids 164 vs 104 / 172 vs 155 us; 32,768 ids 84 vs 57 but 107 vs 139,
+# 16,384 ids 46 vs 46). With fewer rows than ids one thread counts instead of
+# sorting, and two pay only from 2**17 ids (below).
+PLAN_RADIX_GRAIN = 1 << 15 if workers_spin() else PLAN_GRAIN
 
 
 def plan_rows(flat, num_rows, skip_row=None, check_range=False):
@@ -59,11 +66,11 @@ def plan_rows(flat, num_rows, skip_row=None, check_range=False):
     if check_range and (upper == 0 or not fits_32_bits):
         check_index_range(flat, upper)
     skip = -1 if skip_row is None else int(skip_row)
-    # a second thread pays for its wake-up only from about 2**17 ids on (measured,
-    # V = 1e6, radix path, one parallel region: 65,536 ids 0.38-0.59 ms on 1 thread
-    # vs 0.45-0.57 on 2, 131,072 ids 0.9-1.3 vs 0.7-0.9, 262,144 ids 1.9-2.6 vs
-    # 1.2-1.7)
-    T = threads_for(n, PLAN_GRAIN)
+    # a second thread pays for its wake-up only from about 2**17 ids on (passive
+    # waiting; measured, V = 1e6, radix path, one parallel region: 65,536 ids
+    # 0.38-0.59 ms on 1 thread vs 0.45-0.57 on 2, 131,072 ids 0.9-1.3 vs 0.7-0.9,
+    # 262,144 ids 1.9-2.6 vs 1.2-1.7)
+    T = threads_for(n, PLAN_RADIX_GRAIN if num_rows > n else PLAN_GRAIN)
     if fits_32_bits:
         perm = _pool.empty((n,), np.int64)
         rows = _pool.empty((n,), np.int64)

@@ -47,8 +47,11 @@ CSR_INDEX_STREAM_BYTES = 256 << 10
 # cores: D = 16, 256 rows, 1 vs 2 threads, back to back and with 10 ms between
 # calls: V = 1e6 0.18 vs 0.084 and 0.27-0.33 vs 0.14-0.15 ms; V = 5e5 0.076 vs
 # 0.035 and 0.115 vs 0.081; V = 1e5 0.015 vs 0.010 but 0.018 vs 0.05 with the gaps
-# -- so from about half a million elements on.
-CSR_FILL_GRAIN = 1 << 18 if workers_spin() else 3 << 18
+# -- so from about half a million elements on; and since the structure is claimed
+# in blocks (no barrier at the start of the region), from a quarter million: D =
+# 64, back to back, V = 3e5: 256 rows 22.5 vs 17.4 us, 1,024 rows 29 vs 21 (V =
+# 1e5, left on one thread: 13 vs 12 and 19 vs 15).
+CSR_FILL_GRAIN = 1 << 17 if workers_spin() else 3 << 18
 
 
 def _index_dtype(num_rows, nnz):

@@ -119,12 +119,15 @@ def threads_for(work, grain=None):
 # for about 2 MB of rows or more per thread. Measured, lookup of uniform ids, V =
 # 1e6, D = 64, 1 vs 2 threads: 8,192 ids 0.16 vs 0.19-0.28 ms, 16,384 ids 0.32 vs
 # 0.28-0.43, 32,768 ids 0.63 vs 0.41. Workers that spin before sleeping (libgomp's
-# default: see workers_spin) start at once, and a second thread pays from half
-# that size on, whether the calls come back to back or 10 ms apart: lookup of
-# 8,192 ids 0.20 vs 0.087 ms back to back, 0.24 vs 0.15 with 10 ms between calls;
-# bag sum of 8,192 rows 0.10 vs 0.037 and 0.14 vs 0.12 (4,096 rows with gaps: 0.056
-# vs 0.078, so not smaller still).
-ROW_MOVE_GRAIN = 1 << 18 if workers_spin() else 1 << 19
+# default: see workers_spin) start at once, and since the kernels claim their work
+# from a shared counter (no barrier at the start of a parallel region) a second
+# thread pays from 1 MB of rows on (AMD EPYC, D = 64, 4,096 ids, 1 vs 2 threads, in
+# us, back to back / with 20 ms of other work between calls: row sums 27 vs 16 /
+# 60 vs 86 at V = 1e4, 23 vs 14 / 57 vs 72 at V = 1e6; lookup 26 vs 17 / 86 vs
+# 112 and 34 vs 23 / 110 vs 102; bag sum 18 vs 13 / 64 vs 101 and 23 vs 15 / 92
+# vs 103). Calls 20 ms apart lose up to ~40 us (the worker has gone to sleep by
+# then: libgomp spins for 4-8 ms here), calls in a loop gain a third.
+ROW_MOVE_GRAIN = 1 << 17 if workers_spin() else 1 << 19
 
 # The lookup and the bag forward read table rows that are often in cache (a small
 # table, hot ids), where a row costs less than the row sums' reads and the wake-up
@@ -134,8 +137,8 @@ ROW_MOVE_GRAIN = 1 << 18 if workers_spin() else 1 << 19
 # vs 0.128 at V = 1e6; 32,768 ids 0.178 vs 0.162 and 0.337 vs 0.245; bag sum of
 # 16,384 rows 0.065 vs 0.118 and 0.103 vs 0.117 ms; float64: 8,192 ids 0.096 vs
 # 0.129 and 0.121 vs 0.127, 16,384 ids 0.193 vs 0.165 and 0.321 vs 0.237). With
-# spinning workers as ROW_MOVE_GRAIN.
-ROW_GATHER_GRAIN = 1 << 18 if workers_spin() else 1 << 20
+# spinning workers as ROW_MOVE_GRAIN (1 MB of rows: figures above).
+ROW_GATHER_GRAIN = 1 << 17 if workers_spin() else 1 << 20
 
 
 def threads_for_rows_read(nbytes):
