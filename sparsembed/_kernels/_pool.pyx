@@ -20,7 +20,16 @@ import os
 
 import numpy as np
 
+cimport numpy as cnp
 from cpython.buffer cimport PyBUF_FORMAT
+from cpython.ref cimport Py_INCREF
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    # steals a reference to descr
+    object PyArray_NewFromDescr(void* subtype, cnp.dtype descr, int nd, cnp.npy_intp* dims,
+                                cnp.npy_intp* strides, void* data, int flags, void* obj)
 
 cdef extern from "Python.h":
     int PyTraceMalloc_Track(unsigned int domain, size_t ptr, size_t size)
@@ -206,15 +215,21 @@ cdef class _Block:
 
 def empty(shape, dtype):
     """``numpy.empty(shape, dtype)``, from the cache when it is large."""
-    dtype = np.dtype(dtype)
+    cdef cnp.dtype descr = np.dtype(dtype)
     cdef int64_t count = 1
     cdef int64_t extent
+    cdef int ndim = 0
+    cdef cnp.npy_intp dims[cnp.NPY_MAXDIMS]
     for s in shape:
         extent = s  # any integer (numpy's too), through __index__
+        if ndim == cnp.NPY_MAXDIMS:
+            return np.empty(shape, dtype=descr)  # numpy's own error
+        dims[ndim] = extent
+        ndim += 1
         count *= extent
-    cdef size_t nbytes = count * dtype.itemsize
-    if nbytes < MIN_BYTES or _limit == 0:
-        return np.empty(shape, dtype=dtype)
+    cdef size_t nbytes = count * descr.itemsize
+    if nbytes < MIN_BYTES or _limit == 0 or count < 0:
+        return np.empty(shape, dtype=descr)
     cdef _Block block = _Block.__new__(_Block)
     cdef size_t size = 0
     block.ptr = _acquire(nbytes, &size)
@@ -224,7 +239,13 @@ def empty(shape, dtype):
     block.nbytes = nbytes
     PyTraceMalloc_Track(TRACE_DOMAIN, <size_t> block.ptr, nbytes)
     block.itemsize = 1
-    return np.frombuffer(block, dtype=dtype, count=count).reshape(shape)
+    # the array straight from numpy's C API over the block (not np.frombuffer and a
+    # reshape: 0.7 -> 0.2 us, paid by every large output of every call)
+    Py_INCREF(descr)  # PyArray_NewFromDescr steals a reference to it
+    arr = PyArray_NewFromDescr(<void*> cnp.ndarray, descr, ndim, dims, NULL, block.ptr,
+                               cnp.NPY_ARRAY_CARRAY, NULL)
+    cnp.set_array_base(arr, block)
+    return arr
 
 
 def set_limit(limit_bytes):
