@@ -746,22 +746,29 @@ def test_streamed_rows_off_line_boundaries_equal_the_plain_ones(rng, dtype, dim,
 def test_csr_row_pointer_of_any_row_set(rng, idx_dtype):
     # the row pointer is filled in blocks of 8 that may run past a gap into the next
     # one (rewritten after): never past the thread's share nor the array's end,
-    # whatever the gaps at thread boundaries and at the end of the table
-    V, dim = 500, 3
-    row_sets = [np.arange(V), np.arange(V - 9, V), np.arange(9), np.array([V - 1]),
-                np.array([0]), np.array([3, 4, 5, 200, 201, V - 2]),
-                np.sort(rng.choice(V, 400, replace=False)),
-                np.sort(rng.choice(V, 40, replace=False)), np.array([], np.int64)]
-    for rows in row_sets:
+    # whatever the gaps at thread boundaries and at the end of the table. The parts
+    # are cut by row pointer entries: rows crowded at either end, and tables with
+    # fewer entries than parts, leave parts with no stored row or no entry at all
+    dim = 3
+    V = 500
+    row_sets = [(V, np.arange(V)), (V, np.arange(V - 9, V)), (V, np.arange(9)),
+                (V, np.array([V - 1])), (V, np.array([0])),
+                (V, np.array([3, 4, 5, 200, 201, V - 2])),
+                (V, np.sort(rng.choice(V, 400, replace=False))),
+                (V, np.sort(rng.choice(V, 40, replace=False))), (V, np.array([], np.int64)),
+                (1, np.array([0])), (1, np.array([], np.int64)), (2, np.array([1])),
+                (7, np.array([0, 6])), (7, np.arange(7))]
+    for V, rows in row_sets:
         rows = rows.astype(np.int64)
         expected = dim * np.searchsorted(rows, np.arange(V + 1), side="left")
         for T in (1, 2, 3, 7):
             guarded = np.full(V + 1 + 16, -5, dtype=idx_dtype)  # 16 sentinels past the end
             indptr = guarded[: V + 1]
-            indices = np.empty(rows.size * dim, dtype=idx_dtype)
+            indices = np.full(rows.size * dim, -5, dtype=idx_dtype)
             _backward.fill_row_csr(rows, V, indptr, indices, dim, T)
-            assert_array_equal(indptr, expected, err_msg=f"{rows[:5]} T={T}")
+            assert_array_equal(indptr, expected, err_msg=f"V={V} {rows[:5]} T={T}")
             assert (guarded[V + 1:] == -5).all()
+            assert_array_equal(indices, np.tile(np.arange(dim), rows.size))
 
 
 def test_sparse_row_grad_checks_its_arrays(rng):

@@ -238,7 +238,7 @@ def fill_row_csr(
         if pattern == NULL:
             raise MemoryError()
     cdef long long next_block = 0
-    cdef int64_t n_blocks = claimed_parts(n_rows + 1, T)
+    cdef int64_t n_blocks = claimed_parts(num_rows + 1, T)
     try:
         # one parallel region: the row pointer and the column indices are separate
         # writes, so each block does its share of both without waiting
@@ -300,22 +300,39 @@ cdef void _csr_claimed(
         c = claim_part(next_block, n_blocks, n_threads)
 
 
+cdef inline int64_t _rows_below(const int64_t* rows, int64_t n_rows, int64_t r) noexcept nogil:
+    """How many of the sorted ``rows`` are below ``r``."""
+    cdef int64_t lo = 0, hi = n_rows, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if rows[mid] < r:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef void _csr_block(
     const int64_t* rows, int64_t n_rows, int64_t num_rows, index_t* indptr,
     index_t* indices, int64_t dim, index_t* mine, int64_t t, int64_t T,
 ) noexcept nogil:
-    """Part t of T of the csr structure of :func:`fill_row_csr`; ``mine``: NULL for
+    """Part t of T of the csr structure of :func:`fill_row_csr`: a t-th of the row
+    pointer's entries and of the stored rows' column indices; ``mine``: NULL for
     plain stores, else room for a row of column numbers (streamed stores)."""
-    cdef int64_t u, j, lo, hi, end
-    cdef int64_t u_lo = (n_rows + 1) * t // T, u_hi = (n_rows + 1) * (t + 1) // T
-    # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time, up
-    # to this thread's last entry
-    if u_hi > u_lo:
-        end = rows[u_hi - 1] + 1 if u_hi - 1 < n_rows else num_rows + 1
-        for u in range(u_lo, u_hi):
-            lo = rows[u - 1] + 1 if u > 0 else 0
-            hi = rows[u] + 1 if u < n_rows else num_rows + 1
-            _fill_run(indptr, lo, hi, <index_t> (u * dim), end)
+    cdef int64_t u, j, lo, hi, u_hi
+    cdef int64_t r_lo = (num_rows + 1) * t // T, r_hi = (num_rows + 1) * (t + 1) // T
+    # indptr[r] = dim * #(rows < r), filled one gap between stored rows at a time.
+    # Parts are cut by entries, not by stored rows: ids crowded at one end of the
+    # table (a vocabulary sorted by frequency) left one part the whole rest of it
+    if r_hi > r_lo:
+        u_hi = _rows_below(rows, n_rows, r_hi)
+        lo = r_lo
+        for u in range(_rows_below(rows, n_rows, r_lo), u_hi):
+            hi = rows[u] + 1  # <= r_hi
+            _fill_run(indptr, lo, hi, <index_t> (u * dim), r_hi)
+            lo = hi
+        if lo < r_hi:
+            _fill_run(indptr, lo, r_hi, <index_t> (u_hi * dim), r_hi)
     if dim == 0 or indices == NULL:
         return
     if mine != NULL:
@@ -357,7 +374,7 @@ def sparse_row_grad(
     cdef int t
     cdef long long next_sum = 0, next_csr = 0
     cdef int64_t n_sum_blocks = claimed_parts(n_rows, T)
-    cdef int64_t n_csr_blocks = claimed_parts(n_rows + 1, T)
+    cdef int64_t n_csr_blocks = claimed_parts(num_rows + 1, T)
     cdef index_t* pattern = NULL
     cdef const floating* w = _weights(weights, perm.shape[0])
     if out.shape[0] != n_rows or starts.shape[0] != n_rows + 1:
