@@ -130,6 +130,14 @@ ATTR static int64_t NAME(                                                       
         while (dim - j0 >= 4 * LANES) SE_MAX_CHUNK(4);                               \
         if (dim - j0 >= 2 * LANES) SE_MAX_CHUNK(2);                                  \
         if (dim - j0 >= LANES) SE_MAX_CHUNK(1);                                      \
+        /* the columns past the last whole vector: one more vector, placed to end at \
+           the last column (the columns it takes again get the same maxima and      \
+           winners), not a branchy loop per column (cached bags of 32, one thread,  \
+           AVX-512: D = 300 495 -> 389 us, D = 20 77 -> 57, D = 100 174 -> 159) */   \
+        if (j0 < dim && dim >= LANES) {                                              \
+            j0 = dim - LANES;                                                        \
+            SE_MAX_CHUNK(1);                                                         \
+        }                                                                            \
     }                                                                                \
     j1 = dim;                                                                        \
     SE_MAX_COLUMNS(T);                                                               \
