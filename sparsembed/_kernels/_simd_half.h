@@ -295,11 +295,9 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
 
 /* every column (dim >= LANES) in chunks of vectors: the first chunk, the widest
  * that fits (NVMAX, 8, 4, 2 or 1 vectors), with FIRST, then NVMAX and 8 vectors
- * while they fit, then the rest as _simd_pool.h's bag sum takes it: a 4-vector
- * chunk when more than 4 and at most 5 vectors are left, then the smallest chunk
- * that covers the columns left, placed to end at the last column (the columns it
- * sums again get the same float sums, so the same float16 bits). Was a chunk per
- * power of two, then the last dim % LANES columns one by one in float */
+ * while they fit, then the rest as _simd_pool.h's SE_REST_FOUR and SE_REST_OVERLAP
+ * take it (columns summed twice get the same float sums, so the same float16 bits;
+ * the last dim % LANES columns were summed one by one in float) */
 #define SE_HALF_CHUNKS(NVMAX, LOAD, STORE, SPREAD)                                   \
     do {                                                                             \
         j0 = 0;                                                                      \
@@ -310,24 +308,8 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
         else SE_HALF_CHUNK(1, LOAD, STORE, SPREAD, 1);                               \
         while (dim - j0 >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, STORE, SPREAD, 0); \
         if (NVMAX > 8 && dim - j0 >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, STORE, SPREAD, 0); \
-        if (dim - j0 > 4 * LANES && dim - j0 <= 5 * LANES)                           \
-            SE_HALF_CHUNK(4, LOAD, STORE, SPREAD, 0);                                \
-        if (j0 < dim) {                                                              \
-            int64_t rest_ = dim - j0;                                                \
-            if (rest_ > 4 * LANES) {                                                 \
-                j0 = dim - 8 * LANES;                                                \
-                SE_HALF_CHUNK(8, LOAD, STORE, SPREAD, 0);                            \
-            } else if (rest_ > 2 * LANES) {                                          \
-                j0 = dim - 4 * LANES;                                                \
-                SE_HALF_CHUNK(4, LOAD, STORE, SPREAD, 0);                            \
-            } else if (rest_ > LANES) {                                              \
-                j0 = dim - 2 * LANES;                                                \
-                SE_HALF_CHUNK(2, LOAD, STORE, SPREAD, 0);                            \
-            } else {                                                                 \
-                j0 = dim - LANES;                                                    \
-                SE_HALF_CHUNK(1, LOAD, STORE, SPREAD, 0);                            \
-            }                                                                        \
-        }                                                                            \
+        SE_REST_FOUR(SE_HALF_CHUNK, LOAD, STORE, SPREAD, 0);                         \
+        SE_REST_OVERLAP(SE_HALF_CHUNK, LOAD, STORE, SPREAD, 0);                      \
     } while (0)
 
 /* NAME: bags b0..b1-1 (bag b is entries starts[b]..starts[b+1]-1 of idx) of the

@@ -302,6 +302,34 @@ static inline int64_t se_clamp_from(int64_t lo, int64_t hi, int64_t n, int64_t a
         }                                                                            \
     } while (0)
 
+/* The columns left after a row's wide chunks (fewer than 8 vectors), for the
+ * poolings here and in _simd_half.h; CHUNK(NV, ...) sums NV vectors of columns at
+ * j0 over the bag and moves j0 past them (SE_CHUNK, SE_HALF_CHUNK), the rest of its
+ * arguments given after it. SE_REST_FOUR: a 4-vector chunk first when more than 4
+ * and at most 5 vectors are left (one 8-vector chunk there was 5% slower than 4 +
+ * a 16-byte one: AVX2, 100 floats). SE_REST_OVERLAP: then all the rest in one pass,
+ * the smallest chunk that covers it, moved back to end at the row's last column
+ * (never before its first: the first chunk was at least as wide). The columns it
+ * covers a second time are summed again in the same entry order, so the same bits
+ * go over them. Was a pass per power of two, then 16-byte vectors, then single
+ * columns (cached bag sums, AVX-512, one thread, old -> new: 300 floats, four
+ * passes, 223 -> 210 us, 50 floats 82 -> 45, 100 floats 88 -> 84; AVX2: 300 floats
+ * 256 -> 250, 50 floats 98 -> 66; float16 300 halves 352 -> 142). */
+#define SE_REST_FOUR(CHUNK, ...)                                                     \
+    do {                                                                             \
+        if (dim - j0 > 4 * LANES && dim - j0 <= 5 * LANES) CHUNK(4, __VA_ARGS__);    \
+    } while (0)
+
+#define SE_REST_OVERLAP(CHUNK, ...)                                                  \
+    do {                                                                             \
+        int64_t rest_ = dim - j0;                                                    \
+        if (rest_ <= 0) break;                                                       \
+        if (rest_ > 4 * LANES) { j0 = dim - 8 * LANES; CHUNK(8, __VA_ARGS__); }      \
+        else if (rest_ > 2 * LANES) { j0 = dim - 4 * LANES; CHUNK(4, __VA_ARGS__); } \
+        else if (rest_ > LANES) { j0 = dim - 2 * LANES; CHUNK(2, __VA_ARGS__); }     \
+        else { j0 = dim - LANES; CHUNK(1, __VA_ARGS__); }                            \
+    } while (0)
+
 /* NAME##_bag, one bag: out[0:dim] = sum_e (psw ? psw[e] : 1) * weight[idx[e]] over
  * entries e in [lo, hi) whose id is not `pad`; rows of entries up to `ahead`
  * positions past e (below n) are prefetched. Returns the number of non-padding
@@ -356,32 +384,17 @@ ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                       
     }                                                                                \
     while (WIDE && dim - j0 >= 16 * LANES) SE_CHUNK(16, 0, NTSTORE);                 \
     while (dim - j0 >= 8 * LANES) SE_CHUNK(8, 0, NTSTORE);                           \
-    /* the columns left (fewer than 8 vectors) in one more pass, two when more than \
-       four vectors and a 16- or 32-byte tail are left: one or two 16-byte vectors   \
-       when that is all there is (a wide vector ending at the last column would      \
-       straddle more lines: 20 floats 5% slower), else the smallest chunk that       \
-       covers them, moved back to end at the row's last column (never before its    \
-       first: the first chunk was at least as wide). The columns it covers a second \
-       time are summed again in the same entry order, so the same bits go over      \
-       them. Was a pass per power of two and then 16-byte vectors and single        \
-       columns (cached bag sums, AVX-512, one thread, old -> new: 300 floats, four   \
-       passes, 223 -> 210 us, 50 floats 82 -> 45, 100 floats 88 -> 84; AVX2: 300     \
-       floats 256 -> 250, 50 floats 98 -> 66) */                                     \
-    if (j0 < dim && dim - j0 > 4 * LANES && dim - j0 <= 5 * LANES)                   \
-        SE_CHUNK(4, 0, NTSTORE);                                                     \
-    if (j0 < dim) {                                                                  \
-        int64_t rest_ = dim - j0;                                                    \
-        if (VBYTES > 16 && (rest_ * (int64_t)sizeof(T) == 16 || rest_ * (int64_t)sizeof(T) == 32)) { \
-            typedef T VEC __attribute__((vector_size(16)));                          \
-            enum { LANES = 16 / sizeof(T) };                                         \
-            if (rest_ > LANES) SE_CHUNK(2, 0, NTSTORE);                              \
-            else SE_CHUNK(1, 0, NTSTORE);                                            \
-        }                                                                            \
-        else if (rest_ > 4 * LANES) { j0 = dim - 8 * LANES; SE_CHUNK(8, 0, NTSTORE); } \
-        else if (rest_ > 2 * LANES) { j0 = dim - 4 * LANES; SE_CHUNK(4, 0, NTSTORE); } \
-        else if (rest_ > LANES) { j0 = dim - 2 * LANES; SE_CHUNK(2, 0, NTSTORE); }   \
-        else { j0 = dim - LANES; SE_CHUNK(1, 0, NTSTORE); }                          \
+    /* the columns left: one or two 16-byte vectors when that is all there is (a  \
+       wide vector ending at the last column would straddle more lines: 20 floats   \
+       5% slower), else SE_REST_OVERLAP */                                           \
+    SE_REST_FOUR(SE_CHUNK, 0, NTSTORE);                                              \
+    if (VBYTES > 16 && ((dim - j0) * (int64_t)sizeof(T) == 16 || (dim - j0) * (int64_t)sizeof(T) == 32)) { \
+        typedef T VEC __attribute__((vector_size(16)));                              \
+        enum { LANES = 16 / sizeof(T) };                                             \
+        if (dim - j0 > LANES) SE_CHUNK(2, 0, NTSTORE);                               \
+        else SE_CHUNK(1, 0, NTSTORE);                                                \
     }                                                                                \
+    else SE_REST_OVERLAP(SE_CHUNK, 0, NTSTORE);                                      \
     return count;                                                                    \
 }
 
