@@ -163,10 +163,17 @@ def bag_forward(
     cdef int64_t n_ranges = claimed_parts(n_bags, n_threads)
     cdef long long next_range = 0
     cdef int tid
-    cdef int64_t* bad_per_thread = <int64_t*> calloc(n_threads, sizeof(int64_t))
+    cdef int64_t* bad_per_thread
+    flags = (SE_MEAN if mode == MODE_MEAN else 0) | (SE_STREAM if stream else 0)
+    if n_threads == 1:
+        # all bags in one call, no parallel region: as the lookup's one-thread path
+        with nogil:
+            n_bad = pool_sum(&fns, w, num_rows, dim, ix, n_idx, &starts[0], 0, n_bags, pad,
+                             ps, ahead, flags, &out[0, 0], NULL, &counts[0])
+        return n_bad
+    bad_per_thread = <int64_t*> calloc(n_threads, sizeof(int64_t))
     if bad_per_thread == NULL:
         raise MemoryError()
-    flags = (SE_MEAN if mode == MODE_MEAN else 0) | (SE_STREAM if stream else 0)
     with nogil, parallel(num_threads=n_threads):
         tid = omp_get_thread_num()
         c = claim_part(&next_range, n_ranges, n_threads)
