@@ -23,7 +23,7 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 from sparsembed._kernels._bag cimport bag_row_sum
-from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row, prefetch_row_once
+from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     pool_level,
@@ -102,15 +102,12 @@ cdef inline void _prefetch_state(
     const floating* weight, const floating* s1, const floating* s2, int64_t r,
     int64_t dim, size_t row_bytes, size_t s1_bytes,
 ) noexcept nogil:
-    # the table row r and its state rows, about to be updated once each this step:
-    # fetched past L2 and L3 (prefetchnta; AMD EPYC, V = 1e6, 262,144 ids, old/new
-    # alternated in one process: Zipf steps D = 256 SparseAdam 5.0 -> 4.2 ms,
-    # Adagrad 3.2 -> 2.6, D = 64 up to 10% faster; uniform and fused level)
-    prefetch_row_once(weight + r * dim, row_bytes)
+    # the table row r and its state rows, about to be updated
+    prefetch_row(weight + r * dim, row_bytes)
     if s1 != NULL:
-        prefetch_row_once(s1 + r * (s1_bytes // sizeof(floating)), s1_bytes)
+        prefetch_row(s1 + r * (s1_bytes // sizeof(floating)), s1_bytes)
     if s2 != NULL:
-        prefetch_row_once(s2 + r * dim, row_bytes)
+        prefetch_row(s2 + r * dim, row_bytes)
 
 
 cdef _check_rows_and_state(int kind, int64_t num_rows, int64_t dim,
