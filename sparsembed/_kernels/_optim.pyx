@@ -32,6 +32,7 @@ from sparsembed._kernels._simd cimport (
     pool_table,
     pool_table_at,
 )
+from sparsembed._kernels._openmp_helpers cimport claim_part, claimed_parts
 from sparsembed._kernels._split cimport block_start_costed
 
 # Segments summed per call of the SIMD pooling in the fused update, into a buffer
@@ -240,9 +241,10 @@ def fused_update(
     cdef const floating* scale_ptr = &scale[0] if has_scale else NULL
     cdef const uint64_t* won_ptr = &won[0, 0] if won.shape[0] > 0 and won.shape[1] > 0 else NULL
     cdef int64_t words = won.shape[1]
-    cdef int failed = 0
-    cdef int* failed_ptr = &failed
-    cdef int64_t u, r, lo, hi, t, u_lo, u_hi, u_end, i
+    cdef int updated = 0
+    cdef int* updated_ptr = &updated
+    cdef int64_t u, r, lo, hi, u_lo, u_hi, u_end, i, c, n_blocks
+    cdef long long next_block = 0
     cdef int64_t T = n_threads if n_threads > 0 else 1
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef size_t s1_bytes = (s1.shape[1] if has_s1 else 0) * sizeof(floating)
@@ -279,21 +281,24 @@ def fused_update(
         return
     if T > n_rows:
         T = n_rows
+    # blocks of segments with about the same work each: entries summed plus row_cost
+    # per row updated. Split by entries alone, a Zipf batch gave one thread the few
+    # long segments and the other nearly all 30k row updates; row_cost 4 (measured,
+    # 2 threads, V = 1e6, 262,144 Zipf ids, grad not cached): D = 256 SparseAdam
+    # 25.6 -> 23.4 ms, Adagrad 23.1 -> 21.0 ms, D = 64 SparseAdam 9.0 -> 8.3 ms;
+    # uniform batches unchanged. CLAIMED_PARTS_PER_THREAD blocks a thread, each
+    # thread claiming the next as it comes free, as the backward's row sums do: the
+    # cost model's misses and a thread slowed by the host even out.
+    n_blocks = claimed_parts(n_rows, T)
     with nogil, parallel(num_threads=T):
         buf = <floating*> malloc((FUSED_CHUNK if pooled else 1) * dim * sizeof(floating))
-        if buf == NULL:
-            failed_ptr[0] = 1
-        for t in prange(T, schedule="static"):
-            # blocks of segments with about the same work each: entries summed plus
-            # row_cost per row updated. Split by entries alone, a Zipf batch gave one
-            # thread the few long segments and the other nearly all 30k row updates;
-            # row_cost 4 (measured, 2 threads, V = 1e6, 262,144 Zipf ids, grad not
-            # cached): D = 256 SparseAdam 25.6 -> 23.4 ms, Adagrad 23.1 -> 21.0 ms,
-            # D = 64 SparseAdam 9.0 -> 8.3 ms; uniform batches unchanged
-            u_lo = block_start_costed(&starts[0], n_rows, T, t, row_cost)
-            u_hi = block_start_costed(&starts[0], n_rows, T, t + 1, row_cost)
-            if buf == NULL:
-                continue
+        # a thread without a buffer claims nothing: the others take every block
+        c = claim_part(&next_block, n_blocks, T) if buf != NULL else n_blocks
+        if buf != NULL:
+            updated_ptr[0] = 1
+        while c < n_blocks:
+            u_lo = block_start_costed(&starts[0], n_rows, n_blocks, c, row_cost)
+            u_hi = block_start_costed(&starts[0], n_rows, n_blocks, c + 1, row_cost)
             if pooled:
                 # FUSED_CHUNK segments at a time: their sums (from zero, in plan
                 # order, in vector registers: the backward's row sums, same bits)
@@ -315,21 +320,23 @@ def fused_update(
                                     &s1[r, 0] if has_s1 else NULL,
                                     &s2[r, 0] if has_s2 else NULL, dim)
                     u = u_end
-                continue
-            for u in range(u_lo, u_hi):
-                lo = starts[u]
-                hi = starts[u + 1]
-                r = rows[u]
-                if u + ahead_rows < n_rows:
-                    _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr, rows[u + ahead_rows],
-                                    dim, row_bytes, s1_bytes)
-                # EmbeddingBag's row sum (through src) or scaled entries: each added
-                # to zero, in input order
-                bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi, &src[0] if has_src else NULL,
-                            scale_ptr, won_ptr, words, scale_by_count, buf)
-                _update_row(&ufns, &h, &weight[r, 0], buf,
-                            &s1[r, 0] if has_s1 else NULL,
-                            &s2[r, 0] if has_s2 else NULL, dim)
+            else:
+                for u in range(u_lo, u_hi):
+                    lo = starts[u]
+                    hi = starts[u + 1]
+                    r = rows[u]
+                    if u + ahead_rows < n_rows:
+                        _prefetch_state(&weight[0, 0], s1_ptr, s2_ptr, rows[u + ahead_rows],
+                                        dim, row_bytes, s1_bytes)
+                    # EmbeddingBag's row sum (through src) or scaled entries: each
+                    # added to zero, in input order
+                    bag_row_sum(&grad[0, 0], dim, &perm[0], lo, hi,
+                                &src[0] if has_src else NULL, scale_ptr, won_ptr, words,
+                                scale_by_count, buf)
+                    _update_row(&ufns, &h, &weight[r, 0], buf,
+                                &s1[r, 0] if has_s1 else NULL,
+                                &s2[r, 0] if has_s2 else NULL, dim)
+            c = claim_part(&next_block, n_blocks, T)
         free(buf)
-    if failed:
+    if not updated:
         raise MemoryError("could not allocate the fused update's row buffer")
