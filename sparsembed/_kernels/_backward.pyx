@@ -34,7 +34,7 @@ from sparsembed._kernels._simd cimport (
     pool_table,
     pool_table_at,
 )
-from sparsembed._kernels._split cimport block_start, block_start_spanned
+from sparsembed._kernels._split cimport block_start, block_start_spanned, first_at_least
 from sparsembed._kernels._types cimport index_t
 
 
@@ -300,18 +300,6 @@ cdef void _csr_claimed(
         c = claim_part(next_block, n_blocks, n_threads)
 
 
-cdef inline int64_t _rows_below(const int64_t* rows, int64_t n_rows, int64_t r) noexcept nogil:
-    """How many of the sorted ``rows`` are below ``r``."""
-    cdef int64_t lo = 0, hi = n_rows, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if rows[mid] < r:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 cdef void _csr_block(
     const int64_t* rows, int64_t n_rows, int64_t num_rows, index_t* indptr,
     index_t* indices, int64_t dim, index_t* mine, int64_t t, int64_t T,
@@ -325,9 +313,9 @@ cdef void _csr_block(
     # Parts are cut by entries, not by stored rows: ids crowded at one end of the
     # table (a vocabulary sorted by frequency) left one part the whole rest of it
     if r_hi > r_lo:
-        u_hi = _rows_below(rows, n_rows, r_hi)
+        u_hi = first_at_least(rows, n_rows, r_hi)
         lo = r_lo
-        for u in range(_rows_below(rows, n_rows, r_lo), u_hi):
+        for u in range(first_at_least(rows, n_rows, r_lo), u_hi):
             hi = rows[u] + 1  # <= r_hi
             _fill_run(indptr, lo, hi, <index_t> (u * dim), r_hi)
             lo = hi

@@ -18,7 +18,7 @@ from sparsembed._kernels._openmp_helpers cimport (
     se_barrier_init,
     se_barrier_wait,
 )
-from sparsembed._kernels._split cimport block_start
+from sparsembed._kernels._split cimport block_start, first_at_least
 from sparsembed._kernels._types cimport index_t
 
 
@@ -567,18 +567,6 @@ cdef inline bint _chunk_sorted(const index_t* idx, int64_t lo, int64_t hi) noexc
     return True
 
 
-cdef inline int64_t _first_at_least(const index_t* idx, int64_t n, int64_t key) noexcept nogil:
-    """First position of sorted idx[:n] whose id is >= key (n if none)."""
-    cdef int64_t lo = 0, hi = n, mid
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if idx[mid] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 cdef inline int64_t _split_sorted(const index_t* idx, int64_t skip_at, int64_t skip_len,
                                   int64_t lo, int64_t hi, int64_t* perm_out,
                                   int64_t* rows_out, int64_t* starts_out) noexcept nogil:
@@ -678,8 +666,8 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                 pass  # an id out of range: nothing more to do (every thread sees it)
             elif shared[3]:
                 # sorted ids: the positions in order, less skip_row's one run
-                skip_at = _first_at_least(&idx[0], n, skip_row)
-                skip_len = _first_at_least(&idx[0], n, skip_row + 1) - skip_at
+                skip_at = first_at_least(&idx[0], n, skip_row)
+                skip_len = first_at_least(&idx[0], n, skip_row + 1) - skip_at
                 m = n - skip_len
                 if tid == 0:
                     shared[0] = m

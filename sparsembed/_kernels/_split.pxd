@@ -8,6 +8,8 @@
 
 from libc.stdint cimport int64_t
 
+from sparsembed._kernels._types cimport index_t
+
 
 cdef inline int64_t block_start(
     const int64_t* starts,     # IN (n_rows + 1,) segment bounds, starts[n_rows] = m
@@ -75,6 +77,19 @@ cdef inline int64_t block_start_spanned(
     while lo < hi:
         mid = (lo + hi) >> 1
         if starts[mid] * entry_cost + rows[mid] * row_cost < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline int64_t first_at_least(const index_t* a, int64_t n, int64_t key) noexcept nogil:
+    """First position of the sorted ``a[:n]`` whose value is >= ``key`` (n if none):
+    also how many of them are below ``key``."""
+    cdef int64_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < key:
             lo = mid + 1
         else:
             hi = mid
