@@ -24,9 +24,11 @@ from libc.string cimport memset
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
 from sparsembed._kernels._memory cimport (
+    gather_prefetch_distance,
     pool_prefetch_distance,
     prefetch_distance,
     prefetch_row,
+    prefetch_row_once,
     stream_fence,
     stream_row,
 )
@@ -341,13 +343,17 @@ def per_sample_weights_grad(
 ):
     """``out[e] = dot(grad[entry_bag[e]], weight[idx[e]])`` (0 for padding entries
     and for entries past the last bag), accumulated in double (``_reduce.dot8``). The
-    table rows are read at random: each thread prefetches its rows ahead."""
+    table rows are read at random: each thread prefetches its rows ahead, as the
+    lookup does (8 KiB of rows, prefetchnta: each row is read once). AMD EPYC,
+    262,144 entries, V = 1e6, old/new builds alternated in one process: D = 64
+    uniform 4.8-5.1 -> 4.0-4.3 ms on one thread, D = 256 uniform 26-33 -> 14-27 on one
+    and 11.7-14.7 -> 7.2-9.7 on two; Zipf ids level or faster (3-10%)."""
     cdef int64_t m = entry_bag.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef int64_t e, r, b, t, e_lo, e_hi
     cdef int64_t T = max(1, min(n_threads, m))
     cdef size_t row_bytes = dim * sizeof(floating)
-    cdef int64_t ahead = prefetch_distance(row_bytes)
+    cdef int64_t ahead = gather_prefetch_distance(row_bytes)
     if m == 0 or dim == 0:
         return
     with nogil:
@@ -356,7 +362,7 @@ def per_sample_weights_grad(
             e_hi = m * (t + 1) // T
             for e in range(e_lo, e_hi):
                 if e + ahead < e_hi:
-                    prefetch_row(&weight[0, 0] + idx[e + ahead] * dim, row_bytes)
+                    prefetch_row_once(&weight[0, 0] + idx[e + ahead] * dim, row_bytes)
                 r = idx[e]
                 if r == pad:
                     out[e] = 0
