@@ -8,7 +8,7 @@ import numpy as np
 
 from sparsembed import _half, _rowsparse
 from sparsembed._rowsparse import ROW_SUMS_STREAM_BYTES, STREAM_BYTES
-from sparsembed._rowplan import RowPlan  # noqa: F401 - part of the backend interface
+from sparsembed._rowplan import RowPlan
 from sparsembed._kernels import _backward, _bag, _lookup, _plan, _pool
 from sparsembed._threads import (  # noqa: F401
     ROW_GATHER_GRAIN,
@@ -115,6 +115,42 @@ def gather(weight, flat, check_range=False, ids_out=None):
     if bad >= 0:
         raise _index_error(flat, bad, weight.shape[0])
     return out
+
+
+# The lookup plans its ids on the side (gather_and_plan) from this many ids on: below
+# it a plan and a lookup each take a few tens of microseconds, the span of a worker's
+# wake-up on a virtual machine, and nothing is left to hide one behind the other.
+PLAN_AHEAD_MIN_IDS = 1 << 16
+
+
+def gather_and_plan(weight, flat, num_rows, skip_row=None, ids_out=None):
+    """``(weight[flat], plan)``, the ids range-checked, with the plan (as
+    :func:`plan_rows` of ``flat``, ``num_rows`` and ``skip_row``) made on the side by
+    one thread of the lookup's team (``_plan.gather_and_plan``), or None where that
+    would not pay: one thread, a small batch, fewer rows than ids (the counting plan,
+    cheap after the lookup), the float16 layouts that cannot be copied as float32.
+    Then the caller plans later, when it needs the plan."""
+    n = flat.shape[0]
+    half = _half.is_half(weight)
+    dim = weight.shape[1]
+    T = threads_for_rows_read(n * dim * weight.itemsize)
+    if (T < 2 or n < PLAN_AHEAD_MIN_IDS or dim == 0 or num_rows <= max(n, 4096)
+            or num_rows > 1 << 32 or n >= 1 << 32
+            or (half and not (weight.flags.c_contiguous and dim % 2 == 0))):
+        return gather(weight, flat, check_range=True, ids_out=ids_out), None
+    out = _pool.empty((n, dim), weight.dtype)
+    src, dst = (weight.view(np.float32), out.view(np.float32)) if half else (weight, out)
+    perm = _pool.empty((n,), np.int64)
+    rows = _pool.empty((n,), np.int64)
+    starts = _pool.empty((n + 1,), np.int64)
+    scratch = _pool.empty((_plan.plan_scratch_size(n, num_rows, 1),), np.uint64)
+    skip = -1 if skip_row is None else int(skip_row)
+    bad, m, n_rows = _plan.gather_and_plan(src, flat, dst, out.nbytes >= STREAM_BYTES,
+                                           ids_out, skip, perm, rows, starts, scratch, T)
+    del scratch
+    if bad >= 0:
+        raise _index_error(flat, bad, weight.shape[0])
+    return out, RowPlan(perm[:m], rows[:n_rows], starts[: n_rows + 1], m < n, n)
 
 
 def renorm_rows_(weight, rows, max_norm, norm_type):

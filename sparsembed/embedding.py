@@ -50,6 +50,7 @@ class _Table:
         self.requires_grad = True
         self.grad = None
         self._saved = None
+        self._plan_used = False
         shape = (self.num_embeddings, self.embedding_dim)
         if weight is None:
             self.weight = _aligned.empty(shape, dtype)
@@ -479,6 +480,14 @@ class Embedding(_Table):
         Returns
         -------
         ndarray of shape ``input.shape + (embedding_dim,)``, weight's dtype
+
+        Notes
+        -----
+        The backward sorts the ids of its forward once (the row plan). When the last
+        forward's plan was used by a backward (a training loop), a large CPU lookup
+        makes the plan of its ids on the side, on one thread of its team while the
+        others copy rows, and the backward finds it made; a forward not followed by
+        a backward (inference) does not.
         """
         be = self._backend
         layout = self._checked_table()
@@ -486,6 +495,9 @@ class Embedding(_Table):
         renorm = self.max_norm is not None
         idx, flat = F.lookup_ids(input, be)
         plan = None
+        plan_ahead = (self.__dict__.get("_plan_used", False) and self.requires_grad
+                      and not renorm)
+        self._plan_used = False
         if renorm:
             plan = be.plan_rows(flat, self.num_embeddings, self.padding_idx, check_range=True)
             be.check_writable(self.weight)
@@ -495,8 +507,12 @@ class Embedding(_Table):
         kept = None
         if isinstance(input, be.xp.ndarray) and be.xp.may_share_memory(flat, input):
             kept = be.xp.empty_like(flat)
-        out = be.gather(self.weight, flat, check_range=not renorm, ids_out=kept).reshape(
-            idx.shape + (self.embedding_dim,))
+        if plan_ahead:
+            out, plan = be.gather_and_plan(self.weight, flat, self.num_embeddings,
+                                           self.padding_idx, ids_out=kept)
+        else:
+            out = be.gather(self.weight, flat, check_range=not renorm, ids_out=kept)
+        out = out.reshape(idx.shape + (self.embedding_dim,))
         if kept is not None:
             flat = kept
         self._remember((flat, idx.shape, plan), layout)
@@ -510,6 +526,7 @@ class Embedding(_Table):
             padding_idx, _, _ = self._forward_options()
             plan = self._backend.plan_rows(flat, self.num_embeddings, padding_idx)
             self._saved = (flat, shape, plan)
+        self._plan_used = True  # the next forward plans ahead (see forward)
         return flat, shape, plan
 
     def backward(self, grad_output, optimizer=None):

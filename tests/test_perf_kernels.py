@@ -1020,3 +1020,166 @@ def test_per_sample_weights_grad_against_an_ordered_reference(rng, dtype, dim, i
     np.testing.assert_allclose(expected[:480],
                                np.einsum("ij,ij->i", grad[entry_bag], weight[ids[:480]])
                                * (ids[:480] != pad), rtol=1e-5, atol=1e-5)
+
+
+def _lookup_plan_batch(rng, dist, V, n, idx_dtype):
+    if dist == "uniform":
+        return rng.integers(0, V, size=n).astype(idx_dtype)
+    if dist == "zipf":
+        return _zipf_ids(rng, n, V, idx_dtype)
+    return np.sort(rng.integers(0, V, size=n)).astype(idx_dtype)  # the sorted-ids path
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dist", ["uniform", "zipf", "sorted"])
+@pytest.mark.parametrize("n", [3001, (1 << 17) + 13])  # plain and write-combined scatter
+def test_gather_and_plan_equals_the_lookup_then_the_plan(rng, dtype, idx_dtype, n_threads,
+                                                          dist, n):
+    V, dim = 200_003, 5
+    weight = rng.standard_normal((V, dim)).astype(dtype)
+    weight.setflags(write=False)
+    ids = _lookup_plan_batch(rng, dist, V, n, idx_dtype)
+    ids.setflags(write=False)
+    for skip, stream, keep in ((-1, False, True), (int(ids[7]), True, False),
+                               (V + 3, False, False)):
+        out = np.full((n, dim), np.nan, dtype=dtype)
+        perm = np.full(n, -7, dtype=np.int64)
+        rows = np.full(n, -7, dtype=np.int64)
+        starts = np.full(n + 1, -7, dtype=np.int64)
+        kept = np.full(n, -1, dtype=idx_dtype) if keep else None
+        scratch = np.empty(_plan.plan_scratch_size(n, V, 1), dtype=np.uint64)
+        bad, m, u = _plan.gather_and_plan(weight, ids, out, stream, kept, skip, perm, rows,
+                                          starts, scratch, n_threads)
+        assert bad == -1
+        assert out.tobytes() == weight[ids].tobytes()
+        if keep:
+            assert_array_equal(kept, ids)
+        order, exp_rows, exp_starts = _expected_plan(ids, skip)
+        assert (m, u) == (order.size, exp_rows.size)
+        assert_array_equal(perm[:m], order)
+        assert_array_equal(rows[:u], exp_rows)
+        assert_array_equal(starts[: u + 1], exp_starts)
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_gather_and_plan_reports_the_first_id_out_of_range(rng, idx_dtype, n_threads):
+    V, n, dim = 100_000, (1 << 17) + 13, 3
+    weight = rng.standard_normal((V, dim)).astype(np.float32)
+    for bad_at, bad_ids in ((n - 1, [V]), (5, [-1, V + 9]), (70_000, [2 ** 31 - 1, -5])):
+        ids = rng.integers(0, V, size=n).astype(idx_dtype)
+        ids[bad_at] = bad_ids[0]
+        for k, b in enumerate(bad_ids[1:]):
+            ids[bad_at + 1000 * (k + 1)] = b  # later bad ids do not win
+        out = np.empty((n, dim), np.float32)
+        perm, rows = np.empty(n, np.int64), np.empty(n, np.int64)
+        starts = np.empty(n + 1, np.int64)
+        scratch = np.empty(_plan.plan_scratch_size(n, V, 1), dtype=np.uint64)
+        bad, m, u = _plan.gather_and_plan(weight, ids, out, False, None, -1, perm, rows,
+                                          starts, scratch, n_threads)
+        assert (bad, m, u) == (bad_at, 0, 0)
+
+
+def test_gather_and_plan_checks_its_arrays(rng):
+    V, n, dim = 10_000, 100, 4
+    weight = rng.standard_normal((V, dim)).astype(np.float32)
+    ids = rng.integers(0, V, size=n)
+    out = np.empty((n, dim), np.float32)
+    perm, rows, starts = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n + 1, np.int64)
+    scratch = np.empty(_plan.plan_scratch_size(n, V, 1), dtype=np.uint64)
+    args = (False, None, -1, perm, rows, starts)
+    with pytest.raises(ValueError, match="scratch"):
+        _plan.gather_and_plan(weight, ids, out, *args, scratch[:10], 2)
+    with pytest.raises(ValueError, match="out must be"):
+        _plan.gather_and_plan(weight, ids, out[:-1], *args, scratch, 2)
+    with pytest.raises(ValueError, match="ids_out"):
+        _plan.gather_and_plan(weight, ids, out, False, ids[:-1].copy(), -1, perm, rows,
+                              starts, scratch, 2)
+    with pytest.raises(ValueError, match="needs ids"):
+        _plan.gather_and_plan(weight, ids[:0], out[:0], *args, scratch, 2)
+
+
+@pytest.fixture
+def plan_ahead_spy(monkeypatch):
+    """Plan ahead from the smallest batch on; counts the lookups that plan on the side."""
+    calls = []
+    kernel = _cpu._plan.gather_and_plan
+
+    def spy(*args):
+        calls.append(args[1].shape[0])
+        return kernel(*args)
+
+    monkeypatch.setattr(_cpu, "PLAN_AHEAD_MIN_IDS", 1)
+    monkeypatch.setattr(_cpu._plan, "gather_and_plan", spy)
+    return calls
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_training_lookups_plan_ahead_with_the_same_gradients(rng, dtype, threads,
+                                                             plan_ahead_spy, sparse, scale,
+                                                             n_threads):
+    threads(n_threads)
+    V, dim, n = 60_000, 6, 9000
+    emb = se.Embedding(V, dim, padding_idx=11, sparse=sparse, scale_grad_by_freq=scale,
+                       dtype=dtype, random_state=0)
+    weight_before = emb.weight.copy()
+    for step in range(4):
+        ids = rng.integers(0, V, size=(n // 3, 3))
+        ids[::50, 1] = 11
+        out = emb(ids)
+        assert out.tobytes() == weight_before[ids].tobytes()
+        # the first lookup cannot know a backward follows; the later ones plan (with
+        # two threads: on one the lookup has no second thread to plan on)
+        assert len(plan_ahead_spy) == (step if n_threads == 2 else 0)
+        g = rng.standard_normal(out.shape).astype(dtype)
+        grad = emb.backward(g)
+        expected = se.functional.embedding_backward(g, ids, V, padding_idx=11,
+                                                    scale_grad_by_freq=scale, sparse=sparse)
+        if sparse:
+            assert (grad != expected).nnz == 0
+            assert_array_equal(grad.indptr, expected.indptr)
+        else:
+            assert grad.tobytes() == expected.tobytes()
+        emb.zero_grad()
+
+
+def test_lookups_without_a_backward_stop_planning_ahead(rng, threads, plan_ahead_spy):
+    threads(2)
+    V, n = 50_000, 6000
+    emb = se.Embedding(V, 4, sparse=True, random_state=0)
+    ids = rng.integers(0, V, size=n)
+    emb(ids)
+    emb.backward(np.ones((n, 4), np.float32))
+    emb(ids)                       # after a backward: plans ahead
+    assert plan_ahead_spy == [n]
+    emb(ids)                       # the last plan went unused: this one does not
+    emb(ids)
+    assert plan_ahead_spy == [n]
+    emb.requires_grad = False
+    emb.backward(np.ones((n, 4), np.float32))
+    emb(ids)                       # no gradient wanted: no plan
+    assert plan_ahead_spy == [n]
+
+
+def test_a_lookup_that_plans_ahead_names_the_bad_id_and_changes_nothing(rng, threads,
+                                                                      plan_ahead_spy):
+    threads(2)
+    V, n = 50_000, 6000
+    emb = se.Embedding(V, 4, sparse=True, random_state=0)
+    ids = rng.integers(0, V, size=n)
+    emb(ids)
+    grad = emb.backward(np.ones((n, 4), np.float32))
+    weight = emb.weight.copy()
+    bad = ids.copy()
+    bad[4321] = V + 7
+    with pytest.raises(IndexError, match=str(V + 7)):
+        emb(bad)
+    assert plan_ahead_spy == [n]
+    assert emb.weight.tobytes() == weight.tobytes()
+    assert (emb.grad != grad).nnz == 0
+    # the layer still holds the last good forward, whose backward works
+    again = emb.backward(np.ones((n, 4), np.float32))
+    assert (again != grad).nnz == 0

@@ -313,6 +313,11 @@ class ArrayBackend:
 
     # ------------------------------------------------------------- forward
 
+    def gather_and_plan(self, weight, flat, num_rows, skip_row=None, ids_out=None):
+        """``(weight[flat], None)``, the ids range-checked: the GPU plans when the plan
+        is needed (the CPU backend may plan during the lookup)."""
+        return self.gather(weight, flat, check_range=True, ids_out=ids_out), None
+
     def gather(self, weight, flat, check_range=False, ids_out=None):
         """``weight[flat]`` as a new (n, dim) array; ``ids_out`` also receives a copy
         of ``flat``.
@@ -709,8 +714,8 @@ def _is_scipy_sparse(a):
 
 # The functions every backend module offers (``sparsembed._cpu``'s interface).
 BACKEND_FUNCTIONS = (
-    "asarray", "to_numpy", "plan_rows", "gather", "renorm_rows_", "dense_grad",
-    "row_grad", "sparse_grad", "add_grad", "as_index_array", "check_index_range",
+    "asarray", "to_numpy", "plan_rows", "gather", "gather_and_plan", "renorm_rows_",
+    "dense_grad", "row_grad", "sparse_grad", "add_grad", "as_index_array", "check_index_range",
     "check_weight", "check_writable", "as_grad_output",
     # EmbeddingBag
     "bag_starts", "bag_forward", "bag_counts", "entry_bags", "mean_scale",

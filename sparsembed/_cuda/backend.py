@@ -28,6 +28,7 @@ to_numpy = _impl.to_numpy
 from_host = _impl.from_host
 plan_rows = _impl.plan_rows
 gather = _impl.gather
+gather_and_plan = _impl.gather_and_plan
 renorm_rows_ = _impl.renorm_rows_
 dense_grad = _impl.dense_grad
 row_grad = _impl.row_grad

@@ -7,28 +7,11 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from sparsembed._kernels._memory cimport (
-    copy_row,
-    gather_prefetch_distance,
-    prefetch_distance,
-    prefetch_row,
-    prefetch_row_once,
-    stream_fence,
-    stream_row,
-)
+from sparsembed._kernels._gather cimport first_hit, gather_rows
+from sparsembed._kernels._memory cimport copy_row, prefetch_distance, prefetch_row
 from sparsembed._kernels._openmp_helpers cimport claim_part, claimed_parts
 from sparsembed._kernels._reduce cimport abs_sum8, dot8
 from sparsembed._kernels._types cimport index_t
-
-
-cdef inline int64_t _first_hit(const int64_t* first, int64_t n_chunks) noexcept nogil:
-    """The first chunk's hit (chunks in input order, -1 for none): the answer of a
-    scan split into chunks, the same for every thread count."""
-    cdef int64_t c
-    for c in range(n_chunks):
-        if first[c] >= 0:
-            return first[c]
-    return -1
 
 
 def first_out_of_range(
@@ -69,50 +52,10 @@ def first_out_of_range(
                         first[c] = i
                         break
                     i = i + 1
-            found = _first_hit(first, n_chunks)
+            found = first_hit(first, n_chunks)
     finally:
         free(first)
     return found
-
-
-cdef int64_t _gather_chunk(
-    const floating* weight,   # (num_rows, dim)
-    int64_t num_rows,
-    const index_t* idx,
-    int64_t lo,
-    int64_t hi,
-    int64_t dim,
-    floating* out,            # (n, dim)
-    bint stream,              # non-temporal stores (a large output)
-) noexcept nogil:
-    # returns -1, or the first i in [lo, hi) whose id is outside [0, num_rows) (no
-    # row is read for it; the rows before it are copied)
-    cdef size_t row_bytes = dim * sizeof(floating)
-    cdef int64_t i, r, ahead = gather_prefetch_distance(row_bytes)
-    cdef int64_t pf_end = hi - ahead
-    # rows are read in random order: ask for row i + ahead while copying row i (a
-    # prefetch never faults, even for an id still to be checked). Each row is read
-    # once to be streamed out, so it is fetched past L2 and L3 (prefetchnta). On
-    # the AMD EPYC (262,144 ids, V = 1e6, old/new builds alternated in one process):
-    # D = 64 uniform 2.8-3.3 -> 2.4-2.6 ms on one thread, 2.8 -> 2.4-2.7 on two
-    # while the second core added no bandwidth, D = 256 uniform 16.0 -> 13.6-15.0
-    # and 12.0 -> 10.9; Zipf ids and tables that the L3 holds (V = 1e4, 1e5; 3e4 at
-    # D = 256) level
-    for i in range(lo, hi):
-        if i < pf_end:
-            prefetch_row_once(weight + idx[i + ahead] * dim, row_bytes)
-        r = idx[i]
-        if <uint64_t> r >= <uint64_t> num_rows:
-            if stream:
-                stream_fence()
-            return i
-        if stream:
-            stream_row(out + i * dim, weight + r * dim, row_bytes)
-        else:
-            copy_row(out + i * dim, weight + r * dim, row_bytes)
-    if stream:
-        stream_fence()
-    return -1
 
 
 def gather(
@@ -161,7 +104,7 @@ def gather(
         # no parallel region and no per-range table: 0.55 us less a call (0.94 ->
         # 0.38 us for 16 ids), a fifth of a small lookup
         with nogil:
-            found = _gather_chunk(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
+            found = gather_rows(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
                                   &idx[0], 0, n, dim, &out[0, 0], stream)
             if keep != NULL:
                 memcpy(keep, &idx[0], n * sizeof(index_t))
@@ -176,12 +119,12 @@ def gather(
             while c < n_ranges:
                 lo = (n * c) // n_ranges
                 hi = (n * (c + 1)) // n_ranges
-                first[c] = _gather_chunk(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
+                first[c] = gather_rows(&weight[0, 0] if num_rows > 0 else NULL, num_rows,
                                          &idx[0], lo, hi, dim, &out[0, 0], stream)
                 if keep != NULL:
                     memcpy(keep + lo, &idx[0] + lo, (hi - lo) * sizeof(index_t))
                 c = claim_part(&next_range, n_ranges, T)
-        found = _first_hit(first, n_ranges)
+        found = first_hit(first, n_ranges)
     finally:
         free(first)
     return found

@@ -8,6 +8,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 _Index = NDArray[np.int32] | NDArray[np.int64]
+_Floating = NDArray[np.float32] | NDArray[np.float64]
 
 def argsort_rows(
     idx: _Index,
@@ -47,3 +48,20 @@ def build_plan(
 ) -> tuple[int, int]:
     """Stable sort of the ids other than ``skip_row`` (32-bit ids and positions) and
     its segments; returns ``(m, n_rows)``."""
+
+def gather_and_plan(
+    weight: _Floating,
+    idx: _Index,
+    out: _Floating,
+    stream: bool,
+    ids_out: _Index | None,
+    skip_row: int,
+    perm_out: NDArray[np.int64],
+    rows_out: NDArray[np.int64],
+    starts_out: NDArray[np.int64],
+    scratch: NDArray[np.uint64],
+    n_threads: int,
+) -> tuple[int, int, int]:
+    """The lookup ``out[i] = weight[idx[i]]`` with the plan of ``idx`` (as
+    :func:`build_plan`'s) made by one thread of its team; returns ``(bad, m, n_rows)``,
+    ``bad`` -1 or the position of the first id out of range."""

@@ -6,12 +6,16 @@ answer, so the permutation is identical for every thread count, and each row's
 occurrences stay in input order: later per-row sums run in a fixed order.
 """
 
+from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset
 
+from sparsembed._kernels._gather cimport first_hit, gather_rows
 from sparsembed._kernels._openmp_helpers cimport (
+    claim_part,
+    claimed_parts,
     omp_get_num_threads,
     omp_get_thread_num,
     se_barrier,
@@ -313,6 +317,93 @@ def build_plan(
     return m, n_rows
 
 
+def gather_and_plan(
+    const floating[:, ::1] weight,  # IN (num_rows, dim), dim >= 1
+    const index_t[::1] idx,         # IN (n,) ids, n >= 1, checked here against num_rows
+    floating[:, ::1] out,           # OUT (n, dim)
+    bint stream,                    # IN write out with non-temporal stores
+    index_t[::1] ids_out,           # OUT (n,) a copy of idx, or None
+    int64_t skip_row,               # IN an id the plan leaves out (padding), or -1
+    int64_t[::1] perm_out,          # OUT (n,) as build_plan's
+    int64_t[::1] rows_out,          # OUT (n,)
+    int64_t[::1] starts_out,        # OUT (n + 1,)
+    uint64_t[::1] scratch,          # IN/OUT plan_scratch_size(n, num_rows, 1) entries
+    int n_threads,
+):
+    """``_lookup.gather`` and ``build_plan`` of the same ids in one parallel region:
+    the last thread of the team sorts the ids on its own (the radix plan on a team
+    of one) while the others copy rows, then it claims the ranges still left.
+
+    Why: the copy of rows from a large table is bound by the memory system, the plan
+    by one core's instructions on data in its caches. While the host gives a second
+    core no more memory bandwidth (see benchmarks/README.md) a second copying thread
+    adds little, and the plan, which would follow the lookup, is hidden behind it; when
+    it does, the lookup slows by what the planner leaves to the first thread. AMD
+    EPYC, 262,144 uniform ids, V = 1e6, D = 64, 2 threads, lookup + plan one after
+    the other against this (emulated with 64 ranges from Python): 3.54-3.85 vs
+    2.93-3.45 ms while a second core adds no bandwidth, 2.45-2.53 vs 2.37-2.54 while
+    it does.
+
+    Returns ``(bad, m, n_rows)``: ``bad`` as gather's (-1, or the first position
+    whose id is outside ``[0, num_rows)``; the plan is then garbage), ``m`` and
+    ``n_rows`` as build_plan's.
+    """
+    cdef int64_t n = idx.shape[0]
+    cdef int64_t num_rows = weight.shape[0]
+    cdef int64_t dim = weight.shape[1]
+    cdef int64_t T = n_threads if n_threads > 0 else 1
+    cdef int64_t c, lo, hi, n_ranges, found = -1
+    cdef int tid, team
+    cdef long long next_range = 0
+    cdef int64_t* first = NULL
+    cdef index_t* keep = NULL
+    cdef radix_work w
+    if n == 0 or dim == 0 or num_rows == 0:
+        raise ValueError("gather_and_plan needs ids, rows and columns")
+    if num_rows > (<int64_t> 1 << 32) or n >= (<int64_t> 1 << 32):
+        raise ValueError("gather_and_plan needs ids and positions that fit in 32 bits")
+    if out.shape[0] != n or out.shape[1] != dim:
+        raise ValueError(f"out must be ({n}, {dim}), got ({out.shape[0]}, {out.shape[1]})")
+    if perm_out.shape[0] < n or rows_out.shape[0] < n or starts_out.shape[0] < n + 1:
+        raise ValueError(f"perm_out and rows_out must hold {n} entries, starts_out {n + 1}")
+    if scratch is None or scratch.shape[0] < 2 * n + _wc_words(num_rows, 1):
+        raise ValueError("scratch must hold plan_scratch_size(n, num_rows, 1) entries")
+    if ids_out is not None:
+        if ids_out.shape[0] != n:
+            raise ValueError(f"ids_out has {ids_out.shape[0]} entries, expected {n}")
+        keep = &ids_out[0]
+    n_ranges = claimed_parts(n, T)
+    first = <int64_t*> malloc(n_ranges * sizeof(int64_t))
+    if first == NULL:
+        raise MemoryError()
+    if _radix_alloc(&w, n, num_rows, 1, &scratch[0]) < 0:
+        free(first)
+        raise MemoryError()
+    try:
+        with nogil, parallel(num_threads=T):
+            tid = omp_get_thread_num()
+            team = omp_get_num_threads()
+            if tid == team - 1:
+                _radix_team(&idx[0], n, skip_row, num_rows, &perm_out[0], &rows_out[0],
+                            &starts_out[0], &w, 0, 1)
+            c = claim_part(&next_range, n_ranges, T)
+            while c < n_ranges:
+                lo = (n * c) // n_ranges
+                hi = (n * (c + 1)) // n_ranges
+                first[c] = gather_rows(&weight[0, 0], num_rows, &idx[0], lo, hi, dim,
+                                       &out[0, 0], stream)
+                if keep != NULL:
+                    memcpy(keep + lo, &idx[0] + lo, (hi - lo) * sizeof(index_t))
+                c = claim_part(&next_range, n_ranges, T)
+        found = first_hit(first, n_ranges)
+    finally:
+        free(first)
+        _radix_free(&w)
+    if found >= 0 or w.shared[4]:
+        return found, 0, 0
+    return found, w.shared[0], w.shared[2]
+
+
 cdef _counting_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                     int64_t[::1] perm_out, int64_t[::1] rows_out,
                     int64_t[::1] starts_out, int64_t T):
@@ -588,13 +679,72 @@ cdef inline int64_t _split_sorted(const index_t* idx, int64_t skip_at, int64_t s
     return u - lo
 
 
+cdef struct radix_work:
+    # what one radix plan's team shares, set up by _radix_alloc
+    uint32_t* hist           # per thread SUB_CHUNKS x buckets slot counts
+    int64_t* sub_bounds      # per thread SUB_CHUNKS + 1 chunk bounds
+    int64_t* n_runs          # per thread: its runs, then whether its chunk is unsorted,
+                             # then whether it saw an id out of range (3 x team)
+    uint64_t* buf            # 2 n words, then the write-combining lines
+    bint own_buf             # buf was malloc'd here (no scratch given)
+    # written by thread 0 between two barriers, read by all: word count, hot flag,
+    # distinct rows, whether the ids arrived sorted, whether one is out of range
+    int64_t shared[5]
+    se_barrier barrier
+
+
+cdef int _radix_alloc(radix_work* w, int64_t n, int64_t R, int64_t T,
+                      uint64_t* scratch) noexcept nogil:
+    """The work space of a radix plan of n ids below R on a team of at most T threads
+    (scratch: plan_scratch_size(n, R, T) words, or NULL); -1 when out of memory (all
+    freed)."""
+    cdef int64_t n_pass
+    cdef int64_t n_buckets = (<int64_t> 1) << _digit_bits(R, &n_pass)
+    w.hist = <uint32_t*> malloc(T * SUB_CHUNKS * n_buckets * sizeof(uint32_t))
+    w.sub_bounds = <int64_t*> malloc(T * (SUB_CHUNKS + 1) * sizeof(int64_t))
+    w.n_runs = <int64_t*> calloc(3 * T, sizeof(int64_t))
+    w.own_buf = scratch == NULL
+    w.buf = scratch if scratch != NULL else <uint64_t*> malloc(
+        (2 * n + _wc_words(R, T)) * sizeof(uint64_t))
+    se_barrier_init(&w.barrier)
+    if w.hist == NULL or w.sub_bounds == NULL or w.n_runs == NULL or w.buf == NULL:
+        _radix_free(w)
+        return -1
+    return 0
+
+
+cdef void _radix_free(radix_work* w) noexcept nogil:
+    free(w.hist); free(w.sub_bounds); free(w.n_runs)
+    if w.own_buf:
+        free(w.buf)
+    w.hist = NULL; w.sub_bounds = NULL; w.n_runs = NULL; w.buf = NULL
+
+
 cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
                  int64_t[::1] perm_out, int64_t[::1] rows_out,
                  int64_t[::1] starts_out, int64_t T, uint64_t* scratch):
-    cdef int64_t n = idx.shape[0]
+    cdef radix_work w
+    if _radix_alloc(&w, idx.shape[0], R, T, scratch) < 0:
+        raise MemoryError()
+    try:
+        with nogil, parallel(num_threads=T):
+            _radix_team(&idx[0], idx.shape[0], skip_row, R, &perm_out[0], &rows_out[0],
+                        &starts_out[0], &w, omp_get_thread_num(), omp_get_num_threads())
+    finally:
+        _radix_free(&w)
+    if w.shared[4]:
+        return -1, 0
+    return w.shared[0], w.shared[2]
+
+
+cdef void _radix_team(const index_t* idx, int64_t n, int64_t skip_row, int64_t R,
+                      int64_t* perm_out, int64_t* rows_out, int64_t* starts_out,
+                      radix_work* w, int tid, int team) noexcept nogil:
+    """Thread tid's part of the radix plan on a team of team threads, all of which
+    call it (team 1: one thread on its own, no waiting). The plan is in w.shared once
+    every member has returned (see _radix_plan)."""
     cdef int64_t n_pass, digit_bits, n_buckets, p, shortest, m, lo, hi, u, t
     cdef int64_t skip_at, skip_len
-    cdef int tid, team
     cdef int shift
     cdef uint64_t mask
     cdef int64_t* bounds
@@ -603,120 +753,90 @@ cdef _radix_plan(const index_t[::1] idx, int64_t skip_row, int64_t R,
     cdef uint64_t* dst
     cdef uint64_t* words0
     cdef uint64_t* words1
-    cdef uint32_t* hist = NULL
-    cdef int64_t* sub_bounds = NULL
-    cdef int64_t* n_runs = NULL
-    cdef uint64_t* buf = NULL
     cdef uint64_t* wc_lines0
     cdef uint32_t* wc_first0
     cdef uint64_t* wc_lines
     cdef uint32_t* wc_first
-    # written by thread 0 between two barriers, read by all: word count, hot flag,
-    # distinct rows, whether the ids arrived sorted, whether one is out of range
-    cdef int64_t shared[5]
-    cdef int64_t* chunk_unsorted = NULL
-    cdef int64_t* id_bad = NULL
-    cdef se_barrier barrier
+    cdef int64_t* shared = w.shared
+    cdef int64_t* n_runs = w.n_runs
+    cdef int64_t* chunk_unsorted = w.n_runs + team
+    cdef int64_t* id_bad = w.n_runs + 2 * team
+    cdef se_barrier* barrier = &w.barrier
     digit_bits = _digit_bits(R, &n_pass)
     n_buckets = (<int64_t> 1) << digit_bits
     mask = <uint64_t> (n_buckets - 1)
-
-    hist = <uint32_t*> malloc(T * SUB_CHUNKS * n_buckets * sizeof(uint32_t))
-    sub_bounds = <int64_t*> malloc(T * (SUB_CHUNKS + 1) * sizeof(int64_t))
-    n_runs = <int64_t*> calloc(3 * T, sizeof(int64_t))
-    buf = scratch if scratch != NULL else <uint64_t*> malloc(
-        (2 * n + _wc_words(R, T)) * sizeof(uint64_t))
-    if hist == NULL or sub_bounds == NULL or n_runs == NULL or buf == NULL:
-        free(hist); free(sub_bounds); free(n_runs)
-        if scratch == NULL:
-            free(buf)
-        raise MemoryError()
-    words0 = buf
-    words1 = buf + n
+    words0 = w.buf
+    words1 = w.buf + n
     # after the words: per thread a line of 8 words per bucket, line-aligned, then
     # each bucket's first slot
-    wc_lines0 = <uint64_t*> ((<size_t> (buf + 2 * n) + 63) & ~(<size_t> 63))
-    wc_first0 = <uint32_t*> (wc_lines0 + T * n_buckets * 8)
-    chunk_unsorted = n_runs + T
-    id_bad = n_runs + 2 * T
-    se_barrier_init(&barrier)
-    try:
-        with nogil, parallel(num_threads=T):
-            tid = omp_get_thread_num()
-            team = omp_get_num_threads()
-            bounds = sub_bounds + tid * (SUB_CHUNKS + 1)
-            slots = hist + tid * SUB_CHUNKS * n_buckets
-            wc_lines = wc_lines0 + tid * n_buckets * 8 if n >= WC_MIN_IDS else NULL
-            wc_first = wc_first0 + tid * n_buckets
-            # pass 0 reads the ids themselves, leaving skip_row out
-            chunk_unsorted[tid] = not _chunk_sorted(&idx[0], _chunk_lo(n, team, tid),
-                                                    _chunk_lo(n, team, tid + 1))
-            shortest = _sub_chunks(bounds, n, team, tid)
-            memset(slots, 0, SUB_CHUNKS * n_buckets * sizeof(uint32_t))
-            id_bad[tid] = _count_ids(&idx[0], bounds, shortest, skip_row, mask, slots,
-                                     n_buckets, <uint64_t> R)
-            se_barrier_wait(&barrier, team)
-            if tid == 0:
-                shared[4] = _any(id_bad, team)
-                shared[3] = not _any(chunk_unsorted, team)
-                if not shared[3] and not shared[4]:
-                    _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, n, shared, NULL, NULL)
-            se_barrier_wait(&barrier, team)
-            if shared[4]:
-                pass  # an id out of range: nothing more to do (every thread sees it)
-            elif shared[3]:
-                # sorted ids: the positions in order, less skip_row's one run
-                skip_at = first_at_least(&idx[0], n, skip_row)
-                skip_len = first_at_least(&idx[0], n, skip_row + 1) - skip_at
-                m = n - skip_len
-                if tid == 0:
-                    shared[0] = m
-                lo = _chunk_lo(m, team, tid)
-                hi = _chunk_lo(m, team, tid + 1)
-                n_runs[tid] = _split_sorted(&idx[0], skip_at, skip_len, lo, hi,
-                                            &perm_out[0], &rows_out[0], &starts_out[0])
-            else:
-                m = shared[0]
-                _scatter_ids(&idx[0], bounds, shortest, skip_row, mask, slots, n_buckets,
-                             words0, shared[1], wc_lines, wc_first)
-                for p in range(1, n_pass):
-                    src = words0 if p % 2 == 1 else words1
-                    dst = words1 if p % 2 == 1 else words0
-                    shift = 32 + p * digit_bits
-                    shortest = _sub_chunks(bounds, m, team, tid)
-                    memset(slots, 0, SUB_CHUNKS * n_buckets * sizeof(uint32_t))
-                    se_barrier_wait(&barrier, team)   # src complete
-                    _count_words(src, bounds, shortest, shift, mask, slots, n_buckets)
-                    se_barrier_wait(&barrier, team)
-                    if tid == 0:
-                        _slot_prefix(hist, n_buckets, team * SUB_CHUNKS, m, shared, NULL,
-                                     NULL)
-                    se_barrier_wait(&barrier, team)
-                    _scatter_words(src, bounds, shortest, shift, mask, slots, n_buckets,
-                                   dst, shared[1], wc_lines, wc_first)
-                se_barrier_wait(&barrier, team)
-                src = words0 if n_pass % 2 == 1 else words1
-                lo = _chunk_lo(m, team, tid)
-                hi = _chunk_lo(m, team, tid + 1)
-                n_runs[tid] = _split_words(src, lo, hi, &perm_out[0], &rows_out[0],
-                                           &starts_out[0])
-            se_barrier_wait(&barrier, team)
-            if tid == 0 and not shared[4]:
-                # each chunk listed its runs from its own first slot on (a run count
-                # never exceeds the chunk's length): close the gaps, in chunk order
-                u = n_runs[0]
-                for t in range(1, team):
-                    lo = _chunk_lo(m, team, t)
-                    if n_runs[t] > 0 and lo != u:
-                        memmove(&rows_out[u], &rows_out[lo], n_runs[t] * sizeof(int64_t))
-                        memmove(&starts_out[u], &starts_out[lo], n_runs[t] * sizeof(int64_t))
-                    u = u + n_runs[t]
-                starts_out[u] = m
-                shared[2] = u
-    finally:
-        free(hist); free(sub_bounds); free(n_runs)
-        if scratch == NULL:
-            free(buf)
+    wc_lines0 = <uint64_t*> ((<size_t> (w.buf + 2 * n) + 63) & ~(<size_t> 63))
+    wc_first0 = <uint32_t*> (wc_lines0 + team * n_buckets * 8)
+
+    bounds = w.sub_bounds + tid * (SUB_CHUNKS + 1)
+    slots = w.hist + tid * SUB_CHUNKS * n_buckets
+    wc_lines = wc_lines0 + tid * n_buckets * 8 if n >= WC_MIN_IDS else NULL
+    wc_first = wc_first0 + tid * n_buckets
+    # pass 0 reads the ids themselves, leaving skip_row out
+    chunk_unsorted[tid] = not _chunk_sorted(idx, _chunk_lo(n, team, tid),
+                                            _chunk_lo(n, team, tid + 1))
+    shortest = _sub_chunks(bounds, n, team, tid)
+    memset(slots, 0, SUB_CHUNKS * n_buckets * sizeof(uint32_t))
+    id_bad[tid] = _count_ids(idx, bounds, shortest, skip_row, mask, slots,
+                             n_buckets, <uint64_t> R)
+    se_barrier_wait(barrier, team)
+    if tid == 0:
+        shared[4] = _any(id_bad, team)
+        shared[3] = not _any(chunk_unsorted, team)
+        if not shared[3] and not shared[4]:
+            _slot_prefix(w.hist, n_buckets, team * SUB_CHUNKS, n, shared, NULL, NULL)
+    se_barrier_wait(barrier, team)
     if shared[4]:
-        return -1, 0
-    return shared[0], shared[2]
+        pass  # an id out of range: nothing more to do (every thread sees it)
+    elif shared[3]:
+        # sorted ids: the positions in order, less skip_row's one run
+        skip_at = first_at_least(idx, n, skip_row)
+        skip_len = first_at_least(idx, n, skip_row + 1) - skip_at
+        m = n - skip_len
+        if tid == 0:
+            shared[0] = m
+        lo = _chunk_lo(m, team, tid)
+        hi = _chunk_lo(m, team, tid + 1)
+        n_runs[tid] = _split_sorted(idx, skip_at, skip_len, lo, hi,
+                                    perm_out, rows_out, starts_out)
+    else:
+        m = shared[0]
+        _scatter_ids(idx, bounds, shortest, skip_row, mask, slots, n_buckets,
+                     words0, shared[1], wc_lines, wc_first)
+        for p in range(1, n_pass):
+            src = words0 if p % 2 == 1 else words1
+            dst = words1 if p % 2 == 1 else words0
+            shift = 32 + p * digit_bits
+            shortest = _sub_chunks(bounds, m, team, tid)
+            memset(slots, 0, SUB_CHUNKS * n_buckets * sizeof(uint32_t))
+            se_barrier_wait(barrier, team)   # src complete
+            _count_words(src, bounds, shortest, shift, mask, slots, n_buckets)
+            se_barrier_wait(barrier, team)
+            if tid == 0:
+                _slot_prefix(w.hist, n_buckets, team * SUB_CHUNKS, m, shared, NULL,
+                             NULL)
+            se_barrier_wait(barrier, team)
+            _scatter_words(src, bounds, shortest, shift, mask, slots, n_buckets,
+                           dst, shared[1], wc_lines, wc_first)
+        se_barrier_wait(barrier, team)
+        src = words0 if n_pass % 2 == 1 else words1
+        lo = _chunk_lo(m, team, tid)
+        hi = _chunk_lo(m, team, tid + 1)
+        n_runs[tid] = _split_words(src, lo, hi, perm_out, rows_out, starts_out)
+    se_barrier_wait(barrier, team)
+    if tid == 0 and not shared[4]:
+        # each chunk listed its runs from its own first slot on (a run count
+        # never exceeds the chunk's length): close the gaps, in chunk order
+        u = n_runs[0]
+        for t in range(1, team):
+            lo = _chunk_lo(m, team, t)
+            if n_runs[t] > 0 and lo != u:
+                memmove(&rows_out[u], &rows_out[lo], n_runs[t] * sizeof(int64_t))
+                memmove(&starts_out[u], &starts_out[lo], n_runs[t] * sizeof(int64_t))
+            u = u + n_runs[t]
+        starts_out[u] = m
+        shared[2] = u
