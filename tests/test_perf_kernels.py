@@ -1183,3 +1183,21 @@ def test_a_lookup_that_plans_ahead_names_the_bad_id_and_changes_nothing(rng, thr
     # the layer still holds the last good forward, whose backward works
     again = emb.backward(np.ones((n, 4), np.float32))
     assert (again != grad).nnz == 0
+
+
+@pytest.mark.parametrize("dim", [6, 5])  # float16 rows copied as float32 pairs, and not
+def test_float16_training_lookups_plan_ahead_with_the_same_gradients(rng, threads,
+                                                                     plan_ahead_spy, dim):
+    threads(2)
+    V, n = 60_000, 8000
+    emb = se.Embedding(V, dim, sparse=True, dtype=np.float16, random_state=0)
+    for step in range(3):
+        ids = rng.integers(0, V, size=n)
+        out = emb(ids)
+        assert out.tobytes() == emb.weight[ids].tobytes()
+        assert len(plan_ahead_spy) == (step if dim % 2 == 0 else 0)
+        g = rng.standard_normal(out.shape).astype(np.float32)
+        grad = emb.backward(g)
+        expected = se.functional.embedding_backward(g, ids, V, sparse=True)
+        assert (grad != expected).nnz == 0
+        emb.zero_grad()
