@@ -150,6 +150,8 @@ def gather_and_plan(weight, flat, num_rows, skip_row=None, ids_out=None):
     del scratch
     if bad >= 0:
         raise _index_error(flat, bad, weight.shape[0])
+    if m < 0:  # the plan saw an id out of range that the lookup did not: never so
+        return out, plan_rows(flat, num_rows, skip_row, check_range=True)
     return out, RowPlan(perm[:m], rows[:n_rows], starts[: n_rows + 1], m < n, n)
 
 

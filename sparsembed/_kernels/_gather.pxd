@@ -3,6 +3,7 @@
 
 from cython cimport floating
 from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy
 
 from sparsembed._kernels._memory cimport (
     copy_row,
@@ -11,6 +12,7 @@ from sparsembed._kernels._memory cimport (
     stream_fence,
     stream_row,
 )
+from sparsembed._kernels._openmp_helpers cimport claim_part
 from sparsembed._kernels._types cimport index_t
 
 
@@ -62,3 +64,30 @@ cdef inline int64_t gather_rows(
     if stream:
         stream_fence()
     return -1
+
+
+cdef inline void gather_claimed(
+    const floating* weight,   # (num_rows, dim), NULL when num_rows is 0
+    int64_t num_rows,
+    const index_t* idx,       # (n,)
+    int64_t n,
+    int64_t dim,
+    floating* out,            # (n, dim)
+    bint stream,
+    index_t* keep,            # (n,) a copy of idx, or NULL
+    int64_t* first,           # (n_ranges,) each range's gather_rows result
+    long long* next_range,    # the team's claim counter, from 0
+    int64_t n_ranges,         # claimed_parts(n, n_threads)
+    int64_t n_threads,
+) noexcept nogil:
+    """A team member's share of a lookup in ranges claimed as it comes free: every
+    thread of the parallel region calls it (see _lookup.gather)."""
+    cdef int64_t c, lo, hi
+    c = claim_part(next_range, n_ranges, n_threads)
+    while c < n_ranges:
+        lo = (n * c) // n_ranges
+        hi = (n * (c + 1)) // n_ranges
+        first[c] = gather_rows(weight, num_rows, idx, lo, hi, dim, out, stream)
+        if keep != NULL:
+            memcpy(keep + lo, idx + lo, (hi - lo) * sizeof(index_t))
+        c = claim_part(next_range, n_ranges, n_threads)

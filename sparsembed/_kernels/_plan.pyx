@@ -12,9 +12,8 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset
 
-from sparsembed._kernels._gather cimport first_hit, gather_rows
+from sparsembed._kernels._gather cimport first_hit, gather_claimed
 from sparsembed._kernels._openmp_helpers cimport (
-    claim_part,
     claimed_parts,
     omp_get_num_threads,
     omp_get_thread_num,
@@ -352,7 +351,7 @@ def gather_and_plan(
     cdef int64_t num_rows = weight.shape[0]
     cdef int64_t dim = weight.shape[1]
     cdef int64_t T = n_threads if n_threads > 0 else 1
-    cdef int64_t c, lo, hi, n_ranges, found = -1
+    cdef int64_t n_ranges, found = -1
     cdef int tid, team
     cdef long long next_range = 0
     cdef int64_t* first = NULL
@@ -386,21 +385,16 @@ def gather_and_plan(
             if tid == team - 1:
                 _radix_team(&idx[0], n, skip_row, num_rows, &perm_out[0], &rows_out[0],
                             &starts_out[0], &w, 0, 1)
-            c = claim_part(&next_range, n_ranges, T)
-            while c < n_ranges:
-                lo = (n * c) // n_ranges
-                hi = (n * (c + 1)) // n_ranges
-                first[c] = gather_rows(&weight[0, 0], num_rows, &idx[0], lo, hi, dim,
-                                       &out[0, 0], stream)
-                if keep != NULL:
-                    memcpy(keep + lo, &idx[0] + lo, (hi - lo) * sizeof(index_t))
-                c = claim_part(&next_range, n_ranges, T)
+            gather_claimed(&weight[0, 0], num_rows, &idx[0], n, dim, &out[0, 0], stream,
+                           keep, first, &next_range, n_ranges, T)
         found = first_hit(first, n_ranges)
     finally:
         free(first)
         _radix_free(&w)
-    if found >= 0 or w.shared[4]:
+    if found >= 0:
         return found, 0, 0
+    if w.shared[4]:
+        return found, -1, 0  # never so: the lookup checks the same ids against num_rows
     return found, w.shared[0], w.shared[2]
 
 
