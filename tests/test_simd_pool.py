@@ -272,6 +272,63 @@ def test_set_level_is_capped(at_level):
     assert at_level(-3) == 0
 
 
+def _sysfs_largest_cache():
+    """The largest cache size cpu0 lists in sysfs, in bytes, or None."""
+    import glob
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        unit = {"K": 1024, "M": 1024 ** 2}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * unit)
+    return max(sizes) if sizes else None
+
+
+def test_last_level_cache_size_is_sysfs_largest_cache_or_32_mib():
+    want = _sysfs_largest_cache()
+    if want is None or want < 2 ** 20:
+        want = 32 * 2 ** 20
+    assert _bag.last_level_cache_bytes() == want
+
+
+@pytest.mark.parametrize("row_bytes", [4, 64, 200, 256, 400, 1024, 1200, 4096])
+def test_prefetch_distance_is_short_for_a_table_in_cache(row_bytes):
+    half = _bag.last_level_cache_bytes() // 2
+    cached = min(32, max(8, 8192 // row_bytes))
+    assert _bag.pool_rows_ahead(row_bytes, row_bytes) == cached
+    assert _bag.pool_rows_ahead(row_bytes, half) == cached
+    assert _bag.pool_rows_ahead(row_bytes, half + 1) == min(64, max(8, 32768 // row_bytes))
+
+
+@pytest.mark.parametrize("dim", [64, 100])
+def test_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, rng, at_level):
+    # such a table gets the long prefetch distance (up to 64 entries ahead, more than
+    # most of these bags hold: the clamp at the batch's end); up to 80 MiB
+    num_rows = _bag.last_level_cache_bytes() // 2 // (4 * dim) + 1
+    if num_rows * dim * 4 > 80 * 2 ** 20:
+        pytest.skip("the last-level cache is too large for a table past half of it here")
+    weight = np.empty((num_rows, dim), np.float32)
+    weight[:] = rng.standard_normal(dim).astype(np.float32)  # one row everywhere: quick
+    hot = rng.integers(0, num_rows, 300)
+    weight[hot] = rng.standard_normal((hot.size, dim)).astype(np.float32)
+    assert _bag.pool_rows_ahead(dim * 4, weight.nbytes) == min(64, max(8, 32768 // (dim * 4)))
+    flat, starts = _batch(rng, hot.size, 40, np.float32, np.int64, max_len=70)
+    flat = hot[flat]
+    for level in _levels():
+        at_level(level)
+        for pad in (-1, int(hot[3])):
+            expected, expected_counts = _sequential_sums(weight, flat, starts, pad, 0, None)
+            out = np.empty((starts.size - 1, dim), np.float32)
+            counts = np.empty(starts.size - 1, np.int64)
+            for n_threads in (1, 2):
+                assert _bag.bag_forward(weight, flat, starts, pad, 0, np.empty(0, np.float32),
+                                        out, np.empty((0, 0), np.int64), counts,
+                                        n_threads) == 0
+                assert_array_equal(counts, expected_counts)
+                assert out.tobytes() == expected.tobytes(), (level, pad, n_threads)
+
+
 # ------------------------------------------------- the range check of the pooling kernel
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])

@@ -23,6 +23,14 @@ def bag_forward(
     Returns the number of bags holding an out-of-range id (``counts[b] = -(e + 1)``
     for such a bag, ``e`` its first bad entry)."""
 
+def last_level_cache_bytes() -> int:
+    """The last-level cache size the pooling's prefetch distance is chosen by (sysfs's
+    largest cache of cpu0 on Linux, else 32 MiB)."""
+
+def pool_rows_ahead(row_bytes: int, table_bytes: int) -> int:
+    """Entries ahead the pooling prefetches: 8 KiB of rows (8 to 32) for a table that
+    fits in half the last-level cache, else 32 KiB (8 to 64)."""
+
 def simd_level() -> int:
     """The SIMD level the sum/mean pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
 

@@ -25,12 +25,13 @@ from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
 from sparsembed._kernels._memory cimport (
     gather_prefetch_distance,
-    pool_prefetch_distance,
+    llc_bytes,
     prefetch_distance,
     prefetch_row,
     prefetch_row_once,
     stream_fence,
     stream_row,
+    table_pool_distance,
 )
 from sparsembed._kernels._openmp_helpers cimport (
     claim_part,
@@ -85,6 +86,19 @@ def set_simd_level(int level):
     return pool_set_level(level)
 
 
+def last_level_cache_bytes():
+    """The last-level cache size the pooling's prefetch distance is chosen by: the
+    largest cache of cpu0 in Linux's sysfs, else 32 MiB."""
+    return llc_bytes()
+
+
+def pool_rows_ahead(int64_t row_bytes, int64_t table_bytes):
+    """How many entries ahead the pooling prefetches rows of ``row_bytes`` from a
+    table of ``table_bytes``: 8 KiB of rows (8 to 32) when the table fits in half
+    the last-level cache, else 32 KiB (8 to 64)."""
+    return table_pool_distance(row_bytes, table_bytes)
+
+
 def bag_forward(
     const floating[:, ::1] weight,   # IN (num_rows, dim)
     const index_t[::1] idx,          # IN (n,) ids, checked here against num_rows
@@ -128,8 +142,10 @@ def bag_forward(
     # shared L3 holds less of a skewed batch's rows, 4 KiB ahead came too late
     # (bag sum forward, 2 threads, V = 1e6, A/B with the prefetches of _simd_pool.h
     # spread among the adds: D = 64 uniform 1.27-1.45 -> 1.06-1.15 ms with 64 rows,
-    # D = 256 Zipf 2.01-2.15 -> 1.55-1.57 with 32; D = 256 uniform level)
-    cdef int64_t ahead = pool_prefetch_distance(dim * sizeof(floating))
+    # D = 256 Zipf 2.01-2.15 -> 1.55-1.57 with 32; D = 256 uniform level). A table
+    # that fits in the last-level cache gets 8 KiB of rows (_memory.pxd).
+    cdef int64_t ahead = table_pool_distance(dim * sizeof(floating),
+                                             num_rows * dim * sizeof(floating))
     cdef pool_table fns = pool_table_at(pool_level())
     cdef max_table mfns = max_table_at(pool_level())
     if n_bags <= 0 or dim <= 0:
@@ -224,7 +240,8 @@ def half_bag_forward(
     # rows past SE_HALF_SPREAD bytes as far ahead as the float32 pooling's; narrower
     # ones ~4 KiB, at least 8, a row's lines at once as its id is checked
     cdef int64_t row_bytes = dim * <int64_t>sizeof(uint16_t)
-    cdef int64_t ahead = (pool_prefetch_distance(row_bytes) if row_bytes > HALF_SPREAD
+    cdef int64_t ahead = (table_pool_distance(row_bytes, num_rows * row_bytes)
+                          if row_bytes > HALF_SPREAD
                           else max(8, prefetch_distance(row_bytes)))
     cdef half_pool_table fns = half_pool_table_at(pool_level())
     if out.shape[0] != n_bags or out.shape[1] != dim or counts.shape[0] != n_bags:
