@@ -17,9 +17,12 @@ from sparsembed import _cpu
 from sparsembed._kernels import _backward, _bag, _optim
 
 LEVEL_NAMES = ("baseline", "avx2", "avx512")
-# every chunk width (8, 4, 2, 1 vectors) and column tail at each level, float32 and float64
-DIMS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 100, 127, 128,
-        129, 200, 256, 257, 300, 520]
+# every chunk width (8, 4, 2, 1 vectors) and column tail at each level, float32 and float64,
+# and every one-pass row of 2 to 16 vectors with the last one moved back (SE_CHUNK_LAST:
+# 17-255 floats or 9-127 doubles that are not whole vectors; 90, 150, 170, 180, 215,
+# 230 and 250 floats give those of 6 and 10-16 vectors that the others miss)
+DIMS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 90, 100, 127,
+        128, 129, 150, 170, 180, 200, 215, 230, 250, 256, 257, 300, 520]
 
 
 def _levels():
@@ -301,28 +304,34 @@ def test_prefetch_distance_is_short_for_a_table_in_cache(row_bytes):
     assert _bag.pool_rows_ahead(row_bytes, half + 1) == min(64, max(8, 32768 // row_bytes))
 
 
-@pytest.mark.parametrize("dim", [64, 100])
-def test_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, rng, at_level):
+@pytest.mark.parametrize("dim,dtype", [(17, np.float32), (64, np.float32),
+                                       (100, np.float32), (200, np.float32),
+                                       (100, np.float64)])
+def test_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, dtype, rng,
+                                                                       at_level):
     # such a table gets the long prefetch distance (up to 64 entries ahead, more than
-    # most of these bags hold: the clamp at the batch's end); up to 80 MiB
-    num_rows = _bag.last_level_cache_bytes() // 2 // (4 * dim) + 1
-    if num_rows * dim * 4 > 80 * 2 ** 20:
+    # most of these bags hold: the clamp at the batch's end) and, at widths that are
+    # not whole vectors, two passes per bag (no SE_ONE_PASS); up to 80 MiB
+    itemsize = np.dtype(dtype).itemsize
+    num_rows = _bag.last_level_cache_bytes() // 2 // (itemsize * dim) + 1
+    if num_rows * dim * itemsize > 80 * 2 ** 20:
         pytest.skip("the last-level cache is too large for a table past half of it here")
-    weight = np.empty((num_rows, dim), np.float32)
-    weight[:] = rng.standard_normal(dim).astype(np.float32)  # one row everywhere: quick
+    weight = np.empty((num_rows, dim), dtype)
+    weight[:] = rng.standard_normal(dim).astype(dtype)  # one row everywhere: quick
     hot = rng.integers(0, num_rows, 300)
-    weight[hot] = rng.standard_normal((hot.size, dim)).astype(np.float32)
-    assert _bag.pool_rows_ahead(dim * 4, weight.nbytes) == min(64, max(8, 32768 // (dim * 4)))
-    flat, starts = _batch(rng, hot.size, 40, np.float32, np.int64, max_len=70)
+    weight[hot] = rng.standard_normal((hot.size, dim)).astype(dtype)
+    row_bytes = dim * itemsize
+    assert _bag.pool_rows_ahead(row_bytes, weight.nbytes) == min(64, max(8, 32768 // row_bytes))
+    flat, starts = _batch(rng, hot.size, 40, dtype, np.int64, max_len=70)
     flat = hot[flat]
     for level in _levels():
         at_level(level)
         for pad in (-1, int(hot[3])):
             expected, expected_counts = _sequential_sums(weight, flat, starts, pad, 0, None)
-            out = np.empty((starts.size - 1, dim), np.float32)
+            out = np.empty((starts.size - 1, dim), dtype)
             counts = np.empty(starts.size - 1, np.int64)
             for n_threads in (1, 2):
-                assert _bag.bag_forward(weight, flat, starts, pad, 0, np.empty(0, np.float32),
+                assert _bag.bag_forward(weight, flat, starts, pad, 0, np.empty(0, dtype),
                                         out, np.empty((0, 0), np.int64), counts,
                                         n_threads) == 0
                 assert_array_equal(counts, expected_counts)
@@ -491,6 +500,28 @@ def test_row_sums_and_dense_backward_at_every_level_are_sequential_sums_from_zer
                 want = np.zeros((V + 3, dim), dtype=dtype)
                 want[plan.rows] = expected
                 assert dense.tobytes() == want.tobytes(), (dim, threads, stream)
+
+
+@pytest.mark.parametrize("dim", [17, 100])
+def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, rng, at_level):
+    # a grad_output past half the last-level cache: rows that are not whole vectors
+    # are summed in two passes per row (no SE_ONE_PASS), at every level
+    n = _bag.last_level_cache_bytes() // 2 // (4 * dim) + 1
+    if n * dim * 4 > 80 * 2 ** 20:
+        pytest.skip("the last-level cache is too large for a grad past half of it here")
+    V = 5000
+    ids = rng.integers(0, V, size=n)
+    ids[::3] = 11  # a long segment
+    grad = rng.standard_normal((n, dim)).astype(np.float32)
+    plan = _cpu.plan_rows(ids, V)
+    want = np.zeros((V, dim), np.float32)
+    np.add.at(want, ids, grad)  # in input order, from zero: the promised bits
+    for level in _levels():
+        at_level(level)
+        for threads in (1, 2):
+            sums = np.full((plan.rows.size, dim), np.nan, np.float32)
+            _backward.row_sums(grad, plan.perm, plan.starts, False, sums, threads, True)
+            assert sums.tobytes() == want[plan.rows].tobytes(), (level, threads)
 
 
 @pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))

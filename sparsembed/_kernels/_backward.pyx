@@ -14,6 +14,7 @@ from libc.string cimport memcpy
 from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
 from sparsembed._kernels._memory cimport (
     copy_row,
+    llc_bytes,
     prefetch_distance,
     stream_fence,
     stream_row,
@@ -28,6 +29,7 @@ from sparsembed._kernels._simd cimport (
     SE_STREAM,
     SE_ZERO_GAPS,
     pool_level,
+    pool_pass_flags,
     pool_set_level,
     pool_stages,
     pool_sum,
@@ -37,6 +39,10 @@ from sparsembed._kernels._simd cimport (
 from sparsembed._kernels._split cimport block_start, block_start_spanned, first_at_least
 from sparsembed._kernels._types cimport index_t
 
+
+# the last-level cache size, read here once holding the GIL: pool_pass_flags (_simd.pxd)
+# reads it again inside parallel regions
+llc_bytes()
 
 def simd_level():
     """The SIMD level the row sums run at: 0 baseline, 1 AVX2, 2 AVX-512F (this
@@ -101,7 +107,8 @@ cdef void _sum_block(
 ) noexcept nogil:
     """Block t of T of :func:`_sum_all`."""
     cdef int64_t ahead = prefetch_distance(dim * sizeof(floating))
-    cdef int flags = (SE_MEAN if scale_by_count else 0) | (SE_STREAM if stream else 0)
+    cdef int flags = ((SE_MEAN if scale_by_count else 0) | (SE_STREAM if stream else 0)
+                      | pool_pass_flags(n_grad * dim * sizeof(floating)))
     cdef pool_table fns = pool_table_at(pool_level())
     cdef int64_t u_lo, u_hi, gaps_from
     if zero_upto >= 0:

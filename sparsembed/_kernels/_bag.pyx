@@ -46,6 +46,7 @@ from sparsembed._kernels._simd cimport (
     max_table,
     max_table_at,
     pool_level,
+    pool_pass_flags,
     pool_set_level,
     pool_sum,
     pool_table,
@@ -74,6 +75,10 @@ cdef enum:
     MODE_MEAN = 1
     MODE_MAX = 2
 
+
+# the last-level cache size, read here once holding the GIL: pool_pass_flags (_simd.pxd)
+# reads it again inside parallel regions
+llc_bytes()
 
 def simd_level():
     """The SIMD level the pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
@@ -182,7 +187,8 @@ def bag_forward(
     cdef long long next_range = 0
     cdef int tid
     cdef int64_t* bad_per_thread
-    flags = (SE_MEAN if mode == MODE_MEAN else 0) | (SE_STREAM if stream else 0)
+    flags = ((SE_MEAN if mode == MODE_MEAN else 0) | (SE_STREAM if stream else 0)
+             | pool_pass_flags(num_rows * dim * sizeof(floating)))
     if n_threads == 1:
         # all bags in one call, no parallel region: as the lookup's one-thread path
         with nogil:

@@ -23,10 +23,11 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 from sparsembed._kernels._bag cimport bag_row_sum
-from sparsembed._kernels._memory cimport prefetch_distance, prefetch_row
+from sparsembed._kernels._memory cimport llc_bytes, prefetch_distance, prefetch_row
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     pool_level,
+    pool_pass_flags,
     pool_set_level,
     pool_sum,
     pool_table,
@@ -134,6 +135,10 @@ cdef _check_rows_and_state(int kind, int64_t num_rows, int64_t dim,
     if kind == SGD and s2.shape[0] > 0:
         raise ValueError("SGD keeps no second state")
 
+
+# the last-level cache size, read here once holding the GIL: pool_pass_flags (_simd.pxd)
+# reads it again inside parallel regions
+llc_bytes()
 
 def update_rows(
     int kind,
@@ -252,7 +257,7 @@ def fused_update(
     cdef int64_t ahead_rows = prefetch_distance(3 * row_bytes)  # table + state rows
     cdef int64_t m = 0
     cdef int64_t n_grad = grad.shape[0]
-    cdef int flags = SE_MEAN if scale_by_count else 0
+    cdef int flags = (SE_MEAN if scale_by_count else 0) | pool_pass_flags(n_grad * row_bytes)
     cdef pool_table fns = pool_table_at(pool_level())
     cdef floating* buf = NULL
     cdef floating* s1_ptr = &s1[0, 0] if has_s1 else NULL

@@ -7,6 +7,7 @@
 from cython cimport floating
 from libc.stdint cimport int32_t, int64_t
 
+from sparsembed._kernels._memory cimport llc_bytes
 from sparsembed._kernels._types cimport index_t
 
 cdef extern from "_simd_pool.h":
@@ -14,6 +15,7 @@ cdef extern from "_simd_pool.h":
         SE_MEAN
         SE_STREAM
         SE_ZERO_GAPS
+        SE_ONE_PASS
     ctypedef int64_t (*pool_f32_i32_t)(
         const float*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
         int64_t, const float*, int64_t, int, float*, const int64_t*, int64_t*) noexcept nogil
@@ -37,6 +39,14 @@ cdef extern from "_simd_pool.h":
     # whether the pooling sums rows written with these flags into a stage (and then
     # zeroes SE_ZERO_GAPS's gaps itself)
     bint pool_stages "se_stage_wanted"(const void* out, size_t row_bytes, int flags) noexcept nogil
+
+
+cdef inline int pool_pass_flags(size_t src_bytes) noexcept nogil:
+    # SE_ONE_PASS for rows pooled from a source (table, grad_output) that fits in half
+    # the last-level cache: a row of 2 to 16 vectors that are not whole ones in one
+    # pass over its bag, the last vector moved back (_simd_pool.h: SE_CHUNK_LAST).
+    # Each module that calls this reads llc_bytes() once at import, holding the GIL.
+    return SE_ONE_PASS if src_bytes <= llc_bytes() // 2 else 0
 
 
 cdef inline int64_t pool_sum(
