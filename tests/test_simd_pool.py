@@ -502,6 +502,36 @@ def test_row_sums_and_dense_backward_at_every_level_are_sequential_sums_from_zer
                 assert dense.tobytes() == want.tobytes(), (dim, threads, stream)
 
 
+@pytest.mark.parametrize("dim", [17, 64, 100])
+def test_float16_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, rng,
+                                                                               at_level):
+    # a float16 table past half the last-level cache: the long prefetch distance and
+    # two passes per bag at widths that are not whole vectors (no SE_ONE_PASS)
+    num_rows = _bag.last_level_cache_bytes() // 2 // (2 * dim) + 1
+    if num_rows * dim * 2 > 80 * 2 ** 20:
+        pytest.skip("the last-level cache is too large for a table past half of it here")
+    weight = np.empty((num_rows, dim), np.float16)
+    weight[:] = rng.standard_normal(dim).astype(np.float16)
+    hot = rng.integers(0, num_rows, 300)
+    weight[hot] = (rng.standard_normal((hot.size, dim)) * 3).astype(np.float16)
+    flat, starts = _batch(rng, hot.size, 40, np.float16, np.int64, max_len=70)
+    flat = hot[flat]
+    for level in _levels():
+        at_level(level)
+        for mode in (0, 1):
+            sums, expected_counts = _sequential_sums(weight.astype(np.float32), flat, starts,
+                                                     -1, mode, None)
+            expected = sums.astype(np.float16)
+            out = np.full((starts.size - 1, dim), 0x7777, np.uint16)
+            counts = np.empty(starts.size - 1, np.int64)
+            for n_threads in (1, 2):
+                assert _bag.half_bag_forward(weight.view(np.uint16), flat, starts, -1,
+                                             mode == 1, np.empty(0, np.float32), out, counts,
+                                             n_threads) == 0
+                assert_array_equal(counts, expected_counts)
+                assert out.tobytes() == expected.view(np.uint16).tobytes(), (level, mode)
+
+
 @pytest.mark.parametrize("dim", [17, 100])
 def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, rng, at_level):
     # a grad_output past half the last-level cache: rows that are not whole vectors

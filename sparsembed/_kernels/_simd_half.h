@@ -247,7 +247,7 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
             VEC x_;                                                                  \
             if (SPREAD && ((v_ * LANES * 2) & 63) == 0)                              \
                 SE_PREFETCH(p_ + v_ * LANES * 2);                                    \
-            LOAD(w + v_ * LANES, x_);                                                \
+            LOAD(w + (v_ == NV - 1 ? last_ : v_ * LANES), x_);                       \
             if (WEIGHTED) x_ = psw[e] * x_;                                          \
             acc[v_] += x_;                                                           \
         }                                                                            \
@@ -256,7 +256,11 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
 
 /* The entries of a bag for SE_HALF_CHUNK (its arguments, and WEIGHTED: psw is
  * given; a constant, so that the common unweighted loop carries no test of it),
- * those whose entry `ahead` on is inside the batch first, without the clamp. */
+ * those whose entry `ahead` on is inside the batch first, without the clamp.
+ * (Variants without the per-entry tests of the padding id and the skew, as
+ * _simd_pool.h's SE_ROW_STEP has, were 0-8% faster in cache but 15-30% slower
+ * at D = 100 over V = 1e6, AMD EPYC: GCC spilled the row's width and general
+ * registers to vector ones.) */
 #define SE_HALF_ROWS(NV, LOAD, SPREAD, FIRST, WEIGHTED)                              \
     do {                                                                             \
         int64_t split_ = se_clamp_from(lo, hi, n, ahead);                            \
@@ -277,8 +281,25 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
  * in every pass for its own columns; 2: rows that may start off a line boundary,
  * whose last byte is prefetched too (see _simd_pool.h's SKEW). */
 #define SE_HALF_CHUNK(NV, LOAD, STORE, SPREAD, FIRST)                                \
+    SE_HALF_CHUNK_AT(NV, LOAD, STORE, SPREAD, FIRST, (NV - 1) * LANES)
+
+/* The columns from j0 to the row's end in one pass of NV vectors, the last one
+ * moved back to end at the row's last column, as _simd_pool.h's SE_CHUNK_LAST
+ * (there for why and when); rows of up to SE_HALF_SPREAD bytes only (their
+ * prefetches go out in a burst, NV vectors' worth, which covers the row). With
+ * the common widths as constants (SE_HALF_CHUNKS_AT), AMD EPYC, V = 1e4, 262,144
+ * ids in bags of 32, 2 threads, ratio to torch, old and new builds alternated: D
+ * = 50 1.29-1.44 -> 1.19-1.20, D = 100 1.27-1.36 -> 1.11-1.15, D = 32 1.15-1.21 ->
+ * 0.96-1.03, D = 64 1.17-1.18 -> 1.05-1.12; over V = 1e6 (two passes) uniform
+ * ids level, Zipf ids at D = 100 level to 7% slower (1.36-1.37 -> 1.37-1.47). */
+#define SE_HALF_CHUNK_LAST(NV, LOAD, STORE, SPREAD, FIRST)                           \
+    SE_HALF_CHUNK_AT(NV, LOAD, STORE, SPREAD, FIRST, dim - LANES - j0)
+
+/* NV vectors of columns at j0, the last one at j0 + LAST */
+#define SE_HALF_CHUNK_AT(NV, LOAD, STORE, SPREAD, FIRST, LAST)                       \
     do {                                                                             \
         VEC acc[NV];                                                                 \
+        const int64_t last_ = (LAST);                                                \
         int v_;                                                                      \
         int64_t npad_ = 0;                                                           \
         for (v_ = 0; v_ < NV; v_++) acc[v_] = (VEC){0};                              \
@@ -289,8 +310,9 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
             for (v_ = 0; v_ < NV; v_++) acc[v_] = acc[v_] / (float)count;            \
         /* rounded to float16 from the registers (no bag reaches here with a bad id: \
            the first chunk leaves before any store) */                             \
-        for (v_ = 0; v_ < NV; v_++) STORE(out_row + j0 + v_ * LANES, acc[v_]);       \
-        j0 += NV * LANES;                                                            \
+        for (v_ = 0; v_ < NV; v_++)                                                  \
+            STORE(out_row + j0 + (v_ == NV - 1 ? last_ : v_ * LANES), acc[v_]);      \
+        j0 += last_ + LANES;                                                         \
     } while (0)
 
 /* every column (dim >= LANES) in chunks of vectors: the first chunk, the widest
@@ -301,6 +323,19 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
 #define SE_HALF_CHUNKS(NVMAX, LOAD, STORE, SPREAD)                                   \
     do {                                                                             \
         j0 = 0;                                                                      \
+        if (!SPREAD && one_pass && dim % LANES && dim / LANES < 8) {                  \
+            /* 2 to 8 vectors, not whole ones: one pass (SE_HALF_CHUNK_LAST) */      \
+            switch (dim / LANES) {                                                   \
+            case 1: SE_HALF_CHUNK_LAST(2, LOAD, STORE, SPREAD, 1); break;            \
+            case 2: SE_HALF_CHUNK_LAST(3, LOAD, STORE, SPREAD, 1); break;            \
+            case 3: SE_HALF_CHUNK_LAST(4, LOAD, STORE, SPREAD, 1); break;            \
+            case 4: SE_HALF_CHUNK_LAST(5, LOAD, STORE, SPREAD, 1); break;            \
+            case 5: SE_HALF_CHUNK_LAST(6, LOAD, STORE, SPREAD, 1); break;            \
+            case 6: SE_HALF_CHUNK_LAST(7, LOAD, STORE, SPREAD, 1); break;            \
+            case 7: SE_HALF_CHUNK_LAST(8, LOAD, STORE, SPREAD, 1); break;            \
+            }                                                                        \
+            break;                                                                   \
+        }                                                                            \
         if (dim >= NVMAX * LANES) SE_HALF_CHUNK(NVMAX, LOAD, STORE, SPREAD, 1);      \
         else if (NVMAX > 8 && dim >= 8 * LANES) SE_HALF_CHUNK(8, LOAD, STORE, SPREAD, 1); \
         else if (dim >= 4 * LANES) SE_HALF_CHUNK(4, LOAD, STORE, SPREAD, 1);         \
@@ -312,10 +347,30 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
         SE_REST_OVERLAP(SE_HALF_CHUNK, LOAD, STORE, SPREAD, 0);                      \
     } while (0)
 
+/* A bag's chunks for rows of `dim` columns, by their kind of prefetch */
+#define SE_HALF_CHUNKS_ANY(NVMAX, LOAD, STORE)                                       \
+    do {                                                                             \
+        if (spread && skew) SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 2);                   \
+        else if (spread) SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 1);                      \
+        else SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 0);                                  \
+    } while (0)
+
+/* The same with dim (and so spread) a constant DIM in a block of its own: the
+ * common widths get their own copy of the chunks, with the row offsets as shifts
+ * and the chunks chosen when compiling, as _simd_pool.h's SE_BAG_AT does */
+#define SE_HALF_CHUNKS_AT(DIM, NVMAX, LOAD, STORE)                                   \
+    {                                                                                \
+        const int64_t dim = DIM;                                                     \
+        const size_t row_bytes = DIM * 2;                                            \
+        const int spread = DIM * 2 > SE_HALF_SPREAD;                                 \
+        SE_HALF_CHUNKS_ANY(NVMAX, LOAD, STORE);                                      \
+    }
+
 /* NAME: bags b0..b1-1 (bag b is entries starts[b]..starts[b+1]-1 of idx) of the
  * float16 table `weight` (its bits): out[b * dim:] = float16(sum_e (psw ? psw[e] :
  * 1) * float(weight[idx[e]])) over entries whose id is not `pad`, the float32 sum
- * divided by the count when `mean` and rounded once; counts[b] = that count, or
+ * divided by the count when flags has SE_MEAN and rounded once (SE_ONE_PASS: as
+ * for _simd_pool.h's range functions); counts[b] = that count, or
  * -(e + 1) for the first entry e whose id is outside [0, num_rows) (no row is read
  * for it or after it; out[b] is left as it was). Rows `ahead` entries on are
  * prefetched as the ids are checked, or with the adds for rows wider than
@@ -325,9 +380,10 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
 ATTR static int64_t NAME(                                                            \
     const uint16_t* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t n,  \
     const int64_t* starts, int64_t b0, int64_t b1, int64_t pad, const float* psw,    \
-    int64_t ahead, int mean, uint16_t* out, int64_t* counts, float* o)               \
+    int64_t ahead, int flags, uint16_t* out, int64_t* counts, float* o)              \
 {                                                                                    \
     typedef float VEC __attribute__((vector_size(VBYTES)));                          \
+    int mean = (flags & SE_MEAN) != 0, one_pass = (flags & SE_ONE_PASS) != 0;        \
     enum { LANES = VBYTES / sizeof(float) };                                         \
     size_t row_bytes = (size_t)dim * sizeof(uint16_t);                               \
     /* rows of up to 4 lines: a row's prefetches in a burst as its id is checked;  \
@@ -354,9 +410,13 @@ ATTR static int64_t NAME(                                                       
             }                                                                        \
             j0 = 0;                                                                  \
         }                                                                            \
-        else if (spread && skew) SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 2);              \
-        else if (spread) SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 1);                      \
-        else SE_HALF_CHUNKS(NVMAX, LOAD, STORE, 0);                                  \
+        else switch (dim) {                                                          \
+        case 32: SE_HALF_CHUNKS_AT(32, NVMAX, LOAD, STORE) break;                    \
+        case 64: SE_HALF_CHUNKS_AT(64, NVMAX, LOAD, STORE) break;                    \
+        case 128: SE_HALF_CHUNKS_AT(128, NVMAX, LOAD, STORE) break;                  \
+        case 256: SE_HALF_CHUNKS_AT(256, NVMAX, LOAD, STORE) break;                  \
+        default: SE_HALF_CHUNKS_ANY(NVMAX, LOAD, STORE);                             \
+        }                                                                            \
         for (j = j0; j < dim; j++) {                                                 \
             /* a row narrower than one vector, one column at a time */               \
             float a_ = 0;                                                            \
