@@ -505,8 +505,8 @@ def test_row_sums_and_dense_backward_at_every_level_are_sequential_sums_from_zer
 @pytest.mark.parametrize("dim", [17, 64, 100])
 def test_float16_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, rng,
                                                                                at_level):
-    # a float16 table past half the last-level cache: the long prefetch distance and
-    # two passes per bag at widths that are not whole vectors (no SE_ONE_PASS)
+    # a float16 table past half the last-level cache: the long prefetch distance (the
+    # float16 pooling takes one pass per bag at every table size)
     num_rows = _bag.last_level_cache_bytes() // 2 // (2 * dim) + 1
     if num_rows * dim * 2 > 80 * 2 ** 20:
         pytest.skip("the last-level cache is too large for a table past half of it here")

@@ -290,8 +290,8 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
  * the common widths as constants (SE_HALF_CHUNKS_AT), AMD EPYC, V = 1e4, 262,144
  * ids in bags of 32, 2 threads, ratio to torch, old and new builds alternated: D
  * = 50 1.29-1.44 -> 1.19-1.20, D = 100 1.27-1.36 -> 1.11-1.15, D = 32 1.15-1.21 ->
- * 0.96-1.03, D = 64 1.17-1.18 -> 1.05-1.12; over V = 1e6 (two passes) uniform
- * ids level, Zipf ids at D = 100 level to 7% slower (1.36-1.37 -> 1.37-1.47). */
+ * 0.96-1.03, D = 64 1.17-1.18 -> 1.05-1.12. The float16 pooling asks for one
+ * pass at every table size (see _bag.pyx: half_bag_forward). */
 #define SE_HALF_CHUNK_LAST(NV, LOAD, STORE, SPREAD, FIRST)                           \
     SE_HALF_CHUNK_AT(NV, LOAD, STORE, SPREAD, FIRST, dim - LANES - j0)
 
