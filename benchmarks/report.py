@@ -133,6 +133,22 @@ def bag_modes_table(result):
     return "\n".join(lines)
 
 
+def bag_widths_table(result):
+    rows = result.get("bag_widths") or []
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [f"| EmbeddingBag sum forward ({r0['n_bags']:,} bags of {r0['bag']}): dtype | D | V "
+             "| ids | sparsembed ms | torch ms | vs torch |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, t = r["times_ms"].get("sparsembed"), r["times_ms"].get("torch")
+        ratio = f"{s / t:.3f}" if s and t else ""
+        lines.append(f"| {r['dtype']} | {r['D']} | {r['V']:,} | {r['dist']} | {_ms(s)} | "
+                     f"{_ms(t)} | {ratio} |")
+    return "\n".join(lines)
+
+
 def threads_table(result):
     lines = ["| operation (V = 1e6, D = 64, B = 262,144) | 1 thread ms | 2 threads ms | speedup |",
              "|---|---|---|---|"]
@@ -188,6 +204,9 @@ def main(path):
     print("Machine: " + machine_line(result) + "\n")
     print(main_table(result) + "\n")
     print(bag_modes_table(result) + "\n")
+    widths = bag_widths_table(result)
+    if widths:
+        print(widths + "\n")
     print(threads_table(result) + "\n")
     print(memory_table(result) + "\n")
     print(scaling_table(result))

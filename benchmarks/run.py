@@ -61,18 +61,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def config(mode):
+    # bag_widths: (dtype, D) of the bag sum forward beside torch over a cached table
+    # (bag_V) and the full one (V): widths that are not powers of two, float16
     if mode == "smoke":
         return dict(V=1000, B=512, dims=(8,), bag=8, repeat=1,
                     scale_B=[2 ** 6, 2 ** 8], scale_V=[10 ** 2, 10 ** 3], scale_D=8,
-                    mem_V=[10 ** 3, 10 ** 4], mem_B=256)
+                    mem_V=[10 ** 3, 10 ** 4], mem_B=256,
+                    bag_widths=[("float32", 20), ("float16", 8)], bag_V=100)
     if mode == "quick":
         return dict(V=1_000_000, B=262_144, dims=(64,), bag=32, repeat=5,
                     scale_B=None, scale_V=None, scale_D=64,
-                    mem_V=[10 ** 4, 10 ** 6], mem_B=65_536)
+                    mem_V=[10 ** 4, 10 ** 6], mem_B=65_536,
+                    bag_widths=[("float32", 100), ("float16", 64)], bag_V=10_000)
     return dict(V=1_000_000, B=262_144, dims=(64, 256), bag=32, repeat=5,
                 scale_B=[2 ** k for k in range(12, 21)],
                 scale_V=[10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7], scale_D=64,
-                mem_V=[10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7], mem_B=65_536)
+                mem_V=[10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7], mem_B=65_536,
+                bag_widths=[("float32", 32), ("float32", 50), ("float32", 100),
+                            ("float32", 300), ("float16", 64), ("float16", 100)],
+                bag_V=10_000)
 
 
 def aligned_empty(shape, dtype):
@@ -482,6 +489,38 @@ def run_bag_modes(cfg, threads, repeat, log):
     return out
 
 
+def run_bag_widths(cfg, threads, repeat, log):
+    """The bag sum forward beside torch at other widths and dtypes (GloVe's 50, 100
+    and 300; float16 tables), over a table that fits in cache (cfg["bag_V"] rows)
+    and the full one, uniform and Zipf ids: no target, the cases users meet."""
+    if not _has_bag() or torch is None:
+        return []
+    rng = np.random.default_rng(5)
+    set_threads(threads)
+    out = []
+    for dtype, D in cfg["bag_widths"]:
+        for V in (cfg["bag_V"], cfg["V"]):
+            W = make_table(rng, V, D)
+            if dtype != "float32":
+                W = aligned_copy(W.astype(dtype))
+            Wt = torch.from_numpy(W)
+            for dist in ("uniform", "zipf"):
+                ids = _bag_inputs(make_ids(rng, dist, V, cfg["B"]), cfg["bag"])
+                it = torch.from_numpy(ids)
+                cases = {"sparsembed": lambda ids=ids, W=W: SF.embedding_bag(ids, W, mode="sum"),
+                         "torch": lambda it=it, Wt=Wt: TF.embedding_bag(it, Wt, mode="sum")}
+                times = time_round_robin(cases, repeat)
+                rec = dict(dtype=dtype, D=D, V=V, dist=dist, n_bags=ids.shape[0],
+                           bag=cfg["bag"], times_ms={k: v * 1e3 for k, v in times.items()})
+                out.append(rec)
+                log(f"bag width {dtype} D={D} V={V} {dist:<7} " + "  ".join(
+                    f"{k}={v * 1e3:.2f}ms" for k, v in times.items())
+                    + f"  ratio={times['sparsembed'] / times['torch']:.3f}")
+            del W, Wt
+            gc.collect()
+    return out
+
+
 def workloads():
     wls = [("forward", wl_forward), ("dense_backward", wl_dense_backward),
            ("sparse_fwd_bwd", wl_sparse_fwd_bwd), ("sparse_accumulate", wl_sparse_accumulate)]
@@ -847,6 +886,7 @@ def main(argv=None):
     log(f"sparsembed benchmarks ({mode_name}), {args.threads} threads, median of {repeat}")
     result["main"] = run_main(cfg, args.threads, repeat, log)
     result["bag_modes"] = run_bag_modes(cfg, args.threads, repeat, log)
+    result["bag_widths"] = run_bag_widths(cfg, args.threads, repeat, log)
     result["threads"] = run_threads(cfg, repeat, log) if args.threads >= 2 or args.smoke else []
     result["scaling"] = {} if args.no_scaling else run_scaling(cfg, args.threads, repeat, log)
     result["memory"] = [] if args.no_memory else run_memory(cfg, log)

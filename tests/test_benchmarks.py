@@ -44,6 +44,13 @@ def test_runner_smoke_writes_valid_json(tmp_path):
                      for k in ("forward", "dense", "sparse")} - {("max", "sparse")}
     assert all(r["times_ms"]["sparsembed"] > 0 for r in result["bag_modes"])
     assert "max: forward + dense backward" in report.bag_modes_table(result)
+    if result["bag_widths"]:  # beside torch: empty without it
+        widths = {(r["dtype"], r["D"], r["V"], r["dist"]) for r in result["bag_widths"]}
+        assert widths == {(dt, D, V, dist) for dt, D in (("float32", 20), ("float16", 8))
+                          for V in (100, 1000) for dist in ("uniform", "zipf")}
+        assert all(r["times_ms"]["sparsembed"] > 0 and r["times_ms"]["torch"] > 0
+                   for r in result["bag_widths"])
+        assert "| float16 | 8 | 1,000 | zipf |" in report.bag_widths_table(result)
     assert result["threads"] and all(t["t1_ms"] > 0 and t["t2_ms"] > 0 for t in result["threads"])
     assert result["scaling"]["vs_B"] and result["scaling"]["vs_V"]
     assert result["memory"] and all(m["sparse_backward_tracemalloc"] > 0 for m in result["memory"])
