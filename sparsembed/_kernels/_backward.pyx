@@ -44,6 +44,7 @@ from sparsembed._kernels._types cimport index_t
 # reads it again inside parallel regions
 llc_bytes()
 
+
 def simd_level():
     """The SIMD level the row sums run at: 0 baseline, 1 AVX2, 2 AVX-512F (this
     module's own; ``_bag`` has another, both capped by SPARSEMBED_SIMD)."""

@@ -24,6 +24,7 @@ from libc.string cimport memset
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
 from sparsembed._kernels._memory cimport (
+    fits_in_cache,
     gather_prefetch_distance,
     llc_bytes,
     prefetch_distance,
@@ -80,6 +81,7 @@ cdef enum:
 # the last-level cache size, read here once holding the GIL: pool_pass_flags (_simd.pxd)
 # reads it again inside parallel regions
 llc_bytes()
+
 
 def simd_level():
     """The SIMD level the pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
@@ -149,7 +151,7 @@ def bag_forward(
     # (bag sum forward, 2 threads, V = 1e6, A/B with the prefetches of _simd_pool.h
     # spread among the adds: D = 64 uniform 1.27-1.45 -> 1.06-1.15 ms with 64 rows,
     # D = 256 Zipf 2.01-2.15 -> 1.55-1.57 with 32; D = 256 uniform level). A table
-    # that fits in the last-level cache gets 8 KiB of rows (_memory.pxd).
+    # that fits in half the last-level cache gets 8 KiB of rows (_memory.pxd).
     cdef int64_t ahead = table_pool_distance(dim * sizeof(floating),
                                              num_rows * dim * sizeof(floating))
     cdef pool_table fns = pool_table_at(pool_level())
@@ -253,7 +255,7 @@ def half_bag_forward(
     # instead of 40, 32, 20 and 16), Zipf ids level but D = 128 1.16-1.18 -> 1.03
     cdef int64_t row_bytes = dim * <int64_t>sizeof(uint16_t)
     cdef int64_t ahead = (table_pool_distance(row_bytes, num_rows * row_bytes)
-                          if row_bytes > HALF_SPREAD or num_rows * row_bytes > llc_bytes() // 2
+                          if row_bytes > HALF_SPREAD or not fits_in_cache(num_rows * row_bytes)
                           else max(8, prefetch_distance(row_bytes)))
     cdef half_pool_table fns = half_pool_table_at(pool_level())
     # one pass per bag for rows that are not whole vectors (SE_HALF_CHUNK_LAST) at

@@ -132,8 +132,11 @@ cdef extern from *:
        distance, which they want (V = 1e5, D = 64: 0.69-0.73 with 64 rows, 0.86-0.91
        with 24), as do Zipf ids over V = 1e6, whose hot rows are cached (D = 256:
        1.04-1.16 with 32 rows, 1.13-1.31 with 16). */
+    static inline int sparsembed_fits_in_cache(size_t nbytes) {
+        return nbytes <= sparsembed_llc_bytes() / 2;
+    }
     static inline ptrdiff_t sparsembed_table_pool_distance(size_t row_bytes, size_t table_bytes) {
-        if (table_bytes <= sparsembed_llc_bytes() / 2)
+        if (sparsembed_fits_in_cache(table_bytes))
             return sparsembed_rows_ahead(row_bytes, 8192, 8, 32);
         return sparsembed_pool_prefetch_distance(row_bytes);
     }
@@ -149,6 +152,8 @@ cdef extern from *:
     Py_ssize_t table_pool_distance "sparsembed_table_pool_distance"(
         size_t row_bytes, size_t table_bytes) noexcept nogil
     size_t llc_bytes "sparsembed_llc_bytes"() noexcept nogil
+    # whether nbytes fit in half the last-level cache (the pooling's test of a table)
+    bint fits_in_cache "sparsembed_fits_in_cache"(size_t nbytes) noexcept nogil
 
 
 # Streamed (non-temporal) row stores: see _stream.h.

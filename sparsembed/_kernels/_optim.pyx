@@ -140,6 +140,7 @@ cdef _check_rows_and_state(int kind, int64_t num_rows, int64_t dim,
 # reads it again inside parallel regions
 llc_bytes()
 
+
 def update_rows(
     int kind,
     double lr, double momentum, double weight_decay, double eps,

@@ -7,7 +7,7 @@
 from cython cimport floating
 from libc.stdint cimport int32_t, int64_t
 
-from sparsembed._kernels._memory cimport llc_bytes
+from sparsembed._kernels._memory cimport fits_in_cache
 from sparsembed._kernels._types cimport index_t
 
 cdef extern from "_simd_pool.h":
@@ -46,7 +46,7 @@ cdef inline int pool_pass_flags(size_t src_bytes) noexcept nogil:
     # the last-level cache: a row of 2 to 16 vectors that are not whole ones in one
     # pass over its bag, the last vector moved back (_simd_pool.h: SE_CHUNK_LAST).
     # Each module that calls this reads llc_bytes() once at import, holding the GIL.
-    return SE_ONE_PASS if src_bytes <= llc_bytes() // 2 else 0
+    return SE_ONE_PASS if fits_in_cache(src_bytes) else 0
 
 
 cdef inline int64_t pool_sum(
