@@ -23,6 +23,12 @@ def _ms(v):
     return "" if v is None else (f"{v:.1f}" if v >= 1 else f"{v:.2f}")
 
 
+def _vs_torch(times):
+    """sparsembed's and torch's times (ms) of a timed case, and their ratio as text."""
+    s, t = times.get("sparsembed"), times.get("torch")
+    return s, t, (f"{s / t:.3f}" if s and t else "")
+
+
 def main_table(result):
     lines = [
         "| workload | D | ids | sparsembed ms | torch ms | numpy ms | bound ms | vs torch | vs numpy | vs bound | fused vs torch | target |",
@@ -127,8 +133,7 @@ def bag_modes_table(result):
     names = {"forward": "forward", "dense": "forward + dense backward",
              "sparse": "forward + sparse backward"}
     for r in rows:
-        s, t = r["times_ms"].get("sparsembed"), r["times_ms"].get("torch")
-        ratio = f"{s / t:.3f}" if s and t else ""
+        s, t, ratio = _vs_torch(r["times_ms"])
         lines.append(f"| {r['mode']}: {names[r['kind']]} | {_ms(s)} | {_ms(t)} | {ratio} |")
     return "\n".join(lines)
 
@@ -142,8 +147,7 @@ def bag_widths_table(result):
              "| ids | sparsembed ms | torch ms | vs torch |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        s, t = r["times_ms"].get("sparsembed"), r["times_ms"].get("torch")
-        ratio = f"{s / t:.3f}" if s and t else ""
+        s, t, ratio = _vs_torch(r["times_ms"])
         lines.append(f"| {r['dtype']} | {r['D']} | {r['V']:,} | {r['dist']} | {_ms(s)} | "
                      f"{_ms(t)} | {ratio} |")
     return "\n".join(lines)
@@ -180,8 +184,7 @@ def scaling_table(result):
         out.append(f"| {var} | workload | sparsembed ms | torch ms | ratio |")
         out.append("|---|---|---|---|---|")
         for p in pts:
-            s, t = p["times_ms"].get("sparsembed"), p["times_ms"].get("torch")
-            ratio = f"{s / t:.3f}" if s and t else ""
+            s, t, ratio = _vs_torch(p["times_ms"])
             out.append(f"| {p[var]:,} | {p['workload']} | {_ms(s)} | {_ms(t)} | {ratio} |")
         out.append("")
     return "\n".join(out)
