@@ -304,6 +304,15 @@ def test_prefetch_distance_is_short_for_a_table_in_cache(row_bytes):
     assert _bag.pool_rows_ahead(row_bytes, half + 1) == min(64, max(8, 32768 // row_bytes))
 
 
+def _rows_past_half_the_cache(row_bytes):
+    """Rows of row_bytes that make an array just past half the last-level cache (the
+    pooling's test of a cached source); skips where that would pass 80 MiB."""
+    rows = _bag.last_level_cache_bytes() // 2 // row_bytes + 1
+    if rows * row_bytes > 80 * 2 ** 20:
+        pytest.skip("the last-level cache is too large for an array past half of it here")
+    return rows
+
+
 @pytest.mark.parametrize("dim,dtype", [(17, np.float32), (64, np.float32),
                                        (100, np.float32), (200, np.float32),
                                        (100, np.float64)])
@@ -313,9 +322,7 @@ def test_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, dtype
     # most of these bags hold: the clamp at the batch's end) and, at widths that are
     # not whole vectors, two passes per bag (no SE_ONE_PASS); up to 80 MiB
     itemsize = np.dtype(dtype).itemsize
-    num_rows = _bag.last_level_cache_bytes() // 2 // (itemsize * dim) + 1
-    if num_rows * dim * itemsize > 80 * 2 ** 20:
-        pytest.skip("the last-level cache is too large for a table past half of it here")
+    num_rows = _rows_past_half_the_cache(itemsize * dim)
     weight = np.empty((num_rows, dim), dtype)
     weight[:] = rng.standard_normal(dim).astype(dtype)  # one row everywhere: quick
     hot = rng.integers(0, num_rows, 300)
@@ -507,9 +514,7 @@ def test_float16_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(di
                                                                                at_level):
     # a float16 table past half the last-level cache: the long prefetch distance (the
     # float16 pooling takes one pass per bag at every table size)
-    num_rows = _bag.last_level_cache_bytes() // 2 // (2 * dim) + 1
-    if num_rows * dim * 2 > 80 * 2 ** 20:
-        pytest.skip("the last-level cache is too large for a table past half of it here")
+    num_rows = _rows_past_half_the_cache(2 * dim)
     weight = np.empty((num_rows, dim), np.float16)
     weight[:] = rng.standard_normal(dim).astype(np.float16)
     hot = rng.integers(0, num_rows, 300)
@@ -536,9 +541,7 @@ def test_float16_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(di
 def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, rng, at_level):
     # a grad_output past half the last-level cache: rows that are not whole vectors
     # are summed in two passes per row (no SE_ONE_PASS), at every level
-    n = _bag.last_level_cache_bytes() // 2 // (4 * dim) + 1
-    if n * dim * 4 > 80 * 2 ** 20:
-        pytest.skip("the last-level cache is too large for a grad past half of it here")
+    n = _rows_past_half_the_cache(4 * dim)
     V = 5000
     ids = rng.integers(0, V, size=n)
     ids[::3] = 11  # a long segment
