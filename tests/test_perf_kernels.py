@@ -1115,6 +1115,12 @@ def plan_ahead_spy(monkeypatch):
     return calls
 
 
+def _plans_ahead():
+    """Whether a training lookup can plan on the side at the thread count now set: it
+    needs 2 threads, which a build without OpenMP never runs."""
+    return se.get_num_threads() > 1
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("scale", [False, True])
 @pytest.mark.parametrize("n_threads", [1, 2])
@@ -1122,7 +1128,7 @@ def test_training_lookups_plan_ahead_with_the_same_gradients(rng, dtype, threads
                                                              plan_ahead_spy, sparse, scale,
                                                              n_threads):
     threads(n_threads)
-    ahead = se.get_num_threads() > 1  # a build without OpenMP runs one thread
+    ahead = _plans_ahead()
     V, dim, n = 60_000, 6, 9000
     emb = se.Embedding(V, dim, padding_idx=11, sparse=sparse, scale_grad_by_freq=scale,
                        dtype=dtype, random_state=0)
@@ -1149,7 +1155,7 @@ def test_training_lookups_plan_ahead_with_the_same_gradients(rng, dtype, threads
 
 def test_lookups_without_a_backward_stop_planning_ahead(rng, threads, plan_ahead_spy):
     threads(2)
-    planned = [6000] if se.get_num_threads() > 1 else []  # no OpenMP: one thread
+    planned = [6000] if _plans_ahead() else []
     V, n = 50_000, 6000
     emb = se.Embedding(V, 4, sparse=True, random_state=0)
     ids = rng.integers(0, V, size=n)
@@ -1179,7 +1185,7 @@ def test_a_lookup_that_plans_ahead_names_the_bad_id_and_changes_nothing(rng, thr
     bad[4321] = V + 7
     with pytest.raises(IndexError, match=str(V + 7)):
         emb(bad)
-    assert plan_ahead_spy == ([n] if se.get_num_threads() > 1 else [])  # no OpenMP: none
+    assert plan_ahead_spy == ([n] if _plans_ahead() else [])
     assert emb.weight.tobytes() == weight.tobytes()
     assert (emb.grad != grad).nnz == 0
     # the layer still holds the last good forward, whose backward works
@@ -1197,8 +1203,7 @@ def test_float16_training_lookups_plan_ahead_with_the_same_gradients(rng, thread
         ids = rng.integers(0, V, size=n)
         out = emb(ids)
         assert out.tobytes() == emb.weight[ids].tobytes()
-        assert len(plan_ahead_spy) == (step if dim % 2 == 0 and se.get_num_threads() > 1
-                                       else 0)
+        assert len(plan_ahead_spy) == (step if dim % 2 == 0 and _plans_ahead() else 0)
         g = rng.standard_normal(out.shape).astype(np.float32)
         grad = emb.backward(g)
         expected = se.functional.embedding_backward(g, ids, V, sparse=True)
