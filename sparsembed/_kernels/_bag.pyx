@@ -29,7 +29,6 @@ from sparsembed._kernels._memory cimport (
     llc_bytes,
     prefetch_distance,
     prefetch_row,
-    prefetch_row_once,
     stream_fence,
     stream_row,
     table_pool_distance,
@@ -381,7 +380,7 @@ def per_sample_weights_grad(
     """``out[e] = dot(grad[entry_bag[e]], weight[idx[e]])`` (0 for padding entries
     and for entries past the last bag), accumulated in double (``_reduce.dot8``). The
     table rows are read at random: each thread prefetches its rows ahead, as the
-    lookup does (8 KiB of rows, prefetchnta: each row is read once). AMD EPYC,
+    lookup does (8 KiB of rows). AMD EPYC, with prefetchnta then,
     262,144 entries, V = 1e6, old/new builds alternated in one process: D = 64
     uniform 4.8-5.1 -> 4.0-4.3 ms on one thread, D = 256 uniform 26-33 -> 14-27 on one
     and 11.7-14.7 -> 7.2-9.7 on two; Zipf ids level or faster (3-10%)."""
@@ -399,7 +398,7 @@ def per_sample_weights_grad(
             e_hi = m * (t + 1) // T
             for e in range(e_lo, e_hi):
                 if e + ahead < e_hi:
-                    prefetch_row_once(&weight[0, 0] + idx[e + ahead] * dim, row_bytes)
+                    prefetch_row(&weight[0, 0] + idx[e + ahead] * dim, row_bytes)
                 r = idx[e]
                 if r == pad:
                     out[e] = 0

@@ -8,7 +8,7 @@ from libc.string cimport memcpy
 from sparsembed._kernels._memory cimport (
     copy_row,
     gather_prefetch_distance,
-    prefetch_row_once,
+    prefetch_row,
     stream_fence,
     stream_row,
 )
@@ -42,16 +42,14 @@ cdef inline int64_t gather_rows(
     cdef int64_t i, r, ahead = gather_prefetch_distance(row_bytes)
     cdef int64_t pf_end = hi - ahead
     # rows are read in random order: ask for row i + ahead while copying row i (a
-    # prefetch never faults, even for an id still to be checked). Each row is read
-    # once to be streamed out, so it is fetched past L2 and L3 (prefetchnta). On
-    # the AMD EPYC (262,144 ids, V = 1e6, old/new builds alternated in one process):
-    # D = 64 uniform 2.8-3.3 -> 2.4-2.6 ms on one thread, 2.8 -> 2.4-2.7 on two
-    # while the second core added no bandwidth, D = 256 uniform 16.0 -> 13.6-15.0
-    # and 12.0 -> 10.9; Zipf ids and tables that the L3 holds (V = 1e4, 1e5; 3e4 at
-    # D = 256) level
+    # prefetch never faults, even for an id still to be checked), into every cache
+    # level: with prefetchnta (rows read once) the Intel Xeon VM's lookup took 1.6-2x
+    # as long (262,144 ids, V = 1e6, 2 threads, builds alternated: D = 64 uniform
+    # 7.2 against 3.6 ms, Zipf 3.0 / 1.9, D = 256 31.0 / 19.8, 12.7 / 7.0), where
+    # the AMD EPYC had gained 5-15% from it (_memory.pxd)
     for i in range(lo, hi):
         if i < pf_end:
-            prefetch_row_once(weight + idx[i + ahead] * dim, row_bytes)
+            prefetch_row(weight + idx[i + ahead] * dim, row_bytes)
         r = idx[i]
         if <uint64_t> r >= <uint64_t> num_rows:
             if stream:

@@ -9,42 +9,30 @@ cdef extern from *:
     #include "_lines.h"
     #if defined(__GNUC__) || defined(__clang__)
         #define SPARSEMBED_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
-        #define SPARSEMBED_PREFETCH_ONCE(p) __builtin_prefetch((const void*)(p), 0, 0)
         /* GCC treats a function that only prefetches as const and deletes calls to
            it once it is not inlined early; an empty volatile asm keeps them */
         #define SPARSEMBED_KEEP() __asm__ __volatile__("")
     #elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
         #include <xmmintrin.h>
         #define SPARSEMBED_PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
-        #define SPARSEMBED_PREFETCH_ONCE(p) _mm_prefetch((const char*)(p), _MM_HINT_NTA)
         #define SPARSEMBED_KEEP() ((void)0)
     #else
         #define SPARSEMBED_PREFETCH(p) ((void)0)
-        #define SPARSEMBED_PREFETCH_ONCE(p) ((void)0)
         #define SPARSEMBED_KEEP() ((void)0)
     #endif
-    /* prefetch every 64-byte line that [p, p + nbytes) touches, for reading; with
-       `once` (a constant where it is inlined) for a row that is read once and not
-       again soon (prefetchnta): it comes into L1 without being kept in L2 and L3,
-       so a stream of such rows does not push the caches' other lines out -- and
-       on AMD's L3, filled from L2's evictions, costs no victim write per line */
-    static inline void sparsembed_prefetch_lines_hint(const void* p, size_t nbytes, int once) {
+    /* prefetch every 64-byte line that [p, p + nbytes) touches, for reading, into
+       all cache levels (T0). Rows read once (the lookup's, the poolings') were
+       prefetched with prefetchnta from 2026-12-01 (AMD EPYC: 5-15% faster on
+       tables past its 32 MiB L3); on the Intel Xeon VM (L3 480 MiB, filled from
+       L2's evictions) that hint made every such kernel 1.2-3x slower, tables in
+       cache included (_simd_pool.h), and a run-time choice of hint costs the
+       in-cache pooling up to 5%: T0 everywhere */
+    static inline void sparsembed_prefetch_row(const void* p, size_t nbytes) {
         const char* c = (const char*)p;
         size_t o;
-        for (o = 0; o < nbytes; o += 64) {
-            if (once) SPARSEMBED_PREFETCH_ONCE(c + o); else SPARSEMBED_PREFETCH(c + o);
-        }
-        if (nbytes && SE_SPANS_EXTRA_LINE(c, nbytes)) {
-            if (once) SPARSEMBED_PREFETCH_ONCE(c + nbytes - 1);
-            else SPARSEMBED_PREFETCH(c + nbytes - 1);
-        }
+        for (o = 0; o < nbytes; o += 64) SPARSEMBED_PREFETCH(c + o);
+        if (nbytes && SE_SPANS_EXTRA_LINE(c, nbytes)) SPARSEMBED_PREFETCH(c + nbytes - 1);
         SPARSEMBED_KEEP();
-    }
-    static inline void sparsembed_prefetch_row(const void* p, size_t nbytes) {
-        sparsembed_prefetch_lines_hint(p, nbytes, 0);
-    }
-    static inline void sparsembed_prefetch_row_once(const void* p, size_t nbytes) {
-        sparsembed_prefetch_lines_hint(p, nbytes, 1);
     }
     /* copy a row; the common widths (16-128 floats) with a size known at compile
        time, which the compiler turns into inline moves: a memcpy of a run-time size
@@ -142,7 +130,6 @@ cdef extern from *:
     }
     """
     void prefetch_row "sparsembed_prefetch_row"(const void* p, size_t nbytes) noexcept nogil
-    void prefetch_row_once "sparsembed_prefetch_row_once"(const void* p, size_t nbytes) noexcept nogil
     void copy_row "sparsembed_copy_row"(void* dst, const void* src, size_t nbytes) noexcept nogil
     Py_ssize_t prefetch_distance "sparsembed_prefetch_distance"(size_t row_bytes) noexcept nogil
     Py_ssize_t gather_prefetch_distance "sparsembed_gather_prefetch_distance"(

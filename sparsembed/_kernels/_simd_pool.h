@@ -34,17 +34,18 @@
     #define SE_TARGET(isa)
 #endif
 
-/* The pooled rows (table rows of a bag, grad_output rows of a row sum) are read
-   once each and not again soon: prefetchnta brings them into L1 without keeping
-   them in L2 and L3 (on AMD's L3, filled from L2's evictions, no victim write per
-   line either). AMD EPYC, 262,144 ids, V = 1e6, old/new builds alternated in one
-   process: bag sum forward D = 256 uniform 6.2-6.5 -> 5.9-6.1 ms on two threads,
-   D = 64 uniform 1.34 -> 1.23 on one; row sums of a sparse backward D = 64 Zipf
-   1.74-1.84 -> 1.61-1.63, D = 256 uniform 11.0-11.1 -> 10.2-10.4; max and
-   float16 pooling, Zipf bags and L3-resident tables (V = 1e4, 1e5; 3e4 at D =
-   256) level or faster. */
+/* The pooled rows (table rows of a bag, grad_output rows of a row sum) are
+   prefetched into every cache level (T0). prefetchnta (rows read once: into L1,
+   not kept in L2 and L3) gained 3-8% on an AMD EPYC (L3 32 MiB) but on the Intel
+   Xeon VM (L3 480 MiB, filled from L2's evictions) it made the bag sum forward
+   1.3-4.6x slower, in cache or not (262,144 ids in bags of 32, 2 threads, ratio to
+   torch, builds alternated: V = 1e6 D = 64 uniform 2.62 -> 1.04, Zipf 1.25 ->
+   0.99, D = 256 2.20 -> 1.09 / 2.04 -> 1.07; V = 1e4 D = 64 2.94 -> 0.95, D = 256
+   4.58 -> 1.00), and the sparse backward's row sums with it (fwd + bwd D = 64 Zipf
+   14.3 -> 5.5 ms). The hint chosen at run time by vendor cost the in-cache
+   pooling up to 5% (a test per prefetch) here: T0 on every CPU. */
 #if defined(__GNUC__) || defined(__clang__)
-    #define SE_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 0)
+    #define SE_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
     #define SE_ALWAYS_INLINE static inline __attribute__((always_inline))
     #define SE_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
@@ -211,9 +212,10 @@ static inline void se_stage_done(se_stage* st)
            faults, even for an id still to be range-checked), in a burst before the \
            adds (and before a padding entry skips them). Was one per line among the  \
            adds, FBGEMM's order, 2-5% faster with T0 prefetches and the width known  \
-           at run time only; with prefetchnta and the common widths as constants     \
-           (SE_BAG_AT), old/new builds alternated on an AMD EPYC: D = 64 uniform on  \
-           one thread 1.72 -> 1.28 ms, other widths, Zipf ids and two threads level */ \
+           at run time only; with prefetchnta (then) and the common widths as        \
+           constants (SE_BAG_AT), builds alternated on an AMD EPYC: D = 64           \
+           uniform on one thread 1.72 -> 1.28 ms, other widths, Zipf ids and two     \
+           threads level */                                                          \
         int64_t pe = CLAMP ? (e + ahead < n ? e + ahead : n - 1) : e + ahead;        \
         const char* p = (const char*)(weight + (int64_t)idx[pe] * dim + j0);         \
         for (l_ = 0; l_ < (int)((NV * sizeof(VEC) + 63) / 64); l_++)                 \
