@@ -29,7 +29,8 @@ def last_level_cache_bytes() -> int:
 
 def pool_rows_ahead(row_bytes: int, table_bytes: int) -> int:
     """Entries ahead the pooling prefetches: 8 KiB of rows (8 to 32) for a table that
-    fits in half the last-level cache, else 32 KiB (8 to 64)."""
+    fits in half the last-level cache, or any table on an Intel CPU, else 32 KiB (8 to
+    64)."""
 
 def simd_level() -> int:
     """The SIMD level the sum/mean pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""

@@ -29,6 +29,7 @@ from sparsembed._kernels._memory cimport (
     llc_bytes,
     prefetch_distance,
     prefetch_row,
+    short_pool_distance,
     stream_fence,
     stream_row,
     table_pool_distance,
@@ -77,9 +78,10 @@ cdef enum:
     MODE_MAX = 2
 
 
-# the last-level cache size, read here once holding the GIL: pool_pass_flags (_simd.pxd)
-# reads it again inside parallel regions
+# the last-level cache size and the CPU's vendor, read here once holding the GIL:
+# pool_pass_flags (_simd.pxd) and table_pool_distance read them inside parallel regions
 llc_bytes()
+short_pool_distance()
 
 
 def simd_level():
@@ -102,7 +104,7 @@ def last_level_cache_bytes():
 def pool_rows_ahead(int64_t row_bytes, int64_t table_bytes):
     """How many entries ahead the pooling prefetches rows of ``row_bytes`` from a
     table of ``table_bytes``: 8 KiB of rows (8 to 32) when the table fits in half
-    the last-level cache, else 32 KiB (8 to 64)."""
+    the last-level cache or the CPU is an Intel one, else 32 KiB (8 to 64)."""
     return table_pool_distance(row_bytes, table_bytes)
 
 
