@@ -24,7 +24,7 @@ cdef extern from *:
        all cache levels (T0). Rows read once (the lookup's, the poolings') were
        prefetched with prefetchnta from 2026-12-01 (AMD EPYC: 5-15% faster on
        tables past its 32 MiB L3); on the Intel Xeon VM (L3 480 MiB, filled from
-       L2's evictions) that hint made every such kernel 1.2-3x slower, tables in
+       L2's evictions) that hint made every such kernel 1.2-4.6x slower, tables in
        cache included (_simd_pool.h), and a run-time choice of hint costs the
        in-cache pooling up to 5%: T0 everywhere */
     static inline void sparsembed_prefetch_row(const void* p, size_t nbytes) {
