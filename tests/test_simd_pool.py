@@ -323,9 +323,40 @@ def test_prefetch_distance_is_short_for_a_table_in_cache(row_bytes):
     assert _bag.pool_rows_ahead(row_bytes, 2 ** 40) == _rows_ahead_past_half_the_cache(row_bytes)
 
 
+@pytest.fixture
+def small_cache():
+    """The pooling modules take the last-level cache to be 2 MiB while the test runs,
+    so that an array of about a MiB stands for one past half of it on any machine
+    (this one's L3 may hold hundreds of MiB)."""
+    try:
+        for mod in LEVEL_MODULES:
+            assert mod.set_last_level_cache_bytes(2 << 20) == 2 << 20
+        yield 2 << 20
+    finally:
+        for mod in LEVEL_MODULES:
+            mod.set_last_level_cache_bytes(0)
+
+
+def test_small_cache_stands_in_for_the_last_level_cache_and_is_undone():
+    real = _bag.last_level_cache_bytes()
+    for mod in LEVEL_MODULES:
+        try:
+            assert mod.set_last_level_cache_bytes(2 << 20) == 2 << 20
+            if mod is _bag:
+                assert _bag.last_level_cache_bytes() == 2 << 20
+                assert _bag.pool_rows_ahead(256, 1 << 20) == 32
+                assert _bag.pool_rows_ahead(256, (1 << 20) + 1) == _rows_ahead_past_half_the_cache(256)
+        finally:
+            assert mod.set_last_level_cache_bytes(0) == real
+    assert _bag.pool_rows_ahead(256, (1 << 20) + 1) == 32  # the real cache again
+    with pytest.raises(ValueError, match="-1"):
+        _bag.set_last_level_cache_bytes(-1)
+
+
 def _rows_past_half_the_cache(row_bytes):
     """Rows of row_bytes that make an array just past half the last-level cache (the
-    pooling's test of a cached source); skips where that would pass 80 MiB."""
+    pooling's test of a cached source; the small_cache fixture's size where the test
+    asks for it); skips where that would pass 80 MiB."""
     rows = _bag.last_level_cache_bytes() // 2 // row_bytes + 1
     if rows * row_bytes > 80 * 2 ** 20:
         pytest.skip("the last-level cache is too large for an array past half of it here")
@@ -336,7 +367,7 @@ def _rows_past_half_the_cache(row_bytes):
                                        (100, np.float32), (200, np.float32),
                                        (100, np.float64)])
 def test_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, dtype, rng,
-                                                                       at_level):
+                                                                       at_level, small_cache):
     # such a table gets the long prefetch distance but on Intel CPUs (up to 64 entries
     # ahead, more than most of these bags hold: the clamp at the batch's end) and, at
     # widths that are not whole vectors, two passes per bag (no SE_ONE_PASS); up to 80 MiB
@@ -530,7 +561,8 @@ def test_row_sums_and_dense_backward_at_every_level_are_sequential_sums_from_zer
 
 @pytest.mark.parametrize("dim", [17, 64, 100])
 def test_float16_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, rng,
-                                                                               at_level):
+                                                                               at_level,
+                                                                               small_cache):
     # a float16 table past half the last-level cache: the long prefetch distance (the
     # float16 pooling takes one pass per bag at every table size)
     num_rows = _rows_past_half_the_cache(2 * dim)
@@ -557,7 +589,8 @@ def test_float16_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(di
 
 
 @pytest.mark.parametrize("dim", [17, 100])
-def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, rng, at_level):
+def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, rng, at_level,
+                                                                     small_cache):
     # a grad_output past half the last-level cache: rows that are not whole vectors
     # are summed in two passes per row (no SE_ONE_PASS), at every level
     n = _rows_past_half_the_cache(4 * dim)

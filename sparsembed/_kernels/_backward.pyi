@@ -17,6 +17,10 @@ def simd_level() -> int:
 def set_simd_level(level: int) -> int:
     """Run the row sums at ``level`` (capped); returns the level in use."""
 
+def set_last_level_cache_bytes(nbytes: int) -> int:
+    """For tests: take the last-level cache to be ``nbytes`` (0: read it again) in
+    this module's kernels; returns the size now in use."""
+
 def dense_backward(
     grad: _Floating,
     perm: NDArray[np.int64],

@@ -15,6 +15,7 @@ from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_row
 from sparsembed._kernels._memory cimport (
     copy_row,
     llc_bytes,
+    set_llc_bytes,
     prefetch_distance,
     stream_fence,
     stream_row,
@@ -55,6 +56,14 @@ def set_simd_level(int level):
     """Run the row sums at ``level`` (capped at what the CPU supports); returns the
     level now in use. For tests: every level gives the same bits."""
     return pool_set_level(level)
+
+def set_last_level_cache_bytes(int64_t nbytes):
+    """For tests: take the last-level cache to be ``nbytes`` (0: read it again), so
+    that a small array can stand for one past half of it; returns the size now in
+    use. Only this module's kernels see it."""
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    return set_llc_bytes(nbytes)
 
 
 cdef void _sum_all(

@@ -32,6 +32,10 @@ def pool_rows_ahead(row_bytes: int, table_bytes: int) -> int:
     fits in half the last-level cache, or any table on an Intel CPU, else 32 KiB (8 to
     64)."""
 
+def set_last_level_cache_bytes(nbytes: int) -> int:
+    """For tests: take the last-level cache to be ``nbytes`` (0: read it again) in
+    this module's kernels; returns the size now in use."""
+
 def simd_level() -> int:
     """The SIMD level the sum/mean pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
 

@@ -27,6 +27,7 @@ from sparsembed._kernels._memory cimport (
     fits_in_cache,
     gather_prefetch_distance,
     llc_bytes,
+    set_llc_bytes,
     prefetch_distance,
     prefetch_row,
     short_pool_distance,
@@ -99,6 +100,15 @@ def last_level_cache_bytes():
     """The last-level cache size the pooling's prefetch distance is chosen by: the
     largest cache of cpu0 in Linux's sysfs, else 32 MiB."""
     return llc_bytes()
+
+
+def set_last_level_cache_bytes(int64_t nbytes):
+    """For tests: take the last-level cache to be ``nbytes`` (0: read it again), so
+    that a small array can stand for one past half of it; returns the size now in
+    use. Only this module's kernels see it."""
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    return set_llc_bytes(nbytes)
 
 
 def pool_rows_ahead(int64_t row_bytes, int64_t table_bytes):

@@ -81,8 +81,9 @@ cdef extern from *:
        sysconf(_SC_LEVEL3_CACHE_SIZE): on the AMD EPYC VM it reads 384 MiB (the
        host's), where sysfs and the guest's measured behaviour say 32 MiB. Read
        once per module; the first call is made holding the GIL. */
+    static size_t sparsembed_llc = 0;  /* this module's; 0 until first read */
     static size_t sparsembed_llc_bytes(void) {
-        static size_t llc = 0;
+        size_t llc = sparsembed_llc;
         if (llc == 0) {
             size_t best = 0;
     #if defined(__linux__)
@@ -103,8 +104,17 @@ cdef extern from *:
             }
     #endif
             llc = best >= ((size_t)1 << 20) ? best : ((size_t)32 << 20);
+            sparsembed_llc = llc;
         }
         return llc;
+    }
+    /* For tests: the size this module's kernels take the last-level cache to be
+       (0: read it again), so that a small table can stand for one past half of it
+       on any machine. Returns the size now in use. Call it holding the GIL, with no
+       kernel of the module running. */
+    static size_t sparsembed_set_llc_bytes(size_t nbytes) {
+        sparsembed_llc = nbytes;
+        return sparsembed_llc_bytes();
     }
     /* Rows ahead for pooling the rows of a table of table_bytes. One that fits in
        half the last-level cache is read from there at cache latency: 8 KiB of
@@ -159,6 +169,7 @@ cdef extern from *:
     Py_ssize_t table_pool_distance "sparsembed_table_pool_distance"(
         size_t row_bytes, size_t table_bytes) noexcept nogil
     size_t llc_bytes "sparsembed_llc_bytes"() noexcept nogil
+    size_t set_llc_bytes "sparsembed_set_llc_bytes"(size_t nbytes) noexcept nogil
     # whether the pooling prefetches a table of any size as one in cache (Intel CPUs)
     bint short_pool_distance "sparsembed_short_pool_distance"() noexcept nogil
     # whether nbytes fit in half the last-level cache (the pooling's test of a table)

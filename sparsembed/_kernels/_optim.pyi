@@ -22,6 +22,10 @@ def simd_level() -> int:
 def set_simd_level(level: int) -> int:
     """Run the fused update's row sums at ``level`` (capped); returns the level in use."""
 
+def set_last_level_cache_bytes(nbytes: int) -> int:
+    """For tests: take the last-level cache to be ``nbytes`` (0: read it again) in
+    this module's kernels; returns the size now in use."""
+
 def update_rows(
     kind: int, lr: float, momentum: float, weight_decay: float, eps: float,
     c1: float, c2: float, c3: float, weight: _Floating, rows: _I64, all_rows: bool,

@@ -23,7 +23,12 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 from sparsembed._kernels._bag cimport bag_row_sum
-from sparsembed._kernels._memory cimport llc_bytes, prefetch_distance, prefetch_row
+from sparsembed._kernels._memory cimport (
+    llc_bytes,
+    prefetch_distance,
+    prefetch_row,
+    set_llc_bytes,
+)
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     pool_level,
@@ -198,6 +203,14 @@ def set_simd_level(int level):
     supports); returns the level now in use. For tests: every level gives the same
     bits."""
     return pool_set_level(level)
+
+def set_last_level_cache_bytes(int64_t nbytes):
+    """For tests: take the last-level cache to be ``nbytes`` (0: read it again), so
+    that a small array can stand for one past half of it; returns the size now in
+    use. Only this module's kernels see it."""
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    return set_llc_bytes(nbytes)
 
 
 def fused_update(
