@@ -13,9 +13,9 @@ from libc.string cimport memcpy
 
 from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
 from sparsembed._kernels._memory cimport (
+    checked_set_llc_bytes,
     copy_row,
     llc_bytes,
-    set_llc_bytes,
     prefetch_distance,
     stream_fence,
     stream_row,
@@ -58,12 +58,9 @@ def set_simd_level(int level):
     return pool_set_level(level)
 
 def set_last_level_cache_bytes(int64_t nbytes):
-    """For tests: take the last-level cache to be ``nbytes`` (0: read it again), so
-    that a small array can stand for one past half of it; returns the size now in
-    use. Only this module's kernels see it."""
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    return set_llc_bytes(nbytes)
+    """For tests: this module's kernels take the last-level cache to be ``nbytes``
+    (0: read it again); returns the size now in use."""
+    return checked_set_llc_bytes(nbytes)
 
 
 cdef void _sum_all(

@@ -24,10 +24,10 @@ from libc.string cimport memset
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._gaps cimport ENTRY_COST, ROW_COST, zero_gaps, zero_rows
 from sparsembed._kernels._memory cimport (
+    checked_set_llc_bytes,
     fits_in_cache,
     gather_prefetch_distance,
     llc_bytes,
-    set_llc_bytes,
     prefetch_distance,
     prefetch_row,
     short_pool_distance,
@@ -103,12 +103,9 @@ def last_level_cache_bytes():
 
 
 def set_last_level_cache_bytes(int64_t nbytes):
-    """For tests: take the last-level cache to be ``nbytes`` (0: read it again), so
-    that a small array can stand for one past half of it; returns the size now in
-    use. Only this module's kernels see it."""
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    return set_llc_bytes(nbytes)
+    """For tests: this module's kernels take the last-level cache to be ``nbytes``
+    (0: read it again); returns the size now in use."""
+    return checked_set_llc_bytes(nbytes)
 
 
 def pool_rows_ahead(int64_t row_bytes, int64_t table_bytes):

@@ -176,6 +176,14 @@ cdef extern from *:
     bint fits_in_cache "sparsembed_fits_in_cache"(size_t nbytes) noexcept nogil
 
 
+
+cdef inline size_t checked_set_llc_bytes(long long nbytes) except 0:
+    # each module's set_last_level_cache_bytes (for tests; the size is the module's own)
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    return set_llc_bytes(<size_t> nbytes)
+
+
 # Streamed (non-temporal) row stores: see _stream.h.
 cdef extern from "_stream.h":
     void stream_row "sparsembed_stream_row"(void* dst, const void* src, size_t nbytes) noexcept nogil

@@ -24,10 +24,10 @@ from libc.stdlib cimport free, malloc
 
 from sparsembed._kernels._bag cimport bag_row_sum
 from sparsembed._kernels._memory cimport (
+    checked_set_llc_bytes,
     llc_bytes,
     prefetch_distance,
     prefetch_row,
-    set_llc_bytes,
 )
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
@@ -205,12 +205,9 @@ def set_simd_level(int level):
     return pool_set_level(level)
 
 def set_last_level_cache_bytes(int64_t nbytes):
-    """For tests: take the last-level cache to be ``nbytes`` (0: read it again), so
-    that a small array can stand for one past half of it; returns the size now in
-    use. Only this module's kernels see it."""
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    return set_llc_bytes(nbytes)
+    """For tests: this module's kernels take the last-level cache to be ``nbytes``
+    (0: read it again); returns the size now in use."""
+    return checked_set_llc_bytes(nbytes)
 
 
 def fused_update(
