@@ -588,11 +588,14 @@ def test_float16_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(di
                 assert out.tobytes() == expected.view(np.uint16).tobytes(), (level, mode)
 
 
-@pytest.mark.parametrize("dim", [17, 100])
-def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, rng, at_level,
+@pytest.mark.parametrize("dim", [17, 64, 100, 256])
+@pytest.mark.parametrize("scale", [False, True])
+def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, scale, rng, at_level,
                                                                      small_cache):
-    # a grad_output past half the last-level cache: rows that are not whole vectors
-    # are summed in two passes per row (no SE_ONE_PASS), at every level
+    # a grad_output past half the last-level cache: each row is also prefetched into
+    # L2 further ahead (SE_FAR, up to 256 entries: the clamp at the plan's end), and
+    # rows that are not whole vectors are summed in two passes per row (no
+    # SE_ONE_PASS), at every level; with the mean's division
     n = _rows_past_half_the_cache(4 * dim)
     V = 5000
     ids = rng.integers(0, V, size=n)
@@ -601,12 +604,58 @@ def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, rng, at
     plan = _cpu.plan_rows(ids, V)
     want = np.zeros((V, dim), np.float32)
     np.add.at(want, ids, grad)  # in input order, from zero: the promised bits
+    want = want[plan.rows]
+    if scale:
+        want = want / np.diff(plan.starts).astype(np.float32)[:, None]
     for level in _levels():
         at_level(level)
         for threads in (1, 2):
             sums = np.full((plan.rows.size, dim), np.nan, np.float32)
-            _backward.row_sums(grad, plan.perm, plan.starts, False, sums, threads, True)
-            assert sums.tobytes() == want[plan.rows].tobytes(), (level, threads)
+            _backward.row_sums(grad, plan.perm, plan.starts, scale, sums, threads, True)
+            assert sums.tobytes() == want.tobytes(), (level, threads)
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "SparseAdam"])
+def test_fused_step_on_a_grad_past_half_the_cache_is_the_same_step(name, rng, small_cache):
+    # the fused row sums read such a grad_output with the far L2 prefetches too: the
+    # same bits as with the real cache (no far prefetch there: the grad is small), on
+    # 1 and 2 threads, and the step of the csr gradient
+    n, V, dim = 6000, 3000, 64  # a 1.5 MB grad_output: past half of the 2 MiB cache
+    assert n * dim * 4 > small_cache // 2
+    ids = rng.integers(0, V, size=n)
+    ids[::5] = 7
+    grad = rng.standard_normal((n, dim)).astype(np.float32)
+    w0 = rng.standard_normal((V, dim)).astype(np.float32)
+    results = {}
+    before = se.get_num_threads()
+    try:
+        for cache in ("small", "real"):
+            if cache == "real":
+                for mod in LEVEL_MODULES:
+                    mod.set_last_level_cache_bytes(0)
+            for threads in (1, 2):
+                se.set_num_threads(threads)
+                for fused in (True, False):
+                    emb = se.Embedding(V, dim, sparse=True, weight=w0.copy())
+                    opt = getattr(se.optim, name)([emb], lr=0.1)
+                    for _ in range(2):
+                        emb.zero_grad()
+                        emb(ids)
+                        if fused:
+                            emb.backward(grad, optimizer=opt)
+                        else:
+                            emb.backward(grad)
+                            opt.step()
+                    results[cache, threads, fused] = emb.weight
+    finally:
+        se.set_num_threads(before)
+    first = results["small", 1, True]
+    assert not np.array_equal(first, w0)
+    for key, weight in results.items():
+        if key[2]:
+            assert weight.tobytes() == first.tobytes(), key
+        else:
+            np.testing.assert_allclose(weight, first, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("level", range(len(LEVEL_NAMES)))

@@ -30,7 +30,7 @@ from sparsembed._kernels._simd cimport (
     SE_STREAM,
     SE_ZERO_GAPS,
     pool_level,
-    pool_pass_flags,
+    pool_read_once_flags,
     pool_set_level,
     pool_stages,
     pool_sum,
@@ -41,7 +41,7 @@ from sparsembed._kernels._split cimport block_start, block_start_spanned, first_
 from sparsembed._kernels._types cimport index_t
 
 
-# the last-level cache size, read here once holding the GIL: pool_pass_flags (_simd.pxd)
+# the last-level cache size, read here once holding the GIL: pool_read_once_flags (_simd.pxd)
 # reads it again inside parallel regions
 llc_bytes()
 
@@ -115,7 +115,7 @@ cdef void _sum_block(
     """Block t of T of :func:`_sum_all`."""
     cdef int64_t ahead = prefetch_distance(dim * sizeof(floating))
     cdef int flags = ((SE_MEAN if scale_by_count else 0) | (SE_STREAM if stream else 0)
-                      | pool_pass_flags(n_grad * dim * sizeof(floating)))
+                      | pool_read_once_flags(n_grad * dim * sizeof(floating)))
     cdef pool_table fns = pool_table_at(pool_level())
     cdef int64_t u_lo, u_hi, gaps_from
     if zero_upto >= 0:

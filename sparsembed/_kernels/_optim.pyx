@@ -32,7 +32,7 @@ from sparsembed._kernels._memory cimport (
 from sparsembed._kernels._simd cimport (
     SE_MEAN,
     pool_level,
-    pool_pass_flags,
+    pool_read_once_flags,
     pool_set_level,
     pool_sum,
     pool_table,
@@ -141,7 +141,7 @@ cdef _check_rows_and_state(int kind, int64_t num_rows, int64_t dim,
         raise ValueError("SGD keeps no second state")
 
 
-# the last-level cache size, read here once holding the GIL: pool_pass_flags (_simd.pxd)
+# the last-level cache size, read here once holding the GIL: pool_read_once_flags (_simd.pxd)
 # reads it again inside parallel regions
 llc_bytes()
 
@@ -268,7 +268,7 @@ def fused_update(
     cdef int64_t ahead_rows = prefetch_distance(3 * row_bytes)  # table + state rows
     cdef int64_t m = 0
     cdef int64_t n_grad = grad.shape[0]
-    cdef int flags = (SE_MEAN if scale_by_count else 0) | pool_pass_flags(n_grad * row_bytes)
+    cdef int flags = (SE_MEAN if scale_by_count else 0) | pool_read_once_flags(n_grad * row_bytes)
     cdef pool_table fns = pool_table_at(pool_level())
     cdef floating* buf = NULL
     cdef floating* s1_ptr = &s1[0, 0] if has_s1 else NULL

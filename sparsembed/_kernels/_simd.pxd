@@ -16,6 +16,7 @@ cdef extern from "_simd_pool.h":
         SE_STREAM
         SE_ZERO_GAPS
         SE_ONE_PASS
+        SE_FAR
     ctypedef int64_t (*pool_f32_i32_t)(
         const float*, int64_t, int64_t, const int32_t*, int64_t, const int64_t*, int64_t, int64_t,
         int64_t, const float*, int64_t, int, float*, const int64_t*, int64_t*) noexcept nogil
@@ -47,6 +48,13 @@ cdef inline int pool_pass_flags(size_t src_bytes) noexcept nogil:
     # pass over its bag, the last vector moved back (_simd_pool.h: SE_CHUNK_LAST).
     # Each module that calls this reads llc_bytes() once at import, holding the GIL.
     return SE_ONE_PASS if fits_in_cache(src_bytes) else 0
+
+
+cdef inline int pool_read_once_flags(size_t src_bytes) noexcept nogil:
+    # pool_pass_flags for a source whose rows are each read once (the row sums'
+    # grad_output), with SE_FAR past half the last-level cache: each row is also
+    # prefetched into L2 further ahead (_simd_pool.h: se_far_rows)
+    return SE_ONE_PASS if fits_in_cache(src_bytes) else SE_FAR
 
 
 cdef inline int64_t pool_sum(
