@@ -14,7 +14,7 @@ import reference_bag as ref
 import sparsembed as se
 from sparsembed import functional as F
 from sparsembed import _cpu
-from sparsembed._kernels import _backward, _bag, _optim
+from sparsembed._kernels import _backward, _bag, _lookup, _optim, _plan
 
 LEVEL_NAMES = ("baseline", "avx2", "avx512")
 # every chunk width (8, 4, 2, 1 vectors) and column tail at each level, float32 and float64,
@@ -36,6 +36,8 @@ def _levels():
 
 # every module built on _simd_pool.h keeps its own level
 LEVEL_MODULES = (_bag, _backward, _optim)
+# the modules whose kernels read the last-level cache's size (small_cache sets it)
+CACHE_MODULES = LEVEL_MODULES + (_lookup, _plan)
 
 
 @pytest.fixture
@@ -329,17 +331,17 @@ def small_cache():
     so that an array of about a MiB stands for one past half of it on any machine
     (this one's L3 may hold hundreds of MiB)."""
     try:
-        for mod in LEVEL_MODULES:
+        for mod in CACHE_MODULES:
             assert mod.set_last_level_cache_bytes(2 << 20) == 2 << 20
         yield 2 << 20
     finally:
-        for mod in LEVEL_MODULES:
+        for mod in CACHE_MODULES:
             mod.set_last_level_cache_bytes(0)
 
 
 def test_small_cache_stands_in_for_the_last_level_cache_and_is_undone():
     real = _bag.last_level_cache_bytes()
-    for mod in LEVEL_MODULES:
+    for mod in CACHE_MODULES:
         try:
             assert mod.set_last_level_cache_bytes(2 << 20) == 2 << 20
             if mod is _bag:
@@ -615,6 +617,43 @@ def test_row_sums_of_a_grad_past_half_the_cache_are_sequential_sums(dim, scale, 
             assert sums.tobytes() == want.tobytes(), (level, threads)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_lookup_of_a_table_past_the_cache_is_the_copy(dtype, idx_dtype, rng, small_cache):
+    # a table past the last-level cache: the lookup also prefetches the first line of
+    # the row 16 KiB of rows on into L2 (_memory.pxd: gather_far_distance; 64 rows
+    # of 64 floats, 32 of 64 doubles), up to the end of each thread's range; batches
+    # shorter and longer than that distance, with and without streamed stores, and
+    # the lookup that plans on the side
+    V, dim = 12_000, 64
+    weight = rng.standard_normal((V, dim)).astype(dtype)
+    assert weight.nbytes > small_cache
+    weight.setflags(write=False)
+    for n in (5, 63, 64, 65, 3001, 70_001):
+        ids = rng.integers(0, V, size=n).astype(idx_dtype)
+        ids[-1] = V - 1
+        for threads in (1, 2):
+            for stream in (False, True):
+                out = np.full((n, dim), np.nan, dtype)
+                assert _lookup.gather(weight, ids, out, threads, stream, None) == -1
+                assert out.tobytes() == weight[ids].tobytes(), (n, threads, stream)
+            if n < 2:
+                continue
+            out = np.full((n, dim), np.nan, dtype)
+            perm, rows = np.empty(n, np.int64), np.empty(n, np.int64)
+            starts = np.empty(n + 1, np.int64)
+            scratch = np.empty(_plan.plan_scratch_size(n, V, 1), np.uint64)
+            bad, m, u = _plan.gather_and_plan(weight, ids, out, True, None, -1, perm, rows,
+                                              starts, scratch, threads)
+            assert (bad, m) == (-1, n)
+            assert out.tobytes() == weight[ids].tobytes(), (n, threads)
+            assert_array_equal(rows[:u], np.unique(ids))
+        bad_ids = ids.copy()
+        bad_ids[n // 2] = 2 ** 31 - 1  # its row is never read (prefetched only): named
+        out = np.empty((n, dim), dtype)
+        assert _lookup.gather(weight, bad_ids, out, 2, False, None) == n // 2
+
+
 @pytest.mark.parametrize("name", ["Adagrad", "SparseAdam"])
 def test_fused_step_on_a_grad_past_half_the_cache_is_the_same_step(name, rng, small_cache):
     # the fused row sums read such a grad_output with the far L2 prefetches too: the
@@ -631,7 +670,7 @@ def test_fused_step_on_a_grad_past_half_the_cache_is_the_same_step(name, rng, sm
     try:
         for cache in ("small", "real"):
             if cache == "real":
-                for mod in LEVEL_MODULES:
+                for mod in CACHE_MODULES:
                     mod.set_last_level_cache_bytes(0)
             for threads in (1, 2):
                 se.set_num_threads(threads)

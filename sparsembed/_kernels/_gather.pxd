@@ -7,7 +7,9 @@ from libc.string cimport memcpy
 
 from sparsembed._kernels._memory cimport (
     copy_row,
+    gather_far_distance,
     gather_prefetch_distance,
+    prefetch_line_l2,
     prefetch_row,
     stream_fence,
     stream_row,
@@ -40,7 +42,9 @@ cdef inline int64_t gather_rows(
     # row is read for it; the rows before it are copied)
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef int64_t i, r, ahead = gather_prefetch_distance(row_bytes)
+    cdef int64_t far = gather_far_distance(row_bytes, num_rows * row_bytes)
     cdef int64_t pf_end = hi - ahead
+    cdef int64_t far_end = hi - far if far > 0 else lo
     # rows are read in random order: ask for row i + ahead while copying row i (a
     # prefetch never faults, even for an id still to be checked), into every cache
     # level: with prefetchnta (rows read once) the Intel Xeon VM's lookup took 1.6-2x
@@ -48,6 +52,9 @@ cdef inline int64_t gather_rows(
     # 7.2 against 3.6 ms, Zipf 3.0 / 1.9, D = 256 31.0 / 19.8, 12.7 / 7.0), where
     # the AMD EPYC had gained 5-15% from it (_memory.pxd)
     for i in range(lo, hi):
+        if i < far_end:
+            # a table past the LLC: the first line of a row further on, into L2
+            prefetch_line_l2(weight + idx[i + far] * dim)
         if i < pf_end:
             prefetch_row(weight + idx[i + ahead] * dim, row_bytes)
         r = idx[i]

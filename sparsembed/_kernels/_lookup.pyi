@@ -11,6 +11,10 @@ from numpy.typing import NDArray
 _Floating = NDArray[np.float32] | NDArray[np.float64]
 _Index = NDArray[np.int32] | NDArray[np.int64]
 
+def set_last_level_cache_bytes(nbytes: int) -> int:
+    """For tests: take the last-level cache to be ``nbytes`` (0: read it again) in
+    this module's kernels; returns the size now in use."""
+
 def first_out_of_range(idx: _Index, upper: int, n_threads: int) -> int:
     """Position of the first entry outside ``[0, upper)``, or -1 when all are valid."""
 

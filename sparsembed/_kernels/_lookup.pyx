@@ -8,10 +8,27 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from sparsembed._kernels._gather cimport first_hit, gather_claimed, gather_rows
-from sparsembed._kernels._memory cimport copy_row, prefetch_distance, prefetch_row
+from sparsembed._kernels._memory cimport (
+    checked_set_llc_bytes,
+    copy_row,
+    llc_bytes,
+    prefetch_distance,
+    prefetch_row,
+)
 from sparsembed._kernels._openmp_helpers cimport claim_part, claimed_parts
 from sparsembed._kernels._reduce cimport abs_sum8, dot8
 from sparsembed._kernels._types cimport index_t
+
+
+# the last-level cache size, read here once holding the GIL: the lookup's far prefetch
+# (_memory.pxd: gather_far_distance) reads it again inside parallel regions
+llc_bytes()
+
+
+def set_last_level_cache_bytes(int64_t nbytes):
+    """For tests: this module's kernels take the last-level cache to be ``nbytes``
+    (0: read it again); returns the size now in use."""
+    return checked_set_llc_bytes(nbytes)
 
 
 def first_out_of_range(

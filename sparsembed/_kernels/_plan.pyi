@@ -10,6 +10,10 @@ from numpy.typing import NDArray
 _Index = NDArray[np.int32] | NDArray[np.int64]
 _Floating = NDArray[np.float32] | NDArray[np.float64]
 
+def set_last_level_cache_bytes(nbytes: int) -> int:
+    """For tests: take the last-level cache to be ``nbytes`` (0: read it again) in
+    this module's kernels; returns the size now in use."""
+
 def argsort_rows(
     idx: _Index,
     skip_row: int,

@@ -13,6 +13,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset
 
 from sparsembed._kernels._gather cimport first_hit, gather_claimed
+from sparsembed._kernels._memory cimport checked_set_llc_bytes, llc_bytes
 from sparsembed._kernels._openmp_helpers cimport (
     claimed_parts,
     omp_get_num_threads,
@@ -23,6 +24,17 @@ from sparsembed._kernels._openmp_helpers cimport (
 )
 from sparsembed._kernels._split cimport block_start, first_at_least
 from sparsembed._kernels._types cimport index_t
+
+
+# the last-level cache size, read here once holding the GIL: the lookup's far prefetch
+# (_memory.pxd: gather_far_distance) reads it again inside parallel regions
+llc_bytes()
+
+
+def set_last_level_cache_bytes(int64_t nbytes):
+    """For tests: this module's kernels take the last-level cache to be ``nbytes``
+    (0: read it again); returns the size now in use."""
+    return checked_set_llc_bytes(nbytes)
 
 
 cdef extern from "_radix.h" nogil:
