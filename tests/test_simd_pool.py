@@ -365,16 +365,22 @@ def _rows_past_half_the_cache(row_bytes):
     return rows
 
 
+@pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("dim,dtype", [(17, np.float32), (64, np.float32),
                                        (100, np.float32), (200, np.float32),
-                                       (100, np.float64)])
-def test_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, dtype, rng,
+                                       (256, np.float32), (100, np.float64)])
+def test_pooling_of_a_table_past_half_the_cache_is_the_sequential_sum(dim, dtype, whole, rng,
                                                                        at_level, small_cache):
     # such a table gets the long prefetch distance but on Intel CPUs (up to 64 entries
     # ahead, more than most of these bags hold: the clamp at the batch's end) and, at
-    # widths that are not whole vectors, two passes per bag (no SE_ONE_PASS); up to 80 MiB
+    # widths that are not whole vectors, two passes per bag (no SE_ONE_PASS); up to 80
+    # MiB. One past the whole cache (``whole``) with rows of 512 bytes or more also
+    # gets the first line of the row 16 KiB of rows on prefetched into L2
+    # (SE_FAR_LINE: 16 to 20 entries ahead here)
     itemsize = np.dtype(dtype).itemsize
     num_rows = _rows_past_half_the_cache(itemsize * dim)
+    if whole:
+        num_rows = 2 * num_rows
     weight = np.empty((num_rows, dim), dtype)
     weight[:] = rng.standard_normal(dim).astype(dtype)  # one row everywhere: quick
     hot = rng.integers(0, num_rows, 300)

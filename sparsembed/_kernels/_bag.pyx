@@ -49,11 +49,11 @@ from sparsembed._kernels._simd cimport (
     max_table,
     max_table_at,
     pool_level,
-    pool_pass_flags,
     pool_set_level,
     pool_sum,
     pool_table,
     pool_table_at,
+    pool_table_flags,
 )
 from sparsembed._kernels._split cimport block_start, block_start_spanned
 from sparsembed._kernels._types cimport index_t
@@ -80,7 +80,7 @@ cdef enum:
 
 
 # the last-level cache size and the CPU's vendor, read here once holding the GIL:
-# pool_pass_flags (_simd.pxd) and table_pool_distance read them inside parallel regions
+# pool_table_flags (_simd.pxd) and table_pool_distance read them inside parallel regions
 llc_bytes()
 short_pool_distance()
 
@@ -199,7 +199,7 @@ def bag_forward(
     cdef int tid
     cdef int64_t* bad_per_thread
     flags = ((SE_MEAN if mode == MODE_MEAN else 0) | (SE_STREAM if stream else 0)
-             | pool_pass_flags(num_rows * dim * sizeof(floating)))
+             | pool_table_flags(num_rows * dim * sizeof(floating), dim * sizeof(floating)))
     if n_threads == 1:
         # all bags in one call, no parallel region: as the lookup's one-thread path
         with nogil:

@@ -22,4 +22,23 @@
 #define SE_ROWS_MAY_SKEW(base, row_bytes)                                            \
     ((((uintptr_t)(base) | (uintptr_t)(row_bytes)) & 63) != 0)
 
+/* Rows ahead for a second prefetch, into L2, of rows read from past the caches,
+ * where the T0 prefetch a few KiB ahead keeps only as many misses in flight as L1's
+ * fill buffers hold (measurements: _simd_pool.h, SE_FAR and SE_FAR_LINE; _memory.pxd,
+ * gather_far_distance). sparsembed_far_rows: every line of the row, 64 KiB of rows
+ * on (the row sums of a large grad_output, read once each); sparsembed_far_line_rows:
+ * its first line only, 16 KiB of rows on (table rows, which Zipf ids find cached:
+ * one instruction a row, not one a line). Both 16 to 256 rows. */
+static inline int64_t sparsembed_far_rows(size_t row_bytes)
+{
+    size_t rows = ((size_t)64 << 10) / (row_bytes ? row_bytes : 1);
+    return rows < 16 ? 16 : (rows > 256 ? 256 : (int64_t)rows);
+}
+
+static inline int64_t sparsembed_far_line_rows(size_t row_bytes)
+{
+    size_t rows = ((size_t)16 << 10) / (row_bytes ? row_bytes : 1);
+    return rows < 16 ? 16 : (rows > 256 ? 256 : (int64_t)rows);
+}
+
 #endif

@@ -141,6 +141,11 @@ cdef extern from *:
     static inline int sparsembed_fits_in_cache(size_t nbytes) {
         return nbytes <= sparsembed_llc_bytes() / 2;
     }
+    /* whether nbytes are more than the last-level cache holds (the test for the
+       far prefetches of table rows: gather_far_distance, SE_FAR_LINE) */
+    static inline int sparsembed_past_cache(size_t nbytes) {
+        return nbytes > sparsembed_llc_bytes();
+    }
     /* Whether the pooling keeps the short distance for tables of any size: on Intel
        CPUs. The Intel Xeon VM (L3 480 MiB, L2 2 MiB a core), distances switched in
        one process, bag sum forward of 262,144 ids in bags of 32 over V = 1e6, 2
@@ -173,8 +178,7 @@ cdef extern from *:
        the L3 holds (V = 1e6, D = 64, 244 MiB) was 9% slower with it. */
     static inline ptrdiff_t sparsembed_gather_far_distance(size_t row_bytes,
                                                            size_t table_bytes) {
-        if (table_bytes <= sparsembed_llc_bytes()) return 0;
-        return sparsembed_rows_ahead(row_bytes, 16384, 16, 256);
+        return sparsembed_past_cache(table_bytes) ? sparsembed_far_line_rows(row_bytes) : 0;
     }
     static inline ptrdiff_t sparsembed_table_pool_distance(size_t row_bytes, size_t table_bytes) {
         if (sparsembed_fits_in_cache(table_bytes) || sparsembed_short_pool_distance())
@@ -200,6 +204,8 @@ cdef extern from *:
     bint short_pool_distance "sparsembed_short_pool_distance"() noexcept nogil
     # whether nbytes fit in half the last-level cache (the pooling's test of a table)
     bint fits_in_cache "sparsembed_fits_in_cache"(size_t nbytes) noexcept nogil
+    # whether nbytes are more than the last-level cache
+    bint past_cache "sparsembed_past_cache"(size_t nbytes) noexcept nogil
 
 
 

@@ -67,28 +67,32 @@ static inline void sparsembed_prefetch_lines(const void* p, size_t nbytes)
 
 enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
 
-/* flags of the range functions (SE_ONE_PASS: see SE_CHUNK_LAST; SE_FAR: see
-   se_far_rows) */
-enum { SE_MEAN = 1, SE_STREAM = 2, SE_ZERO_GAPS = 4, SE_ONE_PASS = 8, SE_FAR = 16 };
+/* flags of the range functions (SE_ONE_PASS: see SE_CHUNK_LAST; SE_FAR and
+   SE_FAR_LINE below) */
+enum { SE_MEAN = 1, SE_STREAM = 2, SE_ZERO_GAPS = 4, SE_ONE_PASS = 8, SE_FAR = 16,
+       SE_FAR_LINE = 32 };
 
 /* With SE_FAR each entry also prefetches, into L2, the row 64 KiB of rows further on
-   (16 to 256 rows) than its T0 prefetch: for rows each read once from a source past
-   the cache (the row sums of a grad_output past half the last-level cache, read in
-   plan order), whose misses go to memory and outlast what L1's fill buffers keep in
-   flight. Intel Xeon VM, V = 1e6, 262,144 ids, D = 256 (1 KiB rows: 64 ahead), 2
-   threads, builds switched in one process: sparse backward uniform 19.6 -> 17.1 ms,
-   Zipf 14.4 -> 12.1; dense backward 37.4 -> 34.6 / 37.7 -> 35.0; Adagrad step
-   (backward, then step) Zipf 34.7 -> 31.1 (16 rows ahead gained half of that, 256
-   a little less). In a C loop over a 64 MiB grad_output (D = 64, cached in L3) the
-   same prefetches cost up to 10%, so sources that fit in half the cache go
-   without. Not for table rows
-   (the bag sums): Zipf ids find theirs in cache, where the extra prefetches cost
-   instructions (the lookup's copies, tried in two levels: 7-16% slower). */
-static inline int64_t se_far_rows(size_t row_bytes)
-{
-    size_t rows = ((size_t)64 << 10) / (row_bytes ? row_bytes : 1);
-    return rows < 16 ? 16 : (rows > 256 ? 256 : (int64_t)rows);
-}
+   (16 to 256 rows: sparsembed_far_rows, _lines.h) than its T0 prefetch: for rows each
+   read once from a source past the cache (the row sums of a grad_output past half
+   the last-level cache, read in plan order), whose misses go to memory and outlast
+   what L1's fill buffers keep in flight. Intel Xeon VM, V = 1e6, 262,144 ids, D = 256
+   (1 KiB rows: 64 ahead), 2 threads, builds switched in one process: sparse backward
+   uniform 19.6 -> 17.1 ms, Zipf 14.4 -> 12.1; dense backward 37.4 -> 34.6 / 37.7 ->
+   35.0; Adagrad step (backward, then step) Zipf 34.7 -> 31.1 (16 rows ahead gained
+   half of that, 256 a little less); the first line alone (as SE_FAR_LINE) 8-14%
+   slower than the whole row. In a C loop over a 64 MiB grad_output (D = 64, cached
+   in L3) the same prefetches cost up to 10%, so sources that fit in half the cache
+   go without.
+   With SE_FAR_LINE (the bag sums of a table past the last-level cache) only the
+   row's first line goes out, 16 KiB of rows on (sparsembed_far_line_rows): Zipf ids
+   find most rows cached, where a prefetch per line cost instructions (whole rows:
+   V = 1e6, D = 256, 3.0 -> 3.8 ms). Bag sum forward, 8,192 bags of 32, same
+   machine and method: V = 1e6 D = 256 uniform 15.8 -> 14.7 ms, Zipf 3.00 -> 2.70;
+   V = 2e6 D = 128 uniform 7.08 -> 6.51, Zipf 1.60 -> 1.54; V = 1e7 D = 64 uniform
+   3.95 -> 3.47 but Zipf 0.99 -> 1.05, and a table the L3 holds (V = 1e6, D = 64)
+   Zipf 0.75 -> 0.80: rows under 512 bytes and tables the L3 holds go without
+   (_simd.pxd: pool_table_flags). */
 
 /* Store vector v at p (aligned to its size) with a non-temporal store: a large
  * output that is not read back soon skips the read-for-ownership of its lines. One
@@ -248,8 +252,11 @@ static inline void se_stage_done(se_stage* st)
             /* (a loop-invariant test: no cost measured in the cached bag sums) */     \
             int64_t pf_ = e + far < n ? e + far : n - 1;                             \
             const char* q_ = (const char*)(weight + (int64_t)idx[pf_] * dim + j0);   \
-            for (l_ = 0; l_ < (int)((NV * sizeof(VEC) + 63) / 64); l_++)             \
-                SE_PREFETCH_L2(q_ + 64 * l_);                                        \
+            if (far_line)                                                            \
+                SE_PREFETCH_L2(q_);                                                  \
+            else                                                                     \
+                for (l_ = 0; l_ < (int)((NV * sizeof(VEC) + 63) / 64); l_++)         \
+                    SE_PREFETCH_L2(q_ + 64 * l_);                                    \
         }                                                                            \
         r = (int64_t)idx[e];                                                         \
         if (FIRST && SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) return -(e + 1); \
@@ -436,7 +443,7 @@ static inline int64_t se_clamp_from(int64_t lo, int64_t hi, int64_t n, int64_t a
 ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                            \
     const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t lo,        \
     int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, int stream,     \
-    int one_pass, int64_t far, T* out)                                               \
+    int one_pass, int64_t far, int far_line, T* out)                                 \
 {                                                                                    \
     typedef T SE_T;                                                                  \
     typedef T VEC __attribute__((vector_size(VBYTES)));                              \
@@ -503,7 +510,7 @@ ATTR SE_ALWAYS_INLINE int64_t NAME##_bag(                                       
  * each module that builds the poolings. */
 #define SE_BAG_AT(NAME, DIM)                                                         \
     NAME##_bag(weight, num_rows, DIM, idx, starts[b], starts[b + 1], n, pad, psw,    \
-               ahead, stream && !st.buf, one_pass, far, sum)
+               ahead, stream && !st.buf, one_pass, far, far_line, sum)
 
 #define SE_DEFINE_POOL_RANGE(NAME, T, I, ATTR)                                      \
 ATTR static int64_t NAME(                                                            \
@@ -515,7 +522,9 @@ ATTR static int64_t NAME(                                                       
     int mean = flags & SE_MEAN, stream = (flags & SE_STREAM) != 0;                   \
     int one_pass = (flags & SE_ONE_PASS) != 0;                                       \
     size_t row_bytes = (size_t)dim * sizeof(T);                                      \
-    int64_t far = (flags & SE_FAR) ? se_far_rows(row_bytes) : 0;                     \
+    int far_line = !(flags & SE_FAR) && (flags & SE_FAR_LINE);                       \
+    int64_t far = (flags & SE_FAR) ? sparsembed_far_rows(row_bytes)                  \
+                  : (far_line ? sparsembed_far_line_rows(row_bytes) : 0);            \
     se_stage st;                                                                     \
     se_stage_init(&st, se_stage_wanted(out, row_bytes, flags), row_bytes);          \
     for (b = b0; b < b1; b++) {                                                      \
@@ -556,12 +565,13 @@ ATTR static int64_t NAME(                                                       
 static int64_t NAME##_bag(                                                           \
     const T* weight, int64_t num_rows, int64_t dim, const I* idx, int64_t lo,        \
     int64_t hi, int64_t n, int64_t pad, const T* psw, int64_t ahead, int stream,     \
-    int one_pass, int64_t far, T* out)                                               \
+    int one_pass, int64_t far, int far_line, T* out)                                 \
 {                                                                                    \
     int64_t e, k, count = 0;                                                         \
     (void)n;                                                                         \
     (void)ahead;                                                                     \
     (void)far;                                                                       \
+    (void)far_line;                                                                  \
     (void)stream;                                                                    \
     (void)one_pass;                                                                  \
     for (k = 0; k < dim; k++) out[k] = 0;                                            \
