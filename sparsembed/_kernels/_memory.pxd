@@ -171,10 +171,10 @@ cdef extern from *:
        16 to 256. That miss goes out well before the row's T0 prefetch (8 KiB of
        rows ahead: gather_prefetch_distance), whose lines then come from L2 or are
        already on their way. Intel Xeon VM (L3 480 MiB), 262,144 ids, 2 threads,
-       builds switched in one process: V = 1e6, D = 256 (977 MiB) uniform 21.9 ->
-       20.1 ms, Zipf 7.8 -> 7.3-7.6; V = 1e7, D = 64 (2.4 GiB) uniform 5.4 -> 4.6-4.9
+       builds switched in one process: V = 1e6, D = 256 (977 MiB) uniform 20.6 ->
+       18.4 ms, Zipf 7.85 -> 7.60; V = 1e7, D = 64 (2.4 GiB) uniform 5.4 -> 4.6-4.9
        with 32-64 rows, Zipf 2.56 -> 2.64; the whole row so prefetched: uniform 17%
-       faster but Zipf 3-10% slower (their rows are cached: instructions). A table
+       faster but Zipf 3-14% slower (their rows are cached: instructions). A table
        the L3 holds (V = 1e6, D = 64, 244 MiB) was 9% slower with it. */
     static inline ptrdiff_t sparsembed_gather_far_distance(size_t row_bytes,
                                                            size_t table_bytes) {

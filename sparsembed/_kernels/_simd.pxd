@@ -66,7 +66,7 @@ cdef inline int pool_table_flags(size_t table_bytes, size_t row_bytes) noexcept 
 cdef inline int pool_read_once_flags(size_t src_bytes) noexcept nogil:
     # pool_pass_flags for a source whose rows are each read once (the row sums'
     # grad_output), with SE_FAR past half the last-level cache: each row is also
-    # prefetched into L2 further ahead (_simd_pool.h: se_far_rows)
+    # prefetched into L2 further ahead (_simd_pool.h: SE_FAR)
     return SE_ONE_PASS if fits_in_cache(src_bytes) else SE_FAR
 
 

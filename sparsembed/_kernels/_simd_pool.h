@@ -88,7 +88,7 @@ enum { SE_MEAN = 1, SE_STREAM = 2, SE_ZERO_GAPS = 4, SE_ONE_PASS = 8, SE_FAR = 1
    row's first line goes out, 16 KiB of rows on (sparsembed_far_line_rows): Zipf ids
    find most rows cached, where a prefetch per line cost instructions (whole rows:
    V = 1e6, D = 256, 3.0 -> 3.8 ms). Bag sum forward, 8,192 bags of 32, same
-   machine and method: V = 1e6 D = 256 uniform 15.8 -> 14.7 ms, Zipf 3.00 -> 2.70;
+   machine and method: V = 1e6 D = 256 uniform 16.9 -> 15.5 ms, Zipf 3.09 -> 2.83;
    V = 2e6 D = 128 uniform 7.08 -> 6.51, Zipf 1.60 -> 1.54; V = 1e7 D = 64 uniform
    3.95 -> 3.47 but Zipf 0.99 -> 1.05, and a table the L3 holds (V = 1e6, D = 64)
    Zipf 0.75 -> 0.80: rows under 512 bytes and tables the L3 holds go without
