@@ -1,4 +1,5 @@
-"""Plain numpy references of the optimizer updates (one step, in place).
+"""Plain numpy references of the optimizer updates (one step, in place), and the
+training loop (:func:`train`) the tests drive a layer and its optimizer with.
 
 ``rows`` is None for a dense gradient (every row updated) or the sorted distinct rows
 of a row-sparse one, ``g`` the matching (n_rows, dim) gradient rows. Arithmetic runs in
@@ -93,3 +94,16 @@ def row_grad(idx, grad_output, num_embeddings, padding_idx=None, scale_grad_by_f
     if scale_grad_by_freq:
         values /= counts[:, None].astype(g.dtype)
     return rows, values
+
+
+def train(emb, opt, data, fused=False):
+    """Steps of ``opt`` on ``emb`` over ``data``, (ids, grad_output) pairs: backward
+    then ``opt.step()``, or the fused backward (``fused``)."""
+    for idx, go in data:
+        emb.zero_grad()
+        emb(idx)
+        if fused:
+            assert emb.backward(go, optimizer=opt) is None
+        else:
+            emb.backward(go)
+            opt.step()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from numpy.testing import assert_allclose, assert_array_equal
-from reference_optim import REFERENCE, row_grad
+from reference_optim import REFERENCE, row_grad, train
 
 import sparsembed as se
 
@@ -38,17 +38,6 @@ def batches(rng, steps, shape=(6, 7), n=N, dim=D):
 
 def make(name, layers, **kw):
     return getattr(se.optim, name)(layers, **kw)
-
-
-def train(emb, opt, data, fused=False):
-    for idx, go in data:
-        emb.zero_grad()
-        emb(idx)
-        if fused:
-            assert emb.backward(go, optimizer=opt) is None
-        else:
-            emb.backward(go)
-            opt.step()
 
 
 # -- parity with torch -------------------------------------------------------------

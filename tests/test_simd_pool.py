@@ -11,6 +11,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 import reference_bag as ref
+from reference_optim import train
 import sparsembed as se
 from sparsembed import functional as F
 from sparsembed import _cpu
@@ -682,15 +683,8 @@ def test_fused_step_on_a_grad_past_half_the_cache_is_the_same_step(name, rng, sm
                 se.set_num_threads(threads)
                 for fused in (True, False):
                     emb = se.Embedding(V, dim, sparse=True, weight=w0.copy())
-                    opt = getattr(se.optim, name)([emb], lr=0.1)
-                    for _ in range(2):
-                        emb.zero_grad()
-                        emb(ids)
-                        if fused:
-                            emb.backward(grad, optimizer=opt)
-                        else:
-                            emb.backward(grad)
-                            opt.step()
+                    train(emb, getattr(se.optim, name)([emb], lr=0.1), [(ids, grad)] * 2,
+                          fused=fused)
                     results[cache, threads, fused] = emb.weight
     finally:
         se.set_num_threads(before)
