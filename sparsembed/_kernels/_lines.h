@@ -1,5 +1,6 @@
-/* Row prefetches: which 64-byte lines a row touches. Shared by _memory.pxd (the
- * copy and update kernels) and _simd_pool.h (the SIMD pooling and row sums). */
+/* Row prefetches: which 64-byte lines a row touches, and how many rows ahead to ask
+ * for. Shared by _memory.pxd (the copy and update kernels) and _simd_pool.h (the
+ * SIMD pooling and row sums). */
 #ifndef SPARSEMBED_LINES_H
 #define SPARSEMBED_LINES_H
 
@@ -22,6 +23,15 @@
 #define SE_ROWS_MAY_SKEW(base, row_bytes)                                            \
     ((((uintptr_t)(base) | (uintptr_t)(row_bytes)) & 63) != 0)
 
+/* How many rows of row_bytes make `span` bytes, clamped to [lo, hi] (hi for empty
+ * rows): the prefetch distances (here and in _memory.pxd). */
+static inline ptrdiff_t sparsembed_rows_ahead(size_t row_bytes, size_t span, size_t lo,
+                                              size_t hi)
+{
+    size_t d = row_bytes ? span / row_bytes : hi;
+    return (ptrdiff_t)(d < lo ? lo : (d > hi ? hi : d));
+}
+
 /* Rows ahead for a second prefetch, into L2, of rows read from past the caches,
  * where the T0 prefetch a few KiB ahead keeps only as many misses in flight as L1's
  * fill buffers hold (measurements: _simd_pool.h, SE_FAR and SE_FAR_LINE; _memory.pxd,
@@ -29,16 +39,14 @@
  * on (the row sums of a large grad_output, read once each); sparsembed_far_line_rows:
  * its first line only, 16 KiB of rows on (table rows, which Zipf ids find cached:
  * one instruction a row, not one a line). Both 16 to 256 rows. */
-static inline int64_t sparsembed_far_rows(size_t row_bytes)
+static inline ptrdiff_t sparsembed_far_rows(size_t row_bytes)
 {
-    size_t rows = ((size_t)64 << 10) / (row_bytes ? row_bytes : 1);
-    return rows < 16 ? 16 : (rows > 256 ? 256 : (int64_t)rows);
+    return sparsembed_rows_ahead(row_bytes, (size_t)64 << 10, 16, 256);
 }
 
-static inline int64_t sparsembed_far_line_rows(size_t row_bytes)
+static inline ptrdiff_t sparsembed_far_line_rows(size_t row_bytes)
 {
-    size_t rows = ((size_t)16 << 10) / (row_bytes ? row_bytes : 1);
-    return rows < 16 ? 16 : (rows > 256 ? 256 : (int64_t)rows);
+    return sparsembed_rows_ahead(row_bytes, (size_t)16 << 10, 16, 256);
 }
 
 #endif

@@ -61,13 +61,7 @@ cdef extern from *:
         default: memcpy(dst, src, nbytes);
         }
     }
-    /* how many rows of row_bytes make `span` bytes, clamped to [lo, hi] (hi for
-       empty rows): the prefetch distances below */
-    static inline ptrdiff_t sparsembed_rows_ahead(size_t row_bytes, size_t span,
-                                                  size_t lo, size_t hi) {
-        size_t d = row_bytes ? span / row_bytes : hi;
-        return (ptrdiff_t)(d < lo ? lo : (d > hi ? hi : d));
-    }
+    /* (sparsembed_rows_ahead, in _lines.h, gives the prefetch distances below) */
     /* how many rows ahead to prefetch: 4 KiB of rows, 4 to 32 */
     static inline ptrdiff_t sparsembed_prefetch_distance(size_t row_bytes) {
         return sparsembed_rows_ahead(row_bytes, 4096, 4, 32);
