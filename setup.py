@@ -91,6 +91,14 @@ def _record_settings(stamp, settings):
 
 
 class BuildExt(build_ext):
+    def finalize_options(self):
+        super().finalize_options()
+        # compile the extensions in parallel (one per core) unless --parallel / -j
+        # says otherwise: pip builds with the defaults, and a serial build waits on
+        # each module in turn (_sum_pooling alone is ~5 min of compiler time)
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+
     def build_extensions(self):
         flags = _openmp_flags(self.compiler)
         settings = repr((flags, self.compiler.compiler_type))

@@ -15,7 +15,7 @@ from reference_optim import train
 import sparsembed as se
 from sparsembed import functional as F
 from sparsembed import _cpu
-from sparsembed._kernels import _backward, _bag, _lookup, _optim, _plan
+from sparsembed._kernels import _backward, _bag, _lookup, _optim, _plan, _sum_pooling
 
 LEVEL_NAMES = ("baseline", "avx2", "avx512")
 # every chunk width (8, 4, 2, 1 vectors) and column tail at each level, float32 and float64,
@@ -270,6 +270,23 @@ def test_level_is_reported_and_capped_by_the_environment(run_python):
         assert out == [str(level), LEVEL_NAMES[level]], cap
     # an unknown name leaves the CPU's level (the variable only ever lowers it)
     assert run_python(code, env={"SPARSEMBED_SIMD": "sse9"}).stdout.split()[0] == str(top)
+
+
+def test_one_compiled_pooling_each_module_at_its_own_level():
+    # _bag, _backward and _optim run the bodies compiled in _sum_pooling, at the
+    # level each of them is set to
+    top = _levels()[-1]
+    assert set(_levels()) <= set(_sum_pooling.compiled_levels())
+    assert _sum_pooling.compiled_levels()[0] == 0
+    before = [mod.simd_level() for mod in LEVEL_MODULES]
+    try:
+        for mod in LEVEL_MODULES:
+            mod.set_simd_level(top)
+        assert _bag.set_simd_level(0) == 0
+        assert (_bag.simd_level(), _backward.simd_level(), _optim.simd_level()) == (0, top, top)
+    finally:
+        for mod, level in zip(LEVEL_MODULES, before):
+            mod.set_simd_level(level)
 
 
 def test_set_level_is_capped(at_level):

@@ -35,8 +35,8 @@ from sparsembed._kernels._simd cimport (
     pool_stages,
     pool_sum,
     pool_table,
-    pool_table_at,
 )
+from sparsembed._kernels._sum_pooling cimport pool_table_at
 from sparsembed._kernels._split cimport block_start, block_start_spanned, first_at_least
 from sparsembed._kernels._types cimport index_t
 

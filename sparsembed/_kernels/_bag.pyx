@@ -52,9 +52,9 @@ from sparsembed._kernels._simd cimport (
     pool_set_level,
     pool_sum,
     pool_table,
-    pool_table_at,
     pool_table_flags,
 )
+from sparsembed._kernels._sum_pooling cimport pool_table_at
 from sparsembed._kernels._split cimport block_start, block_start_spanned
 from sparsembed._kernels._types cimport index_t
 

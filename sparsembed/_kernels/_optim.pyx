@@ -36,8 +36,8 @@ from sparsembed._kernels._simd cimport (
     pool_set_level,
     pool_sum,
     pool_table,
-    pool_table_at,
 )
+from sparsembed._kernels._sum_pooling cimport pool_table_at
 from sparsembed._kernels._openmp_helpers cimport claim_part, claimed_parts
 from sparsembed._kernels._split cimport block_start_costed
 

@@ -2,7 +2,8 @@
 # run time), shared by the kernels that sum rows picked by an index array: the
 # EmbeddingBag forward (rows of the table by id) and the backward row sums (rows of
 # grad_output by plan position). Each module that cimports this has its own level
-# (``pool_level`` / ``pool_set_level``, both read SPARSEMBED_SIMD on first use).
+# (``pool_level`` / ``pool_set_level``, both read SPARSEMBED_SIMD on first use); the
+# kernels at a level come from ``_sum_pooling.pool_table_at``, compiled once there.
 
 from cython cimport floating
 from libc.stdint cimport int32_t, int64_t
@@ -35,7 +36,6 @@ cdef extern from "_simd_pool.h":
         pool_f32_i64_t f32_i64
         pool_f64_i32_t f64_i32
         pool_f64_i64_t f64_i64
-    pool_table pool_table_at "sparsembed_pool_table"(int level) noexcept nogil
     int pool_level "sparsembed_pool_level"() noexcept nogil
     int pool_set_level "sparsembed_pool_set_level"(int level) noexcept nogil
     # whether the pooling sums rows written with these flags into a stage (and then

@@ -15,6 +15,10 @@
  *
  * SPARSEMBED_SIMD=baseline|avx2|avx512 in the environment caps the level (read once,
  * on first use); sparsembed_pool_set_level() does the same from the tests.
+ *
+ * This header holds the body (SE_DEFINE_POOL) and each including module's level;
+ * the bodies themselves are instantiated by _simd_pool_bodies.h, in _sum_pooling
+ * only, whose table of them the other modules call.
  */
 #ifndef SPARSEMBED_SIMD_POOL_H
 #define SPARSEMBED_SIMD_POOL_H
@@ -48,11 +52,14 @@
     #define SE_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
     #define SE_PREFETCH_L2(p) __builtin_prefetch((const void*)(p), 0, 1)
     #define SE_ALWAYS_INLINE static inline __attribute__((always_inline))
+    /* (helpers some including modules do not call: no warning there) */
+    #define SE_MAYBE_UNUSED __attribute__((unused))
     #define SE_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
     #define SE_PREFETCH(p) ((void)0)
     #define SE_PREFETCH_L2(p) ((void)0)
     #define SE_ALWAYS_INLINE static inline
+    #define SE_MAYBE_UNUSED
     #define SE_UNLIKELY(x) (x)
 #endif
 
@@ -166,7 +173,7 @@ static inline char* se_stage_row(se_stage* st, char* dst)
 
 /* nbytes of zeros at dst (rows no id touches, between summed ones) through the same
  * stage: a line they share with the rows around them goes out whole too */
-static void se_stage_zero(se_stage* st, char* dst, size_t nbytes)
+SE_MAYBE_UNUSED static void se_stage_zero(se_stage* st, char* dst, size_t nbytes)
 {
     size_t off, k, whole;
     if (nbytes == 0) return;
@@ -195,7 +202,7 @@ static void se_stage_zero(se_stage* st, char* dst, size_t nbytes)
 }
 
 /* the row summed at se_stage_row(st, dst): out with its whole lines */
-static void se_stage_store(se_stage* st, char* dst, size_t row_bytes)
+SE_MAYBE_UNUSED static void se_stage_store(se_stage* st, char* dst, size_t row_bytes)
 {
     size_t off = (uintptr_t)dst & 63, end = off + row_bytes, first = 0, whole;
     char* line = dst - off;
@@ -616,20 +623,6 @@ typedef int64_t (*se_pool_f64_i64)(const double*, int64_t, int64_t, const int64_
                                    const int64_t*, int64_t, int64_t, int64_t, const double*,
                                    int64_t, int, double*, const int64_t*, int64_t*);
 
-SE_DEFINE_POOL(se_pool_f32_i32_base, float, int32_t, , 16, 0, SE_NT_SSE)
-SE_DEFINE_POOL(se_pool_f32_i64_base, float, int64_t, , 16, 0, SE_NT_SSE)
-SE_DEFINE_POOL(se_pool_f64_i32_base, double, int32_t, , 16, 0, SE_NT_SSE)
-SE_DEFINE_POOL(se_pool_f64_i64_base, double, int64_t, , 16, 0, SE_NT_SSE)
-#if SE_X86_DISPATCH
-SE_DEFINE_POOL(se_pool_f32_i32_avx2, float, int32_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
-SE_DEFINE_POOL(se_pool_f32_i64_avx2, float, int64_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
-SE_DEFINE_POOL(se_pool_f64_i32_avx2, double, int32_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
-SE_DEFINE_POOL(se_pool_f64_i64_avx2, double, int64_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
-SE_DEFINE_POOL(se_pool_f32_i32_avx512, float, int32_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
-SE_DEFINE_POOL(se_pool_f32_i64_avx512, float, int64_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
-SE_DEFINE_POOL(se_pool_f64_i32_avx512, double, int32_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
-SE_DEFINE_POOL(se_pool_f64_i64_avx512, double, int64_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
-#endif
 
 /* -1: not decided yet. Decided under the GIL (sparsembed_pool_level() is called
  * by the Python-facing function before any parallel region). */
@@ -658,13 +651,13 @@ static int sparsembed_pool_cpu_level(void) {
     return level;
 }
 
-static int sparsembed_pool_level(void) {
+SE_MAYBE_UNUSED static int sparsembed_pool_level(void) {
     if (se_pool_level < 0) se_pool_level = sparsembed_pool_cpu_level();
     return se_pool_level;
 }
 
 /* Use `level` (capped at what the CPU supports); returns the level now in use. */
-static int sparsembed_pool_set_level(int level) {
+SE_MAYBE_UNUSED static int sparsembed_pool_set_level(int level) {
     int top = se_pool_cpu_level();
     se_pool_level = level < 0 ? 0 : (level > top ? top : level);
     return se_pool_level;
@@ -684,14 +677,5 @@ typedef struct {
     se_pool_f64_i32 f64_i32;
     se_pool_f64_i64 f64_i64;
 } se_pool_table;
-
-static inline se_pool_table sparsembed_pool_table(int level) {
-    se_pool_table t;
-    t.f32_i32 = SE_PICK(se_pool_f32_i32);
-    t.f32_i64 = SE_PICK(se_pool_f32_i64);
-    t.f64_i32 = SE_PICK(se_pool_f64_i32);
-    t.f64_i64 = SE_PICK(se_pool_f64_i64);
-    return t;
-}
 
 #endif
