@@ -1,47 +1,14 @@
 # Memory helpers for the hot loops: software prefetch of a row that will be read
-# soon. Inline C, so it costs nothing where the compiler has no prefetch builtin
-# (the fallback is a no-op); never ISA-specific beyond SSE, which x86-64 always has.
+# soon (the instructions and row prefetches are _lines.h's, shared with the SIMD
+# pooling), prefetch distances, row copies and the last-level cache's size. Inline
+# C, so it costs nothing where the compiler has no prefetch builtin (the fallback is
+# a no-op); never ISA-specific beyond SSE, which x86-64 always has.
 cdef extern from *:
     """
     #include <stddef.h>
     #include <stdio.h>
     #include <string.h>
     #include "_lines.h"
-    #if defined(__GNUC__) || defined(__clang__)
-        #define SPARSEMBED_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
-        #define SPARSEMBED_PREFETCH_L2(p) __builtin_prefetch((const void*)(p), 0, 1)
-        /* GCC treats a function that only prefetches as const and deletes calls to
-           it once it is not inlined early; an empty volatile asm keeps them */
-        #define SPARSEMBED_KEEP() __asm__ __volatile__("")
-    #elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
-        #include <xmmintrin.h>
-        #define SPARSEMBED_PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
-        #define SPARSEMBED_PREFETCH_L2(p) _mm_prefetch((const char*)(p), _MM_HINT_T2)
-        #define SPARSEMBED_KEEP() ((void)0)
-    #else
-        #define SPARSEMBED_PREFETCH(p) ((void)0)
-        #define SPARSEMBED_PREFETCH_L2(p) ((void)0)
-        #define SPARSEMBED_KEEP() ((void)0)
-    #endif
-    /* prefetch every 64-byte line that [p, p + nbytes) touches, for reading, into
-       all cache levels (T0). Rows read once (the lookup's, the poolings') were
-       prefetched with prefetchnta from 2026-12-01 (AMD EPYC: 5-15% faster on
-       tables past its 32 MiB L3); on the Intel Xeon VM (L3 480 MiB, filled from
-       L2's evictions) that hint made every such kernel 1.2-4.6x slower, tables in
-       cache included (_simd_pool.h), and a run-time choice of hint costs the
-       in-cache pooling up to 5%: T0 everywhere */
-    static inline void sparsembed_prefetch_row(const void* p, size_t nbytes) {
-        const char* c = (const char*)p;
-        size_t o;
-        for (o = 0; o < nbytes; o += 64) SPARSEMBED_PREFETCH(c + o);
-        if (nbytes && SE_SPANS_EXTRA_LINE(c, nbytes)) SPARSEMBED_PREFETCH(c + nbytes - 1);
-        SPARSEMBED_KEEP();
-    }
-    /* the line at p, into L2 (and L3), not L1 */
-    static inline void sparsembed_prefetch_line_l2(const void* p) {
-        SPARSEMBED_PREFETCH_L2(p);
-        SPARSEMBED_KEEP();
-    }
     /* copy a row; the common widths (16-128 floats) with a size known at compile
        time, which the compiler turns into inline moves: a memcpy of a run-time size
        is a call into libc per row, most of the cost of a 64-512 byte row in cache

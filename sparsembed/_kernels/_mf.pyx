@@ -23,15 +23,8 @@ from libc.stdint cimport int64_t
 
 from sparsembed._kernels._types cimport index_t
 
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-        #define SPARSEMBED_PREFETCH(p) __builtin_prefetch((const void*)(p))
-    #else
-        #define SPARSEMBED_PREFETCH(p) ((void)0)
-    #endif
-    """
-    void SPARSEMBED_PREFETCH(const void* p) noexcept nogil
+cdef extern from "_lines.h":
+    void prefetch "SE_PREFETCH"(const void* p) noexcept nogil
 
 
 cdef inline floating _dot(const floating* p, const floating* q, int64_t k) noexcept nogil:
@@ -83,8 +76,8 @@ cdef double _sgd_range(
             qa = Q + items[n + 2] * k
             f = 0
             while f < k:
-                SPARSEMBED_PREFETCH(pa + f)
-                SPARSEMBED_PREFETCH(qa + f)
+                prefetch(pa + f)
+                prefetch(qa + f)
                 f += line
         est = _dot(p, q, k)
         if biased:

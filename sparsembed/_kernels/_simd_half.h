@@ -221,14 +221,14 @@ static inline se_half_rows_table sparsembed_half_rows_table(int level)
             if (FIRST && !SPREAD) {                                                  \
                 /* the chunk's lines by a count known when compiling; the row        \
                    past the chunk and a skewed row's last line by tests that         \
-                   are the same for every row (sparsembed_prefetch_lines' loop       \
+                   are the same for every row (sparsembed_prefetch_row's loop      \
                    of a run-time length per row cost 20% of a D = 64 bag sum         \
                    in cache: a C loop of the same sums 0.28 -> 0.35 ms) */           \
                 int l_;                                                              \
                 for (l_ = 0; l_ < (int)((NV * LANES * 2 + 63) / 64); l_++)           \
                     SE_PREFETCH(p_ + 64 * l_);                                       \
                 if (row_bytes > NV * LANES * 2)                                      \
-                    sparsembed_prefetch_lines(p_ + NV * LANES * 2,                   \
+                    sparsembed_prefetch_row(p_ + NV * LANES * 2,                   \
                                               row_bytes - NV * LANES * 2);           \
                 if (skew) SE_PREFETCH(p_ + row_bytes - 1);                           \
             }                                                                        \
@@ -399,7 +399,7 @@ ATTR static int64_t NAME(                                                       
             for (e = lo; e < hi; e++) {                                              \
                 int64_t r;                                                           \
                 if (e + ahead < n)                                                   \
-                    sparsembed_prefetch_lines(weight + (int64_t)idx[e + ahead] * dim, \
+                    sparsembed_prefetch_row(weight + (int64_t)idx[e + ahead] * dim, \
                                               row_bytes);                            \
                 r = (int64_t)idx[e];                                                 \
                 if (SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) {                \

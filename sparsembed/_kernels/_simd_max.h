@@ -53,7 +53,7 @@
         for (e = lo; e < hi; e++) {                                                  \
             int64_t r;                                                               \
             if (e + ahead < n)                                                       \
-                sparsembed_prefetch_lines(weight + (int64_t)idx[e + ahead] * dim,    \
+                sparsembed_prefetch_row(weight + (int64_t)idx[e + ahead] * dim,    \
                                           (size_t)dim * sizeof(T));                  \
             r = (int64_t)idx[e];                                                     \
             if (SE_UNLIKELY((uint64_t)r >= (uint64_t)num_rows)) return -(e + 1);     \

@@ -38,39 +38,16 @@
     #define SE_TARGET(isa)
 #endif
 
-/* The pooled rows (table rows of a bag, grad_output rows of a row sum) are
-   prefetched into every cache level (T0). prefetchnta (rows read once: into L1,
-   not kept in L2 and L3) gained 3-8% on an AMD EPYC (L3 32 MiB) but on the Intel
-   Xeon VM (L3 480 MiB, filled from L2's evictions) it made the bag sum forward
-   1.3-4.6x slower, in cache or not (262,144 ids in bags of 32, 2 threads, ratio to
-   torch, builds alternated: V = 1e6 D = 64 uniform 2.62 -> 1.04, Zipf 1.25 ->
-   0.99, D = 256 2.20 -> 1.09 / 2.04 -> 1.07; V = 1e4 D = 64 2.94 -> 0.95, D = 256
-   4.58 -> 1.00), and the sparse backward's row sums with it (fwd + bwd D = 64 Zipf
-   14.3 -> 5.5 ms). The hint chosen at run time by vendor cost the in-cache
-   pooling up to 5% (a test per prefetch) here: T0 on every CPU. */
 #if defined(__GNUC__) || defined(__clang__)
-    #define SE_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
-    #define SE_PREFETCH_L2(p) __builtin_prefetch((const void*)(p), 0, 1)
     #define SE_ALWAYS_INLINE static inline __attribute__((always_inline))
     /* (helpers some including modules do not call: no warning there) */
     #define SE_MAYBE_UNUSED __attribute__((unused))
     #define SE_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
-    #define SE_PREFETCH(p) ((void)0)
-    #define SE_PREFETCH_L2(p) ((void)0)
     #define SE_ALWAYS_INLINE static inline
     #define SE_MAYBE_UNUSED
     #define SE_UNLIKELY(x) (x)
 #endif
-
-/* every 64-byte line that [p, p + nbytes) touches, for reading */
-static inline void sparsembed_prefetch_lines(const void* p, size_t nbytes)
-{
-    const char* c = (const char*)p;
-    size_t o;
-    for (o = 0; o < nbytes; o += 64) SE_PREFETCH(c + o);
-    if (nbytes && SE_SPANS_EXTRA_LINE(c, nbytes)) SE_PREFETCH(c + nbytes - 1);
-}
 
 enum { SE_LEVEL_BASELINE = 0, SE_LEVEL_AVX2 = 1, SE_LEVEL_AVX512 = 2 };
 
