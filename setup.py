@@ -95,7 +95,7 @@ class BuildExt(build_ext):
         super().finalize_options()
         # compile the extensions in parallel (one per core) unless --parallel / -j
         # says otherwise: pip builds with the defaults, and a serial build waits on
-        # each module in turn (_sum_pooling alone is ~5 min of compiler time)
+        # each module in turn (_sum_pooling alone is ~4.5 min of compiler time)
         if self.parallel is None:
             self.parallel = os.cpu_count() or 1
 
