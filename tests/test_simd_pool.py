@@ -15,7 +15,7 @@ from reference_optim import train
 import sparsembed as se
 from sparsembed import functional as F
 from sparsembed import _cpu
-from sparsembed._kernels import _backward, _bag, _lookup, _optim, _plan, _sum_pooling
+from sparsembed._kernels import _backward, _bag, _lookup, _optim, _plan, _sum_pooling, _sum_pooling_avx512
 
 LEVEL_NAMES = ("baseline", "avx2", "avx512")
 # every chunk width (8, 4, 2, 1 vectors) and column tail at each level, float32 and float64,
@@ -273,11 +273,12 @@ def test_level_is_reported_and_capped_by_the_environment(run_python):
 
 
 def test_one_compiled_pooling_each_module_at_its_own_level():
-    # _bag, _backward and _optim run the bodies compiled in _sum_pooling, at the
-    # level each of them is set to
+    # _bag, _backward and _optim run the bodies compiled in _sum_pooling (AVX-512F:
+    # in _sum_pooling_avx512), at the level each of them is set to
     top = _levels()[-1]
     assert set(_levels()) <= set(_sum_pooling.compiled_levels())
     assert _sum_pooling.compiled_levels()[0] == 0
+    assert _sum_pooling.compiled_levels()[2:] == _sum_pooling_avx512.compiled_levels()
     before = [mod.simd_level() for mod in LEVEL_MODULES]
     try:
         for mod in LEVEL_MODULES:

@@ -17,8 +17,9 @@
  * on first use); sparsembed_pool_set_level() does the same from the tests.
  *
  * This header holds the body (SE_DEFINE_POOL) and each including module's level;
- * the bodies themselves are instantiated by _simd_pool_bodies.h, in _sum_pooling
- * only, whose table of them the other modules call.
+ * the bodies themselves are instantiated by _simd_pool_bodies.h (baseline, AVX2: in
+ * _sum_pooling) and _simd_pool_bodies_avx512.h (in _sum_pooling_avx512), whose
+ * tables the other modules call through _sum_pooling.pool_table_at.
  */
 #ifndef SPARSEMBED_SIMD_POOL_H
 #define SPARSEMBED_SIMD_POOL_H
@@ -654,5 +655,10 @@ typedef struct {
     se_pool_f64_i32 f64_i32;
     se_pool_f64_i64 f64_i64;
 } se_pool_table;
+
+/* The table of the level whose bodies are named se_pool_*_SUFFIX */
+#define SE_POOL_TABLE_AT(SUFFIX)                                                     \
+    ((se_pool_table){se_pool_f32_i32_##SUFFIX, se_pool_f32_i64_##SUFFIX,             \
+                     se_pool_f64_i32_##SUFFIX, se_pool_f64_i64_##SUFFIX})
 
 #endif
