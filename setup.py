@@ -3,7 +3,7 @@
 The extension list is every ``.pyx`` under ``sparsembed/``. OpenMP is probed by
 compiling and linking a tiny program; set ``SPARSEMBED_NO_OPENMP=1`` to force the
 serial fallback, ``SPARSEMBED_BOUNDSCHECK=1`` to turn Cython's bounds checks back on
-for debugging.
+for debugging, ``SPARSEMBED_DEBUG_INFO=1`` to compile with debug information (-g).
 """
 
 import glob
@@ -95,13 +95,14 @@ class BuildExt(build_ext):
         super().finalize_options()
         # compile the extensions in parallel (one per core) unless --parallel / -j
         # says otherwise: pip builds with the defaults, and a serial build waits on
-        # each module in turn (_sum_pooling alone is ~4.5 min of compiler time)
+        # each module in turn (see SLOWEST_FIRST)
         if self.parallel is None:
             self.parallel = os.cpu_count() or 1
 
     def build_extensions(self):
         flags = _openmp_flags(self.compiler)
-        settings = repr((flags, self.compiler.compiler_type))
+        debug_info = _env_flag("SPARSEMBED_DEBUG_INFO")
+        settings = repr((flags, self.compiler.compiler_type, debug_info))
         stamp = os.path.join(self.build_temp, "sparsembed-build-settings")
         if _settings_changed(stamp, settings):
             self.force = self.compiler.force = True  # rebuild every extension
@@ -116,6 +117,11 @@ class BuildExt(build_ext):
                 # _simd_pool.h) must give the same bits, so no level may fuse a
                 # multiply-add that the baseline build rounds twice
                 ext.extra_compile_args += ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+                # no debug information unless asked for: the -g of Python's own
+                # flags made GCC take 37% longer on the SIMD pooling (_sum_pooling
+                # at once: 199 s vs 145) and tripled the modules' size
+                if not debug_info:
+                    ext.extra_compile_args += ["-g0"]
             if flags is not None:
                 ext.extra_compile_args += flags[0]
                 ext.extra_link_args += flags[1]
@@ -123,9 +129,25 @@ class BuildExt(build_ext):
         _record_settings(stamp, settings)
 
 
+# The modules that keep the compiler busiest, in that order (seconds of GCC -O3 -g0,
+# one compile at a time, Intel Xeon VM): the SIMD pooling's baseline and AVX2 bodies
+# (~80), the bag kernels with the max and float16 poolings (72), the pooling's AVX-512
+# bodies (~70); every other module 1-9 s. build_ext hands the extensions to its
+# workers in list order, so these go first and the small ones fill the other cores
+# around them. In name order _sum_pooling came last and then compiled alone for some
+# 3 of the 4.5 minutes a clean 2-core build took (2.6 minutes now, with -g0).
+SLOWEST_FIRST = ("sparsembed._kernels._sum_pooling", "sparsembed._kernels._bag",
+                 "sparsembed._kernels._sum_pooling_avx512")
+
+
+def _compile_order(module):
+    return (SLOWEST_FIRST.index(module) if module in SLOWEST_FIRST else len(SLOWEST_FIRST), module)
+
+
 def extensions():
     exts = []
-    for path in sorted(glob.glob(os.path.join("sparsembed", "**", "*.pyx"), recursive=True)):
+    paths = glob.glob(os.path.join("sparsembed", "**", "*.pyx"), recursive=True)
+    for path in sorted(paths, key=lambda p: _compile_order(os.path.splitext(p)[0].replace(os.sep, "."))):
         module = os.path.splitext(path)[0].replace(os.sep, ".")
         exts.append(
             Extension(
