@@ -140,9 +140,11 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
             f"grad_output has shape {g.shape}, expected {idx.shape} + (embedding_dim,)"
         )
     grad = be.as_grad_output(g, idx.shape + (g.shape[-1],), _grad_dtype(g.dtype))
+    grad2d = grad.reshape(flat.shape[0], g.shape[-1])
+    if not sparse:
+        return be.dense_grad_of_ids(grad2d, flat, num_embeddings, padding_idx, scale_grad_by_freq)
     plan = be.plan_rows(flat, num_embeddings, padding_idx, check_range=True)
-    return weight_grad(grad.reshape(flat.shape[0], g.shape[-1]), plan, num_embeddings,
-                       scale_grad_by_freq, sparse, be)
+    return weight_grad(grad2d, plan, num_embeddings, scale_grad_by_freq, sparse, be)
 
 
 def weight_grad(grad2d, plan, num_embeddings, scale_grad_by_freq, sparse, be):

@@ -1209,3 +1209,136 @@ def test_float16_training_lookups_plan_ahead_with_the_same_gradients(rng, thread
         expected = se.functional.embedding_backward(g, ids, V, sparse=True)
         assert (grad != expected).nnz == 0
         emb.zero_grad()
+
+
+def _scatter_cases(rng, V):
+    """Id batches for the dense backward without a plan: uniform, skewed (a few rows
+    hit many times), one row only, the first and last rows, none."""
+    return [rng.integers(0, V, size=3000), np.minimum(rng.zipf(1.3, 3000) - 1, V - 1),
+            np.full(50, V // 2), np.array([V - 1, 0, V - 1, 0]), np.array([], np.int64)]
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("V", [1, 63, 64, 1000, 4099])
+def test_dense_backward_scatter_equals_the_planned_kernel(rng, dtype, idx_dtype, V):
+    # the same bits as the planned, streamed kernel (each row summed from zero in
+    # input order, -0.0 grads included), on any thread count, in dirty memory
+    lanes = 64 // np.dtype(dtype).itemsize
+    for dim in (lanes, 4 * lanes):
+        for ids in _scatter_cases(rng, V):
+            ids = ids.astype(idx_dtype)
+            grad = rng.standard_normal((ids.size, dim)).astype(dtype)
+            grad[::5, 1] = -0.0
+            for pad in (-1, int(ids[0]) if ids.size else V - 1):
+                plan = _cpu.plan_rows(ids, V, None if pad < 0 else pad)
+                planned = _at_alignment(V * dim, dtype, 0).reshape(V, dim)
+                _backward.dense_backward_fill(grad, plan.perm, plan.rows, plan.starts, False,
+                                              planned, 2, True)
+                expected = np.zeros((V, dim))
+                keep = ids != pad
+                np.add.at(expected, ids[keep], grad[keep].astype(np.float64))
+                # (float32 sums of up to 3,000 rows in one: a looser bound)
+                tol = 1e-3 if dtype == np.float32 else 1e-10
+                np.testing.assert_allclose(planned, expected, rtol=tol, atol=tol)
+                for T in (1, 2, 3):
+                    out = _at_alignment(V * dim, dtype, 0).reshape(V, dim)  # NaN-filled
+                    assert _backward.dense_backward_scatter(grad, ids, pad, out, T) == -1
+                    assert out.tobytes() == planned.tobytes(), (dim, T, pad)
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_dense_backward_scatter_reports_the_first_id_out_of_range(rng, idx_dtype):
+    V, dim = 500, 16
+    for bad_id in (V, -1, np.iinfo(idx_dtype).max, np.iinfo(idx_dtype).min):
+        ids = rng.integers(0, V, size=300).astype(idx_dtype)
+        ids[[77, 200]] = bad_id
+        grad = rng.standard_normal((300, dim)).astype(np.float32)
+        for T in (1, 2):
+            out = _at_alignment(V * dim, np.float32, 0).reshape(V, dim)
+            assert _backward.dense_backward_scatter(grad, ids, -1, out, T) == 77
+        # no rows, or rows of no columns: still checked
+        assert _backward.dense_backward_scatter(grad[:, :0], ids, -1, np.empty((V, 0), np.float32),
+                                                2) == 77
+        assert _backward.dense_backward_scatter(grad, ids, -1, np.empty((0, dim), np.float32),
+                                                2) == 0
+
+
+def test_dense_backward_scatter_checks_its_arrays(rng):
+    ids = np.array([0, 1, 2])
+    grad = np.ones((3, 16), np.float32)
+    with pytest.raises(ValueError, match="whole lines"):
+        _backward.dense_backward_scatter(np.ones((3, 15), np.float32), ids, -1,
+                                         _at_alignment(10 * 15, np.float32, 0).reshape(10, 15), 1)
+    with pytest.raises(ValueError, match="whole lines"):
+        _backward.dense_backward_scatter(grad, ids, -1,
+                                         _at_alignment(10 * 16, np.float32, 16).reshape(10, 16), 1)
+    with pytest.raises(ValueError, match=r"grad must be \(3, 16\)"):
+        _backward.dense_backward_scatter(np.ones((2, 16), np.float32), ids, -1,
+                                         _at_alignment(10 * 16, np.float32, 0).reshape(10, 16), 1)
+
+
+@pytest.fixture
+def scatter_spy(monkeypatch):
+    """Calls of the dense backward without a plan, counted; streamed from any size."""
+    calls = []
+    kernel = _backward.dense_backward_scatter
+
+    def spy(*args):
+        calls.append(args[3].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(_backward, "dense_backward_scatter", spy)
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+    return calls
+
+
+def test_functional_dense_backward_without_a_plan_where_it_pays(rng, dtype, threads, scatter_spy):
+    from sparsembed import functional as F
+
+    torch = pytest.importorskip("torch")
+    V = 700
+    lanes = 64 // np.dtype(dtype).itemsize
+    ids = np.minimum(rng.zipf(1.3, (40, 30)) - 1, V - 1)
+    grad = rng.standard_normal((40, 30, 2 * lanes)).astype(dtype)
+    for T in (1, 2):
+        threads(T)
+        for pad in (None, int(ids[0, 0])):
+            got = F.embedding_backward(grad, ids, V, padding_idx=pad)
+            expected = torch.ops.aten.embedding_dense_backward(
+                torch.from_numpy(grad), torch.from_numpy(ids), V, -1 if pad is None else pad,
+                False).numpy()
+            rtol = 1e-5 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+    assert len(scatter_spy) == 4
+    # read-only, non-contiguous inputs as well
+    ro_ids, ro_grad = ids[:, ::2], grad[:, ::2]
+    ro_ids.flags.writeable = ro_grad.flags.writeable = False
+    before = ro_grad.copy()
+    got = F.embedding_backward(ro_grad, ro_ids, V)
+    expected = np.zeros((V, 2 * lanes))
+    np.add.at(expected, ro_ids.ravel(), ro_grad.reshape(-1, 2 * lanes).astype(np.float64))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert_array_equal(ro_grad, before)
+    assert len(scatter_spy) == 5
+    # the planned kernel where the rows are not whole lines or longer than
+    # SCATTER_MAX_ROW_BYTES, the counts scale them, or more threads than
+    # SCATTER_MAX_THREADS would each read every id
+    F.embedding_backward(grad[..., :lanes - 1], ids, V)
+    wide = _cpu.SCATTER_MAX_ROW_BYTES // np.dtype(dtype).itemsize + lanes
+    F.embedding_backward(np.ones((40, 30, wide), dtype), ids, V)
+    F.embedding_backward(grad, ids, V, scale_grad_by_freq=True)
+    threads(_cpu.SCATTER_MAX_THREADS + 1)
+    F.embedding_backward(grad, ids, V)
+    assert len(scatter_spy) == 5
+
+
+def test_functional_dense_backward_without_a_plan_names_the_bad_id(rng, scatter_spy):
+    from sparsembed import functional as F
+
+    ids = rng.integers(0, 100, size=50)
+    ids[31] = 100
+    grad = rng.standard_normal((50, 16)).astype(np.float32)
+    before = grad.copy()
+    with pytest.raises(IndexError, match="index 100 at position 31"):
+        F.embedding_backward(grad, ids, 100)
+    assert scatter_spy and np.array_equal(grad, before)

@@ -387,6 +387,12 @@ class ArrayBackend:
         out = self.xp.zeros((num_rows, grad2d.shape[1]), dtype=grad2d.dtype)
         return self._segment_sum(grad2d, plan, out, True, scale_grad_by_freq)
 
+    def dense_grad_of_ids(self, grad2d, flat, num_rows, skip_row, scale_grad_by_freq):
+        """Dense (num_rows, dim) gradient of the ids ``flat`` (range-checked here), the
+        row ``skip_row`` (or None) left at zero: :meth:`dense_grad` of their plan."""
+        plan = self.plan_rows(flat, num_rows, skip_row, check_range=True)
+        return self.dense_grad(grad2d, plan, num_rows, scale_grad_by_freq)
+
     def row_grad(self, grad2d, plan, scale_grad_by_freq):
         """(n_rows, dim) per-row sums, one per distinct planned id, in ``plan.rows`` order."""
         out = self.xp.empty((plan.rows.shape[0], grad2d.shape[1]), dtype=grad2d.dtype)

@@ -47,6 +47,17 @@ def dense_backward_fill(
     are zeroed in the same pass (``stream``: non-temporal stores; ``weights``: one
     factor per plan entry, its grad row multiplied by it)."""
 
+def dense_backward_scatter(
+    grad: _Floating,
+    idx: _Index,
+    skip_row: int,
+    out: _Floating,
+    n_threads: int,
+) -> int:
+    """The dense gradient of the ids ``idx`` (``skip_row``'s row left at zero) without a
+    row plan, into an uninitialised, line-aligned ``out`` of whole-line rows: the
+    planned kernels' bits. -1, or the first position whose id is out of range."""
+
 def row_sums(
     grad: _Floating,
     perm: NDArray[np.int64],
