@@ -656,6 +656,14 @@ typedef struct {
     se_pool_f64_i64 f64_i64;
 } se_pool_table;
 
+/* The four (dtype, index dtype) bodies of one SIMD level, named se_pool_*_SUFFIX
+   (_simd_pool_bodies.h, _simd_pool_bodies_avx512.h) */
+#define SE_DEFINE_POOL_LEVEL(SUFFIX, ATTR, VBYTES, WIDE, NTSTORE)                    \
+    SE_DEFINE_POOL(se_pool_f32_i32_##SUFFIX, float, int32_t, ATTR, VBYTES, WIDE, NTSTORE) \
+    SE_DEFINE_POOL(se_pool_f32_i64_##SUFFIX, float, int64_t, ATTR, VBYTES, WIDE, NTSTORE) \
+    SE_DEFINE_POOL(se_pool_f64_i32_##SUFFIX, double, int32_t, ATTR, VBYTES, WIDE, NTSTORE) \
+    SE_DEFINE_POOL(se_pool_f64_i64_##SUFFIX, double, int64_t, ATTR, VBYTES, WIDE, NTSTORE)
+
 /* The table of the level whose bodies are named se_pool_*_SUFFIX */
 #define SE_POOL_TABLE_AT(SUFFIX)                                                     \
     ((se_pool_table){se_pool_f32_i32_##SUFFIX, se_pool_f32_i64_##SUFFIX,             \

@@ -17,15 +17,9 @@
 
 #include "_simd_pool.h"
 
-SE_DEFINE_POOL(se_pool_f32_i32_base, float, int32_t, , 16, 0, SE_NT_SSE)
-SE_DEFINE_POOL(se_pool_f32_i64_base, float, int64_t, , 16, 0, SE_NT_SSE)
-SE_DEFINE_POOL(se_pool_f64_i32_base, double, int32_t, , 16, 0, SE_NT_SSE)
-SE_DEFINE_POOL(se_pool_f64_i64_base, double, int64_t, , 16, 0, SE_NT_SSE)
+SE_DEFINE_POOL_LEVEL(base, , 16, 0, SE_NT_SSE)
 #if SE_X86_DISPATCH
-SE_DEFINE_POOL(se_pool_f32_i32_avx2, float, int32_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
-SE_DEFINE_POOL(se_pool_f32_i64_avx2, float, int64_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
-SE_DEFINE_POOL(se_pool_f64_i32_avx2, double, int32_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
-SE_DEFINE_POOL(se_pool_f64_i64_avx2, double, int64_t, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
+SE_DEFINE_POOL_LEVEL(avx2, SE_TARGET("avx2"), 32, 0, SE_NT_AVX)
 #endif
 
 /* the kernels at the baseline level, or at AVX2 for level >= SE_LEVEL_AVX2 (the

@@ -11,10 +11,7 @@
 #include "_simd_pool.h"
 
 #if SE_X86_DISPATCH
-SE_DEFINE_POOL(se_pool_f32_i32_avx512, float, int32_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
-SE_DEFINE_POOL(se_pool_f32_i64_avx512, float, int64_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
-SE_DEFINE_POOL(se_pool_f64_i32_avx512, double, int32_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
-SE_DEFINE_POOL(se_pool_f64_i64_avx512, double, int64_t, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
+SE_DEFINE_POOL_LEVEL(avx512, SE_TARGET("avx512f"), 64, 1, SE_NT_AVX512)
 #endif
 
 static inline se_pool_table sparsembed_pool_table_avx512(void) {
