@@ -147,8 +147,9 @@ def _compile_order(module):
 def extensions():
     exts = []
     paths = glob.glob(os.path.join("sparsembed", "**", "*.pyx"), recursive=True)
-    for path in sorted(paths, key=lambda p: _compile_order(os.path.splitext(p)[0].replace(os.sep, "."))):
-        module = os.path.splitext(path)[0].replace(os.sep, ".")
+    path_of = {os.path.splitext(path)[0].replace(os.sep, "."): path for path in paths}
+    for module in sorted(path_of, key=_compile_order):
+        path = path_of[module]
         exts.append(
             Extension(
                 module,
