@@ -186,16 +186,32 @@ SCATTER_MAX_THREADS = 2
 SCATTER_MAX_ROW_BYTES = 256
 
 
-def dense_grad_of_ids(grad2d, flat, num_rows, skip_row, scale_grad_by_freq):
-    """Dense (num_rows, dim) gradient of the ids ``flat`` (not range-checked yet), the
-    row ``skip_row`` (or None) left at zero: :func:`dense_grad` of their plan, or
-    without one where the scatter kernel pays (rows of one to four whole lines, a
-    streamed output, a few threads, no scaling by counts). The same bits either way."""
+def _scatter_threads(grad2d, num_rows, scale_grad_by_freq):
+    """The threads :func:`dense_grad_of_ids` runs the scatter kernel on, or 0 where it
+    plans instead."""
     dim = grad2d.shape[1]
     row_bytes = dim * grad2d.dtype.itemsize
     T = threads_for(grad2d.size + num_rows * dim // 8)
     if (not scale_grad_by_freq and T <= SCATTER_MAX_THREADS and row_bytes % 64 == 0
             and 0 < row_bytes <= SCATTER_MAX_ROW_BYTES and num_rows * row_bytes >= STREAM_BYTES):
+        return T
+    return 0
+
+
+def dense_grad_plans(grad2d, num_rows, scale_grad_by_freq):
+    """Whether :func:`dense_grad_of_ids` of ``grad2d`` makes a row plan (then a caller
+    that holds one had better call :func:`dense_grad` with it)."""
+    return _scatter_threads(grad2d, num_rows, scale_grad_by_freq) == 0
+
+
+def dense_grad_of_ids(grad2d, flat, num_rows, skip_row, scale_grad_by_freq):
+    """Dense (num_rows, dim) gradient of the ids ``flat`` (not range-checked yet), the
+    row ``skip_row`` (or None) left at zero: :func:`dense_grad` of their plan, or
+    without one where the scatter kernel pays (rows of one to four whole lines, a
+    streamed output, a few threads, no scaling by counts). The same bits either way."""
+    T = _scatter_threads(grad2d, num_rows, scale_grad_by_freq)
+    if T:
+        dim = grad2d.shape[1]
         out = _pool.empty((num_rows, dim), grad2d.dtype)
         if out.ctypes.data % 64:  # the pool's blocks are line-aligned, numpy's need not be
             out = _aligned.empty((num_rows, dim), grad2d.dtype)

@@ -487,7 +487,8 @@ class Embedding(_Table):
         forward's plan was used by a backward (a training loop), a large CPU lookup
         makes the plan of its ids on the side, on one thread of its team while the
         others copy rows, and the backward finds it made; a forward not followed by
-        a backward (inference) does not.
+        a backward (inference) does not, nor one followed by a dense backward that
+        sums without a plan (rows of one to four 64-byte lines on a large table).
         """
         be = self._backend
         layout = self._checked_table()
@@ -569,14 +570,19 @@ class Embedding(_Table):
             self._check_fused(optimizer)
         if not self.requires_grad:
             return None
+        padding_idx, scale_grad_by_freq, sparse = self._forward_options()
+        grad2d = grad.reshape(flat.shape[0], self.embedding_dim)
+        if (optimizer is None and not sparse
+                and not be.dense_grad_plans(grad2d, self.num_embeddings, scale_grad_by_freq)):
+            # summed without a plan (as fast as with one the forward made: same bits),
+            # so the next forward does not make one on the side
+            return self._accumulate(be.dense_grad_of_ids(grad2d, flat, self.num_embeddings,
+                                                         padding_idx, scale_grad_by_freq))
         _, _, plan = self._plan()
-        _, scale_grad_by_freq, sparse = self._forward_options()
         if optimizer is not None:
-            optimizer._fused_update(self, grad.reshape(flat.shape[0], self.embedding_dim), plan,
-                                    scale_grad_by_freq)
+            optimizer._fused_update(self, grad2d, plan, scale_grad_by_freq)
             return None
-        g = F.weight_grad(grad.reshape(flat.shape[0], self.embedding_dim), plan,
-                          self.num_embeddings, scale_grad_by_freq, sparse, be)
+        g = F.weight_grad(grad2d, plan, self.num_embeddings, scale_grad_by_freq, sparse, be)
         return self._accumulate(g)
 
     def __repr__(self):

@@ -1346,3 +1346,49 @@ def test_functional_dense_backward_without_a_plan_names_the_bad_id(rng, scatter_
     with pytest.raises(IndexError, match="index 100 at position 31"):
         F.embedding_backward(grad, ids, 100)
     assert scatter_spy and np.array_equal(grad, before)
+
+
+@pytest.mark.parametrize("table_dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_dense_layer_sums_without_a_plan_and_stops_planning_ahead(
+        rng, threads, scatter_spy, plan_ahead_spy, table_dtype, n_threads):
+    threads(n_threads)
+    V, n, pad = 5000, 3000, 7
+    grad_dtype = np.float32 if table_dtype == np.float16 else np.dtype(table_dtype)
+    dim = 128 // np.dtype(grad_dtype).itemsize  # rows of two lines
+    # a sparse layer's training loop first: its lookups plan ahead
+    emb = se.Embedding(V, dim, padding_idx=pad, sparse=True, dtype=table_dtype,
+                       random_state=0)
+    for step in range(6):
+        if step == 2:
+            emb.sparse = False
+        ids = rng.integers(0, V, size=(n // 3, 3))
+        ids[::40, 0] = pad
+        out = emb(ids)
+        assert out.tobytes() == emb.weight[ids].tobytes()
+        g = rng.standard_normal(out.shape).astype(grad_dtype)
+        grad = emb.backward(g)
+        flat = ids.ravel()
+        plan = _cpu.plan_rows(flat, V, pad, check_range=True)
+        expected = _cpu.dense_grad(g.reshape(-1, dim), plan, V, False)
+        if step < 2:
+            assert (grad.toarray() == expected).all()
+        else:
+            # the same bits as the planned sum; the plan made ahead by the lookup
+            # after a sparse backward (step 2) goes unused, and no lookup plans after
+            assert grad.tobytes() == expected.tobytes()
+            assert len(scatter_spy) == step - 1
+        emb.zero_grad()
+        # the lookups of steps 1 and 2 plan ahead (with two threads: on one the
+        # lookup has no second thread to plan on)
+        assert len(plan_ahead_spy) == (min(step, 2) if _plans_ahead() else 0)
+    # a fused update and scaled counts still use the plan: the next lookup plans ahead
+    optimizer = se.optim.SGD([emb], lr=0.1)
+    emb(ids)
+    emb.backward(g, optimizer=optimizer)
+    emb.scale_grad_by_freq = True
+    emb(ids)
+    emb.backward(g)
+    assert len(scatter_spy) == 4
+    emb(ids)
+    assert len(plan_ahead_spy) == (4 if _plans_ahead() else 0)

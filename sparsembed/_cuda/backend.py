@@ -32,6 +32,7 @@ gather_and_plan = _impl.gather_and_plan
 renorm_rows_ = _impl.renorm_rows_
 dense_grad = _impl.dense_grad
 dense_grad_of_ids = _impl.dense_grad_of_ids
+dense_grad_plans = _impl.dense_grad_plans
 row_grad = _impl.row_grad
 sparse_grad = _impl.sparse_grad
 add_grad = _impl.add_grad
