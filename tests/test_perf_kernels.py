@@ -1,6 +1,8 @@
 """The fast paths of the core kernels (issue 6): the 32-bit row plan (counting and
 radix sorts), work-balanced row sums, prefetching gather, against numpy."""
 
+import os
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -562,6 +564,30 @@ def test_pool_limit_and_off_switch():
     finally:
         _pool.set_limit(old)
         _pool.clear()
+
+
+def test_pool_default_limit_scales_with_the_memory(run_python, monkeypatch):
+    # a training step's outputs must fit in the cache, or each step faults in again
+    # what the one before evicted: an eighth of the memory, from 1 GiB to 4 GiB
+    from sparsembed._kernels import _pool
+
+    GiB = 1 << 30
+    assert _pool.default_limit(None) == GiB
+    assert _pool.default_limit(2 * GiB) == GiB
+    assert _pool.default_limit(24 * GiB) == 3 * GiB
+    assert _pool.default_limit(512 * GiB) == 4 * GiB
+    memory = _pool._memory_bytes()
+    assert memory is None or 0 < memory <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    code = "from sparsembed._kernels import _pool; print(_pool.stats()['limit'])"
+    for raw, expected in [("12345", 12345), ("0", 0), ("2e9", 2 * 10 ** 9), ("-5", 0),
+                          ("lots", _pool.default_limit(memory)),
+                          ("", _pool.default_limit(memory))]:
+        out = run_python(code, env={"SPARSEMBED_POOL_BYTES": raw}).stdout
+        assert int(out) == expected, raw
+    # a container's limit, where lower than the machine's memory, is the memory
+    monkeypatch.setattr(_pool, "_cgroup_limits", lambda: [3 * GiB, 1 << 62])
+    if memory is not None and memory > 3 * GiB:
+        assert _pool._memory_bytes() == 3 * GiB
 
 
 def test_sparse_gradients_share_read_only_column_indices(rng):

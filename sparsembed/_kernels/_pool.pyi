@@ -8,6 +8,10 @@ from numpy.typing import DTypeLike
 
 MIN_BYTES: int
 
+def default_limit(memory_bytes: int | None) -> int:
+    """The idle bytes kept by default on a machine (or container) of ``memory_bytes``
+    (None: unknown): an eighth of it, from 1 GiB to 4 GiB."""
+
 def empty(shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray[Any, Any]:
     """``numpy.empty(shape, dtype)``, from the cache when it is large."""
 
