@@ -12,6 +12,7 @@ TARGETS = {
     "dense_backward": [("torch", 0.1, "<= 0.1 x torch")],
     "sparse_fwd_bwd": [("torch", 0.1, "<= 0.1 x torch")],
     "sparse_accumulate": [],
+    "dense_fwd_bwd": [],
     "step_sparseadam": [("torch", 0.2, "<= 0.2 x torch")],
     "step_adagrad": [("torch", 0.2, "<= 0.2 x torch")],
     "bag_sum_forward": [("torch", 1.0, "<= 1.0 x torch")],

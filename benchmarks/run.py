@@ -328,6 +328,37 @@ def wl_sparse_accumulate(W, idx, g):
     return cases
 
 
+def wl_dense_fwd_bwd(W, idx, g):
+    """A dense layer's step: forward, then the (V, D) gradient (``sparse=False``;
+    torch: ``nn.Embedding``'s forward and autograd backward into ``.grad``)."""
+    V, D = W.shape
+    emb = se.Embedding(V, D, weight=W)
+
+    def se_step():
+        emb.zero_grad()
+        emb(idx)
+        return emb.backward(g)
+
+    def np_step():
+        out = np.take(W, idx, axis=0)
+        grad = np.zeros((V, D), dtype=g.dtype)
+        np.add.at(grad, idx, g)
+        return out, grad
+
+    cases = {"sparsembed": se_step, "numpy": np_step}
+    if torch is not None:
+        wt = torch.nn.Parameter(torch.from_numpy(W))
+        it, gt = torch.from_numpy(idx), torch.from_numpy(g)
+
+        def torch_step():
+            wt.grad = None
+            TF.embedding(it, wt).backward(gt)
+            return wt.grad
+
+        cases["torch"] = torch_step
+    return cases
+
+
 def _has_optim():
     return hasattr(se, "optim")
 
@@ -523,7 +554,8 @@ def run_bag_widths(cfg, threads, repeat, log):
 
 def workloads():
     wls = [("forward", wl_forward), ("dense_backward", wl_dense_backward),
-           ("sparse_fwd_bwd", wl_sparse_fwd_bwd), ("sparse_accumulate", wl_sparse_accumulate)]
+           ("sparse_fwd_bwd", wl_sparse_fwd_bwd), ("sparse_accumulate", wl_sparse_accumulate),
+           ("dense_fwd_bwd", wl_dense_fwd_bwd)]
     if _has_optim():
         wls += [("step_sparseadam", wl_step_sparseadam), ("step_adagrad", wl_step_adagrad)]
     if _has_bag():

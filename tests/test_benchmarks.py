@@ -22,7 +22,7 @@ def test_runner_smoke_writes_valid_json(tmp_path):
     assert result["mode"] == "smoke"
     assert result["n_threads"] == 2
     names = {row["workload"] for row in result["main"]}
-    assert {"forward", "dense_backward", "sparse_fwd_bwd"} <= names
+    assert {"forward", "dense_backward", "sparse_fwd_bwd", "dense_fwd_bwd"} <= names
     for row in result["main"]:
         assert row["times_ms"]["sparsembed"] > 0
         assert row["dist"] in ("uniform", "zipf")
