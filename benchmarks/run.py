@@ -253,14 +253,33 @@ def wl_dense_backward(W, idx, g):
     return cases
 
 
-def wl_sparse_fwd_bwd(W, idx, g):
+def _layer_steps(W, idx, g, sparse):
+    """The training step of a layer over ``W`` (forward, then the backward into a
+    fresh gradient), ours and torch's (None without torch), as timed cases."""
     V, D = W.shape
-    emb = se.Embedding(V, D, sparse=True, weight=W)
+    emb = se.Embedding(V, D, sparse=sparse, weight=W)
 
     def se_step():
         emb.zero_grad()
         emb(idx)
         return emb.backward(g)
+
+    if torch is None:
+        return se_step, None
+    wt = torch.nn.Parameter(torch.from_numpy(W))
+    it, gt = torch.from_numpy(idx), torch.from_numpy(g)
+
+    def torch_step():
+        wt.grad = None
+        TF.embedding(it, wt, sparse=sparse).backward(gt)
+        return wt.grad.coalesce() if sparse else wt.grad
+
+    return se_step, torch_step
+
+
+def wl_sparse_fwd_bwd(W, idx, g):
+    V, D = W.shape
+    se_step, torch_step = _layer_steps(W, idx, g, sparse=True)
 
     def np_step():
         out = np.take(W, idx, axis=0)
@@ -282,15 +301,7 @@ def wl_sparse_fwd_bwd(W, idx, g):
     cases["stream_write"] = lambda: SF.embedding(one_row, W)
     consecutive = np.arange(idx.size - idx.size % 32, dtype=np.int64).reshape(-1, 32)
     cases["seq_read"] = lambda: SF.embedding_bag(consecutive, g, mode="sum")
-    if torch is not None:
-        wt = torch.nn.Parameter(torch.from_numpy(W))
-        it, gt = torch.from_numpy(idx), torch.from_numpy(g)
-
-        def torch_step():
-            wt.grad = None
-            TF.embedding(it, wt, sparse=True).backward(gt)
-            return wt.grad.coalesce()
-
+    if torch_step is not None:
         cases["torch"] = torch_step
     return cases
 
@@ -332,12 +343,7 @@ def wl_dense_fwd_bwd(W, idx, g):
     """A dense layer's step: forward, then the (V, D) gradient (``sparse=False``;
     torch: ``nn.Embedding``'s forward and autograd backward into ``.grad``)."""
     V, D = W.shape
-    emb = se.Embedding(V, D, weight=W)
-
-    def se_step():
-        emb.zero_grad()
-        emb(idx)
-        return emb.backward(g)
+    se_step, torch_step = _layer_steps(W, idx, g, sparse=False)
 
     def np_step():
         out = np.take(W, idx, axis=0)
@@ -346,15 +352,7 @@ def wl_dense_fwd_bwd(W, idx, g):
         return out, grad
 
     cases = {"sparsembed": se_step, "numpy": np_step}
-    if torch is not None:
-        wt = torch.nn.Parameter(torch.from_numpy(W))
-        it, gt = torch.from_numpy(idx), torch.from_numpy(g)
-
-        def torch_step():
-            wt.grad = None
-            TF.embedding(it, wt).backward(gt)
-            return wt.grad
-
+    if torch_step is not None:
         cases["torch"] = torch_step
     return cases
 
