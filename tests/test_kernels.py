@@ -392,6 +392,39 @@ def test_optimizer_kernels_refuse_arguments_that_do_not_fit_the_table(kind, fuse
     assert not np.array_equal(a["weight"][[1, 4]], 1) and np.array_equal(a["weight"][0], [1] * 4)
 
 
+@pytest.mark.parametrize("kind", OPTIMIZER_KINDS)
+@pytest.mark.parametrize("D", [1, 5, 64, 4097])
+def test_dense_update_of_every_row_equals_the_update_row_by_row(rng, dtype, kind, D):
+    # every row of a dense gradient goes to the update in runs of rows (one long row
+    # to it where columns are independent): the bits of one call per row, any
+    # thread count; momentum, weight decay and the first step's branches included
+    from sparsembed._kernels import _optim
+
+    V = 1000
+    code = getattr(_optim, f"KIND_{kind}")
+    width = 1 if kind == "ROWWISE_ADAGRAD" else D
+    hypers = [(code, 0.1, 0.0, 0.0, 1e-8, 0.1, 0.001, 0.0),
+              (code, 0.05, 0.9, 0.01, 1e-6, 0.9, 0.0, 1.0),  # SGD: Nesterov, later step
+              (code, 0.05, 0.9, 0.01, 1e-6, 0.9, 1.0, 0.0)]  # SGD: first step
+    for hyper in hypers:
+        momentum = kind != "SGD" or hyper[2] != 0
+        weight = rng.standard_normal((V, D)).astype(dtype)
+        values = rng.standard_normal((V, D)).astype(dtype)
+        values[::7, 0] = -0.0
+        s1 = np.abs(rng.standard_normal((V if momentum else 0, width))).astype(dtype)
+        s2 = np.abs(rng.standard_normal((V if kind == "SPARSE_ADAM" else 0, D))).astype(dtype)
+        ref = [a.copy() for a in (weight, s1, s2)]
+        _optim.update_rows(*hyper, ref[0], np.arange(V, dtype=np.int64), False, values,
+                           ref[1], ref[2], 1)
+        for T in (1, 2, 3):
+            got = [a.copy() for a in (weight, s1, s2)]
+            _optim.update_rows(*hyper, got[0], np.empty(0, np.int64), True, values, got[1],
+                               got[2], T)
+            for a, b in zip(got, ref):
+                assert a.tobytes() == b.tobytes(), (hyper, T)
+        assert not np.array_equal(ref[0], weight)
+
+
 def test_fused_update_refuses_segment_bounds_past_the_plan():
     _optim, hyper, a = _optimizer_call("ADAGRAD")
     empty = (np.empty(0, np.int64), np.empty(0, np.float32), np.empty((0, 0), np.uint64))

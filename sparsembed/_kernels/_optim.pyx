@@ -45,6 +45,13 @@ from sparsembed._kernels._split cimport block_start_costed
 # of as many rows (16 KiB at dim 256 in float32: stays in L1 for the updates).
 DEF FUSED_CHUNK = 16
 
+# Elements per update call when a dense gradient updates every row with an update
+# whose columns are all independent (all but row-wise Adagrad): a run of whole rows
+# is one long row to it. One call per row cost 18% of a plain SGD step (V = 1e6,
+# D = 64, float32, 2 threads, Intel Xeon VM: 21.1 ms per row, 18.0 in runs of 4,096
+# elements; torch's add_ 17.5).
+DEF DENSE_RUN = 4096
+
 cdef extern from "_simd_update.h":
     cdef enum:
         SGD "SE_SGD"
@@ -181,6 +188,18 @@ def update_rows(
         return
     cdef floating* s1_ptr = &s1[0, 0] if has_s1 else NULL
     cdef floating* s2_ptr = &s2[0, 0] if has_s2 else NULL
+    cdef int64_t run = max(1, DENSE_RUN // dim)
+    cdef int64_t n_runs = (n_rows + run - 1) // run
+    if all_rows and kind != ROWWISE_ADAGRAD:
+        # the same operations on each element as row by row: the same bits
+        with nogil:
+            for u in prange(n_runs, schedule="static", num_threads=n_threads):
+                r = u * run
+                _update_row(&ufns, &h, &weight[r, 0], &values[r, 0],
+                            s1_ptr + r * dim if has_s1 else NULL,
+                            s2_ptr + r * dim if has_s2 else NULL,
+                            (min(r + run, n_rows) - r) * dim)
+        return
     with nogil:
         for u in prange(n_rows, schedule="static", num_threads=n_threads):
             if u + ahead < n_rows and not all_rows:
