@@ -262,6 +262,15 @@ def add_grad(a, b):
     """``a + b`` for two gradients of the same kind (dense ndarray or row-sparse csr)."""
     if isinstance(a, np.ndarray):
         if isinstance(b, np.ndarray):
+            if (a.dtype == b.dtype and a.dtype in (np.float32, np.float64)
+                    and a.shape == b.shape and a.flags.c_contiguous and b.flags.c_contiguous):
+                # on every thread, into the output cache: numpy's a + b of two (1e6, 64)
+                # float32 gradients, one thread and a new array's page faults, took
+                # 80 ms (a layer's forward and dense backward: 20), this 23-26
+                out = _pool.empty(a.shape, a.dtype)
+                _backward.add_dense(a.reshape(-1), b.reshape(-1), out.reshape(-1),
+                                    threads_for(3 * a.size), out.nbytes >= STREAM_BYTES)
+                return out
             return a + b
         a = a.copy()
         rows, vals = _rowsparse.row_values(b)

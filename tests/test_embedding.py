@@ -244,6 +244,72 @@ def test_sparse_grad_accumulation_is_an_exact_elementwise_sum(rng, dtype, stream
     assert grads[0].data.tobytes() == grads[1].data.tobytes()
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_dense_grad_accumulation_is_numpys_sum_on_every_thread(rng, dtype, streamed,
+                                                               monkeypatch):
+    """Dense gradients accumulate in a new array (the ones returned before stay as they
+    were), numpy's a + b bit for bit, with 1 and 2 threads; ``streamed``: written with
+    non-temporal stores, as a large one is. A gradient set by hand in another dtype
+    or layout is summed by numpy."""
+    from sparsembed import _cpu
+
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 0 if streamed else 1 << 62)
+    V, D = 3001, 7
+    emb = se.Embedding(V, D, dtype=dtype, random_state=0)
+    ids_a, ids_b = rng.integers(0, V, 4000), rng.integers(0, V, 999)
+    ga = rng.standard_normal((ids_a.size, D)).astype(dtype)
+    gb = rng.standard_normal((ids_b.size, D)).astype(dtype)
+    gb[::3] = -0.0
+    sums = []
+    try:
+        for threads in (1, 2):
+            se.set_num_threads(threads)
+            emb.zero_grad()
+            emb(ids_a)
+            a = emb.backward(ga)
+            a_before = a.copy()
+            emb(ids_b)
+            b = emb.backward(gb)
+            assert emb.grad is not a and emb.grad is not b
+            assert a.tobytes() == a_before.tobytes()
+            assert emb.grad.tobytes() == (a + b).tobytes()
+            sums.append(emb.grad)
+    finally:
+        se.set_num_threads(None)
+    assert sums[0].tobytes() == sums[1].tobytes()
+    for by_hand in (np.ones((V, D), np.float16), np.asfortranarray(np.ones((V, D), dtype))):
+        emb.grad = by_hand
+        emb(ids_b)
+        b = emb.backward(gb)
+        assert emb.grad.dtype == np.result_type(by_hand.dtype, dtype)
+        assert emb.grad.tobytes() == (by_hand + b).tobytes()
+
+
+def test_add_dense_kernel_edges(rng, dtype):
+    # the flat sum at sizes around a line and a buffer, misaligned outputs, specials
+    from sparsembed._kernels import _backward
+
+    for n in (0, 1, 15, 16, 17, 511, 512, 513, 4099, 100_003):
+        a = rng.standard_normal(n).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        if n > 10:
+            a[:6] = [np.inf, -np.inf, np.nan, -0.0, 0.0, 1e30]
+            b[:6] = [1.0, np.inf, 1.0, -0.0, -0.0, 1e30]
+        for skew in (0, 1):  # a line-aligned output and one off it
+            for T in (1, 2, 3):
+                for stream in (False, True):
+                    raw = np.full(n + 16, 7, dtype)
+                    off = (-raw.ctypes.data // raw.itemsize) % (64 // raw.itemsize) + skew
+                    out = raw[off:off + n]
+                    _backward.add_dense(a, b, out, T, stream)
+                    with np.errstate(invalid="ignore"):
+                        expected = a + b
+                    assert out.tobytes() == expected.tobytes(), (n, skew, T, stream)
+                    assert (raw[:off] == 7).all() and (raw[off + n:] == 7).all()
+    with pytest.raises(ValueError, match="as many elements, got 3, 4 and 3"):
+        _backward.add_dense(np.ones(3, dtype), np.ones(4, dtype), np.ones(3, dtype), 2)
+
+
 def test_sparse_grad_accumulation_of_hand_made_grads():
     """Mixed dtypes, a non-canonical csr set by hand, integers and explicit zeros."""
     emb = se.Embedding(6, 3, sparse=True, random_state=0)

@@ -58,6 +58,16 @@ def dense_backward_scatter(
     row plan, into an uninitialised, line-aligned ``out`` of whole-line rows: the
     planned kernels' bits. -1, or the first position whose id is out of range."""
 
+def add_dense(
+    a: _Floating,
+    b: _Floating,
+    out: _Floating,
+    n_threads: int,
+    stream: bool = False,
+) -> None:
+    """``out = a + b`` (flat arrays), one addition per element, on ``n_threads``
+    threads; ``stream``: non-temporal stores."""
+
 def row_sums(
     grad: _Floating,
     perm: NDArray[np.int64],
