@@ -448,7 +448,7 @@ class Optimizer:
             if set_to_none or not _is_dense(layer.grad):
                 layer.grad = None
             else:
-                layer.grad[...] = 0
+                backend_of(layer.grad).zero_grad_(layer.grad)
 
     def state_dict(self):
         """Optimizer state as plain dicts, torch's layout.

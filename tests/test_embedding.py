@@ -310,6 +310,22 @@ def test_add_dense_kernel_edges(rng, dtype):
         _backward.add_dense(np.ones(3, dtype), np.ones(4, dtype), np.ones(3, dtype), 2)
 
 
+def test_zero_fill_kernel_edges(dtype):
+    from sparsembed._kernels import _backward
+
+    for n in (0, 1, 15, 16, 17, 511, 512, 513, 4099, 100_003):
+        for skew in (0, 1):
+            for T in (1, 2, 3):
+                for stream in (False, True):
+                    raw = np.full(n + 16, -0.0 if n % 2 else 7, dtype)
+                    off = (-raw.ctypes.data // raw.itemsize) % (64 // raw.itemsize) + skew
+                    before = raw.copy()
+                    _backward.zero_fill(raw[off:off + n], T, stream)
+                    assert raw[off:off + n].tobytes() == bytes(n * raw.itemsize)
+                    assert raw[:off].tobytes() == before[:off].tobytes()
+                    assert raw[off + n:].tobytes() == before[off + n:].tobytes()
+
+
 def test_sparse_grad_accumulation_of_hand_made_grads():
     """Mixed dtypes, a non-canonical csr set by hand, integers and explicit zeros."""
     emb = se.Embedding(6, 3, sparse=True, random_state=0)

@@ -311,6 +311,36 @@ def test_frozen_and_gradless_layers_are_skipped():
     assert a.grad is None and b.grad is None
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_zero_grad_keeps_dense_gradients_zeroed_in_place(streamed, monkeypatch):
+    # set_to_none=False: a dense grad is zeroed in place (the same array, any dtype
+    # and layout), a sparse one dropped, as torch drops sparse grads
+    from sparsembed import _cpu
+
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 0 if streamed else 1 << 62)
+    layers = [se.Embedding(N, D, random_state=i) for i in range(5)]
+    grads = [np.full((N, D), 3, np.float32), np.full((N, D), -2.5, np.float64),
+             np.asfortranarray(np.full((N, D), 1, np.float32)),
+             np.full((N, D), 1, np.float16)]
+    for layer, g in zip(layers, grads):
+        layer.grad = g
+    layers[4].grad = sp.csr_array(np.ones((N, D), np.float32))
+    opt = se.optim.SGD(layers, lr=0.5)
+    for threads in (1, 2):
+        se.set_num_threads(threads)
+        try:
+            for g in grads:
+                g[...] = 7
+            opt.zero_grad(set_to_none=False)
+        finally:
+            se.set_num_threads(None)
+        for layer, g in zip(layers, grads):
+            assert layer.grad is g and not g.any() and not np.signbit(g).any()
+        assert layers[4].grad is None
+    opt.zero_grad()
+    assert all(layer.grad is None for layer in layers)
+
+
 def test_step_closure_and_param_groups():
     a = se.Embedding(N, D, random_state=0, dtype=np.float64)
     b = se.Embedding(N, D, random_state=1, dtype=np.float64)

@@ -387,6 +387,10 @@ class ArrayBackend:
         out = self.xp.zeros((num_rows, grad2d.shape[1]), dtype=grad2d.dtype)
         return self._segment_sum(grad2d, plan, out, True, scale_grad_by_freq)
 
+    def zero_grad_(self, grad):
+        """Zero the dense gradient ``grad`` in place."""
+        grad.fill(0)
+
     def dense_grad_plans(self, grad2d, num_rows, scale_grad_by_freq):
         """Whether :meth:`dense_grad_of_ids` makes a row plan: always, here."""
         return True

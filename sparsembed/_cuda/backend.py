@@ -36,6 +36,7 @@ dense_grad_plans = _impl.dense_grad_plans
 row_grad = _impl.row_grad
 sparse_grad = _impl.sparse_grad
 add_grad = _impl.add_grad
+zero_grad_ = _impl.zero_grad_
 as_index_array = _impl.as_index_array
 check_index_range = _impl.check_index_range
 check_weight = _impl.check_weight

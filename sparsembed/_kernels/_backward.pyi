@@ -68,6 +68,10 @@ def add_dense(
     """``out = a + b`` (flat arrays), one addition per element, on ``n_threads``
     threads; ``stream``: non-temporal stores."""
 
+def zero_fill(out: _Floating, n_threads: int, stream: bool = False) -> None:
+    """``out[:] = 0`` (a flat array) on ``n_threads`` threads; ``stream``:
+    non-temporal stores."""
+
 def row_sums(
     grad: _Floating,
     perm: NDArray[np.int64],

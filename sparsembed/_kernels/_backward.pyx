@@ -646,6 +646,26 @@ def add_dense(
         free(bufs)
 
 
+def zero_fill(
+    floating[::1] out,               # OUT (n,) a dense gradient, flat
+    int n_threads,
+    bint stream=False,               # IN write out with non-temporal stores
+):
+    """``out[:] = 0`` on ``n_threads`` threads, each a range of whole lines: a dense
+    gradient zeroed in place (``zero_grad(set_to_none=False)``)."""
+    cdef int64_t n = out.shape[0]
+    cdef int64_t T = max(1, min(n_threads, n // ADD_CHUNK + 1))
+    cdef int64_t t
+    if n == 0:
+        return
+    with nogil:
+        for t in prange(T, schedule="static", num_threads=T):
+            zero_rows(&out[0], 1, _line_start(n, t, T, sizeof(floating)),
+                      _line_start(n, t + 1, T, sizeof(floating)), stream)
+            if stream:
+                stream_fence()
+
+
 cdef inline int64_t _line_start(int64_t n, int64_t t, int64_t T, size_t itemsize) noexcept nogil:
     """Where thread t of T starts on n elements: a multiple of a 64-byte line's worth."""
     cdef int64_t per_line = 64 // itemsize
