@@ -8,7 +8,7 @@
 from cython cimport floating
 from libc.stdint cimport int32_t, int64_t
 
-from sparsembed._kernels._memory cimport fits_in_cache, past_cache
+from sparsembed._kernels._memory cimport fits_in_cache, past_cache, read_once_far
 from sparsembed._kernels._types cimport index_t
 
 cdef extern from "_simd_pool.h":
@@ -65,9 +65,10 @@ cdef inline int pool_table_flags(size_t table_bytes, size_t row_bytes) noexcept 
 
 cdef inline int pool_read_once_flags(size_t src_bytes) noexcept nogil:
     # pool_pass_flags for a source whose rows are each read once (the row sums'
-    # grad_output), with SE_FAR past half the last-level cache: each row is also
-    # prefetched into L2 further ahead (_simd_pool.h: SE_FAR)
-    return SE_ONE_PASS if fits_in_cache(src_bytes) else SE_FAR
+    # grad_output), with SE_FAR past half the last-level cache or 32 MiB (_memory.pxd:
+    # read_once_far): each row is also prefetched into L2 further ahead
+    # (_simd_pool.h: SE_FAR)
+    return SE_FAR if read_once_far(src_bytes) else SE_ONE_PASS
 
 
 cdef inline int64_t pool_sum(
