@@ -148,11 +148,18 @@ cdef extern from *:
        builds switched in one process: V = 1e6, D = 256 (977 MiB) uniform 20.6 ->
        18.4 ms, Zipf 7.85 -> 7.60; V = 1e7, D = 64 (2.4 GiB) uniform 5.4 -> 4.6-4.9
        with 32-64 rows, Zipf 2.56 -> 2.64; the whole row so prefetched: uniform 17%
-       faster but Zipf 3-14% slower (their rows are cached: instructions). A table
-       the L3 holds (V = 1e6, D = 64, 244 MiB) was 9% slower with it. */
+       faster but Zipf 3-14% slower (their rows are cached: instructions).
+       Past 32 MiB too, whatever the cache (as sparsembed_read_once_far): session 25
+       found a table the L3 holds (V = 1e6, D = 64, 244 MiB) 9% slower with it, but
+       session 27, with and without in one process, 262,144 ids, 2 threads: D = 64
+       uniform lookup 6.26 -> 5.06 ms at V = 1e6, 4.40 -> 3.73 at 5e5 (122 MiB),
+       3.05 -> 2.99 at 2.5e5 (61 MiB); the sparse forward + backward 15.3 -> 13.8,
+       14.1 -> 12.6, 13.8 -> 12.9; Zipf ids level (-2% to +4%); 30 MiB level. */
     static inline ptrdiff_t sparsembed_gather_far_distance(size_t row_bytes,
                                                            size_t table_bytes) {
-        return sparsembed_past_cache(table_bytes) ? sparsembed_far_line_rows(row_bytes) : 0;
+        size_t llc = sparsembed_llc_bytes();
+        return table_bytes > (llc < ((size_t)32 << 20) ? llc : ((size_t)32 << 20))
+               ? sparsembed_far_line_rows(row_bytes) : 0;
     }
     static inline ptrdiff_t sparsembed_table_pool_distance(size_t row_bytes, size_t table_bytes) {
         if (sparsembed_fits_in_cache(table_bytes) || sparsembed_short_pool_distance())
