@@ -865,3 +865,40 @@ def test_optimizer_updates_give_the_same_bits_at_every_level(name, dtype, rng, a
             results[level] = (w.tobytes(), s1.tobytes(), s2.tobytes())
             assert not np.array_equal(w, w0)
         assert len(set(results.values())) == 1, (dim, sorted(results))
+
+
+def test_bag_sum_prefetches_far_ahead_where_a_sample_of_ids_is_mostly_distinct(rng):
+    # rows under 512 bytes of a table past 32 MiB: the first line of each row goes
+    # to L2 far ahead when a sample of the batch's ids is mostly distinct (rows read
+    # from memory), not for a few hot rows (Zipf ids: cached)
+    V, n, big = 1_000_000, 1 << 16, 256 << 20
+    uniform = rng.integers(0, V, size=n)
+    skewed = np.minimum(rng.zipf(1.2, size=n) - 1, V - 1)
+    for idx in (uniform, uniform.astype(np.int32)):
+        assert _bag.far_line_prefetch(idx, big, 256)
+    assert not _bag.far_line_prefetch(skewed, big, 256)
+    assert not _bag.far_line_prefetch(uniform[:-1], big, 256)  # a batch too small to sample
+    assert not _bag.far_line_prefetch(uniform, 16 << 20, 256)  # a table of 16 MiB
+    assert not _bag.far_line_prefetch(uniform[:0], big, 256)
+    # rows of 512 bytes and more: past the last-level cache, whatever the ids
+    past = 2 * _bag.last_level_cache_bytes()
+    assert _bag.far_line_prefetch(skewed, past, 512)
+
+
+def test_bag_sum_with_far_prefetches_gives_the_same_bits(rng, small_cache):
+    # (the 2 MiB cache makes a 6.4 MB table a far one here: its bag sums prefetch far
+    # ahead, and must give the sums without)
+    V, D, n = 100_000, 16, 1 << 16
+    weight = rng.standard_normal((V, D)).astype(np.float32)
+    ids = rng.integers(0, V, size=(n // 32, 32))
+    assert _bag.far_line_prefetch(ids.ravel(), weight.nbytes, D * 4)
+    far = se.functional.embedding_bag(ids, weight, mode="sum")
+    bad = ids.copy()
+    bad[1000, 7] = V
+    with pytest.raises(IndexError, match=str(V)):  # a bad id's row is prefetched, not read
+        se.functional.embedding_bag(bad, weight, mode="sum")
+    for mod in CACHE_MODULES:
+        mod.set_last_level_cache_bytes(0)
+    assert not _bag.far_line_prefetch(ids.ravel(), weight.nbytes, D * 4)
+    near = se.functional.embedding_bag(ids, weight, mode="sum")
+    assert far.tobytes() == near.tobytes()

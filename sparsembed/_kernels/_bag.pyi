@@ -13,6 +13,10 @@ _Index = NDArray[np.int32] | NDArray[np.int64]
 _I64 = NDArray[np.int64]
 _U64 = NDArray[np.uint64]
 
+def far_line_prefetch(idx: _Index, table_bytes: int, row_bytes: int) -> bool:
+    """Whether the sum pooling of the ids ``idx`` from a table of ``table_bytes`` in
+    rows of ``row_bytes`` prefetches each row's first line far ahead too (for tests)."""
+
 def bag_forward(
     weight: _Floating, idx: _Index, starts: _I64, pad: int, mode: int, psw: _Floating,
     out: _Floating, argmax: _I64, counts: _I64, n_threads: int, stream: bool = False,

@@ -155,11 +155,13 @@ cdef extern from *:
        uniform lookup 6.26 -> 5.06 ms at V = 1e6, 4.40 -> 3.73 at 5e5 (122 MiB),
        3.05 -> 2.99 at 2.5e5 (61 MiB); the sparse forward + backward 15.3 -> 13.8,
        14.1 -> 12.6, 13.8 -> 12.9; Zipf ids level (-2% to +4%); 30 MiB level. */
+    static inline int sparsembed_far_table(size_t table_bytes) {
+        size_t llc = sparsembed_llc_bytes();
+        return table_bytes > (llc < ((size_t)32 << 20) ? llc : ((size_t)32 << 20));
+    }
     static inline ptrdiff_t sparsembed_gather_far_distance(size_t row_bytes,
                                                            size_t table_bytes) {
-        size_t llc = sparsembed_llc_bytes();
-        return table_bytes > (llc < ((size_t)32 << 20) ? llc : ((size_t)32 << 20))
-               ? sparsembed_far_line_rows(row_bytes) : 0;
+        return sparsembed_far_table(table_bytes) ? sparsembed_far_line_rows(row_bytes) : 0;
     }
     static inline ptrdiff_t sparsembed_table_pool_distance(size_t row_bytes, size_t table_bytes) {
         if (sparsembed_fits_in_cache(table_bytes) || sparsembed_short_pool_distance())
@@ -187,6 +189,9 @@ cdef extern from *:
     bint fits_in_cache "sparsembed_fits_in_cache"(size_t nbytes) noexcept nogil
     # whether nbytes are more than the last-level cache
     bint past_cache "sparsembed_past_cache"(size_t nbytes) noexcept nogil
+    # whether rows read at random from a table of nbytes are prefetched far ahead
+    # (past the last-level cache or 32 MiB: gather_far_distance)
+    bint far_table "sparsembed_far_table"(size_t table_bytes) noexcept nogil
     # whether rows read once from a source of nbytes are prefetched far ahead too
     bint read_once_far "sparsembed_read_once_far"(size_t nbytes) noexcept nogil
 
