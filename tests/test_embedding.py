@@ -225,23 +225,32 @@ def test_sparse_grad_accumulation_is_an_exact_elementwise_sum(rng, dtype, stream
     ids_b = np.concatenate([ids_a[:1000], rng.integers(0, V, 2000)])
     ga = rng.standard_normal((ids_a.size, D)).astype(dtype)
     gb = rng.standard_normal((ids_b.size, D)).astype(dtype)
-    grads = []
+    runs = _two_backwards_per_thread_count(emb, ids_a, ga, ids_b, gb)
+    (_, _, _, total), (a, _, b, again) = runs
+    assert total.dtype == dtype
+    assert_array_equal(total.toarray(), a.toarray() + b.toarray())
+    _assert_canonical(total, np.union1d(ids_a, ids_b), V, D)
+    assert total.data.tobytes() == again.data.tobytes()
+
+
+def _two_backwards_per_thread_count(emb, ids_a, ga, ids_b, gb):
+    """``[(a, a's copy, b, grad)]`` with 1, then 2 threads: the gradients of two
+    forward + backward pairs from no grad (a copied right after its backward) and
+    the grad they accumulate."""
+    runs = []
     try:
         for threads in (1, 2):
             se.set_num_threads(threads)
             emb.zero_grad()
             emb(ids_a)
             a = emb.backward(ga)
+            a_before = a.copy()
             emb(ids_b)
             b = emb.backward(gb)
-            grads.append(emb.grad)
+            runs.append((a, a_before, b, emb.grad))
     finally:
         se.set_num_threads(None)
-    total = grads[0]
-    assert total.dtype == dtype
-    assert_array_equal(total.toarray(), a.toarray() + b.toarray())
-    _assert_canonical(total, np.union1d(ids_a, ids_b), V, D)
-    assert grads[0].data.tobytes() == grads[1].data.tobytes()
+    return runs
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -260,23 +269,12 @@ def test_dense_grad_accumulation_is_numpys_sum_on_every_thread(rng, dtype, strea
     ga = rng.standard_normal((ids_a.size, D)).astype(dtype)
     gb = rng.standard_normal((ids_b.size, D)).astype(dtype)
     gb[::3] = -0.0
-    sums = []
-    try:
-        for threads in (1, 2):
-            se.set_num_threads(threads)
-            emb.zero_grad()
-            emb(ids_a)
-            a = emb.backward(ga)
-            a_before = a.copy()
-            emb(ids_b)
-            b = emb.backward(gb)
-            assert emb.grad is not a and emb.grad is not b
-            assert a.tobytes() == a_before.tobytes()
-            assert emb.grad.tobytes() == (a + b).tobytes()
-            sums.append(emb.grad)
-    finally:
-        se.set_num_threads(None)
-    assert sums[0].tobytes() == sums[1].tobytes()
+    runs = _two_backwards_per_thread_count(emb, ids_a, ga, ids_b, gb)
+    for a, a_before, b, total in runs:
+        assert total is not a and total is not b
+        assert a.tobytes() == a_before.tobytes()
+        assert total.tobytes() == (a + b).tobytes()
+    assert runs[0][3].tobytes() == runs[1][3].tobytes()
     for by_hand in (np.ones((V, D), np.float16), np.asfortranarray(np.ones((V, D), dtype))):
         emb.grad = by_hand
         emb(ids_b)

@@ -126,8 +126,8 @@ def pool_rows_ahead(int64_t row_bytes, int64_t table_bytes):
 # (two runs), Zipf 0.94 / 0.94 -> 1.02 / 0.97; D = 32 uniform 1.02 -> 0.95, Zipf 0.84
 # -> 0.90; V = 1e5 (24 MiB) uniform 1.01 -> 0.90, Zipf 0.86 -> 0.91; V = 3e5 (73 MiB)
 # level. A strided sample of 1,024 ids is 99-100% distinct for uniform ids over 1e5 to
-# 1e7 rows, 35-39% for Zipf(1.2) ones; the count costs ~10 us, so only from
-# FAR_SAMPLE_MIN_IDS ids (a bag sum of 65,536 ids takes ~0.7 ms).
+# 1e7 rows, 35-39% for Zipf(1.2) ones; the count costs ~3 us, from
+# FAR_SAMPLE_MIN_IDS ids on (a bag sum of 65,536 ids takes ~0.7 ms).
 DEF FAR_SAMPLE = 1024
 DEF FAR_SAMPLE_SLOTS = 2048
 DEF FAR_SAMPLE_MIN_IDS = 65536
@@ -157,7 +157,8 @@ cdef bint _mostly_distinct(const index_t* idx, int64_t n) noexcept nogil:
     cdef uint64_t key, h
     cdef int64_t i, stride = n // FAR_SAMPLE
     cdef int distinct = 0
-    memset(slots, 0xFF, sizeof(slots))  # all ones: empty (no id is 2^64 - 1 here)
+    # all ones: an empty slot (a bad id of -1 then reads as one: it is not counted)
+    memset(slots, 0xFF, sizeof(slots))
     for i in range(FAR_SAMPLE):
         key = <uint64_t> idx[i * stride]
         h = (key * <uint64_t> 0x9E3779B97F4A7C15) >> (64 - 11)
