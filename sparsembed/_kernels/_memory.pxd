@@ -102,6 +102,12 @@ cdef extern from *:
     static inline int sparsembed_fits_in_cache(size_t nbytes) {
         return nbytes <= sparsembed_llc_bytes() / 2;
     }
+    /* the bound past which rows read from memory are prefetched far ahead (the
+       functions below): the cache's bound, but never more than 32 MiB */
+    static inline size_t sparsembed_at_most_far_bytes(size_t cache_bound) {
+        const size_t far_bytes = (size_t)32 << 20;
+        return cache_bound < far_bytes ? cache_bound : far_bytes;
+    }
     /* whether rows read once from a source of nbytes (the backward's grad_output, in
        plan order) are prefetched far ahead too (SE_FAR, _simd_pool.h): past half the
        last-level cache, or past 32 MiB whatever the cache. A grad_output of tens of
@@ -112,8 +118,7 @@ cdef extern from *:
        (fused 31.6 -> 29.6), Adagrad 30.1 -> 28.0 (25.5 -> 24.2); Zipf steps 1.5-11%
        faster; 16,384 to 131,072 ids (4-32 MiB) level (-3% to +3%). */
     static inline int sparsembed_read_once_far(size_t nbytes) {
-        size_t half = sparsembed_llc_bytes() / 2;
-        return nbytes > (half < ((size_t)32 << 20) ? half : ((size_t)32 << 20));
+        return nbytes > sparsembed_at_most_far_bytes(sparsembed_llc_bytes() / 2);
     }
     /* whether nbytes are more than the last-level cache holds (the test for the
        far prefetches of table rows: gather_far_distance, SE_FAR_LINE) */
@@ -156,8 +161,7 @@ cdef extern from *:
        3.05 -> 2.99 at 2.5e5 (61 MiB); the sparse forward + backward 15.3 -> 13.8,
        14.1 -> 12.6, 13.8 -> 12.9; Zipf ids level (-2% to +4%); 30 MiB level. */
     static inline int sparsembed_far_table(size_t table_bytes) {
-        size_t llc = sparsembed_llc_bytes();
-        return table_bytes > (llc < ((size_t)32 << 20) ? llc : ((size_t)32 << 20));
+        return table_bytes > sparsembed_at_most_far_bytes(sparsembed_llc_bytes());
     }
     static inline ptrdiff_t sparsembed_gather_far_distance(size_t row_bytes,
                                                            size_t table_bytes) {
