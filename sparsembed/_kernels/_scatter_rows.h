@@ -58,21 +58,6 @@
         #endif
         for (j = 0; j < n; j += 2) _mm_stream_pd(d + j, _mm_add_pd(z, _mm_loadu_pd(s + j)));
     }
-    /* d[0:n] += s[0:n]; d line-aligned */
-    static inline void sparsembed_add_row_f32(float* d, const float* s, size_t n) {
-        size_t j;
-        #if SPARSEMBED_WIDE_STREAM
-        if (sparsembed_has_zmm_streams()) { sparsembed_add_row_zmm_f32(d, s, n); return; }
-        #endif
-        for (j = 0; j < n; j++) d[j] = d[j] + s[j];
-    }
-    static inline void sparsembed_add_row_f64(double* d, const double* s, size_t n) {
-        size_t j;
-        #if SPARSEMBED_WIDE_STREAM
-        if (sparsembed_has_zmm_streams()) { sparsembed_add_row_zmm_f64(d, s, n); return; }
-        #endif
-        for (j = 0; j < n; j++) d[j] = d[j] + s[j];
-    }
 #else
     static inline void sparsembed_first_row_f32(float* d, const float* s, size_t n) {
         size_t j; float z = 0;
@@ -82,14 +67,23 @@
         size_t j; double z = 0;
         for (j = 0; j < n; j++) d[j] = z + s[j];
     }
-    static inline void sparsembed_add_row_f32(float* d, const float* s, size_t n) {
-        size_t j;
-        for (j = 0; j < n; j++) d[j] = d[j] + s[j];
-    }
-    static inline void sparsembed_add_row_f64(double* d, const double* s, size_t n) {
-        size_t j;
-        for (j = 0; j < n; j++) d[j] = d[j] + s[j];
-    }
 #endif
+
+/* d[0:n] += s[0:n]; d line-aligned. Plain loops (GCC vectorises them at the
+   baseline), AVX-512F where the CPU streams whole lines with it */
+static inline void sparsembed_add_row_f32(float* d, const float* s, size_t n) {
+    size_t j;
+#if defined(SPARSEMBED_WIDE_STREAM) && SPARSEMBED_WIDE_STREAM
+    if (sparsembed_has_zmm_streams()) { sparsembed_add_row_zmm_f32(d, s, n); return; }
+#endif
+    for (j = 0; j < n; j++) d[j] = d[j] + s[j];
+}
+static inline void sparsembed_add_row_f64(double* d, const double* s, size_t n) {
+    size_t j;
+#if defined(SPARSEMBED_WIDE_STREAM) && SPARSEMBED_WIDE_STREAM
+    if (sparsembed_has_zmm_streams()) { sparsembed_add_row_zmm_f64(d, s, n); return; }
+#endif
+    for (j = 0; j < n; j++) d[j] = d[j] + s[j];
+}
 
 #endif
