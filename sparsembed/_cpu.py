@@ -246,6 +246,12 @@ def _sparse_grad_of(grad2d, grad_rows, weights, plan, num_rows, scale_grad_by_fr
     ``weights[k]`` unless None (a bag batch: see :func:`_plan_in_bags`)."""
     n_rows, dim = plan.rows.shape[0], grad2d.shape[1]
     out = _pool.empty((n_rows, dim), grad2d.dtype)
+    indices = _rowsparse.deferrable_indices(n_rows, dim, num_rows)
+    if indices is not None:  # the O(num_rows) row pointer waits for a reader
+        _backward.row_sums(grad2d, grad_rows, plan.starts, scale_grad_by_freq, out,
+                           threads_for(grad_rows.shape[0] * dim, ROW_MOVE_GRAIN),
+                           out.nbytes >= ROW_SUMS_STREAM_BYTES, weights=weights)
+        return _rowsparse.with_deferred_pointer(plan.rows, out, indices, num_rows)
     indptr, indices, to_fill = _rowsparse.structure_arrays(n_rows, dim, num_rows)
     # the row sums and the csr structure in one parallel region: one wake-up of the
     # second thread, not two

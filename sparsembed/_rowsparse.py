@@ -72,6 +72,9 @@ def from_rows(rows, data, num_rows):
         Number of rows of the matrix.
     """
     n_rows, dim = data.shape
+    indices = deferrable_indices(n_rows, dim, num_rows)
+    if indices is not None:
+        return with_deferred_pointer(rows, data, indices, num_rows)
     indptr, indices, to_fill = structure_arrays(n_rows, dim, num_rows)
     _backward.fill_row_csr(np.ascontiguousarray(rows, dtype=np.int64), num_rows, indptr,
                            to_fill, dim, threads_for(csr_work(num_rows, to_fill), CSR_FILL_GRAIN),
@@ -92,6 +95,18 @@ def structure_arrays(n_rows, dim, num_rows):
         return indptr, indices, np.empty(0, dtype=idx_dtype)
     indices = _pool.empty((n_rows * dim,), idx_dtype)
     return indptr, indices, indices
+
+
+def deferrable_indices(n_rows, dim, num_rows):
+    """The column indices of a (num_rows, dim) matrix of n_rows full rows where its
+    row pointer can be deferred (see :class:`_DeferredPointerCSR`): the shared
+    pattern of :func:`column_indices`, or None (then the csr is built whole)."""
+    if _CSR_TEMPLATE is None:
+        return None
+    idx_dtype = _index_dtype(num_rows, n_rows * dim)
+    if n_rows * dim == 0:
+        return np.empty(0, dtype=idx_dtype)
+    return column_indices(n_rows, dim, idx_dtype)
 
 
 def csr_work(num_rows, to_fill):
@@ -163,6 +178,84 @@ def wrap_rows(rows, data, indptr, indices, num_rows):
 
 
 _ROWS_KEY = "_sparsembed_rows"
+_DEFERRED_KEY = "_sparsembed_deferred_pointer"
+
+
+class _DeferredPointerCSR(sp.csr_array):
+    """A canonical row-sparse ``csr_array`` whose row pointer is written when something
+    first reads it.
+
+    The row pointer has num_rows + 1 entries whatever the batch: 4 MB at a million
+    rows, written by every sparse backward, while a training loop hands the
+    gradient to an optimizer that reads only its row list and values. That write
+    was most of a small batch's step (V = 1e6, D = 64, 64 ids, SGD: the backward
+    143 of the step's 195 us; torch's sparse COO gradient has no such array).
+    Reading ``indptr`` (scipy does for nearly everything: ``nnz``, ``toarray``,
+    arithmetic, pickling) writes it and turns the object into a plain
+    ``csr_array`` (``type(g) is scipy.sparse.csr_array`` from then on); so does
+    assigning one. Until then the object is this subclass of ``csr_array``.
+    """
+
+    @property
+    def indptr(self):
+        return _write_deferred_pointer(self)
+
+    @indptr.setter
+    def indptr(self, value):
+        self.__dict__["indptr"] = value
+        self.__dict__.pop(_DEFERRED_KEY, None)
+        self.__class__ = sp.csr_array  # the class has no indptr attribute of its own
+
+    def __reduce_ex__(self, protocol):  # pickle, copy, deepcopy: a plain csr_array
+        _write_deferred_pointer(self)
+        return self.__reduce_ex__(protocol)
+
+
+def with_deferred_pointer(rows, data, indices, num_rows):
+    """The canonical csr_array holding ``data[u]`` in row ``rows[u]`` (sorted distinct)
+    with these column indices (:func:`deferrable_indices`), its row pointer left to
+    :class:`_DeferredPointerCSR`."""
+    out = sp.csr_array.__new__(_DeferredPointerCSR)
+    out.__dict__.update(_CSR_TEMPLATE)
+    flat = data.reshape(-1)
+    shape = (int(num_rows), int(data.shape[1]))
+    out.__dict__.update(data=flat, indices=indices, _shape=shape)
+    # a read-only view: the kernel that writes the pointer trusts these to be sorted,
+    # distinct and in range, and callers of row_values get this array
+    rows = np.ascontiguousarray(rows, dtype=np.int64).view()
+    rows.flags.writeable = False
+    out.__dict__[_DEFERRED_KEY] = (rows, flat, indices, shape)
+    return out
+
+
+def _write_deferred_pointer(mat):
+    """Write ``mat``'s row pointer and make it a plain csr_array; returns the pointer."""
+    state = mat.__dict__.get(_DEFERRED_KEY)
+    if state is None:  # another thread got here first
+        return mat.__dict__["indptr"]
+    rows, _, indices, (num_rows, dim) = state  # not _shape, which a user may assign
+    indptr = _pool.empty((num_rows + 1,), indices.dtype)
+    _backward.fill_row_csr(rows, num_rows, indptr, np.empty(0, indices.dtype), dim,
+                           threads_for(num_rows + 1, CSR_FILL_GRAIN), False)
+    mat.__dict__[_ROWS_KEY] = (rows, indptr)
+    mat.indptr = indptr
+    return indptr
+
+
+def _deferred_rows(mat):
+    """The row list of a gradient whose row pointer is still deferred and whose data,
+    column indices and canonical flags are still the ones it was made with (edits in
+    place included: as with a built pointer, the values are read as they are), or
+    None."""
+    if type(mat) is not _DeferredPointerCSR:
+        return None
+    d = mat.__dict__
+    state = d.get(_DEFERRED_KEY)
+    if (state is None or d.get("data") is not state[1] or d.get("indices") is not state[2]
+            or d.get("_shape") != state[3] or not d.get("_has_canonical_format", False)
+            or not d.get("_has_sorted_indices", True)):
+        return None
+    return state[0]
 
 # The attributes scipy's csr_array constructor sets, all of them plain values. Where
 # this scipy sets exactly these (checked once, below), a canonical matrix is made by
@@ -408,6 +501,9 @@ def stored_rows(mat):
     those rows hold entries (checked in O(rows): their lengths add up to nnz, so no
     other row can hold any). Otherwise the row pointer is checked and scanned.
     """
+    deferred = _deferred_rows(mat)
+    if deferred is not None:
+        return deferred
     indptr = mat.indptr
     cached = mat.__dict__.get(_ROWS_KEY)
     if cached is not None and cached[1] is indptr and _backward.rows_hold_all(indptr, cached[0]):
@@ -423,6 +519,9 @@ def row_values(mat):
     others are checked, :func:`checked_csr`); duplicates are summed and missing
     entries are zeros.
     """
+    rows = _deferred_rows(mat)
+    if rows is not None:  # its structure is this module's own, unread so far
+        return rows, mat.data[:rows.shape[0] * mat.shape[1]].reshape(rows.shape[0], mat.shape[1])
     mat = checked_csr(mat)
     n_rows_total, dim = mat.shape
     rows = stored_rows(mat)

@@ -121,7 +121,10 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
     sparse : bool, default False
         Return a canonical ``scipy.sparse.csr_array`` instead of a dense array (its
         column indices are a read-only array shared by gradients of the same width;
-        ``.copy()`` owns its arrays).
+        ``.copy()`` owns its arrays). Its row pointer (num_embeddings + 1 entries,
+        whatever the batch) is written when something first reads it (scipy does for
+        nearly everything; sparsembed's optimizers do not): until then the object is
+        a subclass of ``csr_array``, from then on a plain one.
 
     Returns
     -------

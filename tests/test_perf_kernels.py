@@ -885,7 +885,13 @@ def test_stored_rows_uses_the_row_list_only_while_the_row_pointer_agrees(rng):
     rows = np.array([0, 3, 6], dtype=np.int64)
     vals = rng.standard_normal((3, 2)).astype(np.float32)
     mat = _rowsparse.from_rows(rows, vals, 7)
-    assert _rowsparse.stored_rows(mat) is rows  # no O(num_rows) scan
+    # the row pointer not written yet: the row list is the structure itself
+    kept = _rowsparse.stored_rows(mat)
+    assert np.shares_memory(kept, rows) and not kept.flags.writeable
+    assert type(mat) is not sp.csr_array
+    assert_array_equal(mat.indptr, [0, 2, 2, 2, 4, 4, 4, 6])  # now written
+    assert type(mat) is sp.csr_array
+    assert _rowsparse.stored_rows(mat) is kept  # no O(num_rows) scan
     # the row pointer rewritten in place, row 3's entries moved to row 4: the
     # cached list fails its check and the row pointer is scanned again
     mat.indptr[4] = 2
@@ -928,8 +934,139 @@ def test_direct_csr_build_falls_back_when_scipy_changes(monkeypatch, dtype):
     assert _rowsparse._direct_csr_template() is None
     monkeypatch.setattr(_rowsparse, "_CSR_TEMPLATE", None)
     g = _rowsparse.from_rows(np.array([1, 3], np.int64), np.ones((2, 2), dtype), 5)
+    assert type(g) is sp.csr_array  # built whole: no deferred row pointer either
     assert g.has_canonical_format and g.shape == (5, 2)
     assert_array_equal(g.toarray()[[1, 3]], 1)
+
+
+def _deferred_grads(rng, dtype, V=50, D=3, n=40, padding_idx=None):
+    """Two equal sparse gradients of one batch, from two layers over one table."""
+    W = rng.standard_normal((V, D)).astype(dtype)
+    ids = rng.integers(0, V, n)
+    go = rng.standard_normal((n, D)).astype(dtype)
+    layers = [se.Embedding(V, D, sparse=True, weight=W.copy(), padding_idx=padding_idx,
+                           dtype=dtype)
+              for _ in range(2)]
+    grads = []
+    for layer in layers:
+        layer(ids)
+        grads.append(layer.backward(go))
+    return layers, grads, ids
+
+
+def _pointer_reference(rows, V, D):
+    return D * np.searchsorted(rows, np.arange(V + 1))
+
+
+def test_sparse_grad_writes_its_row_pointer_only_when_read(rng, dtype):
+    from sparsembed import _rowsparse
+
+    layers, (g, twin), ids = _deferred_grads(rng, dtype)
+    rows = np.unique(ids)
+    assert isinstance(g, sp.csr_array) and type(g) is not sp.csr_array
+    assert "indptr" not in g.__dict__
+    # what a training loop reads does not write it
+    assert g.shape == (50, 3) and g.dtype == dtype and g.format == "csr"
+    assert g.has_canonical_format and g.has_sorted_indices
+    assert_array_equal(g.indices, np.tile(np.arange(3), rows.size))
+    assert_array_equal(_rowsparse.stored_rows(g), rows)
+    # an optimizer step on it, and on its twin whose pointer was read first: same bits
+    assert_array_equal(twin.indptr, _pointer_reference(rows, 50, 3))
+    assert type(twin) is sp.csr_array and "indptr" in twin.__dict__
+    twin.check_format(full_check=True)
+    for layer in layers:
+        se.optim.Adagrad([layer], lr=0.5).step()
+    assert type(g) is not sp.csr_array  # still not written
+    assert_array_equal(layers[0].weight, layers[1].weight)
+    # then read: scipy's own view of it agrees
+    assert g.nnz == rows.size * 3 and type(g) is sp.csr_array
+    assert_array_equal(g.indptr, twin.indptr)
+    assert_array_equal(g.toarray(), twin.toarray())
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_deferred_row_pointer_bits_and_threads(rng, n_threads):
+    prev = se.get_num_threads()
+    se.set_num_threads(n_threads)
+    try:
+        for V, n in ((1, 5), (7, 0), (2000, 3), (300_000, 1000)):
+            ids = rng.integers(0, V, n) if n else np.zeros(0, np.int64)
+            g = se.functional.embedding_backward(np.ones((n, 2), np.float32), ids, V, sparse=True)
+            assert "indptr" not in g.__dict__
+            assert_array_equal(g.indptr, _pointer_reference(np.unique(ids), V, 2))
+            assert g.indptr.dtype == np.int32
+    finally:
+        se.set_num_threads(prev)
+
+
+def test_deferred_row_pointer_copies_and_arithmetic_are_plain_csr(rng, dtype):
+    import copy
+    import pickle
+
+    (_, (g, twin), _) = _deferred_grads(rng, dtype)
+    dense = twin.toarray()
+    for make in (lambda m: pickle.loads(pickle.dumps(m)), copy.copy, copy.deepcopy,
+                 lambda m: m.copy(), lambda m: m * 2, lambda m: m + m, lambda m: m.T,
+                 lambda m: sp.vstack([m, m])):
+        _, (h, _), _ = _deferred_grads(np.random.default_rng(0), dtype)
+        out = make(h)
+        assert type(out) in (sp.csr_array, sp.csc_array, sp.coo_array)
+        assert type(h) is sp.csr_array  # the original was read, so it is plain too
+        assert out.format in ("csr", "csc", "coo")
+    # the values go through unchanged
+    assert_array_equal(pickle.loads(pickle.dumps(g)).toarray(), dense)
+
+
+def test_deferred_row_pointer_sees_edits_of_the_gradient(rng, dtype):
+    # in place (gradient clipping): the step reads the edited values, pointer unread
+    layers, (g, twin), _ = _deferred_grads(rng, dtype)
+    g.data *= 0.5
+    twin.data = twin.data * 0.5  # a new data array: read through the full checks
+    for layer in layers:
+        se.optim.SGD([layer], lr=1.0).step()
+    assert type(g) is not sp.csr_array and type(twin) is sp.csr_array
+    assert_array_equal(layers[0].weight, layers[1].weight)
+    # columns replaced and flagged unsorted: the structure is checked and read
+    layers, (g, twin), ids = _deferred_grads(rng, dtype)
+    for m in (g, twin):
+        m.indices = m.indices.reshape(-1, 3)[:, ::-1].ravel().copy()
+        m.has_sorted_indices = False
+    _ = twin.indptr
+    for layer in layers:
+        se.optim.SGD([layer], lr=1.0).step()
+    assert_array_equal(layers[0].weight, layers[1].weight)
+    # a bad data array is named, nothing written, as for a built pointer
+    layers, (g, _), _ = _deferred_grads(rng, dtype)
+    before = layers[0].weight.copy()
+    g.data = g.data[:2]
+    with pytest.raises(ValueError, match="row pointer runs from"):
+        se.optim.SGD([layers[0]], lr=1.0).step()
+    assert_array_equal(layers[0].weight, before)
+
+
+def test_deferred_row_pointer_with_padding_and_accumulation(rng, dtype):
+    # all ids padding: no stored row
+    W = rng.standard_normal((6, 2)).astype(dtype)
+    layer = se.Embedding(6, 2, sparse=True, weight=W, padding_idx=2, dtype=dtype)
+    layer(np.array([2, 2]))
+    g = layer.backward(np.ones((2, 2), dtype))
+    assert type(g) is not sp.csr_array
+    assert_array_equal(g.indptr, np.zeros(7))
+    # two backwards: the sum is deferred too, and right
+    layers, (g1, _), ids = _deferred_grads(rng, dtype, padding_idx=0)
+    layer = layers[0]
+    go = rng.standard_normal((ids.size, 3)).astype(dtype)
+    layer(ids)
+    layer.backward(go)
+    total = layer.grad
+    assert type(total) is not sp.csr_array
+    rows = np.unique(ids[ids != 0])
+    assert_array_equal(total.indptr, _pointer_reference(rows, 50, 3))
+    ref = np.zeros((50, 3))
+    np.add.at(ref, ids, go.astype(np.float64))
+    ref[0] = 0
+    assert_allclose_grad = np.testing.assert_allclose
+    assert_allclose_grad(total.toarray(), g1.toarray() + ref, rtol=1e-5, atol=1e-5)
 
 
 def _won_reference(argmax, entry_bag, words):

@@ -21,6 +21,7 @@ rounding).
 """
 
 import numpy as np
+import scipy.sparse as sp
 
 from sparsembed import _rowsparse
 from sparsembed import _validation as V
@@ -722,8 +723,9 @@ def _trusted_canonical(mat):
 
 
 def _is_scipy_sparse(a):
-    mod = type(a).__module__
-    return mod.startswith("scipy.sparse")
+    # not by the type's module: the CPU's gradients may be a subclass of csr_array
+    # defined in sparsembed (_rowsparse._DeferredPointerCSR)
+    return sp.issparse(a)
 
 
 # The functions every backend module offers (``sparsembed._cpu``'s interface).
