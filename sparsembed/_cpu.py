@@ -11,6 +11,7 @@ from sparsembed._rowsparse import ROW_SUMS_STREAM_BYTES, STREAM_BYTES
 from sparsembed._rowplan import RowPlan
 from sparsembed._kernels import _backward, _bag, _lookup, _plan, _pool
 from sparsembed._threads import (  # noqa: F401
+    PARALLEL_GRAIN,
     ROW_GATHER_GRAIN,
     ROW_MOVE_GRAIN,
     get_num_threads,
@@ -498,9 +499,34 @@ def optim_update_rows(kind, hyper, weight, rows, values, s1, s2):
     tables) of the rows of a built gradient (``rows`` None: every row); ``hyper`` the
     kernel's doubles; s1/s2 None or (0, *) when absent."""
     all_rows = rows is None
+    s1, s2 = _state(s1, weight), _state(s2, weight)
     _half.update_rows(kind, *hyper, weight, np.empty(0, np.int64) if all_rows else rows,
-                      all_rows, values, _state(s1, weight), _state(s2, weight),
-                      threads_for(3 * values.size))
+                      all_rows, values, s1, s2,
+                      threads_for(_update_work(values.shape[0], weight.shape[1], s1, s2),
+                                  OPTIM_GRAIN))
+
+
+def _update_work(n_rows, dim, s1, s2):
+    """Elements an update of ``n_rows`` rows reads and writes: the weight and grad
+    rows, and the state rows (none, one per element, or one per row for the row-wise
+    kinds)."""
+    return n_rows * (2 * dim + sum(s.shape[1] for s in (s1, s2) if s.shape[0]))
+
+
+# Each optimizer update runs its own parallel region. A sleeping worker (passive
+# waiting, see workers_spin) takes ~0.1 ms to join on a virtual machine, which the
+# update of a few thousand rows does not pay back. Measured, V = 1e6, D = 64,
+# uniform rows, a new batch each step, update alone, 1 vs 2 threads (us): passive:
+# SGD 1,024 rows 53 vs 135, 4,096 217 vs 271, 16,384 840 vs 580; Adagrad 93 vs
+# 174, 362 vs 362, 1,402 vs 870; SparseAdam 145 vs 206, 538 vs 436, 1,997 vs
+# 1,196 -- crossings at ~8,192 / 4,096 / 3,000 rows, where the work counted above
+# (2, 3 and 4 elements per value) is 0.8-1 M: two threads from 786,432. Spinning
+# workers: SGD 1,024 rows 42 vs 50, 4,096 200 vs 119; Adagrad 1,024 83 vs 65;
+# SparseAdam 1,024 120 vs 84; 256 rows 21 / 32 / 44 us on either. The fused
+# backward + update (its grad reads counted too), passive: 1,024 rows 83 vs 133
+# (SGD), 132 vs 165 (Adagrad), 176 vs 204 (SparseAdam); 4,096 rows 311 vs 287, 456
+# vs 400, 631 vs 467.
+OPTIM_GRAIN = PARALLEL_GRAIN if workers_spin() else 3 << 17
 
 
 def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_by_freq, s1, s2,
@@ -508,6 +534,7 @@ def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_b
     """Fused backward + update of the planned rows (``_optim.fused_update``, through
     ``_half`` for float16 tables)."""
     dtype = _half.compute_dtype(weight.dtype)
+    s1, s2 = _state(s1, weight), _state(s2, weight)
     perm, weights = plan.perm, None
     if src is not None and argmax is None:
         # sum and mean bags sum through the SIMD pooling, as their backward does
@@ -517,7 +544,8 @@ def optim_fused_update(kind, hyper, weight, grad, plan, src, scale, scale_grad_b
                        np.empty(0, np.int64) if src is None else src,
                        np.empty(0, dtype) if scale is None else scale,
                        _NO_WON if src is None else _won_masks(argmax, src),
-                       bool(scale_grad_by_freq), _state(s1, weight), _state(s2, weight),
+                       bool(scale_grad_by_freq), s1, s2,
                        threads_for(plan.perm.shape[0] * grad.shape[1]
-                                   + 3 * plan.rows.shape[0] * weight.shape[1]),
+                                   + _update_work(plan.rows.shape[0], weight.shape[1], s1, s2),
+                                   OPTIM_GRAIN),
                        weights=weights)

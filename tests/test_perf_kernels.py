@@ -460,7 +460,7 @@ def test_grains_follow_the_wait_policy(tmp_path):
 
     code = ("from sparsembed import _cpu, _rowsparse; "
             "print(_cpu.ROW_MOVE_GRAIN, _cpu.ROW_GATHER_GRAIN, _rowsparse.CSR_FILL_GRAIN, "
-            "_cpu.PLAN_RADIX_GRAIN)")
+            "_cpu.PLAN_RADIX_GRAIN, _cpu.OPTIM_GRAIN)")
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(se.__file__)))
     grains = {}
     for policy in ("PASSIVE", "ACTIVE"):
@@ -470,8 +470,17 @@ def test_grains_follow_the_wait_policy(tmp_path):
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                               text=True, check=True, cwd=tmp_path)
         grains[policy] = tuple(int(g) for g in done.stdout.split())
-    assert grains == {"PASSIVE": (1 << 19, 1 << 20, 3 << 18, 1 << 16),
-                      "ACTIVE": (1 << 17, 1 << 17, 1 << 17, 1 << 15)}
+    assert grains == {"PASSIVE": (1 << 19, 1 << 20, 3 << 18, 1 << 16, 3 << 17),
+                      "ACTIVE": (1 << 17, 1 << 17, 1 << 17, 1 << 15, 1 << 16)}
+
+
+def test_update_work_counts_weight_grad_and_state_rows():
+    none = np.empty((0, 1), np.float32)
+    full, per_row = np.zeros((100, 8), np.float32), np.zeros((100, 1), np.float32)
+    assert _cpu._update_work(10, 8, none, none) == 10 * 16  # SGD
+    assert _cpu._update_work(10, 8, full, none) == 10 * 24  # Adagrad, momentum SGD
+    assert _cpu._update_work(10, 8, full, full) == 10 * 32  # SparseAdam
+    assert _cpu._update_work(10, 8, per_row, none) == 10 * 17  # RowWiseAdagrad
 
 
 # --------------------------------------------------------------------------------------
