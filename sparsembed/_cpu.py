@@ -111,7 +111,7 @@ def gather(weight, flat, check_range=False, ids_out=None):
     out = _pool.empty((flat.shape[0], weight.shape[1]), weight.dtype)
     # the copy only moves bytes: an even row of float16 is a row of float32 pairs
     src, dst = (weight.view(np.float32), out.view(np.float32)) if half else (weight, out)
-    bad = _lookup.gather(src, flat, dst, threads_for_rows_read(dst.nbytes),
+    bad = _lookup.gather(src, flat, dst, threads_for_rows_read(dst.nbytes, writes_rows=True),
                          out.nbytes >= STREAM_BYTES, ids_out)
     if bad >= 0:
         raise _index_error(flat, bad, weight.shape[0])
@@ -134,7 +134,7 @@ def gather_and_plan(weight, flat, num_rows, skip_row=None, ids_out=None):
     n = flat.shape[0]
     half = _half.is_half(weight)
     dim = weight.shape[1]
-    T = threads_for_rows_read(n * dim * weight.itemsize)
+    T = threads_for_rows_read(n * dim * weight.itemsize, writes_rows=True)
     if (T < 2 or n < PLAN_AHEAD_MIN_IDS or dim == 0 or num_rows <= max(n, 4096)
             or num_rows > 1 << 32 or n >= 1 << 32
             or (half and not (weight.flags.c_contiguous and dim % 2 == 0))):

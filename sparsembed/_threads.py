@@ -140,8 +140,20 @@ ROW_MOVE_GRAIN = 1 << 17 if workers_spin() else 1 << 19
 # spinning workers as ROW_MOVE_GRAIN (1 MB of rows: figures above).
 ROW_GATHER_GRAIN = 1 << 17 if workers_spin() else 1 << 20
 
+# The lookup also writes each row it reads, and on the benchmark VM a core writes
+# ~17 GB/s even from cache, so with passive waiting its second thread pays from a
+# quarter of ROW_GATHER_GRAIN, whether the table is cached or not. Measured there,
+# V = 1e4 / 1e6, D = 64, a new batch each call, 1 vs 2 threads (us): 4,096 ids 87 vs
+# 98 / 172 vs 174; 8,192 ids 232 vs 176 / 364 vs 276; 16,384 ids 382 vs 222 / 625
+# vs 398. (The bag sums, which write a row per bag, stay at ROW_GATHER_GRAIN there:
+# V = 1e4, 16,384 ids 100 vs 142 us, 32,768 180 vs 191.) The AMD EPYC had measured
+# one thread faster for 16,384 cached ids (figures above): a machine's write speed
+# decides, and this is the machine the benchmarks run on.
+ROW_WRITE_GRAIN = 1 << 17 if workers_spin() else 1 << 18
 
-def threads_for_rows_read(nbytes):
+
+def threads_for_rows_read(nbytes, writes_rows=False):
     """Threads for a pass that reads ``nbytes`` of table rows and moves them (the
-    lookup, the sum and mean bag forward): ROW_GATHER_GRAIN counts 4-byte words."""
-    return threads_for(nbytes >> 2, ROW_GATHER_GRAIN)
+    lookup, the sum and mean bag forward): ROW_GATHER_GRAIN counts 4-byte words,
+    ROW_WRITE_GRAIN for a pass that also writes a row per row read."""
+    return threads_for(nbytes >> 2, ROW_WRITE_GRAIN if writes_rows else ROW_GATHER_GRAIN)

@@ -458,9 +458,9 @@ def test_grains_follow_the_wait_policy(tmp_path):
     import subprocess
     import sys
 
-    code = ("from sparsembed import _cpu, _rowsparse; "
+    code = ("from sparsembed import _cpu, _rowsparse, _threads; "
             "print(_cpu.ROW_MOVE_GRAIN, _cpu.ROW_GATHER_GRAIN, _rowsparse.CSR_FILL_GRAIN, "
-            "_cpu.PLAN_RADIX_GRAIN, _cpu.OPTIM_GRAIN)")
+            "_cpu.PLAN_RADIX_GRAIN, _cpu.OPTIM_GRAIN, _threads.ROW_WRITE_GRAIN)")
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(se.__file__)))
     grains = {}
     for policy in ("PASSIVE", "ACTIVE"):
@@ -470,8 +470,8 @@ def test_grains_follow_the_wait_policy(tmp_path):
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                               text=True, check=True, cwd=tmp_path)
         grains[policy] = tuple(int(g) for g in done.stdout.split())
-    assert grains == {"PASSIVE": (1 << 19, 1 << 20, 3 << 18, 1 << 16, 3 << 17),
-                      "ACTIVE": (1 << 17, 1 << 17, 1 << 17, 1 << 15, 1 << 16)}
+    assert grains == {"PASSIVE": (1 << 19, 1 << 20, 3 << 18, 1 << 16, 3 << 17, 1 << 18),
+                      "ACTIVE": (1 << 17, 1 << 17, 1 << 17, 1 << 15, 1 << 16, 1 << 17)}
 
 
 def test_update_work_counts_weight_grad_and_state_rows():
