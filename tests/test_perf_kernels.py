@@ -474,6 +474,22 @@ def test_grains_follow_the_wait_policy(tmp_path):
                       "ACTIVE": (1 << 17, 1 << 17, 1 << 17, 1 << 15, 1 << 16, 1 << 17)}
 
 
+def test_row_sums_of_a_cached_grad_output_wait_longer_for_a_second_thread():
+    from sparsembed._threads import ROW_MOVE_GRAIN
+
+    prev = se.get_num_threads()
+    se.set_num_threads(2)
+    try:
+        n = 3 * ROW_MOVE_GRAIN // 64  # entries of 64 columns: 1.5 x the two-thread line
+        cached = np.empty((_cpu.CACHED_GRAD_BYTES // 256, 64), np.float32)
+        large = np.empty((_cpu.CACHED_GRAD_BYTES // 256 + 1, 64), np.float32)
+        assert _cpu._row_sums_threads(cached, n) == 1
+        assert _cpu._row_sums_threads(large, n) == 2
+        assert _cpu._row_sums_threads(cached, 4 * n) == 2
+    finally:
+        se.set_num_threads(prev)
+
+
 def test_update_work_counts_weight_grad_and_state_rows():
     none = np.empty((0, 1), np.float32)
     full, per_row = np.zeros((100, 8), np.float32), np.zeros((100, 1), np.float32)
