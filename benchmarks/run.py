@@ -778,8 +778,9 @@ def run_memory(cfg, log):
     """Peak memory of one sparse backward, and of one fused step (forward included),
     at a fixed batch
     (fixed number of unique rows) as the table grows: it follows the unique rows, not V
-    (the only O(V) part is the csr ``indptr``, 4 bytes per table row; the optimizer's
-    own state is allocated once, outside the measured step)."""
+    (the only O(V) part is the csr ``indptr``, 4 bytes per table row, and only once
+    something reads it: see ``_rowsparse._DeferredPointerCSR``; the optimizer's own
+    state is allocated once, outside the measured step)."""
     rng = np.random.default_rng(3)
     D, B = cfg["scale_D"], cfg["mem_B"]
     out = []
