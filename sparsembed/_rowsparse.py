@@ -60,7 +60,8 @@ def _index_dtype(num_rows, nnz):
 
 
 def from_rows(rows, data, num_rows):
-    """Build the canonical csr_array holding ``data[u]`` in row ``rows[u]``.
+    """Build the canonical csr_array holding ``data[u]`` in row ``rows[u]`` (its row
+    pointer written when first read where it can be: :class:`_DeferredPointerCSR`).
 
     Parameters
     ----------
@@ -202,13 +203,15 @@ class _DeferredPointerCSR(sp.csr_array):
 
     @indptr.setter
     def indptr(self, value):
+        # in this order: a thread that finds the state gone finds a plain csr_array
+        # holding its pointer (see _write_deferred_pointer)
         self.__dict__["indptr"] = value
-        self.__dict__.pop(_DEFERRED_KEY, None)
         self.__class__ = sp.csr_array  # the class has no indptr attribute of its own
+        self.__dict__.pop(_DEFERRED_KEY, None)
 
     def __reduce_ex__(self, protocol):  # pickle, copy, deepcopy: a plain csr_array
         _write_deferred_pointer(self)
-        return self.__reduce_ex__(protocol)
+        return sp.csr_array.__reduce_ex__(self, protocol)
 
 
 def with_deferred_pointer(rows, data, indices, num_rows):

@@ -1024,6 +1024,30 @@ def test_deferred_row_pointer_bits_and_threads(rng, n_threads):
         se.set_num_threads(prev)
 
 
+def test_deferred_row_pointer_read_by_several_threads_at_once(rng):
+    import threading
+
+    ids = rng.integers(0, 300_000, 5000)
+    for _ in range(5):
+        g = se.functional.embedding_backward(np.ones((ids.size, 4), np.float32), ids,
+                                             300_000, sparse=True)
+        got, start = [None] * 4, threading.Barrier(4)
+
+        def read(i):
+            start.wait()
+            got[i] = g.indptr if i % 2 else g.copy().indptr
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        expected = _pointer_reference(np.unique(ids), 300_000, 4)
+        for p in got:
+            assert_array_equal(p, expected)
+        assert type(g) is sp.csr_array and g.__dict__["indptr"] is g.indptr
+
+
 def test_deferred_row_pointer_copies_and_arithmetic_are_plain_csr(rng, dtype):
     import copy
     import pickle
