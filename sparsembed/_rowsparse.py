@@ -255,10 +255,20 @@ def _deferred_rows(mat):
     d = mat.__dict__
     state = d.get(_DEFERRED_KEY)
     if (state is None or d.get("data") is not state[1] or d.get("indices") is not state[2]
-            or d.get("_shape") != state[3] or not d.get("_has_canonical_format", False)
-            or not d.get("_has_sorted_indices", True)):
+            or d.get("_shape") != state[3] or not flagged_canonical(mat)):
         return None
     return state[0]
+
+
+def flagged_canonical(mat):
+    """Whether the matrix's own flags say canonical (sorted, no duplicates, columns in
+    range): read from the instance, never through scipy's (or cupyx's) properties,
+    which compute an unknown flag by reading the structure with compiled code before
+    anything has checked it. A has_sorted_indices set False after an edit overrides
+    the canonical one, as in scipy's has_canonical_format."""
+    flags = mat.__dict__
+    return bool(flags.get("_has_canonical_format", False)) \
+        and bool(flags.get("_has_sorted_indices", True))
 
 # The attributes scipy's csr_array constructor sets, all of them plain values. Where
 # this scipy sets exactly these (checked once, below), a canonical matrix is made by
@@ -543,13 +553,10 @@ def _is_full_rows(mat, rows, dim, nnz):
     checked ``nnz == rows.size * dim``)."""
     if rows.size == 0:
         return True
-    if mat.__dict__.get("_has_canonical_format", False) \
-            and mat.__dict__.get("_has_sorted_indices", True):
-        # scipy's own flags (set by from_rows, trusted as scipy trusts them; a
-        # has_sorted_indices set False after an edit overrides the canonical one, as
-        # in scipy's has_canonical_format): sorted, no duplicates, columns in
-        # [0, dim); with nnz == rows * dim each stored row then holds exactly the dim
-        # columns -- no O(nnz) scan needed
+    if flagged_canonical(mat):
+        # scipy's own flags (set by from_rows, trusted as scipy trusts them): sorted,
+        # no duplicates, columns in [0, dim); with nnz == rows * dim each stored row
+        # then holds exactly the dim columns -- no O(nnz) scan needed
         return True
     # compared here, not through scipy's has_sorted_indices, which reads the
     # structure with compiled code before anything has checked it

@@ -480,7 +480,8 @@ class ArrayBackend:
         rows = self.stored_rows(mat)
         n_rows = int(rows.shape[0])
         if mat.nnz == n_rows * dim:
-            if _trusted_canonical(mat):  # every row holds 0 .. dim - 1: no O(nnz) read
+            # the flags trusted as cupyx trusts them, as the CPU trusts scipy's
+            if _rowsparse.flagged_canonical(mat):  # every row holds 0 .. dim - 1: no O(nnz) read
                 return rows, mat.data.reshape(n_rows, dim)
             cols = mat.indices.reshape(n_rows, dim)
             if n_rows == 0 or bool((cols == xp.arange(dim, dtype=cols.dtype)).all()):
@@ -710,16 +711,6 @@ class ArrayBackend:
 
 
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
-
-
-def _trusted_canonical(mat):
-    """Whether the matrix's own flags say canonical (sorted, no duplicates, columns in
-    range), trusted as cupyx trusts them and as the CPU trusts scipy's
-    (``_rowsparse._is_full_rows``): read from the instance, never through cupyx's
-    properties, which compute an unknown flag with a kernel over every index."""
-    flags = mat.__dict__
-    return bool(flags.get("_has_canonical_format", False)) \
-        and bool(flags.get("_has_sorted_indices", True))
 
 
 def _is_scipy_sparse(a):
