@@ -1,6 +1,7 @@
 """Layers: a trainable table of vectors looked up by integer ids."""
 
 import collections
+import numbers
 import operator
 
 import numpy as np
@@ -506,7 +507,7 @@ class Embedding(_Table):
         # the caller may reuse its index buffer before the backward: keep a copy,
         # written by the lookup as it reads the ids
         kept = None
-        if isinstance(input, be.xp.ndarray) and be.xp.may_share_memory(flat, input):
+        if _shares_memory(flat, _sources(be, input), be.xp):
             kept = be.xp.empty_like(flat)
         if plan_ahead:
             out, plan = be.gather_and_plan(self.weight, flat, self.num_embeddings,
@@ -589,29 +590,56 @@ class Embedding(_Table):
         return self._repr_options(self._REPR_DEFAULTS)
 
 
-def _own(arr, sources):
+def _own(arr, sources, xp):
     """``arr``, copied when it may share memory with one of the caller's ``sources``
     (the caller may reuse its buffers before backward)."""
-    if arr is None:
-        return None
-    xp = backend_of(arr).xp
-    for src in sources:
-        if isinstance(src, xp.ndarray) and xp.may_share_memory(arr, src):
-            return arr.copy()
-    return arr
+    if arr is None or not _shares_memory(arr, sources, xp):
+        return arr
+    return arr.copy()
 
 
-def _sources(*objs):
+def _shares_memory(arr, sources, xp):
+    return any(xp.may_share_memory(arr, src) for src in sources)
+
+
+# converted element by element: numpy's array of one of these is new memory
+_COPIED_INPUTS = (list, tuple, range, numbers.Number)
+_SPARSE_PARTS = ("indices", "indptr", "data", "row", "col")
+
+
+def _sources(be, *objs):
+    """The arrays of backend ``be`` through which the caller can still write the
+    memory of its inputs ``objs`` after a forward: an array of the backend itself,
+    a scipy matrix's arrays, and the memory that any other array-like exposes (a
+    buffer such as ``array.array`` or ``memoryview``, a torch tensor, an object with
+    ``__array__`` or, on the GPU, ``__cuda_array_interface__``), which converting it
+    may have kept rather than copied."""
+    xp = be.xp
     out = []
     for obj in objs:
-        if obj is None:
+        if obj is None or isinstance(obj, _COPIED_INPUTS):
             continue
-        for name in ("indices", "indptr", "data"):  # scipy.sparse input
-            if hasattr(obj, name) and isinstance(getattr(obj, name), np.ndarray):
-                out.append(getattr(obj, name))
-        if isinstance(obj, np.ndarray) or hasattr(obj, "__cuda_array_interface__"):
+        if isinstance(obj, xp.ndarray):
             out.append(obj)
+            continue
+        if _bags._is_scipy_sparse(obj):  # its arrays, in any format
+            parts = (getattr(obj, name, None) for name in _SPARSE_PARTS)
+            out.extend(part for part in parts if isinstance(part, xp.ndarray))
+        elif xp is np:
+            if hasattr(obj, "__array__") or hasattr(obj, "__array_interface__") \
+                    or _is_buffer(obj):
+                out.append(np.asarray(obj))  # as the forward converted it: a view or a copy
+        elif hasattr(obj, "__cuda_array_interface__"):
+            out.append(xp.asarray(obj))  # a view of the same device memory
     return out
+
+
+def _is_buffer(obj):
+    try:
+        memoryview(obj)
+    except TypeError:
+        return False
+    return True
 
 
 class EmbeddingBag(_Table):
@@ -756,10 +784,10 @@ class EmbeddingBag(_Table):
         out, argmax, counts = be.bag_forward(self.weight, bags.flat, bags.starts, self.mode,
                                              self.padding_idx, bags.psw, check_range=deferred,
                                              **half)
-        src = _sources(input, offsets, per_sample_weights)
-        bags.flat = _own(bags.flat, src)
-        bags.starts = _own(bags.starts, src)
-        bags.psw = _own(bags.psw, src)
+        src = _sources(be, input, offsets, per_sample_weights)
+        bags.flat = _own(bags.flat, src, be.xp)
+        bags.starts = _own(bags.starts, src, be.xp)
+        bags.psw = _own(bags.psw, src, be.xp)
         self._remember({"bags": bags, "argmax": argmax, "counts": counts, "plan": plan,
                         "entry_bag": None}, layout)
         self.per_sample_weights_grad = None

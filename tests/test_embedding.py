@@ -1,5 +1,6 @@
 """se.Embedding and se.functional.embedding*: numpy references and torch parity."""
 
+import array
 import copy
 import pickle
 
@@ -364,6 +365,60 @@ def test_backward_uses_the_ids_of_the_forward(rng):
     g = emb.backward(np.ones((3, 2)))
     assert_array_equal(g[[1, 2, 3]], 1)
     assert_array_equal(g[7], 0)
+
+
+class _ArrayLike:
+    """An id container that hands numpy its own memory (as pandas or xarray do)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values
+
+
+def _writable_id_containers(ids):
+    """(container, overwrite) pairs of objects numpy converts without copying:
+    a buffer, a memoryview, an ``__array__`` object and a torch tensor if present."""
+    buf = array.array("q", ids)
+    view_src = np.array(ids, dtype=np.int32)
+    holder = _ArrayLike(np.array(ids, dtype=np.int64))
+    out = [(buf, lambda v: buf.__setitem__(slice(None), array.array("q", [v] * len(buf)))),
+           (memoryview(view_src), lambda v: view_src.fill(v)),
+           (holder, lambda v: holder.values.fill(v))]
+    try:
+        import torch
+    except ImportError:
+        return out
+    tensor = torch.tensor(ids)
+    out.append((tensor, lambda v: tensor.fill_(v)))
+    return out
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("n", [3, 70_000])
+def test_backward_uses_the_ids_of_the_forward_from_any_buffer(rng, sparse, n, threads):
+    # numpy views a buffer or an __array__ object's memory instead of copying it:
+    # the layer keeps its own copy of those ids too, on the small and the planned
+    # paths alike
+    threads(2)
+    V = 6000
+    ids = rng.integers(0, V - 1, size=n).tolist()
+    grad_out = rng.standard_normal((n, 2)).astype(np.float32)
+    expected = F.embedding_backward(grad_out, np.array(ids), V, sparse=sparse)
+    for container, overwrite in _writable_id_containers(ids):
+        emb = se.Embedding(V, 2, sparse=sparse, random_state=0)
+        for _ in range(2):  # the second forward plans on the side (a large batch)
+            emb.zero_grad()
+            emb(container)
+            overwrite(V - 1)
+            g = emb.backward(grad_out)
+            got = g.toarray() if sparse else g
+            assert_array_equal(got, expected.toarray() if sparse else expected,
+                               err_msg=type(container).__name__)
+            overwrite(0)
+            container_ids = np.asarray(container)
+            container_ids[...] = np.array(ids, dtype=container_ids.dtype)
 
 
 def test_finite_differences_float64(rng):

@@ -1,6 +1,7 @@
 """EmbeddingBag and functional.embedding_bag[_backward]: torch parity, numpy
 references, gradient checks, determinism and every error path."""
 
+import array
 import copy
 import pickle
 
@@ -526,6 +527,45 @@ def test_layer_saves_its_own_copy_of_the_batch(rng):
     assert_array_equal(bag.backward(np.ones((2, 3))), expected)
     assert_allclose(bag.per_sample_weights_grad, bag.weight[[1, 2, 3, 4]].sum(axis=1),
                     rtol=1e-6)
+
+
+class _ArrayLike:
+    """A container that hands numpy its own memory (as pandas or xarray do)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values
+
+
+@pytest.mark.parametrize("wrap", ["buffer", "memoryview", "array_like", "torch"])
+def test_layer_saves_its_own_copy_of_a_batch_numpy_views(rng, wrap):
+    # ids, offsets and per-sample weights that numpy converts without a copy: the
+    # layer keeps its own, as for arrays
+    if wrap == "torch":
+        torch = pytest.importorskip("torch")
+    ids, offsets, psw = [1, 2, 3, 4], [0, 2], [1.0, 2.0, 0.5, 1.0]
+    bag = se.EmbeddingBag(10, 3, mode="sum", random_state=0)
+    bag(np.array(ids), np.array(offsets), per_sample_weights=np.array(psw, np.float32))
+    expected = bag.backward(np.ones((2, 3)))
+    expected_psw = bag.per_sample_weights_grad.copy()
+    bag.zero_grad()
+    if wrap == "buffer":
+        args = array.array("q", ids), array.array("q", offsets), array.array("f", psw)
+    elif wrap == "memoryview":
+        args = (memoryview(np.array(ids)), memoryview(np.array(offsets)),
+                memoryview(np.array(psw, np.float32)))
+    elif wrap == "array_like":
+        args = (_ArrayLike(np.array(ids)), _ArrayLike(np.array(offsets)),
+                _ArrayLike(np.array(psw, np.float32)))
+    else:
+        args = torch.tensor(ids), torch.tensor(offsets), torch.tensor(psw)
+    bag(args[0], args[1], per_sample_weights=args[2])
+    for arg, value in zip(args, (9, 0, 5)):
+        np.asarray(arg)[...] = value
+    assert_array_equal(bag.backward(np.ones((2, 3))), expected)
+    assert_array_equal(bag.per_sample_weights_grad, expected_psw)
 
 
 # ---------------------------------------------------------------- layer life cycle
