@@ -87,12 +87,19 @@ def _offsets_array(offsets, n, be):
         off = np.asarray(off)
     if np.ndim(off) != 1:
         raise ValueError(f"offsets must be 1-D, got shape {np.shape(off)}")
-    # past int64 is past the end of any input: a bad offset (ValueError), not the
-    # out-of-range id as_index_array would call it
-    pos = V.first_past_int64(off) if isinstance(off, np.ndarray) else -1
-    if pos >= 0:
-        raise ValueError(f"offsets[{pos}] = {int(off[pos])} is past the end of input "
-                         f"(length {n})")
+    # past int64 is past the end of any input (or below its start): a bad offset
+    # (ValueError), not the out-of-range id as_index_array would call it. uint64
+    # holds such values, and so do the object arrays numpy makes of Python ints.
+    found = None
+    if isinstance(off, np.ndarray) and off.dtype.kind == "O":
+        found = V.first_int_past_int64(off)
+    elif isinstance(off, np.ndarray) and V.first_past_int64(off) >= 0:
+        pos = V.first_past_int64(off)
+        found = pos, int(off[pos])
+    if found is not None:
+        pos, value = found
+        where = "past the end of input" if value > 0 else "negative"
+        raise ValueError(f"offsets[{pos}] = {value} is {where} (length {n})")
     return be.asarray(V.as_index_array(off, "offsets"))
 
 
@@ -174,7 +181,7 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         except ValueError as e:
             raise ValueError(f"the sparse input's row pointer (indptr) does not bound its "
                              f"bags: {e}") from None
-        flat = be.as_index_array(csr.indices[:end], "input")
+        flat = be.as_index_array(csr.indices[:end], "input", num_embeddings)
         data = np.asarray(csr.data[:end])
         if mode == "sum":
             psw, psw_shape = _check_psw(data, flat.shape, mode, dtype, be,
@@ -191,7 +198,7 @@ def bags_of(input, offsets, per_sample_weights, mode, include_last_offset, num_e
         return _on_backend(be, flat, starts, end, psw, psw_shape,
                            data_order if psw is not None else None)
 
-    idx = be.as_index_array(input)
+    idx = be.as_index_array(input, "input", num_embeddings)
     if idx.ndim == 2:
         if offsets is not None:
             raise ValueError(

@@ -19,19 +19,21 @@ from sparsembed._threads import get_num_threads
 _INDEX_DTYPES = frozenset((np.dtype(np.int32), np.dtype(np.int64)))
 
 
-def as_index_array(input, name="input"):
+def as_index_array(input, name="input", num_rows=None):
     """Return ``input`` as a C-contiguous int32 or int64 ndarray (same shape).
 
     int32 and int64 pass through (copied only when not C-contiguous); other integer
     dtypes are converted once. An empty Python list or tuple counts as int64.
-    bool, floating, complex and object arrays raise TypeError.
+    bool, floating, complex and object arrays raise TypeError; an id past int64
+    raises IndexError (naming the valid range when ``num_rows``, the table's rows,
+    is given).
     """
     if isinstance(input, (list, tuple)) and len(input) == 0:
         return np.zeros(0, dtype=np.int64)
     arr = np.asarray(input)
     kind = arr.dtype.kind
     if kind == "O":  # Python ints past int64 make numpy fall back to objects
-        _raise_if_int_past_int64(arr, name)
+        _raise_if_int_past_int64(arr, name, num_rows)
     if kind not in "iu":
         raise TypeError(
             f"{name} must be an array of integers, got dtype {arr.dtype}"
@@ -43,23 +45,35 @@ def as_index_array(input, name="input"):
     pos = first_past_int64(arr)
     if pos >= 0:
         value = int(arr.reshape(-1)[pos])
-        raise _past_int64_error(name, value, pos)
+        raise past_int64_error(name, value, pos, num_rows)
     return np.asarray(arr, dtype=np.int64, order="C")
 
 
-def _past_int64_error(name, value, pos):
+def past_int64_error(name, value, pos, num_rows=None):
+    """The IndexError for an id outside int64 (out of range for any table)."""
+    if num_rows is not None:
+        return IndexError(_out_of_range(name, value, pos, num_rows))
     return IndexError(f"{name}: index {value} at position {pos} is out of range (ids are "
                       f"int64: no table has a row {value})")
 
 
-def _raise_if_int_past_int64(arr, name):
-    """IndexError for the first Python int of the object array ``arr`` outside int64
-    (nothing when there is none: the caller's TypeError follows)."""
+def first_int_past_int64(arr):
+    """``(position, value)`` of the first Python int of the object array ``arr``
+    outside int64, or None."""
     lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
     for pos, value in enumerate(arr.reshape(-1)):
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) \
                 and not lo <= value <= hi:
-            raise _past_int64_error(name, int(value), pos)
+            return pos, int(value)
+    return None
+
+
+def _raise_if_int_past_int64(arr, name, num_rows=None):
+    """IndexError for the first Python int of the object array ``arr`` outside int64
+    (nothing when there is none: the caller's TypeError follows)."""
+    found = first_int_past_int64(arr)
+    if found is not None:
+        raise past_int64_error(name, found[1], found[0], num_rows)
 
 
 def first_past_int64(arr):
@@ -79,10 +93,12 @@ def check_index_range(flat, num_embeddings, name="input"):
 
 def index_error(flat, pos, num_embeddings, name="input"):
     """The IndexError for the out-of-range id ``flat[pos]``."""
-    return IndexError(
-        f"{name}: index {int(flat[pos])} at position {pos} is out of range for "
-        f"{num_embeddings} embeddings (valid: 0..{num_embeddings - 1})"
-    )
+    return IndexError(_out_of_range(name, int(flat[pos]), pos, num_embeddings))
+
+
+def _out_of_range(name, value, pos, num_embeddings):
+    return (f"{name}: index {value} at position {pos} is out of range for "
+            f"{num_embeddings} embeddings (valid: 0..{num_embeddings - 1})")
 
 
 def check_size(value, name):

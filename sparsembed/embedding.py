@@ -495,7 +495,7 @@ class Embedding(_Table):
         layout = self._checked_table()
         # the lookup checks the ids itself, and so does the plan that renorm needs first
         renorm = self.max_norm is not None
-        idx, flat = F.lookup_ids(input, be)
+        idx, flat = F.lookup_ids(input, be, self.num_embeddings)
         plan = None
         plan_ahead = (self.__dict__.get("_plan_used", False) and self.requires_grad
                       and not renorm)
@@ -546,9 +546,10 @@ class Embedding(_Table):
         optimizer : sparsembed.optim optimizer, optional
             Fused backward + update: sum each touched row's gradient and apply
             ``optimizer``'s update to that row in the same pass, without building the
-            gradient matrix. Returns None and leaves ``grad`` untouched. It always
-            applies the touched-rows (sparse) form of the update (lazy weight decay and
-            momentum), so for a ``sparse=True`` layer it equals ``backward`` then
+            gradient matrix. Returns None and leaves ``grad`` untouched (a gradient
+            already there is not applied). It always applies the touched-rows (sparse)
+            form of the update (lazy weight decay and momentum), so for a
+            ``sparse=True`` layer whose ``grad`` is None it equals ``backward`` then
             ``optimizer.step()`` (the optimizer counts it as one step of this layer).
             The layer must be among the optimizer's params.
 

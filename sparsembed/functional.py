@@ -25,11 +25,11 @@ def _weight(weight):
     return be
 
 
-def lookup_ids(input, be):
-    """(ids with input's shape, flat ids). Not range-checked here: the kernel that
-    reads them first (the gather or the plan) checks each id on the way and names
-    the first bad one."""
-    idx = be.as_index_array(input)
+def lookup_ids(input, be, num_rows):
+    """(ids with input's shape, flat ids) for a table of ``num_rows`` rows. Not
+    range-checked here (but for ids past int64): the kernel that reads them first
+    (the gather or the plan) checks each id on the way and names the first bad one."""
+    idx = be.as_index_array(input, "input", num_rows)
     return idx, idx.reshape(-1)
 
 
@@ -92,7 +92,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
     # the lookup checks the ids itself, and so does the plan that renorm needs first
     renorm = max_norm is not None
-    idx, flat = lookup_ids(input, be)
+    idx, flat = lookup_ids(input, be, num_embeddings)
     if renorm:
         plan = be.plan_rows(flat, num_embeddings, check_range=True)
         be.check_writable(weight)
@@ -136,7 +136,7 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
     num_embeddings = V.check_size(num_embeddings, "num_embeddings")
     padding_idx = V.normalize_padding_idx(padding_idx, num_embeddings)
     be = backend_of(grad_output)
-    idx, flat = lookup_ids(input, be)
+    idx, flat = lookup_ids(input, be, num_embeddings)
     g = be.xp.asarray(grad_output)
     if g.ndim != idx.ndim + 1:
         raise ValueError(
@@ -178,7 +178,7 @@ def embedding_renorm_(weight, input, max_norm, norm_type=2.0):
     if max_norm is None:
         raise ValueError("max_norm must be > 0, got None")
     max_norm, norm_type = V.check_max_norm(max_norm, norm_type)
-    _, flat = lookup_ids(input, be)
+    _, flat = lookup_ids(input, be, weight.shape[0])
     plan = be.plan_rows(flat, weight.shape[0], check_range=True)
     be.check_writable(weight)
     renorm_(weight, plan, max_norm, norm_type, None, be)
@@ -226,8 +226,11 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
         Mode "sum" only: each entry's row is multiplied by its weight.
     include_last_offset : bool, default False
         ``offsets`` has n_bags + 1 entries, the last one the end of the last bag
-        (entries past it belong to no bag and are ignored, as in torch, but their
-        ids are still range-checked: an IndexError, where torch reads nothing).
+        (entries past it belong to no bag and are ignored, but their ids are still
+        range-checked: an IndexError). torch documents that the last offset must
+        equal the input's length and, when it does not, 2.13 CPU is not consistent:
+        float32 sum ignores such entries, float32 mean leaves them out of the sum
+        but counts them, float32 max and float64 add them to the last bag.
         Ignored for a scipy.sparse input, whose row pointer bounds every bag
         already.
     padding_idx : int, optional

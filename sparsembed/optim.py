@@ -20,13 +20,16 @@ table followed by rounding the table to float16.
 Fused backward + update: ``layer.backward(grad_output, optimizer=opt)`` sums each
 touched row's gradient and applies ``opt``'s update to it in the same pass, without
 building the gradient matrix. It always applies the touched-rows (sparse) form of the
-update: for a sparse layer it equals ``layer.backward(grad_output)`` then
-``opt.step()``.
+update: for a sparse layer whose ``grad`` is None it equals
+``layer.backward(grad_output)`` then ``opt.step()`` (a gradient already in ``grad``
+is neither applied nor changed by it).
 
 Like torch, ``params`` may also be a list of dicts (parameter groups), each with a
 ``"params"`` list and its own hyper-parameters overriding the defaults; hyper-parameters
 are read from ``opt.param_groups`` at every step, so they can be changed between steps
-(learning-rate schedules).
+(learning-rate schedules). A layer may appear only once in ``params`` (across all
+groups): a repeat is a ValueError (torch 2.13 warns that it will refuse it, and
+updates such a layer twice per step meanwhile).
 """
 
 import math
@@ -582,7 +585,10 @@ class SGD(Optimizer):
 
     Notes
     -----
-    With a dense gradient every row follows torch exactly. With a row-sparse gradient
+    With a dense gradient every row follows torch's update, up to the last bit: torch's
+    CPU kernel fuses ``w - lr * g`` into one multiply-add, ours rounds the product
+    first (no fused multiply-adds anywhere, so every CPU gives the same bits), which
+    can move a float32 weight by one unit in the last place. With a row-sparse gradient
     (and in the fused backward) the update is lazy: only the touched rows are decayed
     and only their momentum buffers are updated and applied; untouched rows keep their
     weights and buffers (torch keeps a sparse momentum buffer that keeps moving rows

@@ -914,8 +914,19 @@ def test_a_table_of_anything_but_real_numbers_is_a_type_error(table, dtype):
     ([1, 2**70], 2**70),        # numpy falls back to an object array
     ([1, -2**70], -2**70),
 ])
-def test_ids_past_int64_name_the_value_and_position(ids, value):
-    emb = se.Embedding(10, 2)
-    with pytest.raises(IndexError, match=f"input: index {value} at position 1 is out of range "
-                                         f"\\(ids are int64: no table has a row {value}\\)"):
-        emb(ids)
+def test_ids_past_int64_name_the_value_position_and_range(ids, value):
+    emb = se.Embedding(10, 2, max_norm=1.0, random_state=0)
+    before = emb.weight.copy()
+    message = f"input: index {value} at position 1 is out of range for 10 embeddings " \
+              f"\\(valid: 0..9\\)"
+    for call in (emb, lambda i: F.embedding(i, emb.weight, max_norm=1.0),
+                 lambda i: F.embedding_backward(np.ones((2, 2), np.float32), i, 10),
+                 lambda i: F.embedding_renorm_(emb.weight, i, 1.0),
+                 lambda i: F.embedding_bag(i, emb.weight, [0], mode="sum"),
+                 lambda i: se.EmbeddingBag(10, 2)(i, [0])):
+        with pytest.raises(IndexError, match=message):
+            call(ids)
+    assert_array_equal(emb.weight, before)
+    # without a table to name, the message says why no table has such a row
+    with pytest.raises(IndexError, match=f"\\(ids are int64: no table has a row {value}\\)"):
+        se._validation.as_index_array(ids)

@@ -625,6 +625,11 @@ def _bad_calls():
         (dict(offsets=np.array([2**64 - 1], np.uint64)), ValueError,
          r"offsets\[0\] = 18446744073709551615 is past the end"),
         (dict(offsets=np.zeros((1, 2), np.uint64)), ValueError, r"1-D, got shape \(1, 2\)"),
+        # ... and so are Python ints past int64, in a list or an object array
+        (dict(offsets=[0, 2**64]), ValueError,
+         r"offsets\[1\] = 18446744073709551616 is past the end of input \(length 4\)"),
+        (dict(offsets=np.array([0, -2**70], dtype=object)), ValueError,
+         r"offsets\[1\] = -1180591620717411303424 is negative"),
         (dict(input=ids.reshape(2, 2), offsets=np.array([0])), ValueError, "2-D input"),
         (dict(offsets=None), ValueError, "offsets is required"),
         (dict(mode="median"), ValueError, "'median'"),

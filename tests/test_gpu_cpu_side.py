@@ -520,6 +520,9 @@ def test_device_index_array_uint64_overflow():
     arr = np.array([1, 2, 2**63 + 5, 2**64 - 1], dtype=np.uint64)
     with pytest.raises(IndexError, match=r"index 9223372036854775813 at position 2"):
         _ops.device_index_array(np, arr)
+    with pytest.raises(IndexError, match=r"position 2 is out of range for 7 embeddings "
+                                         r"\(valid: 0..6\)"):
+        _ops.device_index_array(np, arr, "input", 7)
 
 
 @pytest.mark.parametrize("ids, pos", [([0, 1, 10, 2, -1], 2), ([-3, 0], 0), ([0, 9, 9, 12], 3)])
@@ -650,7 +653,7 @@ def test_functional_on_fake_cuda(fake_gpu, rng, counted):
     # backend. With numpy standing in, call the backend's pieces as F does.
     w = rng.standard_normal((12, 4)).astype(np.float32)
     ids = np.array([[1, 2], [11, 1]])
-    idx, flat = F.lookup_ids(ids, fake_gpu)
+    idx, flat = F.lookup_ids(ids, fake_gpu, 12)
     out = fake_gpu.gather(w, flat).reshape(idx.shape + (4,))
     assert_array_equal(out, F.embedding(ids, w))
     plan = fake_gpu.plan_rows(flat, 12)

@@ -54,7 +54,7 @@ def launch_shape(n_items):
     return (max(1, min(blocks, MAX_BLOCKS)),), (WARP, WARPS_PER_BLOCK)
 
 
-def device_index_array(xp, arr, name="input"):
+def device_index_array(xp, arr, name="input", num_rows=None):
     """An integer device array as a C-contiguous int32/int64 array (same shape).
 
     The device-side twin of ``sparsembed._validation.as_index_array``: int32 and int64
@@ -75,7 +75,7 @@ def device_index_array(xp, arr, name="input"):
         pos = int(xp.argmax(too_big.view(xp.uint8)))
         if bool(too_big[pos]):
             value = int(arr.reshape(-1)[pos])
-            raise IndexError(f"{name}: index {value} at position {pos} is out of range")
+            raise V.past_int64_error(name, value, pos, num_rows)
     return xp.asarray(arr, dtype=np.int64, order="C")
 
 
@@ -199,12 +199,12 @@ class ArrayBackend:
 
     # ------------------------------------------------------------- validation
 
-    def as_index_array(self, input, name="input"):
+    def as_index_array(self, input, name="input", num_rows=None):
         """``input`` (numpy, device array or list) as a C-contiguous int32/int64 device
         array of the same shape; a host array is validated on the host, then moved once."""
         if self.is_device_array(input) and self.xp is not np:
-            return device_index_array(self.xp, input, name)
-        return self.xp.asarray(V.as_index_array(input, name))
+            return device_index_array(self.xp, input, name, num_rows)
+        return self.xp.asarray(V.as_index_array(input, name, num_rows))
 
     def check_index_range(self, flat, num_embeddings, name="input"):
         """IndexError naming the first id outside ``[0, num_embeddings)``; checked on the
