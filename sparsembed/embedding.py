@@ -507,7 +507,8 @@ class Embedding(_Table):
         # the caller may reuse its index buffer before the backward: keep a copy,
         # written by the lookup as it reads the ids
         kept = None
-        if _shares_memory(flat, _sources(be, input), be.xp):
+        if (be.xp.may_share_memory(flat, input) if isinstance(input, be.xp.ndarray)
+                else _shares_memory(flat, _sources(be, input), be.xp)):
             kept = be.xp.empty_like(flat)
         if plan_ahead:
             out, plan = be.gather_and_plan(self.weight, flat, self.num_embeddings,
