@@ -184,7 +184,9 @@ def scaling_table(result):
         pts = sc.get(key) or []
         if not pts:
             continue
-        out.append(f"| {var} | workload | sparsembed ms | torch ms | ratio |")
+        batches = pts[0].get("batches", 1)
+        how = f"a new batch each call ({batches} in turn)" if batches > 1 else "one batch repeated"
+        out.append(f"| {var} ({how}) | workload | sparsembed ms | torch ms | ratio |")
         out.append("|---|---|---|---|---|")
         for p in pts:
             s, t, ratio = _vs_torch(p["times_ms"])

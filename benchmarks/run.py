@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
@@ -609,16 +610,38 @@ def _fmt_row(row):
     return f"{row['workload']:<18} D={row['D']:<4} {row['dist']:<8} {ts} | {rs}"
 
 
+# The scaling points give each call a new batch, as a training loop does: this many
+# batches (uniform ids, their grad_outputs) taken in turn by both candidates. With
+# one batch repeated, a batch of a few thousand ids finds its rows in the caches
+# from the call before, which no training step does (and which favoured torch's
+# static split of the ids over threads: lookups of 4,096 ids 0.64 x torch with one
+# batch repeated, 0.86 x with a new one each call).
+SCALING_BATCHES = 4
+
+
+def _rotating(cases_per_batch):
+    """One case per candidate that runs the next batch's case at each call."""
+    out = {}
+    for name in cases_per_batch[0]:
+        calls = [cases[name] for cases in cases_per_batch]
+        turn = itertools.cycle(range(len(calls)))
+        out[name] = lambda calls=calls, turn=turn: calls[next(turn)]()
+    return out
+
+
 def _scaling_point(rng, W, B, repeat, label, log):
-    """sparsembed and torch timed on forward and sparse_fwd_bwd for one (V, B) point."""
+    """sparsembed and torch timed on forward and sparse_fwd_bwd for one (V, B) point,
+    a new batch each call (``SCALING_BATCHES`` in turn)."""
     V, D = W.shape
-    idx = make_ids(rng, "uniform", V, B)
-    g = rng.standard_normal((B, D), dtype=np.float32)
+    batches = [(make_ids(rng, "uniform", V, B), rng.standard_normal((B, D), dtype=np.float32))
+               for _ in range(SCALING_BATCHES)]
     points = []
     for name, wl in (("forward", wl_forward), ("sparse_fwd_bwd", wl_sparse_fwd_bwd)):
-        cases = {k: v for k, v in wl(W, idx, g).items() if k in ("sparsembed", "torch")}
+        cases = _rotating([{k: v for k, v in wl(W, idx, g).items() if k in ("sparsembed", "torch")}
+                           for idx, g in batches])
         times = time_round_robin(cases, repeat)
-        points.append(dict(workload=name, V=V, B=B, times_ms={k: v * 1e3 for k, v in times.items()}))
+        points.append(dict(workload=name, V=V, B=B, batches=SCALING_BATCHES,
+                           times_ms={k: v * 1e3 for k, v in times.items()}))
         log(f"scaling {label} {name:<15} " + "  ".join(f"{k}={v * 1e3:.2f}ms" for k, v in times.items()))
     return points
 

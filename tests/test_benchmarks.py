@@ -53,6 +53,10 @@ def test_runner_smoke_writes_valid_json(tmp_path):
         assert "| float16 | 8 | 1,000 | zipf |" in report.bag_widths_table(result)
     assert result["threads"] and all(t["t1_ms"] > 0 and t["t2_ms"] > 0 for t in result["threads"])
     assert result["scaling"]["vs_B"] and result["scaling"]["vs_V"]
+    # each scaling point takes a new batch per call, as a training loop does
+    points = result["scaling"]["vs_B"] + result["scaling"]["vs_V"]
+    assert all(p["batches"] > 1 and p["times_ms"]["sparsembed"] > 0 for p in points)
+    assert "a new batch each call" in report.scaling_table(result)
     assert result["memory"] and all(m["sparse_backward_tracemalloc"] > 0 for m in result["memory"])
     assert "Model name" in result["machine"] or "cpus" in result["machine"]
     pytest.importorskip("matplotlib")
