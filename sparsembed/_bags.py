@@ -85,6 +85,8 @@ def _offsets_array(offsets, n, be):
     off = _host(offsets)
     if isinstance(off, (list, tuple)) and len(off):
         off = np.asarray(off)
+        if off.dtype.kind == "f":
+            off = V.ints_past_float(offsets, off)
     if np.ndim(off) != 1:
         raise ValueError(f"offsets must be 1-D, got shape {np.shape(off)}")
     # past int64 is past the end of any input (or below its start): a bad offset

@@ -34,6 +34,10 @@ def as_index_array(input, name="input", num_rows=None):
     kind = arr.dtype.kind
     if kind == "O":  # Python ints past int64 make numpy fall back to objects
         _raise_if_int_past_int64(arr, name, num_rows)
+    elif kind == "f" and isinstance(input, (list, tuple)):
+        arr = ints_past_float(input, arr)
+        if arr.dtype.kind == "O":
+            _raise_if_int_past_int64(arr, name, num_rows)
     if kind not in "iu":
         raise TypeError(
             f"{name} must be an array of integers, got dtype {arr.dtype}"
@@ -47,6 +51,17 @@ def as_index_array(input, name="input", num_rows=None):
         value = int(arr.reshape(-1)[pos])
         raise past_int64_error(name, value, pos, num_rows)
     return np.asarray(arr, dtype=np.int64, order="C")
+
+
+def ints_past_float(seq, converted):
+    """The list or tuple ``seq`` as an object array where it holds Python ints only,
+    which numpy made float64 (``converted``: it does so where ints below and at or
+    above 2**63 mix); else ``converted``."""
+    objects = np.asarray(seq, dtype=object)
+    if all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+           for v in objects.reshape(-1)):
+        return objects
+    return converted
 
 
 def past_int64_error(name, value, pos, num_rows=None):
@@ -79,7 +94,9 @@ def _raise_if_int_past_int64(arr, name, num_rows=None):
 def first_past_int64(arr):
     """Flat position of the first entry of the integer ndarray ``arr`` above int64's
     range (only uint64 holds such values), or -1."""
-    if arr.dtype != np.uint64 or arr.size == 0 or arr.max() <= np.iinfo(np.int64).max:
+    # (any byte order: a big-endian uint64 is not equal to np.uint64's dtype)
+    if (arr.dtype.kind != "u" or arr.dtype.itemsize < 8 or arr.size == 0
+            or arr.max() <= np.iinfo(np.int64).max):
         return -1
     return int(np.argmax(arr.reshape(-1) > np.iinfo(np.int64).max))
 

@@ -911,8 +911,10 @@ def test_a_table_of_anything_but_real_numbers_is_a_type_error(table, dtype):
 
 @pytest.mark.parametrize("ids, value", [
     (np.array([1, 2**63 + 5], dtype=np.uint64), 2**63 + 5),
+    (np.array([1, 2**64 - 1], dtype=">u8"), 2**64 - 1),  # any byte order
     ([1, 2**70], 2**70),        # numpy falls back to an object array
     ([1, -2**70], -2**70),
+    ([1, 2**63], 2**63),        # ... or to float64 (int64 and uint64 mixed)
 ])
 def test_ids_past_int64_name_the_value_position_and_range(ids, value):
     emb = se.Embedding(10, 2, max_norm=1.0, random_state=0)

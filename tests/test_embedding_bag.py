@@ -626,6 +626,10 @@ def _bad_calls():
          r"offsets\[0\] = 18446744073709551615 is past the end"),
         (dict(offsets=np.zeros((1, 2), np.uint64)), ValueError, r"1-D, got shape \(1, 2\)"),
         # ... and so are Python ints past int64, in a list or an object array
+        (dict(offsets=np.array([0, 2**64 - 1], ">u8")), ValueError,
+         r"offsets\[1\] = 18446744073709551615 is past the end of input \(length 4\)"),
+        (dict(offsets=[0, 2**63]), ValueError,
+         r"offsets\[1\] = 9223372036854775808 is past the end of input \(length 4\)"),
         (dict(offsets=[0, 2**64]), ValueError,
          r"offsets\[1\] = 18446744073709551616 is past the end of input \(length 4\)"),
         (dict(offsets=np.array([0, -2**70], dtype=object)), ValueError,

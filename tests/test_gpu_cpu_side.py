@@ -520,6 +520,8 @@ def test_device_index_array_uint64_overflow():
     arr = np.array([1, 2, 2**63 + 5, 2**64 - 1], dtype=np.uint64)
     with pytest.raises(IndexError, match=r"index 9223372036854775813 at position 2"):
         _ops.device_index_array(np, arr)
+    with pytest.raises(IndexError, match=r"index 9223372036854775813 at position 2"):
+        _ops.device_index_array(np, arr.astype(">u8"))
     with pytest.raises(IndexError, match=r"position 2 is out of range for 7 embeddings "
                                          r"\(valid: 0..6\)"):
         _ops.device_index_array(np, arr, "input", 7)

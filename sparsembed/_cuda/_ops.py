@@ -70,7 +70,7 @@ def device_index_array(xp, arr, name="input", num_rows=None):
         )
     if dtype in _INDEX_DTYPES:
         return xp.asarray(arr, order="C")
-    if dtype == np.uint64 and arr.size:
+    if dtype.kind == "u" and dtype.itemsize == 8 and arr.size:
         too_big = arr.reshape(-1) > np.uint64(_INT64_MAX)
         pos = int(xp.argmax(too_big.view(xp.uint8)))
         if bool(too_big[pos]):
