@@ -95,13 +95,13 @@ def _offsets_array(offsets, n, be):
     found = None
     if isinstance(off, np.ndarray) and off.dtype.kind == "O":
         found = V.first_int_past_int64(off)
-    elif isinstance(off, np.ndarray) and V.first_past_int64(off) >= 0:
+    elif isinstance(off, np.ndarray):
         pos = V.first_past_int64(off)
-        found = pos, int(off[pos])
+        found = (pos, int(off[pos])) if pos >= 0 else None
     if found is not None:
         pos, value = found
-        where = "past the end of input" if value > 0 else "negative"
-        raise ValueError(f"offsets[{pos}] = {value} is {where} (length {n})")
+        where = f"past the end of input (length {n})" if value > 0 else "negative"
+        raise ValueError(f"offsets[{pos}] = {value} is {where}")
     return be.asarray(V.as_index_array(off, "offsets"))
 
 
