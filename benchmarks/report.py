@@ -185,7 +185,7 @@ def scaling_table(result):
         if not pts:
             continue
         batches = pts[0].get("batches", 1)
-        how = f"a new batch each call ({batches} in turn)" if batches > 1 else "one batch repeated"
+        how = f"a new batch each call, {batches} in turn" if batches > 1 else "one batch repeated"
         out.append(f"| {var} ({how}) | workload | sparsembed ms | torch ms | ratio |")
         out.append("|---|---|---|---|---|")
         for p in pts:

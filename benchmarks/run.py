@@ -896,8 +896,9 @@ def plot(result, path):
         ax.set_ylabel("median time (ms)")
         ax.legend(fontsize=8)
         ax.set_title("sparsembed, 1 vs 2 threads")
-    axes[0].set_title(f"time vs batch size (D = {sc.get('D', '')})")
-    axes[1].set_title("time vs table size")
+    fresh = ", a new batch each call" if (sc.get("vs_B") or [{}])[0].get("batches", 1) > 1 else ""
+    axes[0].set_title(f"time vs batch size (D = {sc.get('D', '')}{fresh})")
+    axes[1].set_title(f"time vs table size{fresh}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
