@@ -1,6 +1,7 @@
 """The hashing trick: embeddings for unbounded id spaces (``HashEmbedding``).
 
-Ids (any int64 value, or strings) are never stored: each id ``x`` is mapped by
+Ids (any 64-bit integer, int64 or uint64, or strings; one batch may mix them) are
+never stored: each id ``x`` is mapped by
 ``num_hashes`` seeded hash functions to rows ``b_1(x) .. b_k(x)`` of a table of
 ``num_buckets`` rows, and its vector is the sum of those rows (``mode="sum"``), or
 their sum weighted by ``k`` learned importance weights that ``x`` looks up, through one
@@ -63,6 +64,17 @@ def _string_hash(token):
     return int.from_bytes(hashlib.blake2b(token, digest_size=8, key=_STRING_KEY).digest(), "little")
 
 
+def _element_id(token):
+    """One id of an object array or a mixed list as its uint64 value: an int in two's
+    complement (any 64-bit value), a string hashed."""
+    if isinstance(token, (int, np.integer)) and not isinstance(token, (bool, np.bool_)):
+        value = int(token)
+        if not -2**63 <= value < 2**64:
+            raise ValueError(f"integer ids must fit in 64 bits (int64 or uint64), got {value}")
+        return value % 2**64
+    return _string_hash(token)
+
+
 def _as_uint64_ids(input):
     """Ids as a uint64 array of the input's shape (ints as two's complement, strings hashed)."""
     if isinstance(input, (str, bytes)):
@@ -70,11 +82,15 @@ def _as_uint64_ids(input):
     arr = np.asarray(input) if not (isinstance(input, (list, tuple)) and len(input) == 0) \
         else np.zeros(0, dtype=np.int64)
     kind = arr.dtype.kind
+    if isinstance(input, (list, tuple)) and kind in "USf":
+        # numpy gives a list one type: ints beside strings would become strings, ints
+        # beside ints past int64 floats; each id is hashed as what it is
+        arr, kind = np.asarray(input, dtype=object), "O"
     if kind in "iu":
         return arr.astype(np.int64, copy=False).view(np.uint64) if kind == "i" else arr.astype(np.uint64)
     if kind in "USO":
         flat = arr.reshape(-1)
-        out = np.fromiter((_string_hash(t) for t in flat.tolist()), dtype=np.uint64, count=flat.size)
+        out = np.fromiter((_element_id(t) for t in flat.tolist()), dtype=np.uint64, count=flat.size)
         return out.reshape(arr.shape)
     raise TypeError(f"ids must be integers or strings, got dtype {arr.dtype}"
                     + (" (bool is not an id type)" if kind == "b" else ""))
@@ -91,7 +107,7 @@ def hash_ids(input, num_buckets, num_hashes=2, seed=0):
 
     Parameters
     ----------
-    input : array_like of int (any value) or str
+    input : array_like of int (any 64-bit value) or str, or a list mixing them
     num_buckets : int >= 1
     num_hashes : int >= 1
     seed : int

@@ -288,6 +288,27 @@ def test_layer_buckets_are_hash_ids(seed):
     assert layer.buckets(["a", "b"]).tolist() == hash_ids(["a", "b"], 1009, 3, seed).tolist()
 
 
+def test_each_id_of_a_mixed_batch_hashes_as_itself():
+    # numpy gives a list one dtype (ints beside strings become strings, ints beside
+    # ints past int64 become floats): an id must get its rows whatever else the
+    # batch holds
+    for mixed in ([1, "user:alice"], [b"x", 7, "y"], [[3, "a"], ["b", -4]]):
+        got = hash_ids(mixed, 1000, 3)
+        flat = [hash_ids([t], 1000, 3)[0] for t in np.asarray(mixed, dtype=object).ravel()]
+        np.testing.assert_array_equal(got.reshape(-1, 3), flat)
+    np.testing.assert_array_equal(hash_ids([1, "a"], 1000)[0], hash_ids([1], 1000)[0])
+    # 64-bit ids of either sign, in a list, an object array or a uint64 array alike
+    expected = hash_ids(np.array([2**64 - 1, 2**63, 5], np.uint64), 1000)
+    for ids in ([-1, 2**63, 5], np.array([-1, 2**63, 5], dtype=object)):
+        np.testing.assert_array_equal(hash_ids(ids, 1000), expected)
+    layer = HashEmbedding(1000, 4, random_state=0)
+    np.testing.assert_array_equal(layer([1, "user:alice"])[0], layer([1])[0])
+    with pytest.raises(ValueError, match="fit in 64 bits .* got 18446744073709551616"):
+        hash_ids([1, 2**64], 10)
+    with pytest.raises(TypeError, match="got float 1.5"):
+        hash_ids([1.5, 2], 10)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         HashEmbedding(10, 2, mode="mean")
