@@ -17,6 +17,14 @@ def _check_token(token, what="token"):
     return token
 
 
+def _not_a_token(token, where):
+    """The TypeError for a token that is not a str, at ``where``."""
+    if isinstance(token, (bytes, bytearray)):
+        return TypeError(f"tokens are str, got bytes {bytes(token)[:40]!r} at {where}; "
+                         "decode them first")
+    return TypeError(f"tokens are str, got {type(token).__name__} {token!r} at {where}")
+
+
 class Vocabulary:
     """A fixed mapping between string tokens and the ids ``0 .. len(vocab) - 1``.
 
@@ -175,16 +183,24 @@ class Vocabulary:
                              f"(valid: 0..{len(self) - 1})")
         return self._tokens[int(id)]
 
-    def _encode_flat(self, tokens):
-        index = self._index
-        if self.oov_id is not None:
-            oov = self.oov_id
-            return np.fromiter((index.get(t, oov) for t in tokens), dtype=np.int64)
+    def _encode_flat(self, tokens, where="position {}"):
+        """Ids of the flat list ``tokens``; ``where`` names a token's place in errors."""
+        get = self._index.get
         try:
-            return np.fromiter((index[t] for t in tokens), dtype=np.int64)
-        except KeyError as exc:
-            token = exc.args[0]
-            raise KeyError(f"token {token!r} is not in the vocabulary (and it has no oov_token)") from None
+            ids = np.fromiter((get(t, -1) for t in tokens), dtype=np.int64, count=len(tokens))
+        except TypeError:  # an unhashable token
+            pos = next(i for i, t in enumerate(tokens) if not isinstance(t, str))
+            raise _not_a_token(tokens[pos], where.format(pos)) from None
+        missing = np.flatnonzero(ids < 0)
+        for pos in missing.tolist():  # (the misses only: the type of a found key is str)
+            if not isinstance(tokens[pos], str):
+                raise _not_a_token(tokens[pos], where.format(pos))
+        if missing.size:
+            if self.oov_id is None:
+                raise KeyError(f"token {tokens[missing[0]]!r} is not in the vocabulary (and it "
+                               "has no oov_token)")
+            ids[missing] = self.oov_id
+        return ids
 
     def encode(self, tokens, *, include_last_offset=False):
         """Map tokens to ids.
@@ -225,20 +241,25 @@ class Vocabulary:
         docs = []
         for i, doc in enumerate(tokens):
             if isinstance(doc, (bytes, bytearray)):  # list(b"ab") would be [97, 98]
-                raise TypeError(f"tokens are str, got bytes {bytes(doc)[:40]!r} at position "
-                                f"{i}; decode them first")
+                raise _not_a_token(doc, f"position {i}")
             if isinstance(doc, str):
                 raise TypeError(f"batch element {i} is a str; expected every element to be "
                                 "a sequence of tokens (or pass one flat sequence)")
-            docs.append(doc if isinstance(doc, (list, tuple)) else list(doc))
+            try:
+                docs.append(doc if isinstance(doc, (list, tuple)) else list(doc))
+            except TypeError:
+                raise TypeError(f"batch element {i} is {type(doc).__name__} {doc!r}: expected "
+                                "str tokens, or a batch of sequences of them") from None
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
         offsets = np.zeros(len(docs) + include_last_offset, dtype=np.int64)
         np.cumsum(lengths[:-1] if not include_last_offset else lengths, out=offsets[1:])
-        ids = self._encode_flat(t for d in docs for t in d)
+        ids = self._encode_flat([t for d in docs for t in d], "position {} of the batch's tokens")
         return ids, offsets
 
     def decode(self, ids):
         """Tokens of ``ids`` (list of str)."""
+        if isinstance(ids, (list, tuple)) and len(ids) == 0:
+            return []
         arr = np.asarray(ids)
         if arr.dtype.kind not in "iu":
             raise TypeError(f"ids must be integers, got dtype {arr.dtype}")

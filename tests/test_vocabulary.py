@@ -51,6 +51,20 @@ def test_unknown_token_without_oov_is_key_error_naming_it():
     # bytes were taken as a bag of ints (b"ab" -> [97, 98]), out of vocabulary
     with pytest.raises(TypeError, match="got bytes b'a' at position 0; decode them"):
         Vocabulary(["a"], oov_token="<unk>").encode([b"a"])
+    # ... anywhere in the batch, with or without an oov token (a non-str token is
+    # never a miss to map to oov)
+    for vocab in (v, Vocabulary(["a"], oov_token="<unk>")):
+        with pytest.raises(TypeError, match="got bytes b'b' at position 1; decode them"):
+            vocab.encode(["a", b"b"])
+        with pytest.raises(TypeError, match="got NoneType None at position 2"):
+            vocab.encode(["a", "a", None])
+        with pytest.raises(TypeError, match="got list \\['b'\\] at position 1"):
+            vocab.encode(["a", ["b"]])
+        with pytest.raises(TypeError, match="got bytes b'b' at position 2 of the batch's tokens"):
+            vocab.encode([["a"], ["a", b"b"]])
+        with pytest.raises(TypeError, match="batch element 0 is int 1"):
+            vocab.encode([1, 2])
+    assert v.decode([]) == [] and v.decode(np.zeros(0, np.int64)) == []
     with pytest.raises(IndexError, match="id 7"):
         v.token_of(7)
     with pytest.raises(IndexError, match="id -1 at position 1"):
