@@ -1,7 +1,8 @@
 """Bag of words: sentence vectors as the mean of pretrained word vectors.
 
-Loads the GloVe sample bundled with sparsembed (76 words x 50 dimensions, the first
-rows of glove.6B.50d), pools each sentence with an EmbeddingBag in mode "mean", and
+Loads the GloVe sample bundled with sparsembed (the first 76 rows of glove.6B.50d,
+seven of them relabelled with other words: see sparsembed/datasets/NOTICE_glove.txt),
+pools each sentence with an EmbeddingBag in mode "mean", and
 prints the cosine similarities between the sentence vectors. Words missing from the
 vocabulary map to the zero padding row, which the mean leaves out.
 
