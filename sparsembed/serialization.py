@@ -83,7 +83,8 @@ mapped state arrays become the optimizer's own, so steps update the file in plac
 table and its Adagrad accumulator can both be larger than RAM), step counts included:
 the file stays a checkpoint of the training so far. Only state that did not exist at
 ``save`` time (a layer's first update comes after it) lives in memory alone; ``save``
-again to keep it.
+again, to another path, to keep it (saving over the mapped file is a ValueError: the
+mapped arrays would stay on the replaced file).
 """
 
 import io
@@ -540,15 +541,44 @@ def save(obj, path):
         An optimizer is saved with the layers it updates.
     path : str or os.PathLike
         Written exactly (no ``.npz`` suffix is added).
+
+    Raises
+    ------
+    ValueError
+        ``path`` is the file that ``obj``'s arrays are mapped from with
+        ``mmap_mode="r+"``: training already updates it in place, and the rename
+        would leave those arrays on the replaced file, so later steps would never
+        reach ``path``. Save to another path (and load that one to go on).
     """
     _register_builtin_kinds()
     members = []
     root = _build(obj, "", members)
+    _check_not_mapped_from(members, path)
     from sparsembed._version import __version__
 
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "library_version": __version__, "root": root}
     _atomic_write(path, lambda f: _write_archive(f, header, members))
+
+
+def _check_not_mapped_from(members, path):
+    """ValueError if one of the arrays to save is mapped writable from ``path``."""
+    target = os.fspath(path)
+    if not os.path.exists(target):
+        return
+    for name, arr in members:
+        base = arr
+        while base is not None and not (isinstance(base, np.memmap) and base.mode == "r+"
+                                        and getattr(base, "filename", None)):
+            base = getattr(base, "base", None)
+            base = base if isinstance(base, np.ndarray) else None
+        if base is not None and os.path.exists(base.filename) \
+                and os.path.samefile(base.filename, target):
+            raise ValueError(
+                f"{name[:-len('.npy')]} is mapped from {target} (mmap_mode='r+'), whose "
+                "steps already update that file in place; saving over it would leave the "
+                "mapped arrays on the replaced file, so later steps would not reach it: "
+                "save to another path (and load that one to go on training)")
 
 
 # -- reading --------------------------------------------------------------------------

@@ -295,6 +295,35 @@ def test_member_shorter_than_its_npy_header_says(tmp_path, mmap_mode):
         se.load(path, mmap_mode=mmap_mode)
 
 
+def test_saving_over_the_file_it_is_mapped_from_is_refused(tmp_path):
+    # after load(mmap_mode="r+") steps write the file in place; a save over it would
+    # rename a new file onto the path and leave the mapped arrays on the old one, so
+    # later steps would silently never reach the checkpoint
+    path = tmp_path / "live.ckpt"
+    emb = se.Embedding(8, 2, sparse=True, random_state=0)
+    se.save(se.optim.Adagrad([emb], lr=0.5), path)
+    opt = se.load(path, mmap_mode="r+")
+    layer = opt.param_groups[0]["params"][0]
+    before = path.read_bytes()
+    for obj in (opt, layer):
+        with pytest.raises(ValueError, match="mapped from .*live.ckpt .*another path"):
+            se.save(obj, path)
+        with pytest.raises(ValueError, match="mapped from"):
+            se.save(obj, str(tmp_path / "." / "live.ckpt"))  # the same file, spelt otherwise
+    assert path.read_bytes() == before
+    # another path is fine, and training goes on in the mapped file
+    se.save(opt, tmp_path / "copy.ckpt")
+    layer(np.array([1, 2]))
+    layer.backward(np.ones((2, 2), np.float32))
+    opt.step()
+    layer.weight.flush()
+    np.testing.assert_array_equal(se.load(path).param_groups[0]["params"][0].weight,
+                                  layer.weight)
+    # read-only and copy-on-write maps never write the file: saving over it is allowed
+    for mode in ("r", "c"):
+        se.save(se.load(path, mmap_mode=mode), path)
+
+
 def test_mmap_r_plus_lookups_and_sparse_updates_persist(tmp_path):
     path = tmp_path / "big.npz"
     emb = se.Embedding(1000, 8, sparse=True, random_state=0)
