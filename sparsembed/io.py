@@ -332,7 +332,9 @@ def save_word2vec_format(path, vocab, vectors, *, binary=False, header=True):
     Notes
     -----
     Text values are written with enough digits to round-trip exactly: 9 significant
-    digits for float32 (and float16), 17 for float64.
+    digits for float32 (and float16), 17 for float64 and every other dtype (integer
+    and longdouble vectors are written as float64: exact where float64 holds the
+    value, e.g. integers up to 2**53; read them back with ``dtype=np.float64``).
     """
     from sparsembed.serialization import _atomic_write
 
@@ -363,7 +365,7 @@ def save_word2vec_format(path, vocab, vectors, *, binary=False, header=True):
             for w, row in zip(words, rows):
                 f.write(w.encode("utf-8") + b" " + row.tobytes() + b"\n")
             return
-        digits = 17 if vectors.dtype == np.float64 else 9
+        digits = 9 if vectors.dtype.kind == "f" and vectors.dtype.itemsize <= 4 else 17
         fmt = " ".join([f"%.{digits}g"] * dim)
         values = vectors.astype(np.float64, copy=False)
         for start in range(0, n, _CHUNK_LINES):

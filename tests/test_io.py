@@ -54,6 +54,19 @@ def test_save_load_roundtrip_is_exact(tmp_path, binary, dtype):
         np.testing.assert_array_equal(back2, vectors)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16, np.longdouble])
+def test_text_of_other_dtypes_reads_back_as_their_float64_values(tmp_path, dtype):
+    # integers and longdouble were written with float32's 9 digits (1234567891 came
+    # back as 1234567890): they are written as float64, exactly
+    values = np.array([[1234567891, 7, 0], [2**53 - 1 if dtype == np.int64 else 40000, 3, 1]])
+    vectors = values.astype(dtype)
+    if dtype == np.longdouble:
+        vectors = vectors / np.longdouble(3)
+    sio.save_word2vec_format(tmp_path / "v", ["a", "b"], vectors)
+    _, back = sio.load_word2vec_format(tmp_path / "v", dtype=np.float64)
+    np.testing.assert_array_equal(back, vectors.astype(np.float64))
+
+
 @pytest.mark.parametrize("newline", [True, False])
 def test_binary_with_and_without_trailing_newlines(tmp_path, newline):
     rng = np.random.default_rng(1)
