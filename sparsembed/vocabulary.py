@@ -317,6 +317,8 @@ class Vocabulary:
             raw = f.read()
         try:
             config = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not a sparsembed vocabulary file: {exc}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            # (RecursionError: json's parser on arrays nested thousands deep)
+            raise ValueError(f"{path}: not a sparsembed vocabulary file: "
+                             f"{exc or type(exc).__name__}") from None
         return cls.from_config(config)

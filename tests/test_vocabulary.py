@@ -105,6 +105,10 @@ def test_save_load_roundtrip_and_bad_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["vocab.json"]  # no temp file left
     bad = tmp_path / "bad.json"
     bad.write_bytes(b"\xff\xfe not json")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="not a sparsembed vocabulary file"):
+        Vocabulary.load(deep)
     with pytest.raises(ValueError, match="not a sparsembed vocabulary"):
         Vocabulary.load(bad)
     cfg = v.to_config()
