@@ -90,6 +90,7 @@ mapped arrays would stay on the replaced file).
 import io
 import json
 import os
+import stat
 import struct
 import tempfile
 import tokenize
@@ -127,9 +128,13 @@ def _umask():
 
 def _atomic_write(path, write):
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync it, then rename it
-    over ``path``. On any failure the temp file is removed and ``path`` is untouched."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    over ``path``. On any failure the temp file is removed and ``path`` is untouched.
+
+    A symbolic link at ``path`` stays one: the file it points to is replaced (a
+    ``latest`` link keeps pointing where it did). A file written over keeps its
+    permission bits; a new one gets ``0o666`` less the umask, as ``open`` would."""
+    path = os.path.realpath(os.fspath(path))
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
@@ -137,7 +142,11 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -77,6 +77,27 @@ def test_members_are_stored_and_64_byte_aligned(tmp_path):
     assert isinstance(m.weight, np.memmap) and m.weight.offset % 64 == 0
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits and symlinks")
+def test_saving_over_a_file_keeps_its_mode_and_a_link_stays_a_link(tmp_path):
+    # the atomic rename had replaced a symlink by a regular file and reset the
+    # permission bits of a file written over
+    target = tmp_path / "run1.npz"
+    link = tmp_path / "latest.npz"
+    se.save(se.Embedding(5, 2, random_state=0), target)
+    os.chmod(target, 0o600)
+    link.symlink_to(target.name)
+    emb = se.Embedding(5, 2, random_state=1)
+    se.save(emb, link)
+    assert link.is_symlink() and os.readlink(link) == target.name
+    assert (target.stat().st_mode & 0o777) == 0o600
+    np.testing.assert_array_equal(se.load(target).weight, emb.weight)
+    assert sorted(os.listdir(tmp_path)) == ["latest.npz", "run1.npz"]
+    # and the same for word vectors and vocabularies
+    sio = pytest.importorskip("sparsembed.io")
+    sio.save_word2vec_format(link, ["a"], np.ones((1, 2)))
+    assert link.is_symlink() and sio.load_word2vec_format(target)[0].tokens == ["a"]
+
+
 def test_atomic_save_failure_keeps_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "model.npz"
     old = se.Embedding(50, 4, random_state=0)
