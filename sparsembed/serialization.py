@@ -570,19 +570,24 @@ def save(obj, path):
     _atomic_write(path, lambda f: _write_archive(f, header, members))
 
 
+def _writable_map_file(arr):
+    """The file that ``arr`` (or an array it views) is mapped from with mode "r+", or
+    None."""
+    while isinstance(arr, np.ndarray):
+        if isinstance(arr, np.memmap) and arr.mode == "r+" and arr.filename:
+            return arr.filename
+        arr = arr.base
+    return None
+
+
 def _check_not_mapped_from(members, path):
     """ValueError if one of the arrays to save is mapped writable from ``path``."""
     target = os.fspath(path)
     if not os.path.exists(target):
         return
     for name, arr in members:
-        base = arr
-        while base is not None and not (isinstance(base, np.memmap) and base.mode == "r+"
-                                        and getattr(base, "filename", None)):
-            base = getattr(base, "base", None)
-            base = base if isinstance(base, np.ndarray) else None
-        if base is not None and os.path.exists(base.filename) \
-                and os.path.samefile(base.filename, target):
+        mapped = _writable_map_file(arr)
+        if mapped is not None and os.path.exists(mapped) and os.path.samefile(mapped, target):
             raise ValueError(
                 f"{name[:-len('.npy')]} is mapped from {target} (mmap_mode='r+'), whose "
                 "steps already update that file in place; saving over it would leave the "
