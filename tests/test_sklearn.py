@@ -210,6 +210,11 @@ def test_load_movielens_formats(tmp_path):
     bad.write_text("1\t2\n")
     with pytest.raises(ValueError, match="at least 3"):
         se.datasets.load_movielens(bad)
+    # a fractional id was truncated (1.7 -> user 1) without a word
+    bad.write_text("5\t2\t4.0\t0\n1.7\t3\t4.5\t0\n")
+    with pytest.raises(ValueError, match="rating 2: user and item ids must be integers, "
+                                         "got user 1.7, item 3.0"):
+        se.datasets.load_movielens(bad)
 
 
 SAMPLE_PARAMS = dict(n_factors=5, epochs=100, lr=0.02, reg=0.1, init_std=0.1)

@@ -39,7 +39,13 @@ def _read(path, delimiter, skip):
         lines = (line.replace("::", "\t") for line in f) if delimiter == "::" else f
         data = np.loadtxt(lines, delimiter="\t", skiprows=skip, usecols=(0, 1, 2),
                           dtype=np.float64, ndmin=2)
-    return data[:, 0].astype(np.int64), data[:, 1].astype(np.int64), data[:, 2].copy()
+    ids = data[:, :2]
+    fractional = np.flatnonzero((ids != np.floor(ids)).any(axis=1))
+    if fractional.size:  # (astype would truncate them silently)
+        i = int(fractional[0])
+        raise ValueError(f"{path}: rating {i + 1}: user and item ids must be integers, got "
+                         f"user {float(ids[i, 0])!r}, item {float(ids[i, 1])!r}")
+    return ids[:, 0].astype(np.int64), ids[:, 1].astype(np.int64), data[:, 2].copy()
 
 
 def load_movielens(path):
@@ -64,7 +70,8 @@ def load_movielens(path):
     Raises
     ------
     ValueError
-        When a line does not hold at least user, item and rating.
+        When a line does not hold at least user, item and rating, or a user or item
+        id is not an integer.
     """
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
