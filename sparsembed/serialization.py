@@ -228,8 +228,17 @@ def _embedding_to_record(layer):
     return config, {"requires_grad": bool(layer.requires_grad)}, {"weight": _to_host(layer.weight)}, []
 
 
+# a layer's yes/no options, which its constructor would take as any truthy value
+_BOOL_OPTIONS = ("scale_grad_by_freq", "sparse", "include_last_offset")
+
+
 def _layer_from_record(cls, config, attrs, arrays, extra_shape_checks=()):
     config = dict(config)
+    flags = {k: config[k] for k in _BOOL_OPTIONS if k in config}
+    flags["requires_grad"] = attrs.get("requires_grad", True)
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"the checkpoint's {key} must be true or false, got {value!r}")
     weight = _expect_array(arrays, "weight", (config["num_embeddings"], config["embedding_dim"]),
                            config["dtype"])
     for name, shape, dtype in extra_shape_checks:

@@ -210,6 +210,16 @@ def test_crafted_headers_are_a_value_error(tmp_path, mmap_mode):
         zf.writestr("__sparsembed__.npy", nested.getvalue())
     with pytest.raises(ValueError, match="corrupt header"):
         se.load(path, mmap_mode=mmap_mode)
+    # a yes/no option the constructor would take as any truthy value
+    header = _good_header()
+    header["root"]["config"]["sparse"] = "x"
+    write_raw(path, header, [("weight.npy", w)])
+    with pytest.raises(ValueError, match="sparse must be true or false, got 'x'"):
+        se.load(path, mmap_mode=mmap_mode)
+    header = _good_header(attrs={"requires_grad": 1})
+    write_raw(path, header, [("weight.npy", w)])
+    with pytest.raises(ValueError, match="requires_grad must be true or false, got 1"):
+        se.load(path, mmap_mode=mmap_mode)
 
 
 def _good_header(n=4, d=3, **root_changes):
