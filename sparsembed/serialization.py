@@ -228,17 +228,24 @@ def _embedding_to_record(layer):
     return config, {"requires_grad": bool(layer.requires_grad)}, {"weight": _to_host(layer.weight)}, []
 
 
-# a layer's yes/no options, which its constructor would take as any truthy value
+# a layer's yes/no options and attributes, which its constructor or setter would take
+# as any truthy value
 _BOOL_OPTIONS = ("scale_grad_by_freq", "sparse", "include_last_offset")
+_BOOL_ATTRS = ("requires_grad", "importance_requires_grad")
+
+
+def _check_flags(config, attrs):
+    """ValueError unless a layer record's yes/no entries are JSON booleans."""
+    flags = [(k, config[k]) for k in _BOOL_OPTIONS if k in config]
+    flags += [(k, attrs[k]) for k in _BOOL_ATTRS if k in attrs]
+    for key, value in flags:
+        if not isinstance(value, bool):
+            raise ValueError(f"the checkpoint's {key} must be true or false, got {value!r}")
 
 
 def _layer_from_record(cls, config, attrs, arrays, extra_shape_checks=()):
     config = dict(config)
-    flags = {k: config[k] for k in _BOOL_OPTIONS if k in config}
-    flags["requires_grad"] = attrs.get("requires_grad", True)
-    for key, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"the checkpoint's {key} must be true or false, got {value!r}")
+    _check_flags(config, attrs)
     weight = _expect_array(arrays, "weight", (config["num_embeddings"], config["embedding_dim"]),
                            config["dtype"])
     for name, shape, dtype in extra_shape_checks:
@@ -303,6 +310,7 @@ def _hash_from_record(config, attrs, arrays, children, params):
     from sparsembed.hashing import HashEmbedding
 
     config = dict(config)
+    _check_flags(config, attrs)
     weight = _expect_array(arrays, "weight", (config["num_buckets"], config["embedding_dim"]),
                            config["dtype"])
     weighted = config.get("mode") == "weighted"

@@ -220,6 +220,14 @@ def test_crafted_headers_are_a_value_error(tmp_path, mmap_mode):
     write_raw(path, header, [("weight.npy", w)])
     with pytest.raises(ValueError, match="requires_grad must be true or false, got 1"):
         se.load(path, mmap_mode=mmap_mode)
+    hashed = se.HashEmbedding(16, 3, mode="weighted", num_weights=8, random_state=0)
+    se.save(hashed, path)
+    header = header_of(path)
+    header["root"]["attrs"]["importance_requires_grad"] = "no"
+    write_raw(path, header, [("weight.npy", hashed.weight),
+                             ("importance.npy", hashed.importance.weight)])
+    with pytest.raises(ValueError, match="importance_requires_grad must be true or false"):
+        se.load(path, mmap_mode=mmap_mode)
 
 
 def _good_header(n=4, d=3, **root_changes):
