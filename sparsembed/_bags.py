@@ -92,12 +92,7 @@ def _offsets_array(offsets, n, be):
     # past int64 is past the end of any input (or below its start): a bad offset
     # (ValueError), not the out-of-range id as_index_array would call it. uint64
     # holds such values, and so do the object arrays numpy makes of Python ints.
-    found = None
-    if isinstance(off, np.ndarray) and off.dtype.kind == "O":
-        found = V.first_int_past_int64(off)
-    elif isinstance(off, np.ndarray):
-        pos = V.first_past_int64(off)
-        found = (pos, int(off[pos])) if pos >= 0 else None
+    found = V.past_int64(off) if isinstance(off, np.ndarray) else None
     if found is not None:
         pos, value = found
         where = f"past the end of input (length {n})" if value > 0 else "negative"

@@ -31,25 +31,20 @@ def as_index_array(input, name="input", num_rows=None):
     if isinstance(input, (list, tuple)) and len(input) == 0:
         return np.zeros(0, dtype=np.int64)
     arr = np.asarray(input)
-    kind = arr.dtype.kind
-    if kind == "O":  # Python ints past int64 make numpy fall back to objects
-        _raise_if_int_past_int64(arr, name, num_rows)
-    elif kind == "f" and isinstance(input, (list, tuple)):
+    # np.asarray(order="C"), not np.ascontiguousarray: 0-d input stays 0-d
+    if arr.dtype in _INDEX_DTYPES:
+        return np.asarray(arr, order="C")
+    if arr.dtype.kind == "f" and isinstance(input, (list, tuple)):
         arr = ints_past_float(input, arr)
-        if arr.dtype.kind == "O":
-            _raise_if_int_past_int64(arr, name, num_rows)
+    found = past_int64(arr)
+    if found is not None:
+        raise past_int64_error(name, found[1], found[0], num_rows)
+    kind = arr.dtype.kind
     if kind not in "iu":
         raise TypeError(
             f"{name} must be an array of integers, got dtype {arr.dtype}"
             + (" (bool is not an index type)" if kind == "b" else "")
         )
-    # np.asarray(order="C"), not np.ascontiguousarray: 0-d input stays 0-d
-    if arr.dtype in _INDEX_DTYPES:
-        return np.asarray(arr, order="C")
-    pos = first_past_int64(arr)
-    if pos >= 0:
-        value = int(arr.reshape(-1)[pos])
-        raise past_int64_error(name, value, pos, num_rows)
     return np.asarray(arr, dtype=np.int64, order="C")
 
 
@@ -72,33 +67,25 @@ def past_int64_error(name, value, pos, num_rows=None):
                       f"int64: no table has a row {value})")
 
 
-def first_int_past_int64(arr):
-    """``(position, value)`` of the first Python int of the object array ``arr``
-    outside int64, or None."""
-    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
-    for pos, value in enumerate(arr.reshape(-1)):
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool) \
-                and not lo <= value <= hi:
-            return pos, int(value)
-    return None
-
-
-def _raise_if_int_past_int64(arr, name, num_rows=None):
-    """IndexError for the first Python int of the object array ``arr`` outside int64
-    (nothing when there is none: the caller's TypeError follows)."""
-    found = first_int_past_int64(arr)
-    if found is not None:
-        raise past_int64_error(name, found[1], found[0], num_rows)
-
-
-def first_past_int64(arr):
-    """Flat position of the first entry of the integer ndarray ``arr`` above int64's
-    range (only uint64 holds such values), or -1."""
-    # (any byte order: a big-endian uint64 is not equal to np.uint64's dtype)
-    if (arr.dtype.kind != "u" or arr.dtype.itemsize < 8 or arr.size == 0
+def past_int64(arr):
+    """``(flat position, value)`` of the first entry of the ndarray ``arr`` outside
+    int64, or None: a uint64 above it (in any byte order: a big-endian uint64 is not
+    equal to np.uint64's dtype), or a Python int of an object array (numpy's array
+    of ints past int64) beyond either end."""
+    kind = arr.dtype.kind
+    if kind == "O":
+        lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+        for pos, value in enumerate(arr.reshape(-1)):
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) \
+                    and not lo <= value <= hi:
+                return pos, int(value)
+        return None
+    if (kind != "u" or arr.dtype.itemsize < 8 or arr.size == 0
             or arr.max() <= np.iinfo(np.int64).max):
-        return -1
-    return int(np.argmax(arr.reshape(-1) > np.iinfo(np.int64).max))
+        return None
+    flat = arr.reshape(-1)
+    pos = int(np.argmax(flat > np.iinfo(np.int64).max))
+    return pos, int(flat[pos])
 
 
 def check_index_range(flat, num_embeddings, name="input"):
