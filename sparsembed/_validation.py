@@ -145,13 +145,19 @@ def check_max_norm(max_norm, norm_type):
         return None, norm_type
     if not isinstance(norm_type, numbers.Real) or isinstance(norm_type, bool) or np.isnan(norm_type):
         raise ValueError(f"norm_type must be a real number, got {norm_type!r}")
-    if max_norm is None:
-        return None, float(norm_type)
-    if not isinstance(max_norm, numbers.Real) or isinstance(max_norm, bool):
-        raise ValueError(f"max_norm must be a positive number or None, got {max_norm!r}")
-    if not max_norm > 0 or np.isnan(max_norm):
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    return float(max_norm), float(norm_type)
+    if max_norm is not None:
+        if not isinstance(max_norm, numbers.Real) or isinstance(max_norm, bool):
+            raise ValueError(f"max_norm must be a positive number or None, got {max_norm!r}")
+        if not max_norm > 0 or np.isnan(max_norm):
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    return _as_given(max_norm), _as_given(norm_type)
+
+
+def _as_given(number):
+    """A checked option as the user gave it when it is a Python int or float (as torch
+    keeps it: ``max_norm=1`` reads back and prints as 1), else as a float (a numpy
+    scalar or a Fraction would not go into a checkpoint's JSON)."""
+    return number if number is None or type(number) in (int, float) else float(number)
 
 
 def check_weight(weight, name="weight"):

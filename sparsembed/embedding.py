@@ -313,7 +313,8 @@ class _Table:
         for name, default in defaults:
             value = getattr(self, name)
             if value != default:
-                parts.append(f"{name}={value!r}")
+                # torch's format: numbers as str (max_norm=1, norm_type=inf), text quoted
+                parts.append(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}")
         if self.weight.dtype != np.float32:
             parts.append(f"dtype={np.dtype(self.weight.dtype).name}")
         if self.device != "cpu":
@@ -383,7 +384,9 @@ class Embedding(_Table):
         Rows referenced by a forward whose ``norm_type``-norm exceeds it are rescaled in
         place to ``max_norm`` (torch's ``embedding_renorm_``); must be > 0.
     norm_type : float, default 2.0
-        p of that norm (``inf``, ``-inf``, 0 and negative p allowed).
+        p of that norm (``inf``, ``-inf``, 0 and negative p allowed). Both are kept
+        as given when they are Python ints or floats (``max_norm=1`` reads back and
+        prints as 1, as torch's do); other real numbers become floats.
     scale_grad_by_freq : bool, default False
         Divide each row's gradient by how often its id occurs in the batch (works with
         ``sparse=True`` too, unlike torch).
@@ -660,6 +663,7 @@ class EmbeddingBag(_Table):
         Rows referenced by a forward (padding included, as torch) whose
         ``norm_type``-norm exceeds it are rescaled in place before pooling; > 0.
     norm_type : float, default 2.0
+        p of that norm. Both are kept as given, as :class:`Embedding`'s.
     scale_grad_by_freq : bool, default False
         Divide each row's gradient by how often its id occurs in the batch. torch
         CPU divides by the wrong count (pytorch#190063); we divide each row by its own

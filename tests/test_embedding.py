@@ -539,6 +539,32 @@ def test_repr_like_torch():
     assert repr(se.Embedding(10, 3, dtype=np.float64)) == "Embedding(10, 3, dtype=float64)"
 
 
+def test_options_read_back_and_print_as_given_like_torch(tmp_path):
+    torch = _torch()
+    cases = [dict(max_norm=1), dict(max_norm=2, norm_type=1), dict(max_norm=0.5, norm_type=3),
+             dict(norm_type=float("inf")), dict(max_norm=1.0, norm_type=2)]
+    for kw in cases:
+        for ours, theirs in ((se.Embedding, torch.nn.Embedding),
+                             (se.EmbeddingBag, torch.nn.EmbeddingBag)):
+            layer, reference = ours(10, 3, **kw), theirs(10, 3, **kw)
+            assert repr(layer) == repr(reference)
+            for name in kw:
+                value = getattr(layer, name)
+                assert type(value) is type(getattr(reference, name)) and value == kw[name]
+            path = tmp_path / "layer.npz"
+            se.save(layer, path)
+            assert repr(se.load(path)) == repr(reference)
+    # a numpy scalar is kept as a float (a checkpoint's JSON takes no numpy scalars)
+    layer = se.Embedding(10, 3, max_norm=np.float32(1.5), norm_type=np.int64(3))
+    assert (type(layer.max_norm), type(layer.norm_type)) == (float, float)
+    assert repr(layer) == "Embedding(10, 3, max_norm=1.5, norm_type=3.0)"
+    # an int max_norm renormalises as its float does
+    ids = np.array([1, 4, 4, 7])
+    a, b = (se.Embedding(10, 3, max_norm=m, random_state=0) for m in (1, 1.0))
+    assert_array_equal(a(ids), b(ids))
+    assert_array_equal(a.weight, b.weight)
+
+
 # ---------------------------------------------------------- construction & state
 
 def test_default_init_is_seeded_normal_with_zero_padding():
