@@ -25,8 +25,9 @@ through the compiled row gather and scatter, the other gathers and scatters are
 vectorised numpy.
 
 So every sum, mean, norm, gradient and optimizer update is computed in float32 and
-rounded once when stored; optimizer state is float32 and so are gradients (torch CPU
-accumulates float16 in float16; we are deliberately more accurate). A stored value
+rounded once when stored; optimizer state is float32 and so are gradients (torch 2.13
+CPU accumulates a float16 gradient in float16, keeps float16 optimizer state, takes
+renorm's norm and a mean bag's sum in float16; we are deliberately more accurate). A stored value
 beyond float16's range becomes +-inf, silently, as in torch. There is no per-row
 Python work; memory stays ``O(rows touched x dim)`` per batch, except for a dense
 (every-row) optimizer step, which converts the table in blocks of :data:`BLOCK_ROWS`

@@ -402,7 +402,10 @@ class Embedding(_Table):
         float16 is storage only: lookups return float16 (torch's output dtype), but
         renorm, gradients (float32 arrays), bag pooling and optimizer updates (float32
         state) are computed in float32 and rounded once when stored in the table,
-        where torch CPU accumulates in float16 (see ``sparsembed._half``).
+        where torch 2.13 CPU accumulates gradients and keeps optimizer state in
+        float16, computes renorm's norm in float16 and rounds a mean bag's sum to
+        float16 before dividing (its sum pooling is float32, as here; see
+        ``sparsembed._half``).
     random_state : None, int or numpy.random.Generator
         Seed of the default N(0, 1) initialisation.
     device : {"cpu", "cuda"}, default "cpu"
@@ -690,8 +693,8 @@ class EmbeddingBag(_Table):
         Accumulated table gradient.
     per_sample_weights_grad : ndarray or None
         Set by every ``backward`` whose forward had per-sample weights: their gradient
-        ``dot(grad_output[bag], weight[id])`` (0 for padding entries), shaped as they
-        were. Not accumulated across calls; None when the forward had none.
+        ``dot(grad_output[bag], weight[id])`` (0 for padding entries; a float32
+        table's dot accumulated in float64, then rounded), shaped as they were. Not accumulated across calls; None when the forward had none.
     requires_grad : bool
 
     Examples

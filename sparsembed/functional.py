@@ -208,7 +208,8 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
     weight : ndarray of shape (num_embeddings, embedding_dim), float32 or float64
         The table. Renormalised in place when ``max_norm`` is given. A float16 table
         is pooled in float32 (per-sample weights too) and the result rounded once to
-        float16, where torch CPU accumulates in float16.
+        float16: the same bits as torch 2.13 CPU for sum, but torch rounds a mean's
+        sum to float16 before dividing (100 entries of 1000.0: inf there).
     offsets : array_like of int of shape (n_bags,), optional
         Start of each bag in a 1-D ``input``: ``offsets[0] == 0``, non-decreasing,
         ``offsets[-1] <= len(input)``; bag ``b`` is ``input[offsets[b]:offsets[b+1]]``,
@@ -222,6 +223,9 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
     scale_grad_by_freq, sparse : bool
         Only matter for the gradient (:func:`embedding_bag_backward`).
     mode : {"sum", "mean", "max"}, default "mean"
+        Max takes each column's largest value; as torch's, it keeps the first of
+        equal values and skips a NaN that comes after a number (a column's leading
+        NaN stays: [5, nan] gives 5, [nan, 5] gives nan).
     per_sample_weights : array_like of float, same shape as ``input``, optional
         Mode "sum" only: each entry's row is multiplied by its weight.
     include_last_offset : bool, default False
@@ -278,7 +282,9 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
 
     ``weight`` is the table as the forward saw it (after any ``max_norm`` renorm): max
     mode recomputes the winners from it, and the per-sample weights' gradient is
-    ``dot(grad_output[bag], weight[id])`` per entry. No renorm happens here.
+    ``dot(grad_output[bag], weight[id])`` per entry (a float32 table's accumulated
+    in float64, then rounded: torch's float32 sums can differ by a few ulp, or
+    overflow where this does not). No renorm happens here.
 
     Parameters
     ----------
