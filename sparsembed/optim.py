@@ -342,9 +342,19 @@ class Optimizer:
                     self._check_state(i, group, layer.weight)
                     work.append((i, group, layer, rows, values))
                 i += 1
-        # everything is validated before the first write
-        for i, group, layer, rows, values in work:
-            self._apply(i, group, layer.weight, rows, values)
+        # everything is validated, and every table's state allocated, before the
+        # first write: a MemoryError for the last table's state leaves the tables
+        # before it unchanged (and no state half made), not updated twice on a retry
+        prepared = []
+        try:
+            for i, group, layer, _, _ in work:
+                prepared.append(self._prepare_state(i, group, layer.weight))
+        except BaseException:
+            for (i, *_), (before, _) in zip(work, prepared):
+                self._restore_state(i, before)
+            raise
+        for (i, group, layer, rows, values), ready in zip(work, prepared):
+            self._apply(i, group, layer.weight, rows, values, ready)
         return loss
 
     def _check_grad_kind(self, layer):
@@ -357,31 +367,48 @@ class Optimizer:
         if unknown:
             raise ValueError(f"unknown hyper-parameters in a parameter group: {sorted(unknown)}")
 
-    def _update(self, i, group, weight, launch):
+    def _prepare_state(self, i, group, weight):
+        """Allocate table ``i``'s missing state; return its state as it was before
+        (None: it had none) and the keys allocated now. Nothing changes if it raises."""
+        before = dict(self.state[i]) if i in self.state else None
+        try:
+            _, created = self._get_state(i, group, weight)
+        except BaseException:
+            self._restore_state(i, before)
+            raise
+        return before, created
+
+    def _restore_state(self, i, before):
+        if before is None:
+            self.state.pop(i, None)
+        else:
+            st = self.state[i]
+            st.clear()
+            st.update(before)
+
+    def _update(self, i, group, weight, launch, prepared=None):
         """One update of table ``i``: ``launch(hyper, s1, s2)`` runs the kernel with the
         state counted one step on. The kernels refuse bad arguments before writing
         anything, so if it raises the state is put back as it was (new arrays and the
-        step count dropped)."""
-        before = dict(self.state[i]) if i in self.state else None
-        st, created = self._get_state(i, group, weight)
+        step count dropped). ``prepared``: what :meth:`_prepare_state` returned for
+        this table, when the caller allocated the state already."""
+        before, created = prepared if prepared is not None else \
+            self._prepare_state(i, group, weight)
+        st = self.state[i]
         st["step"] += 1
         try:
             s1, s2 = self._kernel_state(st, self._state_keys_for(group), weight)
             launch(self._hyper(group, st, created), s1, s2)
         except Exception:
-            if before is None:
-                del self.state[i]
-            else:
-                st.clear()
-                st.update(before)
+            self._restore_state(i, before)
             raise
         step_file = self._step_files.get(i)
         if step_file is not None:
             step_file[0] = st["step"]
 
-    def _apply(self, i, group, weight, rows, values):
+    def _apply(self, i, group, weight, rows, values, prepared=None):
         self._update(i, group, weight, lambda hyper, s1, s2: backend_of(weight).optim_update_rows(
-            self._kind, hyper, weight, rows, values, s1, s2))
+            self._kind, hyper, weight, rows, values, s1, s2), prepared)
 
     def _apply_rows(self, layer, rows, values):
         """Update the given distinct sorted ``rows`` of ``layer`` with gradient ``values``.

@@ -648,6 +648,43 @@ def test_state_that_does_not_fit_changes_nothing():
     assert opt.state[0]["step"] == 1
 
 
+@pytest.mark.parametrize("name, kw", [c for c in CONFIGS if c[0] != "SGD" or "momentum" in c[1]])
+@pytest.mark.parametrize("fail_at", [0, 1])
+def test_state_that_cannot_be_allocated_changes_nothing(name, kw, fail_at, monkeypatch):
+    # step() made each table's state just before updating that table, so a
+    # MemoryError for the second table's state came after the first had been
+    # updated: a retry then updated it twice
+    layers = [se.Embedding(N, D, sparse=True, random_state=0),
+              se.Embedding(2 * N, D, sparse=True, random_state=1)]
+    twins = copy.deepcopy(layers)
+    opt, twin_opt = make(name, layers, **kw), make(name, twins, **kw)
+    for emb in layers + twins:
+        emb(np.array([1, 3, 3, 7]))
+        emb.backward(np.ones((4, D), np.float32))
+    calls = []
+    real = type(opt)._new_state_array
+
+    def allocate(self, key, group, shape, dtype, xp=np):
+        calls.append(key)
+        if shape[0] == layers[1].num_embeddings and len(calls) > fail_at:
+            raise MemoryError("no room for the state")
+        return real(self, key, group, shape, dtype, xp)
+
+    monkeypatch.setattr(type(opt), "_new_state_array", allocate)
+    weights = [emb.weight.copy() for emb in layers]
+    with pytest.raises(MemoryError):
+        opt.step()
+    for emb, w in zip(layers, weights):
+        assert_array_equal(emb.weight, w)
+    assert opt.state == {}
+    monkeypatch.undo()
+    opt.step()
+    twin_opt.step()
+    for emb, twin in zip(layers, twins):
+        assert_array_equal(emb.weight, twin.weight)
+    assert opt.state[0]["step"] == opt.state[1]["step"] == 1
+
+
 @pytest.mark.parametrize("name, kw", CONFIGS)
 @pytest.mark.parametrize("alias", ["weight", "state"])
 def test_fused_grad_output_sharing_the_table_or_state(name, kw, alias):
