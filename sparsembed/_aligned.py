@@ -15,6 +15,9 @@ The arrays are views into a slightly larger uint8 buffer (``owndata`` is False);
 they are ordinary C-contiguous, writable ndarrays otherwise.
 """
 
+import math
+import sys
+
 import numpy as np
 
 ALIGN = 64
@@ -22,7 +25,7 @@ ALIGN = 64
 
 def _carve(buf, shape, dtype):
     """The first aligned ``shape``/``dtype`` array inside the uint8 ``buf``."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = _nbytes(shape, dtype)
     off = (-buf.ctypes.data) % ALIGN
     return buf[off:off + nbytes].view(dtype).reshape(shape)
 
@@ -35,7 +38,12 @@ def _normalize(shape, dtype):
 
 
 def _nbytes(shape, dtype):
-    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # exact (Python ints): numpy's int64 product wraps past 2**63 without a word
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > sys.maxsize - ALIGN:
+        raise ValueError(f"an array of shape {shape} and dtype {dtype} would take "
+                         f"{nbytes} bytes, more than this machine can address")
+    return nbytes
 
 
 def empty(shape, dtype):

@@ -30,6 +30,7 @@ binary (word2vec ``-binary 1``)
 import codecs
 import mmap
 import os
+import sys
 
 import numpy as np
 
@@ -54,6 +55,9 @@ def _parse_header(line, where):
                          f"{line[:80]!r} (a GloVe file has no header: pass no_header=True)") from None
     if count < 0 or dim < 1:
         raise ValueError(f"{where}: bad header {line.strip()!r}: need count >= 0 and dim >= 1")
+    if dim * 8 > sys.maxsize:  # not even an empty table of such rows has a numpy shape
+        raise ValueError(f"{where}: bad header {line.strip()!r}: dim {dim} is past what "
+                         "an array can hold")
     return count, dim
 
 

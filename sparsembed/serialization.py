@@ -89,6 +89,7 @@ mapped arrays would stay on the replaced file).
 
 import io
 import json
+import math
 import os
 import stat
 import struct
@@ -682,7 +683,7 @@ class _Reader:
                 self._fail(f"corrupt member {name!r}: {exc}")
         shape, fortran, dtype, offset = self._locate(zinfo)
         order = "F" if fortran else "C"
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if count == 0:
             return np.zeros(shape, dtype=dtype, order=order)
         if mmap:
@@ -722,8 +723,11 @@ class _Reader:
                 self._fail(f"member {name!r}: corrupt .npy header at byte offset {start}: {exc}")
             if dtype.hasobject:
                 self._fail(f"member {name!r} holds Python objects; refusing to load (no pickle)")
+            if any(n < 0 for n in shape):
+                self._fail(f"member {name!r}: corrupt .npy header at byte offset {start}: "
+                           f"negative shape {shape}")
             offset = f.tell()
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # exact: numpy's int64 product wraps
         if offset - start + nbytes != zinfo.file_size or offset + nbytes > self.file_size:
             self._fail(f"member {name!r} is truncated or corrupt: {nbytes} data bytes expected at "
                        f"byte offset {offset}, member size {zinfo.file_size - (offset - start)}, "

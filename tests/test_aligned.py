@@ -55,6 +55,18 @@ def test_negative_shape_is_refused():
         _aligned.empty((3, -1), np.float32)
 
 
+@pytest.mark.parametrize("shape", [(2 ** 61 + 1, 8), (2 ** 40, 2 ** 40), (2 ** 63, 1)])
+def test_sizes_past_the_address_space_are_named(shape):
+    # the byte count was numpy's int64 product, which wraps: (2**61 + 1, 8) floats
+    # "took" 32 bytes and failed in a reshape that named neither
+    for make in (_aligned.empty, _aligned.zeros):
+        with pytest.raises(ValueError, match=rf"shape \({shape[0]}, {shape[1]}\) and dtype "
+                                             r"float32 would take \d+ bytes"):
+            make(shape, np.float32)
+    with pytest.raises(ValueError, match=str(shape[0])):
+        se.Embedding(*shape)
+
+
 def test_zeros_are_lazy_like_np_zeros():
     """A big zero state takes memory only for the pages that get written."""
     def rss():

@@ -196,6 +196,17 @@ def test_binary_header_promising_gigabytes_allocates_nothing_large(tmp_path, lim
         tracemalloc.stop()
 
 
+@pytest.mark.parametrize("binary", [False, True])
+def test_header_dim_past_any_array_is_named(tmp_path, binary):
+    # not even an empty table of such rows has a numpy shape: numpy's "array is too
+    # big" named neither the file nor the header
+    path = tmp_path / "w.vec"
+    path.write_bytes(b"2 2305843009213693952\na 1 2\n")
+    with pytest.raises(ValueError, match=r"w.vec.*bad header '2 2305843009213693952': "
+                                         r"dim 2305843009213693952 is past"):
+        sio.load_word2vec_format(path, binary=binary)
+
+
 def test_truncated_and_mismatched_binary_names_the_byte_offset(tmp_path):
     rng = np.random.default_rng(2)
     vectors = rng.standard_normal((3, 5)).astype(np.float32)

@@ -334,6 +334,26 @@ def test_member_shorter_than_its_npy_header_says(tmp_path, mmap_mode):
         se.load(path, mmap_mode=mmap_mode)
 
 
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+@pytest.mark.parametrize("shape, message", [
+    # a byte count past 2**64 wrapped to the 16 bytes stored (numpy's int64 product)
+    ((2 ** 62 + 1, 4), "73786976294838206480 data bytes expected"),
+    ((2 ** 32, 2 ** 30), "18446744073709551616 data bytes expected"),
+    # two negative sizes multiply to the 4 floats stored
+    ((-4, -1), r"corrupt .npy header at byte offset \d+: negative shape \(-4, -1\)"),
+])
+def test_member_whose_npy_header_claims_an_impossible_shape(tmp_path, mmap_mode, shape, message):
+    path = tmp_path / "t.npz"
+    write_raw(path, _good_header(*shape), [])
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                               "shape": shape})
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("weight.npy", buf.getvalue() + np.arange(4, dtype=np.float32).tobytes())
+    with pytest.raises(ValueError, match="'weight.npy'.*" + message):
+        se.load(path, mmap_mode=mmap_mode)
+
+
 def test_saving_over_the_file_it_is_mapped_from_is_refused(tmp_path):
     # after load(mmap_mode="r+") steps write the file in place; a save over it would
     # rename a new file onto the path and leave the mapped arrays on the old one, so
