@@ -6,7 +6,7 @@ import operator
 
 import numpy as np
 
-from sparsembed import _aligned, _bags, _half
+from sparsembed import _aligned, _bags, _half, init
 from sparsembed import _validation as V
 from sparsembed import functional as F
 from sparsembed import optim as _optim
@@ -97,11 +97,10 @@ class _Table:
             Seed for ``numpy.random.default_rng``.
         """
         rng = np.random.default_rng(random_state)
-        values = rng.standard_normal(self.weight.shape)
+        # the table may still be on the host during __init__; drawn a block at a time
+        init.fill_drawn(self.weight, rng.standard_normal)
         if self.padding_idx is not None:
-            values[self.padding_idx] = 0
-        be = backend_of(self.weight)  # the table may still be on the host during __init__
-        self.weight[...] = be.xp.asarray(values, dtype=self.weight.dtype)
+            self.weight[self.padding_idx] = 0
 
     def zero_grad(self):
         """Forget the accumulated gradient (``grad = None``)."""

@@ -2,7 +2,9 @@
 
 Every function takes ``random_state``: None, an int seed, a
 ``numpy.random.Generator`` or a ``numpy.random.RandomState``. Values are drawn in
-float64 and cast to the array's dtype.
+float64 and cast to the array's dtype, a block of rows at a time: filling a table
+takes about its own memory, not the float64 draws of all of it at once (4 x a
+float32 table with the cast), with the same values as one draw of the whole.
 """
 
 import math
@@ -20,12 +22,30 @@ def _rng(random_state):
     return np.random.default_rng(random_state)
 
 
-def _uniform(rng, low, high, shape):
-    return rng.uniform(low, high, size=shape)
+# float64 draws per block (8 MiB): the generators draw element after element, so
+# blocks of rows give the same values as one draw of the whole array
+BLOCK_DRAWS = 1 << 20
 
 
-def _normal(rng, mean, std, shape):
-    return rng.normal(mean, std, size=shape)
+def _uniform(rng, low, high):
+    return lambda shape: rng.uniform(low, high, size=shape)
+
+
+def _normal(rng, mean, std):
+    return lambda shape: rng.normal(mean, std, size=shape)
+
+
+def fill_drawn(array, draw):
+    """Fill ``array`` (numpy or CuPy) in place with ``draw(shape)`` (float64 values of
+    ``shape``), drawn and cast a block of rows at a time; returns ``array``."""
+    shape = array.shape
+    if array.ndim == 0 or array.size <= BLOCK_DRAWS:
+        return _fill(array, draw(shape))
+    step = max(BLOCK_DRAWS // (array.size // shape[0]), 1)
+    for lo in range(0, shape[0], step):
+        hi = min(lo + step, shape[0])
+        _fill(array[lo:hi], draw((hi - lo,) + shape[1:]))
+    return array
 
 
 def _check_float(array, name):
@@ -61,7 +81,7 @@ def normal_(array, mean=0.0, std=1.0, random_state=None):
     _check_float(array, "normal_")
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std}")
-    return _fill(array, _normal(_rng(random_state), mean, std, array.shape))
+    return fill_drawn(array, _normal(_rng(random_state), mean, std))
 
 
 def uniform_(array, a=0.0, b=1.0, random_state=None):
@@ -69,7 +89,7 @@ def uniform_(array, a=0.0, b=1.0, random_state=None):
     _check_float(array, "uniform_")
     if b < a:
         raise ValueError(f"uniform_ needs a <= b, got a={a}, b={b}")
-    return _fill(array, _uniform(_rng(random_state), a, b, array.shape))
+    return fill_drawn(array, _uniform(_rng(random_state), a, b))
 
 
 def zeros_(array):
@@ -87,7 +107,7 @@ def xavier_uniform_(array, gain=1.0, random_state=None):
     _check_float(array, "xavier_uniform_")
     fan_in, fan_out = _fans(array)
     bound = gain * math.sqrt(6.0 / max(fan_in + fan_out, 1))
-    return _fill(array, _uniform(_rng(random_state), -bound, bound, array.shape))
+    return fill_drawn(array, _uniform(_rng(random_state), -bound, bound))
 
 
 def xavier_normal_(array, gain=1.0, random_state=None):
@@ -95,7 +115,7 @@ def xavier_normal_(array, gain=1.0, random_state=None):
     _check_float(array, "xavier_normal_")
     fan_in, fan_out = _fans(array)
     std = gain * math.sqrt(2.0 / max(fan_in + fan_out, 1))
-    return _fill(array, _normal(_rng(random_state), 0.0, std, array.shape))
+    return fill_drawn(array, _normal(_rng(random_state), 0.0, std))
 
 
 def trunc_normal_(array, mean=0.0, std=1.0, a=-2.0, b=2.0, random_state=None):
@@ -111,6 +131,5 @@ def trunc_normal_(array, mean=0.0, std=1.0, a=-2.0, b=2.0, random_state=None):
         raise ValueError(f"std must be > 0, got {std}")
     lo = special.ndtr((a - mean) / std)
     hi = special.ndtr((b - mean) / std)
-    u = _uniform(_rng(random_state), lo, hi, array.shape)
-    values = np.clip(mean + std * special.ndtri(u), a, b)
-    return _fill(array, values)
+    draw = _uniform(_rng(random_state), lo, hi)
+    return fill_drawn(array, lambda shape: np.clip(mean + std * special.ndtri(draw(shape)), a, b))

@@ -30,6 +30,50 @@ def test_initializers_are_seeded_and_in_place(fn, kwargs, dtype):
     assert a.dtype == dtype
 
 
+ONE_DRAW = {  # what each initializer draws, as one float64 draw of the whole array
+    "normal_": (dict(mean=1.0, std=2.0), lambda r, s: r.normal(1.0, 2.0, size=s)),
+    "uniform_": (dict(a=-1.0, b=3.0), lambda r, s: r.uniform(-1.0, 3.0, size=s)),
+    "xavier_uniform_": (dict(), None), "xavier_normal_": (dict(), None),
+    "trunc_normal_": (dict(std=0.5), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_DRAW))
+@pytest.mark.parametrize("make_rng", [np.random.default_rng, np.random.RandomState])
+def test_large_arrays_drawn_in_blocks_equal_one_draw(name, make_rng, monkeypatch):
+    # drawn in blocks of rows so that a table's float64 draws are never all in
+    # memory at once; the values must not depend on the block size
+    fn, (kw, reference) = getattr(init, name), ONE_DRAW[name]
+    shape = (1001, 7)
+    whole = fn(np.empty(shape, np.float32), random_state=make_rng(3), **kw)
+    monkeypatch.setattr(init, "BLOCK_DRAWS", 50)  # blocks of 7 rows, the last short
+    blocks = fn(np.empty(shape, np.float32), random_state=make_rng(3), **kw)
+    assert_array_equal(blocks, whole)
+    if reference is not None:
+        assert_array_equal(whole, reference(make_rng(3), shape).astype(np.float32))
+    columns = fn(np.empty((3, 4, 200), np.float64), random_state=make_rng(4), **kw)
+    assert_array_equal(columns, fn(np.empty((3, 4, 200)), random_state=make_rng(4), **kw))
+
+
+@pytest.mark.parametrize("cls", [se.Embedding, se.EmbeddingBag, se.HashEmbedding])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_default_initialisation_takes_about_the_table_s_memory(cls, dtype):
+    # one float64 draw of the whole table, then its cast, took 4 x a float32 table
+    # (6 x a float16 one) while torch takes 1 x
+    import tracemalloc
+
+    V, D = 600_000, 16
+    tracemalloc.start()
+    try:
+        layer = cls(V, D, dtype=dtype, random_state=7)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < layer.weight.nbytes + (12 << 20)
+    expected = np.random.default_rng(7).standard_normal((V, D)).astype(dtype)
+    assert_array_equal(layer.weight, expected)
+
+
 def test_initializer_statistics():
     a = init.normal_(np.empty((1000, 100)), mean=1.0, std=2.0, random_state=0)
     assert abs(a.mean() - 1.0) < 0.02 and abs(a.std() - 2.0) < 0.02
