@@ -280,7 +280,7 @@ def main(argv=None):
 
     if not _cuda.cupy_available():
         sys.exit("bench_gpu.py: no GPU to benchmark on (needs CuPy and a CUDA device; "
-                 "pip install sparsembed[gpu]). Nothing was measured.")
+                 "pip install cupy-cuda12x). Nothing was measured.")
     import cupy as cp
 
     rng = np.random.default_rng(args.seed)

@@ -8,8 +8,8 @@ through each table, and update only the rows the batch touched with ``SparseAdam
 
 Data: ``sparsembed.datasets.load_sample_ratings()`` (1,501 ratings, 30 users, 100
 items; Apache Spark's sample, Apache License 2.0). A random 80/20 split; the
-training and held-out RMSE are printed after every epoch, next to the RMSE of always
-predicting the training mean.
+training and held-out RMSE are printed after every epoch; the held-out RMSE of
+always predicting the training mean is printed first.
 
 Run: python examples/train_mf.py [--epochs 20] [--optimizer adagrad] [--fused]
 """

@@ -2,7 +2,8 @@
 
 ``EmbeddingEncoder`` turns categorical columns into learned dense features;
 ``MatrixFactorization`` is a biased matrix-factorization regressor for explicit
-ratings. This module needs scikit-learn (``pip install sparsembed[sklearn]``);
+ratings. This module needs scikit-learn (``pip install scikit-learn``, or
+``pip install '.[sklearn]'`` in a sparsembed checkout);
 ``import sparsembed`` itself never imports scikit-learn.
 """
 
@@ -17,8 +18,8 @@ try:
     import sklearn  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError(
-        "sparsembed.sklearn needs scikit-learn: pip install 'sparsembed[sklearn]' "
-        "(or pip install scikit-learn)"
+        "sparsembed.sklearn needs scikit-learn: pip install scikit-learn "
+        "(or pip install '.[sklearn]' in a sparsembed checkout)"
     ) from exc
 
 from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin

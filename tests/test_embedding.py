@@ -885,7 +885,7 @@ def test_cuda_without_cupy_is_a_clear_error():
         pytest.skip("CuPy is installed")
     except ImportError:
         pass
-    with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
+    with pytest.raises(ImportError, match=r"pip install cupy-cuda12x"):
         se.Embedding(3, 2, device="cuda")
 
 

@@ -134,7 +134,7 @@ def test_backend_of_routes_by_the_array_types_module(no_cupy):
     # cupy's own types go to the CUDA backend (here: no CuPy, so its import error);
     # anything else, even a module whose name starts like it, stays on the CPU
     cupy_like = type("ndarray", (), {"__module__": "cupy._core.core"})
-    with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
+    with pytest.raises(ImportError, match=r"pip install cupy-cuda12x"):
         _backend.backend_of(cupy_like())
     for module in ("cupyx.scipy.sparse", "cupyish", "numpy"):
         other = type("ndarray", (), {"__module__": module})
@@ -143,9 +143,9 @@ def test_backend_of_routes_by_the_array_types_module(no_cupy):
 
 def test_missing_cupy_is_an_import_error_naming_the_extra(no_cupy):
     assert cuda_pkg.cupy_available() is False
-    with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
+    with pytest.raises(ImportError, match=r"pip install cupy-cuda12x"):
         _backend.get_backend("cuda")
-    with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
+    with pytest.raises(ImportError, match=r"pip install cupy-cuda12x"):
         _backend.get_backend("cuda:0")
 
 
@@ -219,9 +219,9 @@ def test_a_gpu_index_must_be_cupys_current_device(monkeypatch):
 
 
 def test_embedding_cuda_constructor_errors(no_cupy):
-    with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
+    with pytest.raises(ImportError, match=r"pip install cupy-cuda12x"):
         se.Embedding(4, 2, device="cuda")
-    with pytest.raises(ImportError, match=r"pip install sparsembed\[gpu\]"):
+    with pytest.raises(ImportError, match=r"pip install cupy-cuda12x"):
         se.Embedding(4, 2, device="cuda", weight=np.zeros((4, 2), np.float32))
     with pytest.raises(ValueError, match="device must be"):
         se.Embedding(4, 2, device="gpu")

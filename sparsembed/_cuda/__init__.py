@@ -19,8 +19,8 @@ def load_backend():
         import cupy  # noqa: F401
     except ImportError as exc:
         raise ImportError(
-            "device='cuda' needs CuPy: pip install sparsembed[gpu] "
-            "(or the cupy-cudaXXx wheel matching your CUDA)"
+            "device='cuda' needs CuPy: pip install cupy-cuda12x (cupy-cuda13x for "
+            "CUDA 13), or pip install '.[gpu]' in a sparsembed checkout"
         ) from exc
     if not cupy_available():
         raise RuntimeError(
