@@ -3,6 +3,8 @@
 import collections
 import numbers
 import operator
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -178,8 +180,8 @@ class _Table:
     # the options a backward reads, as they were at the forward it differentiates
     # (torch records them in the autograd graph), not as they are when it runs; read
     # at every forward by one C call (a small batch's forward takes ~6 us)
-    _OPTION_NAMES = ("padding_idx", "scale_grad_by_freq", "sparse")
-    _OPTION_GETTER = operator.attrgetter(*_OPTION_NAMES)
+    _OPTION_NAMES: tuple[str, ...] = ("padding_idx", "scale_grad_by_freq", "sparse")
+    _OPTION_GETTER: Callable[[Any], tuple] = operator.attrgetter(*_OPTION_NAMES)
 
     def _remember(self, saved, layout):
         """Keep what the backward needs of this forward, the layout

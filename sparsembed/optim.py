@@ -107,8 +107,8 @@ class Optimizer:
     and ``_hyper`` (the kernel's scalars for one update).
     """
 
-    _kind = None
-    _state_keys = ()
+    _kind: int | None = None
+    _state_keys: tuple[tuple[str, str | int], ...] = ()
 
     def __init__(self, params, defaults):
         self.defaults = dict(defaults)

@@ -166,7 +166,7 @@ def _atomic_write(path, write):
 
 
 # -- kinds ----------------------------------------------------------------------------
-_KINDS = {}
+_KINDS: dict[str, tuple] = {}  # kind -> (class, to_record, from_record)
 
 
 def register_kind(kind, cls, to_record, from_record):
