@@ -465,6 +465,15 @@ class Embedding(_Table):
         Parameters
         ----------
         embeddings : array of shape (num_embeddings, embedding_dim)
+            numpy (or CuPy: the layer is then on the GPU).
+        freeze : bool, default True
+            The layer gets no gradient (``requires_grad = False``).
+        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
+            As in the constructor.
+
+        Returns
+        -------
+        Embedding
         """
         arr = embeddings if hasattr(embeddings, "__cuda_array_interface__") else np.asarray(embeddings)
         if arr.ndim != 2:
@@ -738,7 +747,21 @@ class EmbeddingBag(_Table):
                         scale_grad_by_freq=False, mode="mean", sparse=False,
                         include_last_offset=False, padding_idx=None):
         """Wrap an existing table (shares memory when it can; the padding row is not
-        zeroed; ``requires_grad = not freeze``), as :meth:`Embedding.from_pretrained`."""
+        zeroed; ``requires_grad = not freeze``), as :meth:`Embedding.from_pretrained`.
+
+        Parameters
+        ----------
+        embeddings : array of shape (num_embeddings, embedding_dim)
+            numpy (or CuPy: the layer is then on the GPU).
+        freeze : bool, default True
+            The layer gets no gradient (``requires_grad = False``).
+        max_norm, norm_type, scale_grad_by_freq, mode, sparse, include_last_offset, padding_idx
+            As in the constructor.
+
+        Returns
+        -------
+        EmbeddingBag
+        """
         arr = embeddings if hasattr(embeddings, "__cuda_array_interface__") else np.asarray(embeddings)
         if arr.ndim != 2:
             raise ValueError(f"embeddings must be 2-D, got shape {arr.shape}")

@@ -220,12 +220,14 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
         ``norm_type``-norm exceeds it are rescaled in place by
         ``max_norm / (norm + 1e-7)`` before pooling. Must be > 0.
     norm_type : float, default 2.0
-    scale_grad_by_freq, sparse : bool
-        Only matter for the gradient (:func:`embedding_bag_backward`).
+    scale_grad_by_freq : bool, default False
+        Only matters for the gradient (:func:`embedding_bag_backward`).
     mode : {"sum", "mean", "max"}, default "mean"
         Max takes each column's largest value; as torch's, it keeps the first of
         equal values and skips a NaN that comes after a number (a column's leading
         NaN stays: [5, nan] gives 5, [nan, 5] gives nan).
+    sparse : bool, default False
+        Only matters for the gradient (:func:`embedding_bag_backward`).
     per_sample_weights : array_like of float, same shape as ``input``, optional
         Mode "sum" only: each entry's row is multiplied by its weight.
     include_last_offset : bool, default False
@@ -291,9 +293,12 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
     grad_output : ndarray of shape (n_bags, embedding_dim)
         Cast to the table's dtype (to float32 for a float16 table, whose gradients
         are float32).
-    input, offsets, mode, per_sample_weights, include_last_offset, padding_idx
+    input : array_like of int, or scipy.sparse matrix
         As given to :func:`embedding_bag`.
     weight : ndarray of shape (num_embeddings, embedding_dim)
+        The table as the forward saw it (see above).
+    offsets, mode, per_sample_weights, include_last_offset, padding_idx
+        As given to :func:`embedding_bag`.
     scale_grad_by_freq : bool, default False
         Divide each row's gradient by how often its id occurs in the batch (padding
         and entries outside every bag not counted). torch CPU divides by the wrong

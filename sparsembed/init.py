@@ -77,7 +77,21 @@ def _fans(array):
 
 
 def normal_(array, mean=0.0, std=1.0, random_state=None):
-    """Fill ``array`` with N(mean, std**2) draws."""
+    """Fill ``array`` with N(mean, std**2) draws.
+
+    Parameters
+    ----------
+    array : ndarray (numpy or CuPy) of float dtype
+        Filled in place.
+    mean : float, default 0.0
+    std : float, default 1.0
+        >= 0.
+    random_state : None, int, numpy.random.Generator or numpy.random.RandomState
+
+    Returns
+    -------
+    ``array``
+    """
     _check_float(array, "normal_")
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std}")
@@ -85,7 +99,20 @@ def normal_(array, mean=0.0, std=1.0, random_state=None):
 
 
 def uniform_(array, a=0.0, b=1.0, random_state=None):
-    """Fill ``array`` with U(a, b) draws."""
+    """Fill ``array`` with U(a, b) draws.
+
+    Parameters
+    ----------
+    array : ndarray (numpy or CuPy) of float dtype
+        Filled in place.
+    a, b : float, default 0.0 and 1.0
+        a <= b.
+    random_state : None, int, numpy.random.Generator or numpy.random.RandomState
+
+    Returns
+    -------
+    ``array``
+    """
     _check_float(array, "uniform_")
     if b < a:
         raise ValueError(f"uniform_ needs a <= b, got a={a}, b={b}")
@@ -93,7 +120,7 @@ def uniform_(array, a=0.0, b=1.0, random_state=None):
 
 
 def zeros_(array):
-    """Fill ``array`` with zeros."""
+    """Fill ``array`` (numpy or CuPy) with zeros in place; returns it."""
     array[...] = 0
     return array
 
@@ -103,6 +130,17 @@ def xavier_uniform_(array, gain=1.0, random_state=None):
 
     For a (num_embeddings, dim) table fan_in = dim and fan_out = num_embeddings
     (torch's convention for 2-D tensors).
+
+    Parameters
+    ----------
+    array : ndarray (numpy or CuPy) of float dtype
+        Filled in place.
+    gain : float, default 1.0
+    random_state : None, int, numpy.random.Generator or numpy.random.RandomState
+
+    Returns
+    -------
+    ``array``
     """
     _check_float(array, "xavier_uniform_")
     fan_in, fan_out = _fans(array)
@@ -111,7 +149,20 @@ def xavier_uniform_(array, gain=1.0, random_state=None):
 
 
 def xavier_normal_(array, gain=1.0, random_state=None):
-    """Glorot normal: N(0, std**2) with ``std = gain * sqrt(2 / (fan_in + fan_out))``."""
+    """Glorot normal: N(0, std**2) with ``std = gain * sqrt(2 / (fan_in + fan_out))``
+    (fans as in :func:`xavier_uniform_`).
+
+    Parameters
+    ----------
+    array : ndarray (numpy or CuPy) of float dtype
+        Filled in place.
+    gain : float, default 1.0
+    random_state : None, int, numpy.random.Generator or numpy.random.RandomState
+
+    Returns
+    -------
+    ``array``
+    """
     _check_float(array, "xavier_normal_")
     fan_in, fan_out = _fans(array)
     std = gain * math.sqrt(2.0 / max(fan_in + fan_out, 1))
@@ -123,6 +174,21 @@ def trunc_normal_(array, mean=0.0, std=1.0, a=-2.0, b=2.0, random_state=None):
 
     Drawn by inverting the normal CDF on a uniform sample of ``[cdf(a), cdf(b)]``,
     the method torch uses.
+
+    Parameters
+    ----------
+    array : ndarray (numpy or CuPy) of float dtype
+        Filled in place.
+    mean : float, default 0.0
+    std : float, default 1.0
+        > 0.
+    a, b : float, default -2.0 and 2.0
+        a < b.
+    random_state : None, int, numpy.random.Generator or numpy.random.RandomState
+
+    Returns
+    -------
+    ``array``
     """
     _check_float(array, "trunc_normal_")
     if not a < b:
