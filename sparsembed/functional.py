@@ -40,10 +40,32 @@ def renorm_(weight, plan, max_norm, norm_type, padding_idx, be):
         rows = be.xp.sort(be.xp.concatenate([rows, be.xp.asarray([padding_idx], dtype=rows.dtype)]))
     if weight.flags.c_contiguous:
         be.renorm_rows_(weight, rows, max_norm, norm_type)
-    else:
-        contiguous = be.xp.ascontiguousarray(weight)
-        be.renorm_rows_(contiguous, rows, max_norm, norm_type)
-        weight[rows] = contiguous[rows]
+    else:  # the referenced rows only (see compact_rows)
+        named = be.xp.ascontiguousarray(weight[rows])
+        be.renorm_rows_(named, be.xp.arange(rows.shape[0], dtype=rows.dtype), max_norm,
+                        norm_type)
+        weight[rows] = named
+
+
+def compact_rows(weight, flat, padding_idx, be):
+    """``(table, flat, padding_idx)`` for the kernels, which read C-contiguous tables.
+
+    A table that is not C-contiguous (a column slice, a Fortran-order array, a
+    strided view) gives a C-contiguous copy of only the rows ``flat`` names, with the
+    ids and the padding row renumbered into it (None where ``flat`` holds no padding):
+    the same values as a copy of the whole table, for memory that grows with the
+    batch (torch reads a strided table in place). ``flat`` is range-checked here.
+    """
+    if weight.flags.c_contiguous:
+        return weight, flat, padding_idx
+    xp = be.xp
+    be.check_index_range(flat, weight.shape[0])
+    rows, local = xp.unique(flat, return_inverse=True)
+    if padding_idx is not None:
+        at = int(xp.searchsorted(rows, padding_idx))
+        padding_idx = at if at < rows.shape[0] and int(rows[at]) == padding_idx else None
+    return (xp.ascontiguousarray(weight[rows]), local.reshape(-1).astype(np.int64),
+            padding_idx)
 
 
 def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
@@ -56,7 +78,9 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
         Row ids in ``[0, num_embeddings)``; any integer dtype.
     weight : ndarray of shape (num_embeddings, embedding_dim), float32 or float64
         The table. Renormalised in place when ``max_norm`` is given. float16 tables
-        work too: the renorm is computed in float32 and rounded once.
+        work too: the renorm is computed in float32 and rounded once. Any layout: a
+        table that is not C-contiguous (a column slice) has only the rows named
+        copied per call, not the whole table.
     padding_idx : int, optional
         Accepted for torch compatibility; it only matters for the gradient.
     max_norm : float, optional
@@ -97,8 +121,9 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
         plan = be.plan_rows(flat, num_embeddings, check_range=True)
         be.check_writable(weight)
         renorm_(weight, plan, max_norm, norm_type, None, be)
-    table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
-    return be.gather(table, flat, check_range=not renorm).reshape(idx.shape + (weight.shape[1],))
+    table, ids, _ = compact_rows(weight, flat, None, be)
+    return be.gather(table, ids, check_range=not renorm and table is weight).reshape(
+        idx.shape + (weight.shape[1],))
 
 
 def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
@@ -209,7 +234,8 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
         The table. Renormalised in place when ``max_norm`` is given. A float16 table
         is pooled in float32 (per-sample weights too) and the result rounded once to
         float16: the same bits as torch 2.13 CPU for sum, but torch rounds a mean's
-        sum to float16 before dividing (100 entries of 1000.0: inf there).
+        sum to float16 before dividing (100 entries of 1000.0: inf there). Any
+        layout, as for :func:`embedding`.
     offsets : array_like of int of shape (n_bags,), optional
         Start of each bag in a 1-D ``input``: ``offsets[0] == 0``, non-decreasing,
         ``offsets[-1] <= len(input)``; bag ``b`` is ``input[offsets[b]:offsets[b+1]]``,
@@ -271,9 +297,9 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0,
         be.check_writable(weight)
         renorm_(weight, be.plan_rows(bags.flat, num_embeddings, padding_idx), max_norm,
                 norm_type, padding_idx, be)
-    table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
-    out, _, _ = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx, bags.psw,
-                               check_range=not renorm)
+    table, flat, pad = compact_rows(weight, bags.flat, padding_idx, be)
+    out, _, _ = be.bag_forward(table, flat, bags.starts, mode, pad, bags.psw,
+                               check_range=not renorm and table is weight)
     return out
 
 
@@ -326,17 +352,22 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
     bags = _bags.bags_of(input, offsets, per_sample_weights, mode, include_last_offset,
                          num_embeddings, _half.compute_dtype(weight.dtype), be)
     grad = be.as_grad_output(grad_output, (bags.n_bags, dim), _half.compute_dtype(weight.dtype))
-    table = weight if weight.flags.c_contiguous else be.xp.ascontiguousarray(weight)
     argmax = counts = None
     plan = be.plan_rows(bags.used, num_embeddings, padding_idx)
+    # the table is read only for max mode's winners and the per-sample weights' dots
+    table, read, pad = weight, bags, padding_idx
+    if (mode == "max" or bags.psw is not None) and not weight.flags.c_contiguous:
+        table, flat, pad = compact_rows(weight, bags.flat, padding_idx, be)
+        read = _bags.Bags(flat, bags.starts, bags.psw, bags.psw_shape, bags.psw_order,
+                          bags.end)
+    table_plan = plan if table is weight else None  # a plan of the table's own ids
     if mode == "max":
-        half = {"plan": plan} if _half.is_half(table) else {}  # float16: reuse the plan
-        _, argmax, counts = be.bag_forward(table, bags.flat, bags.starts, mode, padding_idx,
-                                           **half)
+        half = {"plan": table_plan} if _half.is_half(table) else {}  # float16: reuse it
+        _, argmax, counts = be.bag_forward(table, read.flat, read.starts, mode, pad, **half)
     elif mode == "mean":
         counts = be.bag_counts(bags.flat, bags.starts, padding_idx)
     entry_bag = be.entry_bags(bags.starts)
     scale = _bags.entry_scale(bags, mode, counts, entry_bag, _half.compute_dtype(weight.dtype), be)
     grad_weight = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax, num_embeddings,
                                     scale_grad_by_freq, sparse, be)
-    return grad_weight, _bags.psw_grad(grad, table, bags, entry_bag, padding_idx, be, plan)
+    return grad_weight, _bags.psw_grad(grad, table, read, entry_bag, pad, be, table_plan)

@@ -513,6 +513,73 @@ def test_readonly_and_noncontiguous_inputs(rng):
                                        mode="sum"), expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["columns", "fortran", "rows"])
+def test_strided_tables_read_only_the_named_rows_with_the_same_results(rng, dtype, layout):
+    # every functional call copied a table that is not C-contiguous whole (a column
+    # slice of a 2e6-row table: its memory per call); now only the rows named, with
+    # the ids and the padding row renumbered into the copy
+    V, D = 40, 6
+    base = (rng.standard_normal((2 * V, 2 * D)) * 2).astype(dtype)
+    table = {"columns": base[:V, ::2], "fortran": np.asfortranarray(base[:V, :D]),
+             "rows": base[::2, :D]}[layout]
+    dense = np.ascontiguousarray(table)
+    assert not table.flags.c_contiguous
+    ids = rng.integers(0, V, 30)
+    ids[:4] = 7  # duplicates; 7 is the padding row below
+    offsets = np.array([0, 5, 5, 12, 29])
+    psw = rng.standard_normal(30).astype(dtype)
+    grad = rng.standard_normal((5, D)).astype(np.float64)
+    for pad in (None, 7, 39):  # 39 may be absent from the batch
+        assert_array_equal(F.embedding(ids, table), dense[ids])
+        for mode, w in (("sum", None), ("sum", psw), ("mean", None), ("max", None)):
+            kw = dict(mode=mode, per_sample_weights=w, padding_idx=pad)
+            assert_array_equal(F.embedding_bag(ids, table, offsets, **kw),
+                               F.embedding_bag(ids, dense, offsets, **kw))
+            got = F.embedding_bag_backward(grad, ids, table, offsets, **kw)
+            want = F.embedding_bag_backward(grad, ids, dense, offsets, **kw)
+            assert_array_equal(got[0], want[0])
+            assert (got[1] is None) == (want[1] is None)
+            if want[1] is not None:
+                assert_array_equal(got[1], want[1])
+    # renorm writes the named rows back into the strided table, and only them
+    if dtype != np.float16:
+        before = table.copy()
+        expected = dense.copy()
+        F.embedding(ids, expected, max_norm=0.5)
+        F.embedding(ids, table, max_norm=0.5)
+        assert_array_equal(table, expected)
+        untouched = np.setdiff1d(np.arange(V), ids)
+        assert_array_equal(table[untouched], before[untouched])
+    # a bad id is named before anything is read, as for a contiguous table
+    for bad in (V, -1):
+        with pytest.raises(IndexError, match=f"{bad}"):
+            F.embedding(np.array([1, bad]), table)
+        with pytest.raises(IndexError, match=f"{bad}"):
+            F.embedding_bag(np.array([1, bad]), table, np.array([0]), mode="sum")
+
+
+def test_strided_table_lookup_takes_memory_of_the_batch_not_the_table(rng):
+    import tracemalloc
+
+    base = rng.standard_normal((400_000, 32)).astype(np.float32)
+    table = base[:, :16]  # a column slice: 25.6 MB whole
+    ids = rng.integers(0, 400_000, 100)
+    offsets = np.array([0, 50])
+    for call in (lambda: F.embedding(ids, table),
+                 lambda: F.embedding_bag(ids, table, offsets, mode="max"),
+                 lambda: F.embedding_bag_backward(np.ones((2, 16)), ids, table, offsets,
+                                                  mode="max", sparse=True)):
+        call()
+        tracemalloc.start()
+        try:
+            call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, peak
+
+
 def test_layer_saves_its_own_copy_of_the_batch(rng):
     bag = se.EmbeddingBag(10, 3, mode="sum", random_state=0)
     ids = np.array([1, 2, 3, 4])
