@@ -132,7 +132,7 @@ def stream_indices(indices):
 # does not build a new one; the patterns kept hold at most the output cache's limit
 # (``SPARSEMBED_POOL_BYTES``, see ``_pool``) between them, the most recently used
 # first; a larger one is not kept (each gradient then writes its own, as before).
-_COLUMN_PATTERNS = {}
+_COLUMN_PATTERNS: dict[tuple[int, np.dtype], np.ndarray] = {}
 
 
 def column_indices(n_rows, dim, idx_dtype):
@@ -212,6 +212,14 @@ class _DeferredPointerCSR(sp.csr_array):
     def __reduce_ex__(self, protocol):  # pickle, copy, deepcopy: a plain csr_array
         _write_deferred_pointer(self)
         return sp.csr_array.__reduce_ex__(self, protocol)
+
+    def _getnnz(self, axis=None):
+        # ``nnz`` (often logged) is the pointer's last entry: known without writing
+        # the pointer, whose (num_rows + 1) entries would cost memory growing with V
+        state = self.__dict__.get(_DEFERRED_KEY)
+        if axis is None and state is not None:
+            return state[0].shape[0] * state[3][1]
+        return super()._getnnz(axis)
 
 
 def with_deferred_pointer(rows, data, indices, num_rows):

@@ -1004,9 +1004,10 @@ def test_sparse_grad_writes_its_row_pointer_only_when_read(rng, dtype):
         se.optim.Adagrad([layer], lr=0.5).step()
     assert type(g) is not sp.csr_array  # still not written
     assert_array_equal(layers[0].weight, layers[1].weight)
-    # then read: scipy's own view of it agrees
-    assert g.nnz == rows.size * 3 and type(g) is sp.csr_array
+    # then read (nnz is known without the pointer): scipy's own view of it agrees
+    assert g.nnz == rows.size * 3 and type(g) is not sp.csr_array
     assert_array_equal(g.indptr, twin.indptr)
+    assert type(g) is sp.csr_array and g.nnz == twin.nnz
     assert_array_equal(g.toarray(), twin.toarray())
 
 
@@ -1023,6 +1024,17 @@ def test_deferred_row_pointer_bits_and_threads(rng, n_threads):
             assert g.indptr.dtype == np.int32
     finally:
         se.set_num_threads(prev)
+
+
+def test_deferred_row_pointer_not_written_to_count_the_entries(rng):
+    # nnz read the pointer, so logging it cost (V + 1) entries of memory
+    V = 300_000
+    for n, dim in ((1000, 4), (0, 3), (7, 1)):
+        ids = rng.integers(0, V, n)
+        g = se.functional.embedding_backward(np.ones((n, dim), np.float32), ids, V, sparse=True)
+        assert g.nnz == np.unique(ids).size * dim == g.data.size
+        assert "indptr" not in g.__dict__
+        assert g.nnz == int(g.indptr[-1])  # and once written, the same
 
 
 def test_deferred_row_pointer_read_by_several_threads_at_once(rng):
