@@ -607,9 +607,22 @@ def test_pool_default_limit_scales_with_the_memory(run_python, monkeypatch):
     code = "from sparsembed._kernels import _pool; print(_pool.stats()['limit'])"
     for raw, expected in [("12345", 12345), ("0", 0), ("2e9", 2 * 10 ** 9), ("-5", 0),
                           ("lots", _pool.default_limit(memory)),
-                          ("", _pool.default_limit(memory))]:
+                          ("", _pool.default_limit(memory)),
+                          # past any memory (the import failed with OverflowError)
+                          ("1e30", 1 << 62), (str(1 << 64), 1 << 62), ("inf", None)]:
         out = run_python(code, env={"SPARSEMBED_POOL_BYTES": raw}).stdout
-        assert int(out) == expected, raw
+        assert int(out) == (_pool.default_limit(memory) if expected is None else expected), raw
+    old = _pool.set_limit(1 << 64)
+    try:
+        assert _pool.stats()["limit"] == 1 << 62
+    finally:
+        _pool.set_limit(old)
+    # idle buffers count against the process's address-space limit (ulimit -v)
+    if memory is not None and memory > 16 * GiB:
+        limited = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (12 << 30, "
+                   "resource.getrlimit(resource.RLIMIT_AS)[1])); " + code)
+        out = run_python(limited, env={"SPARSEMBED_POOL_BYTES": ""}).stdout
+        assert int(out) == _pool.default_limit(12 * GiB) == 3 * GiB // 2
     # a container's limit, where lower than the machine's memory, is the memory
     monkeypatch.setattr(_pool, "_cgroup_limits", lambda: [3 * GiB, 1 << 62])
     if memory is not None and memory > 3 * GiB:

@@ -156,19 +156,46 @@ def _cgroup_limits():
     return limits
 
 
+def _address_space_limits():
+    """The process's address-space and data-segment limits (``ulimit -v`` / ``-d``)
+    where set: idle buffers count against them as live ones do."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return []
+    limits = []
+    for name in ("RLIMIT_AS", "RLIMIT_DATA"):
+        try:
+            soft = resource.getrlimit(getattr(resource, name))[0]
+        except (AttributeError, ValueError, OSError):
+            continue
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            limits.append(soft)
+    return limits
+
+
 def _memory_bytes():
-    """Physical memory, or the container's limit where lower; None if unknown."""
+    """Physical memory, or the container's or the process's limit where lower; None
+    if unknown."""
     try:
         found = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     except (AttributeError, ValueError, OSError):  # Windows has no sysconf
         return None
-    return min(found + [n for n in _cgroup_limits() if n > 0])
+    return min(found + [n for n in _cgroup_limits() if n > 0] + _address_space_limits())
+
+
+# a limit past any memory (``SPARSEMBED_POOL_BYTES=1e30``) is taken as this
+_MAX_LIMIT = 1 << 62
+
+
+def _checked_limit(limit_bytes):
+    return min(max(int(limit_bytes), 0), _MAX_LIMIT)
 
 
 def _limit_from_env():
     raw = os.environ.get("SPARSEMBED_POOL_BYTES", "").strip()
     try:
-        return max(int(float(raw)), 0)
+        return _checked_limit(float(raw))
     except (ValueError, OverflowError):  # unset, or not a number of bytes
         return default_limit(_memory_bytes())
 
@@ -304,7 +331,7 @@ def set_limit(limit_bytes):
     """Set the most bytes of idle buffers kept (0: no cache); returns the old limit."""
     global _limit
     old = _limit
-    _limit = max(int(limit_bytes), 0)
+    _limit = _checked_limit(limit_bytes)
     while _n_idle > 0 and _idle_total > _limit:
         _drop_idle(0)
     return old
