@@ -1,6 +1,9 @@
 """Thread count used by the compiled kernels."""
 
+import contextlib
 import os
+import sys
+import threading
 import warnings
 
 from sparsembed._kernels._openmp_helpers import openmp_enabled, openmp_max_threads
@@ -27,6 +30,56 @@ def _warn_once_without_openmp():
         )
 
 
+# libgomp (GCC's OpenMP runtime, which the Linux builds use) keeps the workers of
+# a thread's parallel regions in a pool that fork() does not copy: in a child of a
+# process that ran a region of several threads, the first such region waits forever
+# for them (torch 2.13 hangs the same way; LLVM's libomp, macOS's, starts afresh).
+# Such a child runs its kernels on one thread. Set when a kernel may have run on
+# more than one thread (whenever more than one was handed out to a kernel).
+_team_started = False
+_single_after_fork = False
+_warned_after_fork = False
+
+# a limit for the kernels the current Python thread calls (see limited_threads)
+_local = threading.local()
+
+
+def _gnu_openmp():
+    """Whether the OpenMP runtime in this process is GCC's libgomp (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/self/maps") as f:
+            return "libgomp" in f.read()
+    except OSError:
+        return True  # cannot tell: take the safe side
+
+
+def _after_fork_in_child():
+    global _single_after_fork
+    if _team_started and openmp_enabled() and _gnu_openmp():
+        _single_after_fork = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def kernel_threads(n=None):
+    """The threads a kernel about to run may use: ``n`` (default
+    :func:`get_num_threads`), but 1 in a forked child of a process that ran OpenMP
+    regions of several threads (see above). Every thread count handed to a kernel
+    comes from here, so that a fork afterwards knows whether a team was started."""
+    global _team_started
+    if n is None:
+        n = get_num_threads()
+    elif n > 1 and _single_after_fork:
+        n = 1
+    if n > 1:
+        _team_started = True
+    return n
+
+
 def get_num_threads():
     """Number of threads the kernels use.
 
@@ -35,13 +88,33 @@ def get_num_threads():
     int
         The value given to :func:`set_num_threads`, or OpenMP's default
         (``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS``) capped at
-        :data:`MAX_THREADS`; always 1 when the package was built without OpenMP.
+        :data:`MAX_THREADS`; always 1 when the package was built without OpenMP,
+        and 1 in a process made by ``fork()`` from one whose kernels ran on
+        several threads with GCC's OpenMP (the Linux builds): its worker threads
+        do not survive the fork, and a parallel region would wait for them forever
+        (use the "spawn" or "forkserver" start method for parallel workers).
     """
     if not openmp_enabled():
         return 1
-    if _num_threads is None:
-        return min(max(1, openmp_max_threads()), MAX_THREADS)
-    return _num_threads
+    limit = getattr(_local, "limit", None)
+    n = _num_threads
+    if n is None:
+        n = min(max(1, openmp_max_threads()), MAX_THREADS)
+    if limit is not None and limit < n:
+        n = limit
+    return 1 if _single_after_fork else n
+
+
+@contextlib.contextmanager
+def limited_threads(n):
+    """Inside the block, kernels called from this Python thread use at most ``n``
+    threads; other threads and the global setting are left alone."""
+    saved = getattr(_local, "limit", None)
+    _local.limit = n if saved is None else min(n, saved)
+    try:
+        yield
+    finally:
+        _local.limit = saved
 
 
 def set_num_threads(n):
@@ -65,6 +138,18 @@ def set_num_threads(n):
     if not 1 <= n <= MAX_THREADS:
         raise ValueError(f"n must be an int in [1, {MAX_THREADS}] or None, got {n}")
     _num_threads = n
+    _warn_if_single_after_fork(n)
+
+
+def _warn_if_single_after_fork(n):
+    global _warned_after_fork
+    if n > 1 and _single_after_fork and not _warned_after_fork:
+        _warned_after_fork = True
+        warnings.warn(
+            "this process was forked from one whose kernels ran on several OpenMP "
+            "threads; GCC's OpenMP cannot start them again here, so the kernels stay "
+            "on one thread (start workers with the 'spawn' or 'forkserver' method "
+            "for parallel kernels)", RuntimeWarning, stacklevel=3)
 
 
 # Below about this many element operations a parallel region costs more than it
@@ -111,7 +196,7 @@ def threads_for(work, grain=None):
     n = get_num_threads()
     if n <= 1:
         return 1
-    return int(min(n, work // grain))
+    return kernel_threads(int(min(n, work // grain)))
 
 
 # The lookup and the bag pooling only move rows (~0.1 ns an element), so a second

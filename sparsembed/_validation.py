@@ -11,7 +11,7 @@ import operator
 import numpy as np
 
 from sparsembed._kernels import _lookup
-from sparsembed._threads import get_num_threads
+from sparsembed._threads import threads_for
 
 
 # the index dtypes the kernels take as they are; a set of dtypes, not of scalar
@@ -90,7 +90,8 @@ def past_int64(arr):
 
 def check_index_range(flat, num_embeddings, name="input"):
     """Raise IndexError naming the first id of ``flat`` outside ``[0, num_embeddings)``."""
-    pos = _lookup.first_out_of_range(flat, num_embeddings, get_num_threads())
+    # the kernel scans fewer than 2**19 ids on one thread anyway
+    pos = _lookup.first_out_of_range(flat, num_embeddings, threads_for(flat.shape[0], 1 << 18))
     if pos >= 0:
         raise index_error(flat, pos, num_embeddings, name)
 

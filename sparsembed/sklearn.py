@@ -7,7 +7,6 @@ ratings. This module needs scikit-learn (``pip install scikit-learn``, or
 ``import sparsembed`` itself never imports scikit-learn.
 """
 
-import contextlib
 import numbers
 import sys
 from collections.abc import Hashable
@@ -83,21 +82,6 @@ def _lookup_ids(ids, values):
     pos = np.minimum(pos, ids.size - 1)
     found = ids[pos] == values
     return np.where(found, pos, -1).astype(np.int64)
-
-
-@contextlib.contextmanager
-def _kernel_threads(n):
-    """Run sparsembed's kernels on ``n`` threads inside the block, then restore.
-
-    Minibatches of a hundred rows are far too small to split across threads: an
-    OpenMP parallel region costs more than the work (and much more on a busy machine).
-    """
-    saved = _threads._num_threads
-    _threads.set_num_threads(n)
-    try:
-        yield
-    finally:
-        _threads._num_threads = saved
 
 
 def _effective_n_threads(n_threads):
@@ -379,7 +363,7 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
                 order = order[np.argsort(key[order], kind="stable")]
             sgd_epoch(u[order], i[order], y_t[order], starts, P, Q, bu, bi,
                       self.global_mean_, float(self.lr), float(self.reg), bool(self.biased),
-                      sse, B)
+                      sse, _threads.kernel_threads(B))  # B blocks: the same on fewer threads
             history[epoch] = np.sqrt(sse.sum() / max(n, 1))
         if B > 1:  # back to the rows of the sorted ids
             P, Q, bu, bi = P[uinv], Q[iinv], bu[uinv], bi[iinv]
@@ -775,7 +759,9 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
         head_b = _Param(bias.reshape(1, n_out))  # 2-D, as se.optim wants its tables
         opt = _adagrad(tables + [head_w, head_b], float(self.lr))
         bs = self._batch_size
-        with _kernel_threads(1):
+        # minibatches of a hundred rows are far too small to split across threads (a
+        # parallel region costs more than the work); for this Python thread only
+        with _threads.limited_threads(1):
             self._epochs(codes, kind, Y, rng, tables, head_w, head_b, opt, bs, dim)
 
     def _epochs(self, codes, kind, Y, rng, tables, head_w, head_b, opt, bs, dim):

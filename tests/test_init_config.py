@@ -1,6 +1,8 @@
 """se.init, thread control and show_config."""
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -138,6 +140,115 @@ def test_set_and_get_num_threads(threads):
             se.set_num_threads(bad)
     with pytest.raises(TypeError):
         se.set_num_threads(1.5)
+
+
+FORK_CHILD = """
+import os, sys, time, warnings
+import numpy as np
+import sparsembed as se
+se.set_num_threads(2)
+W = np.random.default_rng(0).standard_normal((200_000, 64)).astype(np.float32)
+ids = np.random.default_rng(1).integers(0, 200_000, 300_000)
+if {parent_runs}:
+    expected = se.functional.embedding(ids, W)  # a team of two threads starts
+else:
+    expected = W[ids]
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        threads = se.get_num_threads()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            se.set_num_threads(2)
+        same = np.array_equal(se.functional.embedding(ids, W), expected)
+        g = se.functional.embedding_backward(np.ones((ids.size, 64), np.float32), ids,
+                                             200_000, sparse=True)
+        same = same and g.data.shape[0] == np.unique(ids).size * 64
+        os.write(w, f"{{threads}} {{se.get_num_threads()}} {{len(caught)}} {{same}}".encode())
+        code = 0
+    finally:
+        os._exit(code)
+deadline = time.time() + 60
+while time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    sys.exit("the forked child hung")
+print(os.read(r, 100).decode(), status)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.parametrize("parent_runs", [True, False])
+def test_forked_child_runs_kernels_after_the_parent_did(run_python, parent_runs):
+    # libgomp's workers do not survive fork: a child whose parent ran a parallel
+    # region waited forever at its first one (multiprocessing's default start method
+    # on Linux, joblib's multiprocessing backend); the child now runs on one thread
+    if not se.show_config()["openmp"]:
+        pytest.skip("serial build: no OpenMP threads to lose")
+    out = run_python(FORK_CHILD.format(parent_runs=parent_runs), timeout=180).stdout.split()
+    before, after, warned, same, status = out
+    assert same == "True" and status == "0"
+    gnu = sys.platform.startswith("linux")
+    if parent_runs and gnu:
+        assert (before, after, warned) == ("1", "1", "1")
+    else:  # no team to lose: the child keeps its threads
+        assert (before, after, warned) == ("2", "2", "0")
+
+
+def test_limited_threads_is_per_python_thread(threads):
+    import threading
+
+    from sparsembed import _threads
+
+    if not se.show_config()["openmp"]:
+        pytest.skip("serial build: always one thread")
+    threads(3)
+    seen, inside, release = {}, threading.Event(), threading.Event()
+
+    def worker():
+        with _threads.limited_threads(1):
+            seen["worker"] = se.get_num_threads()
+            with _threads.limited_threads(2):  # a limit only ever lowers
+                seen["nested"] = se.get_num_threads()
+            inside.set()
+            release.wait(10)
+        seen["after"] = se.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(10)
+    seen["main"] = se.get_num_threads()
+    release.set()
+    t.join()
+    assert seen == {"worker": 1, "nested": 1, "main": 3, "after": 3}
+
+
+def test_encoder_fits_in_threads_leave_the_thread_count_alone(threads):
+    # EmbeddingEncoder.fit set the global count to 1 and put it back, so two fits
+    # in threads could leave it at 1 for good, and slowed every other thread meanwhile
+    pytest.importorskip("sklearn")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sparsembed.sklearn import EmbeddingEncoder
+
+    if not se.show_config()["openmp"]:
+        pytest.skip("serial build: always one thread")
+    threads(2)
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 50, (20_000, 2))
+    y = rng.standard_normal(20_000)
+    fits = [EmbeddingEncoder(embedding_dim=4, epochs=2, random_state=i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda enc: enc.fit(X, y), fits))
+    assert se.get_num_threads() == 2
+    serial = EmbeddingEncoder(embedding_dim=4, epochs=2, random_state=3).fit(X, y)
+    assert_array_equal(serial.transform(X[:50]), fits[3].transform(X[:50]))
 
 
 def test_show_config(capsys):
