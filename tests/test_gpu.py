@@ -402,6 +402,36 @@ def test_embedding_bag_renorm_and_functional(rng):
     assert_array_equal(host(wd), w)
 
 
+def test_strided_tables_read_only_the_named_rows(rng):
+    # a table that is not C-contiguous has only the rows a call names copied
+    # (functional.compact_rows), with ids and padding renumbered: the same results
+    base = rng.standard_normal((60, 16)).astype(np.float32) * 2
+    w = base[:30, ::2]
+    wd = cp.asarray(base)[:30, ::2]
+    assert not wd.flags.c_contiguous
+    ids = rng.integers(0, 30, size=40)
+    ids[:3] = 5
+    off = np.array([0, 10, 10, 25])
+    psw = rng.standard_normal(40).astype(np.float32)
+    assert_array_equal(host(F.embedding(ids, wd)), F.embedding(ids, w))
+    for mode, weights in (("sum", None), ("sum", psw), ("mean", None), ("max", None)):
+        kw = dict(mode=mode, padding_idx=5, per_sample_weights=weights)
+        assert_allclose(host(F.embedding_bag(ids, wd, off, **kw)),
+                        F.embedding_bag(ids, w, off, **kw), rtol=1e-6)
+        go = rng.standard_normal((4, 8)).astype(np.float32)
+        ga, pa = F.embedding_bag_backward(go, ids, w, off, sparse=True, **kw)
+        gb, pb = F.embedding_bag_backward(cp.asarray(go), ids, wd, off, sparse=True, **kw)
+        assert_allclose(host(gb).toarray(), ga.toarray(), rtol=1e-6)
+        assert (pa is None) == (pb is None)
+        if pa is not None:
+            assert_allclose(host(pb), pa, rtol=1e-5)
+    F.embedding(ids, wd, max_norm=1.0)
+    F.embedding(ids, w, max_norm=1.0)
+    assert_allclose(host(wd), w, rtol=1e-5)
+    with pytest.raises(IndexError, match="index 30 at position 1"):
+        F.embedding(np.array([1, 30]), wd)
+
+
 # --------------------------------------------------------------------- optimizers
 
 needs_optim = pytest.mark.skipif(not hasattr(se, "optim"), reason="no se.optim yet")
