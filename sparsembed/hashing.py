@@ -387,9 +387,21 @@ class HashEmbedding(_Table):
                 g = (be.sparse_grad(per_hash, plan, self.num_buckets, False) if sparse
                      else be.dense_grad(per_hash, plan, self.num_buckets, False))
                 total = _summed(self.grad, g, be)
+        ready = None
+        if importance and fuse_importance and self.requires_grad and optimizer is not None:
+            # both tables' state before either is written: a MemoryError for the
+            # buckets' state must not leave the importance table updated alone
+            targets = [optimizer._target(self.importance), optimizer._target(self)]
+            ready = optimizer._prepare_states(targets)
         if importance:
             if fuse_importance:
-                optimizer._fused_update(self.importance, dp, wplan)
+                try:
+                    optimizer._fused_update(self.importance, dp, wplan,
+                                            prepared=None if ready is None else ready[0])
+                except BaseException:
+                    if ready is not None:
+                        optimizer._restore_states(targets[1:], ready[1:])
+                    raise
             else:
                 self.importance.grad = importance_grad
         if not self.requires_grad:
@@ -398,7 +410,8 @@ class HashEmbedding(_Table):
             # entry e (bucket occurrence) reads gradient row e // k, scaled by p[e]
             src = np.repeat(np.arange(n, dtype=np.int64), k)
             scale = None if self.importance is None else p.reshape(-1)
-            optimizer._fused_update(self, grad, plan, False, src=src, scale=scale)
+            optimizer._fused_update(self, grad, plan, False, src=src, scale=scale,
+                                    prepared=None if ready is None else ready[1])
             return None
         self.grad = total
         return g

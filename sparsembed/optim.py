@@ -345,17 +345,31 @@ class Optimizer:
         # everything is validated, and every table's state allocated, before the
         # first write: a MemoryError for the last table's state leaves the tables
         # before it unchanged (and no state half made), not updated twice on a retry
+        targets = [(i, group, layer.weight) for i, group, layer, _, _ in work]
+        prepared = self._prepare_states(targets)
+        for n, ((i, group, layer, rows, values), ready) in enumerate(zip(work, prepared)):
+            try:
+                self._apply(i, group, layer.weight, rows, values, ready)
+            except BaseException:  # the tables not reached drop their new state too
+                self._restore_states(targets[n + 1:], prepared[n + 1:])
+                raise
+        return loss
+
+    def _prepare_states(self, targets):
+        """:meth:`_prepare_state` of every ``(i, group, weight)`` target, in order; if
+        one fails, none keeps state allocated here."""
         prepared = []
         try:
-            for i, group, layer, _, _ in work:
-                prepared.append(self._prepare_state(i, group, layer.weight))
+            for target in targets:
+                prepared.append(self._prepare_state(*target))
         except BaseException:
-            for (i, *_), (before, _) in zip(work, prepared):
-                self._restore_state(i, before)
+            self._restore_states(targets, prepared)
             raise
-        for (i, group, layer, rows, values), ready in zip(work, prepared):
-            self._apply(i, group, layer.weight, rows, values, ready)
-        return loss
+        return prepared
+
+    def _restore_states(self, targets, prepared):
+        for (i, _, _), (before, _) in zip(targets, prepared):
+            self._restore_state(i, before)
 
     def _check_grad_kind(self, layer):
         pass
@@ -427,7 +441,7 @@ class Optimizer:
         self._apply(i, group, w, rows, values)
 
     def _fused_update(self, layer, grad, plan, scale_grad_by_freq=False, src=None, scale=None,
-                      argmax=None):
+                      argmax=None, prepared=None):
         """Fused backward + update of ``layer``: see the module docstring.
 
         Parameters
@@ -446,6 +460,9 @@ class Optimizer:
         argmax : ndarray of shape (n_src, dim), int64, optional
             With ``src``: entry ``e`` only sends the columns ``j`` where
             ``argmax[src[e], j] == e`` (EmbeddingBag's max mode).
+        prepared : tuple, optional
+            The table's state, allocated already by :meth:`_prepare_states` (a caller
+            updating two tables allocates both states before either is written).
         """
         i, group, w = self._target(layer)
         be = backend_of(w)
@@ -466,7 +483,7 @@ class Optimizer:
             argmax = be.xp.ascontiguousarray(argmax, dtype=np.int64)
         self._update(i, group, w, lambda hyper, s1, s2: be.optim_fused_update(
             self._kind, hyper, w, grad, plan, src, scale, bool(scale_grad_by_freq), s1, s2,
-            argmax=argmax))
+            argmax=argmax), prepared)
 
     def zero_grad(self, set_to_none=True):
         """Set every layer's ``grad`` to None (torch's default ``set_to_none=True``).

@@ -685,6 +685,70 @@ def test_state_that_cannot_be_allocated_changes_nothing(name, kw, fail_at, monke
     assert opt.state[0]["step"] == opt.state[1]["step"] == 1
 
 
+def test_a_failed_update_drops_the_new_state_of_the_tables_after_it(monkeypatch):
+    # step() allocated every table's state first; when the first table's update then
+    # raised, the second kept fresh state it never used, and a retry took its
+    # momentum buffer as an old one (SGD's first step with dampening is buf = g)
+    from sparsembed import _cpu
+
+    def layer(seed):
+        emb = se.Embedding(N, D, sparse=True, random_state=seed)
+        emb(np.array([1, 2, 3]))
+        emb.backward(np.ones((3, D), np.float32))
+        return emb
+
+    a, b, twin = layer(0), layer(1), layer(1)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    opt = se.optim.SGD([a, b], **kw)
+    se.optim.SGD([twin], **kw).step()
+    real, calls = _cpu.optim_update_rows, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("the first table's temporaries")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_cpu, "optim_update_rows", fails_once)
+    with pytest.raises(MemoryError):
+        opt.step()
+    assert opt.state == {}
+    opt.step()
+    assert_array_equal(b.weight, twin.weight)
+
+
+def test_hash_fused_backward_allocates_both_states_before_writing(monkeypatch):
+    # the importance table was updated before the bucket table's state was made: a
+    # MemoryError there left a half-applied update (a retry updated importance twice)
+    def make():
+        h = se.HashEmbedding(50, 4, num_hashes=2, mode="weighted", sparse=True,
+                             random_state=0)
+        return h, se.optim.Adagrad([h, h.importance], lr=0.1)
+
+    (h, opt), (twin, twin_opt) = make(), make()
+    ids, weights = np.array([1, 2, 3, 7]), h.weight.copy()
+    importance = h.importance.weight.copy()
+    real = se.optim.Adagrad._new_state_array
+
+    def no_room_for_buckets(self, key, group, shape, dtype, xp=np):
+        if shape == h.weight.shape:
+            raise MemoryError("the bucket table's state")
+        return real(self, key, group, shape, dtype, xp)
+
+    out = h(ids)
+    monkeypatch.setattr(se.optim.Adagrad, "_new_state_array", no_room_for_buckets)
+    with pytest.raises(MemoryError):
+        h.backward(np.ones_like(out), optimizer=opt)
+    assert_array_equal(h.weight, weights)
+    assert_array_equal(h.importance.weight, importance)
+    assert opt.state == {}
+    monkeypatch.undo()
+    h.backward(np.ones_like(out), optimizer=opt)
+    twin.backward(np.ones_like(twin(ids)), optimizer=twin_opt)
+    assert_array_equal(h.weight, twin.weight)
+    assert_array_equal(h.importance.weight, twin.importance.weight)
+
+
 @pytest.mark.parametrize("name, kw", CONFIGS)
 @pytest.mark.parametrize("alias", ["weight", "state"])
 def test_fused_grad_output_sharing_the_table_or_state(name, kw, alias):
