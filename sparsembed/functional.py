@@ -62,7 +62,8 @@ def compact_rows(weight, flat, padding_idx, be):
     be.check_index_range(flat, weight.shape[0])
     rows, local = xp.unique(flat, return_inverse=True)
     if padding_idx is not None:
-        at = int(xp.searchsorted(rows, padding_idx))
+        # (CuPy's searchsorted takes arrays only)
+        at = int(xp.searchsorted(rows, xp.asarray([padding_idx], dtype=rows.dtype))[0])
         padding_idx = at if at < rows.shape[0] and int(rows[at]) == padding_idx else None
     return (xp.ascontiguousarray(weight[rows]), local.reshape(-1).astype(np.int64),
             padding_idx)

@@ -553,6 +553,13 @@ class FakeCsr(scipy.sparse.csr_matrix):
 FakeCsr.__module__ = "cupyx.scipy.sparse._csr"
 
 
+def _cupy_searchsorted(a, v, side="left", sorter=None):
+    # CuPy takes no Python numbers for v (NotImplementedError), unlike numpy
+    if not isinstance(v, np.ndarray):
+        raise NotImplementedError("Only int or ndarray are supported for v")
+    return np.searchsorted(a, v, side=side, sorter=sorter)
+
+
 def fake_cupy_modules(device_count=1):
     """{module name: module} for a numpy-backed ``cupy`` and ``cupyx.scipy.sparse``.
 
@@ -572,6 +579,7 @@ def fake_cupy_modules(device_count=1):
     # CuPy sorts stably, always (thrust's stable sort; kind=None means "stable")
     cp.argsort = _wrap(lambda a, axis=-1, kind=None: np.argsort(a, axis=axis, kind="stable"))
     cp.sort = _wrap(lambda a, axis=-1, kind=None: np.sort(a, axis=axis, kind="stable"))
+    cp.searchsorted = _wrap(_cupy_searchsorted)
     cp.ndarray = FakeDeviceArray
     cp.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
     cp.RawModule = FakeRawModule
