@@ -19,7 +19,7 @@ hits all of them alike. Each sparsembed time is reported as a ratio to each peer
 Usage::
 
     python benchmarks/run.py                  # full suite, writes results/latest.{json,png}
-    python benchmarks/run.py --quick          # D=64 workloads only, < 2 minutes
+    python benchmarks/run.py --quick          # D=64 workloads, threads, memory, bag tables
     python benchmarks/run.py --smoke          # tiny sizes, 1 repeat (used by the tests)
     python benchmarks/run.py --json out.json --threads 2 --repeat 5
 """
@@ -907,7 +907,7 @@ def plot(result, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="D = 64 workloads only (< 2 min)")
+    mode.add_argument("--quick", action="store_true", help="D = 64 workloads, the thread comparison, the memory check and the bag tables")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat (for tests)")
     p.add_argument("--json", default=None, help="write the results here "
                    "(default: benchmarks/results/latest.json for a full run)")

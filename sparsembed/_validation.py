@@ -157,7 +157,7 @@ def check_max_norm(max_norm, norm_type):
 def _as_given(number):
     """A checked option as the user gave it when it is a Python int or float (as torch
     keeps it: ``max_norm=1`` reads back and prints as 1), else as a float (a numpy
-    scalar or a Fraction would not go into a checkpoint's JSON)."""
+    scalar would not go into a checkpoint's JSON)."""
     return number if number is None or type(number) in (int, float) else float(number)
 
 

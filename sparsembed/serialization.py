@@ -93,6 +93,7 @@ import math
 import os
 import stat
 import struct
+import sys
 import tempfile
 import tokenize
 import zipfile
@@ -726,6 +727,10 @@ class _Reader:
             if any(n < 0 for n in shape):
                 self._fail(f"member {name!r}: corrupt .npy header at byte offset {start}: "
                            f"negative shape {shape}")
+            # numpy refuses such a shape even when another size is 0
+            if math.prod(n for n in shape if n) * dtype.itemsize > sys.maxsize:
+                self._fail(f"member {name!r}: corrupt .npy header at byte offset {start}: "
+                           f"shape {shape} is past what an array can hold")
             offset = f.tell()
         nbytes = math.prod(shape) * dtype.itemsize  # exact: numpy's int64 product wraps
         if offset - start + nbytes != zinfo.file_size or offset + nbytes > self.file_size:

@@ -337,10 +337,14 @@ def test_member_shorter_than_its_npy_header_says(tmp_path, mmap_mode):
 @pytest.mark.parametrize("mmap_mode", [None, "r"])
 @pytest.mark.parametrize("shape, message", [
     # a byte count past 2**64 wrapped to the 16 bytes stored (numpy's int64 product)
-    ((2 ** 62 + 1, 4), "73786976294838206480 data bytes expected"),
-    ((2 ** 32, 2 ** 30), "18446744073709551616 data bytes expected"),
+    ((2 ** 62 + 1, 4), r"shape \(4611686018427387905, 4\) is past what an array can hold"),
+    ((2 ** 32, 2 ** 30), r"shape \(4294967296, 1073741824\) is past"),
+    # a byte count within reach, but not in the file
+    ((2 ** 40, 4), "17592186044416 data bytes expected"),
     # two negative sizes multiply to the 4 floats stored
     ((-4, -1), r"corrupt .npy header at byte offset \d+: negative shape \(-4, -1\)"),
+    # no data at all, and a size numpy cannot shape
+    ((0, 2 ** 70), r"shape \(0, 1180591620717411303424\) is past what an array can hold"),
 ])
 def test_member_whose_npy_header_claims_an_impossible_shape(tmp_path, mmap_mode, shape, message):
     path = tmp_path / "t.npz"

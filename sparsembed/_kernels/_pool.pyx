@@ -12,7 +12,8 @@ private buffer object; they do not own their data, so ``ndarray.resize`` refuses
 them, as it does any view).
 
 The cache holds at most ``limit`` bytes of idle buffers (by default an eighth of the
-memory, or of the container's limit where lower, from 1 GiB to 4 GiB: see
+memory, or of the container's or the process's (``ulimit -v`` / ``-d``) limit where
+lower, from 1 GiB to 4 GiB: see
 ``default_limit``; environment variable ``SPARSEMBED_POOL_BYTES``; 0 turns it off),
 oldest evicted first. All of this runs under the GIL.
 """
