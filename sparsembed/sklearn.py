@@ -9,6 +9,7 @@ ratings. This module needs scikit-learn (``pip install scikit-learn``, or
 
 import numbers
 import sys
+import warnings
 from collections.abc import Hashable
 
 import numpy as np
@@ -28,7 +29,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import (
     _check_feature_names_in,
+    _check_y,
     check_array,
+    check_consistent_length,
     check_is_fitted,
     validate_data,
 )
@@ -52,7 +55,7 @@ class _IdIndex:
     :func:`_lookup_ids`; ids not seen at fit map to -1).
     """
 
-    def __init__(self, values):
+    def __init__(self, values, what="id"):
         values = np.asarray(values)
         if (values.dtype.kind in "iu" and values.size
                 and values.min() >= 0 and values.max() <= 4 * values.size + 1024):
@@ -61,11 +64,40 @@ class _IdIndex:
             self.ids = np.flatnonzero(present).astype(values.dtype)
             codes = (np.cumsum(present) - 1)[values]
         else:
-            self.ids, codes = np.unique(values, return_inverse=True)
+            try:
+                self.ids, codes = np.unique(values, return_inverse=True)
+            except TypeError:  # ids numpy cannot order: a mix of kinds
+                kinds = sorted({type(v).__name__ for v in values.ravel().tolist()})
+                raise TypeError(f"{what} ids must be all numbers or all strings (ids of one "
+                                f"kind, to be ordered), got a mix of {', '.join(kinds)}") from None
         self.codes = codes.reshape(-1).astype(np.int32 if self.ids.size < 2**31 else np.int64)
 
     def __len__(self):
         return self.ids.size
+
+
+def _id_kind(values):
+    """"number", "string" or another type's name: what kind of ids ``values`` holds
+    (an object array: its first one; fitted ids are all of one kind, or unorderable)."""
+    kind = values.dtype.kind
+    if kind in "biuf":
+        return "number"
+    if kind in "US":
+        return "string"
+    first = values.flat[0] if values.size else None
+    if isinstance(first, numbers.Number):
+        return "number"
+    return "string" if isinstance(first, (str, bytes)) else type(first).__name__
+
+
+def _warn_other_kind(values, ids, what):
+    """A warning when ids of another kind than the fitted ones are looked up (ints
+    against ids fitted as strings, say): none of them can be found."""
+    values = np.asarray(values)
+    if values.size and ids.size and _id_kind(values) != _id_kind(ids):
+        warnings.warn(f"{what} ids given as {_id_kind(values)}s, but the fitted {what} ids "
+                      f"are {_id_kind(ids)}s ({ids.dtype}): none can match, all are "
+                      f"treated as unseen", UserWarning, stacklevel=3)
 
 
 def _lookup_ids(ids, values):
@@ -293,15 +325,41 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         )}
 
     def _validate_X(self, X, reset, y="no_validation"):
+        """``([user ids, item ids], y)``: the two id columns as 1-D arrays, y checked."""
+        no_y = isinstance(y, str) and y == "no_validation"
+        pd = sys.modules.get("pandas")
+        if pd is not None and isinstance(X, pd.DataFrame):
+            return self._validate_frame(X, reset, y, no_y)
         kwargs = dict(dtype=None, ensure_all_finite=True, reset=reset)
-        if isinstance(y, str) and y == "no_validation":
+        if no_y:
             X = validate_data(self, X, **kwargs)
         else:
             X, y = validate_data(self, X, y, y_numeric=True, **kwargs)
         if X.shape[1] != 2:
             raise ValueError(
                 f"X must have 2 columns (user id, item id), got {X.shape[1]} feature(s)")
-        return X, y
+        return [X[:, 0], X[:, 1]], y
+
+    def _validate_frame(self, X, reset, y, no_y):
+        # each column as it is: one array of a common dtype (sklearn's check) turns
+        # int64 ids beside float or nullable (Int64) ones into float64, which merges
+        # ids past 2**53 (and returns ids as floats)
+        validate_data(self, X, reset=reset, skip_check_array=True)
+        if X.shape[1] != 2:
+            raise ValueError(
+                f"X must have 2 columns (user id, item id), got {X.shape[1]} feature(s)")
+        columns = []
+        for j, what in enumerate(("user", "item")):
+            col = X.iloc[:, j]
+            if col.isna().any():
+                raise ValueError(f"{what} ids (column {X.columns[j]!r}) hold a missing value "
+                                 f"at row {int(np.flatnonzero(col.isna().to_numpy())[0])}")
+            columns.append(check_array(col.to_numpy().reshape(-1, 1), dtype=None,
+                                       ensure_all_finite=True, input_name="X")[:, 0])
+        if not no_y:
+            y = _check_y(y, y_numeric=True, estimator=self)
+            check_consistent_length(columns[0], y)
+        return columns, y
 
     def fit(self, X, y):
         """Learn biases and factors from ratings.
@@ -309,26 +367,32 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_ratings, 2)
-            (user id, item id) pairs; ids may be any ints, floats or strings.
+            (user id, item id) pairs; ids may be any ints, floats or strings (each
+            column of one kind). A DataFrame's columns are read one by one, each
+            keeping its dtype (nullable "Int64" ids stay integers).
         y : array-like of shape (n_ratings,)
             Ratings.
 
         Returns
         -------
         self
+
+        Raises
+        ------
+        ValueError
+            When training diverges (the training RMSE becomes NaN or inf: ``lr`` too
+            large); nothing learned is kept.
         """
         self._validate_params()
-        X, y = self._validate_X(X, reset=True, y=y)
+        (user_col, item_col), y = self._validate_X(X, reset=True, y=y)
         y = np.asarray(y, dtype=np.float64)
         if y.ndim != 1:
             raise ValueError(f"y must be 1-D ratings, got shape {y.shape}")
         rng = check_random_state(self.random_state)
-        users = _IdIndex(X[:, 0])
-        items = _IdIndex(X[:, 1])
+        users = _IdIndex(user_col, "user")
+        items = _IdIndex(item_col, "item")
         n_users, n_items, k = len(users), len(items), int(self.n_factors)
-        self.user_ids_, self.item_ids_ = users.ids, items.ids
-        self.global_mean_ = float(y.mean())
-        self.rating_range_ = (float(y.min()), float(y.max()))
+        global_mean = float(y.mean())
         # Surprise's order of draws: user factors, then item factors
         dtype = self._dtype
         P = rng.normal(0.0, self.init_std, (n_users, k)).astype(dtype, copy=False)
@@ -362,12 +426,19 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
             if B > 1:
                 order = order[np.argsort(key[order], kind="stable")]
             sgd_epoch(u[order], i[order], y_t[order], starts, P, Q, bu, bi,
-                      self.global_mean_, float(self.lr), float(self.reg), bool(self.biased),
+                      global_mean, float(self.lr), float(self.reg), bool(self.biased),
                       sse, _threads.kernel_threads(B))  # B blocks: the same on fewer threads
             history[epoch] = np.sqrt(sse.sum() / max(n, 1))
+            if not np.isfinite(history[epoch]):  # nothing learned is kept
+                raise ValueError(
+                    f"MatrixFactorization diverged: the training RMSE is {history[epoch]} "
+                    f"after epoch {epoch + 1} (lr={self.lr}); lower lr or raise reg")
         if B > 1:  # back to the rows of the sorted ids
             P, Q, bu, bi = P[uinv], Q[iinv], bu[uinv], bi[iinv]
             u, i = users.codes, items.codes
+        self.user_ids_, self.item_ids_ = users.ids, items.ids
+        self.global_mean_ = global_mean
+        self.rating_range_ = (float(y.min()), float(y.max()))
         self.train_rmse_ = history
         self.user_bias_, self.item_bias_ = bu, bi
         self.user_embedding_ = Embedding(n_users, k, weight=P, dtype=dtype)
@@ -409,9 +480,11 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         ndarray of shape (n_pairs,), float64
         """
         check_is_fitted(self)
-        X, _ = self._validate_X(X, reset=False)
-        urow = _lookup_ids(self.user_ids_, X[:, 0])
-        irow = _lookup_ids(self.item_ids_, X[:, 1])
+        (user_col, item_col), _ = self._validate_X(X, reset=False)
+        _warn_other_kind(user_col, self.user_ids_, "user")
+        _warn_other_kind(item_col, self.item_ids_, "item")
+        urow = _lookup_ids(self.user_ids_, user_col)
+        irow = _lookup_ids(self.item_ids_, item_col)
         return np.clip(self._score(urow, irow), *self.rating_range_)
 
     def recommend(self, user, k=10, exclude_seen=True):
@@ -437,6 +510,9 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
         if np.ndim(user) != 0:
             raise ValueError(f"user must be a single user id (recommend takes one user at "
                              f"a time), got an array of shape {np.shape(user)}")
+        if user is None or not isinstance(user, Hashable):
+            raise TypeError(f"user must be a user id (a number or a string), got {user!r}")
+        _warn_other_kind(np.asarray([user]), self.user_ids_, "user")
         urow = int(_lookup_ids(self.user_ids_, np.asarray([user]))[0])
         n_items = self.item_ids_.size
         scores = np.full(n_items, self.global_mean_ if self.biased else 0.0)
@@ -526,21 +602,42 @@ def _sigmoid(z):
 
 def _pandas_na_as_nan(X):
     """``X`` with pandas' ``pd.NA`` as ``np.nan`` in its nullable "string" columns
-    that hold one: sklearn's encoders refuse strings beside ``pd.NA`` ("uniformly
-    strings or numbers") but take ``np.nan`` as a missing value, the category this
-    encoder promises. (They already take the nullable "Int64" and "boolean"
-    columns' ``pd.NA``.) Other inputs are returned as they are."""
+    and its object columns that hold one: sklearn's encoders refuse strings beside
+    ``pd.NA`` ("uniformly strings or numbers") but take ``np.nan`` as a missing value,
+    the category this encoder promises (an object column's None stays None, its own
+    category, as in sklearn). Nullable integer ("Int64", "UInt64") columns become
+    numpy integers, or objects with ``np.nan`` where they hold ``pd.NA``: sklearn
+    reads them as float64, which merges ids past 2**53. Other inputs are returned as
+    they are."""
     pd = sys.modules.get("pandas")
     if pd is None or not isinstance(X, pd.DataFrame):
         return X
-    na_columns = [i for i, dtype in enumerate(X.dtypes)
-                  if isinstance(dtype, pd.StringDtype) and X.iloc[:, i].isna().any()]
-    if not na_columns:
+    fixes = {}
+    for i, dtype in enumerate(X.dtypes):
+        nullable_int = (isinstance(dtype, pd.api.extensions.ExtensionDtype)
+                        and getattr(dtype, "kind", "") in ("i", "u")
+                        and getattr(dtype, "numpy_dtype", None) is not None)
+        if not (nullable_int or isinstance(dtype, pd.StringDtype) or dtype == object):
+            continue
+        col = X.iloc[:, i]
+        if not col.isna().any():
+            if nullable_int:
+                fixes[i] = col.astype(dtype.numpy_dtype)
+            continue
+        if isinstance(dtype, pd.StringDtype) or nullable_int:
+            fixes[i] = col.astype(object).where(col.notna(), np.nan)
+        else:
+            values = col.to_numpy()
+            is_na = np.fromiter((v is pd.NA for v in values), bool, values.size)
+            if is_na.any():
+                values = values.copy()
+                values[is_na] = np.nan
+                fixes[i] = pd.Series(values, index=col.index, dtype=object)
+    if not fixes:
         return X
     X = X.copy()
-    for i in na_columns:
-        col = X.iloc[:, i]
-        X.isetitem(i, col.astype(object).where(col.notna(), np.nan))
+    for i, col in fixes.items():
+        X.isetitem(i, col)
     return X
 
 
@@ -583,6 +680,11 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
         Adagrad learning rate.
     random_state : None, int or numpy.random.RandomState
         Seeds the tables and the order of the training batches.
+    target_type : {"auto", "continuous", "binary", "multiclass"}, default "auto"
+        The target's type, as ``TargetEncoder``'s parameter: "auto" infers it
+        (``type_of_target``), which takes whole numbers for class labels -- prices in
+        whole units would train a softmax over every price seen, so "auto" warns when
+        it finds a numeric target of more than 100 classes; say "continuous" there.
 
     Attributes
     ----------
@@ -624,18 +726,23 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
         "epochs": [Interval(numbers.Integral, 0, None, closed="left")],
         "lr": [Interval(numbers.Real, 0, None, closed="neither")],
         "random_state": ["random_state"],
+        "target_type": [StrOptions({"auto", "continuous", "binary", "multiclass"})],
     }
+
+    # a numeric target "auto" reads as classes warns past this many of them
+    _MANY_CLASSES = 100
 
     _batch_size = 128
 
     def __init__(self, embedding_dim=8, *, handle_unknown="use_oov", max_norm=None,
-                 epochs=10, lr=0.05, random_state=None):
+                 epochs=10, lr=0.05, random_state=None, target_type="auto"):
         self.embedding_dim = embedding_dim
         self.handle_unknown = handle_unknown
         self.max_norm = max_norm
         self.epochs = epochs
         self.lr = lr
         self.random_state = random_state
+        self.target_type = target_type
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -653,6 +760,8 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
                 "either using array.reshape(-1, 1) if your data has a single feature or "
                 "array.reshape(1, -1) if it contains a single sample.")
         X = _pandas_na_as_nan(validate_data(self, X, reset=reset, skip_check_array=True))
+        if not reset:
+            X = self._numbers_as_objects(X)
         if reset:
             unknown = "use_encoded_value" if self.handle_unknown == "use_oov" else "error"
             self._ordinal = OrdinalEncoder(
@@ -671,6 +780,28 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
             if (col == -2).any():  # missing, seen at fit: its own category (the last)
                 col[col == -2] = len(cats) - 1
         return codes
+
+    def _numbers_as_objects(self, X):
+        """``X`` with the numeric columns whose fitted categories are not numbers (a
+        column read as all-NaN floats, or given ints, where strings were fitted) as
+        object columns: then their values are unseen categories (or missing), as
+        ``handle_unknown`` says, where ``OrdinalEncoder`` raised a TypeError about
+        ``isnan`` or failed to compare them."""
+        text = [cats.dtype.kind not in "biuf" for cats in self._ordinal.categories_]
+        if not any(text):
+            return X
+        pd = sys.modules.get("pandas")
+        if pd is not None and isinstance(X, pd.DataFrame):
+            numeric = [j for j, dtype in enumerate(X.dtypes)
+                       if j < len(text) and text[j] and dtype.kind in "biuf"]
+            if numeric:
+                X = X.copy()
+                for j in numeric:
+                    X.isetitem(j, X.iloc[:, j].astype(object))
+            return X
+        if isinstance(X, np.ndarray) and X.dtype.kind in "biuf":
+            return X.astype(object)
+        return X
 
     def fit(self, X, y=None):
         """Learn the categories and the tables (trained on ``y`` when given).
@@ -721,6 +852,29 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         kind = type_of_target(y, input_name="y", raise_unknown=True)
+        if self.target_type == "auto":
+            if kind == "multiclass" and y.dtype.kind in "iuf":
+                n_classes = np.unique(y).size
+                if n_classes > self._MANY_CLASSES:
+                    warnings.warn(
+                        f"y holds {n_classes} distinct whole numbers, taken for classes "
+                        f"(a softmax over {n_classes} outputs); pass "
+                        f"target_type='continuous' for a numeric target, or "
+                        f"target_type='multiclass' to keep the classes", UserWarning,
+                        stacklevel=3)
+        elif self.target_type == "continuous":
+            if y.dtype.kind not in "iufb":
+                raise ValueError(f"target_type='continuous' needs a numeric y, got dtype {y.dtype}")
+            kind = "continuous-multioutput" if y.ndim == 2 else "continuous"
+        else:
+            if y.ndim != 1:
+                raise ValueError(f"target_type={self.target_type!r} needs a 1-D y, got shape "
+                                 f"{y.shape}")
+            n_classes = np.unique(y).size
+            if self.target_type == "binary" and n_classes > 2:
+                raise ValueError(f"target_type='binary' needs at most 2 classes, y has "
+                                 f"{n_classes}")
+            kind = self.target_type
         self.target_type_ = kind
         if kind in ("continuous", "continuous-multioutput"):
             Y = np.asarray(y, dtype=np.float64).reshape(n_samples, -1)

@@ -310,9 +310,16 @@ def test_mf_recommend(sample):
     everything = mf.recommend(user, k=1000, exclude_seen=False)
     assert everything.size == mf.item_ids_.size
     assert set(mf.recommend(user, k=1000)) == set(candidates)
-    # an unseen user gets the items with the highest bias
-    assert_array_equal(mf.recommend("nobody", k=3),
-                       mf.item_ids_[np.argsort(-mf.item_bias_, kind="stable")[:3]])
+    # an unseen user gets the items with the highest bias (a string among int ids
+    # cannot be one of them: said)
+    with pytest.warns(UserWarning, match="user ids given as strings, but the fitted user "
+                                         "ids are numbers"):
+        assert_array_equal(mf.recommend("nobody", k=3),
+                           mf.item_ids_[np.argsort(-mf.item_bias_, kind="stable")[:3]])
+    assert_array_equal(mf.recommend(10**9, k=3), mf.recommend(-1, k=3))
+    for bad in (None, {}, [[1]]):
+        with pytest.raises((TypeError, ValueError), match="user"):
+            mf.recommend(bad)
     assert mf.recommend(user, k=0).size == 0
     with pytest.raises(ValueError, match="k must be"):
         mf.recommend(user, k=-1)
@@ -426,6 +433,47 @@ def test_mf_checks_on_two_columns(sample):
     assert _rmse(mf.predict(X), y) < _rmse(np.full_like(y, y.mean()), y)
     # a regressor: score is R^2
     assert mf.score(X, y) > 0
+
+
+def test_mf_dataframe_columns_keep_their_ids():
+    # sklearn's check made one float64 array of an int64 column beside a float or
+    # nullable one: ids past 2**53 merged (998 users became 886), ids came back floats
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    users = 2 ** 60 + np.arange(0, 600, 2, dtype=np.int64)  # neighbours merge in float64
+    frame = pd.DataFrame({"user": np.repeat(users, 3),
+                          "item": np.tile([7, 8, 9], users.size)})
+    y = rng.uniform(1, 5, len(frame))
+    for X in (frame, frame.convert_dtypes(),
+              frame.assign(item=frame["item"].astype(float)),
+              frame.assign(item=frame["item"].astype("UInt64"))):
+        mf = MatrixFactorization(n_factors=2, epochs=2, random_state=0).fit(X, y)
+        assert_array_equal(mf.user_ids_, users)
+        assert mf.user_ids_.dtype.kind == "i"
+        assert mf.predict(X).shape == (len(frame),)
+        assert mf.recommend(int(users[1]), k=3, exclude_seen=False).size == 3
+    with pytest.raises(ValueError, match=r"user ids \(column 'user'\) hold a missing value "
+                                         r"at row 4"):
+        MatrixFactorization().fit(frame.convert_dtypes().assign(
+            user=pd.array([1, 2, 3, 4, None, 6] * 150, dtype="Int64")), y)
+
+
+def test_mf_ids_of_mixed_kinds_are_named():
+    with pytest.raises(TypeError, match="user ids must be all numbers or all strings .* "
+                                        "got a mix of NoneType, str"):
+        MatrixFactorization().fit(np.array([["a", 1], [None, 2]], dtype=object), [1.0, 2.0])
+    with pytest.raises(TypeError, match="item ids .* a mix of int, str"):
+        MatrixFactorization().fit(np.array([[1, "x"], [2, 3]], dtype=object), [1.0, 2.0])
+
+
+def test_mf_divergence_is_an_error_and_keeps_nothing(sample):
+    # lr = 0.3 gave NaN factors silently: every prediction NaN, score() blaming the input
+    X, y, _, _ = sample
+    mf = MatrixFactorization(n_factors=4, epochs=3, lr=10.0, random_state=0)
+    with pytest.raises(ValueError, match=r"diverged: the training RMSE is (nan|inf) after "
+                                         r"epoch \d+ \(lr=10.0\); lower lr"):
+        mf.fit(X, y)
+    assert not hasattr(mf, "user_embedding_") and not hasattr(mf, "global_mean_")
 
 
 def test_mf_in_pipeline(sample):
@@ -572,6 +620,62 @@ def test_encoder_binary_and_multiclass_targets():
     assert clf3.score(enc3.transform(X), three) > 0.85  # 0.94..0.95
     with pytest.raises(ValueError, match="Unknown label type|unknown"):
         EmbeddingEncoder().fit(X, np.array([{"a": 1}] * len(X), dtype=object))
+
+
+def test_encoder_target_type():
+    # whole-number prices were read as classes: a softmax over every price seen
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 5, (3000, 1))
+    y = X[:, 0] * 100 + rng.integers(0, 300, 3000)
+    with pytest.warns(UserWarning, match=r"y holds \d+ distinct whole numbers, taken for "
+                                         r"classes .* target_type='continuous'"):
+        assert EmbeddingEncoder(epochs=1).fit(X, y).target_type_ == "multiclass"
+    enc = EmbeddingEncoder(epochs=3, target_type="continuous", random_state=0).fit(X, y)
+    assert enc.target_type_ == "continuous"
+    # the learned first coordinate... a linear model on the features explains y
+    r2 = LinearRegression().fit(enc.transform(X), y).score(enc.transform(X), y)
+    assert r2 > 0.7
+    with pytest.raises(ValueError, match="at most 2 classes, y has"):
+        EmbeddingEncoder(target_type="binary").fit(X, y)
+    with pytest.raises(ValueError, match="numeric y"):
+        EmbeddingEncoder(target_type="continuous").fit(X, np.array(["a", "b", "c"] * 1000))
+    labels = rng.integers(0, 150, 3000)  # many classes, said to be classes: no warning
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert EmbeddingEncoder(epochs=1, target_type="multiclass").fit(
+            X, labels).target_type_ == "multiclass"
+
+
+def test_encoder_numbers_where_strings_were_fitted_are_unseen():
+    # a column read as all-NaN floats (an empty CSV column), or given ints, where
+    # strings were fitted: OrdinalEncoder raised a TypeError about isnan
+    pd = pytest.importorskip("pandas")
+    fit = pd.DataFrame({"city": ["paris", "rome", "paris"], "n": [1, 2, 3]})
+    enc = EmbeddingEncoder(embedding_dim=2, random_state=0).fit(fit)
+    oov = enc.transform(pd.DataFrame({"city": ["nowhere"], "n": [1]}))
+    for city in (np.array([np.nan, np.nan]), np.array([5, 6])):
+        got = enc.transform(pd.DataFrame({"city": city, "n": [1, 1]}))
+        assert_array_equal(got, np.repeat(oov, 2, axis=0))
+    strict = EmbeddingEncoder(embedding_dim=2, handle_unknown="error").fit(fit)
+    with pytest.raises(ValueError, match=r"unknown categories \[5, 6\]"):
+        strict.transform(pd.DataFrame({"city": [5, 6], "n": [1, 1]}))
+    arr = EmbeddingEncoder(embedding_dim=2, random_state=0).fit(np.array([["a"], ["b"]]))
+    assert arr.transform(np.array([[np.nan]])).shape == (1, 2)
+
+
+def test_encoder_nullable_ints_and_object_na():
+    # sklearn reads nullable Int64 as float64 (ids past 2**53 merged); pd.NA in an
+    # object column was refused ("uniformly strings or numbers")
+    pd = pytest.importorskip("pandas")
+    ids = 2 ** 60 + np.arange(0, 40, 2, dtype=np.int64)
+    enc = EmbeddingEncoder(embedding_dim=2).fit(pd.DataFrame({"u": pd.array(ids, "Int64")}))
+    assert_array_equal(enc.categories_[0], ids)
+    with_na = pd.DataFrame({"u": pd.array([1, None, 2], dtype="Int64").astype(object),
+                            "s": pd.array(["x", None, "y"], dtype="string").astype(object)})
+    enc = EmbeddingEncoder(embedding_dim=2).fit(with_na)
+    assert [c.size for c in enc.categories_] == [3, 3]
+    assert np.isnan(enc.categories_[0][-1]) and np.isnan(enc.categories_[1][-1])
 
 
 def test_encoder_max_norm():
