@@ -704,7 +704,8 @@ class EmbeddingBag(_Table):
     per_sample_weights_grad : ndarray or None
         Set by every ``backward`` whose forward had per-sample weights: their gradient
         ``dot(grad_output[bag], weight[id])`` (0 for padding entries; a float32
-        table's dot accumulated in float64, then rounded), shaped as they were. Not accumulated across calls; None when the forward had none.
+        table's dot accumulated in float64, then rounded), shaped as they were. Not
+        accumulated across calls; None when the forward had none.
     requires_grad : bool
 
     Examples

@@ -398,9 +398,9 @@ class HashEmbedding(_Table):
                 try:
                     optimizer._fused_update(self.importance, dp, wplan,
                                             prepared=None if ready is None else ready[0])
-                except BaseException:
+                except BaseException:  # both back as they were (again, for importance)
                     if ready is not None:
-                        optimizer._restore_states(targets[1:], ready[1:])
+                        optimizer._restore_states(targets, ready)
                     raise
             else:
                 self.importance.grad = importance_grad
