@@ -94,10 +94,13 @@ def _warn_other_kind(values, ids, what):
     """A warning when ids of another kind than the fitted ones are looked up (ints
     against ids fitted as strings, say): none of them can be found."""
     values = np.asarray(values)
-    if values.size and ids.size and _id_kind(values) != _id_kind(ids):
-        warnings.warn(f"{what} ids given as {_id_kind(values)}s, but the fitted {what} ids "
-                      f"are {_id_kind(ids)}s ({ids.dtype}): none can match, all are "
-                      f"treated as unseen", UserWarning, stacklevel=3)
+    if not (values.size and ids.size):
+        return
+    given, fitted = _id_kind(values), _id_kind(ids)
+    if given != fitted:
+        warnings.warn(f"{what} ids given as {given}s, but the fitted {what} ids are "
+                      f"{fitted}s ({ids.dtype}): none can match, all are treated as "
+                      f"unseen", UserWarning, stacklevel=3)
 
 
 def _lookup_ids(ids, values):
@@ -512,8 +515,9 @@ class MatrixFactorization(RegressorMixin, BaseEstimator):
                              f"a time), got an array of shape {np.shape(user)}")
         if user is None or not isinstance(user, Hashable):
             raise TypeError(f"user must be a user id (a number or a string), got {user!r}")
-        _warn_other_kind(np.asarray([user]), self.user_ids_, "user")
-        urow = int(_lookup_ids(self.user_ids_, np.asarray([user]))[0])
+        one = np.asarray([user])
+        _warn_other_kind(one, self.user_ids_, "user")
+        urow = int(_lookup_ids(self.user_ids_, one)[0])
         n_items = self.item_ids_.size
         scores = np.full(n_items, self.global_mean_ if self.biased else 0.0)
         if self.biased:
