@@ -856,9 +856,12 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         kind = type_of_target(y, input_name="y", raise_unknown=True)
+        # np.unique of a 1-D y, worked out once for the checks and the one-hot below
+        classes = inverse = None
         if self.target_type == "auto":
             if kind == "multiclass" and y.dtype.kind in "iuf":
-                n_classes = np.unique(y).size
+                classes, inverse = np.unique(y, return_inverse=True)
+                n_classes = classes.size
                 if n_classes > self._MANY_CLASSES:
                     warnings.warn(
                         f"y holds {n_classes} distinct whole numbers, taken for classes "
@@ -874,7 +877,8 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
             if y.ndim != 1:
                 raise ValueError(f"target_type={self.target_type!r} needs a 1-D y, got shape "
                                  f"{y.shape}")
-            n_classes = np.unique(y).size
+            classes, inverse = np.unique(y, return_inverse=True)
+            n_classes = classes.size
             if self.target_type == "binary" and n_classes > 2:
                 raise ValueError(f"target_type='binary' needs at most 2 classes, y has "
                                  f"{n_classes}")
@@ -885,11 +889,11 @@ class EmbeddingEncoder(TransformerMixin, BaseEstimator):
             std = Y.std(axis=0)
             Y = (Y - Y.mean(axis=0)) / np.where(std > 0, std, 1.0)
             return "squared", Y
+        if kind in ("binary", "multiclass") and classes is None:
+            classes, inverse = np.unique(y, return_inverse=True)
         if kind == "binary":
-            classes = np.unique(y)
             return "logistic", (y == classes[-1]).astype(np.float64).reshape(-1, 1)
         if kind == "multiclass":
-            classes, inverse = np.unique(y, return_inverse=True)
             Y = np.zeros((n_samples, classes.size))
             Y[np.arange(n_samples), inverse.reshape(-1)] = 1.0
             return "softmax", Y
