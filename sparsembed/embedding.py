@@ -797,8 +797,11 @@ class EmbeddingBag(_Table):
         be = self._backend
         layout = self._checked_table()
         # plain pooling checks the ids itself (one pass fewer); renorm and the float16
-        # path plan the rows first, which needs ids known to be in range
-        deferred = self.max_norm is None and not _half.is_half(self.weight)
+        # pooling of a compact float32 copy (max mode, strided tables) plan the rows
+        # first, which needs ids known to be in range
+        half = _half.is_half(self.weight)
+        copies_half = half and not _half.pools_rows(self.weight, self.mode)
+        deferred = self.max_norm is None and not copies_half
         bags = _bags.bags_of(input, offsets, per_sample_weights, self.mode,
                              self.include_last_offset, self.num_embeddings,
                              _half.compute_dtype(self.weight.dtype), be,
@@ -810,14 +813,12 @@ class EmbeddingBag(_Table):
             F.renorm_(self.weight, plan, self.max_norm, self.norm_type, self.padding_idx, be)
             if bags.end != bags.flat.shape[0]:
                 plan = None  # the backward plans the bagged entries only
-        half = {}
-        if _half.is_half(self.weight):  # pooled on a compact float32 copy of its rows
-            if plan is None:
-                plan = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
-            half = {"plan": plan}
+        # sum and mean read float16 rows as they are: the plan waits for a backward
+        if copies_half and plan is None:
+            plan = be.plan_rows(bags.used, self.num_embeddings, self.padding_idx)
         out, argmax, counts = be.bag_forward(self.weight, bags.flat, bags.starts, self.mode,
                                              self.padding_idx, bags.psw, check_range=deferred,
-                                             **half)
+                                             **({"plan": plan} if half else {}))
         src = _sources(be, input, offsets, per_sample_weights)
         bags.flat = _own(bags.flat, src, be.xp)
         bags.starts = _own(bags.starts, src, be.xp)

@@ -248,6 +248,26 @@ def test_bag_pools_in_float32(rng, mode, weighted, padding_idx, sparse):
         assert_array_equal(fpsw, bag.per_sample_weights_grad)
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_bag_layer_pools_float16_rows_without_planning_them(rng, mode):
+    # the layer sorted each batch's ids before pooling float16 rows that the kernel
+    # reads as they are (a frozen layer at inference too): 2-3x the functional
+    # form's time (s31 sweep: D = 64, 2,048 bags of 32, 1.30 against 0.45 ms)
+    bag = se.EmbeddingBag.from_pretrained(table(rng), freeze=False, mode=mode)
+    ids = rng.integers(0, N, (6, 4))
+    out = bag(ids)
+    assert bag._saved["plan"] is None
+    assert_array_equal(out, F.embedding_bag(ids, bag.weight, mode=mode))
+    go = rng.standard_normal(out.shape).astype(F32)
+    assert_allclose(bag.backward(go), ref_bag_grad(go, bag.weight, ids.reshape(-1),
+                                                   [(b, b + 4) for b in range(0, 24, 4)], mode)[0],
+                    rtol=1e-5, atol=1e-5)
+    bad = ids.copy()
+    bad[2, 1] = N
+    with pytest.raises(IndexError, match=str(N)):
+        bag(bad)
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_bag_2d_csr_input_and_max_norm(rng, mode):
     w = table(rng, scale=2.0)
