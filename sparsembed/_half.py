@@ -91,6 +91,16 @@ def _store(weight, rows, work):
         weight[rows] = work
 
 
+def to_float(a):
+    """A float16 array of any shape converted to a new C-contiguous float32 array
+    (exact; numpy's ``astype`` converts on one thread, ~4x slower on two here)."""
+    a = np.ascontiguousarray(a)
+    out = _pool.empty(a.shape, np.float32)
+    _f16.to_float(a.reshape(-1).view(np.uint16), out.reshape(-1),
+                  threads_for(a.size, ROW_MOVE_GRAIN))
+    return out
+
+
 def to_half(a):
     """A C-contiguous 2-D float32 array rounded to a new float16 array (nearest even)."""
     out = np.empty(a.shape, dtype=HALF)

@@ -10,6 +10,7 @@ import operator
 
 import numpy as np
 
+from sparsembed import _half
 from sparsembed._kernels import _lookup
 from sparsembed._threads import threads_for
 
@@ -188,4 +189,6 @@ def as_grad_output(grad_output, expected_shape, dtype):
             f"grad_output has shape {g.shape}, expected {tuple(expected_shape)} "
             "(the shape of the forward's output)"
         )
+    if g.dtype == np.float16 and np.dtype(dtype) == np.float32:
+        return _half.to_float(g)  # a float16 forward's gradient, converted on every thread
     return np.asarray(g, dtype=dtype, order="C")

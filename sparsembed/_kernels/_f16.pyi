@@ -26,3 +26,6 @@ def rows_from_float(work: NDArray[np.float32], rows: NDArray[np.int64], table: N
 def to_half(src: NDArray[np.float32], out: NDArray[np.uint16], n_threads: int) -> None:
     """``out = float16(src)``, rounded to nearest even; ValueError for shapes that
     differ."""
+
+def to_float(src: NDArray[np.uint16], out: NDArray[np.float32], n_threads: int) -> None:
+    """``out = float32(src)`` (exact), 1-D; ValueError for lengths that differ."""

@@ -119,3 +119,24 @@ def to_half(
     with nogil:
         for i in prange(n, schedule="static", num_threads=n_threads):
             fns.to_half(&src[i, 0], &out[i, 0], dim)
+
+
+def to_float(
+    const uint16_t[::1] src,        # IN (n,) float16 bits
+    float[::1] out,                 # OUT (n,)
+    int n_threads,
+):
+    """``out = float32(src)`` (exact), in blocks of 4,096 values (ValueError for
+    lengths that differ). For whole arrays, such as a float16 ``grad_output``."""
+    cdef int64_t n = src.shape[0]
+    cdef int64_t n_blocks = (n + 4095) // 4096
+    cdef int64_t b, lo
+    cdef rows_table fns = rows_table_at(pool_level())
+    if out.shape[0] != n:
+        raise ValueError(f"out must hold {n} values, got {out.shape[0]}")
+    if n == 0:
+        return
+    with nogil:
+        for b in prange(n_blocks, schedule="static", num_threads=n_threads):
+            lo = b * 4096
+            fns.to_float(&src[lo], &out[lo], min(4096, n - lo))
