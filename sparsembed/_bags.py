@@ -236,9 +236,20 @@ def entry_scale(bags, mode, counts, entry_bag, dtype, be):
     return None
 
 
+def plan_needed(mode, scale_grad_by_freq, sparse):
+    """Whether :func:`weight_grad` needs the plan of the bagged entries: all but max
+    mode's dense gradient without ``scale_grad_by_freq``, which is summed straight
+    from the winners (n_bags x dim adds instead of sorting every entry)."""
+    return mode != "max" or scale_grad_by_freq or sparse
+
+
 def weight_grad(grad2d, bags, plan, entry_bag, scale, argmax, num_embeddings,
                 scale_grad_by_freq, sparse, be):
-    """Dense or row-sparse table gradient of a bag forward."""
+    """Dense or row-sparse table gradient of a bag forward (``plan`` may be None
+    where :func:`plan_needed` says so)."""
+    if argmax is not None and not plan_needed("max", scale_grad_by_freq, sparse):
+        return be.bag_max_dense_grad(grad2d, argmax, bags.flat, bags.used, entry_bag,
+                                     num_embeddings)
     if sparse:
         return be.bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_embeddings,
                                   scale_grad_by_freq)

@@ -471,6 +471,20 @@ def bag_dense_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_
     return out
 
 
+def bag_max_dense_grad(grad2d, argmax, flat, used, entry_bag, num_rows):
+    """Max mode's dense (num_rows, dim) gradient straight from the winners, without
+    a plan of the entries (``_bag.bag_max_dense_backward``: the bits of
+    :func:`bag_dense_grad`'s planned sums). ``used`` (the bagged entries) and
+    ``entry_bag`` serve the CUDA backend, which plans them."""
+    out = _pool.empty((num_rows, grad2d.shape[1]), grad2d.dtype)
+    T = threads_for(argmax.size + out.size // 8)
+    n_bad = _bag.bag_max_dense_backward(grad2d, argmax, flat, out, T,
+                                        out.nbytes >= STREAM_BYTES)
+    if n_bad:  # the forward's winners always name bagged, checked entries
+        raise RuntimeError(f"{n_bad} max-mode winners lie outside the bags or the table")
+    return out
+
+
 def bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_by_freq):
     """Canonical row-sparse csr_array gradient of a bag forward."""
     if argmax is not None:

@@ -828,10 +828,11 @@ class EmbeddingBag(_Table):
         self.per_sample_weights_grad = None
         return out
 
-    def _grad_parts(self, grad_output):
+    def _grad_parts(self, grad_output, need_plan=True):
         """The pieces every backward form needs, from the last forward:
         ``(grad2d, plan, entry_bag, scale, argmax, bags)``; ``grad2d`` is
-        ``grad_output`` as a C-contiguous (n_bags, dim) array of the table's dtype.
+        ``grad_output`` as a C-contiguous (n_bags, dim) array of the table's dtype;
+        ``plan`` None unless ``need_plan`` or the forward made one.
 
         The table gradient's row ``plan.rows[u]`` is
         ``bag_row_sum(grad2d, plan segment u, entry_bag, scale, argmax)`` (see
@@ -844,7 +845,7 @@ class EmbeddingBag(_Table):
         bags = saved["bags"]
         grad = be.as_grad_output(grad_output, (bags.n_bags, self.embedding_dim),
                                  _half.compute_dtype(self.weight.dtype))
-        if saved["plan"] is None:
+        if saved["plan"] is None and need_plan:
             saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, padding_idx)
         if saved["entry_bag"] is None:
             saved["entry_bag"] = be.entry_bags(bags.starts)
@@ -886,9 +887,11 @@ class EmbeddingBag(_Table):
         be = self._backend
         if optimizer is not None:
             self._check_fused(optimizer)
-        grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output)
+        padding_idx, scale_grad_by_freq, sparse, mode = self._forward_options()
+        need_plan = (optimizer is not None
+                     or _bags.plan_needed(mode, scale_grad_by_freq, sparse))
+        grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output, need_plan)
         # from the table before any update, but kept only once nothing can fail
-        padding_idx, scale_grad_by_freq, sparse, _ = self._forward_options()
         psw_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag, padding_idx, be,
                                   plan)
         g = None

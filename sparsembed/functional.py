@@ -354,7 +354,10 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
                          num_embeddings, _half.compute_dtype(weight.dtype), be)
     grad = be.as_grad_output(grad_output, (bags.n_bags, dim), _half.compute_dtype(weight.dtype))
     argmax = counts = None
-    plan = be.plan_rows(bags.used, num_embeddings, padding_idx)
+    # (a float16 table's max mode pools a compact copy of the planned rows)
+    plan = (be.plan_rows(bags.used, num_embeddings, padding_idx)
+            if _bags.plan_needed(mode, scale_grad_by_freq, sparse) or _half.is_half(weight)
+            else None)
     # the table is read only for max mode's winners and the per-sample weights' dots
     table, read, pad = weight, bags, padding_idx
     if (mode == "max" or bags.psw is not None) and not weight.flags.c_contiguous:

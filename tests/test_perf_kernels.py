@@ -1226,6 +1226,59 @@ def test_bag_dense_backward_fills_dirty_memory(rng, dtype, mode, dim):
     assert not out.any()
 
 
+@pytest.mark.parametrize("dim", [1, 3, 16, 17, 33, 70])
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_bag_max_dense_backward_sums_the_winners_in_bag_order(rng, dtype, dim, idx_dtype):
+    # max mode's dense gradient without a plan: n_bags x dim adds into a zero-filled
+    # table, bit for bit the planned path's (each element's sum in bag order), for
+    # every thread count, streamed or not, dirty memory, ties, padding, empty bags,
+    # duplicate ids and a read-only flat
+    V, pad = 300, 7
+    ids = np.concatenate([rng.integers(0, V, size=200), np.full(30, 3), np.full(9, pad),
+                          [V - 1, 0]]).astype(idx_dtype)
+    rng.shuffle(ids)
+    ids.flags.writeable = False
+    starts = np.concatenate([[0], np.sort(rng.integers(0, ids.size, size=40)),
+                             [ids.size]]).astype(np.int64)
+    weight = rng.integers(-2, 3, (V, dim)).astype(dtype)  # ties: the first entry wins
+    grad = rng.standard_normal((starts.size - 1, dim)).astype(dtype)
+    grad[rng.random(grad.shape) < 0.1] = -0.0
+    _, argmax, _ = _cpu.bag_forward(weight, ids, starts, "max", pad)
+    assert (argmax == -1).any()  # empty bags
+    entry_bag = _cpu.entry_bags(starts)
+    planned = _cpu.bag_dense_grad(grad, _cpu.plan_rows(ids, V, pad), entry_bag, None, argmax,
+                                  V, False)
+    expected = np.zeros((V, dim), dtype)
+    for b in range(grad.shape[0]):  # the reference: bag by bag, column by column
+        for j in range(dim):
+            if argmax[b, j] >= 0:
+                expected[ids[argmax[b, j]], j] += grad[b, j]
+    assert planned.tobytes() == expected.tobytes()
+    for T in (1, 2, 3):
+        for stream in (False, True):
+            for offset in (0, 16, 4):
+                out = _at_alignment(V * dim, dtype, offset).reshape(V, dim)
+                out[...] = np.nan
+                assert _bag.bag_max_dense_backward(grad, argmax, ids, out, T, stream) == 0
+                assert out.tobytes() == expected.tobytes(), (T, stream, offset)
+    assert _cpu.bag_max_dense_grad(grad, argmax, ids, ids, entry_bag, V).tobytes() == \
+        expected.tobytes()
+    # no bag: zeros; winners naming entries or rows outside are counted, not written
+    out = np.full((V, dim), np.nan, dtype)
+    assert _bag.bag_max_dense_backward(grad[:0], argmax[:0], ids, out, 2) == 0
+    assert not out.any()
+    bad = argmax.copy()
+    bad[0, 0], bad[1, -1] = ids.size, ids.size + 5
+    out = np.full((V, dim), np.nan, dtype)
+    assert _bag.bag_max_dense_backward(grad, bad, ids, out, 2) == 2
+    assert not np.isnan(out).any()
+    assert _bag.bag_max_dense_backward(grad, argmax, ids, np.zeros((3, dim), dtype), 2) > 0
+    with pytest.raises(ValueError, match="argmax must have shape"):
+        _bag.bag_max_dense_backward(grad, argmax[1:], ids, np.zeros((V, dim), dtype), 1)
+    with pytest.raises(ValueError, match="out must have"):
+        _bag.bag_max_dense_backward(grad, argmax, ids, np.zeros((V, dim + 1), dtype), 1)
+
+
 def _dot8(g, w):
     """The psw gradient's dot product as the kernel orders it: column j into partial
     sum j % 8 (in float64), the 8 sums added in a fixed tree."""

@@ -637,6 +637,13 @@ class ArrayBackend:
         return self._bag_segment_sum(grad2d, plan, entry_bag, scale, argmax,
                                      scale_grad_by_freq, out, True)
 
+    def bag_max_dense_grad(self, grad2d, argmax, flat, used, entry_bag, num_rows):
+        """Max mode's dense gradient; the device sums the planned rows, as for
+        :meth:`bag_dense_grad` (padding entries never win, so their rows planned with
+        the others only add zeros)."""
+        plan = self.plan_rows(used, num_rows, None)
+        return self.bag_dense_grad(grad2d, plan, entry_bag, None, argmax, num_rows, False)
+
     def bag_sparse_grad(self, grad2d, plan, entry_bag, scale, argmax, num_rows,
                         scale_grad_by_freq):
         """Canonical row-sparse CSR gradient of a bag forward."""
@@ -726,7 +733,8 @@ BACKEND_FUNCTIONS = (
     "check_weight", "check_writable", "as_grad_output",
     # EmbeddingBag
     "bag_starts", "bag_forward", "bag_counts", "entry_bags", "mean_scale",
-    "per_sample_weights_grad", "bag_row_grad", "bag_dense_grad", "bag_sparse_grad",
+    "per_sample_weights_grad", "bag_row_grad", "bag_dense_grad", "bag_max_dense_grad",
+    "bag_sparse_grad",
     # optimizers
     "optim_grad", "optim_update_rows", "optim_fused_update",
 )

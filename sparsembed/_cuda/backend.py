@@ -52,6 +52,7 @@ mean_scale = _impl.mean_scale
 per_sample_weights_grad = _impl.per_sample_weights_grad
 bag_row_grad = _impl.bag_row_grad
 bag_dense_grad = _impl.bag_dense_grad
+bag_max_dense_grad = _impl.bag_max_dense_grad
 bag_sparse_grad = _impl.bag_sparse_grad
 
 # optimizers

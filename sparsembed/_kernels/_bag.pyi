@@ -89,6 +89,15 @@ def bag_dense_backward(
     """``out[rows[u]] = bag_row_sum(segment u)`` for every planned row, zeros in every
     other row (``out`` need not be zeroed; ``stream``: non-temporal stores)."""
 
+def bag_max_dense_backward(
+    grad: _Floating, argmax: _I64, flat: _Index, out: _Floating, n_threads: int,
+    stream: bool = False,
+) -> int:
+    """Max mode's dense gradient from the winners: ``out[flat[argmax[b, c]], c] +=
+    grad[b, c]`` in bag order, zeros elsewhere (no plan; same bits as
+    :func:`bag_dense_backward`); returns the number of winners outside ``flat`` or
+    ``out`` (skipped)."""
+
 def bag_row_sums(
     grad: _Floating, perm: _I64, starts: _I64, entry_bag: _I64, scale: _Floating,
     won: _U64, scale_by_count: bool, out: _Floating, n_threads: int,

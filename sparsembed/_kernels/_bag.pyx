@@ -622,6 +622,67 @@ def bag_dense_backward(
         raise MemoryError("could not allocate the dense backward's row buffer")
 
 
+def bag_max_dense_backward(
+    const floating[:, ::1] grad,     # IN (n_bags, dim) grad_output
+    const int64_t[:, ::1] argmax,    # IN (n_bags, dim) winning entry, -1 for none
+    const index_t[::1] flat,         # IN (n,) the entries' ids
+    floating[:, ::1] out,            # OUT (num_embeddings, dim), any content
+    int n_threads,
+    bint stream=False,               # IN zero-fill out with non-temporal stores
+):
+    """Max mode's dense gradient from the winners alone:
+    ``out[flat[argmax[b, c]], c] += grad[b, c]`` over the bags in order, zeros
+    elsewhere. No plan: the work is ``n_bags x dim`` adds after the fill, where the
+    planned path (:func:`bag_dense_backward`) sorts all ``n`` entries and walks them.
+
+    The threads zero-fill ranges of rows, then each adds a range of 64-byte column
+    chunks (its own cache lines of each row where rows are whole lines) for every
+    bag in order: each element's sum runs in bag order, as in the planned path's
+    segments (entries in position order), so the bits are that path's and the same
+    for every thread count. Returns the number of winners whose entry or id lies
+    outside ``flat`` or ``out`` (skipped; 0 unless the caller broke its promise)."""
+    cdef int64_t n_bags = grad.shape[0]
+    cdef int64_t dim = grad.shape[1]
+    cdef int64_t num_rows = out.shape[0]
+    cdef int64_t n = flat.shape[0]
+    cdef int64_t per_chunk = max(1, 64 // <int64_t>sizeof(floating))
+    cdef int64_t n_chunks = (dim + per_chunk - 1) // per_chunk
+    cdef int64_t T = max(1, n_threads)
+    cdef int64_t T_cols = max(1, min(T, n_chunks))
+    cdef int64_t t, b, c, c_lo, c_hi, e, r, n_bad = 0
+    cdef const int64_t* am
+    cdef const floating* g
+    if argmax.shape[0] != n_bags or argmax.shape[1] != dim:
+        raise ValueError(f"argmax must have shape ({n_bags}, {dim}), got "
+                         f"({argmax.shape[0]}, {argmax.shape[1]})")
+    if out.shape[1] != dim:
+        raise ValueError(f"out must have {dim} columns, got {out.shape[1]}")
+    if num_rows == 0 or dim == 0:
+        return 0
+    with nogil, parallel(num_threads=T):
+        for t in prange(T, schedule="static"):
+            zero_rows(&out[0, 0], dim, num_rows * t // T, num_rows * (t + 1) // T, stream)
+            if stream:
+                stream_fence()
+        # (the end of a prange is a barrier: every row is zero before any add)
+        for t in prange(T_cols, schedule="static"):
+            c_lo = min(dim, n_chunks * t // T_cols * per_chunk)
+            c_hi = min(dim, n_chunks * (t + 1) // T_cols * per_chunk)
+            for b in range(n_bags):
+                am = &argmax[b, 0]
+                g = &grad[b, 0]
+                for c in range(c_lo, c_hi):
+                    e = am[c]
+                    if e < 0:
+                        continue
+                    r = flat[e] if e < n else -1
+                    if r < 0 or r >= num_rows:
+                        n_bad += 1
+                        continue
+                    out[r, c] += g[c]
+    return n_bad
+
+
 cdef _check_won(const uint64_t[:, ::1] won, int64_t n, int64_t dim, bint required=False):
     """A won-mask array holds one row of (dim + 63) // 64 words per entry (or, when
     not ``required``, is empty: no max mode)."""
