@@ -25,10 +25,10 @@ def test_gather_matches_take(rng, dtype, idx_dtype, n):
     assert_array_equal(out, ref.embedding(weight, ids))
 
 
-@pytest.mark.parametrize("dim", [1, 8, 15, 16, 17, 32, 64, 128, 256, 300])
+@pytest.mark.parametrize("dim", [1, 2, 3, 4, 5, 6, 7, 8, 12, 15, 16, 17, 32, 64, 128, 256, 300])
 def test_gather_copies_rows_of_every_width(rng, dtype, dim):
-    # rows of 64, 128, 256 and 512 bytes are copied by fixed-size moves, the others
-    # by a plain memcpy: each row exactly, nothing written past it
+    # rows of 4-32, 48, 64, 128, 256 and 512 bytes are copied by fixed-size moves,
+    # the others by a plain memcpy: each row exactly, nothing written past it
     weight = rng.standard_normal((40, dim)).astype(dtype)
     ids = _ids(rng, 333, 40, np.int64)
     for threads in (1, 2):

@@ -15,6 +15,18 @@ cdef extern from *:
        (a loop of fixed 64-byte copies does not do: GCC turns it back into that call) */
     static inline void sparsembed_copy_row(void* dst, const void* src, size_t nbytes) {
         switch (nbytes) {
+        /* narrow rows (bias tables, D = 1-8 floats, 1-4 doubles): a call into libc
+           per 4-32 bytes cost 3x numpy's take (lookup of 262,144 ids, D = 1: 0.84
+           against 0.20 ms) */
+        case 4: memcpy(dst, src, 4); return;
+        case 8: memcpy(dst, src, 8); return;
+        case 12: memcpy(dst, src, 12); return;
+        case 16: memcpy(dst, src, 16); return;
+        case 20: memcpy(dst, src, 20); return;
+        case 24: memcpy(dst, src, 24); return;
+        case 28: memcpy(dst, src, 28); return;
+        case 32: memcpy(dst, src, 32); return;
+        case 48: memcpy(dst, src, 48); return;
         case 64: memcpy(dst, src, 64); return;
         case 128: memcpy(dst, src, 128); return;
         case 256: memcpy(dst, src, 256); return;
