@@ -321,7 +321,12 @@ def half_bag_forward(
     cdef int64_t ahead = (table_pool_distance(row_bytes, num_rows * row_bytes)
                           if row_bytes > HALF_SPREAD or not fits_in_cache(num_rows * row_bytes)
                           else max(8, prefetch_distance(row_bytes)))
-    cdef half_pool_table fns = half_pool_table_at(pool_level())
+    # rows of 8-15 values at the AVX2 level, whose vectors hold 8: at the AVX-512
+    # level they are narrower than a vector and were summed one value at a time
+    # (2,048 bags of 32, V = 1e5, 2 threads: D = 8 1.00 -> 0.20 ms, D = 12 1.54 ->
+    # 0.21; torch 0.25 / 0.28)
+    cdef half_pool_table fns = half_pool_table_at(min(pool_level(), 1) if dim < 16
+                                                  else pool_level())
     # one pass per bag for rows that are not whole vectors (SE_HALF_CHUNK_LAST) at
     # every table size: unlike float32 rows, float16 ones gained over V = 1e6 on
     # the whole (2 threads, ratio to torch: Zipf ids D = 50 1.25-1.34 -> 1.12-1.19,

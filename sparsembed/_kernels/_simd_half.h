@@ -417,16 +417,25 @@ ATTR static int64_t NAME(                                                       
         case 256: SE_HALF_CHUNKS_AT(256, NVMAX, LOAD, STORE) break;                  \
         default: SE_HALF_CHUNKS_ANY(NVMAX, LOAD, STORE);                             \
         }                                                                            \
-        for (j = j0; j < dim; j++) {                                                 \
-            /* a row narrower than one vector, one column at a time */               \
-            float a_ = 0;                                                            \
+        if (j0 < dim) {                                                              \
+            /* a row narrower than one vector: its columns one at a time, in one    \
+               pass over the entries (each column's adds in entry order, as       \
+               before; a pass per column cost D = 4 2.8x torch) */                 \
+            for (j = j0; j < dim; j++) o[j] = 0;                                     \
             for (e = lo; e < hi; e++) {                                              \
                 int64_t r = (int64_t)idx[e];                                         \
+                const uint16_t* row_;                                                \
                 if (r == pad) continue;                                              \
-                if (psw) a_ += psw[e] * sparsembed_h2f(weight[r * dim + j]);         \
-                else a_ += sparsembed_h2f(weight[r * dim + j]);                      \
+                row_ = weight + r * dim;                                             \
+                if (psw) {                                                           \
+                    const float s_ = psw[e];                                         \
+                    for (j = j0; j < dim; j++) o[j] += s_ * sparsembed_h2f(row_[j]);  \
+                } else {                                                             \
+                    for (j = j0; j < dim; j++) o[j] += sparsembed_h2f(row_[j]);       \
+                }                                                                    \
             }                                                                        \
-            o[j] = mean && count > 1 ? a_ / (float)count : a_;                       \
+            if (mean && count > 1)                                                   \
+                for (j = j0; j < dim; j++) o[j] = o[j] / (float)count;               \
         }                                                                            \
         if (j0 < dim) CVT_OUT(o + j0, out_row + j0, dim - j0);                       \
         counts[b] = count;                                                           \
