@@ -29,13 +29,20 @@ def test_gather_matches_take(rng, dtype, idx_dtype, n):
 def test_gather_copies_rows_of_every_width(rng, dtype, dim):
     # rows of 4-32, 48, 64, 128, 256 and 512 bytes are copied by fixed-size moves,
     # the others by a plain memcpy: each row exactly, nothing written past it
-    weight = rng.standard_normal((40, dim)).astype(dtype)
+    # (tables at and off a line boundary: narrow rows that may straddle two lines
+    # are not prefetched)
     ids = _ids(rng, 333, 40, np.int64)
-    for threads in (1, 2):
-        out = np.full((334, dim), np.nan, dtype=dtype)  # one guard row after the output
-        _lookup.gather(weight, ids, out[:333], threads)
-        assert out[:333].tobytes() == weight[ids].tobytes()
-        assert np.isnan(out[333]).all()
+    for misalign in (0, 8, 16):
+        raw = np.empty(40 * dim * np.dtype(dtype).itemsize + 128, np.uint8)
+        start = (-raw.ctypes.data) % 64 + misalign
+        weight = raw[start:start + 40 * dim * np.dtype(dtype).itemsize].view(dtype)
+        weight = weight.reshape(40, dim)
+        weight[...] = rng.standard_normal((40, dim))
+        for threads in (1, 2):
+            out = np.full((334, dim), np.nan, dtype=dtype)  # a guard row after the output
+            _lookup.gather(weight, ids, out[:333], threads)
+            assert out[:333].tobytes() == weight[ids].tobytes()
+            assert np.isnan(out[333]).all()
 
 
 def test_gather_reads_read_only_arrays(rng, dtype):
