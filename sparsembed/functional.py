@@ -69,6 +69,19 @@ def compact_rows(weight, flat, padding_idx, be):
             padding_idx)
 
 
+def _rows_in_place(weight):
+    """Whether the lookup reads ``weight`` where it is: C-contiguous, or a host
+    float32 / float64 table whose rows are each contiguous and do not overlap (a
+    column slice of a wider table); the other layouts go through
+    :func:`compact_rows`."""
+    if weight.flags.c_contiguous:
+        return True
+    if not isinstance(weight, np.ndarray) or weight.dtype not in (np.float32, np.float64):
+        return False
+    (n, d), (s0, s1), size = weight.shape, weight.strides, weight.itemsize
+    return (d <= 1 or s1 == size) and (n <= 1 or (s0 % size == 0 and s0 >= d * size))
+
+
 def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
               scale_grad_by_freq=False, sparse=False):
     """Look up rows of ``weight``: ``weight[input]``.
@@ -80,8 +93,9 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     weight : ndarray of shape (num_embeddings, embedding_dim), float32 or float64
         The table. Renormalised in place when ``max_norm`` is given. float16 tables
         work too: the renorm is computed in float32 and rounded once. Any layout: a
-        table that is not C-contiguous (a column slice) has only the rows named
-        copied per call, not the whole table.
+        column slice of a wider table is read in place, as a C-contiguous table is;
+        other layouts (Fortran order, strided columns, float16 slices) have only the
+        rows named copied per call, not the whole table.
     padding_idx : int, optional
         Accepted for torch compatibility; it only matters for the gradient.
     max_norm : float, optional
@@ -122,7 +136,8 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
         plan = be.plan_rows(flat, num_embeddings, check_range=True)
         be.check_writable(weight)
         renorm_(weight, plan, max_norm, norm_type, None, be)
-    table, ids, _ = compact_rows(weight, flat, None, be)
+    table, ids = ((weight, flat) if _rows_in_place(weight)
+                  else compact_rows(weight, flat, None, be)[:2])
     return be.gather(table, ids, check_range=not renorm and table is weight).reshape(
         idx.shape + (weight.shape[1],))
 

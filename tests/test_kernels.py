@@ -45,6 +45,37 @@ def test_gather_copies_rows_of_every_width(rng, dtype, dim):
             assert np.isnan(out[333]).all()
 
 
+@pytest.mark.parametrize("idx_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dim", [1, 3, 8, 16, 64])
+def test_gather_reads_row_strided_tables_in_place(rng, dtype, idx_dtype, dim):
+    # a column slice of a wider table (rows contiguous, further apart than dim) is
+    # read where it is; tables whose rows are not contiguous, overlap or run
+    # backwards are refused, before any write
+    big = rng.standard_normal((60, dim + 5)).astype(dtype)
+    ids = _ids(rng, 200, 60, idx_dtype)
+    for weight in (big[:, :dim], big[:, 5:], big[1:50, 2:2 + dim], big[:1, :dim]):
+        small_ids = ids % weight.shape[0]
+        for threads in (1, 2):
+            for stream in (False, True):
+                out = np.full((200, dim), np.nan, dtype=dtype)
+                assert _lookup.gather(weight, small_ids, out, threads, stream) == -1
+                assert out.tobytes() == np.ascontiguousarray(weight)[small_ids].tobytes()
+    bad = ids.copy()
+    bad[77] = 60
+    out = np.zeros((200, dim), dtype=dtype)
+    assert _lookup.gather(big[:, :dim], bad, out, 2) == 77
+    refused = [big[::-1, :dim]]
+    if dim > 1:  # rows one value apart overlap; every other column is not contiguous
+        size = np.dtype(dtype).itemsize
+        refused += [np.lib.stride_tricks.as_strided(big, (60, dim), (size, size)),
+                    big[:, ::2][:, :2]]
+    for weight in refused:
+        out = np.zeros((200, weight.shape[1]), dtype=dtype)
+        with pytest.raises(ValueError, match="rows are contiguous and do not overlap"):
+            _lookup.gather(weight, ids % weight.shape[0], out, 2)
+        assert not out.any()
+
+
 def test_gather_reads_read_only_arrays(rng, dtype):
     weight = rng.standard_normal((20, 4)).astype(dtype)
     ids = _ids(rng, 30, 20, np.int64)

@@ -29,7 +29,7 @@ cdef inline int64_t first_hit(const int64_t* first, int64_t n_chunks) noexcept n
 
 
 cdef inline int64_t gather_rows(
-    const floating* weight,   # (num_rows, dim)
+    const floating* weight,   # (num_rows, dim), rows `stride` elements apart
     int64_t num_rows,
     const index_t* idx,
     int64_t lo,
@@ -37,14 +37,16 @@ cdef inline int64_t gather_rows(
     int64_t dim,
     floating* out,            # (n, dim)
     bint stream,              # non-temporal stores (a large output)
+    int64_t stride,           # elements from a row of weight to the next (>= dim)
 ) noexcept nogil:
     # returns -1, or the first i in [lo, hi) whose id is outside [0, num_rows) (no
     # row is read for it; the rows before it are copied)
     cdef size_t row_bytes = dim * sizeof(floating)
     cdef int64_t i, r, ahead = gather_prefetch_distance(row_bytes)
-    cdef int64_t far = gather_far_distance(row_bytes, num_rows * row_bytes)
+    cdef int64_t far = gather_far_distance(row_bytes, num_rows * stride * sizeof(floating))
     cdef int64_t pf_end
-    if 0 < row_bytes < 64 and (64 % row_bytes or (<size_t> weight) % row_bytes):
+    if 0 < row_bytes < 64 and (64 % row_bytes or (<size_t> weight) % row_bytes
+                               or stride != dim):
         # rows narrower than a line that may straddle two: no prefetch. The Intel Xeon
         # VM, 262,144 ids, V = 1e5, 2 threads, prefetched vs not (ms): D = 8 float32
         # at 16 bytes past a line 1.18 vs 0.72 (0.55 either way on line-aligned rows),
@@ -62,25 +64,25 @@ cdef inline int64_t gather_rows(
     for i in range(lo, hi):
         if i < far_end:
             # a table past the LLC: the first line of a row further on, into L2
-            prefetch_line_l2(weight + idx[i + far] * dim)
+            prefetch_line_l2(weight + idx[i + far] * stride)
         if i < pf_end:
-            prefetch_row(weight + idx[i + ahead] * dim, row_bytes)
+            prefetch_row(weight + idx[i + ahead] * stride, row_bytes)
         r = idx[i]
         if <uint64_t> r >= <uint64_t> num_rows:
             if stream:
                 stream_fence()
             return i
         if stream:
-            stream_row(out + i * dim, weight + r * dim, row_bytes)
+            stream_row(out + i * dim, weight + r * stride, row_bytes)
         else:
-            copy_row(out + i * dim, weight + r * dim, row_bytes)
+            copy_row(out + i * dim, weight + r * stride, row_bytes)
     if stream:
         stream_fence()
     return -1
 
 
 cdef inline void gather_claimed(
-    const floating* weight,   # (num_rows, dim), NULL when num_rows is 0
+    const floating* weight,   # (num_rows, dim), rows `stride` apart; NULL for 0 rows
     int64_t num_rows,
     const index_t* idx,       # (n,)
     int64_t n,
@@ -92,6 +94,7 @@ cdef inline void gather_claimed(
     long long* next_range,    # the team's claim counter, from 0
     int64_t n_ranges,         # claimed_parts(n, n_threads)
     int64_t n_threads,
+    int64_t stride,           # elements from a row of weight to the next (>= dim)
 ) noexcept nogil:
     """A team member's share of a lookup in ranges claimed as it comes free: every
     thread of the parallel region calls it (see _lookup.gather)."""
@@ -100,7 +103,7 @@ cdef inline void gather_claimed(
     while c < n_ranges:
         lo = (n * c) // n_ranges
         hi = (n * (c + 1)) // n_ranges
-        first[c] = gather_rows(weight, num_rows, idx, lo, hi, dim, out, stream)
+        first[c] = gather_rows(weight, num_rows, idx, lo, hi, dim, out, stream, stride)
         if keep != NULL:
             memcpy(keep + lo, idx + lo, (hi - lo) * sizeof(index_t))
         c = claim_part(next_range, n_ranges, n_threads)

@@ -31,7 +31,9 @@ def gather(
     ids_out: _Index | None = None,
 ) -> int:
     """``out[i, :] = weight[idx[i], :]`` (``stream``: non-temporal stores; ``ids_out``:
-    also a copy of ``idx``); returns -1 or the position of the first id out of range."""
+    also a copy of ``idx``); returns -1 or the position of the first id out of range.
+    ``weight``'s rows must be contiguous and not overlap (a column slice will do);
+    ValueError otherwise."""
 
 def renorm_rows(
     weight: _Floating,

@@ -398,7 +398,7 @@ def gather_and_plan(
                 _radix_team(&idx[0], n, skip_row, num_rows, &perm_out[0], &rows_out[0],
                             &starts_out[0], &w, 0, 1)
             gather_claimed(&weight[0, 0], num_rows, &idx[0], n, dim, &out[0, 0], stream,
-                           keep, first, &next_range, n_ranges, T)
+                           keep, first, &next_range, n_ranges, T, dim)
         found = first_hit(first, n_ranges)
     finally:
         free(first)
