@@ -36,10 +36,10 @@ def _planned_batch(rng, dist, V, n, dim, dtype):
 @pytest.mark.parametrize("num_rows", [1, 2, 100, 4096, 5000, 70_000, 3_000_000, 2 ** 31 - 1])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("dist", ["uniform", "zipf"])
-def test_build_plan_is_a_stable_sort_with_segments(rng, idx_dtype, num_rows, n_threads, dist):
-    # n = 3001 puts 1 to 4096 rows on the counting path (num_rows <= max(n, 4096)),
-    # 5000 rows and up on the radix path
-    n = 3001
+@pytest.mark.parametrize("n", [3001, 5003])
+def test_build_plan_is_a_stable_sort_with_segments(rng, idx_dtype, num_rows, n_threads, dist, n):
+    # 1 to 4096 rows take the counting path (num_rows <= max(n, 4096)), more rows the
+    # radix path: 3001 ids on digits of at most 8 bits, 5003 on wider ones
     if dist == "uniform":
         ids = rng.integers(0, num_rows, size=n).astype(idx_dtype)
     else:

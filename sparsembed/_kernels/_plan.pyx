@@ -220,23 +220,31 @@ cdef enum:
     # 1.72; 4,194,304 ids over 1e6 rows 41 vs 25. A reversed arange (see above),
     # 262,144 ids over 1e6 rows: 2.66 vs 1.37.
     WC_MIN_IDS = 1 << 17
+    # fewer ids than this sort on digits of at most SMALL_DIGIT_BITS: a pass costs
+    # its buckets as well as its ids, and a few ids over 1e7 rows (two passes of
+    # 4,096 buckets, each bucket's counters cleared and summed) took 26-30 us where
+    # V = 1e5 took 7 (16-1,024 ids, one thread)
+    SMALL_DIGIT_IDS = 4096
+    SMALL_DIGIT_BITS = 8
 
 
-cdef inline int64_t _digit_bits(int64_t num_rows, int64_t* n_pass) noexcept nogil:
-    """Balanced digits of at most MAX_DIGIT_BITS for ids below num_rows: returns the
-    digit width, and the number of passes in n_pass."""
+cdef inline int64_t _digit_bits(int64_t num_rows, int64_t n, int64_t* n_pass) noexcept nogil:
+    """Balanced digits of at most MAX_DIGIT_BITS (SMALL_DIGIT_BITS for fewer than
+    SMALL_DIGIT_IDS ids) for n ids below num_rows: returns the digit width, and the
+    number of passes in n_pass."""
     cdef int64_t n_bits = 0
+    cdef int64_t most = SMALL_DIGIT_BITS if n < SMALL_DIGIT_IDS else MAX_DIGIT_BITS
     while (num_rows - 1) >> n_bits:
         n_bits += 1
-    n_pass[0] = (n_bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
+    n_pass[0] = (n_bits + most - 1) // most
     return (n_bits + n_pass[0] - 1) // n_pass[0]
 
 
-cdef inline int64_t _wc_words(int64_t num_rows, int64_t n_threads) noexcept nogil:
-    """uint64 words of each thread's write-combining lines and first slots (_radix.h),
-    with room to align them to a line."""
+cdef inline int64_t _wc_words(int64_t num_rows, int64_t n, int64_t n_threads) noexcept nogil:
+    """uint64 words of each thread's write-combining lines and first slots (_radix.h)
+    for n ids, with room to align them to a line."""
     cdef int64_t n_pass
-    cdef int64_t n_buckets = (<int64_t> 1) << _digit_bits(num_rows, &n_pass)
+    cdef int64_t n_buckets = (<int64_t> 1) << _digit_bits(num_rows, n, &n_pass)
     return n_threads * n_buckets * 8 + (n_threads * n_buckets + 1) // 2 + 8
 
 
@@ -280,7 +288,7 @@ def plan_scratch_size(int64_t n, int64_t num_rows, int n_threads):
     """Entries of the ``scratch`` that :func:`build_plan` takes for ``n`` ids below
     ``num_rows`` on ``n_threads``: two copies of the ids and the write-combining
     lines of the radix scatter."""
-    return 2 * n + _wc_words(max(num_rows, 2), max(n_threads, 1))
+    return 2 * n + _wc_words(max(num_rows, 2), n, max(n_threads, 1))
 
 
 def build_plan(
@@ -320,7 +328,7 @@ def build_plan(
     if num_rows <= 4096 or (num_rows <= n and num_rows * 8 * (T - 1) <= n):
         m, n_rows = _counting_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T)
     else:
-        if scratch is not None and scratch.shape[0] < 2 * n + _wc_words(num_rows, T):
+        if scratch is not None and scratch.shape[0] < 2 * n + _wc_words(num_rows, n, T):
             raise ValueError("scratch must hold plan_scratch_size(n, num_rows, n_threads) "
                              "entries")
         m, n_rows = _radix_plan(idx, skip_row, num_rows, perm_out, rows_out, starts_out, T,
@@ -377,7 +385,7 @@ def gather_and_plan(
         raise ValueError(f"out must be ({n}, {dim}), got ({out.shape[0]}, {out.shape[1]})")
     if perm_out.shape[0] < n or rows_out.shape[0] < n or starts_out.shape[0] < n + 1:
         raise ValueError(f"perm_out and rows_out must hold {n} entries, starts_out {n + 1}")
-    if scratch is None or scratch.shape[0] < 2 * n + _wc_words(num_rows, 1):
+    if scratch is None or scratch.shape[0] < 2 * n + _wc_words(num_rows, n, 1):
         raise ValueError("scratch must hold plan_scratch_size(n, num_rows, 1) entries")
     if ids_out is not None:
         if ids_out.shape[0] != n:
@@ -705,13 +713,13 @@ cdef int _radix_alloc(radix_work* w, int64_t n, int64_t R, int64_t T,
     (scratch: plan_scratch_size(n, R, T) words, or NULL); -1 when out of memory (all
     freed)."""
     cdef int64_t n_pass
-    cdef int64_t n_buckets = (<int64_t> 1) << _digit_bits(R, &n_pass)
+    cdef int64_t n_buckets = (<int64_t> 1) << _digit_bits(R, n, &n_pass)
     w.hist = <uint32_t*> malloc(T * SUB_CHUNKS * n_buckets * sizeof(uint32_t))
     w.sub_bounds = <int64_t*> malloc(T * (SUB_CHUNKS + 1) * sizeof(int64_t))
     w.n_runs = <int64_t*> calloc(3 * T, sizeof(int64_t))
     w.own_buf = scratch == NULL
     w.buf = scratch if scratch != NULL else <uint64_t*> malloc(
-        (2 * n + _wc_words(R, T)) * sizeof(uint64_t))
+        (2 * n + _wc_words(R, n, T)) * sizeof(uint64_t))
     se_barrier_init(&w.barrier)
     if w.hist == NULL or w.sub_bounds == NULL or w.n_runs == NULL or w.buf == NULL:
         _radix_free(w)
@@ -768,7 +776,7 @@ cdef void _radix_team(const index_t* idx, int64_t n, int64_t skip_row, int64_t R
     cdef int64_t* chunk_unsorted = w.n_runs + team
     cdef int64_t* id_bad = w.n_runs + 2 * team
     cdef se_barrier* barrier = &w.barrier
-    digit_bits = _digit_bits(R, &n_pass)
+    digit_bits = _digit_bits(R, n, &n_pass)
     n_buckets = (<int64_t> 1) << digit_bits
     mask = <uint64_t> (n_buckets - 1)
     words0 = w.buf
