@@ -46,12 +46,13 @@ cdef inline int64_t gather_rows(
     cdef int64_t far = gather_far_distance(row_bytes, num_rows * stride * sizeof(floating))
     cdef int64_t pf_end
     if 0 < row_bytes < 64 and (64 % row_bytes or (<size_t> weight) % row_bytes
-                               or stride != dim):
-        # rows narrower than a line that may straddle two: no prefetch. The Intel Xeon
-        # VM, 262,144 ids, V = 1e5, 2 threads, prefetched vs not (ms): D = 8 float32
-        # at 16 bytes past a line 1.18 vs 0.72 (0.55 either way on line-aligned rows),
-        # D = 3 0.72 vs 0.51, D = 6 0.98 vs 0.63, D = 12 1.27 vs 1.00; D = 16 (64
-        # bytes) off a line 1.07 vs 1.29: those keep theirs
+                               or stride != dim or num_rows * row_bytes <= (1 << 20)):
+        # rows narrower than a line that may straddle two, or of a table a core's L2
+        # holds: no prefetch. The Intel Xeon VM, 262,144 ids, 2 threads, prefetched vs
+        # not (ms): V = 1e5, D = 8 float32 at 16 bytes past a line 1.18 vs 0.72 (0.55
+        # either way on line-aligned rows), D = 3 0.72 vs 0.51, D = 6 0.98 vs 0.63, D
+        # = 12 1.27 vs 1.00, D = 1 (400 KB) 0.50 vs 0.31 but V = 1e6 (4 MB) 0.68 vs
+        # 0.92; D = 16 (64 bytes) off a line 1.07 vs 1.29: those keep theirs
         ahead = hi - lo
     pf_end = hi - ahead
     cdef int64_t far_end = hi - far if far > 0 else lo
