@@ -61,3 +61,21 @@ def test_runner_smoke_writes_valid_json(tmp_path):
     assert "Model name" in result["machine"] or "cpus" in result["machine"]
     pytest.importorskip("matplotlib")
     assert plot.exists() and plot.stat().st_size > 1000
+
+
+CLIFFS = os.path.join(os.path.dirname(RUNNER), "bench_cliffs.py")
+
+
+@pytest.mark.skipif(not os.path.exists(CLIFFS), reason="benchmarks/ not in this checkout")
+def test_cliffs_smoke_writes_valid_json(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "cliffs.json"
+    proc = subprocess.run([sys.executable, CLIFFS, "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "smoke" and result["n_threads"] == 2
+    assert len(result["cells"]) == 12
+    for row in result["cells"]:
+        assert row["times_ms"]["sparsembed"] > 0 and row["times_ms"]["torch"] > 0
+        assert set(row["ratios"]) == {f"vs_{p}" for p in row["times_ms"] if p != "sparsembed"}
