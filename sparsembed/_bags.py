@@ -236,19 +236,20 @@ def entry_scale(bags, mode, counts, entry_bag, dtype, be):
     return None
 
 
-def plan_needed(mode, scale_grad_by_freq, sparse):
-    """Whether :func:`weight_grad` needs the plan of the bagged entries: all but max
-    mode's dense gradient without ``scale_grad_by_freq``, which is summed straight
-    from the winners (n_bags x dim adds instead of sorting every entry)."""
-    return mode != "max" or scale_grad_by_freq or sparse
+def plan_needed(mode, scale_grad_by_freq, sparse, be):
+    """Whether :func:`weight_grad` needs the plan of the bagged entries (and their
+    bags, ``entry_bag``): all but max mode's dense gradient without
+    ``scale_grad_by_freq`` on the CPU, which is summed straight from the winners
+    (n_bags x dim adds instead of sorting every entry; the GPU sums planned rows)."""
+    return mode != "max" or scale_grad_by_freq or sparse or be.xp is not np
 
 
 def weight_grad(grad2d, bags, plan, entry_bag, scale, argmax, num_embeddings,
                 scale_grad_by_freq, sparse, be):
-    """Dense or row-sparse table gradient of a bag forward (``plan`` may be None
-    where :func:`plan_needed` says so)."""
-    if argmax is not None and not plan_needed("max", scale_grad_by_freq, sparse):
-        return be.bag_max_dense_grad(grad2d, argmax, bags.flat, bags.used, entry_bag,
+    """Dense or row-sparse table gradient of a bag forward (``plan`` and
+    ``entry_bag`` may be None where :func:`plan_needed` says so)."""
+    if argmax is not None and not scale_grad_by_freq and not sparse:
+        return be.bag_max_dense_grad(grad2d, argmax, bags.flat, plan, entry_bag,
                                      num_embeddings)
     if sparse:
         return be.bag_sparse_grad(grad2d, plan, entry_bag, scale, argmax, num_embeddings,

@@ -471,11 +471,11 @@ def bag_dense_grad(grad2d, plan, entry_bag, scale, argmax, num_rows, scale_grad_
     return out
 
 
-def bag_max_dense_grad(grad2d, argmax, flat, used, entry_bag, num_rows):
+def bag_max_dense_grad(grad2d, argmax, flat, plan, entry_bag, num_rows):
     """Max mode's dense (num_rows, dim) gradient straight from the winners, without
     a plan of the entries (``_bag.bag_max_dense_backward``: the bits of
-    :func:`bag_dense_grad`'s planned sums). ``used`` (the bagged entries) and
-    ``entry_bag`` serve the CUDA backend, which plans them."""
+    :func:`bag_dense_grad`'s planned sums). ``plan`` and ``entry_bag`` serve the CUDA
+    backend, which sums the planned rows; here they are not read (None will do)."""
     out = _pool.empty((num_rows, grad2d.shape[1]), grad2d.dtype)
     T = threads_for(argmax.size + out.size // 8)
     n_bad = _bag.bag_max_dense_backward(grad2d, argmax, flat, out, T,

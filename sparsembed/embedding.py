@@ -797,8 +797,8 @@ class EmbeddingBag(_Table):
         be = self._backend
         layout = self._checked_table()
         # plain pooling checks the ids itself (one pass fewer); renorm and the float16
-        # pooling of a compact float32 copy (max mode, strided tables) plan the rows
-        # first, which needs ids known to be in range
+        # pooling of a compact float32 copy (max mode) plan the rows first, which
+        # needs ids known to be in range
         half = _half.is_half(self.weight)
         copies_half = half and not _half.pools_rows(self.weight, self.mode)
         deferred = self.max_norm is None and not copies_half
@@ -832,7 +832,8 @@ class EmbeddingBag(_Table):
         """The pieces every backward form needs, from the last forward:
         ``(grad2d, plan, entry_bag, scale, argmax, bags)``; ``grad2d`` is
         ``grad_output`` as a C-contiguous (n_bags, dim) array of the table's dtype;
-        ``plan`` None unless ``need_plan`` or the forward made one.
+        ``plan`` None unless ``need_plan`` or the forward made one, ``entry_bag``
+        None unless ``need_plan`` (see ``_bags.plan_needed``).
 
         The table gradient's row ``plan.rows[u]`` is
         ``bag_row_sum(grad2d, plan segment u, entry_bag, scale, argmax)`` (see
@@ -847,7 +848,7 @@ class EmbeddingBag(_Table):
                                  _half.compute_dtype(self.weight.dtype))
         if saved["plan"] is None and need_plan:
             saved["plan"] = be.plan_rows(bags.used, self.num_embeddings, padding_idx)
-        if saved["entry_bag"] is None:
+        if saved["entry_bag"] is None and need_plan:
             saved["entry_bag"] = be.entry_bags(bags.starts)
         entry_bag = saved["entry_bag"]
         scale = _bags.entry_scale(bags, mode, saved["counts"], entry_bag,
@@ -889,7 +890,7 @@ class EmbeddingBag(_Table):
             self._check_fused(optimizer)
         padding_idx, scale_grad_by_freq, sparse, mode = self._forward_options()
         need_plan = (optimizer is not None
-                     or _bags.plan_needed(mode, scale_grad_by_freq, sparse))
+                     or _bags.plan_needed(mode, scale_grad_by_freq, sparse, be))
         grad, plan, entry_bag, scale, argmax, bags = self._grad_parts(grad_output, need_plan)
         # from the table before any update, but kept only once nothing can fail
         psw_grad = _bags.psw_grad(grad, self.weight, bags, entry_bag, padding_idx, be,

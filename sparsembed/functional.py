@@ -50,11 +50,13 @@ def renorm_(weight, plan, max_norm, norm_type, padding_idx, be):
 def compact_rows(weight, flat, padding_idx, be):
     """``(table, flat, padding_idx)`` for the kernels, which read C-contiguous tables.
 
-    A table that is not C-contiguous (a column slice, a Fortran-order array, a
-    strided view) gives a C-contiguous copy of only the rows ``flat`` names, with the
-    ids and the padding row renumbered into it (None where ``flat`` holds no padding):
-    the same values as a copy of the whole table, for memory that grows with the
-    batch (torch reads a strided table in place). ``flat`` is range-checked here.
+    A table that is not C-contiguous (a Fortran-order array, a strided view; a
+    column slice too, except for the lookup, which reads one in place: see
+    :func:`_rows_in_place`) gives a C-contiguous copy of only the rows ``flat`` names,
+    with the ids and the padding row renumbered into it (None where ``flat`` holds
+    no padding): the same values as a copy of the whole table, for memory that grows
+    with the batch (torch reads a strided table in place). ``flat`` is range-checked
+    here.
     """
     if weight.flags.c_contiguous:
         return weight, flat, padding_idx
@@ -369,10 +371,10 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
                          num_embeddings, _half.compute_dtype(weight.dtype), be)
     grad = be.as_grad_output(grad_output, (bags.n_bags, dim), _half.compute_dtype(weight.dtype))
     argmax = counts = None
-    # (a float16 table's max mode pools a compact copy of the planned rows)
+    # (a C-contiguous float16 table's max mode pools a compact copy of the planned rows)
+    need_plan = _bags.plan_needed(mode, scale_grad_by_freq, sparse, be)
     plan = (be.plan_rows(bags.used, num_embeddings, padding_idx)
-            if _bags.plan_needed(mode, scale_grad_by_freq, sparse) or _half.is_half(weight)
-            else None)
+            if need_plan or (_half.is_half(weight) and weight.flags.c_contiguous) else None)
     # the table is read only for max mode's winners and the per-sample weights' dots
     table, read, pad = weight, bags, padding_idx
     if (mode == "max" or bags.psw is not None) and not weight.flags.c_contiguous:
@@ -385,7 +387,7 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
         _, argmax, counts = be.bag_forward(table, read.flat, read.starts, mode, pad, **half)
     elif mode == "mean":
         counts = be.bag_counts(bags.flat, bags.starts, padding_idx)
-    entry_bag = be.entry_bags(bags.starts)
+    entry_bag = be.entry_bags(bags.starts) if need_plan else None
     scale = _bags.entry_scale(bags, mode, counts, entry_bag, _half.compute_dtype(weight.dtype), be)
     grad_weight = _bags.weight_grad(grad, bags, plan, entry_bag, scale, argmax, num_embeddings,
                                     scale_grad_by_freq, sparse, be)

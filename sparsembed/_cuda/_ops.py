@@ -637,11 +637,10 @@ class ArrayBackend:
         return self._bag_segment_sum(grad2d, plan, entry_bag, scale, argmax,
                                      scale_grad_by_freq, out, True)
 
-    def bag_max_dense_grad(self, grad2d, argmax, flat, used, entry_bag, num_rows):
-        """Max mode's dense gradient; the device sums the planned rows, as for
-        :meth:`bag_dense_grad` (padding entries never win, so their rows planned with
-        the others only add zeros)."""
-        plan = self.plan_rows(used, num_rows, None)
+    def bag_max_dense_grad(self, grad2d, argmax, flat, plan, entry_bag, num_rows):
+        """Max mode's dense gradient: the device sums the planned rows (``plan`` and
+        ``entry_bag`` of the bagged entries, which ``_bags.plan_needed`` asks for on
+        the GPU), as :meth:`bag_dense_grad` does."""
         return self.bag_dense_grad(grad2d, plan, entry_bag, None, argmax, num_rows, False)
 
     def bag_sparse_grad(self, grad2d, plan, entry_bag, scale, argmax, num_rows,

@@ -41,7 +41,8 @@ def set_last_level_cache_bytes(nbytes: int) -> int:
     this module's kernels; returns the size now in use."""
 
 def simd_level() -> int:
-    """The SIMD level the sum/mean pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
+    """The highest SIMD level the pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F (rows
+    narrower than its vectors pool at a lower one)."""
 
 def set_simd_level(level: int) -> int:
     """Run the sum/mean pooling at ``level`` (capped at what the CPU supports)."""

@@ -88,7 +88,8 @@ short_pool_distance()
 
 
 def simd_level():
-    """The SIMD level the pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F."""
+    """The highest SIMD level the pooling runs at: 0 baseline, 1 AVX2, 2 AVX-512F
+    (rows narrower than its vectors pool at a lower one: see ``_level_for_rows``)."""
     return pool_level()
 
 

@@ -182,7 +182,8 @@ def segments(
 # Small key range (see build_plan): one counting sort -- per-thread histograms of the
 # ids, a prefix sum that also yields the distinct rows and their segment starts, and
 # one stable scatter, in one parallel region. Large key range: LSD radix sort of (id << 32 | position) words
-# with balanced digits of at most 13 bits (two passes up to 2**26 rows), then one
+# with balanced digits of at most 13 bits (two passes up to 2**26 rows; 8 bits for
+# fewer than 4,096 ids, whose passes cost their buckets more than their ids), then one
 # pass that splits the words into the positions and the segments. The radix sort
 # runs in one parallel region: its passes wait for each other at a spinning barrier
 # (_spin.h) rather than each starting a region (and waking the sleeping threads).
