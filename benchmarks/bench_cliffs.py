@@ -56,21 +56,8 @@ def cells(rng, small):
     w = _table(rng, V, 300, np.float16)
     ids = rng.integers(0, V, n // 4)
     g = rng.standard_normal((ids.size, 300)).astype(np.float16)
-    emb16 = se.Embedding.from_pretrained(w, freeze=False, sparse=True)
-    te16 = T.nn.Embedding.from_pretrained(T.from_numpy(w.copy()), freeze=False, sparse=True)
-    it, gt = T.from_numpy(ids), T.from_numpy(g)
-
-    def ours_f16(ids=ids, g=g):
-        emb16.zero_grad()
-        emb16(ids)
-        return emb16.backward(g)
-
-    def torch_f16(it=it, gt=gt):
-        te16.weight.grad = None
-        te16(it).backward(gt)
-        return te16.weight.grad.coalesce()
-    out["float16 sparse fwd + bwd, float16 grad_output, D = 300"] = {
-        "sparsembed": ours_f16, "torch": torch_f16}
+    out["float16 sparse fwd + bwd, float16 grad_output, D = 300"] = _sparse_steps(
+        w, w.copy(), ids, g)
 
     for D in (1, 3):
         w = _table(rng, V, D)
@@ -136,22 +123,28 @@ def cells(rng, small):
     w = _table(rng, 10_000 if small else 10_000_000, 8)
     ids = rng.integers(0, w.shape[0], 64)
     g = rng.standard_normal((64, 8)).astype(np.float32)
-    emb = se.Embedding.from_pretrained(w, freeze=False, sparse=True)
-    te = T.nn.Embedding.from_pretrained(T.from_numpy(w), freeze=False, sparse=True)
-    it, gt = T.from_numpy(ids), T.from_numpy(g)
+    out["sparse fwd + bwd, 64 ids, V = 1e7, D = 8"] = _sparse_steps(w, w, ids, g)
+    return out
 
-    def ours_tiny(ids=ids, g=g):
+
+def _sparse_steps(w, w_torch, ids, g):
+    """A sparse layer's forward + backward on ``w`` and torch's on ``w_torch``
+    (coalesced, as ours is)."""
+    emb = se.Embedding.from_pretrained(w, freeze=False, sparse=True)
+    te = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_torch), freeze=False,
+                                            sparse=True)
+    it, gt = torch.from_numpy(ids), torch.from_numpy(g)
+
+    def ours():
         emb.zero_grad()
         emb(ids)
         return emb.backward(g)
 
-    def torch_tiny(it=it, gt=gt):
+    def theirs():
         te.weight.grad = None
         te(it).backward(gt)
         return te.weight.grad.coalesce()
-    out["sparse fwd + bwd, 64 ids, V = 1e7, D = 8"] = {
-        "sparsembed": ours_tiny, "torch": torch_tiny}
-    return out
+    return {"sparsembed": ours, "torch": theirs}
 
 
 def _no_grad(f, *args, **kwargs):
