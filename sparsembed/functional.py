@@ -9,6 +9,7 @@ import numpy as np
 from sparsembed import _bags, _half
 from sparsembed import _validation as V
 from sparsembed._backend import backend_of
+from sparsembed._kernels import _lookup
 
 __all__ = ["embedding", "embedding_backward", "embedding_renorm_", "embedding_bag",
            "embedding_bag_backward"]
@@ -78,10 +79,8 @@ def _rows_in_place(weight):
     :func:`compact_rows`."""
     if weight.flags.c_contiguous:
         return True
-    if not isinstance(weight, np.ndarray) or weight.dtype not in (np.float32, np.float64):
-        return False
-    (n, d), (s0, s1), size = weight.shape, weight.strides, weight.itemsize
-    return (d <= 1 or s1 == size) and (n <= 1 or (s0 % size == 0 and s0 >= d * size))
+    return (isinstance(weight, np.ndarray) and weight.dtype in (np.float32, np.float64)
+            and _lookup.rows_apart(weight))
 
 
 def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,

@@ -55,6 +55,7 @@ def test_gather_reads_row_strided_tables_in_place(rng, dtype, idx_dtype, dim):
     ids = _ids(rng, 200, 60, idx_dtype)
     for weight in (big[:, :dim], big[:, 5:], big[1:50, 2:2 + dim], big[:1, :dim]):
         small_ids = ids % weight.shape[0]
+        assert _lookup.rows_apart(weight)
         for threads in (1, 2):
             for stream in (False, True):
                 out = np.full((200, dim), np.nan, dtype=dtype)
@@ -70,6 +71,7 @@ def test_gather_reads_row_strided_tables_in_place(rng, dtype, idx_dtype, dim):
         refused += [np.lib.stride_tricks.as_strided(big, (60, dim), (size, size)),
                     big[:, ::2][:, :2]]
     for weight in refused:
+        assert not _lookup.rows_apart(weight)
         out = np.zeros((200, weight.shape[1]), dtype=dtype)
         with pytest.raises(ValueError, match="rows are contiguous and do not overlap"):
             _lookup.gather(weight, ids % weight.shape[0], out, 2)

@@ -26,6 +26,10 @@ def scatter_rows(src: _Floating, rows: NDArray[np.int64], out: _Floating,
     """``out[rows[u]] = src[u]`` for distinct rows (ValueError, before any write, for a
     row outside ``out``)."""
 
+def rows_apart(weight: NDArray[np.generic]) -> bool:
+    """Whether a 2-D array's rows are each contiguous and do not overlap (what
+    :func:`gather` reads)."""
+
 def gather(
     weight: _Floating, idx: _Index, out: _Floating, n_threads: int, stream: bool = False,
     ids_out: _Index | None = None,

@@ -75,6 +75,20 @@ def first_out_of_range(
     return found
 
 
+cdef inline bint _rows_apart(Py_ssize_t n, Py_ssize_t d, Py_ssize_t s0, Py_ssize_t s1,
+                             Py_ssize_t size) noexcept:
+    # each of n rows of d values of size bytes contiguous, rows not overlapping (a
+    # dimension of length 1 may have any stride)
+    return (d <= 1 or s1 == size) and (n <= 1 or (s0 % size == 0 and s0 >= d * size))
+
+
+def rows_apart(weight):
+    """Whether the 2-D array ``weight``'s rows are each contiguous and do not overlap
+    (C order, or a column slice of a wider table): what :func:`gather` reads."""
+    return _rows_apart(weight.shape[0], weight.shape[1], weight.strides[0],
+                       weight.strides[1], weight.itemsize)
+
+
 def gather(
     const floating[:, :] weight,    # IN (num_rows, dim), each row contiguous
     const index_t[::1] idx,         # IN (n,) ids, checked here against num_rows
@@ -108,10 +122,8 @@ def gather(
     # a table whose rows are contiguous but further apart than dim (a column slice
     # of a wider table) is read in place: torch does, and copying the named rows
     # first (sorting the ids to find them) cost 3-8x torch
-    # (a dimension of length 1 may have any stride)
-    if (dim > 1 and weight.strides[1] != sizeof(floating)) or (num_rows > 1 and (
-            weight.strides[0] % sizeof(floating)
-            or weight.strides[0] < dim * <Py_ssize_t> sizeof(floating))):
+    if not _rows_apart(num_rows, dim, weight.strides[0], weight.strides[1],
+                       sizeof(floating)):
         raise ValueError("gather reads tables whose rows are contiguous and do not overlap")
     if num_rows > 1:
         stride = weight.strides[0] // sizeof(floating)
