@@ -45,6 +45,30 @@ def test_gather_copies_rows_of_every_width(rng, dtype, dim):
             assert np.isnan(out[333]).all()
 
 
+@pytest.mark.parametrize("dim", [1, 2, 3, 4, 8])
+def test_gather_of_narrow_rows_from_a_large_table(rng, dtype, dim):
+    # rows of up to 32 bytes from a table past 1 MiB are prefetched (a loop of its
+    # own per width): every row exact, and a bad id met in the prefetched stretch or
+    # in the last ids (which prefetch nothing) is reported at its position, the
+    # rows before it copied
+    V = (2 << 20) // (dim * np.dtype(dtype).itemsize) + 7
+    weight = rng.standard_normal((V, dim)).astype(dtype)
+    weight.setflags(write=False)
+    ids = rng.integers(0, V, 5000)
+    for threads in (1, 2):
+        out = np.full((5001, dim), np.nan, dtype=dtype)
+        assert _lookup.gather(weight, ids, out[:5000], threads) == -1
+        assert out[:5000].tobytes() == weight[ids].tobytes()
+        assert np.isnan(out[5000]).all()
+        for pos, bad_id in ((1234, V), (4999, -1), (0, 2 * V)):
+            bad = ids.copy()
+            bad[pos] = bad_id
+            out = np.full((5000, dim), np.nan, dtype=dtype)
+            assert _lookup.gather(weight, bad, out, threads) == pos
+            if threads == 1:
+                assert out[:pos].tobytes() == weight[ids[:pos]].tobytes()
+
+
 @pytest.mark.parametrize("idx_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("dim", [1, 3, 8, 16, 64])
 def test_gather_reads_row_strided_tables_in_place(rng, dtype, idx_dtype, dim):
